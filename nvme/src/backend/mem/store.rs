@@ -1,0 +1,191 @@
+//! Sparse backing store: a two-level table of lazily allocated 64 KiB chunks.
+//!
+//! Level 1 has one entry per GiB, level 2 one per chunk; both are installed with a
+//! compare-and-swap on first write, so cores share the store without locks. Untouched chunks
+//! read as zeroes and cost nothing, so a 1 TiB namespace is fine.
+//!
+//! Concurrent overlapping commands have the NVMe semantics: the result is one of the writers'
+//! data per block, in no defined order; the mirror engine never issues such commands.
+
+use std::alloc::{self, Layout};
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+const CHUNK_SHIFT: u32 = 16;
+const CHUNK: usize = 1 << CHUNK_SHIFT;
+const L2_SHIFT: u32 = 14;
+const L2_ENTRIES: usize = 1 << L2_SHIFT;
+const CHUNK_LAYOUT: Layout = match Layout::from_size_align(CHUNK, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!("chunk layout"),
+};
+
+type L2Table = [AtomicPtr<u8>];
+
+#[derive(Debug)]
+pub(super) struct SparseStore {
+    bytes: u64,
+    l1: Box<[AtomicPtr<AtomicPtr<u8>>]>,
+    resident: AtomicU64,
+}
+
+impl SparseStore {
+    pub(super) fn new(bytes: u64) -> Self {
+        let l1_entries = (bytes >> (CHUNK_SHIFT + L2_SHIFT)) as usize + 1;
+        let l1 = (0..l1_entries)
+            .map(|_| AtomicPtr::new(ptr::null_mut()))
+            .collect();
+        Self {
+            bytes,
+            l1,
+            resident: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn resident_bytes(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    /// The chunk holding byte `off`, or null if never written and `create` is false.
+    #[inline]
+    fn chunk(&self, off: u64, create: bool) -> *mut u8 {
+        let ci = (off >> CHUNK_SHIFT) as usize;
+        let l1 = &self.l1[ci >> L2_SHIFT];
+        let mut table = l1.load(Ordering::Acquire);
+        if table.is_null() {
+            if !create {
+                return ptr::null_mut();
+            }
+            table = install(l1, new_l2_table(), free_l2_table);
+        }
+        // SAFETY: installed tables have L2_ENTRIES entries and live as long as the store.
+        let slot = unsafe { &*table.add(ci & (L2_ENTRIES - 1)) };
+        let mut chunk = slot.load(Ordering::Acquire);
+        if chunk.is_null() && create {
+            // SAFETY: CHUNK_LAYOUT has a non-zero size.
+            let fresh = unsafe { alloc::alloc_zeroed(CHUNK_LAYOUT) };
+            if fresh.is_null() {
+                alloc::handle_alloc_error(CHUNK_LAYOUT);
+            }
+            chunk = install(slot, fresh, free_chunk);
+            if chunk == fresh {
+                self.resident.fetch_add(CHUNK as u64, Ordering::Relaxed);
+            }
+        }
+        chunk
+    }
+
+    /// Walks `[off, off + len)` chunk by chunk: `f(chunk_or_null, offset_in_chunk, done, n)`.
+    #[inline]
+    fn for_each_span(
+        &self,
+        off: u64,
+        len: usize,
+        create: bool,
+        mut f: impl FnMut(*mut u8, usize, usize, usize),
+    ) {
+        debug_assert!(off + len as u64 <= self.bytes);
+        let mut done = 0;
+        while done < len {
+            let pos = off + done as u64;
+            let in_chunk = (pos as usize) & (CHUNK - 1);
+            let n = (CHUNK - in_chunk).min(len - done);
+            f(self.chunk(pos, create), in_chunk, done, n);
+            done += n;
+        }
+    }
+
+    /// Copies `len` bytes at `off` into `dst`.
+    ///
+    /// # Safety
+    /// `dst` is valid for `len` bytes of writes; `off + len` is within the store.
+    pub(super) unsafe fn read(&self, off: u64, dst: *mut u8, len: usize) {
+        self.for_each_span(off, len, false, |chunk, at, done, n| {
+            // SAFETY: `dst` holds `len` bytes (caller); a chunk holds CHUNK bytes and
+            // `at + n <= CHUNK`.
+            unsafe {
+                if chunk.is_null() {
+                    ptr::write_bytes(dst.add(done), 0, n);
+                } else {
+                    ptr::copy_nonoverlapping(chunk.add(at), dst.add(done), n);
+                }
+            }
+        });
+    }
+
+    /// Copies `len` bytes from `src` to `off`.
+    ///
+    /// # Safety
+    /// `src` is valid for `len` bytes of reads; `off + len` is within the store.
+    pub(super) unsafe fn write(&self, off: u64, src: *const u8, len: usize) {
+        self.for_each_span(off, len, true, |chunk, at, done, n| {
+            // SAFETY: `src` holds `len` bytes (caller); the chunk exists (`create`) and holds
+            // CHUNK bytes with `at + n <= CHUNK`.
+            unsafe { ptr::copy_nonoverlapping(src.add(done), chunk.add(at), n) }
+        });
+    }
+
+    /// Zeroes `[off, off + len)`; chunks never written stay unallocated.
+    pub(super) fn zero(&self, off: u64, len: u64) {
+        let mut done = 0u64;
+        while done < len {
+            let pos = off + done;
+            let in_chunk = (pos as usize) & (CHUNK - 1);
+            let n = ((CHUNK - in_chunk) as u64).min(len - done) as usize;
+            let chunk = self.chunk(pos, false);
+            if !chunk.is_null() {
+                // SAFETY: the chunk holds CHUNK bytes and `in_chunk + n <= CHUNK`.
+                unsafe { ptr::write_bytes(chunk.add(in_chunk), 0, n) };
+            }
+            done += n as u64;
+        }
+    }
+}
+
+/// Installs `fresh` into an empty slot, or frees it if another core won the race.
+fn install<T>(slot: &AtomicPtr<T>, fresh: *mut T, free: fn(*mut T)) -> *mut T {
+    match slot.compare_exchange(ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => fresh,
+        Err(winner) => {
+            free(fresh);
+            winner
+        }
+    }
+}
+
+fn new_l2_table() -> *mut AtomicPtr<u8> {
+    let table: Box<L2Table> = (0..L2_ENTRIES)
+        .map(|_| AtomicPtr::new(ptr::null_mut()))
+        .collect();
+    Box::into_raw(table) as *mut AtomicPtr<u8>
+}
+
+fn free_l2_table(table: *mut AtomicPtr<u8>) {
+    // SAFETY: `table` came from `new_l2_table` (a boxed slice of L2_ENTRIES) and was never
+    // published.
+    drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(table, L2_ENTRIES)) });
+}
+
+fn free_chunk(chunk: *mut u8) {
+    // SAFETY: allocated with CHUNK_LAYOUT and never published.
+    unsafe { alloc::dealloc(chunk, CHUNK_LAYOUT) }
+}
+
+impl Drop for SparseStore {
+    fn drop(&mut self) {
+        for l1 in self.l1.iter() {
+            let table = l1.load(Ordering::Acquire);
+            if table.is_null() {
+                continue;
+            }
+            for i in 0..L2_ENTRIES {
+                // SAFETY: the table has L2_ENTRIES entries; `&mut self` means no other user.
+                let chunk = unsafe { &*table.add(i) }.load(Ordering::Acquire);
+                if !chunk.is_null() {
+                    free_chunk(chunk);
+                }
+            }
+            free_l2_table(table);
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Block back ends: each implements [`BlockDevice`](crate::BlockDevice).
+
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod fault;
+pub mod mem;
+pub mod null;
+pub mod uring;
+
+pub use fault::{Fault, FaultInjector, FaultyDevice, OpFilter};
+pub use mem::{LatencyModel, MemDevice};
+pub use null::NullDevice;
+pub use uring::{UringDevice, UringOptions};

@@ -1,0 +1,238 @@
+//! DMA-able I/O buffers: one contiguous, page-aligned region per core, carved into
+//! fixed-size buffers, so the I/O path never allocates.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ptr::NonNull;
+
+/// Alignment of every pool: a page, which satisfies O_DIRECT and NVMe PRP rules.
+pub const DMA_ALIGN: usize = 4096;
+
+/// A raw view of I/O memory handed to a queue pair: pointer and length, no ownership.
+/// Who may touch the memory while a command is outstanding is the contract of
+/// [`QueuePair::submit`](crate::QueuePair::submit).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IoBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: an IoBuf is an address and a length, like a DMA address handed to a device; the
+// submit contract, not the type, decides who may touch the memory.
+unsafe impl Send for IoBuf {}
+
+impl IoBuf {
+    /// No buffer (commands without data).
+    pub const EMPTY: Self = Self {
+        ptr: std::ptr::null_mut(),
+        len: 0,
+    };
+
+    /// A view of `len` bytes at `ptr`. Creating one is safe; using it is governed by `submit`.
+    pub fn from_raw(ptr: *mut u8, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
+    /// A view of a mutable slice.
+    pub fn from_slice(s: &mut [u8]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first `len` bytes of this view (`len` clamped to the view's length).
+    pub fn prefix(&self, len: usize) -> Self {
+        Self {
+            ptr: self.ptr,
+            len: len.min(self.len),
+        }
+    }
+
+    /// The view starting `off` bytes in (`off` clamped to the view's length).
+    pub fn offset(&self, off: usize) -> Self {
+        let off = off.min(self.len);
+        Self {
+            ptr: self.ptr.wrapping_add(off),
+            len: self.len - off,
+        }
+    }
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IoBuf({:p}, {})", self.ptr, self.len)
+    }
+}
+
+/// A buffer taken from a [`DmaPool`]; give it back with [`DmaPool::put`].
+#[derive(Debug)]
+pub struct DmaBuf {
+    index: u32,
+    buf: IoBuf,
+}
+
+impl DmaBuf {
+    /// Index of this buffer in its pool (the registered-buffer index for io_uring).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The raw view to hand to a queue pair.
+    pub fn io_buf(&self) -> IoBuf {
+        self.buf
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.len == 0
+    }
+
+    /// The buffer's bytes. Must not be called while a command using it is outstanding.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the pool region is live for the pool's lifetime, each DmaBuf is handed out
+        // once (unique), and the caller owns it between commands.
+        unsafe { std::slice::from_raw_parts(self.buf.ptr, self.buf.len) }
+    }
+
+    /// The buffer's bytes, mutably. Must not be called while a command using it is outstanding.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as for `as_slice`, and `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.ptr, self.buf.len) }
+    }
+}
+
+/// A per-core pool of `count` page-aligned buffers of `buf_size` bytes in one region.
+pub struct DmaPool {
+    base: NonNull<u8>,
+    layout: Layout,
+    buf_size: usize,
+    count: u32,
+    free: Vec<u32>,
+}
+
+// SAFETY: the pool owns its region exclusively; moving it to another thread moves that
+// ownership. It is not Sync: one core uses it at a time.
+unsafe impl Send for DmaPool {}
+
+impl fmt::Debug for DmaPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaPool")
+            .field("buf_size", &self.buf_size)
+            .field("count", &self.count)
+            .field("free", &self.free.len())
+            .finish()
+    }
+}
+
+impl DmaPool {
+    /// Allocates the region, zeroed. `buf_size` is rounded up to [`DMA_ALIGN`].
+    pub fn new(count: u32, buf_size: usize) -> Self {
+        assert!(count > 0 && buf_size > 0, "empty DMA pool");
+        let buf_size = buf_size.next_multiple_of(DMA_ALIGN);
+        let layout = Layout::from_size_align(buf_size * count as usize, DMA_ALIGN)
+            .expect("DMA pool size overflows");
+        // SAFETY: the layout has a non-zero size (count > 0, buf_size > 0).
+        let base = unsafe { alloc::alloc_zeroed(layout) };
+        let base = NonNull::new(base).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        Self {
+            base,
+            layout,
+            buf_size,
+            count,
+            free: (0..count).rev().collect(),
+        }
+    }
+
+    /// Takes a free buffer; `None` when all are in use.
+    #[inline]
+    pub fn get(&mut self) -> Option<DmaBuf> {
+        let index = self.free.pop()?;
+        let ptr = self
+            .base
+            .as_ptr()
+            .wrapping_add(index as usize * self.buf_size);
+        Some(DmaBuf {
+            index,
+            buf: IoBuf {
+                ptr,
+                len: self.buf_size,
+            },
+        })
+    }
+
+    /// Returns a buffer taken from this pool.
+    #[inline]
+    pub fn put(&mut self, buf: DmaBuf) {
+        debug_assert!(self.contains(buf.buf.ptr));
+        self.free.push(buf.index);
+    }
+
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Start of the region (for registering it with a device).
+    pub fn base(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    /// Whether `ptr` points into this pool's region.
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        let base = self.base.as_ptr() as usize;
+        (base..base + self.layout.size()).contains(&(ptr as usize))
+    }
+}
+
+impl Drop for DmaPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout and freed only here.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_distinct_and_recycled() {
+        let mut pool = DmaPool::new(4, 1000);
+        assert_eq!(pool.buf_size(), 4096);
+        let mut bufs: Vec<_> = (0..4).map(|_| pool.get().unwrap()).collect();
+        assert!(pool.get().is_none());
+        for b in &bufs {
+            assert_eq!(b.io_buf().as_ptr() as usize % DMA_ALIGN, 0);
+            assert!(pool.contains(b.io_buf().as_ptr()));
+        }
+        bufs[0].as_mut_slice()[0] = 7;
+        assert_eq!(bufs[1].as_slice()[0], 0);
+        let b = bufs.pop().unwrap();
+        let idx = b.index();
+        pool.put(b);
+        assert_eq!(pool.get().unwrap().index(), idx);
+    }
+}

@@ -1,0 +1,51 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors of the device layer. Variants are named after the failing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A leg URI could not be parsed; `part` names the offending piece.
+    #[error("bad leg URI '{uri}' at '{part}': {reason}")]
+    Uri {
+        uri: String,
+        part: String,
+        reason: String,
+    },
+    /// Opening a file or block device failed.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file system refused O_DIRECT.
+    #[error(
+        "{path}: the file system refuses O_DIRECT ({source}); pass ?buffered=1 in the leg URI to use the page cache"
+    )]
+    DirectIoUnsupported {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The device is already claimed (flock/O_EXCL).
+    #[error("{path} is in use by another volume or process")]
+    Busy { path: PathBuf },
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// Parameters that cannot describe a device.
+    #[error("invalid geometry: {0}")]
+    Geometry(String),
+    /// A queue pair could not be created.
+    #[error("cannot create queue pair: {0}")]
+    QueuePair(String),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,169 @@
+//! The queue-pair abstraction every back end implements.
+//!
+//! A [`BlockDevice`] is shared by all cores; each core opens its own [`QueuePair`] on it (SPDK's
+//! "io_channel") and uses it without locks. Submission is batch-shaped: [`QueuePair::submit`]
+//! only queues, [`QueuePair::poll`] rings the doorbell once for everything queued since the last
+//! call and reaps completions.
+
+use std::fmt::Debug;
+
+use crate::dma::IoBuf;
+use crate::spec::{Geometry, Status};
+use crate::{Error, Result};
+
+/// What a command does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoOp {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    /// Dataset Management with the deallocate attribute over one range.
+    Deallocate,
+}
+
+impl IoOp {
+    /// Ops that carry a data buffer.
+    pub fn has_data(self) -> bool {
+        matches!(self, Self::Read | Self::Write)
+    }
+
+    /// Ops that change the medium (everything but reads and flushes).
+    pub fn modifies(self) -> bool {
+        matches!(self, Self::Write | Self::WriteZeroes | Self::Deallocate)
+    }
+}
+
+/// One command handed to a queue pair.
+#[derive(Clone, Copy, Debug)]
+pub struct IoCommand {
+    pub op: IoOp,
+    /// First logical block (ignored for `Flush`).
+    pub slba: u64,
+    /// Number of logical blocks, 1-based (ignored for `Flush`).
+    pub nlb: u32,
+    /// Data buffer for reads and writes, at least `nlb * lba_size` bytes.
+    pub buf: IoBuf,
+    /// The caller's tag, returned unchanged in the completion.
+    pub tag: u64,
+}
+
+impl IoCommand {
+    /// A command without data.
+    pub fn new(op: IoOp, slba: u64, nlb: u32, tag: u64) -> Self {
+        Self {
+            op,
+            slba,
+            nlb,
+            buf: IoBuf::EMPTY,
+            tag,
+        }
+    }
+
+    /// A read or write over `buf`.
+    pub fn with_buf(op: IoOp, slba: u64, nlb: u32, buf: IoBuf, tag: u64) -> Self {
+        Self {
+            op,
+            slba,
+            nlb,
+            buf,
+            tag,
+        }
+    }
+
+    /// Validates the command against a namespace: LBA range, and a buffer large enough for
+    /// the transfer. Every back end calls this before touching data.
+    #[inline]
+    pub fn check(&self, geo: &Geometry) -> std::result::Result<(), Status> {
+        if self.op == IoOp::Flush {
+            return Ok(());
+        }
+        geo.check_range(self.slba, self.nlb)?;
+        if self.op.has_data() && (self.buf.len() as u64) < (u64::from(self.nlb) << geo.lba_shift())
+        {
+            return Err(Status::DATA_SGL_LENGTH_INVALID);
+        }
+        Ok(())
+    }
+}
+
+/// A completed command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Completion {
+    pub tag: u64,
+    pub status: Status,
+}
+
+/// Why a submission was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// `depth` commands are already outstanding; poll and try again.
+    QueueFull,
+}
+
+/// A per-core queue pair on a [`BlockDevice`]. Not shared between threads.
+pub trait QueuePair: Send + Debug {
+    /// Maximum number of commands outstanding at once.
+    fn depth(&self) -> u32;
+
+    /// Commands submitted and not yet reaped.
+    fn outstanding(&self) -> u32;
+
+    /// Queues one command; never blocks. The command is handed to the device at the next
+    /// [`poll`](Self::poll) at the latest. Invalid commands (range, buffer size) are accepted
+    /// and complete with the matching NVMe status.
+    ///
+    /// # Safety
+    /// For reads and writes, the memory behind `cmd.buf` must stay allocated until the
+    /// command's completion has been reaped by `poll`. Until then the caller must not touch a
+    /// read's buffer at all and must not modify a write's buffer (other readers are fine, so
+    /// one buffer may be written to several devices at once).
+    unsafe fn submit(&mut self, cmd: IoCommand) -> std::result::Result<(), SubmitError>;
+
+    /// Submits everything queued and reaps up to `out.len()` completions into `out`.
+    /// Returns how many were written.
+    fn poll(&mut self, out: &mut [Completion]) -> usize;
+}
+
+/// A namespace that per-core queue pairs can be opened on. Shared between cores.
+pub trait BlockDevice: Send + Sync + Debug {
+    /// Size and block size.
+    fn geometry(&self) -> Geometry;
+
+    /// Opens a queue pair for the calling core with room for `depth` outstanding commands.
+    fn open_qpair(&self, depth: u32) -> Result<Box<dyn QueuePair>>;
+
+    /// A short human name (the URI it was opened from).
+    fn name(&self) -> &str;
+}
+
+/// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and
+/// tools that compare legs; blocks (spins) until done.
+pub fn read_all(dev: &dyn BlockDevice) -> Result<Vec<u8>> {
+    let geo = dev.geometry();
+    let mut data = vec![0u8; geo.bytes() as usize];
+    let mut qp = dev.open_qpair(1)?;
+    let chunk_blocks = ((1u64 << 20) >> geo.lba_shift()).min(65536);
+    let mut lba = 0;
+    while lba < geo.num_blocks {
+        let nlb = chunk_blocks.min(geo.num_blocks - lba) as u32;
+        let off = (lba << geo.lba_shift()) as usize;
+        let len = (nlb as usize) << geo.lba_shift();
+        let buf = IoBuf::from_slice(&mut data[off..off + len]);
+        // SAFETY: `data` outlives the command, which is reaped below before it is touched.
+        unsafe { qp.submit(IoCommand::with_buf(IoOp::Read, lba, nlb, buf, 0)) }
+            .map_err(|e| Error::QueuePair(format!("{e:?}")))?;
+        let mut cpl = [Completion::default()];
+        while qp.poll(&mut cpl) == 0 {
+            std::hint::spin_loop();
+        }
+        if !cpl[0].status.is_success() {
+            return Err(Error::QueuePair(format!(
+                "read at LBA {lba} failed: {}",
+                cpl[0].status
+            )));
+        }
+        lba += u64::from(nlb);
+    }
+    Ok(data)
+}

@@ -1,0 +1,315 @@
+//! Leg URIs, parsed in one place:
+//!
+//! | URI | back end |
+//! | --- | --- |
+//! | `mem://1GiB?latency=20us&dist=lognormal&sigma=0.5&lba=4096` | [`MemDevice`] |
+//! | `null://1TiB` | [`NullDevice`] |
+//! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
+//! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
+//!
+//! Errors name the offending part of the URI.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{LatencyModel, MemDevice, NullDevice, UringDevice, UringOptions};
+use crate::queue::BlockDevice;
+use crate::{Error, Result};
+
+/// A parsed leg URI.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LegUri {
+    Mem {
+        bytes: u64,
+        lba_size: u32,
+        latency: LatencyModel,
+    },
+    Null {
+        bytes: u64,
+        lba_size: u32,
+    },
+    /// A regular file (`file://`) or a block device (`/dev/…`).
+    Uring {
+        path: PathBuf,
+        opts: UringOptions,
+    },
+}
+
+impl LegUri {
+    /// Parses a leg URI.
+    pub fn parse(uri: &str) -> Result<Self> {
+        let err = |part: &str, reason: String| Error::Uri {
+            uri: uri.to_string(),
+            part: part.to_string(),
+            reason,
+        };
+        let (base, query) = match uri.split_once('?') {
+            Some((b, q)) => (b, q),
+            None => (uri, ""),
+        };
+        let mut params = Vec::new();
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| err(kv, "query parameters are key=value".into()))?;
+            params.push((k, v));
+        }
+        let take = |params: &mut Vec<(&str, &str)>, key: &str| -> Option<String> {
+            let i = params.iter().position(|(k, _)| *k == key)?;
+            Some(params.remove(i).1.to_string())
+        };
+        let lba = |params: &mut Vec<(&str, &str)>| -> Result<Option<u32>> {
+            match take(params, "lba") {
+                None => Ok(None),
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n @ (512 | 4096)) => Ok(Some(n)),
+                    _ => Err(err(
+                        &format!("lba={v}"),
+                        "block size must be 512 or 4096".into(),
+                    )),
+                },
+            }
+        };
+        let flag = |params: &mut Vec<(&str, &str)>, key: &str| -> Result<bool> {
+            match take(params, key).as_deref() {
+                None | Some("0") | Some("false") => Ok(false),
+                Some("1") | Some("true") => Ok(true),
+                Some(v) => Err(err(
+                    &format!("{key}={v}"),
+                    "expected 0/1 or true/false".into(),
+                )),
+            }
+        };
+
+        let parsed = if let Some(size) = base.strip_prefix("mem://") {
+            let bytes = parse_size(size).map_err(|r| err(size, r))?;
+            let lba_size = lba(&mut params)?.unwrap_or(512);
+            let latency = match take(&mut params, "latency") {
+                None => LatencyModel::None,
+                Some(v) => {
+                    let mean = parse_duration(&v).map_err(|r| err(&format!("latency={v}"), r))?;
+                    let dist = take(&mut params, "dist").unwrap_or_else(|| "fixed".into());
+                    match dist.as_str() {
+                        "fixed" => LatencyModel::Fixed(mean),
+                        "uniform" => {
+                            let s = take(&mut params, "spread").unwrap_or_else(|| "0".into());
+                            let spread =
+                                parse_duration(&s).map_err(|r| err(&format!("spread={s}"), r))?;
+                            LatencyModel::Uniform { mean, spread }
+                        }
+                        "lognormal" => {
+                            let s = take(&mut params, "sigma").unwrap_or_else(|| "0.5".into());
+                            let sigma = s
+                                .parse::<f64>()
+                                .ok()
+                                .filter(|v| v.is_finite() && *v > 0.0 && *v < 10.0)
+                                .ok_or_else(|| {
+                                    err(
+                                        &format!("sigma={s}"),
+                                        "expected a number in (0, 10)".into(),
+                                    )
+                                })?;
+                            LatencyModel::LogNormal { mean, sigma }
+                        }
+                        other => {
+                            return Err(err(
+                                &format!("dist={other}"),
+                                "expected fixed, uniform or lognormal".into(),
+                            ))
+                        }
+                    }
+                }
+            };
+            Self::Mem {
+                bytes,
+                lba_size,
+                latency,
+            }
+        } else if let Some(size) = base.strip_prefix("null://") {
+            let bytes = parse_size(size).map_err(|r| err(size, r))?;
+            Self::Null {
+                bytes,
+                lba_size: lba(&mut params)?.unwrap_or(512),
+            }
+        } else if base.starts_with("file://") || base.starts_with("/dev/") {
+            let path = base.strip_prefix("file://").unwrap_or(base);
+            if !path.starts_with('/') {
+                return Err(err(
+                    path,
+                    "the path must be absolute (file:///abs/path)".into(),
+                ));
+            }
+            let create_size = match take(&mut params, "create") {
+                None => None,
+                Some(v) => Some(parse_size(&v).map_err(|r| err(&format!("create={v}"), r))?),
+            };
+            let opts = UringOptions {
+                buffered: flag(&mut params, "buffered")?,
+                sqpoll: flag(&mut params, "sqpoll")?,
+                lba_size: lba(&mut params)?,
+                create_size,
+            };
+            Self::Uring {
+                path: PathBuf::from(path),
+                opts,
+            }
+        } else {
+            let scheme = base.split_once("://").map_or(base, |(s, _)| s);
+            return Err(err(
+                scheme,
+                "unknown scheme; expected mem://, null://, file:// or /dev/…".into(),
+            ));
+        };
+        if let Some((k, v)) = params.first() {
+            return Err(err(&format!("{k}={v}"), "unknown parameter".into()));
+        }
+        Ok(parsed)
+    }
+
+    /// Opens the device the URI names.
+    pub fn open(&self, uri: &str) -> Result<Arc<dyn BlockDevice>> {
+        Ok(match self {
+            Self::Mem {
+                bytes,
+                lba_size,
+                latency,
+            } => Arc::new(MemDevice::new(*bytes, *lba_size, *latency)?.with_name(uri)),
+            Self::Null { bytes, lba_size } => {
+                Arc::new(NullDevice::new(*bytes, *lba_size)?.with_name(uri))
+            }
+            Self::Uring { path, opts } => Arc::new(UringDevice::open(path, opts)?),
+        })
+    }
+}
+
+/// Parses and opens a leg URI.
+pub fn open_leg(uri: &str) -> Result<Arc<dyn BlockDevice>> {
+    LegUri::parse(uri)?.open(uri)
+}
+
+/// Parses `4096`, `64KiB`, `1GiB`, `1TiB`, `1G` (binary units), `1.5GiB`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        "p" | "pb" | "pib" => 1 << 50,
+        u => return Err(format!("unknown size unit '{u}' (use KiB, MiB, GiB, TiB)")),
+    };
+    let value = if num.contains('.') {
+        let f: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+        (f * mult as f64) as u64
+    } else {
+        let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+        n.checked_mul(mult)
+            .ok_or_else(|| format!("'{s}' is too large"))?
+    };
+    if value == 0 {
+        return Err("size must be greater than zero".into());
+    }
+    Ok(value)
+}
+
+/// Parses `20us`, `1.5ms`, `5s`, `100ns`, `2µs`, `0`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let f: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration"))?;
+    let ns = match unit {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        "m" | "min" => 60e9,
+        "" => return Err(format!("'{s}' needs a unit (ns, us, ms, s)")),
+        u => return Err(format!("unknown duration unit '{u}' (use ns, us, ms, s)")),
+    };
+    let total = f * ns;
+    if !(0.0..=86_400e9).contains(&total) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_nanos(total as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_scheme() {
+        assert_eq!(
+            LegUri::parse("mem://1GiB?latency=20us").unwrap(),
+            LegUri::Mem {
+                bytes: 1 << 30,
+                lba_size: 512,
+                latency: LatencyModel::Fixed(Duration::from_micros(20))
+            }
+        );
+        assert_eq!(
+            LegUri::parse("null://1TiB?lba=4096").unwrap(),
+            LegUri::Null {
+                bytes: 1 << 40,
+                lba_size: 4096
+            }
+        );
+        match LegUri::parse("file:///tmp/a.img?buffered=1&create=64MiB").unwrap() {
+            LegUri::Uring { path, opts } => {
+                assert_eq!(path, PathBuf::from("/tmp/a.img"));
+                assert!(opts.buffered && !opts.sqpoll);
+                assert_eq!(opts.create_size, Some(64 << 20));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            LegUri::parse("/dev/nvme0n1").unwrap(),
+            LegUri::Uring { .. }
+        ));
+        assert!(matches!(
+            LegUri::parse("mem://1MiB?latency=1ms&dist=lognormal&sigma=0.3").unwrap(),
+            LegUri::Mem {
+                latency: LatencyModel::LogNormal { .. },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_bad_part() {
+        let msg = |u: &str| LegUri::parse(u).unwrap_err().to_string();
+        assert!(msg("mem://1XB").contains("'1XB'"), "{}", msg("mem://1XB"));
+        assert!(msg("mem://1GiB?latency=20").contains("latency=20"));
+        assert!(msg("mem://1GiB?lba=1024").contains("lba=1024"));
+        assert!(msg("mem://1GiB?colour=red").contains("colour=red"));
+        assert!(msg("ftp://x").contains("ftp"));
+        assert!(msg("file://relative.img").contains("absolute"));
+        assert!(msg("null://0").contains("greater than zero"));
+        assert!(msg("mem://1GiB?latency=5us&dist=zipf").contains("dist=zipf"));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert!(parse_size("99999999999999TiB").is_err());
+        assert_eq!(parse_duration("1.5ms"), Ok(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("20µs"), Ok(Duration::from_micros(20)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}
