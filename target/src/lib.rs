@@ -1,1 +1,4 @@
-//! Front ends.
+//! nvmirror's front ends and control plane: configuration, NVMe/TCP, NBD, the `nvmirror`
+//! binary.
+
+pub mod config;
