@@ -2,3 +2,4 @@
 //! binary.
 
 pub mod config;
+pub mod rpc;
