@@ -2,4 +2,5 @@
 //! binary.
 
 pub mod config;
+pub mod metrics;
 pub mod rpc;
