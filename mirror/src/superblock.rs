@@ -24,7 +24,8 @@
 //! | 96 | 8 | exported size in logical blocks |
 //! | 104 | 64 | UUIDs of the volume's legs, by index (zero when unused) |
 //! | 168 | 64 | volume name, UTF-8, zero padded |
-//! | 232 | 20 | reserved, zero |
+//! | 232 | 4 | state of each member leg as this leg last knew it (0 unused, 1 in sync, 2 stale) |
+//! | 236 | 16 | reserved, zero |
 //! | 252 | 4 | CRC32C of bytes 0..252 |
 
 use std::fmt;
@@ -85,6 +86,28 @@ pub enum Role {
     Mirror,
 }
 
+/// What a leg's superblock records about each member of the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MemberState {
+    /// No leg at this index.
+    #[default]
+    Unused,
+    /// Holds every acknowledged write.
+    InSync,
+    /// Missed writes: must resync from the write-intent bitmap (or fully) before it is used.
+    Stale,
+}
+
+impl MemberState {
+    fn code(self) -> u8 {
+        match self {
+            Self::Unused => 0,
+            Self::InSync => 1,
+            Self::Stale => 2,
+        }
+    }
+}
+
 /// The decoded superblock.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
@@ -105,6 +128,8 @@ pub struct Superblock {
     pub data_blocks: u64,
     pub leg_uuids: [Uuid; MAX_LEGS],
     pub volume_name: String,
+    /// Member states by leg index, as this leg last knew them.
+    pub member_states: [MemberState; MAX_LEGS],
 }
 
 /// Why bytes are not a valid superblock. Each names what is wrong.
@@ -164,6 +189,9 @@ impl Superblock {
         let name = self.volume_name.as_bytes();
         let n = name.len().min(64);
         b[168..168 + n].copy_from_slice(&name[..n]);
+        for (i, m) in self.member_states.iter().enumerate() {
+            b[232 + i] = m.code();
+        }
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -207,6 +235,20 @@ impl Superblock {
                 ))
             }
         };
+        let mut member_states = [MemberState::Unused; MAX_LEGS];
+        for (i, m) in member_states.iter_mut().enumerate() {
+            *m = match b[232 + i] {
+                0 => MemberState::Unused,
+                1 => MemberState::InSync,
+                2 => MemberState::Stale,
+                v => {
+                    return Err(field(
+                        "member states",
+                        format!("leg {i}: unknown state {v}"),
+                    ))
+                }
+            };
+        }
         let sb = Self {
             volume_uuid: uuid_at(16),
             leg_uuid: uuid_at(32),
@@ -228,6 +270,7 @@ impl Superblock {
                 String::from_utf8(raw[..end].to_vec())
                     .map_err(|_| field("volume name", "not UTF-8".into()))?
             },
+            member_states,
         };
         sb.validate()?;
         Ok(sb)
@@ -251,6 +294,14 @@ impl Superblock {
         }
         if self.leg_uuids[self.leg_index as usize] != self.leg_uuid {
             return field("leg uuids", "this leg's UUID is not at its index".into());
+        }
+        for (i, m) in self.member_states.iter().enumerate() {
+            if (*m == MemberState::Unused) != (i >= self.leg_count as usize) {
+                return field(
+                    "member states",
+                    format!("leg {i} is {m:?} in a volume of {} legs", self.leg_count),
+                );
+            }
         }
         if self.lba_size != 512 && self.lba_size != 4096 {
             return field("lba size", format!("{} (512 or 4096)", self.lba_size));
@@ -324,6 +375,12 @@ mod tests {
             data_blocks: 262_144,
             leg_uuids,
             volume_name: "vol0".into(),
+            member_states: [
+                MemberState::InSync,
+                MemberState::Stale,
+                MemberState::Unused,
+                MemberState::Unused,
+            ],
         }
     }
 

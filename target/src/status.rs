@@ -58,9 +58,20 @@ pub fn render(volumes: &[Value], prev: Option<&[Value]>, interval: Duration) -> 
     }
     for vol in volumes {
         let name = text(vol, "name");
-        let legs = vol.get("legs").and_then(Value::as_array).cloned().unwrap_or_default();
-        let in_sync = legs.iter().filter(|l| text(l, "state") == "in_sync").count();
-        let health = if in_sync == legs.len() { "healthy" } else { "DEGRADED" };
+        let legs = vol
+            .get("legs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let in_sync = legs
+            .iter()
+            .filter(|l| text(l, "state") == "in_sync")
+            .count();
+        let health = if in_sync == legs.len() {
+            "healthy"
+        } else {
+            "DEGRADED"
+        };
         let _ = writeln!(
             out,
             "volume {name}: {} ({} blocks of {} B), {in_sync}/{} legs in sync, {health}",
@@ -116,7 +127,11 @@ pub fn render(volumes: &[Value], prev: Option<&[Value]>, interval: Duration) -> 
                 let done = num(r, "bytes_copied");
                 let frac = if total > 0.0 { done / total } else { 1.0 };
                 let rate = num(r, "rate_bytes_per_sec");
-                let eta = if rate > 0.0 { human_duration((total - done) / rate) } else { "-".into() };
+                let eta = if rate > 0.0 {
+                    human_duration((total - done) / rate)
+                } else {
+                    "-".into()
+                };
                 let _ = writeln!(
                     out,
                     "  resync leg {} ({}): {} {:5.1}%  {} / {}  {}/s  ETA {}",
