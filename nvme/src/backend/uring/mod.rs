@@ -5,7 +5,7 @@
 //! lasts as long as the device and its queue pairs. Data moves with `O_DIRECT` unless the leg
 //! asks for the page cache (`?buffered=1`).
 //!
-//! Each queue pair owns one ring with the file registered as fixed file 0; see [`qpair`] for
+//! Each queue pair owns one ring with the file registered as fixed file 0; see [`UringQueuePair`] for
 //! how commands map to SQEs.
 
 mod qpair;

@@ -147,6 +147,12 @@ struct QueueState {
 }
 
 /// One core's queue pair on a file or block device: one ring, no locks.
+///
+/// Reads and writes become `READ`/`WRITE` SQEs (`READ_FIXED`/`WRITE_FIXED` for buffers in a
+/// pool registered with [`register_pool`](Self::register_pool)), Flush an `FSYNC`, Write
+/// Zeroes and Deallocate an `FALLOCATE` (zero range, punch hole) or, where the file system
+/// refuses it, writes of zeroes. Short transfers are resumed; a transfer that moves nothing
+/// completes with Data Transfer Error. [`poll`](QueuePair::poll) enters the kernel at most once.
 pub struct UringQueuePair {
     state: QueueState,
     // Declared last: dropped after `state`, and Drop waits for the kernel before either goes.
