@@ -116,3 +116,64 @@ fn a_directory_is_not_a_leg() {
     let err = open_leg(&format!("file://{}", dir.path().display())).unwrap_err();
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+/// Runs only when `NVMIRROR_TEST_BLOCK_DEVICE` names a scratch block device (a loop device is
+/// fine: `losetup -f --show -b 4096 scratch.img`). Its contents are destroyed.
+#[test]
+fn block_device_leg_reports_its_geometry_and_is_claimed() {
+    let Some(path) = std::env::var_os("NVMIRROR_TEST_BLOCK_DEVICE") else {
+        eprintln!("NVMIRROR_TEST_BLOCK_DEVICE not set; skipped");
+        return;
+    };
+    let path = PathBuf::from(path);
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    let sys = |attr: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/class/block/{name}/{attr}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let uri = path.display().to_string();
+    let dev = open_leg(&uri).unwrap();
+    let geo = dev.geometry();
+    assert_eq!(u64::from(geo.lba_size), sys("queue/logical_block_size"));
+    assert_eq!(geo.bytes(), sys("size") * 512);
+    assert_eq!(dev.name(), uri);
+    assert!(matches!(open_leg(&uri), Err(Error::Busy { .. })));
+
+    let lba = geo.lba_size as usize;
+    let mut qp = dev.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(1, 64 * lba);
+    let mut buf = pool.get().unwrap();
+    buf.as_mut_slice().fill(0xc3);
+    let last = geo.num_blocks - 64;
+    let cmds = [
+        IoCommand::with_buf(IoOp::Write, last, 64, buf.io_buf(), 0),
+        IoCommand::new(IoOp::WriteZeroes, last + 8, 8, 1),
+        IoCommand::new(IoOp::Deallocate, last + 32, 8, 2),
+        IoCommand::new(IoOp::Flush, 0, 0, 3),
+    ];
+    for cmd in cmds {
+        // SAFETY: `buf` is not touched until the completions are reaped.
+        unsafe { qp.submit(cmd) }.unwrap();
+        let c = wait(&mut *qp, 1);
+        assert_eq!(c[0].status, Status::SUCCESS, "{cmd:?}");
+    }
+    let past = IoCommand::new(IoOp::WriteZeroes, geo.num_blocks, 1, 4);
+    // SAFETY: no data buffer.
+    unsafe { qp.submit(past) }.unwrap();
+    assert_eq!(wait(&mut *qp, 1)[0].status, Status::LBA_OUT_OF_RANGE);
+    let read = IoCommand::with_buf(IoOp::Read, last, 64, buf.io_buf(), 5);
+    // SAFETY: as above.
+    unsafe { qp.submit(read) }.unwrap();
+    assert!(wait(&mut *qp, 1)[0].status.is_success());
+    for (i, block) in buf.as_slice().chunks(lba).enumerate() {
+        let zero = (8..16).contains(&i) || (32..40).contains(&i);
+        let want = if zero { 0 } else { 0xc3 };
+        assert!(block.iter().all(|&b| b == want), "block {i}");
+    }
+    drop(qp);
+    drop(dev);
+    open_leg(&uri).expect("claim released");
+}

@@ -1,64 +1,16 @@
-//! Tests of the io_uring back end against the real kernel, on files in the workspace's build
-//! directory (a real disk file system, so O_DIRECT is exercised).
+//! Commands on file legs: data, statuses, queue depth, zeroing, the model checks.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 
+use super::bounce::Bounced;
 use super::*;
-use crate::backend::conformance::{check_against_model, io, model_op, run};
+use crate::backend::conformance::{check_against_model, model_op, run};
 use crate::dma::{DmaPool, IoBuf};
-use crate::queue::{read_all, Completion, IoCommand, IoOp, SubmitError};
-use crate::spec::Status;
-
-/// A directory on the disk the workspace builds on (`NVMIRROR_TEST_DIR` overrides it).
-pub(crate) fn scratch_dir() -> tempfile::TempDir {
-    let root = std::env::var_os("NVMIRROR_TEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../build/test-io")));
-    std::fs::create_dir_all(&root).unwrap();
-    tempfile::tempdir_in(root).unwrap()
-}
-
-fn opts(bytes: u64) -> UringOptions {
-    UringOptions {
-        create_size: Some(bytes),
-        ..UringOptions::default()
-    }
-}
-
-fn buffered(bytes: u64) -> UringOptions {
-    UringOptions {
-        buffered: true,
-        ..opts(bytes)
-    }
-}
-
-/// Submits every command, then polls until all have completed; returns statuses by tag.
-fn run_all(qp: &mut dyn QueuePair, cmds: &[IoCommand]) -> Vec<Status> {
-    for cmd in cmds {
-        // SAFETY: every buffer in these tests outlives this call, which reaps everything.
-        unsafe { qp.submit(*cmd) }.unwrap();
-    }
-    let mut got = vec![None; cmds.len()];
-    let mut cpl = [Completion::default(); 16];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while got.iter().any(Option::is_none) {
-        assert!(std::time::Instant::now() < deadline, "commands lost");
-        let n = qp.poll(&mut cpl);
-        for c in &cpl[..n] {
-            let slot = &mut got[c.tag as usize];
-            assert!(slot.is_none(), "tag {} completed twice", c.tag);
-            *slot = Some(c.status);
-        }
-    }
-    assert_eq!(qp.outstanding(), 0);
-    got.into_iter().map(Option::unwrap).collect()
-}
+use crate::queue::{read_all, IoOp, SubmitError};
 
 #[test]
 fn direct_round_trip_at_queue_depth() {
@@ -124,72 +76,6 @@ fn one_enter_per_poll_for_a_whole_batch() {
         assert!(polls < 10_000_000, "writes never completed");
     }
     assert!(qp.enter_calls() <= polls);
-}
-
-#[test]
-fn create_is_sparse_and_never_resizes() {
-    let dir = scratch_dir();
-    let path = dir.path().join("sparse.img");
-    let dev = UringDevice::open(&path, &opts(1 << 30)).unwrap();
-    assert_eq!(dev.geometry().num_blocks, (1 << 30) / 512);
-    drop(dev);
-    let meta = std::fs::metadata(&path).unwrap();
-    assert_eq!(meta.len(), 1 << 30);
-    assert!(
-        meta.blocks() * 512 < 1 << 20,
-        "{} bytes allocated",
-        meta.blocks() * 512
-    );
-    // An existing file keeps its size whatever create= says.
-    let dev = UringDevice::open(&path, &opts(2 << 30)).unwrap();
-    assert_eq!(dev.geometry().bytes(), 1 << 30);
-    drop(dev);
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 30);
-    // Without create= a missing file is an open error naming the path.
-    let missing = dir.path().join("missing.img");
-    let err = UringDevice::open(&missing, &UringOptions::default()).unwrap_err();
-    assert!(matches!(err, Error::Open { .. }), "{err}");
-    assert!(err.to_string().contains("missing.img"));
-    assert!(!missing.exists());
-}
-
-#[test]
-fn second_open_is_busy_until_the_first_is_dropped() {
-    let dir = scratch_dir();
-    let path = dir.path().join("claimed.img");
-    let dev = UringDevice::open(&path, &opts(1 << 20)).unwrap();
-    let qp = dev.open_qpair(4).unwrap();
-    let err = UringDevice::open(&path, &buffered(1 << 20)).unwrap_err();
-    assert!(
-        matches!(&err, Error::Busy { path: p } if *p == path),
-        "{err}"
-    );
-    // Another process sees the claim too.
-    let other = std::process::Command::new("flock")
-        .args(["--nonblock", "--exclusive"])
-        .arg(&path)
-        .arg("true")
-        .status();
-    if let Ok(status) = other {
-        assert!(!status.success(), "another process took the claim");
-    }
-    drop(dev);
-    // The ring holds the file open: the claim lasts while a queue pair is alive.
-    assert!(matches!(
-        UringDevice::open(&path, &opts(1 << 20)),
-        Err(Error::Busy { .. })
-    ));
-    drop(qp);
-    let again = UringDevice::open(&path, &opts(1 << 20)).unwrap();
-    drop(again);
-    if let Ok(status) = std::process::Command::new("flock")
-        .args(["--nonblock", "--exclusive"])
-        .arg(&path)
-        .arg("true")
-        .status()
-    {
-        assert!(status.success(), "claim not released");
-    }
 }
 
 #[test]
@@ -344,47 +230,6 @@ fn write_zeroes_and_deallocate_read_back_zeroes() {
     }
 }
 
-/// tmpfs has no `FALLOC_FL_ZERO_RANGE` (and before Linux 6.6 no O_DIRECT): the queue pair
-/// must fall back to writing zeroes by itself, and a refused O_DIRECT must say so.
-#[test]
-fn tmpfs_refusals_fall_back_or_explain() {
-    let shm = std::path::Path::new("/dev/shm");
-    // SAFETY: statfs is plain old data; all-zero is a valid value.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    let c_path = c"/dev/shm";
-    // SAFETY: a valid C string and a statfs the kernel may write for the call.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 || fs.f_type != libc::TMPFS_MAGIC {
-        eprintln!("no tmpfs at /dev/shm; skipped");
-        return;
-    }
-    let dir = tempfile::tempdir_in(shm).unwrap();
-    let path = dir.path().join("leg.img");
-    let dev = match UringDevice::open(&path, &opts(1 << 20)) {
-        Ok(dev) => dev,
-        Err(err) => {
-            assert!(matches!(err, Error::DirectIoUnsupported { .. }), "{err}");
-            assert!(err.to_string().contains("?buffered=1"));
-            UringDevice::open(&path, &buffered(1 << 20)).unwrap()
-        }
-    };
-    let mut qp = dev.open_uring_qpair(4).unwrap();
-    let mut pool = DmaPool::new(1, 1 << 20);
-    let mut ones = pool.get().unwrap();
-    ones.as_mut_slice().fill(0xff);
-    let t = Duration::from_secs(5);
-    let w = IoCommand::with_buf(IoOp::Write, 0, 2048, ones.io_buf(), 1);
-    assert_eq!(run(&mut qp, w, t), Some(Status::SUCCESS));
-    let z = IoCommand::new(IoOp::WriteZeroes, 10, 1000, 2);
-    assert_eq!(run(&mut qp, z, t), Some(Status::SUCCESS));
-    assert!(!qp.fallocate_modes().0, "tmpfs took FALLOC_FL_ZERO_RANGE");
-    let r = IoCommand::with_buf(IoOp::Read, 0, 2048, ones.io_buf(), 3);
-    assert_eq!(run(&mut qp, r, t), Some(Status::SUCCESS));
-    for (i, block) in ones.as_slice().chunks(512).enumerate() {
-        let want = if (10..1010).contains(&i) { 0 } else { 0xff };
-        assert!(block.iter().all(|&b| b == want), "block {i}");
-    }
-}
-
 #[test]
 fn deallocate_punches_a_hole() {
     let dir = scratch_dir();
@@ -406,48 +251,6 @@ fn deallocate_punches_a_hole() {
         "{before} -> {after} bytes allocated"
     );
     assert_eq!(dev.file().metadata().unwrap().len(), 4 << 20, "size kept");
-}
-
-#[test]
-fn buffered_flag_skips_o_direct_and_takes_any_buffer() {
-    let dir = scratch_dir();
-    for buffered_io in [false, true] {
-        let path = dir.path().join(format!("b{buffered_io}.img"));
-        let o = UringOptions {
-            buffered: buffered_io,
-            ..opts(1 << 20)
-        };
-        let dev = UringDevice::open(&path, &o).unwrap();
-        // SAFETY: F_GETFL reads the descriptor's flags only.
-        let fl = unsafe { libc::fcntl(dev.file().as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(fl & libc::O_DIRECT != 0, !buffered_io);
-        if buffered_io {
-            let mut qp = dev.open_qpair(2).unwrap();
-            let mut data: Vec<u8> = (0..1536).map(|i| (i % 253) as u8).collect();
-            let mut skewed = vec![0u8; 1537];
-            let (back, _) = skewed[1..].split_at_mut(1536);
-            assert!(io(&mut *qp, IoOp::Write, 3, &mut data, 512).is_success());
-            assert!(io(&mut *qp, IoOp::Read, 3, back, 512).is_success());
-            assert_eq!(back, &data[..]);
-        }
-    }
-}
-
-#[test]
-fn o_direct_refusal_asks_for_buffered() {
-    let path = std::path::Path::new("/x/leg.img");
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let err = open_error(path, einval(), true);
-    assert!(matches!(err, Error::DirectIoUnsupported { .. }), "{err}");
-    assert!(err.to_string().contains("?buffered=1"), "{err}");
-    assert!(matches!(
-        open_error(path, einval(), false),
-        Error::Open { .. }
-    ));
-    let busy = io::Error::from_raw_os_error(libc::EBUSY);
-    assert!(matches!(open_error(path, busy, true), Error::Busy { .. }));
-    let enoent = io::Error::from_raw_os_error(libc::ENOENT);
-    assert!(matches!(open_error(path, enoent, true), Error::Open { .. }));
 }
 
 #[test]
@@ -580,80 +383,6 @@ fn queue_pairs_on_different_threads_share_the_file() {
             all[i * 4096..(i + 1) * 4096].iter().all(|&b| b == want),
             "{i}"
         );
-    }
-}
-
-/// A view of a device whose queue pairs copy through page-aligned bounce buffers, so
-/// the shared conformance checks (which use plain `Vec`s) can drive an O_DIRECT leg.
-#[derive(Debug)]
-struct Bounced<'a>(&'a UringDevice);
-
-impl BlockDevice for Bounced<'_> {
-    fn geometry(&self) -> Geometry {
-        self.0.geometry()
-    }
-
-    fn open_qpair(&self, depth: u32) -> Result<Box<dyn QueuePair>> {
-        Ok(Box::new(BouncedQueuePair {
-            inner: self.0.open_qpair(depth)?,
-            pending: Vec::new(),
-        }))
-    }
-
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-}
-
-#[derive(Debug)]
-struct BouncedQueuePair {
-    inner: Box<dyn QueuePair>,
-    /// Tag, op, the caller's buffer, the bounce buffer's pool.
-    pending: Vec<(u64, IoOp, IoBuf, DmaPool)>,
-}
-
-impl QueuePair for BouncedQueuePair {
-    fn depth(&self) -> u32 {
-        self.inner.depth()
-    }
-
-    fn outstanding(&self) -> u32 {
-        self.inner.outstanding()
-    }
-
-    unsafe fn submit(&mut self, mut cmd: IoCommand) -> std::result::Result<(), SubmitError> {
-        if cmd.op.has_data() && !cmd.buf.is_empty() {
-            let mut pool = DmaPool::new(1, cmd.buf.len());
-            let bounce = pool.get().unwrap().io_buf().prefix(cmd.buf.len());
-            if cmd.op == IoOp::Write {
-                // SAFETY: both views are valid for their length (our caller's promise, and
-                // our own pool) and do not overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(cmd.buf.as_ptr(), bounce.as_ptr(), bounce.len())
-                };
-            }
-            self.pending.push((cmd.tag, cmd.op, cmd.buf, pool));
-            cmd.buf = bounce;
-        }
-        // SAFETY: the bounce buffer lives in `pending` until the completion is reaped.
-        unsafe { self.inner.submit(cmd) }
-    }
-
-    fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let n = self.inner.poll(out);
-        for c in &out[..n] {
-            if let Some(i) = self.pending.iter().position(|p| p.0 == c.tag) {
-                let (_, op, user, pool) = self.pending.swap_remove(i);
-                if op == IoOp::Read {
-                    // SAFETY: the user buffer is still covered by the submit contract; the
-                    // bounce buffer is the pool's first one and as long.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(pool.base(), user.as_ptr(), user.len())
-                    };
-                }
-            }
-        }
-        n
     }
 }
 
