@@ -8,8 +8,11 @@
 # The 1 GiB file lives on the disk under build/ (BENCH_DIR overrides the directory) and is
 # written in full once, so neither run pays for block allocation. Our side runs through
 # `nvmirror-bench` when it accepts the fio-style job below, and always through the
-# `uring_randwrite` example (plain and with registered buffers), so a ratio is printed
-# either way. ROUNDS=N repeats the runs interleaved and reports medians (default 1).
+# `uring_randwrite` example, so a ratio is printed either way. The example runs four ways:
+# spinning on poll like a dedicated reactor core, or yielding the CPU after an empty poll
+# (`--yield`; on a small shared machine the spin starves the kernel's completion work), each
+# with and without registered buffers (`--fixed`). fio sleeps in io_uring_enter between
+# completions. ROUNDS=N repeats everything interleaved and reports medians (default 1).
 set -euo pipefail
 
 secs=${1:-10}
@@ -56,14 +59,16 @@ run_example() { # extra args...
 median() { python3 -c "import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))" "$@"; }
 
 # Interleaved rounds, so drift on a shared machine hits every contender alike.
-fio_all=() bench_all=() example_all=() fixed_all=()
+fio_all=() bench_all=() spin_all=() spin_fixed_all=() yield_all=() yield_fixed_all=()
 for round in $(seq "$rounds"); do
-    echo "round $round/$rounds: fio, nvmirror-bench, uring_randwrite, uring_randwrite --fixed (${secs}s each)"
+    echo "round $round/$rounds: fio, nvmirror-bench, uring_randwrite x4 (${secs}s each)"
     fio_all+=("$(run_fio "$round")")
     b=$(run_bench "$round")
     [ -z "$b" ] || bench_all+=("$b")
-    example_all+=("$(run_example)")
-    fixed_all+=("$(run_example --fixed)")
+    spin_all+=("$(run_example)")
+    spin_fixed_all+=("$(run_example --fixed)")
+    yield_all+=("$(run_example --yield)")
+    yield_fixed_all+=("$(run_example --yield --fixed)")
 done
 [ ${#bench_all[@]} -gt 0 ] ||
     echo "  (nvmirror-bench does not run this job yet: $(head -c 200 "$dir/ours.err"))"
@@ -85,5 +90,8 @@ report() { # name iops...
 echo
 printf '%-26s iops=%.0f  [%s]\n' "fio io_uring" "$fio_iops" "${fio_all[*]}"
 [ ${#bench_all[@]} -eq 0 ] || report "nvmirror-bench" "${bench_all[@]}"
-report "uring_randwrite" "${example_all[@]}"
-report "uring_randwrite --fixed" "${fixed_all[@]}"
+report "uring_randwrite" "${spin_all[@]}"
+report "uring_randwrite --fixed" "${spin_fixed_all[@]}"
+report "uring_randwrite --yield" "${yield_all[@]}"
+report "... --yield --fixed" "${yield_fixed_all[@]}"
+echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
