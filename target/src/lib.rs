@@ -1,1 +1,24 @@
-//! Front ends.
+//! nvmirror's front ends: the NVMe/TCP target ([`nvme_tcp`]), which exports any
+//! [`BlockDevice`](nvmirror_nvme::BlockDevice) as a namespace of an NVMe-oF subsystem.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nvmirror_nvme::open_leg;
+//! use nvmirror_poller::{ReactorConfig, ReactorPool};
+//! use nvmirror_target::{NvmeTcpTarget, SubsystemConfig, TargetConfig};
+//!
+//! let pool = ReactorPool::start(ReactorConfig::unpinned(2)).unwrap();
+//! let ns = open_leg("mem://1GiB").unwrap();
+//! let cfg = TargetConfig {
+//!     subsystems: vec![SubsystemConfig::new("nqn.2024-01.io.nvmirror:vol0", vec![ns])],
+//!     ..TargetConfig::default()
+//! };
+//! let target = NvmeTcpTarget::start(cfg, &pool.handle()).unwrap();
+//! println!("listening on {}", target.local_addr());
+//! ```
+
+mod error;
+pub mod nvme_tcp;
+
+pub use error::{Error, Result};
+pub use nvme_tcp::{NvmeTcpTarget, SubsystemConfig, TargetConfig};

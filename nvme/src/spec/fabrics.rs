@@ -305,6 +305,30 @@ pub fn property_set_sqe(cid: u16, offset: u32, size: u32, value: u64) -> Submiss
     sqe
 }
 
+/// SGL descriptor type byte of a data block with the offset subtype: in-capsule data
+/// (Base §4.1.2.1; NVMe/TCP §3.3.1).
+pub const SGL_DATA_BLOCK_OFFSET: u8 = 0x01;
+/// SGL descriptor type byte of a transport SGL data block: data moved by R2T/H2CData or
+/// C2HData.
+pub const SGL_TRANSPORT_DATA_BLOCK: u8 = 0x50;
+/// Position of PSDT in the SQE flags byte; 01b selects SGLs.
+pub const PSDT_SHIFT: u8 = 6;
+
+/// Points the SQE's data pointer at `len` bytes of in-capsule data.
+pub fn sgl_in_capsule(sqe: &mut SubmissionQueueEntry, len: u32) {
+    sqe.flags = (sqe.flags & 0x3f) | (1 << PSDT_SHIFT);
+    sqe.dptr = [0, u64::from(len) | (u64::from(SGL_DATA_BLOCK_OFFSET) << 56)];
+}
+
+/// Points the SQE's data pointer at `len` bytes the transport moves (R2T/C2HData).
+pub fn sgl_transport(sqe: &mut SubmissionQueueEntry, len: u32) {
+    sqe.flags = (sqe.flags & 0x3f) | (1 << PSDT_SHIFT);
+    sqe.dptr = [
+        0,
+        u64::from(len) | (u64::from(SGL_TRANSPORT_DATA_BLOCK) << 56),
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
