@@ -200,7 +200,7 @@ fn invalid_io_commands_get_nvme_errors_and_the_queue_goes_on() {
         ..Default::default()
     };
     sqe.set_lba_range(0, 1);
-    sqe.dptr = [0, 512 | (0x5a << 56)];
+    sqe.dptr = [0, 512 | (0x40 << 56)];
     let mut out = vec![0u8; 200];
     let n = nvmirror_nvme::spec::tcp::write_capsule_cmd(&mut out, &sqe, &[], io.dg);
     io.send(&out[..n]);

@@ -308,9 +308,9 @@ pub fn property_set_sqe(cid: u16, offset: u32, size: u32, value: u64) -> Submiss
 /// SGL descriptor type byte of a data block with the offset subtype: in-capsule data
 /// (Base §4.1.2.1; NVMe/TCP §3.3.1).
 pub const SGL_DATA_BLOCK_OFFSET: u8 = 0x01;
-/// SGL descriptor type byte of a transport SGL data block: data moved by R2T/H2CData or
-/// C2HData.
-pub const SGL_TRANSPORT_DATA_BLOCK: u8 = 0x50;
+/// SGL descriptor type byte of a transport SGL data block (type 5h) with the transport
+/// specific subtype (Ah): data moved by R2T/H2CData or C2HData (NVMe/TCP §3.3.1).
+pub const SGL_TRANSPORT_DATA_BLOCK: u8 = 0x5a;
 /// Position of PSDT in the SQE flags byte; 01b selects SGLs.
 pub const PSDT_SHIFT: u8 = 6;
 

@@ -204,7 +204,7 @@ mod tests {
             data_location(&sqe),
             Ok(DataLocation::Transport { len: 8192 })
         );
-        sqe.dptr[1] |= 0x5a << 56; // keyed SGL (RDMA): not for TCP
+        sqe.dptr[1] = (sqe.dptr[1] & !(0xff << 56)) | (0x40 << 56); // keyed SGL (RDMA)
         assert_eq!(
             data_location(&sqe),
             Err(Status::SGL_DESCRIPTOR_TYPE_INVALID)
