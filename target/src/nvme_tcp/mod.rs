@@ -14,6 +14,7 @@
 mod admin;
 mod connection;
 mod discovery;
+mod dispatch;
 mod fabrics;
 mod io;
 mod listener;
