@@ -167,6 +167,13 @@ impl Connection {
         })
     }
 
+    /// Sizes the response and retry lists for a queue of `depth` entries, so they never
+    /// grow on the I/O path.
+    pub(super) fn reserve_lists(&mut self, depth: u16) {
+        self.pending.reserve(usize::from(depth));
+        self.retry.reserve(usize::from(depth));
+    }
+
     /// Sets the in-capsule data limit once the queue type is known.
     pub(super) fn set_max_icdata(&mut self, n: u32) {
         self.lim.max_icdata = n;

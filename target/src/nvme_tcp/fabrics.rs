@@ -115,6 +115,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
         conn.phase = Phase::Admin;
         conn.set_max_icdata(ADMIN_IN_CAPSULE);
         conn.next_slots = Some(SlotTable::new(size, cfg.max_transfer()));
+        conn.reserve_lists(size);
         conn.queue.size = size;
         conn.queue.sq_head = 1 % size;
         conn.queue.sqflow_disabled = sqflow_disabled;
@@ -160,6 +161,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
     conn.phase = Phase::Io;
     conn.set_max_icdata(cfg.in_capsule_data_size);
     conn.next_slots = Some(SlotTable::new(size, cfg.max_transfer()));
+    conn.reserve_lists(size);
     Ok(u64::from(data.cntlid))
 }
 
