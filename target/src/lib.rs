@@ -1,7 +1,29 @@
-//! nvmirror's front ends and control plane: configuration, NVMe/TCP, NBD, the `nvmirror`
-//! binary.
+//! nvmirror's front ends and control plane: configuration, JSON-RPC, metrics, status, and the
+//! NVMe/TCP target ([`nvme_tcp`]), which exports any
+//! [`BlockDevice`](nvmirror_nvme::BlockDevice) as a namespace of an NVMe-oF subsystem.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use nvmirror_nvme::open_leg;
+//! use nvmirror_poller::{ReactorConfig, ReactorPool};
+//! use nvmirror_target::{NvmeTcpTarget, SubsystemConfig, TargetConfig};
+//!
+//! let pool = ReactorPool::start(ReactorConfig::unpinned(2)).unwrap();
+//! let ns = open_leg("mem://1GiB").unwrap();
+//! let cfg = TargetConfig {
+//!     subsystems: vec![SubsystemConfig::new("nqn.2024-01.io.nvmirror:vol0", vec![ns])],
+//!     ..TargetConfig::default()
+//! };
+//! let target = NvmeTcpTarget::start(cfg, &pool.handle()).unwrap();
+//! println!("listening on {}", target.local_addr());
+//! ```
 
 pub mod config;
+mod error;
 pub mod metrics;
+pub mod nvme_tcp;
 pub mod rpc;
 pub mod status;
+
+pub use error::{Error, Result};
+pub use nvme_tcp::{NvmeTcpTarget, SubsystemConfig, TargetConfig};

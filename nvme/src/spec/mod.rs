@@ -3,11 +3,15 @@
 //! Section numbers refer to the NVM Express Base Specification 2.0c ("Base") and the
 //! NVM Command Set Specification 1.0c ("NVM").
 
+pub mod admin;
 pub mod cqe;
+pub mod fabrics;
 pub mod namespace;
 pub mod opcode;
 pub mod sqe;
 pub mod status;
+pub mod tcp;
+pub mod wire;
 
 pub use cqe::CompletionQueueEntry;
 pub use namespace::Geometry;

@@ -1,0 +1,95 @@
+#!/bin/busybox sh
+# /init of the interop guest (see kernel-host.sh): bring up the network, connect to the
+# nvmirror target on the host as a Linux NVMe/TCP host, verify I/O, report, power off.
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t configfs configfs /sys/kernel/config 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+
+say() { echo "NVMIRROR-GUEST: $*"; }
+fail() {
+    say "FAIL: $*"
+    dmesg | tail -n 40
+    poweroff -f
+    sleep 5
+}
+
+for m in $(cat /etc/modules-order); do
+    if [ -f "/lib/modules/$m.ko" ]; then
+        insmod "/lib/modules/$m.ko" || say "insmod $m failed"
+    fi
+done
+
+PORT=$(sed -n 's/.*nvmirror\.port=\([0-9]*\).*/\1/p' /proc/cmdline)
+NQN=$(sed -n 's/.*nvmirror\.nqn=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$PORT" ] && [ -n "$NQN" ] || fail "no nvmirror.port/nvmirror.nqn on the kernel command line"
+
+ip link set lo up
+ip link set eth0 up || fail "no eth0 (virtio_net not loaded?)"
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+HOST=10.0.2.2
+
+say "discover $HOST:$PORT"
+nvme discover -t tcp -a "$HOST" -s "$PORT" >/tmp/discover 2>&1 || { cat /tmp/discover; fail "nvme discover"; }
+cat /tmp/discover
+grep -q "subnqn: *$NQN" /tmp/discover || fail "$NQN not in the discovery log"
+
+say "connect $NQN"
+nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" || fail "nvme connect"
+DEV=
+for _ in $(seq 40); do
+    for d in /sys/block/nvme*n*; do
+        [ -e "$d" ] && DEV=/dev/$(basename "$d")
+    done
+    [ -n "$DEV" ] && [ -b "$DEV" ] && break
+    sleep 0.25
+done
+[ -n "$DEV" ] && [ -b "$DEV" ] || fail "no namespace block device appeared"
+nvme list
+say "namespace at $DEV: $(cat /sys/block/$(basename $DEV)/size) sectors"
+
+# 4 MiB of random data, written and read back with O_DIRECT in several block sizes.
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null
+for spec in 4k:1024 64k:64 1M:4; do
+    bs=${spec%%:*}
+    count=${spec##*:}
+    dd if=/tmp/pattern of="$DEV" bs=$bs oflag=direct conv=fsync 2>/tmp/dd.err || { cat /tmp/dd.err; fail "write bs=$bs"; }
+    dd if="$DEV" of=/tmp/back bs=$bs count=$count iflag=direct 2>/tmp/dd.err || { cat /tmp/dd.err; fail "read bs=$bs"; }
+    cmp /tmp/pattern /tmp/back || fail "data read back differs (bs=$bs)"
+    say "write/read/compare bs=$bs ok"
+done
+# A write at an offset: 8 KiB at 1 MiB + 4 KiB.
+dd if=/dev/urandom of=/tmp/small bs=4k count=2 2>/dev/null
+dd if=/tmp/small of="$DEV" bs=4k seek=257 count=2 oflag=direct 2>/dev/null || fail "offset write"
+dd if="$DEV" of=/tmp/small.back bs=4k skip=257 count=2 iflag=direct 2>/dev/null || fail "offset read"
+cmp /tmp/small /tmp/small.back || fail "offset data differs"
+nvme flush "$DEV" -n 1 || fail "nvme flush"
+if command -v blkdiscard >/dev/null; then
+    blkdiscard -o 0 -l 1048576 "$DEV" || fail "blkdiscard"
+    dd if="$DEV" of=/tmp/disc bs=64k count=16 iflag=direct 2>/dev/null || fail "read after discard"
+    say "discard ok"
+fi
+nvme disconnect -n "$NQN" || fail "nvme disconnect"
+say "disconnect ok"
+
+# Again with header and data digests, and the data written above must still be there.
+nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" --hdr-digest --data-digest || fail "nvme connect with digests"
+for _ in $(seq 40); do
+    [ -b "$DEV" ] && break
+    sleep 0.25
+done
+[ -b "$DEV" ] || fail "no block device after the digest connect"
+dd if="$DEV" of=/tmp/small.back2 bs=4k skip=257 count=2 iflag=direct 2>/dev/null || fail "read with digests"
+cmp /tmp/small /tmp/small.back2 || fail "data differs after reconnecting"
+dd if=/tmp/pattern of="$DEV" bs=256k oflag=direct 2>/dev/null || fail "write with digests"
+dd if="$DEV" of=/tmp/back bs=256k count=16 iflag=direct 2>/dev/null || fail "read with digests"
+cmp /tmp/pattern /tmp/back || fail "data differs with digests"
+say "digests ok"
+nvme disconnect -n "$NQN" || fail "nvme disconnect (digests)"
+say "PASS"
+poweroff -f
+sleep 5

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Interop test: a real Linux NVMe/TCP host (Debian's cloud kernel under qemu/TCG) against
+# the nvmirror target on this machine.
+#
+# The guest runs `nvme discover`, `nvme connect`, writes a random pattern with O_DIRECT,
+# reads it back, compares, deallocates and flushes, then disconnects. Prints PASS or FAIL
+# and exits 0 or 1. Everything it downloads is cached under build/interop/.
+#
+# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep]
+# Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK="$ROOT/build/interop"
+PORT=$((20000 + RANDOM % 20000))
+TIMEOUT=420
+KEEP=0
+NQN="nqn.2024-01.io.nvmirror:interop"
+HOSTNQN="nqn.2014-08.org.nvmexpress:uuid:6e766d69-7272-6f72-0000-000000000001"
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --port) PORT=$2; shift 2 ;;
+        --timeout) TIMEOUT=$2; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep]" >&2; exit 2 ;;
+    esac
+done
+
+log() { echo "kernel-host: $*" >&2; }
+fail() {
+    log "FAIL: $*"
+    echo "FAIL"
+    exit 1
+}
+
+mkdir -p "$WORK"
+cd "$WORK"
+
+# ---- 1. host packages ------------------------------------------------------------------
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v nvme >/dev/null || need+=(nvme-cli)
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need+=(busybox-static)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+    log "installing ${need[*]}"
+    apt-get update -qq || fail "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
+        >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install ${need[*]}"; }
+fi
+BUSYBOX=$(command -v busybox)
+file "$BUSYBOX" 2>/dev/null | grep -q "statically linked" || {
+    ldd "$BUSYBOX" 2>&1 | grep -q "not a dynamic" || fail "busybox at $BUSYBOX is not static (install busybox-static)"
+}
+
+# ---- 2. the guest kernel ----------------------------------------------------------------
+if [ ! -f "$WORK/kver" ]; then
+    apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
+    KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/.*Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)
+    [ -n "$KPKG" ] || fail "cannot find the current linux-image-*-cloud-amd64 package"
+    log "downloading $KPKG"
+    rm -f linux-image-*.deb
+    apt-get download "$KPKG" >/dev/null 2>&1 || fail "apt-get download $KPKG"
+    rm -rf kernel
+    dpkg-deb -x linux-image-*.deb kernel || fail "unpacking $KPKG"
+    echo "${KPKG#linux-image-}" >"$WORK/kver"
+fi
+KVER=$(cat "$WORK/kver")
+VMLINUZ="$WORK/kernel/boot/vmlinuz-$KVER"
+MODDIR="$WORK/kernel/lib/modules/$KVER"
+[ -f "$VMLINUZ" ] || fail "no kernel image at $VMLINUZ (rm -rf $WORK to refetch)"
+
+# ---- 3. the initramfs ----------------------------------------------------------------------
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net configfs nvme-fabrics nvme-tcp"
+INITRD="$WORK/initrd-$KVER.gz"
+if [ ! -f "$INITRD" ] || [ "$0" -nt "$INITRD" ] || [ "$ROOT/scripts/interop/guest-init.sh" -nt "$INITRD" ]; then
+    log "building the initramfs"
+    R="$WORK/initramfs"
+    rm -rf "$R"
+    mkdir -p "$R"/{bin,sbin,etc/nvme,proc,sys,dev,tmp,run,lib/modules,usr/sbin}
+    cp "$BUSYBOX" "$R/bin/busybox"
+    for m in $MODULES; do
+        f=$(find "$MODDIR" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n1)
+        if [ -z "$f" ]; then
+            f=$(find "$MODDIR" -name "${m//-/_}.ko*" | head -n1)
+        fi
+        if [ -z "$f" ]; then
+            log "module $m not found (built in?)"
+            continue
+        fi
+        case "$f" in
+            *.xz) xz -dc "$f" >"$R/lib/modules/$m.ko" ;;
+            *.zst) zstd -qdc "$f" >"$R/lib/modules/$m.ko" ;;
+            *) cp "$f" "$R/lib/modules/$m.ko" ;;
+        esac
+    done
+    NVME=$(command -v nvme)
+    cp "$NVME" "$R/usr/sbin/nvme"
+    for lib in $(ldd "$NVME" | grep -o '/[^ ]*'); do
+        mkdir -p "$R$(dirname "$lib")"
+        cp -L "$lib" "$R$lib"
+    done
+    echo "$HOSTNQN" >"$R/etc/nvme/hostnqn"
+    echo "6e766d69-7272-6f72-0000-000000000001" >"$R/etc/nvme/hostid"
+    echo "$MODULES" >"$R/etc/modules-order"
+    cp "$ROOT/scripts/interop/guest-init.sh" "$R/init"
+    chmod +x "$R/init"
+    (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD.tmp"
+    mv "$INITRD.tmp" "$INITRD"
+fi
+
+# ---- 4. the target --------------------------------------------------------------------------
+log "building the target"
+(cd "$ROOT" && cargo build --release -q -p nvmirror-target --example serve_mem) ||
+    fail "cargo build of the serve_mem example"
+SERVE="$ROOT/build/release/examples/serve_mem"
+TARGET_LOG="$WORK/target.log"
+GUEST_LOG="$WORK/guest.log"
+rm -f "$GUEST_LOG"
+RUST_LOG=${RUST_LOG:-info} "$SERVE" --listen "127.0.0.1:$PORT" --nqn "$NQN" --leg mem://64MiB \
+    >"$TARGET_LOG" 2>&1 &
+TARGET_PID=$!
+QEMU_PID=
+cleanup() {
+    [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
+    kill "$TARGET_PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+for _ in $(seq 100); do
+    grep -q "serving" "$TARGET_LOG" 2>/dev/null && break
+    kill -0 "$TARGET_PID" 2>/dev/null || { cat "$TARGET_LOG" >&2; fail "target exited at start"; }
+    sleep 0.1
+done
+grep -q "serving" "$TARGET_LOG" || fail "target did not start listening"
+log "target listening on 127.0.0.1:$PORT"
+
+# ---- 5. the guest ---------------------------------------------------------------------------
+log "booting $KVER under qemu (timeout ${TIMEOUT}s)"
+timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -smp 2 \
+    -kernel "$VMLINUZ" -initrd "$INITRD" \
+    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.nqn=$NQN" \
+    -display none -no-reboot -serial "file:$GUEST_LOG" \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= &
+QEMU_PID=$!
+set +e
+wait "$QEMU_PID"
+QEMU_RC=$?
+set -e
+QEMU_PID=
+
+if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
+    [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
+    log "guest passed (target log: $TARGET_LOG)"
+    echo "PASS"
+    exit 0
+fi
+log "---- guest log ----"
+cat "$GUEST_LOG" >&2 2>/dev/null || true
+log "---- target log ----"
+tail -n 50 "$TARGET_LOG" >&2 || true
+[ "$QEMU_RC" = 124 ] && fail "guest timed out after ${TIMEOUT}s"
+reason=$(sed -n 's/.*NVMIRROR-GUEST: FAIL: //p' "$GUEST_LOG" | head -n1)
+fail "${reason:-guest did not report a result (qemu exit $QEMU_RC)}"

@@ -1,0 +1,345 @@
+//! Admin commands (Base §5): Identify, Get Log Page, Set/Get Features, Keep Alive,
+//! Asynchronous Event Request and Abort.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::spec::admin::{
+    cns, cntrltype, feature, lba_format, log_page, nidt, oncs, sgls, status as astatus,
+    AdminOpcode, FirmwareSlotLog, IdentifyController, IdentifyNamespace, NsIdDescriptorHeader,
+    SmartLog, CHANGED_NS_LOG_LEN, ERROR_LOG_ENTRY_LEN, IDENTIFY_LEN,
+};
+use nvmirror_nvme::spec::wire::{put_ascii_padded, put_nul_padded};
+use nvmirror_nvme::spec::Status;
+
+use super::connection::Connection;
+use super::subsystem::{Subsystem, SubsystemRef};
+
+/// Asynchronous event requests a host may leave outstanding (AERL + 1).
+const AER_LIMIT: u8 = 4;
+/// Firmware revision reported in Identify and the firmware slot log.
+const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
+
+/// Controller state that lives with the admin queue.
+#[derive(Debug)]
+pub(crate) struct AdminState {
+    /// Controller Configuration as last set.
+    pub cc: u32,
+    /// Controller Status.
+    pub csts: u32,
+    kato: Option<Duration>,
+    /// When the keep-alive timer expires (None: disabled).
+    pub keep_alive_deadline: Option<Instant>,
+    async_event_config: u32,
+    write_cache: bool,
+    aers_held: u8,
+}
+
+impl AdminState {
+    pub fn new(kato: Option<Duration>, now: Instant) -> Self {
+        Self {
+            cc: 0,
+            csts: 0,
+            kato,
+            keep_alive_deadline: kato.map(|k| now + k),
+            async_event_config: 0,
+            write_cache: true,
+            aers_held: 0,
+        }
+    }
+
+    /// Restarts the keep-alive timer (any admin command counts as traffic).
+    pub fn touch(&mut self, now: Instant) {
+        self.keep_alive_deadline = self.kato.map(|k| now + k);
+    }
+
+    fn enabled(&self) -> bool {
+        self.csts & 1 != 0
+    }
+}
+
+/// Runs the admin command in slot `i`. Returns false if the command is held (AER).
+pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) -> bool {
+    let sqe = conn.slots.slots[usize::from(i)].sqe;
+    let shared = std::sync::Arc::clone(&conn.shared);
+    let ctrl = conn
+        .queue
+        .ctrl
+        .clone()
+        .expect("admin queue has a controller");
+    let a = conn.admin.as_mut().expect("admin queue");
+    a.touch(now);
+    if !a.enabled() {
+        conn.slots.slots[usize::from(i)].fail(Status::COMMAND_SEQUENCE_ERROR);
+        return true;
+    }
+    let subsys = shared.subsystem(ctrl.subsys);
+    let discovery = ctrl.subsys == SubsystemRef::Discovery;
+    let op = AdminOpcode::from_u8(sqe.opcode);
+    let result: Result<u32, Status> = match op {
+        Some(AdminOpcode::Identify) => identify(&sqe, conn, subsys).map(|page| {
+            let slot = &mut conn.slots.slots[usize::from(i)];
+            let n = (slot.xfer_len as usize)
+                .min(IDENTIFY_LEN)
+                .min(slot.buf.len());
+            slot.buf.as_mut_slice()[..n].copy_from_slice(&page[..n]);
+            slot.c2h_len = n as u32;
+            0
+        }),
+        Some(AdminOpcode::GetLogPage) => get_log_page(conn, i, subsys, discovery),
+        Some(AdminOpcode::SetFeatures) => set_features(conn, &sqe, &ctrl),
+        Some(AdminOpcode::GetFeatures) => get_features(conn, &sqe, &ctrl),
+        Some(AdminOpcode::KeepAlive) => Ok(0),
+        Some(AdminOpcode::AsyncEventRequest) => {
+            let a = conn.admin.as_mut().expect("admin queue");
+            if a.aers_held >= AER_LIMIT {
+                Err(astatus::ASYNC_EVENT_LIMIT_EXCEEDED)
+            } else {
+                a.aers_held += 1;
+                conn.slots.slots[usize::from(i)].state = super::request::RequestState::Held;
+                return false;
+            }
+        }
+        // Nothing is ever aborted: DW0 bit 0 set means "not aborted".
+        Some(AdminOpcode::Abort) => Ok(1),
+        None => Err(Status::INVALID_OPCODE),
+    };
+    let slot = &mut conn.slots.slots[usize::from(i)];
+    match result {
+        Ok(dw0) => slot.dw0 = dw0,
+        Err(st) => {
+            slot.fail(st);
+            slot.c2h_len = 0;
+        }
+    }
+    true
+}
+
+/// The identify page the command asks for.
+fn identify(
+    sqe: &nvmirror_nvme::spec::SubmissionQueueEntry,
+    conn: &Connection,
+    subsys: Option<&Subsystem>,
+) -> Result<[u8; IDENTIFY_LEN], Status> {
+    let cns = sqe.cdw10 as u8;
+    let mut page = [0u8; IDENTIFY_LEN];
+    match (cns, subsys) {
+        (cns::CONTROLLER, _) => {
+            identify_controller(conn, subsys).write_to(&mut page);
+        }
+        (cns::NAMESPACE, Some(s)) => {
+            let ns = s
+                .namespace(sqe.nsid)
+                .ok_or(Status::INVALID_NAMESPACE.with_dnr())?;
+            let mut id = IdentifyNamespace::zeroed();
+            id.nsze = ns.geo.num_blocks;
+            id.ncap = ns.geo.num_blocks;
+            id.nuse = ns.geo.num_blocks;
+            id.nmic = 1;
+            id.lbaf[0] = lba_format(ns.geo.lba_size);
+            id.nguid = ns.nguid;
+            id.write_to(&mut page);
+        }
+        (cns::ACTIVE_NAMESPACES, Some(s)) => {
+            if sqe.nsid >= 0xffff_fffe {
+                return Err(Status::INVALID_NAMESPACE.with_dnr());
+            }
+            let ids = (1..=s.namespaces.len() as u32).filter(|&id| id > sqe.nsid);
+            for (slot, id) in page.chunks_mut(4).zip(ids) {
+                slot.copy_from_slice(&id.to_le_bytes());
+            }
+        }
+        (cns::NS_ID_DESCRIPTORS, Some(s)) => {
+            let ns = s
+                .namespace(sqe.nsid)
+                .ok_or(Status::INVALID_NAMESPACE.with_dnr())?;
+            let mut o = 0;
+            for (t, id) in [
+                (nidt::NGUID, &ns.nguid[..]),
+                (nidt::UUID, &ns.uuid[..]),
+                (nidt::CSI, &[0u8][..]),
+            ] {
+                let h = NsIdDescriptorHeader {
+                    nidt: t,
+                    nidl: id.len() as u8,
+                    rsvd: 0,
+                };
+                o += h.write_to(&mut page[o..]);
+                page[o..o + id.len()].copy_from_slice(id);
+                o += id.len();
+            }
+        }
+        // The NVM command set's controller page: all limits zero (none).
+        (cns::CS_CONTROLLER, Some(_)) if sqe.cdw11 >> 24 == 0 => {}
+        _ => return Err(Status::INVALID_FIELD.with_dnr()),
+    }
+    Ok(page)
+}
+
+fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> IdentifyController {
+    let cfg = &conn.shared.cfg;
+    let ctrl = conn
+        .queue
+        .ctrl
+        .as_ref()
+        .expect("admin queue has a controller");
+    let mut id = IdentifyController::zeroed();
+    let (serial, model, nqn) = match subsys {
+        Some(s) => (s.serial.as_str(), s.model.as_str(), s.nqn.as_str()),
+        None => (
+            "discovery",
+            "nvmirror discovery",
+            nvmirror_nvme::spec::fabrics::DISCOVERY_NQN,
+        ),
+    };
+    put_ascii_padded(&mut id.sn, serial);
+    put_ascii_padded(&mut id.mn, model);
+    put_ascii_padded(&mut id.fr, FIRMWARE_REVISION);
+    id.rab = 6;
+    id.cmic = 1 << 1;
+    id.mdts = cfg.mdts;
+    id.cntlid = ctrl.cntlid;
+    id.ver = super::fabrics::VERSION;
+    id.cntrltype = if subsys.is_some() {
+        cntrltype::IO
+    } else {
+        cntrltype::DISCOVERY
+    };
+    id.acl = 3;
+    id.aerl = AER_LIMIT - 1;
+    id.frmw = 0x3;
+    id.lpa = 1 << 2;
+    id.kas = 1;
+    id.sqes = 0x66;
+    id.cqes = 0x44;
+    id.maxcmd = cfg.max_queue_size;
+    id.sgls = sgls::SUPPORTED | sgls::OFFSET;
+    id.msdbd = 1;
+    put_nul_padded(&mut id.subnqn, nqn);
+    if let Some(s) = subsys {
+        id.nn = s.namespaces.len() as u32;
+        id.oncs = oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES;
+        id.vwc = 1;
+        id.ioccsz = (64 + cfg.in_capsule_data_size) / 16;
+        id.iorcsz = 1;
+    }
+    id
+}
+
+fn get_log_page(
+    conn: &mut Connection,
+    i: u16,
+    subsys: Option<&Subsystem>,
+    discovery: bool,
+) -> Result<u32, Status> {
+    let slot = &conn.slots.slots[usize::from(i)];
+    let sqe = slot.sqe;
+    let lid = sqe.cdw10 as u8;
+    let numd = ((sqe.cdw10 >> 16) | ((sqe.cdw11 & 0xffff) << 16)) as u64 + 1;
+    let len = numd * 4;
+    let offset = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+    if offset % 4 != 0 {
+        return Err(Status::INVALID_FIELD.with_dnr());
+    }
+    let page: Vec<u8> = match (lid, discovery) {
+        (log_page::DISCOVERY, true) => {
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
+            super::discovery::log_page(&conn.shared, &ctrl.hostnqn, conn.local)
+        }
+        (log_page::ERROR, false) => vec![0; ERROR_LOG_ENTRY_LEN],
+        (log_page::SMART, false) => {
+            let mut s = SmartLog::zeroed();
+            s.temperature = 298u16.to_le_bytes();
+            s.avail_spare = 100;
+            s.spare_thresh = 10;
+            let mut b = vec![0; SmartLog::SIZE];
+            s.write_to(&mut b);
+            b
+        }
+        (log_page::FIRMWARE_SLOT, false) => {
+            let mut f = FirmwareSlotLog::zeroed();
+            f.afi = 1;
+            put_ascii_padded(&mut f.frs[0], FIRMWARE_REVISION);
+            let mut b = vec![0; FirmwareSlotLog::SIZE];
+            f.write_to(&mut b);
+            b
+        }
+        (log_page::CHANGED_NAMESPACES, false) => vec![0; CHANGED_NS_LOG_LEN],
+        _ => return Err(astatus::INVALID_LOG_PAGE.with_dnr()),
+    };
+    let _ = subsys;
+    if offset >= page.len() as u64 && offset != 0 {
+        return Err(Status::INVALID_FIELD.with_dnr());
+    }
+    let slot = &mut conn.slots.slots[usize::from(i)];
+    let n = (len.min(u64::from(slot.xfer_len)) as usize).min(slot.buf.len());
+    let out = &mut slot.buf.as_mut_slice()[..n];
+    out.fill(0);
+    let start = offset as usize;
+    let avail = page.len().saturating_sub(start).min(n);
+    out[..avail].copy_from_slice(&page[start..start + avail]);
+    slot.c2h_len = n as u32;
+    Ok(0)
+}
+
+fn set_features(
+    conn: &mut Connection,
+    sqe: &nvmirror_nvme::spec::SubmissionQueueEntry,
+    ctrl: &super::subsystem::Controller,
+) -> Result<u32, Status> {
+    if sqe.cdw10 & (1 << 31) != 0 {
+        return Err(astatus::FEATURE_NOT_SAVEABLE.with_dnr());
+    }
+    let max_q = u32::from(conn.shared.cfg.max_io_queues);
+    let a = conn.admin.as_mut().expect("admin queue");
+    match sqe.cdw10 as u8 {
+        feature::NUMBER_OF_QUEUES => {
+            let nsqr = sqe.cdw11 & 0xffff;
+            let ncqr = sqe.cdw11 >> 16;
+            if nsqr == 0xffff || ncqr == 0xffff {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            let n = (nsqr.min(ncqr) + 1).min(max_q);
+            ctrl.io_queues.store(n as u16, Ordering::Release);
+            Ok((n - 1) | ((n - 1) << 16))
+        }
+        feature::KEEP_ALIVE_TIMER => {
+            a.kato = (sqe.cdw11 > 0).then(|| Duration::from_millis(u64::from(sqe.cdw11)));
+            a.keep_alive_deadline = a.kato.map(|k| Instant::now() + k);
+            Ok(0)
+        }
+        feature::ASYNC_EVENT_CONFIG => {
+            a.async_event_config = sqe.cdw11;
+            Ok(0)
+        }
+        feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {
+            a.write_cache = sqe.cdw11 & 1 != 0;
+            Ok(0)
+        }
+        _ => Err(Status::INVALID_FIELD.with_dnr()),
+    }
+}
+
+fn get_features(
+    conn: &mut Connection,
+    sqe: &nvmirror_nvme::spec::SubmissionQueueEntry,
+    ctrl: &super::subsystem::Controller,
+) -> Result<u32, Status> {
+    let a = conn.admin.as_ref().expect("admin queue");
+    match sqe.cdw10 as u8 {
+        feature::NUMBER_OF_QUEUES => {
+            let n = u32::from(ctrl.io_queues.load(Ordering::Acquire)).max(1) - 1;
+            Ok(n | (n << 16))
+        }
+        feature::KEEP_ALIVE_TIMER => Ok(a.kato.map_or(0, |k| k.as_millis() as u32)),
+        feature::ASYNC_EVENT_CONFIG => Ok(a.async_event_config),
+        feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {
+            Ok(u32::from(a.write_cache))
+        }
+        _ => Err(Status::INVALID_FIELD.with_dnr()),
+    }
+}

@@ -1,0 +1,49 @@
+//! The discovery subsystem (`nqn.2014-08.org.nvmexpress.discovery`) and its log page
+//! (NVMe-oF §5.3): one entry per subsystem the asking host may connect to.
+
+use std::net::SocketAddr;
+
+use nvmirror_nvme::spec::admin::{discovery, DiscoveryLogEntry, DiscoveryLogHeader};
+use nvmirror_nvme::spec::wire::put_nul_padded;
+
+use super::subsystem::TargetShared;
+
+/// The whole discovery log page for `hostnqn`; `local` is the address the host reached us
+/// on (reported when the target listens on a wildcard address).
+pub(super) fn log_page(shared: &TargetShared, hostnqn: &str, local: SocketAddr) -> Vec<u8> {
+    let visible: Vec<_> = shared
+        .subsystems
+        .iter()
+        .filter(|s| s.allows(hostnqn))
+        .collect();
+    let addr = if shared.listen.ip().is_unspecified() {
+        SocketAddr::new(local.ip(), shared.listen.port())
+    } else {
+        shared.listen
+    };
+    let mut page = vec![0u8; DiscoveryLogHeader::SIZE * (1 + visible.len())];
+    let mut hdr = DiscoveryLogHeader::zeroed();
+    // The set of subsystems is fixed for the target's lifetime: one generation.
+    hdr.genctr = 1;
+    hdr.numrec = visible.len() as u64;
+    hdr.write_to(&mut page);
+    for (k, s) in visible.iter().enumerate() {
+        let mut e = DiscoveryLogEntry::zeroed();
+        e.trtype = discovery::TRTYPE_TCP;
+        e.adrfam = if addr.is_ipv4() {
+            discovery::ADRFAM_IPV4
+        } else {
+            discovery::ADRFAM_IPV6
+        };
+        e.subtype = discovery::SUBTYPE_NVME;
+        e.treq = discovery::TREQ_NOT_REQUIRED | discovery::TREQ_DISABLE_SQFLOW;
+        e.portid = 1;
+        e.cntlid = nvmirror_nvme::spec::fabrics::CNTLID_DYNAMIC;
+        e.asqsz = shared.cfg.max_queue_size;
+        put_nul_padded(&mut e.trsvcid, &addr.port().to_string());
+        put_nul_padded(&mut e.subnqn, &s.nqn);
+        put_nul_padded(&mut e.traddr, &addr.ip().to_string());
+        e.write_to(&mut page[DiscoveryLogEntry::SIZE * (k + 1)..]);
+    }
+    page
+}

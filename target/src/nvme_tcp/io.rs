@@ -1,0 +1,222 @@
+//! NVM I/O commands (NVM §3): Read, Write, Flush, Write Zeroes and Dataset Management,
+//! translated into back-end [`IoCommand`]s on this core's queue pairs.
+//!
+//! A command becomes one or more sub-commands (a flush of all namespaces, one per
+//! Dataset Management range); they are submitted as the queue pair has room and joined in
+//! the slot. Nothing here allocates.
+
+use nvmirror_nvme::spec::opcode::DSM_ATTR_DEALLOCATE;
+use nvmirror_nvme::spec::{Geometry, NvmOpcode, Status};
+use nvmirror_nvme::{IoCommand, IoOp, SubmitError};
+
+use super::connection::Connection;
+use super::request::CommandSlot;
+
+/// NSID meaning "every namespace" (Flush only).
+const NSID_ALL: u32 = 0xffff_ffff;
+/// Bytes per Dataset Management range (NVM §3.2.3, figure "Dataset Management – Range").
+const DSM_RANGE_LEN: usize = 16;
+
+fn geometry(conn: &Connection, ns: usize) -> Option<Geometry> {
+    let ctrl = conn.queue.ctrl.as_ref()?;
+    let s = conn.shared.subsystem(ctrl.subsys)?;
+    s.namespaces.get(ns).map(|n| n.geo)
+}
+
+/// The namespace index an NSID names, for this queue.
+fn namespace(conn: &Connection, nsid: u32) -> Result<(usize, Geometry), Status> {
+    let ns = (nsid as usize)
+        .checked_sub(1)
+        .filter(|&n| n < conn.qpairs.len())
+        .ok_or(Status::INVALID_NAMESPACE.with_dnr())?;
+    let geo = geometry(conn, ns).ok_or(Status::INVALID_NAMESPACE.with_dnr())?;
+    Ok((ns, geo))
+}
+
+/// Validates a read or write and returns its namespace and byte count.
+fn read_write(conn: &Connection, slot: &CommandSlot) -> Result<(usize, u32), Status> {
+    let (ns, geo) = namespace(conn, slot.sqe.nsid)?;
+    let nlb = slot.sqe.nlb();
+    geo.check_range(slot.sqe.slba(), nlb)?;
+    let bytes = u64::from(nlb) << geo.lba_shift();
+    if bytes > u64::from(conn.shared.cfg.max_transfer()) {
+        return Err(Status::INVALID_FIELD.with_dnr());
+    }
+    Ok((ns, bytes as u32))
+}
+
+fn dsm_ranges(slot: &CommandSlot) -> u32 {
+    (slot.sqe.cdw10 & 0xff) + 1
+}
+
+/// The host-to-controller byte count a command needs; checked before any R2T is sent so
+/// a bad command never pulls data.
+pub(super) fn expected_h2c(conn: &Connection, slot: &CommandSlot) -> Result<u32, Status> {
+    match NvmOpcode::from_u8(slot.sqe.opcode) {
+        Some(NvmOpcode::Write) => read_write(conn, slot).map(|(_, b)| b),
+        Some(NvmOpcode::DatasetManagement) => {
+            namespace(conn, slot.sqe.nsid)?;
+            Ok(dsm_ranges(slot) * DSM_RANGE_LEN as u32)
+        }
+        _ => Err(Status::INVALID_OPCODE.with_dnr()),
+    }
+}
+
+/// Starts the I/O command in slot `i` (its host data, if any, has arrived).
+pub(super) fn start(conn: &mut Connection, i: u16) {
+    match plan(conn, i) {
+        Ok(()) => submit_more(conn, i),
+        Err(st) => {
+            conn.slots.slots[usize::from(i)].fail(st);
+            conn.complete(i);
+        }
+    }
+}
+
+/// Validates the command and sets up its sub-commands.
+fn plan(conn: &mut Connection, i: u16) -> Result<(), Status> {
+    let slot = &conn.slots.slots[usize::from(i)];
+    let sqe = slot.sqe;
+    let (ns, total) = match NvmOpcode::from_u8(sqe.opcode) {
+        Some(NvmOpcode::Read) => {
+            let (ns, bytes) = read_write(conn, slot)?;
+            if slot.xfer_len < bytes {
+                return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+            }
+            (ns, 1)
+        }
+        Some(NvmOpcode::Write) => {
+            let (ns, bytes) = read_write(conn, slot)?;
+            if slot.received < bytes {
+                return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+            }
+            (ns, 1)
+        }
+        Some(NvmOpcode::Flush) if sqe.nsid == NSID_ALL => (0, conn.qpairs.len() as u32),
+        Some(NvmOpcode::Flush) => (namespace(conn, sqe.nsid)?.0, 1),
+        Some(NvmOpcode::WriteZeroes) => {
+            let (ns, geo) = namespace(conn, sqe.nsid)?;
+            geo.check_range(sqe.slba(), sqe.nlb())?;
+            (ns, 1)
+        }
+        Some(NvmOpcode::DatasetManagement) => {
+            let (ns, geo) = namespace(conn, sqe.nsid)?;
+            let nr = dsm_ranges(slot);
+            if (slot.received as usize) < nr as usize * DSM_RANGE_LEN {
+                return Err(Status::DATA_SGL_LENGTH_INVALID.with_dnr());
+            }
+            if sqe.cdw11 & DSM_ATTR_DEALLOCATE == 0 {
+                // Only hints (integral read/write): nothing to do.
+                (ns, 0)
+            } else {
+                for k in 0..nr as usize {
+                    let (slba, nlb) = dsm_range(slot, k);
+                    if nlb != 0 {
+                        geo.check_range(slba, nlb)?;
+                    }
+                }
+                (ns, nr)
+            }
+        }
+        None => return Err(Status::INVALID_OPCODE.with_dnr()),
+    };
+    let slot = &mut conn.slots.slots[usize::from(i)];
+    slot.ns = ns;
+    slot.sub_total = total;
+    Ok(())
+}
+
+fn dsm_range(slot: &CommandSlot, k: usize) -> (u64, u32) {
+    let b = &slot.buf.as_slice()[k * DSM_RANGE_LEN..(k + 1) * DSM_RANGE_LEN];
+    let nlb = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&b[8..16]);
+    (u64::from_le_bytes(s), nlb)
+}
+
+/// Sub-command `k` of slot `i`: the queue pair (namespace) and the command, or `None`
+/// for a range with nothing to do.
+fn sub_command(slot: &CommandSlot, i: u16, k: u32) -> Option<(usize, IoCommand)> {
+    let sqe = &slot.sqe;
+    let tag = u64::from(i);
+    Some(match NvmOpcode::from_u8(sqe.opcode)? {
+        NvmOpcode::Read | NvmOpcode::Write => {
+            let op = if sqe.opcode == NvmOpcode::Read as u8 {
+                IoOp::Read
+            } else {
+                IoOp::Write
+            };
+            (
+                slot.ns,
+                IoCommand::with_buf(op, sqe.slba(), sqe.nlb(), slot.buf.io_buf(), tag),
+            )
+        }
+        NvmOpcode::Flush => (slot.ns + k as usize, IoCommand::new(IoOp::Flush, 0, 0, tag)),
+        NvmOpcode::WriteZeroes => (
+            slot.ns,
+            IoCommand::new(IoOp::WriteZeroes, sqe.slba(), sqe.nlb(), tag),
+        ),
+        NvmOpcode::DatasetManagement => {
+            let (slba, nlb) = dsm_range(slot, k as usize);
+            if nlb == 0 {
+                return None;
+            }
+            (slot.ns, IoCommand::new(IoOp::Deallocate, slba, nlb, tag))
+        }
+    })
+}
+
+/// Submits the slot's remaining sub-commands while the queue pair has room; parks the
+/// slot on the retry list when it is full.
+pub(super) fn submit_more(conn: &mut Connection, i: u16) {
+    loop {
+        let slot = &mut conn.slots.slots[usize::from(i)];
+        if slot.sub_next >= slot.sub_total {
+            break;
+        }
+        let k = slot.sub_next;
+        let Some((q, cmd)) = sub_command(slot, i, k) else {
+            slot.sub_next += 1;
+            slot.sub_done += 1;
+            continue;
+        };
+        // SAFETY: the buffer belongs to slot `i`, which stays in the Executing state (never
+        // reused or written by us) until every sub-command has been reaped, and the
+        // connection drains its queue pairs before the slot table is dropped.
+        match unsafe { conn.qpairs[q].submit(cmd) } {
+            Ok(()) => slot.sub_next += 1,
+            Err(SubmitError::QueueFull) => {
+                conn.retry.push_back(i);
+                return;
+            }
+        }
+    }
+    let slot = &conn.slots.slots[usize::from(i)];
+    if slot.sub_done == slot.sub_total {
+        finish(conn, i);
+    }
+}
+
+/// A back-end completion for slot `i`.
+pub(super) fn sub_complete(conn: &mut Connection, i: u16, status: Status) {
+    let Some(slot) = conn.slots.get_mut(i) else {
+        return;
+    };
+    slot.sub_done += 1;
+    if !status.is_success() {
+        slot.fail(status);
+    }
+    if slot.sub_done == slot.sub_total && slot.sub_next == slot.sub_total {
+        finish(conn, i);
+    }
+}
+
+fn finish(conn: &mut Connection, i: u16) {
+    let slot = &mut conn.slots.slots[usize::from(i)];
+    if slot.sqe.opcode == NvmOpcode::Read as u8 && slot.status.is_success() {
+        let geo = geometry(conn, conn.slots.slots[usize::from(i)].ns);
+        let slot = &mut conn.slots.slots[usize::from(i)];
+        slot.c2h_len = geo.map_or(0, |g| slot.sqe.nlb() << g.lba_shift());
+    }
+    conn.complete(i);
+}

@@ -1,0 +1,124 @@
+//! The listening socket: a small thread accepts connections and hands each one to a
+//! reactor, round robin, where it lives as a [`Connection`] poller until it closes.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nvmirror_poller::ReactorHandle;
+
+use super::connection::Connection;
+use super::subsystem::TargetShared;
+use super::TargetConfig;
+use crate::{Error, Result};
+
+/// How long the accept thread sleeps when no connection is pending.
+const ACCEPT_NAP: Duration = Duration::from_millis(2);
+
+/// A running NVMe/TCP target. Dropping it (or [`shutdown`](Self::shutdown)) stops
+/// accepting and closes every connection at its next poll.
+#[derive(Debug)]
+pub struct NvmeTcpTarget {
+    shared: Arc<TargetShared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl NvmeTcpTarget {
+    /// Validates `cfg`, binds `cfg.listen` and starts accepting; connections are served by
+    /// the reactors behind `reactors`.
+    pub fn start(cfg: TargetConfig, reactors: &ReactorHandle) -> Result<Self> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen).map_err(|source| Error::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| Error::Sys {
+            op: "getsockname",
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| Error::Sys {
+                op: "set listener non-blocking",
+                source,
+            })?;
+        let shared = Arc::new(TargetShared::new(cfg, local));
+        let thread_shared = Arc::clone(&shared);
+        let reactors = reactors.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("nvmirror-accept".into())
+            .spawn(move || accept_loop(listener, thread_shared, reactors))
+            .map_err(|source| Error::Sys {
+                op: "spawn accept thread",
+                source,
+            })?;
+        tracing::info!(%local, "NVMe/TCP target listening");
+        Ok(Self {
+            shared,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.listen
+    }
+
+    /// Controllers currently alive.
+    pub fn controller_count(&self) -> usize {
+        self.shared.controller_count()
+    }
+
+    /// Stops accepting and asks every connection to close.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        if let Some(t) = self.acceptor.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for NvmeTcpTarget {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<TargetShared>, reactors: ReactorHandle) {
+    let mut next = 0usize;
+    while !shared.stopping.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((sock, peer)) => {
+                let core = next % reactors.count().max(1);
+                next = next.wrapping_add(1);
+                let conn = match Connection::new(sock, peer, Arc::clone(&shared)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%peer, "cannot set up connection: {e}");
+                        continue;
+                    }
+                };
+                tracing::debug!(%peer, core, "connection accepted");
+                if let Err(e) = reactors.send_msg(core, move |ctx| {
+                    ctx.register_poller(Box::new(conn));
+                }) {
+                    tracing::warn!(%peer, "cannot hand connection to reactor {core}: {e}");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(ACCEPT_NAP);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(ACCEPT_NAP * 10);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The NVMe/TCP target (NVMe/TCP Transport 1.0, NVMe-oF 1.1).
+//!
+//! A listener thread accepts connections and hands each to a reactor, round robin. There a
+//! [`Connection`](connection::Connection) poller owns the socket, the queue's command slots,
+//! their data buffers and, for an I/O queue, one queue pair per namespace opened on that
+//! core: nothing on the I/O path crosses a core, takes a lock or allocates. Per poll a
+//! connection does one `recv`, parses every complete PDU, submits, reaps completions and
+//! does one `send`.
+//!
+//! Controllers are created by the admin queue's Connect (dynamic controller model) and torn
+//! down when their admin queue goes away or the keep-alive timer expires; I/O queues attach
+//! by controller ID and close with their controller.
+
+mod admin;
+mod connection;
+mod discovery;
+mod dispatch;
+mod fabrics;
+mod io;
+mod listener;
+mod request;
+mod subsystem;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nvmirror_nvme::BlockDevice;
+use nvmirror_poller::ReactorHandle;
+
+use crate::{Error, Result};
+pub use listener::NvmeTcpTarget;
+
+/// One NVM subsystem to export.
+#[derive(Clone, Debug)]
+pub struct SubsystemConfig {
+    /// NVMe qualified name hosts connect to.
+    pub nqn: String,
+    /// Serial number (Identify Controller SN, up to 20 ASCII characters).
+    pub serial: String,
+    /// Model number (up to 40 ASCII characters).
+    pub model: String,
+    /// Host NQNs allowed to connect; empty: any host.
+    pub allowed_hosts: Vec<String>,
+    /// Namespaces, NSID 1.. in order.
+    pub namespaces: Vec<Arc<dyn BlockDevice>>,
+}
+
+impl SubsystemConfig {
+    /// A subsystem open to any host, with a serial derived from the NQN.
+    pub fn new(nqn: impl Into<String>, namespaces: Vec<Arc<dyn BlockDevice>>) -> Self {
+        let nqn = nqn.into();
+        let serial = format!("{:08x}", crc32c::crc32c(nqn.as_bytes()));
+        Self {
+            nqn,
+            serial,
+            model: "nvmirror".into(),
+            allowed_hosts: Vec::new(),
+            namespaces,
+        }
+    }
+}
+
+/// Target-wide settings. Every limit is advertised to hosts and enforced.
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    pub subsystems: Vec<SubsystemConfig>,
+    /// Largest queue (admin or I/O) a host may connect, in entries (CAP.MQES + 1).
+    pub max_queue_size: u16,
+    /// I/O queues per controller.
+    pub max_io_queues: u16,
+    /// In-capsule data an I/O command may carry (ICCSZ minus the SQE).
+    pub in_capsule_data_size: u32,
+    /// Largest H2CData PDU payload (MAXH2CDATA).
+    pub maxh2cdata: u32,
+    /// Maximum data transfer size as a power of two of 4 KiB pages (Identify MDTS).
+    pub mdts: u8,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4420)),
+            subsystems: Vec::new(),
+            max_queue_size: 128,
+            max_io_queues: 16,
+            in_capsule_data_size: 8192,
+            maxh2cdata: 128 * 1024,
+            mdts: 5,
+        }
+    }
+}
+
+/// The admin queue always accepts 8 KiB of in-capsule data (the Linux host sends up to that).
+pub(crate) const ADMIN_IN_CAPSULE: u32 = 8192;
+
+impl TargetConfig {
+    /// Largest transfer of one command in bytes.
+    pub fn max_transfer(&self) -> u32 {
+        4096u32 << self.mdts
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::Config(s));
+        if !(2..=4096).contains(&self.max_queue_size) {
+            return bad(format!(
+                "max_queue_size {} not in 2..=4096",
+                self.max_queue_size
+            ));
+        }
+        if !(1..=256).contains(&self.max_io_queues) {
+            return bad(format!(
+                "max_io_queues {} not in 1..=256",
+                self.max_io_queues
+            ));
+        }
+        if self.mdts > 8 {
+            return bad(format!("mdts {} above 8 (1 MiB)", self.mdts));
+        }
+        if self.maxh2cdata < 4096 || self.maxh2cdata % 4 != 0 {
+            return bad(format!(
+                "maxh2cdata {} below 4096 or unaligned",
+                self.maxh2cdata
+            ));
+        }
+        if self.in_capsule_data_size % 16 != 0 || self.in_capsule_data_size > 65536 {
+            return bad(format!(
+                "in_capsule_data_size {} not a multiple of 16 up to 64 KiB",
+                self.in_capsule_data_size
+            ));
+        }
+        for (i, s) in self.subsystems.iter().enumerate() {
+            if s.nqn.is_empty() || s.nqn.len() > nvmirror_nvme::spec::fabrics::NQN_MAX_LEN {
+                return bad(format!("subsystem {i}: NQN must be 1..=223 bytes"));
+            }
+            if s.nqn == nvmirror_nvme::spec::fabrics::DISCOVERY_NQN {
+                return bad("the discovery NQN is reserved".into());
+            }
+            if self.subsystems[..i].iter().any(|o| o.nqn == s.nqn) {
+                return bad(format!("subsystem NQN {} appears twice", s.nqn));
+            }
+            for ns in &s.namespaces {
+                if ns.geometry().lba_size > self.max_transfer() {
+                    return bad(format!("{}: block larger than MDTS", ns.name()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the target on the given reactors (also reachable as [`NvmeTcpTarget::start`]).
+pub fn start(cfg: TargetConfig, reactors: &ReactorHandle) -> Result<NvmeTcpTarget> {
+    NvmeTcpTarget::start(cfg, reactors)
+}

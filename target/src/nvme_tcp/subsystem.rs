@@ -1,0 +1,247 @@
+//! Subsystems, their namespaces, and the controllers hosts create on them.
+//!
+//! Everything here is shared by all reactors. Subsystems are immutable once the target
+//! runs; the controller table is touched only by Connect and teardown (control path), and a
+//! controller's liveness is an atomic the I/O queues read once per poll.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nvmirror_nvme::spec::Geometry;
+use nvmirror_nvme::BlockDevice;
+
+use super::{SubsystemConfig, TargetConfig};
+
+/// One exported namespace.
+#[derive(Debug)]
+pub(crate) struct Namespace {
+    pub dev: Arc<dyn BlockDevice>,
+    pub geo: Geometry,
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
+}
+
+/// An NVM subsystem as served.
+#[derive(Debug)]
+pub(crate) struct Subsystem {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    pub allowed_hosts: Vec<String>,
+    pub namespaces: Vec<Namespace>,
+}
+
+impl Subsystem {
+    fn new(cfg: &SubsystemConfig) -> Self {
+        let namespaces = cfg
+            .namespaces
+            .iter()
+            .enumerate()
+            .map(|(i, dev)| Namespace {
+                dev: Arc::clone(dev),
+                geo: dev.geometry(),
+                nguid: stable_id(&cfg.nqn, i as u32 + 1, 0),
+                uuid: uuid_v4_shape(stable_id(&cfg.nqn, i as u32 + 1, 1)),
+            })
+            .collect();
+        Self {
+            nqn: cfg.nqn.clone(),
+            serial: cfg.serial.clone(),
+            model: cfg.model.clone(),
+            allowed_hosts: cfg.allowed_hosts.clone(),
+            namespaces,
+        }
+    }
+
+    /// Whether `hostnqn` may connect.
+    pub fn allows(&self, hostnqn: &str) -> bool {
+        self.allowed_hosts.is_empty() || self.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// The namespace with this NSID (1-based).
+    pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
+        (nsid as usize)
+            .checked_sub(1)
+            .and_then(|i| self.namespaces.get(i))
+    }
+}
+
+/// A 16-byte identifier that stays the same for a subsystem NQN and NSID across restarts.
+fn stable_id(nqn: &str, nsid: u32, salt: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut crc = crc32c::crc32c_append(salt, nqn.as_bytes());
+    for (i, chunk) in out.chunks_mut(4).enumerate() {
+        crc = crc32c::crc32c_append(crc, &(nsid ^ ((i as u32) << 24)).to_le_bytes());
+        chunk.copy_from_slice(&crc.to_be_bytes());
+    }
+    out
+}
+
+fn uuid_v4_shape(mut b: [u8; 16]) -> [u8; 16] {
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+/// Which subsystem a controller belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SubsystemRef {
+    Discovery,
+    Nvm(usize),
+}
+
+/// A controller: created by an admin-queue Connect, shared with its I/O queues.
+#[derive(Debug)]
+pub(crate) struct Controller {
+    pub cntlid: u16,
+    pub subsys: SubsystemRef,
+    pub hostnqn: String,
+    /// CC.EN is set and CSTS.RDY reported: I/O queues may connect.
+    pub enabled: AtomicBool,
+    /// Torn down (admin queue gone, keep-alive expired, reset): every queue closes.
+    pub gone: AtomicBool,
+    /// I/O queues granted by Set Features Number of Queues.
+    pub io_queues: AtomicU16,
+    /// Bit per connected I/O queue ID (1..=256), four words of 64.
+    connected: Mutex<[u64; 5]>,
+}
+
+impl Controller {
+    /// Claims I/O queue `qid`; false if it is connected already.
+    pub fn claim_queue(&self, qid: u16) -> bool {
+        let mut c = self.connected.lock().unwrap_or_else(|e| e.into_inner());
+        let (w, b) = (usize::from(qid) / 64, qid % 64);
+        if c[w] & (1 << b) != 0 {
+            return false;
+        }
+        c[w] |= 1 << b;
+        true
+    }
+
+    /// Releases I/O queue `qid`.
+    pub fn release_queue(&self, qid: u16) {
+        let mut c = self.connected.lock().unwrap_or_else(|e| e.into_inner());
+        c[usize::from(qid) / 64] &= !(1 << (qid % 64));
+    }
+
+    /// Marks the controller gone; its queues notice at their next poll.
+    pub fn tear_down(&self) {
+        self.enabled.store(false, Ordering::Release);
+        self.gone.store(true, Ordering::Release);
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
+    }
+}
+
+/// State every connection of one target shares.
+#[derive(Debug)]
+pub(crate) struct TargetShared {
+    pub cfg: TargetConfig,
+    pub subsystems: Vec<Subsystem>,
+    pub listen: SocketAddr,
+    pub stopping: AtomicBool,
+    controllers: Mutex<ControllerTable>,
+}
+
+#[derive(Debug, Default)]
+struct ControllerTable {
+    next: u16,
+    live: HashMap<u16, Arc<Controller>>,
+}
+
+/// Highest dynamic controller ID (0xFFF0..=0xFFFF are reserved).
+const MAX_CNTLID: u16 = 0xffef;
+
+impl TargetShared {
+    pub fn new(mut cfg: TargetConfig, listen: SocketAddr) -> Self {
+        let subsystems = cfg.subsystems.iter().map(Subsystem::new).collect();
+        cfg.subsystems.clear();
+        Self {
+            cfg,
+            subsystems,
+            listen,
+            stopping: AtomicBool::new(false),
+            controllers: Mutex::new(ControllerTable {
+                next: 1,
+                live: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Finds a subsystem by NQN (the discovery NQN included).
+    pub fn find_subsystem(&self, nqn: &str) -> Option<SubsystemRef> {
+        if nqn == nvmirror_nvme::spec::fabrics::DISCOVERY_NQN {
+            return Some(SubsystemRef::Discovery);
+        }
+        self.subsystems
+            .iter()
+            .position(|s| s.nqn == nqn)
+            .map(SubsystemRef::Nvm)
+    }
+
+    pub fn subsystem(&self, r: SubsystemRef) -> Option<&Subsystem> {
+        match r {
+            SubsystemRef::Discovery => None,
+            SubsystemRef::Nvm(i) => self.subsystems.get(i),
+        }
+    }
+
+    /// Creates a controller with a fresh dynamic ID; `None` when all IDs are taken.
+    pub fn create_controller(
+        &self,
+        subsys: SubsystemRef,
+        hostnqn: &str,
+    ) -> Option<Arc<Controller>> {
+        let mut t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        if t.live.len() >= usize::from(MAX_CNTLID) {
+            return None;
+        }
+        let mut id = t.next;
+        while id == 0 || id > MAX_CNTLID || t.live.contains_key(&id) {
+            id = if id >= MAX_CNTLID { 1 } else { id + 1 };
+        }
+        t.next = if id >= MAX_CNTLID { 1 } else { id + 1 };
+        let ctrl = Arc::new(Controller {
+            cntlid: id,
+            subsys,
+            hostnqn: hostnqn.to_string(),
+            enabled: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            io_queues: AtomicU16::new(self.cfg.max_io_queues),
+            connected: Mutex::new([0; 5]),
+        });
+        t.live.insert(id, Arc::clone(&ctrl));
+        Some(ctrl)
+    }
+
+    /// The live controller with this ID.
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        t.live.get(&cntlid).cloned()
+    }
+
+    /// Tears a controller down and forgets it.
+    pub fn remove_controller(&self, ctrl: &Controller) {
+        ctrl.tear_down();
+        let mut t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        if t.live
+            .get(&ctrl.cntlid)
+            .is_some_and(|c| std::ptr::eq(&**c, ctrl))
+        {
+            t.live.remove(&ctrl.cntlid);
+        }
+    }
+
+    /// Number of live controllers.
+    pub fn controller_count(&self) -> usize {
+        self.controllers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .live
+            .len()
+    }
+}
