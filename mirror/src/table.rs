@@ -137,6 +137,11 @@ impl JoinTable {
     }
 
     #[inline]
+    pub(crate) fn slot_mut(&mut self, slot: u32) -> &mut JoinSlot {
+        &mut self.slots[slot as usize]
+    }
+
+    #[inline]
     pub(crate) fn meta(&self, slot: u32) -> &SlotMeta {
         &self.meta[slot as usize]
     }

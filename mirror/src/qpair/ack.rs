@@ -26,7 +26,10 @@ impl VolumeQueuePair {
             bump(&self.stats.legs[leg].late_completions, 1);
             return;
         }
-        let outcome = self.table.slot(slot).complete(generation, leg, cpl.status);
+        let outcome = self
+            .table
+            .slot_mut(slot)
+            .complete_owned(generation, leg, cpl.status);
         if outcome == LegOutcome::Stale {
             bump(&self.stats.legs[leg].late_completions, 1);
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");

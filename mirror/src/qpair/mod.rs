@@ -278,26 +278,25 @@ impl VolumeQueuePair {
         }
     }
 
-    /// Reaps leg `leg`'s queue pair; true if anything came back.
+    /// Reaps leg `leg`'s queue pair. `now` is read from the clock at the first completion of
+    /// this poll and shared by the rest.
     #[inline]
-    fn reap_leg(&mut self, leg: usize) -> bool {
-        let mut any = false;
+    fn reap_leg(&mut self, leg: usize, now: &mut Option<Instant>) {
         loop {
             let Some(qp) = self.legs[leg].as_mut() else {
-                return any;
+                return;
             };
             let n = qp.poll(&mut self.reaped);
             if n == 0 {
-                return any;
+                return;
             }
-            any = true;
-            let now = Instant::now();
+            let at = *now.get_or_insert_with(Instant::now);
             for i in 0..n {
                 let cpl = self.reaped[i];
-                self.on_leg_completion(leg, cpl, now);
+                self.on_leg_completion(leg, cpl, at);
             }
             if n < self.reaped.len() {
-                return any;
+                return;
             }
         }
     }
@@ -341,13 +340,13 @@ impl QueuePair for VolumeQueuePair {
         if !self.pending.is_empty() {
             self.retry_pending();
         }
-        let mut busy = false;
+        let mut now = None;
         for leg in 0..self.leg_count {
             if self.inflight[leg] != 0 {
-                busy |= self.reap_leg(leg);
+                self.reap_leg(leg, &mut now);
             }
         }
-        self.check_timeouts(!busy);
+        self.check_timeouts(now);
         let n = out.len().min(self.ready.len());
         for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {
             *slot = cpl;

@@ -1,7 +1,8 @@
 //! Hung legs (invariant 7): a leg command older than the I/O timeout is abandoned, and the
 //! command goes on under the ack rule as if that leg had failed with "aborted by host".
 //!
-//! The clock is read only every [`CLOCK_EVERY`] polls, or on a poll that reaped nothing, and
+//! The clock is looked at only every [`CLOCK_EVERY`] busy polls (reusing the reading taken for
+//! that poll's completions), or on a poll that reaped nothing, and
 //! the outstanding slots are scanned at most every [`SCAN_INTERVAL`]. A completion that
 //! arrives later for an abandoned leg command finds its slot's leg word taken (or a newer
 //! generation) and is dropped.
@@ -43,18 +44,19 @@ impl TimeoutClock {
 }
 
 impl VolumeQueuePair {
-    /// Scans for hung leg commands when it is time to.
+    /// Scans for hung leg commands when it is time to. `reaped_at` is the clock reading of
+    /// this poll's completions; `None` means the poll was idle.
     #[inline]
-    pub(super) fn check_timeouts(&mut self, idle: bool) {
+    pub(super) fn check_timeouts(&mut self, reaped_at: Option<Instant>) {
         if self.table.in_use() == 0 {
             return;
         }
         self.clock.polls += 1;
-        if !idle && self.clock.polls < CLOCK_EVERY {
+        if reaped_at.is_some() && self.clock.polls < CLOCK_EVERY {
             return;
         }
         self.clock.polls = 0;
-        let now = Instant::now();
+        let now = reaped_at.unwrap_or_else(Instant::now);
         if now.saturating_duration_since(self.clock.last_scan) < SCAN_INTERVAL {
             return;
         }
@@ -83,10 +85,11 @@ impl VolumeQueuePair {
                     "leg command timed out; abandoning it"
                 );
                 self.table.meta_mut(slot).unsent &= !(1 << leg);
-                let outcome =
-                    self.table
-                        .slot(slot)
-                        .complete(meta.generation, leg, Status::ABORTED_BY_HOST);
+                let outcome = self.table.slot_mut(slot).complete_owned(
+                    meta.generation,
+                    leg,
+                    Status::ABORTED_BY_HOST,
+                );
                 if let LegOutcome::Last(result) = outcome {
                     self.finish(slot, result, None);
                     break;
