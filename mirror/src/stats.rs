@@ -93,9 +93,9 @@ impl LegCounters {
 #[derive(Debug)]
 pub(crate) struct CoreStats {
     pub(crate) legs: [LegCounters; MAX_LEGS],
-    /// Commands that waited for the overlap guard.
+    /// Start attempts that found the overlap guard held.
     pub(crate) overlap_waits: AtomicU64,
-    /// Commands that waited for a join slot or a leg queue.
+    /// Start attempts that found no free join slot or a full leg queue.
     pub(crate) resource_waits: AtomicU64,
     /// Reads retried on another leg.
     pub(crate) read_retries: AtomicU64,
@@ -145,8 +145,12 @@ pub struct LegStats {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VolumeStats {
     pub legs: Vec<LegStats>,
+    /// Start attempts that found the overlap guard held (a waiting command counts once per
+    /// retry).
     pub overlap_waits: u64,
+    /// Start attempts that found no free join slot or a full leg queue.
     pub resource_waits: u64,
+    /// Reads retried on another leg after a failure or timeout.
     pub read_retries: u64,
 }
 

@@ -255,3 +255,70 @@ fn a_volume_drives_like_a_device_through_the_trait_object() {
     assert!(all[3 * 4096..5 * 4096].iter().all(|&b| b == 0x77));
     assert!(all[..3 * 4096].iter().all(|&b| b == 0));
 }
+
+/// A device whose queue pairs can be made to fail to open.
+#[derive(Debug)]
+struct Unopenable {
+    inner: Arc<dyn BlockDevice>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for Unopenable {
+    fn geometry(&self) -> nvmirror_nvme::Geometry {
+        self.inner.geometry()
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn nvmirror_nvme::QueuePair>> {
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(nvmirror_nvme::Error::QueuePair("refused".into()));
+        }
+        self.inner.open_qpair(depth)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
+
+#[test]
+fn a_leg_that_cannot_open_a_queue_pair_is_faulted_unless_it_is_the_last() {
+    let legs: Vec<Arc<Unopenable>> = (0..2)
+        .map(|_| {
+            Arc::new(Unopenable {
+                inner: mem(1 << 20, 512),
+                refuse: false.into(),
+            })
+        })
+        .collect();
+    let devs = legs
+        .iter()
+        .map(|l| Arc::clone(l) as Arc<dyn BlockDevice>)
+        .collect();
+    let vol = Volume::new("v", devs, VolumeConfig::default()).unwrap();
+    legs[1]
+        .refuse
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut qp = vol.open_qpair(4).unwrap();
+    assert_eq!(
+        vol.leg_states()[1].state,
+        nvmirror_mirror::LegState::Faulted
+    );
+    let mut data = vec![3u8; 512];
+    let cmd = IoCommand::with_buf(IoOp::Write, 0, 1, IoBuf::from_slice(&mut data), 1);
+    // SAFETY: `data` outlives the command, reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut cpl = [Completion::default(); 1];
+    while qp.poll(&mut cpl) == 0 {}
+    assert!(cpl[0].status.is_success());
+    assert_eq!(vol.missed_regions(1).unwrap(), vec![0]);
+    // The primary is the last in-sync leg: failing to open it is an error, not a fault.
+    legs[0]
+        .refuse
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let err = vol.open_volume_qpair(4).unwrap_err();
+    assert!(
+        matches!(err, Error::OpenLegQueuePair { leg: 0, .. }),
+        "{err}"
+    );
+    assert_eq!(vol.leg_states()[0].state, nvmirror_mirror::LegState::InSync);
+}

@@ -21,7 +21,7 @@ use std::time::Instant;
 use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
 
 use crate::join::leg_tag;
-use crate::legs::MAX_LEGS;
+use crate::legs::{LegState, MAX_LEGS};
 use crate::read_policy::ReadSelector;
 use crate::stats::{bump, CoreStats};
 use crate::table::JoinTable;
@@ -80,20 +80,38 @@ impl VolumeQueuePair {
         let mut legs: [Option<Box<dyn QueuePair>>; MAX_LEGS] = Default::default();
         let mut leg_depth = [0; MAX_LEGS];
         for (i, leg) in vol.legs.iter().enumerate() {
-            if snap.state(i) == crate::LegState::Detached {
+            if snap.state(i) == LegState::Detached {
                 continue;
             }
-            let qp = leg
-                .dev
-                .open_qpair(depth)
-                .map_err(|source| Error::OpenLegQueuePair {
-                    volume: vol.name.clone(),
-                    leg: i,
-                    name: leg.dev.name().to_string(),
-                    source: Box::new(source),
-                })?;
-            leg_depth[i] = qp.depth();
-            legs[i] = Some(qp);
+            match leg.dev.open_qpair(depth) {
+                Ok(qp) => {
+                    leg_depth[i] = qp.depth();
+                    legs[i] = Some(qp);
+                }
+                // A leg that is out of sync anyway is left without a queue pair on this core.
+                Err(e) if snap.state(i) != LegState::InSync => {
+                    tracing::warn!(volume = %vol.name, leg = i, error = %e, "no queue pair on an out-of-sync leg");
+                }
+                // An in-sync leg that cannot open one is faulted, unless it is the last.
+                Err(e)
+                    if vol.fault_on_io(
+                        i,
+                        None,
+                        Status::HOST_PATHING_ERROR,
+                        "opening a queue pair",
+                    ) =>
+                {
+                    tracing::warn!(volume = %vol.name, leg = i, error = %e, "cannot open a queue pair");
+                }
+                Err(source) => {
+                    return Err(Error::OpenLegQueuePair {
+                        volume: vol.name.clone(),
+                        leg: i,
+                        name: leg.dev.name().to_string(),
+                        source: Box::new(source),
+                    })
+                }
+            }
         }
         let stats = Arc::new(CoreStats::new());
         vol.register_core(Arc::clone(&stats));
