@@ -2,20 +2,25 @@
 //! device or of a volume mirrored over several.
 //!
 //!     cargo run --release -p nvmirror-mirror --example mirror_iops -- [--secs S] [--qd N]
-//!         [--bs BYTES] [--read] [--no-prefill] URI [URI ...]
+//!         [--bs BYTES] [--read] [--no-prefill] [--raw] URI [URI ...]
 //!
 //! The namespace is written once sequentially before the timed run (so a mem leg's memory is
 //! allocated up front) unless `--no-prefill` is given.
 //! One URI drives that device directly (the baseline); 2 to 4 URIs drive a volume over them.
-//! For example `mem://1GiB`, `null://1GiB`, `mem://1GiB?latency=20us`.
+//! With `--raw`, several URIs are driven by a bare fan-out instead of a volume: every command
+//! to every leg, one completion when all are in, nothing else — the floor the volume's cost is
+//! measured against. For example `mem://1GiB`, `null://1GiB`, `mem://1GiB?latency=20us`.
 
+use std::collections::VecDeque;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nvmirror_mirror::{Volume, VolumeConfig};
 use nvmirror_nvme::dma::DmaPool;
-use nvmirror_nvme::{open_leg, BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair};
+use nvmirror_nvme::{
+    open_leg, BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -25,6 +30,7 @@ struct Args {
     bs: usize,
     op: IoOp,
     prefill: bool,
+    raw: bool,
     uris: Vec<String>,
 }
 
@@ -35,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         bs: 4096,
         op: IoOp::Write,
         prefill: true,
+        raw: false,
         uris: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -50,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
             "--bs" => args.bs = value("--bs")?.parse().map_err(|e| format!("--bs: {e}"))?,
             "--read" => args.op = IoOp::Read,
             "--no-prefill" => args.prefill = false,
+            "--raw" => args.raw = true,
             "-h" | "--help" => return Err(String::new()),
             _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
             _ => args.uris.push(a),
@@ -70,23 +78,34 @@ fn run(args: &Args) -> Result<(), String> {
         .iter()
         .map(|u| open_leg(u).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
+    let n = legs.len();
     let mut volume = None;
-    let (dev, what): (Arc<dyn BlockDevice>, String) = if legs.len() == 1 {
-        (Arc::clone(&legs[0]), "single device".into())
+    let (mut qp, geo, what): (Box<dyn QueuePair>, Geometry, String) = if n == 1 {
+        let qp = legs[0].open_qpair(args.qd).map_err(|e| e.to_string())?;
+        (qp, legs[0].geometry(), "single device".into())
+    } else if args.raw {
+        let geo = legs
+            .iter()
+            .map(|l| l.geometry())
+            .min_by_key(|g| g.num_blocks);
+        let qp = RawFanout::open(&legs, args.qd)?;
+        (
+            Box::new(qp),
+            geo.expect("legs"),
+            format!("raw fan-out, {n}"),
+        )
     } else {
-        let n = legs.len();
         let vol = Volume::new("bench", legs, VolumeConfig::default()).map_err(|e| e.to_string())?;
-        let vol = Arc::new(vol);
-        volume = Some(Arc::clone(&vol));
-        (vol, format!("volume, {n} legs"))
+        let qp = vol.open_qpair(args.qd).map_err(|e| e.to_string())?;
+        let geo = vol.geometry();
+        volume = Some(vol);
+        (qp, geo, format!("volume, {n} legs"))
     };
-    let geo = dev.geometry();
     let nlb = (args.bs as u64 >> geo.lba_shift()).max(1) as u32;
     let slots = geo.num_blocks / u64::from(nlb);
     if slots == 0 {
         return Err("the device is smaller than one block of --bs".into());
     }
-    let mut qp = dev.open_qpair(args.qd).map_err(|e| e.to_string())?;
     if args.prefill {
         prefill(&mut *qp, geo)?;
     }
@@ -178,6 +197,88 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Every command to every leg, one completion when all legs are in; no guard, no fault
+/// handling, no timeouts, no statistics. Host tags must be below the queue depth.
+#[derive(Debug)]
+struct RawFanout {
+    legs: Vec<Box<dyn QueuePair>>,
+    /// Legs still outstanding, and the merged status, per host tag.
+    left: Vec<usize>,
+    status: Vec<Status>,
+    reaped: Vec<Completion>,
+    ready: VecDeque<Completion>,
+    depth: u32,
+    outstanding: u32,
+}
+
+impl RawFanout {
+    fn open(legs: &[Arc<dyn BlockDevice>], depth: u32) -> Result<Self, String> {
+        Ok(Self {
+            legs: legs
+                .iter()
+                .map(|l| l.open_qpair(depth).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
+            left: vec![0; depth as usize],
+            status: vec![Status::SUCCESS; depth as usize],
+            reaped: vec![Completion::default(); depth as usize],
+            ready: VecDeque::with_capacity(depth as usize),
+            depth,
+            outstanding: 0,
+        })
+    }
+}
+
+impl QueuePair for RawFanout {
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    fn outstanding(&self) -> u32 {
+        self.outstanding
+    }
+
+    unsafe fn submit(&mut self, cmd: IoCommand) -> Result<(), SubmitError> {
+        let tag = cmd.tag as usize;
+        if self.outstanding >= self.depth || tag >= self.left.len() {
+            return Err(SubmitError::QueueFull);
+        }
+        self.outstanding += 1;
+        self.left[tag] = self.legs.len();
+        self.status[tag] = Status::SUCCESS;
+        for leg in &mut self.legs {
+            // SAFETY: forwarded from our caller's promise; one write buffer may go to several
+            // devices at once.
+            unsafe { leg.submit(cmd) }?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        for leg in &mut self.legs {
+            let n = leg.poll(&mut self.reaped);
+            for c in &self.reaped[..n] {
+                let tag = c.tag as usize;
+                if !c.status.is_success() {
+                    self.status[tag] = c.status;
+                }
+                self.left[tag] -= 1;
+                if self.left[tag] == 0 {
+                    self.ready.push_back(Completion {
+                        tag: c.tag,
+                        status: self.status[tag],
+                    });
+                }
+            }
+        }
+        let n = out.len().min(self.ready.len());
+        for (slot, c) in out.iter_mut().zip(self.ready.drain(..n)) {
+            *slot = c;
+        }
+        self.outstanding -= n as u32;
+        n
+    }
+}
+
 /// CPU time of the calling thread in nanoseconds (Linux `schedstat`), if available.
 fn thread_cpu_ns() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
@@ -214,7 +315,7 @@ fn main() -> ExitCode {
             if !e.is_empty() {
                 eprintln!("mirror_iops: {e}");
             }
-            eprintln!("usage: mirror_iops [--secs S] [--qd N] [--bs BYTES] [--read] [--no-prefill] URI [URI ...]");
+            eprintln!("usage: mirror_iops [--secs S] [--qd N] [--bs BYTES] [--read] [--no-prefill] [--raw] URI [URI ...]");
             return ExitCode::FAILURE;
         }
     };

@@ -36,11 +36,18 @@ pub(crate) struct SlotMeta {
     pub(crate) first_error: Status,
 }
 
+/// A join slot and its bookkeeping, together in two cache lines.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Entry {
+    slot: JoinSlot,
+    meta: SlotMeta,
+}
+
 /// A per-core slab of join slots.
 #[derive(Debug)]
 pub(crate) struct JoinTable {
-    slots: Box<[JoinSlot]>,
-    meta: Box<[SlotMeta]>,
+    entries: Box<[Entry]>,
     /// Free slot indices (a stack: the most recently freed slot is the warmest).
     free: Vec<u32>,
 }
@@ -60,14 +67,18 @@ impl JoinTable {
             first_error: Status::SUCCESS,
         };
         Self {
-            slots: (0..depth).map(|_| JoinSlot::new()).collect(),
-            meta: vec![idle; depth as usize].into_boxed_slice(),
+            entries: (0..depth)
+                .map(|_| Entry {
+                    slot: JoinSlot::new(),
+                    meta: idle,
+                })
+                .collect(),
             free: (0..depth).rev().collect(),
         }
     }
 
     pub(crate) fn capacity(&self) -> usize {
-        self.meta.len()
+        self.entries.len()
     }
 
     #[inline]
@@ -78,7 +89,7 @@ impl JoinTable {
     /// Slots in use.
     #[inline]
     pub(crate) fn in_use(&self) -> usize {
-        self.meta.len() - self.free.len()
+        self.entries.len() - self.free.len()
     }
 
     /// Takes a free slot for `cmd`, arms it for `legs` under a fresh generation, and returns
@@ -93,7 +104,10 @@ impl JoinTable {
         now: Instant,
     ) -> u32 {
         let slot = self.free.pop().expect("caller checked for a free slot");
-        let m = &mut self.meta[slot as usize];
+        let Entry {
+            slot: join,
+            meta: m,
+        } = &mut self.entries[slot as usize];
         m.generation = m.generation.wrapping_add(1);
         m.in_use = true;
         m.cmd = cmd;
@@ -104,27 +118,30 @@ impl JoinTable {
         m.primary = primary as u8;
         m.span = span;
         m.first_error = Status::SUCCESS;
-        self.slots[slot as usize].arm(m.generation, legs);
+        join.arm(m.generation, legs);
         slot
     }
 
     /// Re-arms a slot in use for another attempt on `legs` (a read retry): a new generation,
     /// so results of the previous attempt are stale.
     pub(crate) fn rearm(&mut self, slot: u32, legs: u8, now: Instant) -> u32 {
-        let m = &mut self.meta[slot as usize];
+        let Entry {
+            slot: join,
+            meta: m,
+        } = &mut self.entries[slot as usize];
         m.generation = m.generation.wrapping_add(1);
         m.started = now;
         m.legs = legs;
         m.unsent = 0;
         m.tried |= legs;
-        self.slots[slot as usize].arm(m.generation, legs);
+        join.arm(m.generation, legs);
         m.generation
     }
 
     /// Returns a slot to the free list.
     #[inline]
     pub(crate) fn release(&mut self, slot: u32) {
-        let m = &mut self.meta[slot as usize];
+        let m = &mut self.entries[slot as usize].meta;
         debug_assert!(m.in_use);
         m.in_use = false;
         m.span = None;
@@ -133,22 +150,22 @@ impl JoinTable {
 
     #[inline]
     pub(crate) fn slot(&self, slot: u32) -> &JoinSlot {
-        &self.slots[slot as usize]
+        &self.entries[slot as usize].slot
     }
 
     #[inline]
     pub(crate) fn slot_mut(&mut self, slot: u32) -> &mut JoinSlot {
-        &mut self.slots[slot as usize]
+        &mut self.entries[slot as usize].slot
     }
 
     #[inline]
     pub(crate) fn meta(&self, slot: u32) -> &SlotMeta {
-        &self.meta[slot as usize]
+        &self.entries[slot as usize].meta
     }
 
     #[inline]
     pub(crate) fn meta_mut(&mut self, slot: u32) -> &mut SlotMeta {
-        &mut self.meta[slot as usize]
+        &mut self.entries[slot as usize].meta
     }
 }
 
