@@ -165,6 +165,18 @@ impl Rig {
         }
     }
 
+    /// Polls until leg `leg` has seen `n` late completions (panics after 5 s); asserts that no
+    /// host completion shows up meanwhile.
+    pub fn pump_until_late_completions(&mut self, leg: usize, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.vol.stats().legs[leg].late_completions < n {
+            assert!(Instant::now() < deadline, "late completion never arrived");
+            assert_eq!(self.poll_once(), 0, "unexpected host completion");
+        }
+        assert_eq!(self.vol.stats().legs[leg].late_completions, n);
+        self.pump_expecting_nothing(Duration::from_millis(5));
+    }
+
     pub fn write(&mut self, slba: u64, nlb: u32, seed: u8) -> Status {
         let tag = self.submit_write(slba, nlb, seed);
         self.wait(tag)
