@@ -1,3 +1,54 @@
-//! The mirror engine.
+//! The mirror engine: a [`Volume`] writes every block to a primary and up to three mirror
+//! legs in parallel and acknowledges the host only when every in-sync leg has it.
+//!
+//! A volume is a [`BlockDevice`](nvmirror_nvme::BlockDevice): each core opens its own
+//! [`VolumeQueuePair`] and drives it exactly like a single device's queue pair.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use nvmirror_mirror::{LegState, Volume, VolumeConfig};
+//! use nvmirror_nvme::{dma::DmaPool, open_leg, BlockDevice, Completion, IoCommand, IoOp};
+//!
+//! let legs = vec![open_leg("mem://1MiB").unwrap(), open_leg("mem://1MiB").unwrap()];
+//! let vol = Volume::new("vol0", legs, VolumeConfig::default()).unwrap();
+//! let mut qp = vol.open_qpair(32).unwrap();
+//! let mut pool = DmaPool::new(1, 4096);
+//! let mut buf = pool.get().unwrap();
+//! buf.as_mut_slice().fill(0x5a);
+//! // SAFETY: `buf` is left alone until the completion is reaped below.
+//! unsafe { qp.submit(IoCommand::with_buf(IoOp::Write, 0, 8, buf.io_buf(), 1)) }.unwrap();
+//! let mut cpl = [Completion::default(); 1];
+//! while qp.poll(&mut cpl) == 0 {}
+//! assert!(cpl[0].status.is_success());
+//! assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
+//! // Both legs hold the block.
+//! for leg in 0..2 {
+//!     let data = nvmirror_nvme::read_all(&*vol.leg_device(leg).unwrap()).unwrap();
+//!     assert!(data[..4096].iter().all(|&b| b == 0x5a));
+//! }
+//! pool.put(buf);
+//! ```
+//!
+//! The design, with its caveats, is in `docs/mirror.md`.
 
+mod config;
+mod error;
+mod guard;
+pub mod join;
+mod legs;
+mod missed;
+mod qpair;
+mod read_policy;
+mod stats;
 pub mod superblock;
+mod sync;
+mod table;
+mod volume;
+
+pub use config::{ReadPolicy, VolumeConfig};
+pub use error::{Error, Result};
+pub use guard::GUARD_ENTRIES;
+pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};
+pub use qpair::{VolumeQueuePair, MAX_QUEUE_DEPTH};
+pub use stats::{LatencySummary, LegStats, VolumeStats};
+pub use volume::Volume;

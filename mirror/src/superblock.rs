@@ -30,14 +30,14 @@
 
 use std::fmt;
 
+use crate::MAX_LEGS;
+
 /// First bytes of every nvmirror leg.
 pub const MAGIC: [u8; 8] = *b"NVMIRROR";
 /// The on-disk format version this code writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of the encoded header.
 pub const HEADER_LEN: usize = 256;
-/// Legs a volume can have.
-pub const MAX_LEGS: usize = 4;
 /// Smallest and largest region size.
 pub const REGION_SIZE_RANGE: (u64, u64) = (64 << 10, 64 << 20);
 const CRC_OFFSET: usize = 252;

@@ -1,0 +1,56 @@
+//! The crate's error type.
+
+/// Errors of the mirror engine. Variants are named after the failing operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A volume needs between 2 and [`MAX_LEGS`](crate::MAX_LEGS) legs.
+    #[error("volume '{volume}': {count} legs given, a volume has 2 to {max}")]
+    LegCount {
+        volume: String,
+        count: usize,
+        max: usize,
+    },
+    /// The same device was given twice.
+    #[error("volume '{volume}': leg {second} ('{name}') is the same device as leg {first}")]
+    DuplicateLeg {
+        volume: String,
+        name: String,
+        first: usize,
+        second: usize,
+    },
+    /// Legs must share one logical block size.
+    #[error(
+        "volume '{volume}': leg {leg} ('{name}') has {lba_size}-byte blocks, the primary has {expected}-byte blocks"
+    )]
+    LbaSizeMismatch {
+        volume: String,
+        leg: usize,
+        name: String,
+        lba_size: u32,
+        expected: u32,
+    },
+    /// A configuration value that cannot work.
+    #[error("volume '{volume}': invalid configuration: {reason}")]
+    Config { volume: String, reason: String },
+    /// A leg index that the volume does not have.
+    #[error("volume '{volume}' has no leg {leg}")]
+    NoSuchLeg { volume: String, leg: usize },
+    /// A state change that would leave the volume without an in-sync leg.
+    #[error("volume '{volume}': leg {leg} is the last in-sync leg; refusing to take it out")]
+    LastInSyncLeg { volume: String, leg: usize },
+    /// The leg is already detached.
+    #[error("volume '{volume}': leg {leg} is already detached")]
+    AlreadyDetached { volume: String, leg: usize },
+    /// Opening a queue pair on a leg failed.
+    #[error("volume '{volume}': cannot open a queue pair on leg {leg} ('{name}'): {source}")]
+    OpenLegQueuePair {
+        volume: String,
+        leg: usize,
+        name: String,
+        #[source]
+        source: Box<nvmirror_nvme::Error>,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,173 @@
+//! Leg results in, host completions out: the join and the ack rule (invariant 1).
+//!
+//! - A modifying command or flush succeeds only if every leg it went to succeeded, or each
+//!   leg that failed has been faulted out with the command's regions recorded in its
+//!   missed-region set. A failed primary is replaced by a mirror that has the write.
+//! - If no leg succeeded, the host gets the primary's status and no leg changes state: nothing
+//!   was acknowledged, so there is nothing for the legs to disagree about.
+//! - A failed read faults its leg (recording the read's regions, so a resync rewrites them)
+//!   and is retried on another in-sync leg; with none left the host gets the first error.
+
+use std::time::Instant;
+
+use nvmirror_nvme::{Completion, IoOp, Status};
+
+use super::{VolumeQueuePair, Waiting};
+use crate::join::{split_tag, JoinResult, LegOutcome};
+use crate::stats::bump;
+
+impl VolumeQueuePair {
+    /// One completion reaped from leg `leg`'s queue pair.
+    #[inline]
+    pub(super) fn on_leg_completion(&mut self, leg: usize, cpl: Completion, now: Instant) {
+        self.inflight[leg] -= 1;
+        let (slot, generation) = split_tag(cpl.tag);
+        if slot as usize >= self.table.capacity() {
+            bump(&self.stats.legs[leg].late_completions, 1);
+            return;
+        }
+        let outcome = self
+            .table
+            .slot_mut(slot)
+            .complete_owned(generation, leg, cpl.status);
+        if outcome == LegOutcome::Stale {
+            bump(&self.stats.legs[leg].late_completions, 1);
+            tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
+            return;
+        }
+        let meta = self.table.meta(slot);
+        let latency = now.saturating_duration_since(meta.started).as_nanos() as u64;
+        let bytes = if meta.cmd.op.has_data() {
+            u64::from(meta.cmd.nlb) << self.geo.lba_shift()
+        } else {
+            0
+        };
+        self.stats.legs[leg].record(bytes, latency, !cpl.status.is_success());
+        self.reads.observe(leg, latency);
+        if let LegOutcome::Last(result) = outcome {
+            self.finish(slot, result, Some(leg));
+        }
+    }
+
+    /// Every leg of slot `slot`'s current generation is in. `last` is the leg whose
+    /// completion closed it (`None` when a timeout did).
+    pub(super) fn finish(&mut self, slot: u32, result: JoinResult, last: Option<usize>) {
+        if self.table.meta(slot).cmd.op == IoOp::Read {
+            self.finish_read(slot, result);
+            return;
+        }
+        if result.legs.count_ones() >= 2 {
+            if let Some(leg) = last {
+                bump(&self.stats.legs[leg].completed_last, 1);
+            }
+        }
+        let status = if result.failed == 0 {
+            Status::SUCCESS
+        } else {
+            self.apply_ack_rule(slot, result)
+        };
+        let meta = *self.table.meta(slot);
+        if let Some(span) = meta.span {
+            self.vol.guard.unlock(span);
+        }
+        self.table.release(slot);
+        self.ready.push_back(Completion {
+            tag: meta.cmd.tag,
+            status,
+        });
+    }
+
+    /// Some leg of a fanned-out command failed: fault it, or fail the host command.
+    #[cold]
+    fn apply_ack_rule(&mut self, slot: u32, result: JoinResult) -> Status {
+        let meta = *self.table.meta(slot);
+        let ok = result.succeeded();
+        if ok == 0 {
+            let primary = usize::from(meta.primary);
+            let from = if result.legs & (1 << primary) != 0 {
+                primary
+            } else {
+                result.failed.trailing_zeros() as usize
+            };
+            let status = result.status(from);
+            tracing::warn!(
+                volume = %self.vol.name, op = ?meta.cmd.op, slba = meta.cmd.slba,
+                nlb = meta.cmd.nlb, %status, "command failed on every leg"
+            );
+            return status;
+        }
+        // The successor for a failed primary: a leg that has this write.
+        let successor = Some(ok.trailing_zeros() as usize);
+        let mut status = Status::SUCCESS;
+        for leg in 0..self.leg_count {
+            if result.failed & (1 << leg) == 0 {
+                continue;
+            }
+            let leg_status = result.status(leg);
+            self.vol.mark_missed(leg, &meta.cmd);
+            if !self
+                .vol
+                .fault_on_io(leg, successor, leg_status, op_name(meta.cmd.op))
+            {
+                // The failed leg is the last one in sync (the legs that have the data were
+                // faulted meanwhile by another core): the write cannot be acknowledged.
+                status = leg_status;
+            }
+        }
+        status
+    }
+
+    /// A read attempt is in: done, or retried on another leg.
+    fn finish_read(&mut self, slot: u32, result: JoinResult) {
+        let meta = *self.table.meta(slot);
+        let leg = result.legs.trailing_zeros() as usize;
+        let status = result.status(leg);
+        if status.is_success() {
+            self.table.release(slot);
+            self.ready.push_back(Completion {
+                tag: meta.cmd.tag,
+                status,
+            });
+            return;
+        }
+        if meta.first_error.is_success() {
+            self.table.meta_mut(slot).first_error = status;
+        }
+        // The leg could not read these blocks: a resync rewrites them from a good leg.
+        self.vol.mark_missed(leg, &meta.cmd);
+        self.vol.fault_on_io(leg, None, status, "read");
+        let snap = self.vol.states.snapshot();
+        let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs() & !meta.tried;
+        if candidates == 0 {
+            let first_error = self.table.meta(slot).first_error;
+            self.table.release(slot);
+            self.ready.push_back(Completion {
+                tag: meta.cmd.tag,
+                status: first_error,
+            });
+            return;
+        }
+        let next = self
+            .reads
+            .choose(candidates, snap.primary(), &self.inflight);
+        bump(&self.stats.read_retries, 1);
+        tracing::debug!(volume = %self.vol.name, from = leg, to = next, "read retried on another leg");
+        let generation = self.table.rearm(slot, 1 << next, Instant::now());
+        if self.inflight[next] < self.leg_depth[next] {
+            self.send(slot, 1 << next);
+        } else {
+            self.table.meta_mut(slot).unsent = 1 << next;
+            self.pending.push_back(Waiting::Resend(slot, generation));
+        }
+    }
+}
+
+fn op_name(op: IoOp) -> &'static str {
+    match op {
+        IoOp::Read => "read",
+        IoOp::Write => "write",
+        IoOp::Flush => "flush",
+        IoOp::WriteZeroes => "write zeroes",
+        IoOp::Deallocate => "deallocate",
+    }
+}

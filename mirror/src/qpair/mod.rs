@@ -1,0 +1,390 @@
+//! The per-core volume queue pair: fan-out on submit, join on poll.
+//!
+//! `submit` range-checks the command, takes the overlap guard for modifying commands, takes a
+//! join slot and hands the command to every in-sync leg's queue pair in the same call
+//! (invariant 2). `poll` first retries commands that had to wait, then reaps every leg's queue
+//! pair, merges each leg result into its join slot and, when the last leg of a command is in,
+//! applies the ack rule ([`ack`]); every few polls it looks for leg commands older than the
+//! I/O timeout ([`timeout`]). Host completions are queued and handed out at the end of `poll`.
+//!
+//! Nothing on this path locks, allocates or makes a system call of its own: the join table,
+//! the pending FIFO and the completion queue are sized to the queue depth when the queue pair
+//! is opened.
+
+mod ack;
+mod timeout;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
+
+use crate::join::leg_tag;
+use crate::legs::{LegState, MAX_LEGS};
+use crate::read_policy::ReadSelector;
+use crate::stats::{bump, CoreStats};
+use crate::table::JoinTable;
+use crate::volume::VolumeShared;
+use crate::{Error, Result};
+use timeout::TimeoutClock;
+
+/// Largest queue depth a volume queue pair accepts.
+pub const MAX_QUEUE_DEPTH: u32 = 1 << 16;
+
+/// A command that could not start yet.
+#[derive(Clone, Copy, Debug)]
+enum Waiting {
+    /// A host command waiting for a join slot, leg queue room or the overlap guard.
+    New(IoCommand),
+    /// A started command (slot, generation) with legs whose queue pair refused it.
+    Resend(u32, u32),
+}
+
+/// One core's queue pair on a [`Volume`](crate::Volume).
+#[derive(Debug)]
+pub struct VolumeQueuePair {
+    vol: Arc<VolumeShared>,
+    geo: Geometry,
+    depth: u32,
+    /// Host commands accepted and not yet handed back by `poll`.
+    accepted: u32,
+    /// Leg queue pairs; `None` for a leg detached when this queue pair was opened.
+    legs: [Option<Box<dyn QueuePair>>; MAX_LEGS],
+    leg_count: usize,
+    /// Each leg queue pair's depth.
+    leg_depth: [u32; MAX_LEGS],
+    /// Commands this core has handed to each leg and not yet reaped (abandoned ones included).
+    inflight: [u32; MAX_LEGS],
+    table: JoinTable,
+    /// Commands waiting to start, oldest first (capacity = depth).
+    pending: VecDeque<Waiting>,
+    /// Host completions not yet handed out (capacity = depth).
+    ready: VecDeque<Completion>,
+    /// Scratch for reaping a leg queue pair.
+    reaped: Box<[Completion]>,
+    reads: ReadSelector,
+    clock: TimeoutClock,
+    stats: Arc<CoreStats>,
+}
+
+impl VolumeQueuePair {
+    pub(crate) fn open(vol: Arc<VolumeShared>, depth: u32) -> Result<Self> {
+        if depth == 0 || depth > MAX_QUEUE_DEPTH {
+            return Err(Error::Config {
+                volume: vol.name.clone(),
+                reason: format!("queue depth {depth} is not in 1..={MAX_QUEUE_DEPTH}"),
+            });
+        }
+        let snap = vol.states.snapshot();
+        let mut legs: [Option<Box<dyn QueuePair>>; MAX_LEGS] = Default::default();
+        let mut leg_depth = [0; MAX_LEGS];
+        for (i, leg) in vol.legs.iter().enumerate() {
+            if snap.state(i) == LegState::Detached {
+                continue;
+            }
+            match leg.dev.open_qpair(depth) {
+                Ok(qp) => {
+                    leg_depth[i] = qp.depth();
+                    legs[i] = Some(qp);
+                }
+                // A leg that is out of sync anyway is left without a queue pair on this core.
+                Err(e) if snap.state(i) != LegState::InSync => {
+                    tracing::warn!(volume = %vol.name, leg = i, error = %e, "no queue pair on an out-of-sync leg");
+                }
+                // An in-sync leg that cannot open one is faulted, unless it is the last.
+                Err(e)
+                    if vol.fault_on_io(
+                        i,
+                        None,
+                        Status::HOST_PATHING_ERROR,
+                        "opening a queue pair",
+                    ) =>
+                {
+                    tracing::warn!(volume = %vol.name, leg = i, error = %e, "cannot open a queue pair");
+                }
+                Err(source) => {
+                    return Err(Error::OpenLegQueuePair {
+                        volume: vol.name.clone(),
+                        leg: i,
+                        name: leg.dev.name().to_string(),
+                        source: Box::new(source),
+                    })
+                }
+            }
+        }
+        let stats = Arc::new(CoreStats::new());
+        vol.register_core(Arc::clone(&stats));
+        let now = Instant::now();
+        Ok(Self {
+            geo: vol.geo,
+            depth,
+            accepted: 0,
+            leg_count: vol.legs.len(),
+            legs,
+            leg_depth,
+            inflight: [0; MAX_LEGS],
+            table: JoinTable::new(depth, now),
+            pending: VecDeque::with_capacity(depth as usize),
+            ready: VecDeque::with_capacity(depth as usize),
+            reaped: vec![Completion::default(); depth.min(256) as usize].into_boxed_slice(),
+            reads: ReadSelector::new(vol.cfg.read_policy),
+            clock: TimeoutClock::new(vol.cfg.io_timeout, now),
+            stats,
+            vol,
+        })
+    }
+
+    /// Tries to start a host command; false when it has to wait.
+    #[inline]
+    fn start(&mut self, cmd: IoCommand) -> bool {
+        if cmd.op == IoOp::Read {
+            self.start_read(cmd)
+        } else {
+            self.start_fanout(cmd)
+        }
+    }
+
+    /// Whether every leg in `mask` has room for one more command from this core.
+    #[inline]
+    fn legs_have_room(&self, mask: u8) -> bool {
+        (0..self.leg_count)
+            .all(|leg| mask & (1 << leg) == 0 || self.inflight[leg] < self.leg_depth[leg])
+    }
+
+    /// Write, Write Zeroes, Deallocate and Flush: every in-sync leg, joined.
+    #[inline]
+    fn start_fanout(&mut self, cmd: IoCommand) -> bool {
+        let snap = self.vol.states.snapshot();
+        let mask = snap.in_sync_mask(self.leg_count) & self.open_legs();
+        if mask == 0 {
+            self.ready.push_back(Completion {
+                tag: cmd.tag,
+                status: Status::NAMESPACE_NOT_READY,
+            });
+            return true;
+        }
+        if self.table.is_full() || !self.legs_have_room(mask) {
+            bump(&self.stats.resource_waits, 1);
+            return false;
+        }
+        let modifies = cmd.op.modifies();
+        let span = if modifies {
+            let span = self.vol.guard.span(cmd.slba, cmd.nlb);
+            if !self.vol.guard.try_lock(span) {
+                bump(&self.stats.overlap_waits, 1);
+                return false;
+            }
+            Some(span)
+        } else {
+            None
+        };
+        if modifies {
+            // Legs out of sync miss this write: record it before any leg has it.
+            let out = ((1u8 << self.leg_count) - 1) & !mask;
+            for leg in 0..self.leg_count {
+                if out & (1 << leg) != 0 {
+                    self.vol.mark_missed(leg, &cmd);
+                }
+            }
+        }
+        let slot = self
+            .table
+            .alloc(cmd, mask, snap.primary(), span, Instant::now());
+        self.send(slot, mask);
+        true
+    }
+
+    /// Read: one in-sync leg chosen by the read policy.
+    #[inline]
+    fn start_read(&mut self, cmd: IoCommand) -> bool {
+        let snap = self.vol.states.snapshot();
+        let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs();
+        if candidates == 0 {
+            self.ready.push_back(Completion {
+                tag: cmd.tag,
+                status: Status::NAMESPACE_NOT_READY,
+            });
+            return true;
+        }
+        if self.table.is_full() {
+            bump(&self.stats.resource_waits, 1);
+            return false;
+        }
+        let leg = self
+            .reads
+            .choose(candidates, snap.primary(), &self.inflight);
+        if self.inflight[leg] >= self.leg_depth[leg] {
+            bump(&self.stats.resource_waits, 1);
+            return false;
+        }
+        let slot = self
+            .table
+            .alloc(cmd, 1 << leg, snap.primary(), None, Instant::now());
+        self.send(slot, 1 << leg);
+        true
+    }
+
+    /// Legs this queue pair has a queue pair on.
+    #[inline]
+    fn open_legs(&self) -> u8 {
+        let mut mask = 0;
+        for leg in 0..self.leg_count {
+            if self.legs[leg].is_some() {
+                mask |= 1 << leg;
+            }
+        }
+        mask
+    }
+
+    /// Hands slot `slot`'s command to the legs in `mask`; legs that refuse are retried from
+    /// the pending FIFO.
+    #[inline]
+    fn send(&mut self, slot: u32, mask: u8) {
+        let meta = self.table.meta(slot);
+        let generation = meta.generation;
+        let cmd = IoCommand {
+            tag: leg_tag(slot, generation),
+            ..meta.cmd
+        };
+        let mut refused = 0;
+        for leg in 0..self.leg_count {
+            if mask & (1 << leg) == 0 {
+                continue;
+            }
+            let Some(qp) = self.legs[leg].as_mut() else {
+                refused |= 1 << leg;
+                continue;
+            };
+            // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
+            // the leg command: the host command completes only after every leg command has
+            // completed or been abandoned (see the abandonment caveat in `timeout`). One write
+            // buffer read by several legs at once is allowed by the contract.
+            match unsafe { qp.submit(cmd) } {
+                Ok(()) => self.inflight[leg] += 1,
+                Err(SubmitError::QueueFull) => refused |= 1 << leg,
+            }
+        }
+        if refused != 0 {
+            self.table.meta_mut(slot).unsent = refused;
+            bump(&self.stats.resource_waits, 1);
+            self.pending.push_back(Waiting::Resend(slot, generation));
+        }
+    }
+
+    /// Retries every waiting command once, in order; those that still cannot go stay, in order.
+    fn retry_pending(&mut self) {
+        for _ in 0..self.pending.len() {
+            let Some(w) = self.pending.pop_front() else {
+                break;
+            };
+            match w {
+                Waiting::New(cmd) => {
+                    if !self.start(cmd) {
+                        self.pending.push_back(w);
+                    }
+                }
+                Waiting::Resend(slot, generation) => {
+                    let meta = self.table.meta(slot);
+                    if meta.in_use && meta.generation == generation && meta.unsent != 0 {
+                        let unsent = meta.unsent;
+                        self.table.meta_mut(slot).unsent = 0;
+                        self.send(slot, unsent);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps leg `leg`'s queue pair. `now` is read from the clock at the first completion of
+    /// this poll and shared by the rest.
+    #[inline]
+    fn reap_leg(&mut self, leg: usize, now: &mut Option<Instant>) {
+        loop {
+            let Some(qp) = self.legs[leg].as_mut() else {
+                return;
+            };
+            let n = qp.poll(&mut self.reaped);
+            if n == 0 {
+                return;
+            }
+            let at = *now.get_or_insert_with(Instant::now);
+            for i in 0..n {
+                let cpl = self.reaped[i];
+                self.on_leg_completion(leg, cpl, at);
+            }
+            if n < self.reaped.len() {
+                return;
+            }
+        }
+    }
+}
+
+impl QueuePair for VolumeQueuePair {
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    fn outstanding(&self) -> u32 {
+        self.accepted
+    }
+
+    /// Range-checks `cmd` and starts it (or queues it to start at a later `poll`).
+    ///
+    /// # Safety
+    /// As [`QueuePair::submit`]; the buffer goes to every leg the command is sent to.
+    #[inline]
+    unsafe fn submit(&mut self, cmd: IoCommand) -> std::result::Result<(), SubmitError> {
+        if self.accepted >= self.depth {
+            return Err(SubmitError::QueueFull);
+        }
+        self.accepted += 1;
+        if let Err(status) = cmd.check(&self.geo) {
+            self.ready.push_back(Completion {
+                tag: cmd.tag,
+                status,
+            });
+            return Ok(());
+        }
+        // Modifying commands queue behind waiting ones, so this core's writes start in order.
+        let behind = cmd.op.modifies() && !self.pending.is_empty();
+        if behind || !self.start(cmd) {
+            self.pending.push_back(Waiting::New(cmd));
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut [Completion]) -> usize {
+        if !self.pending.is_empty() {
+            self.retry_pending();
+        }
+        let mut now = None;
+        for leg in 0..self.leg_count {
+            if self.inflight[leg] != 0 {
+                self.reap_leg(leg, &mut now);
+            }
+        }
+        self.check_timeouts(now);
+        let n = out.len().min(self.ready.len());
+        for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {
+            *slot = cpl;
+        }
+        self.accepted -= n as u32;
+        n
+    }
+}
+
+impl Drop for VolumeQueuePair {
+    fn drop(&mut self) {
+        // Overlap-guard entries are shared with other cores: never leave them held.
+        for slot in 0..self.table.capacity() as u32 {
+            let meta = self.table.meta(slot);
+            if meta.in_use {
+                if let Some(span) = meta.span {
+                    self.vol.guard.unlock(span);
+                }
+                self.table.release(slot);
+            }
+        }
+    }
+}

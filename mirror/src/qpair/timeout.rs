@@ -1,0 +1,100 @@
+//! Hung legs (invariant 7): a leg command older than the I/O timeout is abandoned, and the
+//! command goes on under the ack rule as if that leg had failed with "aborted by host".
+//!
+//! The clock is looked at only every [`CLOCK_EVERY`] busy polls (reusing the reading taken for
+//! that poll's completions), or on a poll that reaped nothing, and
+//! the outstanding slots are scanned at most every [`SCAN_INTERVAL`]. A completion that
+//! arrives later for an abandoned leg command finds its slot's leg word taken (or a newer
+//! generation) and is dropped.
+//!
+//! Caveat: abandoning a leg command does not cancel it in the back end. Until that back end
+//! reaps it or its queue pair is torn down, it may still read a write's buffer or fill a
+//! read's buffer, although the host has its completion. Back ends that can hang must fence
+//! abandoned commands (abort, controller or connection reset) before buffers are reused.
+
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::Status;
+
+use super::VolumeQueuePair;
+use crate::join::LegOutcome;
+use crate::stats::bump;
+
+/// Polls between clock reads while busy.
+pub(super) const CLOCK_EVERY: u32 = 64;
+/// Shortest time between two scans.
+pub(super) const SCAN_INTERVAL: Duration = Duration::from_micros(100);
+
+/// When to look for hung leg commands.
+#[derive(Debug)]
+pub(super) struct TimeoutClock {
+    timeout: Duration,
+    polls: u32,
+    last_scan: Instant,
+}
+
+impl TimeoutClock {
+    pub(super) fn new(timeout: Duration, now: Instant) -> Self {
+        Self {
+            timeout,
+            polls: 0,
+            last_scan: now,
+        }
+    }
+}
+
+impl VolumeQueuePair {
+    /// Scans for hung leg commands when it is time to. `reaped_at` is the clock reading of
+    /// this poll's completions; `None` means the poll was idle.
+    #[inline]
+    pub(super) fn check_timeouts(&mut self, reaped_at: Option<Instant>) {
+        if self.table.in_use() == 0 {
+            return;
+        }
+        self.clock.polls += 1;
+        if reaped_at.is_some() && self.clock.polls < CLOCK_EVERY {
+            return;
+        }
+        self.clock.polls = 0;
+        let now = reaped_at.unwrap_or_else(Instant::now);
+        if now.saturating_duration_since(self.clock.last_scan) < SCAN_INTERVAL {
+            return;
+        }
+        self.clock.last_scan = now;
+        self.abandon_expired(now);
+    }
+
+    #[cold]
+    fn abandon_expired(&mut self, now: Instant) {
+        let timeout = self.clock.timeout;
+        for slot in 0..self.table.capacity() as u32 {
+            let meta = *self.table.meta(slot);
+            if !meta.in_use || now.saturating_duration_since(meta.started) < timeout {
+                continue;
+            }
+            for leg in 0..self.leg_count {
+                if meta.legs & (1 << leg) == 0
+                    || !self.table.slot(slot).is_pending(meta.generation, leg)
+                {
+                    continue;
+                }
+                bump(&self.stats.legs[leg].timeouts, 1);
+                tracing::warn!(
+                    volume = %self.vol.name, leg, name = self.vol.legs[leg].dev.name(),
+                    op = ?meta.cmd.op, slba = meta.cmd.slba, timeout = ?timeout,
+                    "leg command timed out; abandoning it"
+                );
+                self.table.meta_mut(slot).unsent &= !(1 << leg);
+                let outcome = self.table.slot_mut(slot).complete_owned(
+                    meta.generation,
+                    leg,
+                    Status::ABORTED_BY_HOST,
+                );
+                if let LegOutcome::Last(result) = outcome {
+                    self.finish(slot, result, None);
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Per-leg statistics without locks.
+//!
+//! Every volume queue pair (one per core) owns a [`CoreStats`] block of relaxed atomics that
+//! only it writes — with a plain load and store, no locked instruction — and registers it with
+//! the volume; [`Volume::stats`](crate::Volume::stats) sums the blocks. Latencies go into a
+//! fixed log-bucketed histogram (8 buckets per power of two, so a reported quantile is within
+//! 12.5 % of the true value); nothing on the I/O path allocates.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::legs::MAX_LEGS;
+
+/// Sub-buckets per power of two (log2).
+const SUB_BITS: u32 = 3;
+const SUB: u64 = 1 << SUB_BITS;
+/// Latencies are clamped below 2^40 ns (18 minutes).
+const MAX_EXP: u32 = 40;
+/// Number of histogram buckets.
+pub(crate) const BUCKETS: usize = (MAX_EXP - SUB_BITS + 1) as usize * SUB as usize;
+
+/// The histogram bucket of a latency in nanoseconds.
+#[inline]
+pub(crate) fn bucket_of(ns: u64) -> usize {
+    let ns = ns.min((1 << MAX_EXP) - 1);
+    if ns < SUB {
+        return ns as usize;
+    }
+    let exp = 63 - ns.leading_zeros();
+    let sub = (ns >> (exp - SUB_BITS)) & (SUB - 1);
+    ((exp - SUB_BITS + 1) as u64 * SUB + sub) as usize
+}
+
+/// `[low, high]` nanoseconds of a bucket.
+pub(crate) fn bucket_bounds(bucket: usize) -> (u64, u64) {
+    let b = bucket as u64;
+    if b < SUB {
+        return (b, b);
+    }
+    let exp = (b / SUB) as u32 + SUB_BITS - 1;
+    let sub = b % SUB;
+    let low = (SUB + sub) << (exp - SUB_BITS);
+    (low, low + (1 << (exp - SUB_BITS)) - 1)
+}
+
+/// Adds `n` to a counter that only the calling core writes.
+#[inline]
+pub(crate) fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+/// One leg's counters on one core.
+#[derive(Debug)]
+pub(crate) struct LegCounters {
+    pub(crate) ops: AtomicU64,
+    pub(crate) bytes: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) late_completions: AtomicU64,
+    pub(crate) completed_last: AtomicU64,
+    latency: Box<[AtomicU64]>,
+}
+
+impl LegCounters {
+    fn new() -> Self {
+        Self {
+            ops: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            late_completions: AtomicU64::new(0),
+            completed_last: AtomicU64::new(0),
+            latency: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records one completed leg command.
+    #[inline]
+    pub(crate) fn record(&self, bytes: u64, latency_ns: u64, failed: bool) {
+        bump(&self.ops, 1);
+        bump(&self.bytes, bytes);
+        if failed {
+            bump(&self.errors, 1);
+        }
+        bump(&self.latency[bucket_of(latency_ns)], 1);
+    }
+}
+
+/// The counters one core keeps for a volume.
+#[derive(Debug)]
+pub(crate) struct CoreStats {
+    pub(crate) legs: [LegCounters; MAX_LEGS],
+    /// Start attempts that found the overlap guard held.
+    pub(crate) overlap_waits: AtomicU64,
+    /// Start attempts that found no free join slot or a full leg queue.
+    pub(crate) resource_waits: AtomicU64,
+    /// Reads retried on another leg.
+    pub(crate) read_retries: AtomicU64,
+}
+
+impl CoreStats {
+    pub(crate) fn new() -> Self {
+        Self {
+            legs: std::array::from_fn(|_| LegCounters::new()),
+            overlap_waits: AtomicU64::new(0),
+            resource_waits: AtomicU64::new(0),
+            read_retries: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A latency distribution summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Number of samples.
+    pub count: u64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+/// One leg's statistics, summed over every core.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LegStats {
+    pub name: String,
+    /// Commands completed by the leg (late completions excluded).
+    pub ops: u64,
+    pub bytes: u64,
+    /// Commands the leg completed with an error status.
+    pub errors: u64,
+    /// Commands abandoned after the I/O timeout.
+    pub timeouts: u64,
+    /// Completions that arrived after their command was abandoned, and were ignored.
+    pub late_completions: u64,
+    /// Mirrored writes for which this leg was the last to complete.
+    pub completed_last: u64,
+    /// Completion latency of the leg's commands, from host submission.
+    pub latency: LatencySummary,
+}
+
+/// A volume's statistics, summed over every core.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub legs: Vec<LegStats>,
+    /// Start attempts that found the overlap guard held (a waiting command counts once per
+    /// retry).
+    pub overlap_waits: u64,
+    /// Start attempts that found no free join slot or a full leg queue.
+    pub resource_waits: u64,
+    /// Reads retried on another leg after a failure or timeout.
+    pub read_retries: u64,
+}
+
+impl VolumeStats {
+    /// Sums the per-core blocks for legs named `names`.
+    pub(crate) fn collect(names: &[&str], cores: &[std::sync::Arc<CoreStats>]) -> Self {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut stats = Self::default();
+        for (leg, name) in names.iter().enumerate() {
+            let mut hist = vec![0u64; BUCKETS];
+            let mut s = LegStats {
+                name: (*name).to_string(),
+                ..LegStats::default()
+            };
+            for core in cores {
+                let c = &core.legs[leg];
+                s.ops += load(&c.ops);
+                s.bytes += load(&c.bytes);
+                s.errors += load(&c.errors);
+                s.timeouts += load(&c.timeouts);
+                s.late_completions += load(&c.late_completions);
+                s.completed_last += load(&c.completed_last);
+                for (sum, b) in hist.iter_mut().zip(c.latency.iter()) {
+                    *sum += load(b);
+                }
+            }
+            s.latency = summarize(&hist);
+            stats.legs.push(s);
+        }
+        for core in cores {
+            stats.overlap_waits += load(&core.overlap_waits);
+            stats.resource_waits += load(&core.resource_waits);
+            stats.read_retries += load(&core.read_retries);
+        }
+        stats
+    }
+}
+
+/// p50, p99 and max of a bucket histogram (each the midpoint of its bucket).
+pub(crate) fn summarize(hist: &[u64]) -> LatencySummary {
+    let count: u64 = hist.iter().sum();
+    if count == 0 {
+        return LatencySummary::default();
+    }
+    let mid = |b: usize| {
+        let (lo, hi) = bucket_bounds(b);
+        Duration::from_nanos(lo + (hi - lo) / 2)
+    };
+    let quantile = |q: f64| {
+        let rank = ((count as f64 * q).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, &n) in hist.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return mid(b);
+            }
+        }
+        Duration::ZERO
+    };
+    let max = hist
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(Duration::ZERO, mid);
+    LatencySummary {
+        count,
+        p50: quantile(0.50),
+        p99: quantile(0.99),
+        max,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_contiguous_and_within_an_eighth() {
+        let mut prev_high = None;
+        for b in 0..BUCKETS {
+            let (lo, hi) = bucket_bounds(b);
+            assert!(lo <= hi);
+            if let Some(p) = prev_high {
+                assert_eq!(lo, p + 1, "bucket {b} starts where {} ended", b - 1);
+            }
+            prev_high = Some(hi);
+            assert_eq!(bucket_of(lo), b);
+            assert_eq!(bucket_of(hi), b);
+            assert!((hi - lo) * 8 <= lo.max(1), "bucket {b} is at most 1/8 wide");
+        }
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn quantiles_come_from_the_right_buckets() {
+        let c = LegCounters::new();
+        for _ in 0..98 {
+            c.record(4096, 10_000, false);
+        }
+        c.record(4096, 1_000_000, true);
+        c.record(4096, 5_000_000, false);
+        let hist: Vec<u64> = c
+            .latency
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let s = summarize(&hist);
+        assert_eq!(s.count, 100);
+        let near = |d: Duration, ns: u64| (d.as_nanos() as f64 / ns as f64 - 1.0).abs() < 0.07;
+        assert!(near(s.p50, 10_000), "{:?}", s.p50);
+        assert!(near(s.p99, 1_000_000), "{:?}", s.p99);
+        assert!(near(s.max, 5_000_000), "{:?}", s.max);
+        assert_eq!(c.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(c.bytes.load(Ordering::Relaxed), 409_600);
+    }
+}

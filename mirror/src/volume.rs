@@ -1,0 +1,334 @@
+//! The volume: legs, their shared state, and the control methods. The I/O path is in
+//! [`crate::qpair`].
+
+use std::sync::{Arc, Mutex};
+
+use nvmirror_nvme::{BlockDevice, Geometry, IoCommand, IoOp, QueuePair, Status};
+
+use crate::config::VolumeConfig;
+use crate::guard::OverlapGuard;
+use crate::legs::{LegInfo, LegRole, LegState, LegStates, Refusal, MAX_LEGS};
+use crate::missed::MissedRegions;
+use crate::qpair::VolumeQueuePair;
+use crate::stats::{CoreStats, VolumeStats};
+use crate::{Error, Result};
+
+/// What every core shares about one leg.
+#[derive(Debug)]
+pub(crate) struct LegShared {
+    pub(crate) dev: Arc<dyn BlockDevice>,
+    /// Regions written while this leg did not get the write.
+    pub(crate) missed: MissedRegions,
+}
+
+/// What every core shares about a volume.
+#[derive(Debug)]
+pub(crate) struct VolumeShared {
+    pub(crate) name: String,
+    /// The exported namespace: the smallest leg.
+    pub(crate) geo: Geometry,
+    pub(crate) cfg: VolumeConfig,
+    pub(crate) legs: Vec<Arc<LegShared>>,
+    pub(crate) states: LegStates,
+    pub(crate) guard: OverlapGuard,
+    /// The statistics block of every queue pair opened so far.
+    cores: Mutex<Vec<Arc<CoreStats>>>,
+}
+
+impl VolumeShared {
+    /// Records that `cmd` did not reach `leg`: its blocks, or for a flush every region.
+    #[inline]
+    pub(crate) fn mark_missed(&self, leg: usize, cmd: &IoCommand) {
+        let missed = &self.legs[leg].missed;
+        match cmd.op {
+            IoOp::Flush => missed.mark_all(),
+            _ => missed.mark(cmd.slba, cmd.nlb),
+        }
+    }
+
+    /// Faults `leg` after an I/O failure; when it is the primary, `successor` (or the lowest
+    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg.
+    #[cold]
+    pub(crate) fn fault_on_io(
+        &self,
+        leg: usize,
+        successor: Option<usize>,
+        status: Status,
+        what: &str,
+    ) -> bool {
+        let name = self.legs[leg].dev.name();
+        match self.states.take_out(leg, LegState::Faulted, successor) {
+            Ok(Some(t)) => {
+                tracing::warn!(
+                    volume = %self.name, leg, name, from = %t.from, %status,
+                    "leg faulted: {what} failed"
+                );
+                if let Some(p) = t.promoted {
+                    tracing::warn!(
+                        volume = %self.name, old = leg, new = p,
+                        name = self.legs[p].dev.name(), "primary promoted"
+                    );
+                }
+                true
+            }
+            Ok(None) | Err(Refusal::AlreadyDetached) => true,
+            Err(Refusal::LastInSync) => {
+                tracing::error!(
+                    volume = %self.name, leg, name, %status,
+                    "{what} failed on the last in-sync leg; it stays in sync"
+                );
+                false
+            }
+        }
+    }
+
+    pub(crate) fn register_core(&self, stats: Arc<CoreStats>) {
+        self.cores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(stats);
+    }
+}
+
+/// A mirrored namespace over 2 to [`MAX_LEGS`] legs. It is itself a [`BlockDevice`]: open one
+/// [`VolumeQueuePair`] per core and drive it like a single device.
+#[derive(Debug)]
+pub struct Volume {
+    shared: Arc<VolumeShared>,
+}
+
+impl Volume {
+    /// A volume over `legs` (the first is the primary). All legs need the same logical block
+    /// size; the volume exports the smallest leg's capacity.
+    pub fn new(name: &str, legs: Vec<Arc<dyn BlockDevice>>, cfg: VolumeConfig) -> Result<Self> {
+        if !(2..=MAX_LEGS).contains(&legs.len()) {
+            return Err(Error::LegCount {
+                volume: name.to_string(),
+                count: legs.len(),
+                max: MAX_LEGS,
+            });
+        }
+        for (second, leg) in legs.iter().enumerate() {
+            let data = Arc::as_ptr(leg) as *const ();
+            if let Some(first) = legs[..second]
+                .iter()
+                .position(|l| Arc::as_ptr(l) as *const () == data)
+            {
+                return Err(Error::DuplicateLeg {
+                    volume: name.to_string(),
+                    name: leg.name().to_string(),
+                    first,
+                    second,
+                });
+            }
+        }
+        let lba_size = legs[0].geometry().lba_size;
+        for (i, leg) in legs.iter().enumerate() {
+            let g = leg.geometry();
+            if g.lba_size != lba_size {
+                return Err(Error::LbaSizeMismatch {
+                    volume: name.to_string(),
+                    leg: i,
+                    name: leg.name().to_string(),
+                    lba_size: g.lba_size,
+                    expected: lba_size,
+                });
+            }
+        }
+        cfg.validate(name, lba_size)?;
+        let num_blocks = legs
+            .iter()
+            .map(|l| l.geometry().num_blocks)
+            .min()
+            .unwrap_or(0);
+        if num_blocks == 0 {
+            return Err(Error::Config {
+                volume: name.to_string(),
+                reason: "a leg has no blocks".into(),
+            });
+        }
+        let geo = Geometry {
+            lba_size,
+            num_blocks,
+        };
+        let shift = |bytes: u64| (bytes / u64::from(lba_size)).trailing_zeros();
+        let region_shift = shift(cfg.region_size);
+        let legs: Vec<_> = legs
+            .into_iter()
+            .map(|dev| {
+                Arc::new(LegShared {
+                    dev,
+                    missed: MissedRegions::new(num_blocks, region_shift),
+                })
+            })
+            .collect();
+        tracing::info!(
+            volume = name,
+            legs = ?legs.iter().map(|l| l.dev.name()).collect::<Vec<_>>(),
+            blocks = num_blocks,
+            lba_size,
+            "volume created"
+        );
+        Ok(Self {
+            shared: Arc::new(VolumeShared {
+                name: name.to_string(),
+                geo,
+                states: LegStates::new(legs.len()),
+                guard: OverlapGuard::new(shift(cfg.overlap_granule)),
+                cfg,
+                legs,
+                cores: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The volume's configuration.
+    pub fn config(&self) -> &VolumeConfig {
+        &self.shared.cfg
+    }
+
+    /// Number of legs, whatever their state.
+    pub fn leg_count(&self) -> usize {
+        self.shared.legs.len()
+    }
+
+    /// The device behind leg `leg`.
+    pub fn leg_device(&self, leg: usize) -> Result<Arc<dyn BlockDevice>> {
+        Ok(Arc::clone(&self.leg(leg)?.dev))
+    }
+
+    /// Name, role and state of every leg, in leg order.
+    pub fn leg_states(&self) -> Vec<LegInfo> {
+        let snap = self.shared.states.snapshot();
+        self.shared
+            .legs
+            .iter()
+            .enumerate()
+            .map(|(i, leg)| LegInfo {
+                name: leg.dev.name().to_string(),
+                role: if i == snap.primary() {
+                    LegRole::Primary
+                } else {
+                    LegRole::Mirror
+                },
+                state: snap.state(i),
+            })
+            .collect()
+    }
+
+    /// Index of the primary leg.
+    pub fn primary(&self) -> usize {
+        self.shared.states.snapshot().primary()
+    }
+
+    /// Number of leg state transitions since the volume was created.
+    pub fn events(&self) -> u32 {
+        self.shared.states.snapshot().events()
+    }
+
+    /// Takes leg `leg` out of sync by hand (a drill, or an operator who distrusts it). Writes
+    /// from now on mark its missed regions. Refused for the last in-sync leg.
+    pub fn fault_leg(&self, leg: usize) -> Result<()> {
+        self.take_out(leg, LegState::Faulted)
+    }
+
+    /// Removes leg `leg` from I/O for good (until a resync re-attaches it). Refused for the
+    /// last in-sync leg.
+    pub fn detach_leg(&self, leg: usize) -> Result<()> {
+        self.take_out(leg, LegState::Detached)
+    }
+
+    fn take_out(&self, leg: usize, to: LegState) -> Result<()> {
+        let name = self.leg(leg)?.dev.name();
+        let volume = &self.shared.name;
+        match self.shared.states.take_out(leg, to, None) {
+            Ok(Some(t)) => {
+                tracing::warn!(volume = %volume, leg, name, from = %t.from, to = %to, "leg state changed by request");
+                if let Some(p) = t.promoted {
+                    tracing::warn!(volume = %volume, old = leg, new = p, "primary promoted");
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(Refusal::LastInSync) => Err(Error::LastInSyncLeg {
+                volume: volume.clone(),
+                leg,
+            }),
+            Err(Refusal::AlreadyDetached) => Err(Error::AlreadyDetached {
+                volume: volume.clone(),
+                leg,
+            }),
+        }
+    }
+
+    /// Bytes per missed region.
+    pub fn region_size(&self) -> u64 {
+        self.shared.cfg.region_size
+    }
+
+    /// The regions (indices of `region_size`-byte regions) that leg `leg` missed, ascending.
+    pub fn missed_regions(&self, leg: usize) -> Result<Vec<u64>> {
+        Ok(self.leg(leg)?.missed.regions())
+    }
+
+    /// How many regions leg `leg` missed.
+    pub fn missed_region_count(&self, leg: usize) -> Result<u64> {
+        Ok(self.leg(leg)?.missed.count())
+    }
+
+    /// Whether leg `leg` missed region `region`.
+    pub fn region_missed(&self, leg: usize, region: u64) -> Result<bool> {
+        Ok(self.leg(leg)?.missed.contains(region))
+    }
+
+    /// Statistics summed over every queue pair opened on the volume.
+    pub fn stats(&self) -> VolumeStats {
+        let cores = self
+            .shared
+            .cores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let names: Vec<&str> = self.shared.legs.iter().map(|l| l.dev.name()).collect();
+        VolumeStats::collect(&names, &cores)
+    }
+
+    /// Overlap-guard entries held right now, by every core (diagnostics: zero when idle).
+    pub fn overlap_locks_held(&self) -> usize {
+        self.shared.guard.held()
+    }
+
+    /// Opens a queue pair for the calling core (the concrete type; [`BlockDevice::open_qpair`]
+    /// boxes the same thing).
+    pub fn open_volume_qpair(&self, depth: u32) -> Result<VolumeQueuePair> {
+        VolumeQueuePair::open(Arc::clone(&self.shared), depth)
+    }
+
+    fn leg(&self, leg: usize) -> Result<&LegShared> {
+        self.shared
+            .legs
+            .get(leg)
+            .map(|l| &**l)
+            .ok_or_else(|| Error::NoSuchLeg {
+                volume: self.shared.name.clone(),
+                leg,
+            })
+    }
+}
+
+impl BlockDevice for Volume {
+    fn geometry(&self) -> Geometry {
+        self.shared.geo
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
+        match self.open_volume_qpair(depth) {
+            Ok(qp) => Ok(Box::new(qp)),
+            Err(e) => Err(nvmirror_nvme::Error::QueuePair(e.to_string())),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
