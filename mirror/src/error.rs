@@ -4,7 +4,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A volume needs between 2 and [`MAX_LEGS`](crate::MAX_LEGS) legs.
-    #[error("volume '{volume}': {count} legs given, a volume has 2 to {max}")]
+    #[error("volume '{volume}': {count} legs given, a volume has 1 to {max}")]
     LegCount {
         volume: String,
         count: usize,

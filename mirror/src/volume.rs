@@ -90,7 +90,7 @@ impl VolumeShared {
     }
 }
 
-/// A mirrored namespace over 2 to [`MAX_LEGS`] legs. It is itself a [`BlockDevice`]: open one
+/// A mirrored namespace over 1 to [`MAX_LEGS`] legs (one leg: an unmirrored volume a mirror can join later). It is itself a [`BlockDevice`]: open one
 /// [`VolumeQueuePair`] per core and drive it like a single device.
 #[derive(Debug)]
 pub struct Volume {
@@ -101,7 +101,7 @@ impl Volume {
     /// A volume over `legs` (the first is the primary). All legs need the same logical block
     /// size; the volume exports the smallest leg's capacity.
     pub fn new(name: &str, legs: Vec<Arc<dyn BlockDevice>>, cfg: VolumeConfig) -> Result<Self> {
-        if !(2..=MAX_LEGS).contains(&legs.len()) {
+        if !(1..=MAX_LEGS).contains(&legs.len()) {
             return Err(Error::LegCount {
                 volume: name.to_string(),
                 count: legs.len(),

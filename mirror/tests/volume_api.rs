@@ -19,9 +19,11 @@ fn mem(bytes: u64, lba: u32) -> Arc<dyn BlockDevice> {
 fn construction_checks_legs() {
     let cfg = VolumeConfig::default;
     assert!(matches!(
-        Volume::new("v", vec![mem(1 << 20, 512)], cfg()),
-        Err(Error::LegCount { count: 1, .. })
+        Volume::new("v", vec![], cfg()),
+        Err(Error::LegCount { count: 0, .. })
     ));
+    let single = Volume::new("v", vec![mem(1 << 20, 512)], cfg()).unwrap();
+    assert_eq!(single.leg_count(), 1, "one leg is an unmirrored volume");
     let five = (0..5).map(|_| mem(1 << 20, 512)).collect();
     assert!(matches!(
         Volume::new("v", five, cfg()),
