@@ -1,1 +1,2 @@
 //! Front ends.
+pub mod nbd;
