@@ -7,9 +7,10 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use nvmirror_poller::{ReactorConfig, ReactorPool};
+use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
 use nvmirror_target::nbd::{NbdConfig, NbdServer};
 
 /// Serve a leg over NBD as export `vol0`.
@@ -30,6 +31,10 @@ struct Args {
     /// Pin the reactors to these CPUs (comma-separated; overrides --reactors).
     #[arg(long, value_delimiter = ',')]
     cpus: Vec<usize>,
+    /// Busy-poll (0, the default), or after this many microseconds without work nap for as
+    /// long (frees the CPU on a shared machine; adds up to that much latency when idle).
+    #[arg(long, default_value_t = 0)]
+    idle_sleep_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ReactorConfig::unpinned(args.reactors.max(1))
     } else {
         ReactorConfig::pinned(&args.cpus)
+    };
+    let reactors = match args.idle_sleep_us {
+        0 => reactors.with_idle(IdlePolicy::Spin),
+        us => reactors.with_idle(IdlePolicy::SpinThenSleep {
+            spin: Duration::from_micros(us),
+            sleep: Duration::from_micros(us),
+        }),
     };
     let pool = ReactorPool::start(reactors)?;
     let cfg = NbdConfig {

@@ -37,7 +37,6 @@ pub(crate) struct Connection {
     peer: SocketAddr,
     exports: ExportTable,
     server: Arc<ServerState>,
-    _live: LiveConnection,
     rx: ByteQueue,
     tx: ByteQueue,
     /// Handshake replies before they enter `tx`.
@@ -50,6 +49,8 @@ pub(crate) struct Connection {
     parse_closed: bool,
     /// The socket cannot be written: replies are dropped.
     write_failed: bool,
+    /// Dropped last, after the transmission has waited for its commands.
+    _live: LiveConnection,
 }
 
 impl Connection {
@@ -67,7 +68,6 @@ impl Connection {
             peer,
             exports: exports.clone(),
             server,
-            _live: live,
             rx: ByteQueue::new(RX_CAPACITY),
             tx,
             scratch: Vec::new(),
@@ -75,6 +75,7 @@ impl Connection {
             read_closed: false,
             parse_closed: false,
             write_failed: false,
+            _live: live,
         }
     }
 
@@ -197,7 +198,7 @@ impl Poller for Connection {
             }
         }
         busy |= self.receive();
-        if matches!(self.phase, Phase::Negotiating(_)) && !self.negotiate() {
+        if matches!(self.phase, Phase::Negotiating(_)) && !self.parse_closed && !self.negotiate() {
             self.hard_close();
             return PollStatus::Done;
         }
