@@ -1,5 +1,5 @@
 //! nvmirror's front ends and control plane: configuration, JSON-RPC, metrics, status, and the
-//! NVMe/TCP target ([`nvme_tcp`]), which exports any
+//! NVMe/TCP target ([`nvme_tcp`]) and the NBD export ([`nbd`]), which export any
 //! [`BlockDevice`](nvmirror_nvme::BlockDevice) as a namespace of an NVMe-oF subsystem.
 //!
 //! ```no_run
@@ -21,6 +21,7 @@
 pub mod config;
 mod error;
 pub mod metrics;
+pub mod nbd;
 pub mod nvme_tcp;
 pub mod rpc;
 pub mod status;

@@ -1,0 +1,36 @@
+//! NBD front end: serves any [`BlockDevice`](nvmirror_nvme::BlockDevice) — a mirror volume or
+//! a single leg — over the Network Block Device protocol, so unmodified tools (`qemu-img`,
+//! `qemu-io`, `nbdinfo`, `fio --ioengine=nbd`, the kernel's `nbd-client`) can use it.
+//!
+//! Fixed-newstyle handshake with `NBD_OPT_GO`/`INFO`/`LIST`/`EXPORT_NAME`/`ABORT`; simple
+//! replies only; `READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`, `DISC`. Threading follows
+//! the rest of nvmirror: an accept thread hands each connection to one reactor, where a
+//! poller owns the socket, a queue pair on the device and a DMA buffer pool, so the request
+//! path takes no lock and allocates nothing. See `docs/nbd.md`.
+//!
+//! ```no_run
+//! use nvmirror_poller::{ReactorConfig, ReactorPool};
+//! use nvmirror_target::nbd::{NbdConfig, NbdServer};
+//!
+//! let pool = ReactorPool::start(ReactorConfig::unpinned(1)).unwrap();
+//! let cfg = NbdConfig {
+//!     exports: vec![("vol0".into(), nvmirror_nvme::open_leg("mem://1GiB").unwrap())],
+//!     ..NbdConfig::default()
+//! };
+//! let server = NbdServer::start(cfg, &pool.handle()).unwrap();
+//! // qemu-img info nbd://127.0.0.1:10809/vol0
+//! server.shutdown();
+//! pool.shutdown();
+//! ```
+
+mod buffer;
+mod connection;
+mod error;
+mod export;
+mod negotiation;
+pub mod proto;
+mod server;
+mod transmission;
+
+pub use error::{Error, Result};
+pub use server::{NbdConfig, NbdServer, DEFAULT_PORT};
