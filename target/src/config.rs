@@ -17,7 +17,7 @@ data_dir = "./nvmirror-data"
 
 [reactors]
 cores = []
-idle = "spin"
+idle = "sleep"
 
 [nvme_tcp]
 listen = "127.0.0.1:4420"
@@ -96,7 +96,8 @@ pub struct ReactorsConfig {
     /// CPUs to pin one reactor each to; empty = one unpinned reactor.
     #[serde(default)]
     pub cores: Vec<usize>,
-    /// `spin` (lowest latency) or `sleep` (spin briefly, then sleep when idle).
+    /// `sleep` (spin briefly, then sleep when idle; the default) or `spin` (lowest latency,
+    /// one full CPU per reactor).
     #[serde(default)]
     pub idle: IdleConfig,
 }
@@ -104,8 +105,8 @@ pub struct ReactorsConfig {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleConfig {
-    #[default]
     Spin,
+    #[default]
     Sleep,
 }
 
@@ -242,6 +243,15 @@ impl Config {
         cfg.expand_data_dir();
         cfg.validate(file)?;
         Ok(cfg)
+    }
+
+    /// Parses TOML text without expanding `@DATA_DIR@` or validating (for applying flags
+    /// first); `file` names it in errors.
+    pub fn parse_raw(text: &str, file: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })
     }
 
     /// Replaces `@DATA_DIR@` in paths and leg URIs with the data directory, made absolute.

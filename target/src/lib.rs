@@ -19,11 +19,13 @@
 //! ```
 
 pub mod config;
+pub mod control;
 mod error;
 pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;
 pub mod rpc;
+pub mod serve;
 pub mod status;
 
 pub use error::{Error, Result};

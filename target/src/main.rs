@@ -1,1 +1,136 @@
-fn main() {}
+//! `nvmirror`: serve mirrored volumes over NVMe/TCP and NBD, and control them.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use nvmirror_target::{rpc, serve, status};
+
+#[derive(Parser, Debug)]
+#[command(name = "nvmirror", version, about = "NVMe mirror target")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the configured volumes (the embedded default without --config).
+    Serve(serve::ServeArgs),
+    /// Call a JSON-RPC method and print its result.
+    Rpc {
+        /// RPC socket.
+        #[arg(long, default_value = "./nvmirror-data/nvmirror.sock")]
+        socket: PathBuf,
+        /// Method name (`rpc_get_methods` lists them).
+        method: String,
+        /// Parameters as JSON.
+        params: Option<String>,
+    },
+    /// Show volumes, legs, rates, latency and resync progress.
+    Status {
+        #[arg(long, default_value = "./nvmirror-data/nvmirror.sock")]
+        socket: PathBuf,
+        /// Redraw every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Sampling interval for rates.
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    nvmirror_nvme::uri::parse_duration(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Command::Serve(args) => match serve::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nvmirror serve: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Rpc {
+            socket,
+            method,
+            params,
+        } => {
+            let params = match params.as_deref().map(serde_json::from_str::<Value>) {
+                None => Value::Null,
+                Some(Ok(v)) => v,
+                Some(Err(e)) => {
+                    eprintln!("nvmirror rpc: params are not JSON: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rpc::call(&socket, &method, params) {
+                Ok(v) => {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nvmirror rpc {method}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status {
+            socket,
+            watch,
+            interval,
+        } => match show_status(&socket, watch, interval) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nvmirror status: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Fetches every volume's status.
+fn sample(socket: &std::path::Path) -> Result<Vec<Value>, rpc::RpcError> {
+    let list = rpc::call(socket, "volume_list", Value::Null)?;
+    let names: Vec<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    names
+        .iter()
+        .map(|n| rpc::call(socket, "volume_status", serde_json::json!({ "name": n })))
+        .collect()
+}
+
+fn show_status(
+    socket: &std::path::Path,
+    watch: bool,
+    interval: Duration,
+) -> Result<(), rpc::RpcError> {
+    let mut prev = sample(socket)?;
+    let mut taken = Instant::now();
+    loop {
+        std::thread::sleep(interval);
+        let now = sample(socket)?;
+        let dt = taken.elapsed();
+        taken = Instant::now();
+        let text = status::render(&now, Some(&prev), dt);
+        if watch {
+            print!("\x1b[2J\x1b[H{text}");
+        } else {
+            print!("{text}");
+            return Ok(());
+        }
+        prev = now;
+    }
+}

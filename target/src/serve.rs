@@ -1,0 +1,458 @@
+//! `nvmirror serve`: opens the configured volumes, starts the reactors, the NVMe/TCP and NBD
+//! front ends, the RPC socket and the metrics endpoint, prints how to connect, and runs until
+//! SIGINT/SIGTERM, then shuts down cleanly (stop accepting, drain, stop the reactors).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvmirror_mirror::{ReadPolicy, Volume, VolumeConfig as EngineVolumeConfig};
+use nvmirror_nvme::backend::FaultyDevice;
+use nvmirror_nvme::uri::{parse_duration, parse_size};
+use nvmirror_nvme::{open_leg, BlockDevice};
+use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
+
+use crate::config::{Config, IdleConfig, ListenConfig, RpcConfig, DEFAULT_CONFIG};
+use crate::control::{self, Registry, VolumeEntry};
+use crate::metrics::MetricsServer;
+use crate::nbd::{NbdConfig, NbdServer};
+use crate::nvme_tcp::{SubsystemConfig, TargetConfig};
+use crate::rpc::RpcServer;
+use crate::NvmeTcpTarget;
+
+/// Flags of `nvmirror serve`; each overrides the matching configuration field.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML configuration (see examples/nvmirror.toml); the embedded default without it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data directory (default leg images, RPC socket).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// NVMe/TCP listen address.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// NBD listen address.
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
+    /// JSON-RPC socket path.
+    #[arg(long)]
+    pub rpc_socket: Option<PathBuf>,
+    /// Prometheus metrics listen address.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Reactor CPUs, e.g. `0,1` or `0-3`.
+    #[arg(long)]
+    pub cores: Option<String>,
+    /// Leg URI of the first volume (repeat; the first is the primary). Replaces its legs.
+    #[arg(long = "leg")]
+    pub legs: Vec<String>,
+    /// Log as JSON lines instead of human text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Why `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{what}: {reason}")]
+    Start { what: String, reason: String },
+}
+
+fn start_err(what: impl Into<String>, reason: impl ToString) -> ServeError {
+    ServeError::Start {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Parses `0,2,4-7` into CPU ids.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("'{part}' is not a CPU or a range like 0-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(out)
+}
+
+/// Loads the configuration and applies the flags.
+pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
+    let (text, file) = match &args.config {
+        Some(path) => (
+            std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?,
+            path.display().to_string(),
+        ),
+        None => (DEFAULT_CONFIG.to_string(), "<embedded default>".to_string()),
+    };
+    let mut cfg = Config::parse_raw(&text, &file)?;
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    let flag = |name: &str, reason: String| crate::config::ConfigError::Invalid {
+        file: "command line".into(),
+        field: name.into(),
+        reason,
+    };
+    if let Some(l) = &args.listen {
+        cfg.nvme_tcp = Some(ListenConfig { listen: l.clone() });
+    }
+    if let Some(l) = &args.nbd_listen {
+        cfg.nbd = Some(ListenConfig { listen: l.clone() });
+    }
+    if let Some(l) = &args.metrics_listen {
+        cfg.metrics = Some(ListenConfig { listen: l.clone() });
+    }
+    if let Some(s) = &args.rpc_socket {
+        cfg.rpc = Some(RpcConfig { socket: s.clone() });
+    }
+    if let Some(c) = &args.cores {
+        cfg.reactors.cores = parse_cores(c).map_err(|e| flag("--cores", e))?;
+    }
+    if !args.legs.is_empty() {
+        let v = cfg
+            .volumes
+            .first_mut()
+            .ok_or_else(|| flag("--leg", "the configuration has no volume".into()))?;
+        v.legs = args.legs.clone();
+    }
+    cfg.expand_data_dir();
+    cfg.validate(&file)?;
+    Ok(cfg)
+}
+
+fn engine_config(v: &crate::config::VolumeConfig) -> EngineVolumeConfig {
+    EngineVolumeConfig {
+        io_timeout: parse_duration(&v.io_timeout).unwrap_or(Duration::from_secs(5)),
+        read_policy: match v.read_policy.as_str() {
+            "round-robin" => ReadPolicy::RoundRobin,
+            "least-latency" => ReadPolicy::LeastLatency,
+            _ => ReadPolicy::Primary,
+        },
+        region_size: parse_size(&v.region_size).unwrap_or(1 << 20),
+        ..EngineVolumeConfig::default()
+    }
+}
+
+fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
+    s.parse()
+        .map_err(|e| start_err(what, format!("'{s}': {e}")))
+}
+
+/// The running service.
+#[derive(Debug)]
+pub struct Service {
+    pub registry: Arc<Registry>,
+    pub nvme_tcp: Option<NvmeTcpTarget>,
+    pub nbd: Option<NbdServer>,
+    pub rpc: Option<RpcServer>,
+    pub metrics: Option<MetricsServer>,
+    pool: Option<ReactorPool>,
+}
+
+impl Service {
+    /// Opens everything `cfg` describes.
+    pub fn start(cfg: &Config) -> Result<Self, ServeError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| start_err(format!("data directory {}", cfg.data_dir.display()), e))?;
+        let idle = match cfg.reactors.idle {
+            IdleConfig::Spin => IdlePolicy::Spin,
+            IdleConfig::Sleep => IdlePolicy::SpinThenSleep {
+                spin: Duration::from_millis(2),
+                sleep: Duration::from_micros(250),
+            },
+        };
+        let rcfg = if cfg.reactors.cores.is_empty() {
+            ReactorConfig::unpinned(1)
+        } else {
+            ReactorConfig::pinned(&cfg.reactors.cores)
+        }
+        .with_idle(idle);
+        let pool = ReactorPool::start(rcfg).map_err(|e| start_err("reactors", e))?;
+
+        let mut volumes = Vec::new();
+        for v in &cfg.volumes {
+            let mut legs: Vec<Arc<dyn BlockDevice>> = Vec::new();
+            let mut injectors = Vec::new();
+            for (i, uri) in v.legs.iter().enumerate() {
+                let dev = open_leg(uri)
+                    .map_err(|e| start_err(format!("volume {} leg {i}", v.name), e))?;
+                let faulty = FaultyDevice::wrap(dev);
+                injectors.push(Arc::clone(faulty.injector()));
+                legs.push(Arc::new(faulty));
+            }
+            let volume = Volume::new(&v.name, legs, engine_config(v))
+                .map_err(|e| start_err(format!("volume {}", v.name), e))?;
+            volumes.push(VolumeEntry {
+                volume: Arc::new(volume),
+                uris: v.legs.clone(),
+                injectors,
+            });
+        }
+        let device = |name: &str| -> Option<Arc<dyn BlockDevice>> {
+            volumes
+                .iter()
+                .find(|e| e.volume.name() == name)
+                .map(|e| Arc::clone(&e.volume) as Arc<dyn BlockDevice>)
+        };
+        let handle = pool.handle();
+
+        let nvme_tcp = match &cfg.nvme_tcp {
+            None => None,
+            Some(l) => {
+                let subsystems = cfg
+                    .subsystems
+                    .iter()
+                    .map(|s| {
+                        let mut sub = SubsystemConfig::new(
+                            s.nqn.clone(),
+                            s.namespaces.iter().filter_map(|n| device(n)).collect(),
+                        );
+                        if let Some(serial) = &s.serial {
+                            sub.serial = serial.clone();
+                        }
+                        sub.model = s.model.clone();
+                        sub.allowed_hosts = s.allowed_hosts.clone();
+                        sub
+                    })
+                    .collect();
+                let tcfg = TargetConfig {
+                    listen: addr("nvme_tcp.listen", &l.listen)?,
+                    subsystems,
+                    ..TargetConfig::default()
+                };
+                Some(
+                    NvmeTcpTarget::start(tcfg, &handle)
+                        .map_err(|e| start_err(format!("NVMe/TCP on {}", l.listen), e))?,
+                )
+            }
+        };
+        let nbd = match &cfg.nbd {
+            None => None,
+            Some(l) => {
+                let exports = volumes
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.volume.name().to_string(),
+                            Arc::clone(&e.volume) as Arc<dyn BlockDevice>,
+                        )
+                    })
+                    .collect();
+                let ncfg = NbdConfig {
+                    listen: addr("nbd.listen", &l.listen)?,
+                    exports,
+                };
+                Some(
+                    NbdServer::start(ncfg, &handle)
+                        .map_err(|e| start_err(format!("NBD on {}", l.listen), e))?,
+                )
+            }
+        };
+        let registry = Arc::new(Registry {
+            volumes,
+            reactors: handle,
+        });
+        let rpc = match &cfg.rpc {
+            None => None,
+            Some(r) => Some(
+                RpcServer::start(&r.socket, control::methods(Arc::clone(&registry)))
+                    .map_err(|e| start_err(format!("RPC socket {}", r.socket.display()), e))?,
+            ),
+        };
+        let metrics = match &cfg.metrics {
+            None => None,
+            Some(l) => {
+                let reg = Arc::clone(&registry);
+                Some(
+                    MetricsServer::start(
+                        addr("metrics.listen", &l.listen)?,
+                        Arc::new(move || reg.render_metrics()),
+                    )
+                    .map_err(|e| start_err(format!("metrics on {}", l.listen), e))?,
+                )
+            }
+        };
+        Ok(Self {
+            registry,
+            nvme_tcp,
+            nbd,
+            rpc,
+            metrics,
+            pool: Some(pool),
+        })
+    }
+
+    /// What is served and how to connect, for the start-up banner.
+    pub fn banner(&self, cfg: &Config) -> String {
+        let mut s = String::new();
+        for e in &self.registry.volumes {
+            let geo = e.volume.geometry();
+            s += &format!(
+                "volume {}: {} bytes ({} x {} B blocks), legs: {}\n",
+                e.volume.name(),
+                geo.bytes(),
+                geo.num_blocks,
+                geo.lba_size,
+                e.uris.join(", ")
+            );
+        }
+        if let Some(t) = &self.nvme_tcp {
+            let a = t.local_addr();
+            for sub in &cfg.subsystems {
+                s += &format!(
+                    "NVMe/TCP {a} subsystem {}\n  connect: nvme connect -t tcp -a {} -s {} -n {}\n",
+                    sub.nqn,
+                    a.ip(),
+                    a.port(),
+                    sub.nqn
+                );
+            }
+        }
+        if let Some(n) = &self.nbd {
+            let a = n.local_addr();
+            for e in &self.registry.volumes {
+                s += &format!(
+                    "NBD {a} export {name}\n  fio:     fio --name=t --ioengine=nbd --uri=nbd://{a}/{name} --rw=randwrite --bs=4k --iodepth=32 --size=64m\n  qemu:    qemu-img info nbd://{a}/{name}\n",
+                    name = e.volume.name()
+                );
+            }
+        }
+        if let Some(r) = &self.rpc {
+            s += &format!(
+                "RPC {}\n  status:  nvmirror status --socket {}\n",
+                r.path().display(),
+                r.path().display()
+            );
+        }
+        if let Some(m) = &self.metrics {
+            s += &format!("metrics http://{}/metrics\n", m.local_addr());
+        }
+        s
+    }
+
+    /// Stops the front ends (draining their I/O), then the reactors.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.metrics.take();
+        self.rpc.take();
+        self.nvme_tcp.take();
+        self.nbd.take();
+        if let Some(pool) = self.pool.take() {
+            pool.shutdown();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sets up logging from `RUST_LOG` (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// `nvmirror serve`.
+pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    init_logging(args.log_json);
+    let cfg = resolve_config(&args)?;
+    let service = Service::start(&cfg)?;
+    print!(
+        "nvmirror {} serving\n{}",
+        env!("CARGO_PKG_VERSION"),
+        service.banner(&cfg)
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| start_err("signal handler", e))?;
+    }
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!("shutting down");
+    service.shutdown();
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_parse() {
+        assert_eq!(parse_cores("0,2,4-6"), Ok(vec![0, 2, 4, 5, 6]));
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("x").unwrap_err().contains("'x'"));
+    }
+
+    #[test]
+    fn flags_override_the_default() {
+        let args = ServeArgs {
+            data_dir: Some("/tmp/nvm-test-dir".into()),
+            listen: Some("127.0.0.1:5420".into()),
+            legs: vec!["mem://64MiB".into(), "mem://64MiB".into()],
+            cores: Some("0".into()),
+            ..ServeArgs::default()
+        };
+        let cfg = resolve_config(&args).unwrap();
+        assert_eq!(cfg.nvme_tcp.unwrap().listen, "127.0.0.1:5420");
+        assert_eq!(cfg.volumes[0].legs, vec!["mem://64MiB", "mem://64MiB"]);
+        assert_eq!(cfg.reactors.cores, vec![0]);
+        assert_eq!(
+            cfg.rpc.unwrap().socket,
+            PathBuf::from("/tmp/nvm-test-dir/nvmirror.sock")
+        );
+        let bad = ServeArgs {
+            listen: Some("nowhere".into()),
+            ..ServeArgs::default()
+        };
+        assert!(resolve_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("nvme_tcp.listen"));
+        let bad = ServeArgs {
+            legs: vec!["ftp://x".into()],
+            ..ServeArgs::default()
+        };
+        assert!(resolve_config(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("legs[0]"));
+    }
+}
