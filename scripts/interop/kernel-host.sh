@@ -2,9 +2,12 @@
 # Interop test: a real Linux NVMe/TCP host (Debian's cloud kernel under qemu/TCG) against
 # the nvmirror target on this machine.
 #
-# The guest runs `nvme discover`, `nvme connect`, writes a random pattern with O_DIRECT,
-# reads it back, compares, deallocates and flushes, then disconnects. Prints PASS or FAIL
-# and exits 0 or 1. Everything it downloads is cached under build/interop/.
+# The target is `nvmirror serve` with its default volume: two sparse 1 GiB image files as
+# primary and mirror. The guest runs `nvme discover`, `nvme connect`, writes a random pattern
+# with O_DIRECT, reads it back, compares, deallocates and flushes, then disconnects and prints
+# the pattern's SHA-256. The script then stops the target cleanly and checks on the host that
+# BOTH leg images hold the pattern. Prints PASS or FAIL and exits 0 or 1. Everything it
+# downloads is cached under build/interop/.
 #
 # Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
@@ -15,7 +18,7 @@ WORK="$ROOT/build/interop"
 PORT=$((20000 + RANDOM % 20000))
 TIMEOUT=420
 KEEP=0
-NQN="nqn.2024-01.io.nvmirror:interop"
+NQN="nqn.2026-11.io.nvmirror:vol0"
 HOSTNQN="nqn.2014-08.org.nvmexpress:uuid:6e766d69-7272-6f72-0000-000000000001"
 
 while [ $# -gt 0 ]; do
@@ -112,20 +115,21 @@ if [ ! -f "$INITRD" ] || [ "$0" -nt "$INITRD" ] || [ "$ROOT/scripts/interop/gues
 fi
 
 # ---- 4. the target --------------------------------------------------------------------------
-log "building the target"
-(cd "$ROOT" && cargo build --release -q -p nvmirror-target --example serve_mem) ||
-    fail "cargo build of the serve_mem example"
-SERVE="$ROOT/build/release/examples/serve_mem"
+log "building nvmirror"
+(cd "$ROOT" && cargo build --release -q -p nvmirror-target --bin nvmirror) || fail "cargo build of nvmirror"
+NVMIRROR="$ROOT/build/release/nvmirror"
+DATA="$WORK/data"
+rm -rf "$DATA"
 TARGET_LOG="$WORK/target.log"
 GUEST_LOG="$WORK/guest.log"
 rm -f "$GUEST_LOG"
-RUST_LOG=${RUST_LOG:-info} "$SERVE" --listen "127.0.0.1:$PORT" --nqn "$NQN" --leg mem://64MiB \
-    >"$TARGET_LOG" 2>&1 &
+RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" \
+    --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$TARGET_LOG" 2>&1 &
 TARGET_PID=$!
 QEMU_PID=
 cleanup() {
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
-    kill "$TARGET_PID" 2>/dev/null || true
+    [ -n "$TARGET_PID" ] && kill "$TARGET_PID" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -135,7 +139,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 grep -q "serving" "$TARGET_LOG" || fail "target did not start listening"
-log "target listening on 127.0.0.1:$PORT"
+log "nvmirror serve listening on 127.0.0.1:$PORT"
 
 # ---- 5. the guest ---------------------------------------------------------------------------
 log "booting $KVER under qemu (timeout ${TIMEOUT}s)"
@@ -154,6 +158,18 @@ QEMU_PID=
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
+    # ---- 6. both legs hold what the guest wrote ------------------------------------------
+    want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | head -n1)
+    [ -n "$want" ] || fail "the guest did not report its pattern's checksum"
+    kill -TERM "$TARGET_PID"
+    wait "$TARGET_PID" 2>/dev/null || true
+    TARGET_PID=
+    grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
+    for leg in primary mirror; do
+        got=$(head -c 4194304 "$DATA/$leg.img" | sha256sum | cut -d' ' -f1)
+        [ "$got" = "$want" ] || fail "leg $leg.img does not hold the guest's pattern ($got != $want)"
+        log "leg $leg.img holds the guest's pattern"
+    done
     echo "PASS"
     exit 0
 fi
