@@ -1,1 +1,3 @@
 //! The mirror engine.
+
+pub mod superblock;

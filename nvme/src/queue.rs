@@ -7,7 +7,7 @@
 
 use std::fmt::Debug;
 
-use crate::dma::IoBuf;
+use crate::dma::{DmaPool, IoBuf};
 use crate::spec::{Geometry, Status};
 use crate::{Error, Result};
 
@@ -123,6 +123,17 @@ pub trait QueuePair: Send + Debug {
     /// Submits everything queued and reaps up to `out.len()` completions into `out`.
     /// Returns how many were written.
     fn poll(&mut self, out: &mut [Completion]) -> usize;
+
+    /// Registers a per-core [`DmaPool`] with the device so commands on its buffers are
+    /// cheaper (io_uring fixed buffers). Buffers outside the pool keep working. Back ends
+    /// without such a feature do nothing.
+    ///
+    /// # Safety
+    /// `pool` must stay alive until this queue pair is dropped or registers another pool.
+    unsafe fn register_buffers(&mut self, pool: &DmaPool) -> Result<()> {
+        let _ = pool;
+        Ok(())
+    }
 }
 
 /// A namespace that per-core queue pairs can be opened on. Shared between cores.

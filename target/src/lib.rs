@@ -1,4 +1,5 @@
-//! nvmirror's front ends: the NVMe/TCP target ([`nvme_tcp`]), which exports any
+//! nvmirror's front ends and control plane: configuration, JSON-RPC, metrics, status, and the
+//! NVMe/TCP target ([`nvme_tcp`]), which exports any
 //! [`BlockDevice`](nvmirror_nvme::BlockDevice) as a namespace of an NVMe-oF subsystem.
 //!
 //! ```no_run
@@ -17,8 +18,12 @@
 //! println!("listening on {}", target.local_addr());
 //! ```
 
+pub mod config;
 mod error;
+pub mod metrics;
 pub mod nvme_tcp;
+pub mod rpc;
+pub mod status;
 
 pub use error::{Error, Result};
 pub use nvme_tcp::{NvmeTcpTarget, SubsystemConfig, TargetConfig};

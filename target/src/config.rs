@@ -1,0 +1,510 @@
+//! `nvmirror serve` configuration: a TOML file (or the embedded default) plus command-line
+//! overrides. Unknown keys are refused; every error names the file, the line and the field.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use nvmirror_nvme::uri::{parse_duration, parse_size, LegUri};
+
+/// The configuration `nvmirror serve` runs with no `--config`. `@DATA_DIR@` is replaced by the
+/// data directory.
+pub const DEFAULT_CONFIG: &str = r#"
+data_dir = "./nvmirror-data"
+
+[reactors]
+cores = []
+idle = "spin"
+
+[nvme_tcp]
+listen = "127.0.0.1:4420"
+
+[nbd]
+listen = "127.0.0.1:10809"
+
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+
+[metrics]
+listen = "127.0.0.1:9420"
+
+[[volume]]
+name = "vol0"
+legs = ["file://@DATA_DIR@/primary.img?create=1GiB", "file://@DATA_DIR@/mirror.img?create=1GiB"]
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmirror:vol0"
+namespaces = ["vol0"]
+"#;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key (the message carries line and column).
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    /// A value that parses but cannot be used.
+    #[error("{file}: {field}: {reason}")]
+    Invalid {
+        file: String,
+        field: String,
+        reason: String,
+    },
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./nvmirror-data")
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub reactors: ReactorsConfig,
+    #[serde(default)]
+    pub nvme_tcp: Option<ListenConfig>,
+    #[serde(default)]
+    pub nbd: Option<ListenConfig>,
+    #[serde(default)]
+    pub rpc: Option<RpcConfig>,
+    #[serde(default)]
+    pub metrics: Option<ListenConfig>,
+    #[serde(default)]
+    pub resync: ResyncConfig,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+    #[serde(default, rename = "subsystem")]
+    pub subsystems: Vec<SubsystemConfig>,
+}
+
+/// `[reactors]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorsConfig {
+    /// CPUs to pin one reactor each to; empty = one unpinned reactor.
+    #[serde(default)]
+    pub cores: Vec<usize>,
+    /// `spin` (lowest latency) or `sleep` (spin briefly, then sleep when idle).
+    #[serde(default)]
+    pub idle: IdleConfig,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleConfig {
+    #[default]
+    Spin,
+    Sleep,
+}
+
+/// A listener (`[nvme_tcp]`, `[nbd]`, `[metrics]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    pub listen: String,
+}
+
+/// `[rpc]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RpcConfig {
+    pub socket: PathBuf,
+}
+
+/// `[resync]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncConfig {
+    /// Upper bound in bytes per second (`"200MiB"`); `"0"` = no bound.
+    #[serde(default = "zero")]
+    pub max_rate: String,
+    /// Back off when host write p99 rises above `latency_factor` × its baseline.
+    #[serde(default = "yes")]
+    pub adaptive: bool,
+    #[serde(default = "two")]
+    pub latency_factor: f64,
+    /// Regions copied in parallel.
+    #[serde(default = "four")]
+    pub parallel_regions: u32,
+}
+
+fn zero() -> String {
+    "0".into()
+}
+fn yes() -> bool {
+    true
+}
+fn two() -> f64 {
+    2.0
+}
+fn four() -> u32 {
+    4
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self {
+            max_rate: zero(),
+            adaptive: true,
+            latency_factor: 2.0,
+            parallel_regions: 4,
+        }
+    }
+}
+
+/// `[[volume]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    /// Leg URIs; the first is the primary.
+    pub legs: Vec<String>,
+    #[serde(default = "default_region_size")]
+    pub region_size: String,
+    /// `primary`, `round-robin` or `least-latency`.
+    #[serde(default = "default_read_policy")]
+    pub read_policy: String,
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout: String,
+    /// `sync` (the only mode so far).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+}
+
+fn default_region_size() -> String {
+    "1MiB".into()
+}
+fn default_read_policy() -> String {
+    "primary".into()
+}
+fn default_io_timeout() -> String {
+    "5s".into()
+}
+fn default_mode() -> String {
+    "sync".into()
+}
+
+/// `[[subsystem]]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemConfig {
+    pub nqn: String,
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Host NQNs allowed to connect; empty = any host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Volume names, exported as namespaces 1, 2, …
+    pub namespaces: Vec<String>,
+}
+
+fn default_model() -> String {
+    "nvmirror".into()
+}
+
+impl Config {
+    /// The embedded default with its data directory.
+    pub fn embedded_default() -> Self {
+        Self::parse_str(DEFAULT_CONFIG, "<embedded default>")
+            .expect("the embedded default is valid")
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse_str(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `file` names it in errors. `@DATA_DIR@` in any string
+    /// is replaced by `data_dir`.
+    pub fn parse_str(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.expand_data_dir();
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    /// Replaces `@DATA_DIR@` in paths and leg URIs with the data directory, made absolute.
+    pub fn expand_data_dir(&mut self) {
+        let dir = absolute(&self.data_dir);
+        let dir = dir.to_string_lossy().into_owned();
+        for v in &mut self.volumes {
+            for leg in &mut v.legs {
+                *leg = leg.replace("@DATA_DIR@", &dir);
+            }
+        }
+        if let Some(rpc) = &mut self.rpc {
+            rpc.socket = PathBuf::from(rpc.socket.to_string_lossy().replace("@DATA_DIR@", &dir));
+        }
+    }
+
+    /// Checks everything that parsing alone cannot.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |field: String, reason: String| ConfigError::Invalid {
+            file: file.to_string(),
+            field,
+            reason,
+        };
+        for (key, l) in [
+            ("nvme_tcp", &self.nvme_tcp),
+            ("nbd", &self.nbd),
+            ("metrics", &self.metrics),
+        ] {
+            if let Some(l) = l {
+                l.listen
+                    .parse::<SocketAddr>()
+                    .map_err(|e| bad(format!("{key}.listen"), format!("'{}': {e}", l.listen)))?;
+            }
+        }
+        let rate = &self.resync.max_rate;
+        if rate != "0" {
+            parse_size(rate).map_err(|e| bad("resync.max_rate".into(), e))?;
+        }
+        if !(1.0..=100.0).contains(&self.resync.latency_factor) {
+            return Err(bad(
+                "resync.latency_factor".into(),
+                "must be between 1 and 100".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut legs_seen = HashSet::new();
+        for (i, v) in self.volumes.iter().enumerate() {
+            let at = |k: &str| format!("volume[{i}] ({}).{k}", v.name);
+            if v.name.is_empty()
+                || !v
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    format!("volume[{i}].name"),
+                    format!("'{}': use letters, digits, '-', '_' or '.'", v.name),
+                ));
+            }
+            if !names.insert(v.name.clone()) {
+                return Err(bad(at("name"), "used by two volumes".into()));
+            }
+            if v.legs.is_empty() || v.legs.len() > 4 {
+                return Err(bad(
+                    at("legs"),
+                    format!("{} legs given; a volume has 1 to 4", v.legs.len()),
+                ));
+            }
+            for (j, leg) in v.legs.iter().enumerate() {
+                LegUri::parse(leg)
+                    .map_err(|e| bad(format!("{}[{j}]", at("legs")), e.to_string()))?;
+                let key = leg.split('?').next().unwrap_or(leg).to_string();
+                if !key.starts_with("mem://")
+                    && !key.starts_with("null://")
+                    && !legs_seen.insert(key.clone())
+                {
+                    return Err(bad(
+                        format!("{}[{j}]", at("legs")),
+                        format!("'{key}' is used twice"),
+                    ));
+                }
+            }
+            let region = parse_size(&v.region_size).map_err(|e| bad(at("region_size"), e))?;
+            if !region.is_power_of_two() || !(64 << 10..=64 << 20).contains(&region) {
+                return Err(bad(
+                    at("region_size"),
+                    "a power of two from 64KiB to 64MiB".into(),
+                ));
+            }
+            if !["primary", "round-robin", "least-latency"].contains(&v.read_policy.as_str()) {
+                return Err(bad(
+                    at("read_policy"),
+                    format!("'{}': primary, round-robin or least-latency", v.read_policy),
+                ));
+            }
+            parse_duration(&v.io_timeout)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(1))
+                .ok_or_else(|| {
+                    bad(
+                        at("io_timeout"),
+                        format!("'{}' is not a duration of at least 1ms", v.io_timeout),
+                    )
+                })?;
+            if v.mode != "sync" {
+                return Err(bad(
+                    at("mode"),
+                    format!("'{}': only 'sync' is available", v.mode),
+                ));
+            }
+        }
+        let mut nqns = HashSet::new();
+        for (i, s) in self.subsystems.iter().enumerate() {
+            let at = |k: &str| format!("subsystem[{i}].{k}");
+            if !s.nqn.starts_with("nqn.") || s.nqn.len() > 223 {
+                return Err(bad(
+                    at("nqn"),
+                    format!(
+                        "'{}' is not an NQN (nqn.yyyy-mm.reverse-domain:name, ≤ 223 bytes)",
+                        s.nqn
+                    ),
+                ));
+            }
+            if !nqns.insert(s.nqn.clone()) {
+                return Err(bad(at("nqn"), format!("'{}' is used twice", s.nqn)));
+            }
+            if s.namespaces.is_empty() {
+                return Err(bad(
+                    at("namespaces"),
+                    "a subsystem needs at least one namespace".into(),
+                ));
+            }
+            for ns in &s.namespaces {
+                if !names.contains(ns) {
+                    return Err(bad(at("namespaces"), format!("no volume named '{ns}'")));
+                }
+            }
+            if let Some(serial) = &s.serial {
+                if serial.len() > 20 || !serial.is_ascii() {
+                    return Err(bad(at("serial"), "at most 20 ASCII characters".into()));
+                }
+            }
+            if s.model.len() > 40 || !s.model.is_ascii() {
+                return Err(bad(at("model"), "at most 40 ASCII characters".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `path` made absolute against the current directory (without touching the file system).
+pub fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let mut out = cwd;
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse_str(text, "test.toml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    const MINIMAL: &str = r#"
+[[volume]]
+name = "v"
+legs = ["mem://64MiB", "mem://64MiB"]
+"#;
+
+    #[test]
+    fn embedded_default_is_two_file_legs_on_the_usual_ports() {
+        let cfg = Config::embedded_default();
+        assert_eq!(cfg.volumes.len(), 1);
+        let legs = &cfg.volumes[0].legs;
+        assert!(
+            legs[0].starts_with("file:///") && legs[0].contains("nvmirror-data/primary.img"),
+            "{legs:?}"
+        );
+        assert!(legs[1].contains("nvmirror-data/mirror.img?create=1GiB"));
+        assert_eq!(cfg.nvme_tcp.unwrap().listen, "127.0.0.1:4420");
+        assert_eq!(cfg.nbd.unwrap().listen, "127.0.0.1:10809");
+        assert_eq!(cfg.metrics.unwrap().listen, "127.0.0.1:9420");
+        assert!(cfg
+            .rpc
+            .unwrap()
+            .socket
+            .ends_with("nvmirror-data/nvmirror.sock"));
+        assert_eq!(cfg.subsystems[0].nqn, "nqn.2026-11.io.nvmirror:vol0");
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/nvmirror.toml");
+        Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = Config::parse_str(MINIMAL, "t").unwrap();
+        assert_eq!(cfg.volumes[0].region_size, "1MiB");
+        assert_eq!(cfg.volumes[0].io_timeout, "5s");
+        assert!(cfg.nvme_tcp.is_none());
+    }
+
+    #[test]
+    fn bad_toml_names_file_and_line() {
+        let e = err("[[volume]]\nname = \"v\"\nlegs = [\"mem://1GiB\"\n");
+        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(e.contains("line 3") || e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&format!("{MINIMAL}colour = \"red\"\n"));
+        assert!(e.contains("colour") && e.contains("line 5"), "{e}");
+        let e = err("[reactors]\ncors = [1]\n");
+        assert!(e.contains("cors") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let cases = [
+            ("[[volume]]\nname = \"v\"\nlegs = [\"mem://1XB\"]\n", "volume[0] (v).legs[0]"),
+            ("[[volume]]\nname = \"v\"\nlegs = []\n", "volume[0] (v).legs"),
+            ("[[volume]]\nname = \"v\"\nlegs = [\"file:///a.img\", \"file:///a.img?create=1GiB\"]\n", "used twice"),
+            ("[[volume]]\nname = \"v\"\nlegs = [\"mem://1GiB\"]\nregion_size = \"3MiB\"\n", "region_size"),
+            ("[[volume]]\nname = \"v\"\nlegs = [\"mem://1GiB\"]\nread_policy = \"random\"\n", "read_policy"),
+            ("[[volume]]\nname = \"v\"\nlegs = [\"mem://1GiB\"]\nio_timeout = \"5\"\n", "io_timeout"),
+            ("[nvme_tcp]\nlisten = \"localhost\"\n", "nvme_tcp.listen"),
+            ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"nope\"]\n", "no volume named 'nope'"),
+            ("[[subsystem]]\nnqn = \"vol0\"\nnamespaces = []\n", "subsystem[0].nqn"),
+            ("[resync]\nmax_rate = \"fast\"\n", "resync.max_rate"),
+        ];
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(
+                e.starts_with("test.toml: ") && e.contains(want),
+                "want '{want}' in: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Path::new("/nonexistent/nvmirror.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/nvmirror.toml"), "{e}");
+    }
+}

@@ -1,0 +1,257 @@
+//! Prometheus text exposition on `/metrics` (loopback by default): a tiny HTTP/1.1 server on
+//! its own thread, and a writer for the text format (version 0.0.4).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Renders the whole exposition on each scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Builds exposition text: one `# HELP`/`# TYPE` header per metric family.
+#[derive(Debug, Default)]
+pub struct PromWriter {
+    out: String,
+    families: std::collections::HashSet<String>,
+}
+
+impl PromWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        if self.families.insert(name.to_string()) {
+            let _ = writeln!(self.out, "# HELP {name} {help}");
+            let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let v = v
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                let _ = write!(self.out, "{k}=\"{v}\"");
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A monotonically increasing count.
+    pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.header(name, "counter", help);
+        self.sample(name, labels, value);
+    }
+
+    /// A value that goes up and down.
+    pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
+        self.header(name, "gauge", help);
+        self.sample(name, labels, value);
+    }
+
+    /// A histogram from cumulative `(upper bound, count)` buckets, the sum and the count.
+    pub fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        buckets: &[(f64, u64)],
+        sum: f64,
+        count: u64,
+    ) {
+        self.header(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        for (le, c) in buckets {
+            let le = le.to_string();
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&bucket, &l, *c as f64);
+        }
+        let mut l = labels.to_vec();
+        l.push(("le", "+Inf"));
+        self.sample(&bucket, &l, count as f64);
+        self.sample(&format!("{name}_sum"), labels, sum);
+        self.sample(&format!("{name}_count"), labels, count as f64);
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// The running endpoint; dropping it stops it.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` and answers `GET /metrics` with `render()`.
+    pub fn start(addr: SocketAddr, render: Render) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("nvmirror-metrics".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let _ = answer(s, &render);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })?;
+        Ok(Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn answer(stream: TcpStream, render: &Render) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = if method != "GET" {
+        (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        )
+    } else if path == "/metrics" || path.starts_with("/metrics?") {
+        (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+    };
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    }
+
+    #[test]
+    fn exposition_format() {
+        let mut w = PromWriter::new();
+        w.counter(
+            "nvmirror_leg_ops_total",
+            "Leg operations.",
+            &[("volume", "vol0"), ("leg", "0")],
+            5.0,
+        );
+        w.counter(
+            "nvmirror_leg_ops_total",
+            "Leg operations.",
+            &[("volume", "vol0"), ("leg", "1")],
+            7.0,
+        );
+        w.histogram(
+            "lat_seconds",
+            "Latency.",
+            &[("leg", "a\"b")],
+            &[(0.001, 2), (0.01, 3)],
+            0.02,
+            4,
+        );
+        let text = w.finish();
+        assert_eq!(
+            text.matches("# TYPE nvmirror_leg_ops_total counter")
+                .count(),
+            1
+        );
+        assert!(
+            text.contains("nvmirror_leg_ops_total{volume=\"vol0\",leg=\"1\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{leg=\"a\\\"b\",le=\"0.001\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{leg=\"a\\\"b\",le=\"+Inf\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_count{leg=\"a\\\"b\"} 4\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn serves_metrics_and_404s_the_rest() {
+        let render: Render = Arc::new(|| "up 1\n".to_string());
+        let srv = MetricsServer::start("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let r = get(srv.local_addr(), "/metrics");
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK") && r.ends_with("\r\n\r\nup 1\n"),
+            "{r}"
+        );
+        assert!(get(srv.local_addr(), "/").starts_with("HTTP/1.1 404"));
+    }
+}
