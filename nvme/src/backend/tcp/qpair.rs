@@ -7,6 +7,13 @@
 //! commands — then encodes queued capsules and H2CData and does at most one `send`. Command
 //! IDs are indices into a fixed [`SlotTable`]; no command allocates.
 //!
+//! A read or write larger than the controller's MDTS (capped at 1 MiB) is split: its pieces
+//! of MDTS go out one after another under the command's ID, the next when the previous one
+//! succeeded, and the caller sees one completion — the first failure, or success.
+//! The LBA range is checked by the controller, whose status the completion carries; only
+//! what cannot be put on the wire (no blocks, more than 65536, a buffer shorter than the
+//! transfer) completes at once with Invalid Field or Data SGL Length Invalid.
+//!
 //! Any protocol violation by the controller sends an H2CTermReq; that, a C2HTermReq, a closed
 //! socket or a lost controller (keep-alive failed) kills the queue: every outstanding command
 //! completes with [`Status::HOST_PATHING_ERROR`], and so does every later one.
@@ -19,6 +26,7 @@ use super::control::{term_req_reason, ControlConn};
 use super::slot::{Direction, SlotState, SlotTable, DSM_RANGE_LEN};
 use super::stream::{RxBuf, TxBuf};
 use super::Link;
+use crate::dma::IoBuf;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
 use crate::spec::fabrics::{sgl_in_capsule, sgl_transport};
 use crate::spec::opcode::DSM_ATTR_DEALLOCATE;
@@ -141,12 +149,37 @@ impl TcpQueuePair {
     /// Fills slot `i` for `cmd`; an error status completes the command without sending it.
     #[inline]
     fn prepare(&mut self, i: u16, cmd: &IoCommand) -> std::result::Result<(), Status> {
-        let p = self.p;
+        let shift = self.p.lba_shift;
         let slot = &mut self.table.slots[usize::from(i)];
         slot.tag = cmd.tag;
+        slot.op = cmd.op;
+        slot.slba = cmd.slba;
+        slot.nlb = if cmd.op == IoOp::Flush { 0 } else { cmd.nlb };
+        slot.host_buf = IoBuf::EMPTY;
+        slot.done_blocks = 0;
         slot.status = Status::SUCCESS;
+        if cmd.op != IoOp::Flush && !(1..=65536).contains(&cmd.nlb) {
+            return Err(Status::INVALID_FIELD);
+        }
+        if cmd.op.has_data() {
+            if (cmd.buf.len() as u64) < u64::from(cmd.nlb) << shift {
+                return Err(Status::DATA_SGL_LENGTH_INVALID);
+            }
+            slot.host_buf = cmd.buf;
+        }
+        self.prepare_piece(i);
+        Ok(())
+    }
+
+    /// Builds the SQE of slot `i`'s next piece: the caller's range from `done_blocks` on, at
+    /// most MDTS of it for reads and writes.
+    #[inline]
+    fn prepare_piece(&mut self, i: u16) {
+        let p = self.p;
+        let slot = &mut self.table.slots[usize::from(i)];
+        slot.gen = slot.gen.wrapping_add(1);
         slot.dir = Direction::None;
-        slot.buf = crate::dma::IoBuf::EMPTY;
+        slot.buf = IoBuf::EMPTY;
         slot.dsm = None;
         slot.len = 0;
         slot.in_capsule = false;
@@ -157,28 +190,19 @@ impl TcpQueuePair {
             nsid: p.nsid,
             ..Default::default()
         };
-        let check_nlb = || {
-            if (1..=65536).contains(&cmd.nlb) {
-                Ok(())
-            } else {
-                Err(Status::INVALID_FIELD)
-            }
-        };
-        match cmd.op {
+        let rest = slot.nlb - slot.done_blocks;
+        let slba = slot.slba.wrapping_add(u64::from(slot.done_blocks));
+        match slot.op {
             IoOp::Read | IoOp::Write => {
-                check_nlb()?;
-                let bytes = u64::from(cmd.nlb) << p.lba_shift;
-                if bytes > u64::from(p.max_transfer) {
-                    return Err(Status::INVALID_FIELD);
-                }
-                if (cmd.buf.len() as u64) < bytes {
-                    return Err(Status::DATA_SGL_LENGTH_INVALID);
-                }
-                let bytes = bytes as u32;
-                sqe.set_lba_range(cmd.slba, cmd.nlb);
-                slot.buf = cmd.buf;
+                let blocks = rest.min(p.max_transfer >> p.lba_shift);
+                let bytes = blocks << p.lba_shift;
+                slot.piece_blocks = blocks;
+                sqe.set_lba_range(slba, blocks);
+                slot.buf = slot
+                    .host_buf
+                    .offset((slot.done_blocks as usize) << p.lba_shift);
                 slot.len = bytes;
-                if cmd.op == IoOp::Read {
+                if slot.op == IoOp::Read {
                     sqe.opcode = NvmOpcode::Read as u8;
                     slot.dir = Direction::ControllerToHost;
                     sgl_transport(&mut sqe, bytes);
@@ -194,21 +218,22 @@ impl TcpQueuePair {
                 }
             }
             IoOp::Flush => {
+                slot.piece_blocks = 0;
                 sqe.opcode = NvmOpcode::Flush as u8;
                 sgl_transport(&mut sqe, 0);
             }
             IoOp::WriteZeroes => {
-                check_nlb()?;
+                slot.piece_blocks = rest;
                 sqe.opcode = NvmOpcode::WriteZeroes as u8;
-                sqe.set_lba_range(cmd.slba, cmd.nlb);
+                sqe.set_lba_range(slba, rest);
                 sgl_transport(&mut sqe, 0);
             }
             IoOp::Deallocate => {
-                check_nlb()?;
+                slot.piece_blocks = rest;
                 // One range (NR 0's based = 0): context attributes, length, starting LBA.
                 let mut range = [0u8; DSM_RANGE_LEN];
-                range[4..8].copy_from_slice(&cmd.nlb.to_le_bytes());
-                range[8..16].copy_from_slice(&cmd.slba.to_le_bytes());
+                range[4..8].copy_from_slice(&rest.to_le_bytes());
+                range[8..16].copy_from_slice(&slba.to_le_bytes());
                 sqe.opcode = NvmOpcode::DatasetManagement as u8;
                 sqe.cdw11 = DSM_ATTR_DEALLOCATE;
                 slot.dsm = Some(range);
@@ -223,7 +248,6 @@ impl TcpQueuePair {
             }
         }
         slot.sqe = sqe;
-        Ok(())
     }
 
     /// Encodes slot `i`'s capsule into the send buffer; false if it does not fit yet.
@@ -253,6 +277,22 @@ impl TcpQueuePair {
         slot.state = SlotState::Complete;
         slot.status = status;
         self.done.push_back(i);
+    }
+
+    /// The current piece of slot `i` finished: the command completes on failure or after its
+    /// last piece, else its next piece is queued (sent by this poll's `send`).
+    #[inline]
+    fn piece_done(&mut self, i: u16, status: Status) {
+        let slot = &mut self.table.slots[usize::from(i)];
+        slot.done_blocks += slot.piece_blocks;
+        if !status.is_success() || slot.done_blocks >= slot.nlb {
+            self.complete(i, status);
+            return;
+        }
+        slot.state = SlotState::Unsent;
+        self.in_flight -= 1;
+        self.prepare_piece(i);
+        self.unsent.push_back(i);
     }
 
     /// Kills the queue: every command not yet complete fails with a path error.
@@ -362,7 +402,7 @@ impl TcpQueuePair {
                 status = Status::DATA_TRANSFER_ERROR;
             }
         }
-        self.complete(i, status);
+        self.piece_done(i, status);
         Ok(())
     }
 
@@ -419,7 +459,7 @@ impl TcpQueuePair {
             } else {
                 slot.status
             };
-            self.complete(i, status);
+            self.piece_done(i, status);
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! allocates. Each slot walks the states of [`SlotState`].
 
 use crate::dma::IoBuf;
+use crate::queue::IoOp;
 use crate::spec::{Status, SubmissionQueueEntry};
 
 /// Where a command is in its life.
@@ -33,17 +34,27 @@ pub(super) enum Direction {
 /// Bytes per Dataset Management range (NVM §3.2.3).
 pub(super) const DSM_RANGE_LEN: usize = 16;
 
-/// One command.
+/// One caller command. A read or write larger than the controller's MDTS travels as pieces
+/// of at most MDTS, one after another under the same command ID; the fields from `sqe` on
+/// describe the piece on the wire.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Slot {
     pub state: SlotState,
-    /// Bumped whenever the slot is freed, so stale references (queued R2T work of a command
-    /// the controller already completed) can be recognised.
+    /// Bumped whenever the slot is freed or starts a new piece, so stale references (queued
+    /// R2T work of a command the controller already completed) can be recognised.
     pub gen: u32,
     pub tag: u64,
+    pub op: IoOp,
+    /// The caller's range and buffer.
+    pub slba: u64,
+    pub nlb: u32,
+    pub host_buf: IoBuf,
+    /// Blocks of the caller's range already done by earlier pieces, and in this piece.
+    pub done_blocks: u32,
+    pub piece_blocks: u32,
     pub sqe: SubmissionQueueEntry,
     pub dir: Direction,
-    /// The caller's buffer (reads and writes).
+    /// The piece's part of the caller's buffer.
     pub buf: IoBuf,
     /// The slot's own data instead of `buf`: one Dataset Management range.
     pub dsm: Option<[u8; DSM_RANGE_LEN]>,
@@ -68,6 +79,12 @@ impl Slot {
         state: SlotState::Free,
         gen: 0,
         tag: 0,
+        op: IoOp::Flush,
+        slba: 0,
+        nlb: 0,
+        host_buf: IoBuf::EMPTY,
+        done_blocks: 0,
+        piece_blocks: 0,
         sqe: SubmissionQueueEntry {
             opcode: 0,
             flags: 0,
@@ -145,6 +162,7 @@ impl SlotTable {
         s.state = SlotState::Free;
         s.gen = s.gen.wrapping_add(1);
         s.buf = IoBuf::EMPTY;
+        s.host_buf = IoBuf::EMPTY;
         self.free.push(i);
     }
 

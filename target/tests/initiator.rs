@@ -1,0 +1,11 @@
+//! nvmirror's NVMe/TCP initiator (`nvme-tcp://`, `NvmeTcpDevice`) against the target running
+//! in this process on a free loopback port with `mem://` namespaces.
+
+#[path = "initiator/faults.rs"]
+mod faults;
+#[path = "initiator/harness.rs"]
+mod harness;
+#[path = "initiator/io.rs"]
+mod io;
+#[path = "initiator/model.rs"]
+mod model;
