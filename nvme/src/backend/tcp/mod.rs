@@ -1,8 +1,8 @@
 //! `nvme-tcp://` — a namespace of a remote NVMe/TCP controller (nvmirror, SPDK `nvmf_tgt`,
 //! Linux `nvmet`) as a [`BlockDevice`]: nvmirror's own NVMe/TCP initiator.
 //!
-//! [`NvmeTcpDevice::connect`] brings the controller up over the admin queue (see
-//! [`controller`] for the steps) and leaves the admin connection to a small thread that sends
+//! [`NvmeTcpDevice::connect`] brings the controller up over the admin queue (Connect,
+//! CC.EN, Identify, Number of Queues; `docs/backends.md` lists the steps) and leaves the admin connection to a small thread that sends
 //! Keep Alive every KATO/2. Each [`open_qpair`](BlockDevice::open_qpair) opens one more TCP
 //! connection as one I/O queue, a [`TcpQueuePair`] that the calling core drives without
 //! locks or blocking. Queue pairs keep the controller alive: it is shut down (CC.SHN) and
