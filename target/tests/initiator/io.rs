@@ -36,20 +36,25 @@ fn connect_reports_the_controller_and_the_namespace_geometry() {
     let qp = ns1.open_qpair(8).unwrap();
     drop(ns1);
     drop(ns2);
-    std::thread::sleep(Duration::from_millis(200));
+    wait_for(|| t.controllers() <= 1, "ns2's controller goes away");
+    std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
         t.controllers(),
         1,
-        "ns2's controller is gone, ns1's is held by its queue"
+        "ns1's controller is held by its queue pair"
     );
     drop(qp);
+    wait_for(
+        || t.controllers() == 0,
+        "the controller goes with its last queue pair",
+    );
+}
+
+fn wait_for(cond: impl Fn() -> bool, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while t.controllers() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "controller outlived its last queue pair"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within 5 s");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
