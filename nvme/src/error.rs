@@ -45,6 +45,15 @@ pub enum Error {
     /// A queue pair could not be created.
     #[error("cannot create queue pair: {0}")]
     QueuePair(String),
+    /// A step of bringing up an NVMe/TCP controller or one of its queues failed: `step`
+    /// names it (e.g. "admin Connect", "Identify Namespace 1"), `reason` gives the NVMe
+    /// status, the termination request's FES or the socket error.
+    #[error("nvme-tcp {target}: {step} failed: {reason}")]
+    NvmeTcp {
+        target: String,
+        step: String,
+        reason: String,
+    },
 }
 
 /// The crate's result type.

@@ -6,6 +6,7 @@
 //! | `null://1TiB` | [`NullDevice`] |
 //! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
+//! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s` | [`NvmeTcpDevice`] |
 //!
 //! Errors name the offending part of the URI.
 
@@ -13,8 +14,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::tcp::{NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
 use crate::backend::{LatencyModel, MemDevice, NullDevice, UringDevice, UringOptions};
 use crate::queue::BlockDevice;
+use crate::spec::fabrics::NQN_MAX_LEN;
 use crate::{Error, Result};
 
 /// A parsed leg URI.
@@ -33,6 +36,12 @@ pub enum LegUri {
     Uring {
         path: PathBuf,
         opts: UringOptions,
+    },
+    /// A namespace of a remote NVMe/TCP controller.
+    NvmeTcp {
+        /// `HOST:PORT` (an IPv6 host in brackets).
+        addr: String,
+        opts: NvmeTcpOptions,
     },
 }
 
@@ -154,6 +163,49 @@ impl LegUri {
                 path: PathBuf::from(path),
                 opts,
             }
+        } else if let Some(rest) = base.strip_prefix("nvme-tcp://") {
+            let (hostport, subnqn) = rest
+                .split_once('/')
+                .ok_or_else(|| err(rest, "expected nvme-tcp://HOST:PORT/SUBNQN".into()))?;
+            let addr = parse_host_port(hostport).map_err(|r| err(hostport, r))?;
+            check_nqn(subnqn).map_err(|r| err(subnqn, format!("subsystem NQN {r}")))?;
+            let mut opts = NvmeTcpOptions::new(subnqn);
+            if let Some(v) = take(&mut params, "nsid") {
+                opts.nsid = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..0xffff_ffff).contains(n))
+                    .ok_or_else(|| err(&format!("nsid={v}"), "expected 1..4294967294".into()))?;
+            }
+            opts.hdgst = flag(&mut params, "hdgst")?;
+            opts.ddgst = flag(&mut params, "ddgst")?;
+            if let Some(v) = take(&mut params, "hostnqn") {
+                check_nqn(&v).map_err(|r| err(&format!("hostnqn={v}"), format!("host NQN {r}")))?;
+                opts.hostnqn = Some(v);
+            }
+            if let Some(v) = take(&mut params, "queue_size") {
+                opts.queue_size = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (2..=65536).contains(n))
+                    .ok_or_else(|| {
+                        err(
+                            &format!("queue_size={v}"),
+                            "expected 2..=65536 entries".into(),
+                        )
+                    })?;
+            }
+            if let Some(v) = take(&mut params, "kato") {
+                let part = format!("kato={v}");
+                let kato = parse_duration(&v).map_err(|r| err(&part, r))?;
+                if kato.as_millis() > u128::from(u32::MAX)
+                    || (!kato.is_zero() && kato < Duration::from_millis(100))
+                {
+                    return Err(err(&part, "expected 0 (off) or 100ms up to 49 days".into()));
+                }
+                opts.kato = kato;
+            }
+            Self::NvmeTcp { addr, opts }
         } else {
             let scheme = base.split_once("://").map_or(base, |(s, _)| s);
             return Err(err(
@@ -179,6 +231,9 @@ impl LegUri {
                 Arc::new(NullDevice::new(*bytes, *lba_size)?.with_name(uri))
             }
             Self::Uring { path, opts } => Arc::new(UringDevice::open(path, opts)?),
+            Self::NvmeTcp { addr, opts } => {
+                Arc::new(NvmeTcpDevice::connect(addr, opts)?.with_name(uri))
+            }
         })
     }
 }
@@ -186,6 +241,53 @@ impl LegUri {
 /// Parses and opens a leg URI.
 pub fn open_leg(uri: &str) -> Result<Arc<dyn BlockDevice>> {
     LegUri::parse(uri)?.open(uri)
+}
+
+/// Checks `HOST:PORT`, `HOST` (port 4420), `[V6]:PORT` or `[V6]`; returns `HOST:PORT`.
+fn parse_host_port(s: &str) -> std::result::Result<String, String> {
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (host, rest) = v6
+            .split_once(']')
+            .ok_or("an IPv6 address needs its closing ']'")?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("'{host}' is not an IPv6 address"));
+        }
+        match rest {
+            "" => (format!("[{host}]"), None),
+            r => match r.strip_prefix(':') {
+                Some(p) => (format!("[{host}]"), Some(p)),
+                None => return Err("expected ':PORT' after ']'".into()),
+            },
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (s.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err("expected a host name or address".into());
+    }
+    let port = match port {
+        None => DEFAULT_PORT,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("'{p}' is not a TCP port"))?,
+    };
+    Ok(format!("{host}:{port}"))
+}
+
+/// An NQN: 1..=223 bytes of printable ASCII without spaces.
+fn check_nqn(s: &str) -> std::result::Result<(), String> {
+    if s.is_empty() || s.len() > NQN_MAX_LEN {
+        return Err(format!("must be 1..={NQN_MAX_LEN} bytes"));
+    }
+    if !s.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".into());
+    }
+    Ok(())
 }
 
 /// Parses `4096`, `64KiB`, `1GiB`, `1TiB`, `1G` (binary units), `1.5GiB`.
@@ -300,6 +402,61 @@ mod tests {
         assert!(msg("file://relative.img").contains("absolute"));
         assert!(msg("null://0").contains("greater than zero"));
         assert!(msg("mem://1GiB?latency=5us&dist=zipf").contains("dist=zipf"));
+    }
+
+    #[test]
+    fn parses_nvme_tcp() {
+        let LegUri::NvmeTcp { addr, opts } =
+            LegUri::parse("nvme-tcp://10.0.0.2:4421/nqn.2024-01.io.nvmirror:vol0").unwrap()
+        else {
+            panic!("not nvme-tcp")
+        };
+        assert_eq!(addr, "10.0.0.2:4421");
+        assert_eq!(opts, NvmeTcpOptions::new("nqn.2024-01.io.nvmirror:vol0"));
+        assert_eq!(opts.nsid, 1);
+        assert!(!opts.hdgst && !opts.ddgst && opts.hostnqn.is_none());
+        assert_eq!(opts.queue_size, 128);
+        let LegUri::NvmeTcp { addr, opts } = LegUri::parse(
+            "nvme-tcp://[::1]/nqn.x:y?nsid=3&hdgst=1&ddgst=true&hostnqn=nqn.h:1&queue_size=32&kato=2500ms",
+        )
+        .unwrap() else {
+            panic!("not nvme-tcp")
+        };
+        assert_eq!(addr, "[::1]:4420");
+        assert_eq!(opts.nsid, 3);
+        assert!(opts.hdgst && opts.ddgst);
+        assert_eq!(opts.hostnqn.as_deref(), Some("nqn.h:1"));
+        assert_eq!(opts.queue_size, 32);
+        assert_eq!(opts.kato, Duration::from_millis(2500));
+        match LegUri::parse("nvme-tcp://localhost:4420/nqn.a?kato=0").unwrap() {
+            LegUri::NvmeTcp { opts, .. } => assert!(opts.kato.is_zero()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nvme_tcp_errors_name_the_bad_part() {
+        let msg = |u: &str| LegUri::parse(u).unwrap_err().to_string();
+        for (uri, part) in [
+            ("nvme-tcp://10.0.0.2:4420", "10.0.0.2:4420"),
+            ("nvme-tcp://10.0.0.2:99999/nqn.a", "99999"),
+            ("nvme-tcp://:4420/nqn.a", "expected a host"),
+            ("nvme-tcp://[::1/nqn.a", "closing ']'"),
+            ("nvme-tcp://h:1/", "subsystem NQN"),
+            ("nvme-tcp://h:1/nqn.a?nsid=0", "nsid=0"),
+            ("nvme-tcp://h:1/nqn.a?nsid=x", "nsid=x"),
+            ("nvme-tcp://h:1/nqn.a?hdgst=2", "hdgst=2"),
+            ("nvme-tcp://h:1/nqn.a?queue_size=1", "queue_size=1"),
+            ("nvme-tcp://h:1/nqn.a?kato=10", "kato=10"),
+            ("nvme-tcp://h:1/nqn.a?kato=1us", "kato=1us"),
+            ("nvme-tcp://h:1/nqn.a?hostnqn=", "hostnqn="),
+            ("nvme-tcp://h:1/nqn.a?digest=1", "digest=1"),
+        ] {
+            let m = msg(uri);
+            assert!(m.contains(part), "{uri}: {m}");
+        }
+        let long = format!("nvme-tcp://h:1/nqn.{}", "a".repeat(230));
+        assert!(msg(&long).contains("1..=223"), "{}", msg(&long));
     }
 
     #[test]

@@ -5,9 +5,11 @@ pub(crate) mod conformance;
 pub mod fault;
 pub mod mem;
 pub mod null;
+pub mod tcp;
 pub mod uring;
 
 pub use fault::{Fault, FaultInjector, FaultyDevice, OpFilter};
 pub use mem::{LatencyModel, MemDevice};
 pub use null::NullDevice;
+pub use tcp::{NvmeTcpDevice, NvmeTcpOptions, TcpQueuePair};
 pub use uring::{UringDevice, UringOptions};

@@ -1,0 +1,304 @@
+//! `nvme-tcp://` — a namespace of a remote NVMe/TCP controller (nvmirror, SPDK `nvmf_tgt`,
+//! Linux `nvmet`) as a [`BlockDevice`]: nvmirror's own NVMe/TCP initiator.
+//!
+//! [`NvmeTcpDevice::connect`] brings the controller up over the admin queue (Connect,
+//! CC.EN, Identify, Number of Queues; `docs/backends.md` lists the steps) and leaves the admin connection to a small thread that sends
+//! Keep Alive every KATO/2. Each [`open_qpair`](BlockDevice::open_qpair) opens one more TCP
+//! connection as one I/O queue, a [`TcpQueuePair`] that the calling core drives without
+//! locks or blocking. Queue pairs keep the controller alive: it is shut down (CC.SHN) and
+//! disconnected when the device and every queue pair opened on it are gone.
+//!
+//! ```no_run
+//! use nvmirror_nvme::backend::{NvmeTcpDevice, NvmeTcpOptions};
+//! use nvmirror_nvme::BlockDevice;
+//!
+//! let dev = NvmeTcpDevice::connect("127.0.0.1:4420", &NvmeTcpOptions::new("nqn.2024-01.io.nvmirror:mem0"))?;
+//! let mut qp = dev.open_qpair(32)?;
+//! # Ok::<(), nvmirror_nvme::Error>(())
+//! ```
+
+mod control;
+mod controller;
+mod keep_alive;
+mod qpair;
+mod slot;
+mod stream;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use control::{ControlConn, Peer};
+pub use controller::ControllerInfo;
+use controller::IoQueueConnect;
+use keep_alive::{AdminQueue, Health};
+pub use qpair::TcpQueuePair;
+
+use crate::queue::{BlockDevice, QueuePair};
+use crate::spec::Geometry;
+use crate::Result;
+
+/// The IANA port for NVMe/TCP I/O controllers.
+pub const DEFAULT_PORT: u16 = 4420;
+/// I/O queue size when the URI does not say.
+pub const DEFAULT_QUEUE_SIZE: u32 = 128;
+/// Keep-alive timeout when the URI does not say.
+pub const DEFAULT_KATO: Duration = Duration::from_secs(10);
+/// How long an I/O queue Connect retries a queue ID the controller still holds.
+const QID_RETRY: Duration = Duration::from_secs(2);
+
+/// What to connect to and how (the query part of an `nvme-tcp://` URI).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvmeTcpOptions {
+    /// Subsystem NQN.
+    pub subnqn: String,
+    /// Namespace ID (default 1).
+    pub nsid: u32,
+    /// Ask for header digests.
+    pub hdgst: bool,
+    /// Ask for data digests.
+    pub ddgst: bool,
+    /// Host NQN; `None` uses this process's generated
+    /// `nqn.2014-08.org.nvmexpress:uuid:<uuid>`.
+    pub hostnqn: Option<String>,
+    /// Largest I/O queue, in entries (default 128; the controller's CAP.MQES and MAXCMD
+    /// lower it).
+    pub queue_size: u32,
+    /// Keep-alive timeout; zero disables keep-alive (default 10 s).
+    pub kato: Duration,
+}
+
+impl NvmeTcpOptions {
+    /// The defaults for subsystem `subnqn`.
+    pub fn new(subnqn: impl Into<String>) -> Self {
+        Self {
+            subnqn: subnqn.into(),
+            nsid: 1,
+            hdgst: false,
+            ddgst: false,
+            hostnqn: None,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            kato: DEFAULT_KATO,
+        }
+    }
+}
+
+/// This process's host identity: a random UUID, as host ID and in the default host NQN.
+fn host_identity() -> &'static (String, [u8; 16]) {
+    static ID: OnceLock<(String, [u8; 16])> = OnceLock::new();
+    ID.get_or_init(|| {
+        let mut b: [u8; 16] = rand::random();
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        (
+            format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_string(&b)),
+            b,
+        )
+    })
+}
+
+/// The canonical 8-4-4-4-12 form.
+fn uuid_string(b: &[u8; 16]) -> String {
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The host ID for `hostnqn`: the UUID it ends with, if any, else this process's.
+fn host_id_for(hostnqn: &str) -> [u8; 16] {
+    let parsed = hostnqn.rsplit_once("uuid:").and_then(|(_, u)| {
+        let hex: String = u.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(b)
+    });
+    parsed.unwrap_or(host_identity().1)
+}
+
+/// What the device and its queue pairs share: the controller's identity and limits, the
+/// I/O queue IDs in use, the admin queue's health. The admin queue stops when the last
+/// holder is dropped.
+#[derive(Debug)]
+pub(super) struct Link {
+    /// The address the admin queue reached; I/O queues connect there too.
+    peer: Peer,
+    opts: NvmeTcpOptions,
+    hostnqn: String,
+    hostid: [u8; 16],
+    info: ControllerInfo,
+    geo: Geometry,
+    /// `qids[q - 1]`: I/O queue `q` is in use; `next` is where the search starts, so a
+    /// just-released ID is reused last.
+    qids: Mutex<QidTable>,
+    health: Arc<Health>,
+    _admin: AdminQueue,
+}
+
+#[derive(Debug)]
+struct QidTable {
+    used: Vec<bool>,
+    next: usize,
+}
+
+impl Link {
+    fn alloc_qid(&self, skip: &[u16]) -> Option<u16> {
+        let mut t = self.qids.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.used.len();
+        for k in 0..n {
+            let i = (t.next + k) % n;
+            let qid = (i + 1) as u16;
+            if !t.used[i] && !skip.contains(&qid) {
+                t.used[i] = true;
+                t.next = (i + 1) % n;
+                return Some(qid);
+            }
+        }
+        None
+    }
+
+    fn release_qid(&self, qid: u16) {
+        let mut t = self.qids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = t.used.get_mut(usize::from(qid).wrapping_sub(1)) {
+            *u = false;
+        }
+    }
+}
+
+/// Connects a new I/O queue of `size` entries; returns its connection and queue ID. A queue
+/// ID the controller still holds (a queue of ours that is closing there) is retried with the
+/// next free one, and then again for a short while.
+fn connect_io_queue(link: &Arc<Link>, size: u32) -> Result<(ControlConn, u16)> {
+    let deadline = std::time::Instant::now() + QID_RETRY;
+    let mut busy: Vec<u16> = Vec::new();
+    loop {
+        let qid = match link.alloc_qid(&busy) {
+            Some(q) => q,
+            None if !busy.is_empty() => {
+                busy.clear();
+                continue;
+            }
+            None => {
+                return Err(link.peer.err(
+                    "open an I/O queue",
+                    format!(
+                        "all {} I/O queues the controller granted are in use",
+                        link.info.io_queues
+                    ),
+                ))
+            }
+        };
+        let ids = (link.hostnqn.as_str(), link.hostid);
+        let r =
+            controller::connect_io_queue(&link.peer, &link.opts, ids, link.info.cntlid, qid, size);
+        match r {
+            Ok(IoQueueConnect::Connected(c)) => return Ok((c, qid)),
+            Ok(IoQueueConnect::QidBusy(e)) => {
+                link.release_qid(qid);
+                if std::time::Instant::now() > deadline {
+                    return Err(e);
+                }
+                busy.push(qid);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                link.release_qid(qid);
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A namespace on a remote NVMe/TCP controller.
+#[derive(Debug)]
+pub struct NvmeTcpDevice {
+    name: String,
+    link: Arc<Link>,
+}
+
+impl NvmeTcpDevice {
+    /// Connects to the controller of subsystem `opts.subnqn` at `host_port` and brings it up
+    /// for namespace `opts.nsid`. Errors name the step that failed and the NVMe status or
+    /// the termination request's FES.
+    pub fn connect(host_port: &str, opts: &NvmeTcpOptions) -> Result<Self> {
+        let peers = Peer::resolve(host_port, &opts.subnqn)?;
+        let hostnqn = opts
+            .hostnqn
+            .clone()
+            .unwrap_or_else(|| host_identity().0.clone());
+        let hostid = host_id_for(&hostnqn);
+        let (admin, info, geo) = controller::bring_up(&peers, opts, &hostnqn, hostid)?;
+        let peer = admin.peer.clone();
+        let health = Arc::new(Health::default());
+        let admin_queue = AdminQueue::start(admin, opts.kato, info.cc, Arc::clone(&health))?;
+        let name = format!("nvme-tcp://{host_port}/{}?nsid={}", opts.subnqn, opts.nsid);
+        let used = vec![false; usize::from(info.io_queues.max(1))];
+        Ok(Self {
+            name,
+            link: Arc::new(Link {
+                peer,
+                opts: opts.clone(),
+                hostnqn,
+                hostid,
+                info,
+                geo,
+                qids: Mutex::new(QidTable { used, next: 0 }),
+                health,
+                _admin: admin_queue,
+            }),
+        })
+    }
+
+    /// Renames the device (the URI it was opened from).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// What the controller reported at bring-up.
+    pub fn controller(&self) -> &ControllerInfo {
+        &self.link.info
+    }
+
+    /// The host NQN this device connected with.
+    pub fn host_nqn(&self) -> &str {
+        &self.link.hostnqn
+    }
+
+    /// Why the controller is considered lost (its keep-alive failed), if it is.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.link.health.reason()
+    }
+
+    /// Opens a queue pair as its concrete type. `depth` commands may be outstanding at once,
+    /// at most the queue size (URI `queue_size`, CAP.MQES + 1, MAXCMD).
+    pub fn open_tcp_qpair(&self, depth: u32) -> Result<TcpQueuePair> {
+        qpair::open(&self.link, depth)
+    }
+}
+
+impl BlockDevice for NvmeTcpDevice {
+    fn geometry(&self) -> Geometry {
+        self.link.geo
+    }
+
+    fn open_qpair(&self, depth: u32) -> Result<Box<dyn QueuePair>> {
+        Ok(Box::new(self.open_tcp_qpair(depth)?))
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests;
