@@ -210,7 +210,7 @@ impl LegUri {
             let scheme = base.split_once("://").map_or(base, |(s, _)| s);
             return Err(err(
                 scheme,
-                "unknown scheme; expected mem://, null://, file:// or /dev/…".into(),
+                "unknown scheme; expected mem://, null://, file://, /dev/… or nvme-tcp://".into(),
             ));
         };
         if let Some((k, v)) = params.first() {

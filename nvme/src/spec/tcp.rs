@@ -333,7 +333,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
     crc32c::crc32c(data)
 }
 
-/// Continues a CRC32C over more bytes (`crc` is a previous [`crc32c`] result).
+/// Continues a CRC32C over more bytes (`crc` is a previous [`crc32c()`] result).
 #[inline]
 pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, data)
