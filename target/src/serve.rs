@@ -198,6 +198,21 @@ impl Service {
                 injectors.push(Arc::clone(faulty.injector()));
                 legs.push(Arc::new(faulty));
             }
+            let sizes: Vec<u64> = legs.iter().map(|l| l.geometry().bytes()).collect();
+            if sizes.iter().any(|&b| b != sizes[0]) {
+                let list: Vec<String> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| format!("leg {i}: {b} bytes"))
+                    .collect();
+                return Err(start_err(
+                    format!("volume {}", v.name),
+                    format!(
+                        "legs differ in size ({}); mirror legs must be the same size",
+                        list.join(", ")
+                    ),
+                ));
+            }
             let volume = Volume::new(&v.name, legs, engine_config(v))
                 .map_err(|e| start_err(format!("volume {}", v.name), e))?;
             volumes.push(VolumeEntry {

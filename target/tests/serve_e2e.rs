@@ -1,0 +1,232 @@
+//! End to end: `nvmirror serve` as a process on free ports, driven by `nvmirror rpc` and by
+//! the project's own NVMe/TCP initiator; a leg is detached, writes go on, and the leg images
+//! are checked after a clean shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use nvmirror_nvme::dma::DmaPool;
+use nvmirror_nvme::{open_leg, Completion, IoCommand, IoOp, QueuePair};
+
+const NVMIRROR: &str = env!("CARGO_BIN_EXE_nvmirror");
+const NQN: &str = "nqn.2026-11.io.nvmirror:vol0";
+
+struct Server {
+    child: Child,
+    nvme_tcp: String,
+    socket: String,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let leg = |n: &str| format!("file://{}/{n}.img?create=64MiB", dir.display());
+        let mut child = Command::new(NVMIRROR)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(["--leg", &leg("primary"), "--leg", &leg("mirror")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nvmirror starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut nvme_tcp, mut socket) = (None, None);
+        while nvme_tcp.is_none() || socket.is_none() {
+            let line = lines.next().expect("banner line").unwrap();
+            if let Some(rest) = line.strip_prefix("NVMe/TCP ") {
+                nvme_tcp = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(rest) = line.strip_prefix("RPC ") {
+                socket = Some(rest.trim().to_string());
+            }
+        }
+        Self {
+            child,
+            nvme_tcp: nvme_tcp.unwrap(),
+            socket: socket.unwrap(),
+        }
+    }
+
+    /// `nvmirror rpc METHOD PARAMS`: (exit success, stdout JSON or stderr text).
+    fn rpc(&self, method: &str, params: &str) -> (bool, String) {
+        let out = Command::new(NVMIRROR)
+            .args(["rpc", "--socket", &self.socket, method, params])
+            .output()
+            .unwrap();
+        let text = if out.status.success() {
+            out.stdout
+        } else {
+            out.stderr
+        };
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&text).into_owned(),
+        )
+    }
+
+    fn status(&self) -> Value {
+        let (ok, text) = self.rpc("volume_status", r#"{"name":"vol0"}"#);
+        assert!(ok, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn stop(mut self) {
+        // SAFETY: sending SIGTERM to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "nvmirror serve exited with {status}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nvmirror serve did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes `fill` to blocks `[slba, slba + nlb)` through a queue pair and waits.
+fn write(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32, fill: u8) {
+    let mut buf = pool.get().unwrap();
+    buf.as_mut_slice().fill(fill);
+    let cmd = IoCommand::with_buf(IoOp::Write, slba, nlb, buf.io_buf(), slba);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut cpl = [Completion::default()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qp.poll(&mut cpl) == 0 {
+        assert!(Instant::now() < deadline, "write timed out");
+    }
+    assert!(
+        cpl[0].status.is_success(),
+        "write at {slba}: {}",
+        cpl[0].status
+    );
+    pool.put(buf);
+}
+
+fn blocks(image: &Path, slba: u64, nlb: u64) -> Vec<u8> {
+    let data = std::fs::read(image).unwrap();
+    data[(slba * 512) as usize..((slba + nlb) * 512) as usize].to_vec()
+}
+
+#[test]
+fn serve_detach_write_and_check_legs() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let server = Server::start(dir.path());
+
+    let list: Value = serde_json::from_str(&server.rpc("volume_list", "null").1).unwrap();
+    assert_eq!(list[0]["name"], "vol0");
+    assert_eq!(list[0]["legs_in_sync"], 2);
+    let st = server.status();
+    assert_eq!(st["legs"][0]["role"], "primary");
+    assert_eq!(st["legs"][1]["state"], "in_sync");
+
+    let dev = open_leg(&format!("nvme-tcp://{}/{NQN}", server.nvme_tcp)).unwrap();
+    assert_eq!(dev.geometry().bytes(), 64 << 20);
+    let mut qp = dev.open_qpair(8).unwrap();
+    let mut pool = DmaPool::new(1, 65536);
+    write(&mut *qp, &mut pool, 0, 128, 0xa1);
+    write(&mut *qp, &mut pool, 4096, 128, 0xa2);
+
+    // Bad parameters: non-zero exit with the reason.
+    let (ok, err) = server.rpc("leg_detach", r#"{"volume":"vol0","leg":7}"#);
+    assert!(!ok && err.contains("no leg 7"), "{err}");
+    let (ok, err) = server.rpc("volume_status", r#"{"name":"nope"}"#);
+    assert!(!ok && err.contains("no volume named 'nope'"), "{err}");
+
+    let (ok, text) = server.rpc("leg_detach", r#"{"volume":"vol0","leg":1}"#);
+    assert!(ok, "{text}");
+    assert_eq!(server.status()["legs"][1]["state"], "detached");
+
+    // Writes go on to the primary alone; the mirror's missed regions are counted.
+    write(&mut *qp, &mut pool, 0, 128, 0xb1);
+    write(&mut *qp, &mut pool, 8192, 128, 0xb2);
+    let st = server.status();
+    assert_eq!(st["legs"][1]["missed_regions"], 2, "{st}");
+    drop(qp);
+    drop(dev);
+    server.stop();
+
+    let (p, m) = (
+        dir.path().join("primary.img"),
+        dir.path().join("mirror.img"),
+    );
+    assert!(blocks(&p, 0, 128).iter().all(|&b| b == 0xb1));
+    assert!(blocks(&p, 8192, 128).iter().all(|&b| b == 0xb2));
+    assert!(
+        blocks(&m, 0, 128).iter().all(|&b| b == 0xa1),
+        "the detached leg got a write"
+    );
+    assert!(blocks(&m, 8192, 128).iter().all(|&b| b == 0));
+    assert_eq!(blocks(&p, 4096, 128), blocks(&m, 4096, 128));
+}
+
+#[test]
+fn bad_config_refuses_to_start_with_the_field() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[[volume]]\nname = \"v\"\nlegs = [\"mem://1GiB\", \"mem://2GiB\"]\nregion_size = \"1MiB\"\nspeed = 3\n").unwrap();
+    let out = Command::new(NVMIRROR)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("speed") && err.contains("line 5"),
+        "{err}"
+    );
+
+    let out = Command::new(NVMIRROR)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--leg", "mem://64MiB", "--leg", "mem://128MiB"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("legs differ in size") && err.contains("leg 1: 134217728 bytes"),
+        "{err}"
+    );
+
+    let missing = format!("file://{}/nope/leg.img", dir.path().display());
+    let out = Command::new(NVMIRROR)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--leg", &missing])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("leg 0") && err.contains("nope/leg.img"),
+        "{err}"
+    );
+}
