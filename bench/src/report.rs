@@ -320,37 +320,41 @@ pub fn normal_text(run: &RunResult) -> String {
     s
 }
 
-/// The clat line and percentile table, scaled to nsec, usec or msec like fio.
+/// The clat line and percentile table, each scaled to nsec, usec or msec by fio's rules
+/// (`display_lat` and `show_clat_percentiles` in fio's `stat.c`).
 fn write_latency(s: &mut String, lat: &FioLatency) {
     use fmt::Write as _;
-    let (unit, div) = if lat.max < 10_000 {
-        ("nsec", 1.0)
-    } else if lat.max < 10_000_000 {
+    let (unit, div) = if lat.min > 2_000_000 && lat.max > 99_999_999 && lat.stddev > 1e6 {
+        ("msec", 1e6)
+    } else if lat.min > 2_000 && lat.max > 99_999 && lat.stddev > 1e3 {
         ("usec", 1e3)
     } else {
-        ("msec", 1e6)
+        ("nsec", 1.0)
     };
-    let scaled = |v: u64| (v as f64 / div).round() as u64;
     let _ = writeln!(
         s,
         "    clat ({unit}): min={}, max={}, avg={:.2}, stdev={:.2}",
-        scaled(lat.min),
-        scaled(lat.max),
+        (lat.min as f64 / div).round(),
+        (lat.max as f64 / div).round(),
         lat.mean / div,
         lat.stddev / div
     );
     let Some(pct) = &lat.percentile else { return };
+    let lo = pct.0.iter().map(|(_, v)| *v).min().unwrap_or(0);
+    let hi = pct.0.iter().map(|(_, v)| *v).max().unwrap_or(0);
+    let (unit, div) = if lo > 2_000_000 && hi > 99_999_999 {
+        ("msec", 1_000_000)
+    } else if lo > 2_000 && hi > 99_999 {
+        ("usec", 1_000)
+    } else {
+        ("nsec", 1)
+    };
     let _ = writeln!(s, "    clat percentiles ({unit}):");
-    let width = pct
-        .0
-        .iter()
-        .map(|(_, v)| scaled(*v).to_string().len())
-        .max()
-        .unwrap_or(1);
+    let width = (hi / div).to_string().len();
     for row in pct.0.chunks(4) {
         let cells: Vec<String> = row
             .iter()
-            .map(|(p, v)| format!("{p:>5.2}th=[{:>width$}]", scaled(*v)))
+            .map(|(p, v)| format!("{p:>5.2}th=[{:>width$}]", v / div))
             .collect();
         let _ = writeln!(s, "     | {}", cells.join(", "));
     }
@@ -400,6 +404,45 @@ mod tests {
         assert_eq!(percentile_key(99.99), "99.990000");
         let json = serde_json::to_string(&Percentiles(vec![(5.0, 7), (10.0, 9)])).unwrap();
         assert_eq!(json, r#"{"5.000000":7,"10.000000":9}"#);
+    }
+
+    fn run_with_writes(values: &[u64]) -> RunResult {
+        let mut write = crate::engine::latency_histogram().unwrap();
+        for v in values {
+            write.record(*v).unwrap();
+        }
+        RunResult {
+            spec: crate::job::JobSpec {
+                rw: crate::job::RwMode::RandWrite,
+                ..Default::default()
+            },
+            target: "mem://1GiB".into(),
+            stats: crate::engine::JobStats {
+                read: crate::engine::latency_histogram().unwrap(),
+                write,
+                errors: 0,
+                first_error: None,
+                unfinished: 0,
+                runtime: std::time::Duration::from_secs(1),
+            },
+        }
+    }
+
+    #[test]
+    fn normal_text_scales_latency_units_like_fio() {
+        let fast = normal_text(&run_with_writes(&[300, 400, 500]));
+        assert!(fast.contains("write: IOPS=3, "), "{fast}");
+        assert!(fast.contains("clat (nsec): min=300, max=500, avg=400.00"), "{fast}");
+        assert!(fast.contains("clat percentiles (nsec):"), "{fast}");
+        assert!(!fast.contains("read:"), "{fast}");
+
+        let mut slow: Vec<u64> = (10..20).map(|i| i * 1000).collect();
+        slow.push(400_000);
+        let slow = normal_text(&run_with_writes(&slow));
+        assert!(slow.contains("clat (usec): min=10, max=400,"), "{slow}");
+        assert!(slow.contains("clat percentiles (usec):"), "{slow}");
+        assert!(slow.contains("99.99th=[400]"), "{slow}");
+        assert!(slow.contains(" 1.00th=[ 10]"), "{slow}");
     }
 
     #[test]
