@@ -7,9 +7,10 @@
 //! is read once per submit batch and once per poll batch, not once per I/O: every command of
 //! a batch gets the batch's submit stamp, taken *before* the first submission, and every
 //! completion of a poll gets the stamp taken *after* the poll returned. A latency is thus never
-//! under-stated; it may include up to one batch's worth of submission work (a few hundred
-//! nanoseconds at depth 32 on `mem://`). Two clock reads per batch cost a few nanoseconds per
-//! I/O at depth 32, where a read per I/O would cost about 20 ns each.
+//! under-stated; it may include the submission work of the commands ahead of it in its batch
+//! (on `mem://`, where submission copies the data, that is most of the service time). Two
+//! clock reads per batch (a vDSO `clock_gettime` each) are shared by up to `iodepth` I/Os
+//! instead of being paid by every one.
 //!
 //! Ramp. I/Os reaped before `ramp_time` has passed are not counted; the measured window is
 //! `[ramp_time, first poll at or after ramp_time + runtime]`, and I/Os still in flight at its

@@ -432,7 +432,10 @@ mod tests {
     fn normal_text_scales_latency_units_like_fio() {
         let fast = normal_text(&run_with_writes(&[300, 400, 500]));
         assert!(fast.contains("write: IOPS=3, "), "{fast}");
-        assert!(fast.contains("clat (nsec): min=300, max=500, avg=400.00"), "{fast}");
+        assert!(
+            fast.contains("clat (nsec): min=300, max=500, avg=400.00"),
+            "{fast}"
+        );
         assert!(fast.contains("clat percentiles (nsec):"), "{fast}");
         assert!(!fast.contains("read:"), "{fast}");
 
