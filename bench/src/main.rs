@@ -1,1 +1,20 @@
-fn main() {}
+//! `nvmirror-bench`: see the crate docs and `docs/bench.md`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use nvmirror_bench::cli::Cli;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut stdout = std::io::stdout().lock();
+    match nvmirror_bench::run_cli(&cli, &mut stdout) {
+        // Like fio: the report is printed, and failed I/Os make the exit status non-zero.
+        Ok(run) if run.stats.errors > 0 => ExitCode::from(1),
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nvmirror-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

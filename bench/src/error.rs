@@ -1,0 +1,51 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Errors of the load generator. Variants are named after the failing operation; option
+/// errors name the offending flag.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command-line value that cannot describe a job, or does not fit the device.
+    #[error("{flag}: {reason}")]
+    Flag { flag: &'static str, reason: String },
+    /// A `--leg` URI could not be parsed or opened.
+    #[error("--leg {uri}: {source}")]
+    OpenLeg {
+        uri: String,
+        #[source]
+        source: nvmirror_nvme::Error,
+    },
+    /// Several legs were given, but this build has no mirror engine to join them.
+    #[error("mirroring needs more than one leg: not available in this build")]
+    MirrorUnavailable,
+    /// A job could not open its queue pair on the target.
+    #[error("job {job}: {source}")]
+    OpenQueuePair {
+        job: u32,
+        #[source]
+        source: nvmirror_nvme::Error,
+    },
+    /// A job thread could not be started.
+    #[error("cannot start job thread {job}: {source}")]
+    SpawnJob {
+        job: u32,
+        #[source]
+        source: io::Error,
+    },
+    /// A job thread panicked.
+    #[error("job {job} panicked")]
+    JobPanicked { job: u32 },
+    /// Latency histograms could not be created or merged.
+    #[error("latency histogram: {0}")]
+    Histogram(String),
+    /// Writing the report failed.
+    #[error("cannot write the report: {0}")]
+    WriteReport(#[source] io::Error),
+    /// Encoding the JSON report failed.
+    #[error("cannot encode the JSON report: {0}")]
+    EncodeJson(#[source] serde_json::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
