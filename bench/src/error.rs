@@ -16,9 +16,6 @@ pub enum Error {
         #[source]
         source: nvmirror_nvme::Error,
     },
-    /// Several legs were given, but this build has no mirror engine to join them.
-    #[error("mirroring needs more than one leg: not available in this build")]
-    MirrorUnavailable,
     /// A job could not open its queue pair on the target.
     #[error("job {job}: {source}")]
     OpenQueuePair {

@@ -57,11 +57,21 @@ pub fn build_target(mut legs: Vec<Arc<dyn BlockDevice>>) -> Result<Arc<dyn Block
             flag: "--leg",
             reason: "at least one leg is needed".into(),
         }),
+        // One leg: the device itself, the honest single-device baseline.
         1 => Ok(legs.swap_remove(0)),
-        // To be replaced by the mirror engine once it lands:
-        // `nvmirror_mirror::Volume::new("bench", legs, nvmirror_mirror::VolumeConfig::default())`,
-        // which returns a volume implementing `BlockDevice`.
-        _ => Err(Error::MirrorUnavailable),
+        // Several legs: a mirrored volume, first leg primary.
+        _ => {
+            let volume = nvmirror_mirror::Volume::new(
+                "bench",
+                legs,
+                nvmirror_mirror::VolumeConfig::default(),
+            )
+            .map_err(|e| Error::Flag {
+                flag: "--leg",
+                reason: e.to_string(),
+            })?;
+            Ok(Arc::new(volume))
+        }
     }
 }
 

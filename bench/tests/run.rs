@@ -232,14 +232,28 @@ fn percentiles_of_a_known_distribution() {
 }
 
 #[test]
-fn several_legs_need_the_mirror_engine() {
+fn several_legs_build_a_mirrored_volume() {
     let legs = vec![
         open_leg("mem://1MiB").unwrap(),
         open_leg("mem://1MiB").unwrap(),
     ];
+    let volume = nvmirror_bench::build_target(legs.clone()).unwrap();
+    let run = nvmirror_bench::engine::run(&volume, &short(RwMode::RandWrite)).unwrap();
+    assert_eq!(run.stats.errors, 0);
+    assert!(!run.stats.write.is_empty(), "no writes completed");
+    let images: Vec<Vec<u8>> = legs.iter().map(|l| read_all(&**l).unwrap()).collect();
+    assert!(
+        images[0] == images[1],
+        "the mirror differs from the primary"
+    );
+    assert!(images[0].iter().any(|&b| b != 0), "nothing was written");
+    let mismatched = vec![
+        open_leg("mem://1MiB").unwrap(),
+        open_leg("mem://1MiB?lba=4096").unwrap(),
+    ];
     assert!(matches!(
-        nvmirror_bench::build_target(legs),
-        Err(Error::MirrorUnavailable)
+        nvmirror_bench::build_target(mismatched),
+        Err(Error::Flag { flag: "--leg", .. })
     ));
     let one = nvmirror_bench::build_target(vec![open_leg("null://1MiB").unwrap()]).unwrap();
     assert_eq!(one.name(), "null://1MiB");
