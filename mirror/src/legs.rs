@@ -211,6 +211,27 @@ impl LegStates {
             }
         }
     }
+
+    /// Brings `leg` back in sync (after its missed regions were copied to it). Returns false
+    /// when it already was in sync.
+    pub(crate) fn bring_in(&self, leg: usize) -> bool {
+        let mut cur = self.snapshot();
+        loop {
+            if cur.state(leg) == LegState::InSync {
+                return false;
+            }
+            let next = cur.with_state(leg, LegState::InSync).with_next_event();
+            match self.word.compare_exchange_weak(
+                cur.0,
+                next.0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = LegSnapshot(actual),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

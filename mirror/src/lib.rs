@@ -31,12 +31,15 @@
 //!
 //! The design, with its caveats, is in `docs/mirror.md`.
 
+pub mod bitmap;
 mod config;
 mod error;
 mod guard;
 pub mod join;
 mod legs;
+mod metadata;
 mod missed;
+mod persistent;
 mod qpair;
 mod read_policy;
 mod stats;
@@ -45,7 +48,7 @@ mod sync;
 mod table;
 mod volume;
 
-pub use config::{ReadPolicy, VolumeConfig};
+pub use config::{BitmapConfig, ReadPolicy, VolumeConfig};
 pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};

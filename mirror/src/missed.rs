@@ -61,6 +61,20 @@ impl MissedRegions {
         }
     }
 
+    /// Forgets every mark (the leg has been brought back in sync).
+    pub(crate) fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    /// Marks region `region` (ignored past the end).
+    pub(crate) fn mark_region(&self, region: u64) {
+        if region < self.regions {
+            self.set_bits(region, region);
+        }
+    }
+
     /// Whether `region` is marked.
     pub(crate) fn contains(&self, region: u64) -> bool {
         region < self.regions
