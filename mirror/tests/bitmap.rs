@@ -301,3 +301,46 @@ fn a_faulted_legs_missed_regions_are_never_cleared() {
     drop(qp);
     assert!(recs[0].violations().is_empty());
 }
+
+#[test]
+fn a_hung_bitmap_page_write_faults_its_leg_after_the_timeout() {
+    use nvmirror_nvme::backend::{Fault, FaultyDevice, MemDevice, OpFilter};
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair};
+    let faulty: Vec<Arc<FaultyDevice>> = (0..2)
+        .map(|_| {
+            let mem = MemDevice::new(LEG_BYTES, LBA, LatencyModel::None).unwrap();
+            Arc::new(FaultyDevice::wrap(Arc::new(mem)))
+        })
+        .collect();
+    let devs = faulty
+        .iter()
+        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
+        .collect();
+    let c = VolumeConfig {
+        io_timeout: Duration::from_millis(50),
+        ..cfg(BitmapConfig::default())
+    };
+    let vol = Volume::format("v", devs, c, false).unwrap();
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    faulty[1].injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    let mut data = vec![1u8; 4096];
+    let buf = nvmirror_nvme::dma::IoBuf::from_slice(&mut data);
+    let started = Instant::now();
+    // SAFETY: `data` outlives the command (and the volume's legs, which may keep it).
+    unsafe { qp.submit(IoCommand::with_buf(IoOp::Write, 0, 8, buf, 1)) }.unwrap();
+    let mut cpl = [Completion::default()];
+    while qp.poll(&mut cpl) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the host must not hang"
+        );
+    }
+    assert!(cpl[0].status.is_success(), "{:?}", cpl[0].status);
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert_eq!(vol.leg_states()[1].state, LegState::Faulted);
+    assert_eq!(vol.stats().legs[1].timeouts, 1);
+    assert_eq!(vol.missed_regions(1).unwrap(), vec![0]);
+    std::mem::forget(data);
+}

@@ -24,7 +24,7 @@ impl VolumeQueuePair {
         self.inflight[leg] -= 1;
         let (slot, generation) = split_tag(cpl.tag);
         if slot >= META_SLOT_BASE {
-            self.on_meta_completion(leg, slot - META_SLOT_BASE, cpl.status);
+            self.on_meta_completion(leg, slot - META_SLOT_BASE, generation, cpl.status);
             return;
         }
         if slot as usize >= self.table.capacity() {

@@ -13,6 +13,8 @@
 //! Metadata commands use slot numbers from [`META_SLOT_BASE`] in the leg tag, beyond any join
 //! slot, so their completions are told apart from data completions by the tag alone.
 
+use std::time::Instant;
+
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
 use nvmirror_nvme::{IoCommand, IoOp, Status, SubmitError};
 
@@ -34,6 +36,9 @@ const MAX_REQUESTED: usize = 256;
 struct MetaWrite {
     page: u32,
     gen: u64,
+    /// Tag generation: a late completion of an earlier write in this slot is ignored.
+    seq: u32,
+    started: Instant,
     /// Legs that have not answered yet.
     outstanding: u8,
     legs: u8,
@@ -47,6 +52,10 @@ struct MetaWrite {
 pub(super) struct IntentWriter {
     requested: Vec<u32>,
     writes: Vec<Option<MetaWrite>>,
+    /// Tag generation of the next write.
+    seq: u32,
+    /// Writes in flight.
+    busy: usize,
     pool: DmaPool,
     predictor: StreamPredictor,
 }
@@ -56,6 +65,8 @@ impl IntentWriter {
         Self {
             requested: Vec::with_capacity(MAX_REQUESTED),
             writes: (0..META_SLOTS).map(|_| None).collect(),
+            seq: 0,
+            busy: 0,
             pool: DmaPool::new(META_SLOTS as u32, BITMAP_PAGE as usize),
             predictor: StreamPredictor::new(predict_max),
         }
@@ -69,6 +80,11 @@ impl IntentWriter {
 
     pub(super) fn has_requests(&self) -> bool {
         !self.requested.is_empty()
+    }
+
+    /// Whether page writes are in flight (so `poll` watches them for the I/O timeout).
+    pub(super) fn busy(&self) -> bool {
+        self.busy != 0
     }
 }
 
@@ -187,12 +203,14 @@ impl VolumeQueuePair {
             };
             let gen = bm.snapshot(page, buf.as_mut_slice());
             let layout = bm.layout;
+            w.seq = w.seq.wrapping_add(1);
+            let seq = w.seq;
             let cmd = IoCommand::with_buf(
                 IoOp::Write,
                 layout.page_lba(u64::from(page)),
                 layout.page_blocks(),
                 buf.io_buf(),
-                leg_tag(META_SLOT_BASE + idx as u32, 0),
+                leg_tag(META_SLOT_BASE + idx as u32, seq),
             );
             let mut sent = 0u8;
             let mut failed = 0u8;
@@ -215,9 +233,12 @@ impl VolumeQueuePair {
             }
             bump(&self.stats.metadata_writes, 1);
             w.requested.swap_remove(i);
+            w.busy += 1;
             w.writes[idx] = Some(MetaWrite {
                 page,
                 gen,
+                seq,
+                started: Instant::now(),
                 outstanding: sent,
                 legs: sent | failed,
                 failed,
@@ -237,15 +258,17 @@ impl VolumeQueuePair {
 
     /// A leg answered bitmap page write `idx`.
     #[cold]
-    pub(super) fn on_meta_completion(&mut self, leg: usize, idx: u32, status: Status) {
+    pub(super) fn on_meta_completion(&mut self, leg: usize, idx: u32, seq: u32, status: Status) {
         let Some(Some(mw)) = self
             .intent
             .as_mut()
             .and_then(|w| w.writes.get_mut(idx as usize))
         else {
+            bump(&self.stats.legs[leg].late_completions, 1);
             return;
         };
-        if mw.outstanding & (1 << leg) == 0 {
+        if mw.seq != seq || mw.outstanding & (1 << leg) == 0 {
+            bump(&self.stats.legs[leg].late_completions, 1);
             return;
         }
         mw.outstanding &= !(1 << leg);
@@ -270,6 +293,7 @@ impl VolumeQueuePair {
         let Some(mut mw) = w.writes[idx].take() else {
             return;
         };
+        w.busy -= 1;
         let Some(bm) = self.vol.bitmap.as_ref() else {
             return;
         };
@@ -293,6 +317,40 @@ impl VolumeQueuePair {
         bm.unlock(mw.page);
         if !complete {
             IntentWriter::request(&mut w.requested, mw.page);
+        }
+    }
+
+    /// Page writes older than the I/O timeout are abandoned on the legs that have not
+    /// answered, as if those legs had failed (invariant 7: the writes waiting for the page are
+    /// not held up longer than that).
+    #[cold]
+    pub(super) fn expire_meta_writes(&mut self) {
+        let timeout = self.vol.cfg.io_timeout;
+        let Some(w) = self.intent.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut expired = [false; META_SLOTS];
+        for (i, slot) in w.writes.iter_mut().enumerate() {
+            let Some(mw) = slot.as_mut() else { continue };
+            if now.saturating_duration_since(mw.started) < timeout || mw.outstanding == 0 {
+                continue;
+            }
+            for leg in 0..self.leg_count {
+                if mw.outstanding & (1 << leg) != 0 {
+                    bump(&self.stats.legs[leg].timeouts, 1);
+                    tracing::warn!(volume = %self.vol.name, leg, page = mw.page, "bitmap page write timed out; abandoning it");
+                }
+            }
+            mw.failed |= mw.outstanding;
+            mw.outstanding = 0;
+            if mw.first_error.is_success() {
+                mw.first_error = Status::ABORTED_BY_HOST;
+            }
+            expired[i] = true;
+        }
+        for (i, _) in expired.iter().enumerate().filter(|(_, &e)| e) {
+            self.finish_page_write(i);
         }
     }
 

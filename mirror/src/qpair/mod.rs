@@ -392,6 +392,9 @@ impl QueuePair for VolumeQueuePair {
             }
         }
         self.check_timeouts(now);
+        if self.intent.as_ref().is_some_and(IntentWriter::busy) {
+            self.expire_meta_writes();
+        }
         let n = out.len().min(self.ready.len());
         for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {
             *slot = cpl;
