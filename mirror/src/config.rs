@@ -44,7 +44,10 @@ pub struct BitmapConfig {
     /// When more regions than this are marked, idle regions are cleared oldest first even
     /// before `idle_delay` (`None`: no bound).
     pub max_marked_regions: Option<u64>,
-    /// Most regions a sequential stream pre-marks at a first touch (0: no prediction).
+    /// Most regions a sequential stream pre-marks at a first touch (0: no prediction). The
+    /// default, 256, keeps a 128 KiB sequential stream under one page write per 1000 writes
+    /// at 1 MiB regions; after a crash, at most this many regions per stream were marked
+    /// without being written (and are copied for nothing).
     pub predict_max: u32,
 }
 
@@ -53,7 +56,7 @@ impl Default for BitmapConfig {
         Self {
             idle_delay: Duration::from_secs(5),
             max_marked_regions: None,
-            predict_max: 64,
+            predict_max: 256,
         }
     }
 }
