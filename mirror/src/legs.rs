@@ -290,6 +290,20 @@ mod tests {
     }
 
     #[test]
+    fn bring_in_returns_a_leg_to_sync_once() {
+        let s = LegStates::new(2);
+        s.take_out(0, LegState::Faulted, None).unwrap();
+        assert_eq!(s.snapshot().primary(), 1);
+        let events = s.snapshot().events();
+        assert!(s.bring_in(0));
+        assert_eq!(s.snapshot().in_sync_mask(2), 0b11);
+        assert_eq!(s.snapshot().events(), events + 1);
+        assert_eq!(s.snapshot().primary(), 1, "the primary stays where it is");
+        assert!(!s.bring_in(0));
+        assert_eq!(s.snapshot().events(), events + 1);
+    }
+
+    #[test]
     fn racing_faults_leave_exactly_one_in_sync_leg() {
         for _ in 0..200 {
             let s = std::sync::Arc::new(LegStates::new(4));

@@ -29,7 +29,11 @@
 //! pool.put(buf);
 //! ```
 //!
-//! The design, with its caveats, is in `docs/mirror.md`.
+//! A *persistent* volume ([`Volume::format`], [`Volume::open_persistent`]) also keeps a
+//! superblock and a write-intent bitmap on every leg, so that after a crash or a leg failure
+//! only the regions marked in it are copied.
+//!
+//! The design, with its caveats, is in `docs/mirror.md` and `docs/bitmap.md`.
 
 pub mod bitmap;
 mod config;

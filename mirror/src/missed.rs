@@ -132,6 +132,17 @@ mod tests {
     }
 
     #[test]
+    fn single_regions_and_clear() {
+        let m = MissedRegions::new(100 * 8, 3);
+        m.mark_region(5);
+        m.mark_region(99);
+        m.mark_region(100); // past the end: ignored
+        assert_eq!(m.regions(), vec![5, 99]);
+        m.clear();
+        assert_eq!(m.count(), 0);
+    }
+
+    #[test]
     fn wide_marks_span_many_words() {
         let m = MissedRegions::new(64 * 300, 0);
         m.mark(10, 64 * 200);
