@@ -253,3 +253,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
+    use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
+    use nvmirror_nvme::dma::IoBuf;
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, Status};
+    let faulty: Vec<Arc<FaultyDevice>> = legs(2, 16 << 20, "r")
+        .into_iter()
+        .map(|d| Arc::new(FaultyDevice::wrap(d)))
+        .collect();
+    let devs: Vec<Arc<dyn BlockDevice>> = faulty
+        .iter()
+        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
+        .collect();
+    let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
+    let data_lba = vol.metadata_layout().unwrap().data_lba();
+    faulty[0].injector().arm(Fault::FailRange {
+        ops: OpFilter::Reads,
+        slba: data_lba + 5 * BPR,
+        nlb: BPR,
+        status: Status::UNRECOVERED_READ_ERROR,
+    });
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    let mut data = vec![0u8; 4096];
+    let buf = IoBuf::from_slice(&mut data);
+    // SAFETY: `data` outlives the command, reaped below.
+    unsafe { qp.submit(IoCommand::with_buf(IoOp::Read, 5 * BPR + 3, 8, buf, 1)) }.unwrap();
+    let mut cpl = [Completion::default()];
+    while qp.poll(&mut cpl) == 0 {}
+    assert!(cpl[0].status.is_success(), "retried on leg 1");
+    assert_eq!(vol.leg_states()[0].state, LegState::Faulted);
+    assert!(vol.region_marked(5));
+    // The page write goes out at the next polls.
+    for _ in 0..10 {
+        qp.poll(&mut cpl);
+    }
+    drop(qp);
+    drop(vol); // crash
+    let vol = Volume::open_persistent("v", devs, cfg()).unwrap();
+    assert_eq!(vol.leg_states()[0].state, LegState::Faulted);
+    assert_eq!(vol.regions_to_resync(0).unwrap(), vec![5]);
+}

@@ -121,6 +121,8 @@ impl VolumeQueuePair {
                 status = leg_status;
             }
         }
+        // Writes' regions are durably marked already; a failed flush marks every region.
+        self.intent_mark_missed(&meta.cmd);
         status
     }
 
@@ -143,6 +145,7 @@ impl VolumeQueuePair {
         // The leg could not read these blocks: a resync rewrites them from a good leg.
         self.vol.mark_missed(leg, &meta.cmd);
         self.vol.fault_on_io(leg, None, status, "read");
+        self.intent_mark_missed(&meta.cmd);
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs() & !meta.tried;
         if candidates == 0 {

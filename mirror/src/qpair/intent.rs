@@ -28,7 +28,8 @@ use crate::stats::bump;
 pub(super) const META_SLOT_BASE: u32 = 0x8000_0000;
 /// Bitmap page writes one core keeps in flight at most.
 const META_SLOTS: usize = 8;
-/// Pages one core remembers as waiting to be written.
+/// Pages one core remembers as waiting to be written (at least; every page of the bitmap
+/// fits).
 const MAX_REQUESTED: usize = 256;
 
 /// One bitmap page write in flight.
@@ -61,9 +62,9 @@ pub(super) struct IntentWriter {
 }
 
 impl IntentWriter {
-    pub(super) fn new(predict_max: u32) -> Self {
+    pub(super) fn new(predict_max: u32, pages: usize) -> Self {
         Self {
-            requested: Vec::with_capacity(MAX_REQUESTED),
+            requested: Vec::with_capacity(MAX_REQUESTED.max(pages)),
             writes: (0..META_SLOTS).map(|_| None).collect(),
             seq: 0,
             busy: 0,
@@ -73,7 +74,7 @@ impl IntentWriter {
     }
 
     fn request(requested: &mut Vec<u32>, page: u32) {
-        if requested.len() < MAX_REQUESTED && !requested.contains(&page) {
+        if requested.len() < requested.capacity() && !requested.contains(&page) {
             requested.push(page);
         }
     }
@@ -133,6 +134,27 @@ impl VolumeQueuePair {
                 self.intent_first_touch(cmd, r);
             }
         }
+    }
+
+    /// A leg was faulted after missing `cmd` (a failed read, or a failed flush: every region)
+    /// outside the write gate: its regions are marked in the bitmap too, and written at the
+    /// next `poll`, so a crash before the leg is recovered still resyncs them. They cannot be
+    /// cleared meanwhile: the leg is out and has them in its missed set.
+    #[cold]
+    pub(super) fn intent_mark_missed(&mut self, cmd: &IoCommand) {
+        let (Some(bm), Some(w)) = (self.vol.bitmap.as_ref(), self.intent.as_mut()) else {
+            return;
+        };
+        let r = if cmd.op == IoOp::Flush {
+            RegionRange {
+                first: 0,
+                last: bm.regions() - 1,
+            }
+        } else {
+            bm.range(cmd.slba, cmd.nlb)
+        };
+        let req = &mut w.requested;
+        bm.mark(r, |p| IntentWriter::request(req, p));
     }
 
     #[cold]

@@ -132,7 +132,7 @@ impl VolumeQueuePair {
             intent: vol
                 .bitmap
                 .as_ref()
-                .map(|_| IntentWriter::new(vol.cfg.bitmap.predict_max)),
+                .map(|b| IntentWriter::new(vol.cfg.bitmap.predict_max, b.pages())),
             data_lba: vol.data_lba,
             leg_depth,
             inflight: [0; MAX_LEGS],
