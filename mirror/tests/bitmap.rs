@@ -344,3 +344,55 @@ fn a_hung_bitmap_page_write_faults_its_leg_after_the_timeout() {
     assert_eq!(vol.missed_regions(1).unwrap(), vec![0]);
     std::mem::forget(data);
 }
+
+#[test]
+fn first_touches_on_two_cores_share_one_page_write() {
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair};
+    let (vol, recs) = rig(2, cfg(BitmapConfig::default()), LatencyModel::None);
+    // Two queue pairs stand for two cores; one thread drives both in a fixed interleaving.
+    let mut a = vol.open_volume_qpair(4).unwrap();
+    let mut b = vol.open_volume_qpair(4).unwrap();
+    let mut da = vec![1u8; 4096];
+    let mut db = vec![2u8; 4096];
+    let (ba, bb) = (
+        nvmirror_nvme::dma::IoBuf::from_slice(&mut da),
+        nvmirror_nvme::dma::IoBuf::from_slice(&mut db),
+    );
+    // SAFETY: both buffers outlive their commands, reaped below.
+    unsafe {
+        a.submit(IoCommand::with_buf(
+            IoOp::Write,
+            BLOCKS_PER_REGION,
+            8,
+            ba,
+            1,
+        ))
+    }
+    .unwrap();
+    // SAFETY: as above.
+    unsafe {
+        b.submit(IoCommand::with_buf(
+            IoOp::Write,
+            3 * BLOCKS_PER_REGION,
+            8,
+            bb,
+            2,
+        ))
+    }
+    .unwrap();
+    let mut c = [Completion::default()];
+    let (mut got_a, mut got_b) = (false, false);
+    for _ in 0..100 {
+        got_a |= a.poll(&mut c) == 1;
+        got_b |= b.poll(&mut c) == 1;
+    }
+    assert!(got_a && got_b);
+    let s = vol.stats();
+    assert_eq!(s.bitmap_first_touches, 2);
+    assert_eq!(
+        s.metadata_writes, 1,
+        "core b's bit rode on core a's page write"
+    );
+    assert_eq!(recs[0].meta_writes(), 1);
+    assert_no_violations(&recs);
+}
