@@ -50,6 +50,36 @@ pub enum Error {
         #[source]
         source: Box<nvmirror_nvme::Error>,
     },
+    /// Formatting found data on a leg and `force` was not given.
+    #[error("volume '{volume}': leg {leg} ('{name}') is not blank: {found}; format it with force to overwrite")]
+    LegNotBlank {
+        volume: String,
+        leg: usize,
+        name: String,
+        found: String,
+    },
+    /// A leg that belongs to another volume, or sits at another index of this one.
+    #[error("volume '{volume}': leg {leg} ('{name}') is not this volume's leg {leg}: {reason}")]
+    ForeignLeg {
+        volume: String,
+        leg: usize,
+        name: String,
+        reason: String,
+    },
+    /// A leg's metadata could not be read, written or trusted.
+    #[error("volume '{volume}': leg {leg} ('{name}'): metadata: {reason}")]
+    Metadata {
+        volume: String,
+        leg: usize,
+        name: String,
+        reason: String,
+    },
+    /// The operation needs a persistent volume (one with a superblock and bitmap).
+    #[error("volume '{volume}' has no persistent metadata")]
+    NotPersistent { volume: String },
+    /// The volume is still in use.
+    #[error("volume '{volume}' is busy: {reason}")]
+    Busy { volume: String, reason: String },
 }
 
 /// The crate's result type.

@@ -211,6 +211,27 @@ impl LegStates {
             }
         }
     }
+
+    /// Brings `leg` back in sync (after its missed regions were copied to it). Returns false
+    /// when it already was in sync.
+    pub(crate) fn bring_in(&self, leg: usize) -> bool {
+        let mut cur = self.snapshot();
+        loop {
+            if cur.state(leg) == LegState::InSync {
+                return false;
+            }
+            let next = cur.with_state(leg, LegState::InSync).with_next_event();
+            match self.word.compare_exchange_weak(
+                cur.0,
+                next.0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = LegSnapshot(actual),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +287,20 @@ mod tests {
         );
         assert_eq!(s.take_out(1, LegState::Faulted, None), Ok(None));
         assert_eq!(s.snapshot().state(0), LegState::InSync);
+    }
+
+    #[test]
+    fn bring_in_returns_a_leg_to_sync_once() {
+        let s = LegStates::new(2);
+        s.take_out(0, LegState::Faulted, None).unwrap();
+        assert_eq!(s.snapshot().primary(), 1);
+        let events = s.snapshot().events();
+        assert!(s.bring_in(0));
+        assert_eq!(s.snapshot().in_sync_mask(2), 0b11);
+        assert_eq!(s.snapshot().events(), events + 1);
+        assert_eq!(s.snapshot().primary(), 1, "the primary stays where it is");
+        assert!(!s.bring_in(0));
+        assert_eq!(s.snapshot().events(), events + 1);
     }
 
     #[test]

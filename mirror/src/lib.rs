@@ -29,14 +29,21 @@
 //! pool.put(buf);
 //! ```
 //!
-//! The design, with its caveats, is in `docs/mirror.md`.
+//! A *persistent* volume ([`Volume::format`], [`Volume::open_persistent`]) also keeps a
+//! superblock and a write-intent bitmap on every leg, so that after a crash or a leg failure
+//! only the regions marked in it are copied.
+//!
+//! The design, with its caveats, is in `docs/mirror.md` and `docs/bitmap.md`.
 
+pub mod bitmap;
 mod config;
 mod error;
 mod guard;
 pub mod join;
 mod legs;
+mod metadata;
 mod missed;
+mod persistent;
 mod qpair;
 mod read_policy;
 mod stats;
@@ -45,7 +52,7 @@ mod sync;
 mod table;
 mod volume;
 
-pub use config::{ReadPolicy, VolumeConfig};
+pub use config::{BitmapConfig, ReadPolicy, VolumeConfig};
 pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};

@@ -61,6 +61,20 @@ impl MissedRegions {
         }
     }
 
+    /// Forgets every mark (the leg has been brought back in sync).
+    pub(crate) fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+
+    /// Marks region `region` (ignored past the end).
+    pub(crate) fn mark_region(&self, region: u64) {
+        if region < self.regions {
+            self.set_bits(region, region);
+        }
+    }
+
     /// Whether `region` is marked.
     pub(crate) fn contains(&self, region: u64) -> bool {
         region < self.regions
@@ -115,6 +129,17 @@ mod tests {
         m.mark_all();
         assert_eq!(m.count(), 131);
         assert_eq!(m.regions().last(), Some(&130));
+    }
+
+    #[test]
+    fn single_regions_and_clear() {
+        let m = MissedRegions::new(100 * 8, 3);
+        m.mark_region(5);
+        m.mark_region(99);
+        m.mark_region(100); // past the end: ignored
+        assert_eq!(m.regions(), vec![5, 99]);
+        m.clear();
+        assert_eq!(m.count(), 0);
     }
 
     #[test]

@@ -99,6 +99,16 @@ pub(crate) struct CoreStats {
     pub(crate) resource_waits: AtomicU64,
     /// Reads retried on another leg.
     pub(crate) read_retries: AtomicU64,
+    /// Writes started through the bitmap gate.
+    pub(crate) bitmap_writes: AtomicU64,
+    /// Writes that marked a region not marked before (a first touch).
+    pub(crate) bitmap_first_touches: AtomicU64,
+    /// Start attempts that waited for a bitmap page to be written.
+    pub(crate) bitmap_waits: AtomicU64,
+    /// Bitmap pages written (one per page write, whatever the number of legs).
+    pub(crate) metadata_writes: AtomicU64,
+    /// Regions marked ahead of a sequential stream.
+    pub(crate) predicted_regions: AtomicU64,
 }
 
 impl CoreStats {
@@ -108,6 +118,11 @@ impl CoreStats {
             overlap_waits: AtomicU64::new(0),
             resource_waits: AtomicU64::new(0),
             read_retries: AtomicU64::new(0),
+            bitmap_writes: AtomicU64::new(0),
+            bitmap_first_touches: AtomicU64::new(0),
+            bitmap_waits: AtomicU64::new(0),
+            metadata_writes: AtomicU64::new(0),
+            predicted_regions: AtomicU64::new(0),
         }
     }
 }
@@ -152,6 +167,31 @@ pub struct VolumeStats {
     pub resource_waits: u64,
     /// Reads retried on another leg after a failure or timeout.
     pub read_retries: u64,
+    /// Persistent volumes: modifying commands started (each once, however often it waited).
+    pub bitmap_writes: u64,
+    /// Persistent volumes: writes whose regions were all marked already (`bitmap_writes`
+    /// less `bitmap_first_touches`): they cost no metadata I/O of their own.
+    pub bitmap_hits: u64,
+    /// Persistent volumes: writes that marked a region not marked before.
+    pub bitmap_first_touches: u64,
+    /// Persistent volumes: start attempts that waited for a bitmap page write (a waiting
+    /// command counts once per retry).
+    pub bitmap_waits: u64,
+    /// Persistent volumes: bitmap pages written by the write path (one per page, whatever
+    /// the number of legs).
+    pub metadata_writes: u64,
+    /// Persistent volumes: regions marked ahead of sequential streams.
+    pub predicted_regions: u64,
+}
+
+impl VolumeStats {
+    /// Fraction of writes that did not mark a new region (1.0 with no writes).
+    pub fn bitmap_hit_rate(&self) -> f64 {
+        if self.bitmap_writes == 0 {
+            return 1.0;
+        }
+        self.bitmap_hits as f64 / self.bitmap_writes as f64
+    }
 }
 
 impl VolumeStats {
@@ -184,7 +224,15 @@ impl VolumeStats {
             stats.overlap_waits += load(&core.overlap_waits);
             stats.resource_waits += load(&core.resource_waits);
             stats.read_retries += load(&core.read_retries);
+            stats.bitmap_writes += load(&core.bitmap_writes);
+            stats.bitmap_first_touches += load(&core.bitmap_first_touches);
+            stats.bitmap_waits += load(&core.bitmap_waits);
+            stats.metadata_writes += load(&core.metadata_writes);
+            stats.predicted_regions += load(&core.predicted_regions);
         }
+        stats.bitmap_hits = stats
+            .bitmap_writes
+            .saturating_sub(stats.bitmap_first_touches);
         stats
     }
 }

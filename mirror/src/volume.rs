@@ -5,9 +5,11 @@ use std::sync::{Arc, Mutex};
 
 use nvmirror_nvme::{BlockDevice, Geometry, IoCommand, IoOp, QueuePair, Status};
 
+use crate::bitmap::WriteIntentBitmap;
 use crate::config::VolumeConfig;
 use crate::guard::OverlapGuard;
 use crate::legs::{LegInfo, LegRole, LegState, LegStates, Refusal, MAX_LEGS};
+use crate::metadata::PersistentMeta;
 use crate::missed::MissedRegions;
 use crate::qpair::VolumeQueuePair;
 use crate::stats::{CoreStats, VolumeStats};
@@ -31,6 +33,12 @@ pub(crate) struct VolumeShared {
     pub(crate) legs: Vec<Arc<LegShared>>,
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
+    /// Persistent volumes: the write-intent bitmap.
+    pub(crate) bitmap: Option<WriteIntentBitmap>,
+    /// Persistent volumes: superblock state and control-plane I/O.
+    pub(crate) meta: Option<PersistentMeta>,
+    /// First block of the exported namespace on every leg (0 without metadata).
+    pub(crate) data_lba: u64,
     /// The statistics block of every queue pair opened so far.
     cores: Mutex<Vec<Arc<CoreStats>>>,
 }
@@ -63,6 +71,11 @@ impl VolumeShared {
                     volume = %self.name, leg, name, from = %t.from, %status,
                     "leg faulted: {what} failed"
                 );
+                // Persistent volumes: the survivors' superblocks name the leg stale before
+                // anything it missed is acknowledged.
+                if let Some(meta) = &self.meta {
+                    meta.persist_states(self);
+                }
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,
@@ -101,6 +114,26 @@ impl Volume {
     /// A volume over `legs` (the first is the primary). All legs need the same logical block
     /// size; the volume exports the smallest leg's capacity.
     pub fn new(name: &str, legs: Vec<Arc<dyn BlockDevice>>, cfg: VolumeConfig) -> Result<Self> {
+        let (lba_size, num_blocks) = Self::check_legs(name, &legs, &cfg)?;
+        Ok(Self::assemble(
+            name,
+            legs,
+            cfg,
+            Geometry {
+                lba_size,
+                num_blocks,
+            },
+            None,
+        ))
+    }
+
+    /// Validates legs and configuration; returns the block size and the smallest leg's
+    /// block count.
+    pub(crate) fn check_legs(
+        name: &str,
+        legs: &[Arc<dyn BlockDevice>],
+        cfg: &VolumeConfig,
+    ) -> Result<(u32, u64)> {
         if !(1..=MAX_LEGS).contains(&legs.len()) {
             return Err(Error::LegCount {
                 volume: name.to_string(),
@@ -147,10 +180,22 @@ impl Volume {
                 reason: "a leg has no blocks".into(),
             });
         }
-        let geo = Geometry {
+        Ok((lba_size, num_blocks))
+    }
+
+    /// Builds the volume over validated legs; `persistent` carries the bitmap and metadata
+    /// of a persistent volume.
+    pub(crate) fn assemble(
+        name: &str,
+        legs: Vec<Arc<dyn BlockDevice>>,
+        cfg: VolumeConfig,
+        geo: Geometry,
+        persistent: Option<(WriteIntentBitmap, PersistentMeta)>,
+    ) -> Self {
+        let Geometry {
             lba_size,
             num_blocks,
-        };
+        } = geo;
         let shift = |bytes: u64| (bytes / u64::from(lba_size)).trailing_zeros();
         let region_shift = shift(cfg.region_size);
         let legs: Vec<_> = legs
@@ -169,7 +214,12 @@ impl Volume {
             lba_size,
             "volume created"
         );
-        Ok(Self {
+        let data_lba = persistent.as_ref().map_or(0, |(b, _)| b.layout.data_lba());
+        let (bitmap, meta) = match persistent {
+            Some((b, m)) => (Some(b), Some(m)),
+            None => (None, None),
+        };
+        Self {
             shared: Arc::new(VolumeShared {
                 name: name.to_string(),
                 geo,
@@ -177,9 +227,16 @@ impl Volume {
                 guard: OverlapGuard::new(shift(cfg.overlap_granule)),
                 cfg,
                 legs,
+                bitmap,
+                meta,
+                data_lba,
                 cores: Mutex::new(Vec::new()),
             }),
-        })
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<VolumeShared> {
+        &self.shared
     }
 
     /// The volume's configuration.
@@ -244,6 +301,9 @@ impl Volume {
         match self.shared.states.take_out(leg, to, None) {
             Ok(Some(t)) => {
                 tracing::warn!(volume = %volume, leg, name, from = %t.from, to = %to, "leg state changed by request");
+                if let Some(meta) = &self.shared.meta {
+                    meta.persist_states(&self.shared);
+                }
                 if let Some(p) = t.promoted {
                     tracing::warn!(volume = %volume, old = leg, new = p, "primary promoted");
                 }
@@ -304,7 +364,7 @@ impl Volume {
         VolumeQueuePair::open(Arc::clone(&self.shared), depth)
     }
 
-    fn leg(&self, leg: usize) -> Result<&LegShared> {
+    pub(crate) fn leg(&self, leg: usize) -> Result<&LegShared> {
         self.shared
             .legs
             .get(leg)

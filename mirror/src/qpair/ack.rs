@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use nvmirror_nvme::{Completion, IoOp, Status};
 
+use super::intent::META_SLOT_BASE;
 use super::{VolumeQueuePair, Waiting};
 use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::stats::bump;
@@ -22,6 +23,10 @@ impl VolumeQueuePair {
     pub(super) fn on_leg_completion(&mut self, leg: usize, cpl: Completion, now: Instant) {
         self.inflight[leg] -= 1;
         let (slot, generation) = split_tag(cpl.tag);
+        if slot >= META_SLOT_BASE {
+            self.on_meta_completion(leg, slot - META_SLOT_BASE, generation, cpl.status);
+            return;
+        }
         if slot as usize >= self.table.capacity() {
             bump(&self.stats.legs[leg].late_completions, 1);
             return;
@@ -69,6 +74,8 @@ impl VolumeQueuePair {
         let meta = *self.table.meta(slot);
         if let Some(span) = meta.span {
             self.vol.guard.unlock(span);
+            // After the ack rule marked any missed regions: the clearer sees those or us.
+            self.intent_done(&meta.cmd);
         }
         self.table.release(slot);
         self.ready.push_back(Completion {
@@ -114,6 +121,8 @@ impl VolumeQueuePair {
                 status = leg_status;
             }
         }
+        // Writes' regions are durably marked already; a failed flush marks every region.
+        self.intent_mark_missed(&meta.cmd);
         status
     }
 
@@ -136,6 +145,7 @@ impl VolumeQueuePair {
         // The leg could not read these blocks: a resync rewrites them from a good leg.
         self.vol.mark_missed(leg, &meta.cmd);
         self.vol.fault_on_io(leg, None, status, "read");
+        self.intent_mark_missed(&meta.cmd);
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs() & !meta.tried;
         if candidates == 0 {

@@ -12,6 +12,7 @@
 //! is opened.
 
 mod ack;
+mod intent;
 mod timeout;
 
 use std::collections::VecDeque;
@@ -27,6 +28,7 @@ use crate::stats::{bump, CoreStats};
 use crate::table::JoinTable;
 use crate::volume::VolumeShared;
 use crate::{Error, Result};
+use intent::IntentWriter;
 use timeout::TimeoutClock;
 
 /// Largest queue depth a volume queue pair accepts.
@@ -51,6 +53,11 @@ pub struct VolumeQueuePair {
     accepted: u32,
     /// Leg queue pairs; `None` for a leg detached when this queue pair was opened.
     legs: [Option<Box<dyn QueuePair>>; MAX_LEGS],
+    /// Persistent volumes: the bitmap page writer (declared after `legs`, so its buffers
+    /// outlive the leg queue pairs).
+    intent: Option<IntentWriter>,
+    /// First block of the exported namespace on every leg (0 without metadata).
+    data_lba: u64,
     leg_count: usize,
     /// Each leg queue pair's depth.
     leg_depth: [u32; MAX_LEGS],
@@ -122,6 +129,11 @@ impl VolumeQueuePair {
             accepted: 0,
             leg_count: vol.legs.len(),
             legs,
+            intent: vol
+                .bitmap
+                .as_ref()
+                .map(|b| IntentWriter::new(vol.cfg.bitmap.predict_max, b.pages())),
+            data_lba: vol.data_lba,
             leg_depth,
             inflight: [0; MAX_LEGS],
             table: JoinTable::new(depth, now),
@@ -173,6 +185,11 @@ impl VolumeQueuePair {
             let span = self.vol.guard.span(cmd.slba, cmd.nlb);
             if !self.vol.guard.try_lock(span) {
                 bump(&self.stats.overlap_waits, 1);
+                return false;
+            }
+            // Bitmap gate: the regions are durably marked before any leg has the write.
+            if !self.intent_gate(&cmd) {
+                self.vol.guard.unlock(span);
                 return false;
             }
             Some(span)
@@ -243,10 +260,13 @@ impl VolumeQueuePair {
     fn send(&mut self, slot: u32, mask: u8) {
         let meta = self.table.meta(slot);
         let generation = meta.generation;
-        let cmd = IoCommand {
+        let mut cmd = IoCommand {
             tag: leg_tag(slot, generation),
             ..meta.cmd
         };
+        if cmd.op != IoOp::Flush {
+            cmd.slba += self.data_lba;
+        }
         let mut refused = 0;
         for leg in 0..self.leg_count {
             if mask & (1 << leg) == 0 {
@@ -349,12 +369,19 @@ impl QueuePair for VolumeQueuePair {
         // Modifying commands queue behind waiting ones, so this core's writes start in order.
         let behind = cmd.op.modifies() && !self.pending.is_empty();
         if behind || !self.start(cmd) {
+            if behind {
+                // Its regions join this poll's bitmap page writes now, not after the wait.
+                self.intent_note(&cmd);
+            }
             self.pending.push_back(Waiting::New(cmd));
         }
         Ok(())
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        if self.intent.as_ref().is_some_and(IntentWriter::has_requests) {
+            self.write_intent_pages();
+        }
         if !self.pending.is_empty() {
             self.retry_pending();
         }
@@ -365,6 +392,9 @@ impl QueuePair for VolumeQueuePair {
             }
         }
         self.check_timeouts(now);
+        if self.intent.as_ref().is_some_and(IntentWriter::busy) {
+            self.expire_meta_writes();
+        }
         let n = out.len().min(self.ready.len());
         for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {
             *slot = cpl;
@@ -382,9 +412,11 @@ impl Drop for VolumeQueuePair {
             if meta.in_use {
                 if let Some(span) = meta.span {
                     self.vol.guard.unlock(span);
+                    self.intent_done(&meta.cmd);
                 }
                 self.table.release(slot);
             }
         }
+        self.drop_intent();
     }
 }

@@ -1,0 +1,294 @@
+//! A persistent volume's on-leg metadata outside the write path: superblocks (identity,
+//! member states, event counter, clean flag) and synchronous control-plane I/O — format,
+//! start-up reads, state changes, clearing flushes and recovery copies. None of this runs per
+//! host I/O; the write path's bitmap pages go through the per-core queue pairs
+//! (`qpair/intent.rs`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::dma::{DmaPool, IoBuf};
+use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
+
+use crate::bitmap::{MetadataLayout, BITMAP_PAGE};
+use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
+use crate::superblock::{MemberState, Role, Superblock, Uuid, HEADER_LEN};
+use crate::volume::VolumeShared;
+
+/// Bytes moved per control-plane command (recovery copies, bitmap reads).
+pub(crate) const CHUNK: usize = 1 << 20;
+
+/// Synchronous queue pairs on the legs, for the control plane.
+#[derive(Debug)]
+pub(crate) struct ControlIo {
+    qps: Vec<Option<Box<dyn QueuePair>>>,
+    /// One page buffer and one chunk buffer, aligned for O_DIRECT.
+    page: DmaPool,
+    chunk: DmaPool,
+    timeout: Duration,
+}
+
+impl ControlIo {
+    pub(crate) fn new(legs: usize, timeout: Duration) -> Self {
+        Self {
+            qps: (0..legs).map(|_| None).collect(),
+            page: DmaPool::new(1, BITMAP_PAGE as usize),
+            chunk: DmaPool::new(1, CHUNK),
+            timeout,
+        }
+    }
+
+    /// Runs one command on `dev` (leg `leg`) and waits for it, up to the timeout.
+    pub(crate) fn run(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        op: IoOp,
+        lba: u64,
+        buf: IoBuf,
+    ) -> std::result::Result<(), String> {
+        let nlb = (buf.len() as u64 >> dev.geometry().lba_shift()) as u32;
+        if self.qps[leg].is_none() {
+            self.qps[leg] = Some(dev.open_qpair(4).map_err(|e| e.to_string())?);
+        }
+        let qp = self.qps[leg].as_mut().expect("opened above");
+        // SAFETY: the caller keeps `buf` alive and untouched until this returns, and this
+        // returns only after the completion is reaped — or drops the queue pair (and with it
+        // the command) on a timeout.
+        unsafe { qp.submit(IoCommand::with_buf(op, lba, nlb.max(1), buf, 0)) }
+            .map_err(|e| format!("{e:?}"))?;
+        let start = Instant::now();
+        let mut cpl = [Completion::default()];
+        loop {
+            if qp.poll(&mut cpl) == 1 {
+                return if cpl[0].status.is_success() {
+                    Ok(())
+                } else {
+                    Err(format!("{op:?} at LBA {lba}: {}", cpl[0].status))
+                };
+            }
+            if start.elapsed() > self.timeout {
+                self.qps[leg] = None;
+                return Err(format!("{op:?} at LBA {lba} timed out"));
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Reads `len` bytes at byte `offset` of `dev` into a vector.
+    pub(crate) fn read_bytes(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        offset: u64,
+        len: usize,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let shift = dev.geometry().lba_shift();
+        let mut out = Vec::with_capacity(len);
+        let buf = self.chunk.get().ok_or("no control buffer")?;
+        let mut done = 0;
+        let mut res = Ok(());
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let io = buf.io_buf().prefix(n);
+            res = self.run(leg, dev, IoOp::Read, (offset + done as u64) >> shift, io);
+            if res.is_err() {
+                break;
+            }
+            out.extend_from_slice(&buf.as_slice()[..n]);
+            done += n;
+        }
+        self.chunk.put(buf);
+        res.map(|()| out)
+    }
+
+    /// Writes `data` at byte `offset` of `dev`.
+    pub(crate) fn write_bytes(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        offset: u64,
+        data: &[u8],
+    ) -> std::result::Result<(), String> {
+        let shift = dev.geometry().lba_shift();
+        let mut buf = self.chunk.get().ok_or("no control buffer")?;
+        let mut res = Ok(());
+        for (i, part) in data.chunks(CHUNK).enumerate() {
+            buf.as_mut_slice()[..part.len()].copy_from_slice(part);
+            let at = offset + (i * CHUNK) as u64;
+            res = self.run(
+                leg,
+                dev,
+                IoOp::Write,
+                at >> shift,
+                buf.io_buf().prefix(part.len()),
+            );
+            if res.is_err() {
+                break;
+            }
+        }
+        self.chunk.put(buf);
+        res
+    }
+
+    /// Copies `len` bytes at byte `offset` from leg `from` to leg `to`.
+    pub(crate) fn copy(
+        &mut self,
+        from: (usize, &dyn BlockDevice),
+        to: (usize, &dyn BlockDevice),
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<(), String> {
+        let shift = from.1.geometry().lba_shift();
+        let buf = self.chunk.get().ok_or("no control buffer")?;
+        let mut done = 0u64;
+        let mut res = Ok(());
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let lba = (offset + done) >> shift;
+            let io = buf.io_buf().prefix(n);
+            res = self
+                .run(from.0, from.1, IoOp::Read, lba, io)
+                .and_then(|()| self.run(to.0, to.1, IoOp::Write, lba, io));
+            if res.is_err() {
+                break;
+            }
+            done += n as u64;
+        }
+        self.chunk.put(buf);
+        res
+    }
+
+    /// Writes one 4 KiB block (a superblock or a bitmap page) at byte `offset`.
+    pub(crate) fn write_page(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        offset: u64,
+        bytes: &[u8],
+    ) -> std::result::Result<(), String> {
+        let mut buf = self.page.get().ok_or("no control buffer")?;
+        let page = buf.as_mut_slice();
+        page.fill(0);
+        page[..bytes.len()].copy_from_slice(bytes);
+        let io = buf.io_buf();
+        let res = self.run(
+            leg,
+            dev,
+            IoOp::Write,
+            offset >> dev.geometry().lba_shift(),
+            io,
+        );
+        self.page.put(buf);
+        res
+    }
+}
+
+/// What a persistent volume keeps about its metadata.
+#[derive(Debug)]
+pub(crate) struct PersistentMeta {
+    pub(crate) volume_uuid: Uuid,
+    pub(crate) leg_uuids: [Uuid; MAX_LEGS],
+    pub(crate) layout: MetadataLayout,
+    /// The event counter last written.
+    pub(crate) events: AtomicU64,
+    /// Serialises superblock writes and every other control-plane I/O.
+    pub(crate) io: Mutex<ControlIo>,
+}
+
+impl PersistentMeta {
+    pub(crate) fn new(
+        volume_uuid: Uuid,
+        leg_uuids: [Uuid; MAX_LEGS],
+        layout: MetadataLayout,
+        events: u64,
+        legs: usize,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            volume_uuid,
+            leg_uuids,
+            layout,
+            events: AtomicU64::new(events),
+            io: Mutex::new(ControlIo::new(legs, timeout)),
+        }
+    }
+
+    pub(crate) fn lock_io(&self) -> std::sync::MutexGuard<'_, ControlIo> {
+        self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Leg `leg`'s superblock for the states in `snap`.
+    pub(crate) fn superblock(
+        &self,
+        name: &str,
+        legs: usize,
+        leg: usize,
+        snap: LegSnapshot,
+        events: u64,
+        clean: bool,
+    ) -> Superblock {
+        let l = &self.layout;
+        Superblock {
+            volume_uuid: self.volume_uuid,
+            leg_uuid: self.leg_uuids[leg],
+            role: if snap.primary() == leg {
+                Role::Primary
+            } else {
+                Role::Mirror
+            },
+            leg_index: leg as u8,
+            leg_count: legs as u8,
+            clean,
+            lba_size: l.lba_size,
+            event_counter: events,
+            region_size: l.region_size,
+            bitmap_offset: l.bitmap_offset,
+            bitmap_len: l.bitmap_len,
+            data_offset: l.data_offset,
+            data_blocks: l.data_blocks,
+            leg_uuids: self.leg_uuids,
+            volume_name: name.to_string(),
+            member_states: std::array::from_fn(|i| {
+                if i >= legs {
+                    MemberState::Unused
+                } else if snap.state(i) == LegState::InSync {
+                    MemberState::InSync
+                } else {
+                    MemberState::Stale
+                }
+            }),
+        }
+    }
+
+    /// Bumps the event counter and writes every in-sync leg's superblock with the current
+    /// member states (a leg out of sync is named stale). Returns the legs that failed.
+    pub(crate) fn write_superblocks(&self, vol: &VolumeShared, clean: bool, bump: bool) -> u8 {
+        let mut io = self.lock_io();
+        let events = if bump {
+            self.events.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.events.load(Ordering::SeqCst)
+        };
+        let snap = vol.states.snapshot();
+        let mut failed = 0;
+        for (i, leg) in vol.legs.iter().enumerate() {
+            if snap.state(i) != LegState::InSync {
+                continue;
+            }
+            let sb = self.superblock(&vol.name, vol.legs.len(), i, snap, events, clean);
+            if let Err(e) = io.write_page(i, &*leg.dev, 0, &sb.encode()[..HEADER_LEN]) {
+                tracing::error!(volume = %vol.name, leg = i, error = %e, "superblock write failed");
+                failed |= 1 << i;
+            }
+        }
+        failed
+    }
+
+    /// A leg changed state: the in-sync legs' superblocks record it (cold; blocks this core
+    /// for one superblock write per leg).
+    pub(crate) fn persist_states(&self, vol: &VolumeShared) {
+        self.write_superblocks(vol, false, true);
+    }
+}

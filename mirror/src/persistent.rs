@@ -1,0 +1,578 @@
+//! Persistent volumes: format, start-up, recovery, clearing and clean shutdown
+//! (`docs/bitmap.md`). Everything here is control plane and synchronous.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nvmirror_nvme::dma::IoBuf;
+use nvmirror_nvme::{BlockDevice, Geometry, IoOp};
+
+use crate::bitmap::{MetadataLayout, WriteIntentBitmap, BITMAP_PAGE};
+use crate::config::VolumeConfig;
+use crate::legs::{LegState, LegStates, MAX_LEGS};
+use crate::metadata::{ControlIo, PersistentMeta};
+use crate::superblock::{MemberState, Superblock, Uuid, REGION_SIZE_RANGE};
+use crate::volume::Volume;
+use crate::{Error, Result};
+
+/// What a leg's first 4 KiB hold.
+enum Found {
+    Blank,
+    Superblock(Box<Superblock>),
+}
+
+fn read_head(
+    io: &mut ControlIo,
+    name: &str,
+    leg: usize,
+    dev: &dyn BlockDevice,
+) -> Result<(Found, Vec<u8>)> {
+    let head = io
+        .read_bytes(leg, dev, 0, BITMAP_PAGE as usize)
+        .map_err(|reason| Error::Metadata {
+            volume: name.to_string(),
+            leg,
+            name: dev.name().to_string(),
+            reason: format!("cannot read the superblock: {reason}"),
+        })?;
+    if head.iter().all(|&b| b == 0) {
+        return Ok((Found::Blank, head));
+    }
+    match Superblock::decode(&head) {
+        Ok(sb) => Ok((Found::Superblock(Box::new(sb)), head)),
+        Err(e) => Err(Error::Metadata {
+            volume: name.to_string(),
+            leg,
+            name: dev.name().to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+impl Volume {
+    /// Formats `legs` for a persistent volume — superblock, zeroed bitmap, data from
+    /// `data_offset` on — and opens it. A leg must be blank (its first 4 KiB zero) unless
+    /// `force` is given; a leg whose superblock names another volume is refused even then.
+    pub fn format(
+        name: &str,
+        legs: Vec<Arc<dyn BlockDevice>>,
+        cfg: VolumeConfig,
+        force: bool,
+    ) -> Result<Self> {
+        let (lba_size, blocks) = Self::check_legs(name, &legs, &cfg)?;
+        let layout = persistent_layout(name, &cfg, lba_size, blocks)?;
+        let mut io = ControlIo::new(legs.len(), cfg.io_timeout);
+        for (i, dev) in legs.iter().enumerate() {
+            let (found, head) = match read_head(&mut io, name, i, &**dev) {
+                Ok(f) => f,
+                Err(Error::Metadata { reason, .. }) if force => {
+                    tracing::warn!(volume = name, leg = i, %reason, "overwriting a leg by force");
+                    continue;
+                }
+                Err(Error::Metadata { reason, .. }) => {
+                    return Err(Error::LegNotBlank {
+                        volume: name.to_string(),
+                        leg: i,
+                        name: dev.name().to_string(),
+                        found: reason,
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            match found {
+                Found::Blank => {}
+                Found::Superblock(sb) if sb.volume_name != name => {
+                    return Err(Error::ForeignLeg {
+                        volume: name.to_string(),
+                        leg: i,
+                        name: dev.name().to_string(),
+                        reason: format!(
+                            "it belongs to volume '{}' ({})",
+                            sb.volume_name, sb.volume_uuid
+                        ),
+                    })
+                }
+                Found::Superblock(sb) if !force => {
+                    return Err(Error::LegNotBlank {
+                        volume: name.to_string(),
+                        leg: i,
+                        name: dev.name().to_string(),
+                        found: format!("a superblock of this volume ({})", sb.volume_uuid),
+                    })
+                }
+                Found::Superblock(_) => drop(head),
+            }
+        }
+        let mut leg_uuids = [Uuid::default(); MAX_LEGS];
+        for u in leg_uuids.iter_mut().take(legs.len()) {
+            *u = Uuid::new_random();
+        }
+        let meta = PersistentMeta::new(
+            Uuid::new_random(),
+            leg_uuids,
+            layout,
+            1,
+            legs.len(),
+            cfg.io_timeout,
+        );
+        let snap = LegStates::new(legs.len()).snapshot();
+        let zeros = vec![0u8; layout.bitmap_len as usize];
+        for (i, dev) in legs.iter().enumerate() {
+            let sb = meta.superblock(name, legs.len(), i, snap, 1, true);
+            io.write_bytes(i, &**dev, layout.bitmap_offset, &zeros)
+                .and_then(|()| io.write_page(i, &**dev, 0, &sb.encode()))
+                .map_err(|reason| Error::Metadata {
+                    volume: name.to_string(),
+                    leg: i,
+                    name: dev.name().to_string(),
+                    reason: format!("format: {reason}"),
+                })?;
+        }
+        tracing::info!(volume = name, uuid = %meta.volume_uuid, ?layout, "volume formatted");
+        drop(io);
+        Self::open_persistent(name, legs, cfg)
+    }
+
+    /// Opens a formatted persistent volume: reads and validates every leg's superblock (a
+    /// corrupt or foreign one is an error naming the leg), takes the leg with the highest
+    /// event counter as the freshest, and loads the union of the in-sync legs' bitmaps.
+    ///
+    /// - After an unclean stop, the marked regions are copied from the freshest leg to the
+    ///   other in-sync legs before this returns, so the legs agree on every block.
+    /// - A leg named stale by the freshest, or with an older event counter, comes up
+    ///   `Faulted` with the marked regions as its regions to resync
+    ///   ([`regions_to_resync`](Self::regions_to_resync)); a blank leg gets every region.
+    ///
+    /// Then the union bitmap and superblocks with a bumped event counter and the clean flag
+    /// cleared are written to every in-sync leg: nothing written from now on can be mistaken
+    /// for a clean stop.
+    pub fn open_persistent(
+        name: &str,
+        legs: Vec<Arc<dyn BlockDevice>>,
+        mut cfg: VolumeConfig,
+    ) -> Result<Self> {
+        let (lba_size, _) = Self::check_legs(name, &legs, &cfg)?;
+        let mut io = ControlIo::new(legs.len(), cfg.io_timeout);
+        let mut sbs = Vec::with_capacity(legs.len());
+        for (i, dev) in legs.iter().enumerate() {
+            sbs.push(match read_head(&mut io, name, i, &**dev)?.0 {
+                Found::Blank => None,
+                Found::Superblock(sb) => Some(sb),
+            });
+        }
+        let Some(fresh) = (0..legs.len())
+            .filter(|&i| sbs[i].is_some())
+            .max_by_key(|&i| (sbs[i].as_ref().map(|s| s.event_counter), usize::MAX - i))
+        else {
+            return Err(Error::Metadata {
+                volume: name.to_string(),
+                leg: 0,
+                name: legs[0].name().to_string(),
+                reason: "no leg has a superblock; format the volume first".into(),
+            });
+        };
+        let f = sbs[fresh]
+            .clone()
+            .expect("the freshest leg has a superblock");
+        let names: Vec<String> = legs.iter().map(|l| l.name().to_string()).collect();
+        let foreign = |leg: usize, reason: String| Error::ForeignLeg {
+            volume: name.to_string(),
+            leg,
+            name: names[leg].clone(),
+            reason,
+        };
+        if f.leg_count as usize != legs.len() {
+            return Err(foreign(
+                fresh,
+                format!("its volume has {} legs, {} given", f.leg_count, legs.len()),
+            ));
+        }
+        for (i, sb) in sbs.iter().enumerate() {
+            let Some(sb) = sb else { continue };
+            sb.check_volume(f.volume_uuid)
+                .map_err(|e| foreign(i, e.to_string()))?;
+            if sb.leg_index as usize != i || sb.leg_uuid != f.leg_uuids[i] {
+                return Err(foreign(
+                    i,
+                    format!("it is leg {} ({}) of the volume", sb.leg_index, sb.leg_uuid),
+                ));
+            }
+        }
+        let meta_err = |leg: usize, reason: String| Error::Metadata {
+            volume: name.to_string(),
+            leg,
+            name: names[leg].clone(),
+            reason,
+        };
+        let layout = MetadataLayout {
+            lba_size: f.lba_size,
+            region_size: f.region_size,
+            regions: (f.data_blocks * u64::from(f.lba_size)).div_ceil(f.region_size),
+            bitmap_offset: f.bitmap_offset,
+            bitmap_len: f.bitmap_len,
+            data_offset: f.data_offset,
+            data_blocks: f.data_blocks,
+        };
+        if f.lba_size != lba_size || layout.bitmap_len < layout.pages() * BITMAP_PAGE {
+            return Err(meta_err(fresh, format!("inconsistent layout {layout:?}")));
+        }
+        let need = f.data_offset + f.data_blocks * u64::from(f.lba_size);
+        for (i, dev) in legs.iter().enumerate() {
+            if dev.geometry().bytes() < need {
+                return Err(meta_err(
+                    i,
+                    format!("{} bytes, the volume needs {need}", dev.geometry().bytes()),
+                ));
+            }
+        }
+        cfg.region_size = f.region_size;
+        cfg.validate(name, lba_size)?;
+        // Who is in sync: the freshest leg's view, and every leg that saw its last event.
+        let stale: Vec<bool> = (0..legs.len())
+            .map(|i| match &sbs[i] {
+                None => true,
+                Some(sb) => {
+                    i != fresh
+                        && (f.member_states[i] != MemberState::InSync
+                            || sb.event_counter < f.event_counter)
+                }
+            })
+            .collect();
+        let mut union = vec![0u8; layout.bitmap_len as usize];
+        let mut clean = true;
+        for (i, dev) in legs.iter().enumerate() {
+            if stale[i] {
+                continue;
+            }
+            clean &= sbs[i].as_ref().is_some_and(|s| s.clean);
+            let area = io
+                .read_bytes(i, &**dev, layout.bitmap_offset, layout.bitmap_len as usize)
+                .map_err(|r| meta_err(i, format!("cannot read the bitmap: {r}")))?;
+            for (u, b) in union.iter_mut().zip(area) {
+                *u |= b;
+            }
+        }
+        let bitmap = WriteIntentBitmap::new(layout);
+        bitmap.load(&union);
+        let meta = PersistentMeta::new(
+            f.volume_uuid,
+            f.leg_uuids,
+            layout,
+            f.event_counter,
+            legs.len(),
+            cfg.io_timeout,
+        );
+        let geo = Geometry {
+            lba_size,
+            num_blocks: f.data_blocks,
+        };
+        let vol = Self::assemble(name, legs, cfg, geo, Some((bitmap, meta)));
+        let shared = Arc::clone(vol.shared());
+        let bm = shared.bitmap.as_ref().expect("persistent");
+        let meta = shared.meta.as_ref().expect("persistent");
+        let marked = bm.marked_regions();
+        if !clean {
+            // Writes in flight at the stop may have reached some legs only: make the in-sync
+            // legs agree on every marked region, taking the freshest leg's copy.
+            let mut io = meta.lock_io();
+            for i in (0..stale.len()).filter(|&i| i != fresh && !stale[i]) {
+                for &r in &marked {
+                    let (off, len) = region_bytes(&layout, r);
+                    io.copy(
+                        (fresh, &*shared.legs[fresh].dev),
+                        (i, &*shared.legs[i].dev),
+                        off,
+                        len,
+                    )
+                    .map_err(|e| meta_err(i, format!("copying region {r}: {e}")))?;
+                }
+            }
+            tracing::warn!(
+                volume = name,
+                regions = marked.len(),
+                "unclean stop: marked regions made identical"
+            );
+        }
+        for (i, &is_stale) in stale.iter().enumerate() {
+            if !is_stale {
+                continue;
+            }
+            let _ = shared.states.take_out(i, LegState::Faulted, Some(fresh));
+            let missed = &shared.legs[i].missed;
+            if sbs[i].is_none() {
+                missed.mark_all();
+            } else {
+                marked.iter().for_each(|&r| missed.mark_region(r));
+            }
+            tracing::warn!(
+                volume = name,
+                leg = i,
+                regions = missed.count(),
+                "stale leg: faulted until its regions are resynced"
+            );
+        }
+        // Every in-sync leg gets the union bitmap, then the new superblocks.
+        {
+            let mut io = meta.lock_io();
+            let snap = shared.states.snapshot();
+            for (i, leg) in shared.legs.iter().enumerate() {
+                if snap.state(i) == LegState::InSync {
+                    io.write_bytes(i, &*leg.dev, layout.bitmap_offset, &union)
+                        .map_err(|e| meta_err(i, format!("writing the bitmap: {e}")))?;
+                }
+            }
+        }
+        let failed = meta.write_superblocks(&shared, false, true);
+        if failed != 0 {
+            let leg = failed.trailing_zeros() as usize;
+            return Err(meta_err(leg, "cannot write the superblock".into()));
+        }
+        tracing::info!(
+            volume = name,
+            fresh,
+            clean,
+            marked = marked.len(),
+            "persistent volume opened"
+        );
+        Ok(vol)
+    }
+
+    /// The regions leg `leg` must get from an in-sync leg before it is in sync again.
+    pub fn regions_to_resync(&self, leg: usize) -> Result<Vec<u64>> {
+        self.missed_regions(leg)
+    }
+
+    /// Copies leg `leg`'s regions to resync from the primary, gives it the whole bitmap,
+    /// brings it back in sync and records that in the superblocks. Synchronous; the volume
+    /// must have no I/O in flight meanwhile (the resync engine replaces this). Returns the
+    /// number of regions copied.
+    pub fn recover_sync(&self, leg: usize) -> Result<u64> {
+        let shared = self.shared();
+        let meta = self.persistent()?;
+        let dev = Arc::clone(&self.leg(leg)?.dev);
+        let snap = shared.states.snapshot();
+        if snap.state(leg) == LegState::InSync {
+            return Ok(0);
+        }
+        let bm = shared.bitmap.as_ref().expect("persistent");
+        let from = snap.primary();
+        let layout = meta.layout;
+        let err = |reason: String| Error::Metadata {
+            volume: shared.name.clone(),
+            leg,
+            name: dev.name().to_string(),
+            reason,
+        };
+        let regions = shared.legs[leg].missed.regions();
+        {
+            let mut io = meta.lock_io();
+            for &r in &regions {
+                let (off, len) = region_bytes(&layout, r);
+                io.copy((from, &*shared.legs[from].dev), (leg, &*dev), off, len)
+                    .map_err(|e| err(format!("copying region {r}: {e}")))?;
+            }
+            // The leg takes writes again: it needs every bit the others have.
+            let mut page = vec![0u8; BITMAP_PAGE as usize];
+            for p in 0..bm.pages() as u32 {
+                bm.snapshot(p, &mut page);
+                io.write_page(
+                    leg,
+                    &*dev,
+                    layout.bitmap_offset + u64::from(p) * BITMAP_PAGE,
+                    &page,
+                )
+                .map_err(|e| err(format!("writing bitmap page {p}: {e}")))?;
+            }
+            io.run(leg, &*dev, IoOp::Flush, 0, IoBuf::EMPTY)
+                .map_err(|e| err(format!("flush: {e}")))?;
+        }
+        shared.states.bring_in(leg);
+        shared.legs[leg].missed.clear();
+        meta.persist_states(shared);
+        tracing::info!(volume = %shared.name, leg, regions = regions.len(), "leg recovered");
+        Ok(regions.len() as u64)
+    }
+
+    /// Clears the marked regions that are idle (nothing written for
+    /// [`BitmapConfig::idle_delay`](crate::BitmapConfig::idle_delay), nothing in flight, not
+    /// missed by an out-of-sync leg) — and, over
+    /// [`BitmapConfig::max_marked_regions`](crate::BitmapConfig::max_marked_regions), the oldest
+    /// others — and writes the pages that changed. A timer calls this; pages whose writer lock
+    /// is busy are left for the next call. Returns the number of regions cleared.
+    pub fn clear_idle_regions(&self, now: Instant) -> Result<u64> {
+        let shared = self.shared();
+        let meta = self.persistent()?;
+        let bm = shared.bitmap.as_ref().expect("persistent");
+        let keep = |r: u64| {
+            let snap = shared.states.snapshot();
+            (0..shared.legs.len())
+                .any(|i| snap.state(i) != LegState::InSync && shared.legs[i].missed.contains(r))
+        };
+        let candidates = {
+            let mut clock = bm.clock.lock().unwrap_or_else(|e| e.into_inner());
+            let b = &shared.cfg.bitmap;
+            bm.clear_candidates(&mut clock, now, b.idle_delay, b.max_marked_regions, &keep)
+        };
+        let mut by_page: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for r in candidates {
+            by_page
+                .entry((r / crate::bitmap::REGIONS_PER_PAGE) as u32)
+                .or_default()
+                .push(r);
+        }
+        let mut cleared = 0;
+        let mut buf = vec![0u8; BITMAP_PAGE as usize];
+        for (page, regions) in by_page {
+            if !bm.try_lock(page) {
+                continue;
+            }
+            let n = regions.iter().filter(|&&r| bm.try_clear(r, &keep)).count() as u64;
+            if n > 0 {
+                bm.cleared(page);
+                let gen = bm.snapshot(page, &mut buf);
+                let snap = shared.states.snapshot();
+                let mut io = meta.lock_io();
+                let mut ok = true;
+                for (i, leg) in shared.legs.iter().enumerate() {
+                    if snap.state(i) != LegState::InSync {
+                        continue;
+                    }
+                    let at = meta.layout.bitmap_offset + u64::from(page) * BITMAP_PAGE;
+                    if let Err(e) = io.write_page(i, &*leg.dev, at, &buf) {
+                        tracing::warn!(volume = %shared.name, leg = i, error = %e, "cleared bitmap page not written");
+                        ok = false;
+                    }
+                }
+                if ok {
+                    bm.written(page, gen, &buf);
+                }
+                cleared += n;
+            }
+            bm.unlock(page);
+        }
+        Ok(cleared)
+    }
+
+    /// Stops a persistent volume cleanly: flushes every in-sync leg and sets the clean flag
+    /// in their superblocks, so the next start needs no resync. Every queue pair must be
+    /// closed (dropped) first.
+    pub fn shutdown_clean(self) -> Result<()> {
+        let shared = Arc::clone(self.shared());
+        let meta = self.persistent()?;
+        if Arc::strong_count(&shared) > 2 {
+            return Err(Error::Busy {
+                volume: shared.name.clone(),
+                reason: "queue pairs are still open".into(),
+            });
+        }
+        let snap = shared.states.snapshot();
+        {
+            let mut io = meta.lock_io();
+            for (i, leg) in shared.legs.iter().enumerate() {
+                if snap.state(i) == LegState::InSync {
+                    io.run(i, &*leg.dev, IoOp::Flush, 0, IoBuf::EMPTY)
+                        .map_err(|reason| Error::Metadata {
+                            volume: shared.name.clone(),
+                            leg: i,
+                            name: leg.dev.name().to_string(),
+                            reason: format!("flush: {reason}"),
+                        })?;
+                }
+            }
+        }
+        let failed = meta.write_superblocks(&shared, true, false);
+        if failed != 0 {
+            let leg = failed.trailing_zeros() as usize;
+            return Err(Error::Metadata {
+                volume: shared.name.clone(),
+                leg,
+                name: shared.legs[leg].dev.name().to_string(),
+                reason: "cannot write the clean superblock".into(),
+            });
+        }
+        tracing::info!(volume = %shared.name, "clean shutdown");
+        Ok(())
+    }
+
+    /// The regions marked in the write-intent bitmap (persistent volumes), ascending.
+    pub fn marked_regions(&self) -> Result<Vec<u64>> {
+        self.persistent()?;
+        Ok(self
+            .shared()
+            .bitmap
+            .as_ref()
+            .map(WriteIntentBitmap::marked_regions)
+            .unwrap_or_default())
+    }
+
+    /// How many regions are marked (persistent volumes; 0 otherwise).
+    pub fn marked_region_count(&self) -> u64 {
+        self.shared()
+            .bitmap
+            .as_ref()
+            .map_or(0, WriteIntentBitmap::marked_count)
+    }
+
+    /// Whether region `region` is marked (persistent volumes; false otherwise).
+    pub fn region_marked(&self, region: u64) -> bool {
+        self.shared()
+            .bitmap
+            .as_ref()
+            .is_some_and(|b| b.is_marked(region))
+    }
+
+    /// The metadata layout of a persistent volume.
+    pub fn metadata_layout(&self) -> Option<MetadataLayout> {
+        self.shared().meta.as_ref().map(|m| m.layout)
+    }
+
+    /// The event counter last written to the superblocks (persistent volumes).
+    pub fn event_counter(&self) -> Option<u64> {
+        self.shared()
+            .meta
+            .as_ref()
+            .map(|m| m.events.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn persistent(&self) -> Result<&PersistentMeta> {
+        self.shared()
+            .meta
+            .as_ref()
+            .ok_or_else(|| Error::NotPersistent {
+                volume: self.shared().name.clone(),
+            })
+    }
+}
+
+/// Byte offset on a leg and length of region `r`'s data.
+fn region_bytes(layout: &MetadataLayout, r: u64) -> (u64, u64) {
+    let start = r * layout.region_size;
+    let end = (start + layout.region_size).min(layout.data_blocks * u64::from(layout.lba_size));
+    (layout.data_offset + start, end - start)
+}
+
+/// The layout of a new persistent volume, with its configuration checked.
+fn persistent_layout(
+    name: &str,
+    cfg: &VolumeConfig,
+    lba_size: u32,
+    blocks: u64,
+) -> Result<MetadataLayout> {
+    let err = |reason: String| Error::Config {
+        volume: name.to_string(),
+        reason,
+    };
+    let (lo, hi) = REGION_SIZE_RANGE;
+    if !(lo..=hi).contains(&cfg.region_size) {
+        return Err(err(format!(
+            "region_size = {} must be 64 KiB..=64 MiB for a persistent volume",
+            cfg.region_size
+        )));
+    }
+    if name.len() > 64 {
+        return Err(err("a persistent volume's name is at most 64 bytes".into()));
+    }
+    MetadataLayout::compute(blocks * u64::from(lba_size), lba_size, cfg.region_size)
+        .ok_or_else(|| err("the legs are too small for the metadata".into()))
+}
