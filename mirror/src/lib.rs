@@ -39,6 +39,7 @@ mod legs;
 mod missed;
 mod qpair;
 mod read_policy;
+pub mod resync;
 mod stats;
 pub mod superblock;
 mod sync;
@@ -50,5 +51,8 @@ pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};
 pub use qpair::{VolumeQueuePair, MAX_QUEUE_DEPTH};
+pub use resync::{
+    JobState, RegionSource, ResyncConfig, ResyncJob, ResyncStatus, VerifyJob, VerifyStatus,
+};
 pub use stats::{LatencySummary, LegStats, VolumeStats};
 pub use volume::Volume;
