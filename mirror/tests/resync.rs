@@ -371,3 +371,43 @@ fn a_job_runs_on_a_reactor() {
     assert_eq!(rig.states()[1], LegState::InSync);
     assert_legs_identical(&rig.vol);
 }
+
+#[test]
+fn a_hung_target_is_faulted_after_the_io_timeout_and_host_writes_go_on() {
+    let cfg = VolumeConfig {
+        region_size: REGION,
+        ..common::short_timeout()
+    };
+    let mut rig = Rig::new(2, cfg);
+    rig.vol.detach_leg(1).unwrap();
+    fill(&mut rig, 31);
+    let hang = rig.arm(
+        1,
+        Fault::Hang {
+            ops: OpFilter::Writes,
+        },
+    );
+    let handle = rig.vol.attach_leg(1).unwrap().run();
+    wait_for("the first window", || {
+        rig.vol.resync_status().unwrap().state == JobState::Running
+    });
+    // A write into the window the job holds waits for it, but not past the I/O timeout.
+    let start = Instant::now();
+    assert!(rig.write(3, 2, 32).is_success());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let status = handle.join().unwrap();
+    assert_eq!(status.state, JobState::Failed);
+    assert!(
+        status.error.as_deref().unwrap_or("").contains("timed out"),
+        "{status:?}"
+    );
+    assert_eq!(rig.states()[1], LegState::Faulted);
+    assert!(rig.vol.region_missed(1, 0).unwrap());
+    assert_eq!(rig.vol.overlap_locks_held(), 0);
+    rig.clear(1, hang);
+    assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 1);
+}

@@ -131,9 +131,13 @@ impl Pace {
             .map(|(a, b)| a.saturating_sub(*b))
             .collect();
         self.last_hist = hist;
-        if !adaptive {
-            return;
+        if adaptive {
+            self.adjust(&delta);
         }
+    }
+
+    /// Adapts the pace to one interval's latency histogram.
+    fn adjust(&mut self, delta: &[u64]) {
         let samples: u64 = delta.iter().sum();
         if samples < IDLE_SAMPLES {
             // An idle host: go at full speed.
@@ -141,7 +145,7 @@ impl Pace {
             self.gap = Duration::ZERO;
             return;
         }
-        let p99 = summarize(&delta).p99.as_nanos() as u64;
+        let p99 = summarize(delta).p99.as_nanos() as u64;
         let Some(baseline) = self.baseline_ns else {
             // No history before the job: this interval (host now busy) is the baseline,
             // and the job restarts from one window.
@@ -182,6 +186,77 @@ fn host_histogram(vol: &VolumeShared) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::bucket_of;
+
+    /// An interval of `n` completions at `us` microseconds each.
+    fn interval(n: u64, us: u64) -> Vec<u64> {
+        let mut h = vec![0; BUCKETS];
+        h[bucket_of(us * 1000)] = n;
+        h
+    }
+
+    fn pace(baseline_us: Option<u64>) -> Pace {
+        let now = Instant::now();
+        Pace {
+            max_windows: 8,
+            limit: 8,
+            gap: Duration::ZERO,
+            next_start: now,
+            factor: 2.0,
+            interval: Duration::from_millis(20),
+            next_sample: now,
+            baseline_ns: baseline_us.map(|us| us * 1000),
+            last_hist: vec![0; BUCKETS],
+        }
+    }
+
+    #[test]
+    fn slow_host_io_backs_off_and_fast_or_idle_host_io_speeds_up() {
+        let mut p = pace(Some(100));
+        p.adjust(&interval(1000, 150)); // within 2x: no change
+        assert_eq!((p.limit(true), p.gap), (8, Duration::ZERO));
+        for want in [4, 2, 1] {
+            p.adjust(&interval(1000, 500));
+            assert_eq!(p.limit(true), want);
+        }
+        assert_eq!(
+            p.limit(false),
+            8,
+            "without adaptation the limit is the maximum"
+        );
+        p.adjust(&interval(1000, 500));
+        assert_eq!(
+            p.gap, MIN_GAP,
+            "one window is still too much: pause between windows"
+        );
+        p.adjust(&interval(1000, 500));
+        assert_eq!(p.gap, MIN_GAP * 2);
+        let now = Instant::now();
+        p.started(now);
+        assert!(!p.may_start(now, true) && p.may_start(now, false));
+        // Latency back under the threshold: shorter pauses first, then more windows.
+        p.adjust(&interval(1000, 100));
+        assert_eq!(p.gap, MIN_GAP);
+        p.adjust(&interval(1000, 100));
+        assert_eq!((p.limit(true), p.gap), (1, Duration::ZERO));
+        p.adjust(&interval(1000, 100));
+        assert_eq!(p.limit(true), 2);
+        // An idle host: full speed at once.
+        p.adjust(&interval(3, 900));
+        assert_eq!(p.limit(true), 8);
+    }
+
+    #[test]
+    fn without_history_the_first_busy_interval_is_the_baseline() {
+        let mut p = pace(None);
+        p.adjust(&interval(5, 100));
+        assert_eq!(p.baseline(), None, "idle: nothing to learn");
+        p.adjust(&interval(500, 100));
+        assert!(p.baseline().is_some());
+        assert_eq!(p.limit(true), 1);
+        p.adjust(&interval(500, 1000));
+        assert_eq!(p.gap, MIN_GAP);
+    }
 
     #[test]
     fn the_bucket_admits_at_the_rate() {
