@@ -98,6 +98,9 @@ impl VolumeQueuePair {
                 let status = result.status(leg);
                 self.vol
                     .fault_on_io(leg, None, status, op_name(meta.cmd.op));
+                // Pairs with the fence in the resync job between clearing a region and
+                // reading the leg state: one of the two sees the other's write.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 self.vol.mark_missed(leg, &meta.cmd);
             }
         }

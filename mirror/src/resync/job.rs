@@ -443,8 +443,11 @@ impl ResyncJob {
     fn region_done(&mut self, i: usize) {
         let range = self.windows[i].range;
         self.regions.region_copied(range.region);
-        // A failed host write faults the leg before marking its regions; if that happened,
-        // the clear above may have raced the mark, so mark the region again.
+        // A failed host write or flush faults the leg before marking its regions (a flush
+        // holds no window lock). The fence pairs with one between those two steps, so either
+        // the mark lands after this clear or the state read below sees the fault and the
+        // region is marked again.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if self.vol.states.snapshot().state(self.leg) != LegState::Resyncing {
             self.regions.region_dirty(range.region);
         } else {
