@@ -3,7 +3,8 @@
 //!     cargo run --release -p nvmirror-mirror --example resync_bench -- dirty  [--size BYTES] [--pct P]
 //!     cargo run --release -p nvmirror-mirror --example resync_bench -- copy   [--size BYTES]
 //!     cargo run --release -p nvmirror-mirror --example resync_bench -- hostlat [--size BYTES] [--secs S]
-//!         [--no-adaptive] [--latency 20us]
+//!         [--no-adaptive]
+//!     common options: [--latency 20us] [--region BYTES] [--windows N]
 //!
 //! - `dirty`: a leg misses writes to P % of the regions (one 4 KiB write each) and is attached
 //!   again; prints bytes copied / dirty bytes (1.0 means exactly the dirty regions).
@@ -33,6 +34,8 @@ struct Args {
     secs: f64,
     adaptive: bool,
     latency: Option<String>,
+    region: u64,
+    windows: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -47,6 +50,8 @@ fn parse_args() -> Result<Args, String> {
         secs: 3.0,
         adaptive: true,
         latency: None,
+        region: VolumeConfig::default().region_size,
+        windows: ResyncConfig::default().windows,
     };
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -64,10 +69,35 @@ fn parse_args() -> Result<Args, String> {
             }
             "--no-adaptive" => args.adaptive = false,
             "--latency" => args.latency = Some(value("--latency")?),
+            "--region" => {
+                args.region = value("--region")?
+                    .parse()
+                    .map_err(|e| format!("--region: {e}"))?
+            }
+            "--windows" => {
+                args.windows = value("--windows")?
+                    .parse()
+                    .map_err(|e| format!("--windows: {e}"))?
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
     Ok(args)
+}
+
+fn vcfg(args: &Args) -> VolumeConfig {
+    VolumeConfig {
+        region_size: args.region,
+        ..VolumeConfig::default()
+    }
+}
+
+fn rcfg(args: &Args) -> ResyncConfig {
+    ResyncConfig {
+        windows: args.windows,
+        adaptive: args.adaptive,
+        ..ResyncConfig::default()
+    }
 }
 
 fn mem(args: &Args, name: &str) -> Result<Arc<dyn BlockDevice>, String> {
@@ -120,12 +150,8 @@ fn gib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 fn dirty(args: &Args) -> Result<(), String> {
-    let vol = Volume::new(
-        "bench",
-        vec![mem(args, "a")?, mem(args, "b")?],
-        VolumeConfig::default(),
-    )
-    .map_err(|e| e.to_string())?;
+    let vol = Volume::new("bench", vec![mem(args, "a")?, mem(args, "b")?], vcfg(args))
+        .map_err(|e| e.to_string())?;
     let region = vol.region_size();
     let regions = vol.geometry().bytes() / region;
     vol.detach_leg(1).map_err(|e| e.to_string())?;
@@ -277,13 +303,13 @@ fn raw_copy(
 }
 
 fn copy(args: &Args) -> Result<(), String> {
-    let cfg = ResyncConfig::default();
+    let cfg = rcfg(args);
     let src = mem(args, "src")?;
     prefill(&*src, 1)?;
     let raw_dst = mem(args, "raw")?;
     prefill(&*raw_dst, 9)?; // the same memory state as the resync target
     let bytes = src.geometry().bytes();
-    let vcfg = VolumeConfig::default();
+    let vcfg = vcfg(args);
     let raw = raw_copy(
         &*src,
         &*raw_dst,
@@ -354,9 +380,7 @@ fn hostlat(args: &Args) -> Result<(), String> {
     let (a, b) = (mem(args, "a")?, mem(args, "b")?);
     prefill(&*a, 3)?;
     prefill(&*b, 3)?;
-    let vol = Arc::new(
-        Volume::new("bench", vec![a, b], VolumeConfig::default()).map_err(|e| e.to_string())?,
-    );
+    let vol = Arc::new(Volume::new("bench", vec![a, b], vcfg(args)).map_err(|e| e.to_string())?);
     // Phase 0: before the resync, 1: during it, 2: stop.
     let phase = Arc::new(AtomicU8::new(0));
     let samples = Arc::new(Mutex::new([Vec::new(), Vec::new()]));
@@ -424,10 +448,7 @@ fn hostlat(args: &Args) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs_f64(args.secs));
     vol.fault_leg(1).map_err(|e| e.to_string())?;
     let regions = vol.geometry().bytes().div_ceil(vol.region_size()) as usize;
-    let cfg = ResyncConfig {
-        adaptive: args.adaptive,
-        ..ResyncConfig::default()
-    };
+    let cfg = rcfg(args);
     let job = vol
         .attach_leg_from(
             1,

@@ -29,7 +29,12 @@
 //! pool.put(buf);
 //! ```
 //!
-//! The design, with its caveats, is in `docs/mirror.md`.
+//! A leg that missed writes comes back with [`Volume::attach_leg`], and a new leg joins with
+//! [`Volume::add_leg`]: each returns a [`ResyncJob`] to drive (on a reactor, or
+//! [`ResyncJob::run`]) that rebuilds the leg online; [`Volume::verify_start`] scrubs the
+//! in-sync legs against each other ([`resync`]).
+//!
+//! The design, with its caveats, is in `docs/mirror.md` and `docs/resync.md`.
 
 mod config;
 mod error;

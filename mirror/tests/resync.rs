@@ -411,3 +411,35 @@ fn a_hung_target_is_faulted_after_the_io_timeout_and_host_writes_go_on() {
     rig.clear(1, hang);
     assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 1);
 }
+
+#[test]
+fn the_copy_moves_to_another_in_sync_leg_when_its_source_leaves_sync() {
+    let mut rig = Rig::new(3, cfg());
+    rig.vol.detach_leg(2).unwrap();
+    fill(&mut rig, 41);
+    assert_eq!(rig.vol.missed_region_count(2).unwrap(), REGIONS);
+    let handle = rig.vol.attach_leg_with(2, slow(4 << 20)).unwrap().run();
+    wait_for("some regions copied", || {
+        rig.vol.resync_status().unwrap().regions_copied >= 4
+    });
+    // The primary (the job's source) goes out; leg 1 is promoted.
+    rig.vol.fault_leg(0).unwrap();
+    assert_eq!(rig.vol.primary(), 1);
+    // Writes after the fault reach legs 1 and 2 only.
+    assert!(rig.write(40 * REGION_BLOCKS, 8, 42).is_success());
+    assert!(rig.write(2 * REGION_BLOCKS, 8, 43).is_success());
+    rig.vol.resync_set_rate(0, false).unwrap();
+    let status = handle.join().unwrap();
+    assert_eq!(status.state, JobState::Done, "{status:?}");
+    assert_eq!(
+        rig.states(),
+        vec![LegState::Faulted, LegState::InSync, LegState::InSync]
+    );
+    let one = read_all(&*rig.vol.leg_device(1).unwrap()).unwrap();
+    let two = read_all(&*rig.vol.leg_device(2).unwrap()).unwrap();
+    assert!(
+        one == two,
+        "the rebuilt leg matches the leg it now copies from"
+    );
+    assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
+}
