@@ -460,15 +460,28 @@ fn hostlat(args: &Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     phase.store(1, Ordering::Relaxed);
     let start = Instant::now();
-    let status = job.run().join().map_err(|_| "job panicked")?;
+    let handle = job.run();
+    // The adaptive controller's window limit, sampled while the job runs.
+    let mut limits = Vec::new();
+    while !handle.is_finished() {
+        if let Ok(st) = vol.resync_status() {
+            limits.push(st.window_limit);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = handle.join().map_err(|_| "job panicked")?;
     let took = start.elapsed();
     phase.store(2, Ordering::Relaxed);
+    // Zero means the job was still starting (no window yet).
+    limits.retain(|&l| l > 0);
+    let min_limit = limits.iter().copied().min().unwrap_or(0);
+    let mean_limit = limits.iter().map(|&l| f64::from(l)).sum::<f64>() / limits.len().max(1) as f64;
     done.store(true, Ordering::Relaxed);
     let ios = host.join().map_err(|_| "host panicked")??;
     let mut s = std::mem::take(&mut *samples.lock().unwrap());
     let (before, during) = (p99(&mut s[0]), p99(&mut s[1]));
     println!(
-        "hostlat: adaptive={} resync {:?} of {} MiB in {took:.2?} ({:.2} GiB/s); host 4KiB QD32 randwrite p99 before {before:?} ({} IOs), during {during:?} ({} IOs); ratio {:.2}; {ios} IOs total",
+        "hostlat: adaptive={} resync {:?} of {} MiB in {took:.2?} ({:.2} GiB/s); host 4KiB QD32 randwrite p99 before {before:?} ({} IOs), during {during:?} ({} IOs); ratio {:.2}; windows allowed min {min_limit} mean {mean_limit:.1}; {ios} IOs total",
         args.adaptive,
         status.state,
         status.bytes_copied >> 20,
