@@ -443,3 +443,87 @@ fn the_copy_moves_to_another_in_sync_leg_when_its_source_leaves_sync() {
     );
     assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
 }
+
+/// A device whose `open_qpair` fails while `refuse` is set.
+#[derive(Debug)]
+struct RefusingDevice {
+    inner: Arc<dyn BlockDevice>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for RefusingDevice {
+    fn geometry(&self) -> nvmirror_nvme::Geometry {
+        self.inner.geometry()
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn nvmirror_nvme::QueuePair>> {
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(nvmirror_nvme::Error::QueuePair("refused".into()));
+        }
+        self.inner.open_qpair(depth)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
+
+#[test]
+fn a_core_that_cannot_open_a_queue_pair_on_a_resyncing_leg_faults_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mem = |name: &str| -> Arc<dyn BlockDevice> {
+        Arc::new(
+            MemDevice::new(VOLUME_BYTES, LBA as u32, LatencyModel::None)
+                .unwrap()
+                .with_name(name),
+        )
+    };
+    let flaky = Arc::new(RefusingDevice {
+        inner: mem("mem://flaky"),
+        refuse: false.into(),
+    });
+    let vol = Volume::new(
+        "v",
+        vec![mem("mem://a"), Arc::clone(&flaky) as Arc<dyn BlockDevice>],
+        cfg(),
+    )
+    .unwrap();
+    let state = |vol: &Volume| vol.leg_states()[1].state;
+
+    // A queue pair opened while leg 1 is out and cannot be opened has none on it; when leg 1
+    // starts resyncing, that core's next write tries again, and faults the leg when it fails.
+    vol.fault_leg(1).unwrap();
+    flaky.refuse.store(true, Relaxed);
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    flaky.refuse.store(false, Relaxed);
+    let mut job = vol.attach_leg(1).unwrap();
+    assert_eq!(state(&vol), LegState::Resyncing);
+    flaky.refuse.store(true, Relaxed);
+    let mut data = vec![7u8; LBA];
+    let buf = nvmirror_nvme::dma::IoBuf::from_slice(&mut data);
+    // SAFETY: `data` outlives the command, reaped below.
+    unsafe {
+        nvmirror_nvme::QueuePair::submit(
+            &mut qp,
+            nvmirror_nvme::IoCommand::with_buf(nvmirror_nvme::IoOp::Write, 0, 1, buf, 1),
+        )
+    }
+    .unwrap();
+    let mut cpl = [nvmirror_nvme::Completion::default()];
+    while nvmirror_nvme::QueuePair::poll(&mut qp, &mut cpl) == 0 {}
+    assert!(cpl[0].status.is_success());
+    assert_eq!(
+        state(&vol),
+        LegState::Faulted,
+        "the leg would miss this core's writes"
+    );
+    assert!(vol.region_missed(1, 0).unwrap());
+    assert_eq!(job.run_blocking().state, JobState::Failed);
+
+    // A queue pair opened while the leg is resyncing faults it the same way.
+    flaky.refuse.store(false, Relaxed);
+    let _job = vol.attach_leg(1).unwrap();
+    flaky.refuse.store(true, Relaxed);
+    let _qp2 = vol.open_volume_qpair(4).unwrap();
+    assert_eq!(state(&vol), LegState::Faulted);
+}

@@ -95,11 +95,13 @@ impl VolumeQueuePair {
                     leg_depth[i] = qp.depth();
                     legs[i] = Some(qp);
                 }
-                // A leg that is out of sync anyway is left without a queue pair on this core.
-                Err(e) if snap.state(i) != LegState::InSync => {
+                // A leg that receives no writes is left without a queue pair on this core (one
+                // is opened when it starts to receive them again).
+                Err(e) if !matches!(snap.state(i), LegState::InSync | LegState::Resyncing) => {
                     tracing::warn!(volume = %vol.name, leg = i, error = %e, "no queue pair on an out-of-sync leg");
                 }
-                // An in-sync leg that cannot open one is faulted, unless it is the last.
+                // A leg that receives writes and cannot open one is faulted (it would miss this
+                // core's writes), unless it is the last in-sync leg.
                 Err(e)
                     if vol.fault_on_io(
                         i,
