@@ -8,6 +8,8 @@
 //! empty; then a flush of the target and the flip (one CAS). Cancel, a failure, or the leg
 //! leaving Resyncing ends the job with the leg Faulted and the regions not copied still marked.
 
+mod copy;
+
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -279,242 +281,6 @@ impl ResyncJob {
         self.phase = Phase::Finished;
     }
 
-    /// Starts windows while the pace and the bandwidth cap allow, in ascending region order.
-    fn start_windows(&mut self, now: Instant) -> bool {
-        let adaptive = self.shared.adaptive();
-        let limit = self.pace.limit(adaptive) as usize;
-        let mut work = false;
-        loop {
-            let active = self
-                .windows
-                .iter()
-                .filter(|w| w.stage != Stage::Free)
-                .count();
-            if active >= limit || !self.pace.may_start(now, adaptive) {
-                break;
-            }
-            let Some(free) = self.windows.iter().position(|w| w.stage == Stage::Free) else {
-                break;
-            };
-            let Some(region) = self.regions.next_region(self.cursor) else {
-                break;
-            };
-            let range = RegionRange::of(&self.vol, region);
-            if !self
-                .bucket
-                .admit(now, self.shared.max_rate(), range.bytes(&self.vol))
-            {
-                break;
-            }
-            self.cursor = region + 1;
-            self.pace.started(now);
-            let w = &mut self.windows[free];
-            w.stage = Stage::Locking;
-            w.range = range;
-            w.lba = range.slba;
-            work = true;
-        }
-        for i in 0..self.windows.len() {
-            if self.windows[i].stage == Stage::Locking
-                && self.vol.guard.try_lock(self.windows[i].range.span)
-            {
-                work = true;
-                if let Err(e) = self.pick_source() {
-                    self.vol.guard.unlock(self.windows[i].range.span);
-                    self.windows[i].stage = Stage::Free;
-                    self.stop(JobState::Failed, Some(e));
-                    return true;
-                }
-                self.windows[i].source = self.source;
-                self.issue(i, Stage::Reading, now);
-            }
-        }
-        work
-    }
-
-    /// Keeps the source an in-sync leg (read under a window lock: a write that took the
-    /// source out has completed, so its state is visible).
-    fn pick_source(&mut self) -> Result<(), String> {
-        let snap = self.vol.states.snapshot();
-        if snap.state(self.source) == LegState::InSync {
-            return Ok(());
-        }
-        let candidates = snap.in_sync_mask(snap.leg_count());
-        if candidates == 0 {
-            return Err("no in-sync leg to copy from".into());
-        }
-        let next = if candidates & (1 << snap.primary()) != 0 {
-            snap.primary()
-        } else {
-            candidates.trailing_zeros() as usize
-        };
-        self.channels.open(&self.vol, next)?;
-        tracing::info!(volume = %self.vol.name, leg = self.leg, old = self.source, new = next, "resync source changed");
-        self.source = next;
-        Ok(())
-    }
-
-    /// Sends window `i`'s command for `stage` (Reading: the chunk at `lba` from the source;
-    /// Writing: the same chunk to the target).
-    fn issue(&mut self, i: usize, stage: Stage, now: Instant) {
-        let w = &mut self.windows[i];
-        if stage == Stage::Reading {
-            w.nlb = w.range.chunk(w.lba, self.max_blocks);
-        }
-        let (op, leg) = match stage {
-            Stage::Reading => (IoOp::Read, w.source),
-            _ => (IoOp::Write, self.leg),
-        };
-        w.stage = stage;
-        w.started = now;
-        let cmd = IoCommand::with_buf(op, w.lba, w.nlb, w.buf.io_buf(), i as u64);
-        // SAFETY: the window's buffer belongs to the job's pool, which outlives the queue
-        // pairs (field order), and the window is not touched again until this command's
-        // completion is reaped in `reap` (or it is marked Lost and never reused until then).
-        if !unsafe { self.channels.submit(leg, cmd) } {
-            self.vol.guard.unlock(w.range.span);
-            w.stage = Stage::Free;
-            self.stop(
-                JobState::Failed,
-                Some(format!("leg {leg}: job queue pair refused a command")),
-            );
-        }
-    }
-
-    /// Reaps the job's queue pairs and moves each window on.
-    fn reap(&mut self, now: Instant) -> bool {
-        let mut work = false;
-        for leg in 0..crate::legs::MAX_LEGS {
-            loop {
-                let n = self.channels.poll(leg, &mut self.cpl);
-                if n == 0 {
-                    break;
-                }
-                work = true;
-                for k in 0..n {
-                    let cpl = self.cpl[k];
-                    self.on_completion(cpl, now);
-                }
-                if n < self.cpl.len() {
-                    break;
-                }
-            }
-        }
-        work
-    }
-
-    fn on_completion(&mut self, cpl: Completion, now: Instant) {
-        if cpl.tag == FLUSH_TAG {
-            self.on_flush(cpl.status);
-            return;
-        }
-        let i = cpl.tag as usize;
-        let Some(w) = self.windows.get_mut(i) else {
-            return;
-        };
-        match w.stage {
-            Stage::Lost => w.stage = Stage::Free,
-            Stage::Reading if !cpl.status.is_success() => {
-                let (source, status) = (w.source, cpl.status);
-                self.release(i);
-                self.stop(
-                    JobState::Failed,
-                    Some(format!("reading leg {source} failed: {status}")),
-                );
-            }
-            Stage::Reading if self.stopping.is_some() => self.release(i),
-            Stage::Reading => self.issue(i, Stage::Writing, now),
-            Stage::Writing if !cpl.status.is_success() => self.target_failed(i, cpl.status),
-            Stage::Writing => {
-                w.lba += u64::from(w.nlb);
-                if w.lba < w.range.end && self.stopping.is_none() {
-                    self.issue(i, Stage::Reading, now);
-                } else if w.lba < w.range.end {
-                    self.release(i);
-                } else {
-                    self.region_done(i);
-                }
-            }
-            Stage::Free | Stage::Locking => {}
-        }
-    }
-
-    /// Window `i` copied its whole region: forget the region (under the lock), then unlock.
-    fn region_done(&mut self, i: usize) {
-        let range = self.windows[i].range;
-        self.regions.region_copied(range.region);
-        // A failed host write or flush faults the leg before marking its regions (a flush
-        // holds no window lock). The fence pairs with one between those two steps, so either
-        // the mark lands after this clear or the state read below sees the fault and the
-        // region is marked again.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        if self.vol.states.snapshot().state(self.leg) != LegState::Resyncing {
-            self.regions.region_dirty(range.region);
-        } else {
-            let bytes = range.bytes(&self.vol);
-            self.bytes_done += bytes;
-            let mut p = self.shared.progress();
-            p.regions_done += 1;
-            p.bytes_done += bytes;
-            p.window_limit = self.pace.limit(self.shared.adaptive());
-        }
-        self.release(i);
-    }
-
-    fn release(&mut self, i: usize) {
-        let w = &mut self.windows[i];
-        self.vol.guard.unlock(w.range.span);
-        w.stage = Stage::Free;
-    }
-
-    /// A write to the target failed: fault it (the region stays marked) and stop.
-    fn target_failed(&mut self, i: usize, status: Status) {
-        self.vol.fault_on_io(self.leg, None, status, "resync write");
-        self.release(i);
-        self.stop(
-            JobState::Failed,
-            Some(format!("writing leg {} failed: {status}", self.leg)),
-        );
-    }
-
-    /// Windows whose command is older than the volume's I/O timeout are given up.
-    fn check_timeouts(&mut self, now: Instant) {
-        let timeout = self.vol.cfg.io_timeout;
-        for i in 0..self.windows.len() {
-            let w = &self.windows[i];
-            let hung = matches!(w.stage, Stage::Reading | Stage::Writing)
-                && now.saturating_duration_since(w.started) >= timeout;
-            if !hung {
-                continue;
-            }
-            let (stage, leg) = (
-                w.stage,
-                if w.stage == Stage::Reading {
-                    w.source
-                } else {
-                    self.leg
-                },
-            );
-            if stage == Stage::Writing {
-                self.vol
-                    .fault_on_io(self.leg, None, Status::ABORTED_BY_HOST, "resync write");
-            }
-            self.vol.guard.unlock(self.windows[i].range.span);
-            self.windows[i].stage = Stage::Lost;
-            self.stop(
-                JobState::Failed,
-                Some(format!(
-                    "leg {leg}: resync command timed out after {timeout:?}"
-                )),
-            );
-        }
-        if matches!(self.phase, Phase::Flushing)
-            && now.saturating_duration_since(self.flush_started) >= timeout
-        {
-            self.on_flush(Status::ABORTED_BY_HOST);
-        }
-    }
-
     /// At the end of a pass: another pass if regions were marked behind the cursor, else the
     /// final flush.
     fn end_of_pass(&mut self) -> bool {
@@ -628,5 +394,43 @@ impl Poller for ResyncJob {
         } else {
             PollStatus::Idle
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nvmirror_nvme::backend::{LatencyModel, MemDevice};
+    use nvmirror_nvme::BlockDevice;
+
+    use super::*;
+    use crate::{Volume, VolumeConfig};
+
+    #[test]
+    fn the_job_waits_out_writes_holding_the_guard_before_it_reads_the_region_set() {
+        let mem = || -> Arc<dyn BlockDevice> {
+            Arc::new(MemDevice::new(8 << 20, 512, LatencyModel::None).unwrap())
+        };
+        let vol = Volume::new("v", vec![mem(), mem()], VolumeConfig::default()).unwrap();
+        vol.fault_leg(1).unwrap();
+        // A write that read the leg states before the attach (leg 1 out) holds its guard
+        // entries and has not marked its region yet.
+        let lba = 3 * 2048 + 5; // region 3 of 1 MiB regions
+        let held = vol.shared().guard.span(lba, 1);
+        assert!(vol.shared().guard.try_lock(held));
+        let mut job = vol.attach_leg(1).unwrap();
+        for _ in 0..20 {
+            job.poll(Instant::now());
+        }
+        assert_eq!(job.status().state, JobState::Starting, "the sweep waits");
+        // The write marks its region and completes.
+        vol.shared().leg(1).unwrap().missed.mark(lba, 1);
+        vol.shared().guard.unlock(held);
+        let status = job.run_blocking();
+        assert_eq!(status.state, JobState::Done);
+        assert_eq!(
+            status.regions_copied, 1,
+            "the region marked before the sweep passed"
+        );
+        assert_eq!(vol.missed_region_count(1).unwrap(), 0);
     }
 }
