@@ -3,7 +3,7 @@
 /// Errors of the mirror engine. Variants are named after the failing operation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A volume needs between 2 and [`MAX_LEGS`](crate::MAX_LEGS) legs.
+    /// A volume needs between 1 and [`MAX_LEGS`](crate::MAX_LEGS) legs.
     #[error("volume '{volume}': {count} legs given, a volume has 1 to {max}")]
     LegCount {
         volume: String,
@@ -41,6 +41,29 @@ pub enum Error {
     /// The leg is already detached.
     #[error("volume '{volume}': leg {leg} is already detached")]
     AlreadyDetached { volume: String, leg: usize },
+    /// The leg is the primary, which this request may not take out.
+    #[error("volume '{volume}': leg {leg} is the primary")]
+    LegIsPrimary { volume: String, leg: usize },
+    /// The leg is not in a state the request starts from.
+    #[error("volume '{volume}': leg {leg} is {state}")]
+    LegState {
+        volume: String,
+        leg: usize,
+        state: crate::LegState,
+    },
+    /// A new leg does not fit the volume.
+    #[error("volume '{volume}': cannot add '{name}': {reason}")]
+    AddLeg {
+        volume: String,
+        name: String,
+        reason: String,
+    },
+    /// A resync or verify is already running on the volume.
+    #[error("volume '{volume}': a {what} is already running")]
+    JobRunning { volume: String, what: &'static str },
+    /// No resync or verify was ever started on the volume.
+    #[error("volume '{volume}': no {what} has been started")]
+    NoJob { volume: String, what: &'static str },
     /// Opening a queue pair on a leg failed.
     #[error("volume '{volume}': cannot open a queue pair on leg {leg} ('{name}'): {source}")]
     OpenLegQueuePair {

@@ -86,6 +86,15 @@ impl OverlapGuard {
         }
     }
 
+    /// The single table entry `index` (a sweep that waits out every holder once takes and
+    /// releases each entry in turn).
+    pub(crate) fn entry(index: usize) -> GranuleSpan {
+        GranuleSpan {
+            first: (index % GUARD_ENTRIES) as u32,
+            count: 1,
+        }
+    }
+
     /// Takes every entry of `span`, or none of them. False when one is held.
     #[inline]
     pub(crate) fn try_lock(&self, span: GranuleSpan) -> bool {

@@ -1,7 +1,7 @@
 //! Leg states and the primary index, shared by every core of a volume.
 //!
-//! All of it lives in one `AtomicU64` (the *state word*): the primary index, a 4-bit state per
-//! leg and a transition counter. One word means a core reads every leg's state with a single
+//! All of it lives in one `AtomicU64` (the *state word*): the primary index, the number of leg
+//! slots in use, a 4-bit state per leg and a transition counter. One word means a core reads every leg's state with a single
 //! load when it fans a write out, and a transition that must change two things at once —
 //! fault the primary *and* promote a mirror, or refuse to take out the last in-sync leg — is
 //! a single compare-and-swap that exactly one core wins.
@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const MAX_LEGS: usize = 4;
 
 const PRIMARY_MASK: u64 = 0xf;
+const COUNT_SHIFT: u32 = 4;
+const COUNT_MASK: u64 = 0xf << COUNT_SHIFT;
 const STATE_SHIFT: u32 = 8;
 const STATE_BITS: u32 = 4;
 const EVENTS_SHIFT: u32 = 32;
@@ -29,6 +31,8 @@ pub enum LegState {
     Resyncing = 2,
     /// Removed from the volume; receives nothing; its missed regions are recorded.
     Detached = 3,
+    /// Taken out of the volume for good by `remove_leg`; its slot is retired.
+    Removed = 4,
 }
 
 impl LegState {
@@ -37,7 +41,8 @@ impl LegState {
             0 => Self::InSync,
             1 => Self::Faulted,
             2 => Self::Resyncing,
-            _ => Self::Detached,
+            3 => Self::Detached,
+            _ => Self::Removed,
         }
     }
 
@@ -48,6 +53,7 @@ impl LegState {
             Self::Faulted => "faulted",
             Self::Resyncing => "resyncing",
             Self::Detached => "detached",
+            Self::Removed => "removed",
         }
     }
 }
@@ -85,6 +91,12 @@ impl LegSnapshot {
         (self.0 & PRIMARY_MASK) as usize
     }
 
+    /// Number of leg slots in use (removed legs included).
+    #[inline]
+    pub(crate) fn leg_count(self) -> usize {
+        ((self.0 & COUNT_MASK) >> COUNT_SHIFT) as usize
+    }
+
     #[inline]
     pub(crate) fn state(self, leg: usize) -> LegState {
         LegState::from_bits(self.0 >> (STATE_SHIFT + STATE_BITS * leg as u32))
@@ -102,6 +114,25 @@ impl LegSnapshot {
         mask
     }
 
+    /// Bit `i` set for every leg among the first `legs` that receives host writes: the in-sync
+    /// legs and the legs being resynchronised.
+    #[inline]
+    pub(crate) fn write_mask(self, legs: usize) -> u8 {
+        let mut mask = 0;
+        for leg in 0..legs {
+            if matches!(self.state(leg), LegState::InSync | LegState::Resyncing) {
+                mask |= 1 << leg;
+            }
+        }
+        mask
+    }
+
+    /// Bit `i` set for every leg being resynchronised among the first `legs`.
+    #[inline]
+    pub(crate) fn resyncing_mask(self, legs: usize) -> u8 {
+        self.write_mask(legs) & !self.in_sync_mask(legs)
+    }
+
     /// Number of transitions since the volume was created.
     pub(crate) fn events(self) -> u32 {
         (self.0 >> EVENTS_SHIFT) as u32
@@ -115,6 +146,10 @@ impl LegSnapshot {
 
     fn with_primary(self, primary: usize) -> Self {
         Self((self.0 & !PRIMARY_MASK) | primary as u64)
+    }
+
+    fn with_leg_count(self, count: usize) -> Self {
+        Self((self.0 & !COUNT_MASK) | (count as u64) << COUNT_SHIFT)
     }
 
     fn with_next_event(self) -> Self {
@@ -137,13 +172,18 @@ pub(crate) enum Refusal {
     LastInSync,
     /// The leg is detached already.
     AlreadyDetached,
+    /// The leg is not in a state this change starts from.
+    WrongState(LegState),
+    /// Every leg slot is taken.
+    NoFreeSlot,
+    /// The leg is the primary.
+    Primary,
 }
 
 /// The state word of one volume.
 #[derive(Debug)]
 pub(crate) struct LegStates {
     word: AtomicU64,
-    legs: usize,
 }
 
 impl LegStates {
@@ -151,9 +191,77 @@ impl LegStates {
     pub(crate) fn new(legs: usize) -> Self {
         debug_assert!((1..=MAX_LEGS).contains(&legs));
         Self {
-            word: AtomicU64::new(0),
-            legs,
+            word: AtomicU64::new(LegSnapshot(0).with_leg_count(legs).0),
         }
+    }
+
+    /// Applies `f` to the word until one CAS wins; `f` returns the next word (the event
+    /// counter is bumped here) or a refusal.
+    fn update<T>(
+        &self,
+        mut f: impl FnMut(LegSnapshot) -> Result<(LegSnapshot, T), Refusal>,
+    ) -> Result<T, Refusal> {
+        let mut cur = self.snapshot();
+        loop {
+            let (next, out) = f(cur)?;
+            match self.word.compare_exchange_weak(
+                cur.0,
+                next.with_next_event().0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(out),
+                Err(actual) => cur = LegSnapshot(actual),
+            }
+        }
+    }
+
+    /// Faulted or Detached → Resyncing: the leg receives every write from now on.
+    pub(crate) fn begin_resync(&self, leg: usize) -> Result<LegState, Refusal> {
+        self.update(|cur| {
+            let from = cur.state(leg);
+            if leg >= cur.leg_count() || !matches!(from, LegState::Faulted | LegState::Detached) {
+                return Err(Refusal::WrongState(from));
+            }
+            Ok((cur.with_state(leg, LegState::Resyncing), from))
+        })
+    }
+
+    /// Resyncing → InSync, the single CAS that makes a rebuilt leg a full member.
+    pub(crate) fn finish_resync(&self, leg: usize) -> Result<(), Refusal> {
+        self.update(|cur| match cur.state(leg) {
+            LegState::Resyncing => Ok((cur.with_state(leg, LegState::InSync), ())),
+            other => Err(Refusal::WrongState(other)),
+        })
+    }
+
+    /// Appends a leg slot in state Resyncing; returns its index. The caller has filled the
+    /// slot's shared data before (the CAS publishes it).
+    pub(crate) fn add_resyncing(&self, expected_index: usize) -> Result<(), Refusal> {
+        self.update(|cur| {
+            let n = cur.leg_count();
+            if n >= MAX_LEGS || n != expected_index {
+                return Err(Refusal::NoFreeSlot);
+            }
+            Ok((
+                cur.with_leg_count(n + 1).with_state(n, LegState::Resyncing),
+                (),
+            ))
+        })
+    }
+
+    /// Retires a leg that is not the primary (never the last in-sync one).
+    pub(crate) fn remove(&self, leg: usize) -> Result<LegState, Refusal> {
+        self.update(|cur| {
+            let from = cur.state(leg);
+            if leg >= cur.leg_count() || from == LegState::Removed {
+                return Err(Refusal::WrongState(from));
+            }
+            if cur.primary() == leg {
+                return Err(Refusal::Primary);
+            }
+            Ok((cur.with_state(leg, LegState::Removed), from))
+        })
     }
 
     #[inline]
@@ -174,6 +282,9 @@ impl LegStates {
         let mut cur = self.snapshot();
         loop {
             let from = cur.state(leg);
+            if from == LegState::Removed {
+                return Err(Refusal::WrongState(from));
+            }
             if from == LegState::Detached {
                 return if to == LegState::Detached {
                     Err(Refusal::AlreadyDetached)
@@ -187,7 +298,7 @@ impl LegStates {
             let mut next = cur.with_state(leg, to).with_next_event();
             let mut promoted = None;
             if from == LegState::InSync {
-                let others = cur.in_sync_mask(self.legs) & !(1 << leg);
+                let others = cur.in_sync_mask(cur.leg_count()) & !(1 << leg);
                 if others == 0 {
                     return Err(Refusal::LastInSync);
                 }
@@ -301,6 +412,46 @@ mod tests {
         assert_eq!(s.snapshot().primary(), 1, "the primary stays where it is");
         assert!(!s.bring_in(0));
         assert_eq!(s.snapshot().events(), events + 1);
+    }
+
+    #[test]
+    fn resync_transitions_add_and_remove() {
+        let s = LegStates::new(1);
+        assert_eq!(s.snapshot().leg_count(), 1);
+        assert_eq!(s.add_resyncing(2), Err(Refusal::NoFreeSlot));
+        s.add_resyncing(1).unwrap();
+        let snap = s.snapshot();
+        assert_eq!(snap.leg_count(), 2);
+        assert_eq!(snap.state(1), LegState::Resyncing);
+        assert_eq!(snap.in_sync_mask(2), 0b01);
+        assert_eq!(snap.write_mask(2), 0b11);
+        assert_eq!(snap.resyncing_mask(2), 0b10);
+        // A resyncing leg cannot start another resync; it flips exactly once.
+        assert_eq!(
+            s.begin_resync(1),
+            Err(Refusal::WrongState(LegState::Resyncing))
+        );
+        s.finish_resync(1).unwrap();
+        assert_eq!(
+            s.finish_resync(1),
+            Err(Refusal::WrongState(LegState::InSync))
+        );
+        assert_eq!(s.snapshot().in_sync_mask(2), 0b11);
+        s.take_out(1, LegState::Faulted, None).unwrap();
+        assert_eq!(s.begin_resync(1), Ok(LegState::Faulted));
+        // The primary is never removed; a resyncing mirror is.
+        assert_eq!(s.remove(0), Err(Refusal::Primary));
+        assert_eq!(s.remove(1), Ok(LegState::Resyncing));
+        assert_eq!(s.snapshot().state(1), LegState::Removed);
+        assert_eq!(
+            s.begin_resync(1),
+            Err(Refusal::WrongState(LegState::Removed))
+        );
+        assert_eq!(
+            s.take_out(1, LegState::Faulted, None),
+            Err(Refusal::WrongState(LegState::Removed))
+        );
+        assert_eq!(s.snapshot().events(), 5);
     }
 
     #[test]

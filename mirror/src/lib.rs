@@ -33,7 +33,13 @@
 //! superblock and a write-intent bitmap on every leg, so that after a crash or a leg failure
 //! only the regions marked in it are copied.
 //!
-//! The design, with its caveats, is in `docs/mirror.md` and `docs/bitmap.md`.
+//! A leg that missed writes comes back with [`Volume::attach_leg`], and a new leg joins with
+//! [`Volume::add_leg`]: each returns a [`ResyncJob`] to drive (on a reactor, or
+//! [`ResyncJob::run`]) that rebuilds the leg online; [`Volume::verify_start`] scrubs the
+//! in-sync legs against each other ([`resync`]).
+//!
+//! The design, with its caveats, is in `docs/mirror.md`, `docs/bitmap.md` and
+//! `docs/resync.md`.
 
 pub mod bitmap;
 mod config;
@@ -46,6 +52,7 @@ mod missed;
 mod persistent;
 mod qpair;
 mod read_policy;
+pub mod resync;
 mod stats;
 pub mod superblock;
 mod sync;
@@ -57,5 +64,8 @@ pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};
 pub use qpair::{VolumeQueuePair, MAX_QUEUE_DEPTH};
+pub use resync::{
+    JobState, RegionSource, ResyncConfig, ResyncJob, ResyncStatus, VerifyJob, VerifyStatus,
+};
 pub use stats::{LatencySummary, LegStats, VolumeStats};
 pub use volume::Volume;

@@ -230,9 +230,22 @@ impl PersistentMeta {
         clean: bool,
     ) -> Superblock {
         let l = &self.layout;
+        // A leg added after formatting has no UUID yet: it gets one derived from the volume's,
+        // stable because the superblocks carry it from then on.
+        let leg_uuids: [Uuid; MAX_LEGS] = std::array::from_fn(|i| {
+            let u = self.leg_uuids[i];
+            if i < legs && u.is_nil() {
+                let mut b = self.volume_uuid.0;
+                b[15] ^= 0x5a ^ i as u8;
+                b[14] ^= 0xa5;
+                Uuid(b)
+            } else {
+                u
+            }
+        });
         Superblock {
             volume_uuid: self.volume_uuid,
-            leg_uuid: self.leg_uuids[leg],
+            leg_uuid: leg_uuids[leg],
             role: if snap.primary() == leg {
                 Role::Primary
             } else {
@@ -248,7 +261,7 @@ impl PersistentMeta {
             bitmap_len: l.bitmap_len,
             data_offset: l.data_offset,
             data_blocks: l.data_blocks,
-            leg_uuids: self.leg_uuids,
+            leg_uuids,
             volume_name: name.to_string(),
             member_states: std::array::from_fn(|i| {
                 if i >= legs {
@@ -273,11 +286,16 @@ impl PersistentMeta {
         };
         let snap = vol.states.snapshot();
         let mut failed = 0;
-        for (i, leg) in vol.legs.iter().enumerate() {
+        for (i, leg) in vol
+            .legs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| Some((i, l.get()?)))
+        {
             if snap.state(i) != LegState::InSync {
                 continue;
             }
-            let sb = self.superblock(&vol.name, vol.legs.len(), i, snap, events, clean);
+            let sb = self.superblock(&vol.name, snap.leg_count(), i, snap, events, clean);
             if let Err(e) = io.write_page(i, &*leg.dev, 0, &sb.encode()[..HEADER_LEN]) {
                 tracing::error!(volume = %vol.name, leg = i, error = %e, "superblock write failed");
                 failed |= 1 << i;

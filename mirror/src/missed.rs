@@ -40,6 +40,13 @@ impl MissedRegions {
         self.set_bits(first, last);
     }
 
+    /// Marks one region.
+    pub(crate) fn mark_region(&self, region: u64) {
+        if region < self.regions {
+            self.set_bits(region, region);
+        }
+    }
+
     /// Records that every region missed this leg (a failed flush: nothing since the last
     /// flush can be trusted).
     pub(crate) fn mark_all(&self) {
@@ -62,16 +69,9 @@ impl MissedRegions {
     }
 
     /// Forgets every mark (the leg has been brought back in sync).
-    pub(crate) fn clear(&self) {
+    pub(crate) fn clear_all(&self) {
         for w in self.words.iter() {
             w.store(0, Ordering::Release);
-        }
-    }
-
-    /// Marks region `region` (ignored past the end).
-    pub(crate) fn mark_region(&self, region: u64) {
-        if region < self.regions {
-            self.set_bits(region, region);
         }
     }
 
@@ -80,6 +80,33 @@ impl MissedRegions {
         region < self.regions
             && self.words[(region / 64) as usize].load(Ordering::Acquire) & (1 << (region % 64))
                 != 0
+    }
+
+    /// Forgets `region` (it was copied to the leg). Only the resync job calls this, under the
+    /// region's overlap-guard window.
+    pub(crate) fn clear(&self, region: u64) {
+        if region < self.regions {
+            self.words[(region / 64) as usize].fetch_and(!(1 << (region % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// The first marked region at or after `from`.
+    pub(crate) fn next_from(&self, from: u64) -> Option<u64> {
+        if from >= self.regions {
+            return None;
+        }
+        let mut w = (from / 64) as usize;
+        let mut bits = self.words[w].load(Ordering::Acquire) & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                return Some(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+            }
+            w += 1;
+            if w >= self.words.len() {
+                return None;
+            }
+            bits = self.words[w].load(Ordering::Acquire);
+        }
     }
 
     /// Number of marked regions.
@@ -124,6 +151,25 @@ mod tests {
     }
 
     #[test]
+    fn next_from_walks_marked_regions_and_clear_forgets_them() {
+        let m = MissedRegions::new(200 * 8, 3);
+        for r in [3, 63, 64, 150, 199] {
+            m.mark(r * 8, 1);
+        }
+        assert_eq!(m.next_from(0), Some(3));
+        assert_eq!(m.next_from(4), Some(63));
+        assert_eq!(m.next_from(64), Some(64));
+        assert_eq!(m.next_from(65), Some(150));
+        assert_eq!(m.next_from(200), None);
+        m.clear(150);
+        m.clear(500); // out of range: ignored
+        assert_eq!(m.next_from(65), Some(199));
+        m.clear(199);
+        assert_eq!(m.next_from(65), None);
+        assert_eq!(m.count(), 3);
+    }
+
+    #[test]
     fn mark_all_covers_a_partial_last_region() {
         let m = MissedRegions::new(130 * 8 + 1, 3);
         m.mark_all();
@@ -138,7 +184,7 @@ mod tests {
         m.mark_region(99);
         m.mark_region(100); // past the end: ignored
         assert_eq!(m.regions(), vec![5, 99]);
-        m.clear();
+        m.clear_all();
         assert_eq!(m.count(), 0);
     }
 

@@ -13,7 +13,7 @@ use crate::config::VolumeConfig;
 use crate::legs::{LegState, LegStates, MAX_LEGS};
 use crate::metadata::{ControlIo, PersistentMeta};
 use crate::superblock::{MemberState, Superblock, Uuid, REGION_SIZE_RANGE};
-use crate::volume::Volume;
+use crate::volume::{Volume, VolumeShared};
 use crate::{Error, Result};
 
 /// What a leg's first 4 KiB hold.
@@ -280,8 +280,8 @@ impl Volume {
                 for &r in &marked {
                     let (off, len) = region_bytes(&layout, r);
                     io.copy(
-                        (fresh, &*shared.legs[fresh].dev),
-                        (i, &*shared.legs[i].dev),
+                        (fresh, &*shared.leg(fresh).expect("a leg in use").dev),
+                        (i, &*shared.leg(i).expect("a leg in use").dev),
                         off,
                         len,
                     )
@@ -299,7 +299,7 @@ impl Volume {
                 continue;
             }
             let _ = shared.states.take_out(i, LegState::Faulted, Some(fresh));
-            let missed = &shared.legs[i].missed;
+            let missed = &shared.leg(i).expect("a leg in use").missed;
             if sbs[i].is_none() {
                 missed.mark_all();
             } else {
@@ -316,7 +316,12 @@ impl Volume {
         {
             let mut io = meta.lock_io();
             let snap = shared.states.snapshot();
-            for (i, leg) in shared.legs.iter().enumerate() {
+            for (i, leg) in shared
+                .legs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| Some((i, l.get()?)))
+            {
                 if snap.state(i) == LegState::InSync {
                     io.write_bytes(i, &*leg.dev, layout.bitmap_offset, &union)
                         .map_err(|e| meta_err(i, format!("writing the bitmap: {e}")))?;
@@ -364,13 +369,18 @@ impl Volume {
             name: dev.name().to_string(),
             reason,
         };
-        let regions = shared.legs[leg].missed.regions();
+        let regions = shared.leg(leg).expect("a leg in use").missed.regions();
         {
             let mut io = meta.lock_io();
             for &r in &regions {
                 let (off, len) = region_bytes(&layout, r);
-                io.copy((from, &*shared.legs[from].dev), (leg, &*dev), off, len)
-                    .map_err(|e| err(format!("copying region {r}: {e}")))?;
+                io.copy(
+                    (from, &*shared.leg(from).expect("a leg in use").dev),
+                    (leg, &*dev),
+                    off,
+                    len,
+                )
+                .map_err(|e| err(format!("copying region {r}: {e}")))?;
             }
             // The leg takes writes again: it needs every bit the others have.
             let mut page = vec![0u8; BITMAP_PAGE as usize];
@@ -388,7 +398,7 @@ impl Volume {
                 .map_err(|e| err(format!("flush: {e}")))?;
         }
         shared.states.bring_in(leg);
-        shared.legs[leg].missed.clear();
+        shared.leg(leg).expect("a leg in use").missed.clear_all();
         meta.persist_states(shared);
         tracing::info!(volume = %shared.name, leg, regions = regions.len(), "leg recovered");
         Ok(regions.len() as u64)
@@ -406,8 +416,10 @@ impl Volume {
         let bm = shared.bitmap.as_ref().expect("persistent");
         let keep = |r: u64| {
             let snap = shared.states.snapshot();
-            (0..shared.legs.len())
-                .any(|i| snap.state(i) != LegState::InSync && shared.legs[i].missed.contains(r))
+            (0..snap.leg_count()).any(|i| {
+                !matches!(snap.state(i), LegState::InSync | LegState::Removed)
+                    && shared.leg(i).is_some_and(|l| l.missed.contains(r))
+            })
         };
         let candidates = {
             let mut clock = bm.clock.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,7 +446,12 @@ impl Volume {
                 let snap = shared.states.snapshot();
                 let mut io = meta.lock_io();
                 let mut ok = true;
-                for (i, leg) in shared.legs.iter().enumerate() {
+                for (i, leg) in shared
+                    .legs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, l)| Some((i, l.get()?)))
+                {
                     if snap.state(i) != LegState::InSync {
                         continue;
                     }
@@ -469,7 +486,12 @@ impl Volume {
         let snap = shared.states.snapshot();
         {
             let mut io = meta.lock_io();
-            for (i, leg) in shared.legs.iter().enumerate() {
+            for (i, leg) in shared
+                .legs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| Some((i, l.get()?)))
+            {
                 if snap.state(i) == LegState::InSync {
                     io.run(i, &*leg.dev, IoOp::Flush, 0, IoBuf::EMPTY)
                         .map_err(|reason| Error::Metadata {
@@ -487,7 +509,12 @@ impl Volume {
             return Err(Error::Metadata {
                 volume: shared.name.clone(),
                 leg,
-                name: shared.legs[leg].dev.name().to_string(),
+                name: shared
+                    .leg(leg)
+                    .expect("a leg in use")
+                    .dev
+                    .name()
+                    .to_string(),
                 reason: "cannot write the clean superblock".into(),
             });
         }
@@ -575,4 +602,40 @@ fn persistent_layout(
     }
     MetadataLayout::compute(blocks * u64::from(lba_size), lba_size, cfg.region_size)
         .ok_or_else(|| err("the legs are too small for the metadata".into()))
+}
+
+impl VolumeShared {
+    /// Writes a snapshot of the whole write-intent bitmap to leg `leg` and flushes it, before
+    /// the leg is brought back in sync (the resync engine's last step on a persistent
+    /// volume). Bits set after the snapshot are on the other in-sync legs, whose union is what
+    /// a start-up reads. No-op on a volume without metadata.
+    pub(crate) fn write_whole_bitmap(&self, leg: usize) -> std::result::Result<(), String> {
+        let (Some(meta), Some(bm)) = (self.meta.as_ref(), self.bitmap.as_ref()) else {
+            return Ok(());
+        };
+        let dev = Arc::clone(&self.leg(leg).ok_or_else(|| format!("no leg {leg}"))?.dev);
+        let layout = meta.layout;
+        let mut io = meta.lock_io();
+        let mut page = vec![0u8; BITMAP_PAGE as usize];
+        for p in 0..bm.pages() as u32 {
+            bm.snapshot(p, &mut page);
+            io.write_page(
+                leg,
+                &*dev,
+                layout.bitmap_offset + u64::from(p) * BITMAP_PAGE,
+                &page,
+            )
+            .map_err(|e| format!("writing bitmap page {p}: {e}"))?;
+        }
+        io.run(leg, &*dev, IoOp::Flush, 0, IoBuf::EMPTY)
+            .map_err(|e| format!("flush: {e}"))?;
+        Ok(())
+    }
+
+    /// Records the legs' states in the superblocks (persistent volumes only).
+    pub(crate) fn persist_leg_states(&self) {
+        if let Some(meta) = self.meta.as_ref() {
+            meta.persist_states(self);
+        }
+    }
 }

@@ -127,6 +127,20 @@ impl CoreStats {
     }
 }
 
+impl CoreStats {
+    /// Adds this core's latency histogram of the legs in `mask` to `out` (`BUCKETS` long).
+    pub(crate) fn add_latency(&self, mask: u8, out: &mut [u64]) {
+        for (leg, c) in self.legs.iter().enumerate() {
+            if mask & (1 << leg) == 0 {
+                continue;
+            }
+            for (sum, b) in out.iter_mut().zip(c.latency.iter()) {
+                *sum += b.load(Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A latency distribution summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LatencySummary {

@@ -30,6 +30,9 @@ pub(crate) struct SlotMeta {
     pub(crate) tried: u8,
     /// The primary when the command was submitted.
     pub(crate) primary: u8,
+    /// Legs of the command that were being resynchronised at submission: they get the
+    /// command, but their result never decides the host's status.
+    pub(crate) resyncing: u8,
     /// Overlap-guard entries held until every leg is done.
     pub(crate) span: Option<GranuleSpan>,
     /// Reads: the first leg's error, returned when no leg is left to retry on.
@@ -63,6 +66,7 @@ impl JoinTable {
             unsent: 0,
             tried: 0,
             primary: 0,
+            resyncing: 0,
             span: None,
             first_error: Status::SUCCESS,
         };
@@ -116,6 +120,7 @@ impl JoinTable {
         m.unsent = 0;
         m.tried = legs;
         m.primary = primary as u8;
+        m.resyncing = 0;
         m.span = span;
         m.first_error = Status::SUCCESS;
         join.arm(m.generation, legs);

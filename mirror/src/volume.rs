@@ -1,7 +1,7 @@
 //! The volume: legs, their shared state, and the control methods. The I/O path is in
 //! [`crate::qpair`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nvmirror_nvme::{BlockDevice, Geometry, IoCommand, IoOp, QueuePair, Status};
 
@@ -12,6 +12,7 @@ use crate::legs::{LegInfo, LegRole, LegState, LegStates, Refusal, MAX_LEGS};
 use crate::metadata::PersistentMeta;
 use crate::missed::MissedRegions;
 use crate::qpair::VolumeQueuePair;
+use crate::resync::JobRegistry;
 use crate::stats::{CoreStats, VolumeStats};
 use crate::{Error, Result};
 
@@ -30,7 +31,9 @@ pub(crate) struct VolumeShared {
     /// The exported namespace: the smallest leg.
     pub(crate) geo: Geometry,
     pub(crate) cfg: VolumeConfig,
-    pub(crate) legs: Vec<Arc<LegShared>>,
+    /// Leg slots; slot `i` is filled before the state word publishes a leg count above `i`,
+    /// and never changes afterwards (a removed leg retires its slot).
+    pub(crate) legs: [OnceLock<Arc<LegShared>>; MAX_LEGS],
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
     /// Persistent volumes: the write-intent bitmap.
@@ -39,15 +42,42 @@ pub(crate) struct VolumeShared {
     pub(crate) meta: Option<PersistentMeta>,
     /// First block of the exported namespace on every leg (0 without metadata).
     pub(crate) data_lba: u64,
+    /// log2 of the logical blocks per missed region.
+    pub(crate) region_shift: u32,
     /// The statistics block of every queue pair opened so far.
-    cores: Mutex<Vec<Arc<CoreStats>>>,
+    pub(crate) cores: Mutex<Vec<Arc<CoreStats>>>,
+    /// The resync and verify jobs started on this volume (control plane only).
+    pub(crate) jobs: JobRegistry,
 }
 
 impl VolumeShared {
+    /// The shared data of leg `leg`, if its slot is filled.
+    #[inline]
+    pub(crate) fn leg(&self, leg: usize) -> Option<&LegShared> {
+        self.legs.get(leg).and_then(|s| s.get()).map(|l| &**l)
+    }
+
+    /// Name of leg `leg` (for logs).
+    pub(crate) fn leg_name(&self, leg: usize) -> &str {
+        self.leg(leg).map_or("?", |l| l.dev.name())
+    }
+
+    /// Names of every filled leg slot, in leg order.
+    pub(crate) fn leg_names(&self) -> Vec<&str> {
+        self.legs
+            .iter()
+            .map_while(|s| s.get())
+            .map(|l| l.dev.name())
+            .collect()
+    }
+
     /// Records that `cmd` did not reach `leg`: its blocks, or for a flush every region.
     #[inline]
     pub(crate) fn mark_missed(&self, leg: usize, cmd: &IoCommand) {
-        let missed = &self.legs[leg].missed;
+        let Some(leg) = self.leg(leg) else {
+            return;
+        };
+        let missed = &leg.missed;
         match cmd.op {
             IoOp::Flush => missed.mark_all(),
             _ => missed.mark(cmd.slba, cmd.nlb),
@@ -64,7 +94,7 @@ impl VolumeShared {
         status: Status,
         what: &str,
     ) -> bool {
-        let name = self.legs[leg].dev.name();
+        let name = self.leg_name(leg);
         match self.states.take_out(leg, LegState::Faulted, successor) {
             Ok(Some(t)) => {
                 tracing::warn!(
@@ -79,13 +109,13 @@ impl VolumeShared {
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,
-                        name = self.legs[p].dev.name(), "primary promoted"
+                        name = self.leg_name(p), "primary promoted"
                     );
                 }
                 true
             }
-            Ok(None) | Err(Refusal::AlreadyDetached) => true,
-            Err(Refusal::LastInSync) => {
+            Ok(None) | Err(Refusal::AlreadyDetached | Refusal::WrongState(_)) => true,
+            Err(Refusal::LastInSync | Refusal::NoFreeSlot | Refusal::Primary) => {
                 tracing::error!(
                     volume = %self.name, leg, name, %status,
                     "{what} failed on the last in-sync leg; it stays in sync"
@@ -198,45 +228,43 @@ impl Volume {
         } = geo;
         let shift = |bytes: u64| (bytes / u64::from(lba_size)).trailing_zeros();
         let region_shift = shift(cfg.region_size);
-        let legs: Vec<_> = legs
-            .into_iter()
-            .map(|dev| {
-                Arc::new(LegShared {
-                    dev,
-                    missed: MissedRegions::new(num_blocks, region_shift),
-                })
-            })
-            .collect();
-        tracing::info!(
-            volume = name,
-            legs = ?legs.iter().map(|l| l.dev.name()).collect::<Vec<_>>(),
-            blocks = num_blocks,
-            lba_size,
-            "volume created"
-        );
+        let count = legs.len();
+        let slots: [OnceLock<Arc<LegShared>>; MAX_LEGS] = Default::default();
+        for (slot, dev) in slots.iter().zip(legs) {
+            let _ = slot.set(Arc::new(LegShared {
+                dev,
+                missed: MissedRegions::new(num_blocks, region_shift),
+            }));
+        }
         let data_lba = persistent.as_ref().map_or(0, |(b, _)| b.layout.data_lba());
         let (bitmap, meta) = match persistent {
             Some((b, m)) => (Some(b), Some(m)),
             None => (None, None),
         };
+        let shared = VolumeShared {
+            name: name.to_string(),
+            geo,
+            bitmap,
+            meta,
+            data_lba,
+            states: LegStates::new(count),
+            guard: OverlapGuard::new(shift(cfg.overlap_granule)),
+            cfg,
+            legs: slots,
+            region_shift,
+            cores: Mutex::new(Vec::new()),
+            jobs: JobRegistry::default(),
+        };
+        tracing::info!(
+            volume = name,
+            legs = ?shared.leg_names(),
+            blocks = num_blocks,
+            lba_size,
+            "volume created"
+        );
         Self {
-            shared: Arc::new(VolumeShared {
-                name: name.to_string(),
-                geo,
-                states: LegStates::new(legs.len()),
-                guard: OverlapGuard::new(shift(cfg.overlap_granule)),
-                cfg,
-                legs,
-                bitmap,
-                meta,
-                data_lba,
-                cores: Mutex::new(Vec::new()),
-            }),
+            shared: Arc::new(shared),
         }
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<VolumeShared> {
-        &self.shared
     }
 
     /// The volume's configuration.
@@ -244,9 +272,9 @@ impl Volume {
         &self.shared.cfg
     }
 
-    /// Number of legs, whatever their state.
+    /// Number of legs, whatever their state (removed legs included: their index stays taken).
     pub fn leg_count(&self) -> usize {
-        self.shared.legs.len()
+        self.shared.states.snapshot().leg_count()
     }
 
     /// The device behind leg `leg`.
@@ -260,6 +288,8 @@ impl Volume {
         self.shared
             .legs
             .iter()
+            .take(snap.leg_count())
+            .filter_map(|s| s.get())
             .enumerate()
             .map(|(i, leg)| LegInfo {
                 name: leg.dev.name().to_string(),
@@ -310,14 +340,27 @@ impl Volume {
                 Ok(())
             }
             Ok(None) => Ok(()),
-            Err(Refusal::LastInSync) => Err(Error::LastInSyncLeg {
-                volume: volume.clone(),
-                leg,
-            }),
             Err(Refusal::AlreadyDetached) => Err(Error::AlreadyDetached {
                 volume: volume.clone(),
                 leg,
             }),
+            Err(r) => Err(self.refused(leg, r)),
+        }
+    }
+
+    /// The error for a refused state change of `leg`.
+    pub(crate) fn refused(&self, leg: usize, r: Refusal) -> Error {
+        let volume = self.shared.name.clone();
+        match r {
+            Refusal::LastInSync => Error::LastInSyncLeg { volume, leg },
+            Refusal::AlreadyDetached => Error::AlreadyDetached { volume, leg },
+            Refusal::Primary => Error::LegIsPrimary { volume, leg },
+            Refusal::NoFreeSlot => Error::LegCount {
+                volume,
+                count: MAX_LEGS + 1,
+                max: MAX_LEGS,
+            },
+            Refusal::WrongState(state) => Error::LegState { volume, leg, state },
         }
     }
 
@@ -349,8 +392,7 @@ impl Volume {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let names: Vec<&str> = self.shared.legs.iter().map(|l| l.dev.name()).collect();
-        VolumeStats::collect(&names, &cores)
+        VolumeStats::collect(&self.shared.leg_names(), &cores)
     }
 
     /// Overlap-guard entries held right now, by every core (diagnostics: zero when idle).
@@ -366,13 +408,17 @@ impl Volume {
 
     pub(crate) fn leg(&self, leg: usize) -> Result<&LegShared> {
         self.shared
-            .legs
-            .get(leg)
-            .map(|l| &**l)
+            .leg(leg)
+            .filter(|_| leg < self.shared.states.snapshot().leg_count())
             .ok_or_else(|| Error::NoSuchLeg {
                 volume: self.shared.name.clone(),
                 leg,
             })
+    }
+
+    /// The state shared by every core (the resync and verify jobs work on it).
+    pub(crate) fn shared(&self) -> &Arc<VolumeShared> {
+        &self.shared
     }
 }
 

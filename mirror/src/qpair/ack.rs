@@ -85,21 +85,43 @@ impl VolumeQueuePair {
     }
 
     /// Some leg of a fanned-out command failed: fault it, or fail the host command.
+    ///
+    /// Only the legs in sync at submission decide the host's status. A leg being resynchronised
+    /// that failed — or that has a write every in-sync leg failed — is faulted and the
+    /// command's regions are marked on it (fault first, so a resync that clears a region and
+    /// then finds its leg still resyncing cannot lose the mark; docs/resync.md).
     #[cold]
     fn apply_ack_rule(&mut self, slot: u32, result: JoinResult) -> Status {
         let meta = *self.table.meta(slot);
-        let ok = result.succeeded();
+        let in_sync = result.legs & !meta.resyncing;
+        let ok = result.succeeded() & in_sync;
+        let resync_out = if ok == 0 {
+            result.legs & meta.resyncing
+        } else {
+            result.failed & meta.resyncing
+        };
+        for leg in 0..self.leg_count {
+            if resync_out & (1 << leg) != 0 {
+                let status = result.status(leg);
+                self.vol
+                    .fault_on_io(leg, None, status, op_name(meta.cmd.op));
+                // Pairs with the fence in the resync job between clearing a region and
+                // reading the leg state: one of the two sees the other's write.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                self.vol.mark_missed(leg, &meta.cmd);
+            }
+        }
         if ok == 0 {
             let primary = usize::from(meta.primary);
-            let from = if result.legs & (1 << primary) != 0 {
+            let from = if in_sync & (1 << primary) != 0 {
                 primary
             } else {
-                result.failed.trailing_zeros() as usize
+                (result.failed & in_sync).trailing_zeros() as usize
             };
             let status = result.status(from);
             tracing::warn!(
                 volume = %self.vol.name, op = ?meta.cmd.op, slba = meta.cmd.slba,
-                nlb = meta.cmd.nlb, %status, "command failed on every leg"
+                nlb = meta.cmd.nlb, %status, "command failed on every in-sync leg"
             );
             return status;
         }
@@ -107,7 +129,7 @@ impl VolumeQueuePair {
         let successor = Some(ok.trailing_zeros() as usize);
         let mut status = Status::SUCCESS;
         for leg in 0..self.leg_count {
-            if result.failed & (1 << leg) == 0 {
+            if result.failed & in_sync & (1 << leg) == 0 {
                 continue;
             }
             let leg_status = result.status(leg);

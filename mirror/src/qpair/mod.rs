@@ -22,7 +22,7 @@ use std::time::Instant;
 use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
 
 use crate::join::leg_tag;
-use crate::legs::{LegState, MAX_LEGS};
+use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
 use crate::read_policy::ReadSelector;
 use crate::stats::{bump, CoreStats};
 use crate::table::JoinTable;
@@ -51,7 +51,9 @@ pub struct VolumeQueuePair {
     depth: u32,
     /// Host commands accepted and not yet handed back by `poll`.
     accepted: u32,
-    /// Leg queue pairs; `None` for a leg detached when this queue pair was opened.
+    /// Leg queue pairs; `None` for a leg this core has not opened one on (detached when this
+    /// queue pair was opened, or added since). Opened lazily when the leg starts to receive
+    /// writes ([`refresh_legs`](Self::refresh_legs)).
     legs: [Option<Box<dyn QueuePair>>; MAX_LEGS],
     /// Persistent volumes: the bitmap page writer (declared after `legs`, so its buffers
     /// outlive the leg queue pairs).
@@ -59,6 +61,8 @@ pub struct VolumeQueuePair {
     /// First block of the exported namespace on every leg (0 without metadata).
     data_lba: u64,
     leg_count: usize,
+    /// Event count of the state word when the leg queue pairs were last brought up to date.
+    seen_events: u32,
     /// Each leg queue pair's depth.
     leg_depth: [u32; MAX_LEGS],
     /// Commands this core has handed to each leg and not yet reaped (abandoned ones included).
@@ -86,8 +90,11 @@ impl VolumeQueuePair {
         let snap = vol.states.snapshot();
         let mut legs: [Option<Box<dyn QueuePair>>; MAX_LEGS] = Default::default();
         let mut leg_depth = [0; MAX_LEGS];
-        for (i, leg) in vol.legs.iter().enumerate() {
-            if snap.state(i) == LegState::Detached {
+        for i in 0..snap.leg_count() {
+            let Some(leg) = vol.leg(i) else {
+                continue;
+            };
+            if matches!(snap.state(i), LegState::Detached | LegState::Removed) {
                 continue;
             }
             match leg.dev.open_qpair(depth) {
@@ -95,11 +102,13 @@ impl VolumeQueuePair {
                     leg_depth[i] = qp.depth();
                     legs[i] = Some(qp);
                 }
-                // A leg that is out of sync anyway is left without a queue pair on this core.
-                Err(e) if snap.state(i) != LegState::InSync => {
+                // A leg that receives no writes is left without a queue pair on this core (one
+                // is opened when it starts to receive them again).
+                Err(e) if !matches!(snap.state(i), LegState::InSync | LegState::Resyncing) => {
                     tracing::warn!(volume = %vol.name, leg = i, error = %e, "no queue pair on an out-of-sync leg");
                 }
-                // An in-sync leg that cannot open one is faulted, unless it is the last.
+                // A leg that receives writes and cannot open one is faulted (it would miss this
+                // core's writes), unless it is the last in-sync leg.
                 Err(e)
                     if vol.fault_on_io(
                         i,
@@ -127,7 +136,8 @@ impl VolumeQueuePair {
             geo: vol.geo,
             depth,
             accepted: 0,
-            leg_count: vol.legs.len(),
+            leg_count: snap.leg_count(),
+            seen_events: snap.events(),
             legs,
             intent: vol
                 .bitmap
@@ -164,12 +174,16 @@ impl VolumeQueuePair {
             .all(|leg| mask & (1 << leg) == 0 || self.inflight[leg] < self.leg_depth[leg])
     }
 
-    /// Write, Write Zeroes, Deallocate and Flush: every in-sync leg, joined.
+    /// Write, Write Zeroes, Deallocate and Flush: every in-sync leg and every leg being
+    /// resynchronised, joined.
     #[inline]
     fn start_fanout(&mut self, cmd: IoCommand) -> bool {
-        let snap = self.vol.states.snapshot();
-        let mask = snap.in_sync_mask(self.leg_count) & self.open_legs();
-        if mask == 0 {
+        let mut snap = self.vol.states.snapshot();
+        if snap.events() != self.seen_events {
+            snap = self.refresh_legs();
+        }
+        let mut mask = snap.write_mask(self.leg_count) & self.open_legs();
+        if snap.in_sync_mask(self.leg_count) & mask == 0 {
             self.ready.push_back(Completion {
                 tag: cmd.tag,
                 status: Status::NAMESPACE_NOT_READY,
@@ -186,6 +200,27 @@ impl VolumeQueuePair {
             if !self.vol.guard.try_lock(span) {
                 bump(&self.stats.overlap_waits, 1);
                 return false;
+            }
+            // The leg states that count are the ones read under the guard: a resync copies a
+            // region under the same locks, so this write either completes before the copy
+            // reads its region or sees the leg being rebuilt (docs/resync.md).
+            let now = self.vol.states.snapshot();
+            if now != snap {
+                snap = self.refresh_legs();
+                mask = snap.write_mask(self.leg_count) & self.open_legs();
+                let in_sync = snap.in_sync_mask(self.leg_count) & mask;
+                if in_sync == 0 || !self.legs_have_room(mask) {
+                    self.vol.guard.unlock(span);
+                    if in_sync == 0 {
+                        self.ready.push_back(Completion {
+                            tag: cmd.tag,
+                            status: Status::NAMESPACE_NOT_READY,
+                        });
+                        return true;
+                    }
+                    bump(&self.stats.resource_waits, 1);
+                    return false;
+                }
             }
             // Bitmap gate: the regions are durably marked before any leg has the write.
             if !self.intent_gate(&cmd) {
@@ -205,11 +240,60 @@ impl VolumeQueuePair {
                 }
             }
         }
+        let resyncing = mask & snap.resyncing_mask(self.leg_count);
         let slot = self
             .table
             .alloc(cmd, mask, snap.primary(), span, Instant::now());
+        self.table.meta_mut(slot).resyncing = resyncing;
         self.send(slot, mask);
         true
+    }
+
+    /// Brings the leg queue pairs up to date with the state word: notes legs added since, and
+    /// opens a queue pair on every leg that receives writes and has none on this core. A leg
+    /// being resynchronised that cannot get one is faulted (it would miss this core's writes),
+    /// as is an in-sync leg unless it is the last. Returns the snapshot it matched.
+    #[cold]
+    #[inline(never)]
+    fn refresh_legs(&mut self) -> LegSnapshot {
+        let mut snap = self.vol.states.snapshot();
+        for _ in 0..=MAX_LEGS {
+            self.leg_count = snap.leg_count();
+            let mut faulted = false;
+            for leg in 0..self.leg_count {
+                let state = snap.state(leg);
+                if self.legs[leg].is_some()
+                    || !matches!(state, LegState::InSync | LegState::Resyncing)
+                {
+                    continue;
+                }
+                let Some(shared) = self.vol.leg(leg) else {
+                    continue;
+                };
+                match shared.dev.open_qpair(self.depth) {
+                    Ok(qp) => {
+                        tracing::debug!(volume = %self.vol.name, leg, %state, "queue pair opened on a leg");
+                        self.leg_depth[leg] = qp.depth();
+                        self.legs[leg] = Some(qp);
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %self.vol.name, leg, error = %e, "cannot open a queue pair");
+                        faulted |= self.vol.fault_on_io(
+                            leg,
+                            None,
+                            Status::HOST_PATHING_ERROR,
+                            "opening a queue pair",
+                        );
+                    }
+                }
+            }
+            self.seen_events = snap.events();
+            if !faulted {
+                break;
+            }
+            snap = self.vol.states.snapshot();
+        }
+        snap
     }
 
     /// Read: one in-sync leg chosen by the read policy.

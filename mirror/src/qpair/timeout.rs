@@ -80,7 +80,7 @@ impl VolumeQueuePair {
                 }
                 bump(&self.stats.legs[leg].timeouts, 1);
                 tracing::warn!(
-                    volume = %self.vol.name, leg, name = self.vol.legs[leg].dev.name(),
+                    volume = %self.vol.name, leg, name = self.vol.leg_name(leg),
                     op = ?meta.cmd.op, slba = meta.cmd.slba, timeout = ?timeout,
                     "leg command timed out; abandoning it"
                 );

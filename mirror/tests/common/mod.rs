@@ -2,6 +2,8 @@
 //! every acknowledged write.
 #![allow(dead_code)]
 
+pub mod delayed;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
