@@ -161,14 +161,18 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     # ---- 6. both legs hold what the guest wrote ------------------------------------------
     want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | head -n1)
     [ -n "$want" ] || fail "the guest did not report its pattern's checksum"
+    # The exported namespace starts after each leg's metadata area (superblock + bitmap).
+    offset=$("$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
+        python3 -c 'import json, sys; b = json.load(sys.stdin)["bitmap"]; print(b["data_offset"] if b else 0)') ||
+        fail "volume_status over RPC"
     kill -TERM "$TARGET_PID"
     wait "$TARGET_PID" 2>/dev/null || true
     TARGET_PID=
     grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
     for leg in primary mirror; do
-        got=$(head -c 4194304 "$DATA/$leg.img" | sha256sum | cut -d' ' -f1)
+        got=$(tail -c +$((offset + 1)) "$DATA/$leg.img" | head -c 4194304 | sha256sum | cut -d' ' -f1)
         [ "$got" = "$want" ] || fail "leg $leg.img does not hold the guest's pattern ($got != $want)"
-        log "leg $leg.img holds the guest's pattern"
+        log "leg $leg.img holds the guest's pattern at byte $offset"
     done
     echo "PASS"
     exit 0

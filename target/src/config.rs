@@ -182,6 +182,10 @@ pub struct VolumeConfig {
     /// `sync` (the only mode so far).
     #[serde(default = "default_mode")]
     pub mode: String,
+    /// Keep a superblock and a write-intent bitmap at the start of every leg (crash
+    /// recovery copies only marked regions). `false` exports the legs raw.
+    #[serde(default = "yes")]
+    pub bitmap: bool,
 }
 
 fn default_region_size() -> String {

@@ -21,6 +21,9 @@ pub struct VolumeEntry {
     pub uris: Vec<String>,
     /// Each leg's fault switchboard (every leg is opened behind a `FaultyDevice`).
     pub injectors: Vec<Arc<FaultInjector>>,
+    /// Legs added at run time (`leg_add`): URI and fault switchboard, by leg index past
+    /// `uris`.
+    pub extra: std::sync::Mutex<Vec<(String, Arc<FaultInjector>)>>,
 }
 
 /// Everything the control plane can see.
@@ -48,14 +51,31 @@ impl Registry {
         let leg = params.get("leg").and_then(Value::as_u64).ok_or_else(|| {
             RpcError::invalid_params("missing integer parameter 'leg' (0 = primary)")
         })? as usize;
-        if leg >= v.uris.len() {
+        let count = v.volume.leg_states().len();
+        if leg >= count {
             return Err(RpcError::invalid_params(format!(
-                "volume '{}' has no leg {leg} (it has {})",
-                v.volume.name(),
-                v.uris.len()
+                "volume '{}' has no leg {leg} (it has {count})",
+                v.volume.name()
             )));
         }
         Ok((v, leg))
+    }
+
+    /// Runs a resync or verify job as a poller on the last reactor.
+    pub fn run_job(&self, job: Box<dyn nvmirror_poller::Poller>) -> Result<(), RpcError> {
+        let last = self.reactors.count().saturating_sub(1);
+        self.reactors
+            .send_msg(last, move |ctx| ctx.register_poller(job))
+            .map_err(|e| RpcError::failed(format!("cannot start the job: {e}")))
+    }
+
+    /// Leg URI and fault switchboard of leg `leg`, including legs added at run time.
+    fn leg_meta(&self, v: &VolumeEntry, leg: usize) -> Option<(String, Arc<FaultInjector>)> {
+        if leg < v.uris.len() {
+            return Some((v.uris[leg].clone(), Arc::clone(&v.injectors[leg])));
+        }
+        let extra = v.extra.lock().unwrap_or_else(|e| e.into_inner());
+        extra.get(leg - v.uris.len()).cloned()
     }
 
     /// The `volume_status` document of one volume.
@@ -70,7 +90,7 @@ impl Registry {
                 let s = stats.legs.get(i).cloned().unwrap_or_default();
                 json!({
                     "index": i,
-                    "uri": v.uris[i],
+                    "uri": self.leg_meta(v, i).map(|m| m.0).unwrap_or_default(),
                     "role": match info.role { LegRole::Primary => "primary", LegRole::Mirror => "mirror" },
                     "state": info.state.as_str(),
                     "ops": s.ops,
@@ -83,7 +103,7 @@ impl Registry {
                     "lat_p99_us": s.latency.p99.as_secs_f64() * 1e6,
                     "lat_max_us": s.latency.max.as_secs_f64() * 1e6,
                     "missed_regions": v.volume.missed_region_count(i).unwrap_or(0),
-                    "faults_armed": v.injectors[i].armed().len(),
+                    "faults_armed": self.leg_meta(v, i).map_or(0, |m| m.1.armed().len()),
                 })
             })
             .collect();
@@ -98,8 +118,36 @@ impl Registry {
             "overlap_waits": stats.overlap_waits,
             "resource_waits": stats.resource_waits,
             "read_retries": stats.read_retries,
-            "bitmap": Value::Null,
-            "resync": Value::Null,
+            "bitmap": match v.volume.metadata_layout() {
+                None => Value::Null,
+                Some(m) => json!({
+                    "regions": m.regions,
+                    "region_size": m.region_size,
+                    "dirty_regions": v.volume.marked_region_count(),
+                    "metadata_writes": stats.metadata_writes,
+                    "hit_rate": stats.bitmap_hit_rate(),
+                    "data_offset": m.data_offset,
+                    "event_counter": v.volume.event_counter(),
+                }),
+            },
+            "resync": match v.volume.resync_status() {
+                Ok(r) => json!({
+                    "leg": r.leg,
+                    "state": r.state.as_str(),
+                    "passes": r.passes,
+                    "regions_copied": r.regions_copied,
+                    "bytes_copied": r.bytes_copied,
+                    "bytes_total": r.bytes_total,
+                    "percent": r.percent,
+                    "rate_bytes_per_sec": r.rate,
+                    "eta_s": r.eta.map(|d| d.as_secs_f64()),
+                    "max_rate": r.max_rate,
+                    "adaptive": r.adaptive,
+                    "elapsed_s": r.elapsed.as_secs_f64(),
+                    "error": r.error,
+                }),
+                Err(_) => Value::Null,
+            },
         })
     }
 
@@ -185,6 +233,46 @@ impl Registry {
                 );
             }
             let lv = [("volume", name)];
+            if let Ok(r) = v.volume.resync_status() {
+                w.gauge(
+                    "nvmirror_resync_progress_ratio",
+                    "Progress of the volume's latest resync.",
+                    &lv,
+                    r.percent / 100.0,
+                );
+                w.gauge(
+                    "nvmirror_resync_rate_bytes_per_second",
+                    "Current resync copy rate.",
+                    &lv,
+                    r.rate as f64,
+                );
+                w.counter(
+                    "nvmirror_resync_bytes_copied_total",
+                    "Bytes copied by the volume's latest resync.",
+                    &lv,
+                    r.bytes_copied as f64,
+                );
+            }
+            if v.volume.metadata_layout().is_some() {
+                w.gauge(
+                    "nvmirror_bitmap_marked_regions",
+                    "Regions marked in the write-intent bitmap.",
+                    &lv,
+                    v.volume.marked_region_count() as f64,
+                );
+                w.counter(
+                    "nvmirror_bitmap_metadata_writes_total",
+                    "Bitmap page writes.",
+                    &lv,
+                    stats.metadata_writes as f64,
+                );
+                w.gauge(
+                    "nvmirror_bitmap_hit_rate",
+                    "Writes whose region was already durably marked.",
+                    &lv,
+                    stats.bitmap_hit_rate(),
+                );
+            }
             w.counter(
                 "nvmirror_volume_overlap_waits_total",
                 "Writes that waited for an overlapping write.",
@@ -302,16 +390,22 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     m.add("leg_fault_inject", move |p| {
         let (v, leg) = r.leg(p)?;
         let fault = parse_fault(p)?;
-        let id = v.injectors[leg].arm(fault);
+        let (_, injector) = r
+            .leg_meta(v, leg)
+            .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
+        let id = injector.arm(fault);
         Ok(json!({"id": id, "fault": format!("{fault:?}")}))
     });
     let r = Arc::clone(&reg);
     m.add("leg_fault_clear", move |p| {
         let (v, leg) = r.leg(p)?;
+        let (_, injector) = r
+            .leg_meta(v, leg)
+            .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
         match p.get("id").and_then(Value::as_u64) {
-            Some(id) => Ok(json!({"cleared": v.injectors[leg].clear(id)})),
+            Some(id) => Ok(json!({"cleared": injector.clear(id)})),
             None => {
-                v.injectors[leg].clear_all();
+                injector.clear_all();
                 Ok(json!({"cleared": true}))
             }
         }
@@ -328,6 +422,115 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             })
             .collect();
         Ok(json!({"volumes": vols, "reactors": reactors}))
+    });
+    let r = Arc::clone(&reg);
+    m.add("leg_attach", move |p| {
+        let (v, leg) = r.leg(p)?;
+        let job = v
+            .volume
+            .attach_leg(leg)
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        r.run_job(Box::new(job))?;
+        Ok(r.volume_status(v))
+    });
+    let r = Arc::clone(&reg);
+    m.add("leg_add", move |p| {
+        let v = r.volume(p)?;
+        let uri = p
+            .get("uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| RpcError::invalid_params("missing string parameter 'uri'"))?;
+        let dev =
+            nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;
+        let faulty = nvmirror_nvme::backend::FaultyDevice::wrap(dev);
+        let injector = Arc::clone(faulty.injector());
+        let job = v
+            .volume
+            .add_leg(Arc::new(faulty))
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        v.extra
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((uri.to_string(), injector));
+        r.run_job(Box::new(job))?;
+        Ok(r.volume_status(v))
+    });
+    let r = Arc::clone(&reg);
+    m.add("leg_remove", move |p| {
+        let (v, leg) = r.leg(p)?;
+        v.volume
+            .remove_leg(leg)
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        Ok(r.volume_status(v))
+    });
+    type Control = fn(&Volume) -> nvmirror_mirror::Result<()>;
+    let controls: [(&str, Control); 3] = [
+        ("resync_pause", Volume::resync_pause),
+        ("resync_resume", Volume::resync_resume),
+        ("resync_cancel", Volume::resync_cancel),
+    ];
+    for (name, f) in controls {
+        let r = Arc::clone(&reg);
+        m.add(name, move |p| {
+            let v = r.volume(p)?;
+            f(&v.volume).map_err(|e| RpcError::failed(e.to_string()))?;
+            Ok(r.volume_status(v)["resync"].clone())
+        });
+    }
+    let r = Arc::clone(&reg);
+    m.add("resync_set_rate", move |p| {
+        let v = r.volume(p)?;
+        let rate = match p.get("max_rate") {
+            None => 0,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .ok_or_else(|| RpcError::invalid_params("'max_rate' must be a byte count"))?,
+            Some(Value::String(s)) if s == "0" => 0,
+            Some(Value::String(s)) => {
+                nvmirror_nvme::uri::parse_size(s).map_err(RpcError::invalid_params)?
+            }
+            Some(_) => {
+                return Err(RpcError::invalid_params(
+                    "'max_rate' is bytes per second (number or \"200MiB\")",
+                ))
+            }
+        };
+        let adaptive = p.get("adaptive").and_then(Value::as_bool).unwrap_or(true);
+        v.volume
+            .resync_set_rate(rate, adaptive)
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        Ok(r.volume_status(v)["resync"].clone())
+    });
+    let r = Arc::clone(&reg);
+    m.add("verify_start", move |p| {
+        let v = r.volume(p)?;
+        let repair = p.get("repair").and_then(Value::as_bool).unwrap_or(false);
+        let job = v
+            .volume
+            .verify_start(repair)
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        r.run_job(Box::new(job))?;
+        Ok(json!({"started": true, "repair": repair}))
+    });
+    let r = Arc::clone(&reg);
+    m.add("verify_status", move |p| {
+        let v = r.volume(p)?;
+        let s = v
+            .volume
+            .verify_status()
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        Ok(json!({
+            "state": s.state.as_str(),
+            "repair": s.repair,
+            "regions_checked": s.regions_checked,
+            "regions_total": s.regions_total,
+            "bytes_checked": s.bytes_checked,
+            "percent": s.percent,
+            "mismatched_regions": s.mismatched_regions,
+            "regions_repaired": s.regions_repaired,
+            "elapsed_s": s.elapsed.as_secs_f64(),
+            "error": s.error,
+        }))
     });
     let names = {
         let mut n = m.names();

@@ -151,6 +151,29 @@ fn engine_config(v: &crate::config::VolumeConfig) -> EngineVolumeConfig {
     }
 }
 
+/// A persistent volume (superblock and write-intent bitmap on every leg) is formatted when
+/// every leg is blank and opened otherwise; a leg of another volume or with foreign data is
+/// refused, never overwritten. With `bitmap = false` the legs are exported raw.
+fn open_volume(
+    v: &crate::config::VolumeConfig,
+    legs: Vec<Arc<dyn BlockDevice>>,
+) -> nvmirror_mirror::Result<Volume> {
+    let cfg = engine_config(v);
+    if !v.bitmap {
+        return Volume::new(&v.name, legs, cfg);
+    }
+    match Volume::format(&v.name, legs.clone(), cfg.clone(), false) {
+        Ok(vol) => {
+            tracing::info!(volume = v.name, "formatted blank legs");
+            Ok(vol)
+        }
+        Err(nvmirror_mirror::Error::LegNotBlank { .. }) => {
+            Volume::open_persistent(&v.name, legs, cfg)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
     s.parse()
         .map_err(|e| start_err(what, format!("'{s}': {e}")))
@@ -165,6 +188,7 @@ pub struct Service {
     pub rpc: Option<RpcServer>,
     pub metrics: Option<MetricsServer>,
     pool: Option<ReactorPool>,
+    clearer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl Service {
@@ -213,12 +237,13 @@ impl Service {
                     ),
                 ));
             }
-            let volume = Volume::new(&v.name, legs, engine_config(v))
-                .map_err(|e| start_err(format!("volume {}", v.name), e))?;
+            let volume =
+                open_volume(v, legs).map_err(|e| start_err(format!("volume {}", v.name), e))?;
             volumes.push(VolumeEntry {
                 volume: Arc::new(volume),
                 uris: v.legs.clone(),
                 injectors,
+                extra: std::sync::Mutex::new(Vec::new()),
             });
         }
         let device = |name: &str| -> Option<Arc<dyn BlockDevice>> {
@@ -285,6 +310,27 @@ impl Service {
             volumes,
             reactors: handle,
         });
+        // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
+        // the write-intent bitmap at once, one per volume at a time.
+        for e in &registry.volumes {
+            for (i, info) in e.volume.leg_states().iter().enumerate() {
+                if info.state.as_str() != "faulted" {
+                    continue;
+                }
+                match e.volume.attach_leg(i) {
+                    Ok(job) => {
+                        tracing::info!(volume = e.volume.name(), leg = i, "resyncing a stale leg");
+                        registry
+                            .run_job(Box::new(job))
+                            .map_err(|e| start_err("resync", e))?;
+                        break;
+                    }
+                    Err(err) => {
+                        tracing::warn!(volume = e.volume.name(), leg = i, "not resynced: {err}")
+                    }
+                }
+            }
+        }
         let rpc = match &cfg.rpc {
             None => None,
             Some(r) => Some(
@@ -305,6 +351,7 @@ impl Service {
                 )
             }
         };
+        let clearer = Some(start_clearer(Arc::clone(&registry)));
         Ok(Self {
             registry,
             nvme_tcp,
@@ -312,6 +359,7 @@ impl Service {
             rpc,
             metrics,
             pool: Some(pool),
+            clearer,
         })
     }
 
@@ -369,6 +417,10 @@ impl Service {
     }
 
     fn stop(&mut self) {
+        if let Some((stop, t)) = self.clearer.take() {
+            stop.store(true, Ordering::Release);
+            let _ = t.join();
+        }
         self.metrics.take();
         self.rpc.take();
         self.nvme_tcp.take();
@@ -376,6 +428,40 @@ impl Service {
         if let Some(pool) = self.pool.take() {
             pool.shutdown();
         }
+    }
+
+    /// Stops everything, then marks persistent volumes clean so the next start needs no
+    /// resync. Returns the volumes that could not be marked clean, with the reason.
+    pub fn shutdown_clean(mut self) -> Vec<(String, String)> {
+        self.stop();
+        let mut failed = Vec::new();
+        let reactors = self.registry.reactors.clone();
+        let registry = std::mem::replace(
+            &mut self.registry,
+            Arc::new(Registry {
+                volumes: Vec::new(),
+                reactors,
+            }),
+        );
+        let Ok(registry) = Arc::try_unwrap(registry) else {
+            return vec![(
+                "*".into(),
+                "the control plane still holds the volumes".into(),
+            )];
+        };
+        for entry in registry.volumes {
+            let name = entry.volume.name().to_string();
+            match Arc::try_unwrap(entry.volume) {
+                Ok(vol) if vol.metadata_layout().is_some() => {
+                    if let Err(e) = vol.shutdown_clean() {
+                        failed.push((name, e.to_string()));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => failed.push((name, "still in use".into())),
+            }
+        }
+        failed
     }
 }
 
@@ -385,12 +471,44 @@ impl Drop for Service {
     }
 }
 
+/// Clears idle regions of the persistent volumes' write-intent bitmaps once a second.
+fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let t = std::thread::Builder::new()
+        .name("nvmirror-bitmap".into())
+        .spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                for e in &reg.volumes {
+                    if e.volume.metadata_layout().is_some() {
+                        if let Err(err) = e.volume.clear_idle_regions(std::time::Instant::now()) {
+                            tracing::warn!(
+                                volume = e.volume.name(),
+                                "clearing idle regions: {err}"
+                            );
+                        }
+                    }
+                }
+                for _ in 0..20 {
+                    if stop2.load(Ordering::Acquire) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .expect("spawn the bitmap clearer");
+    (stop, t)
+}
+
 /// Sets up logging from `RUST_LOG` (default `info`).
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -420,9 +538,22 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("shutting down");
-    service.shutdown();
-    tracing::info!("stopped cleanly");
-    Ok(())
+    let failed = service.shutdown_clean();
+    if failed.is_empty() {
+        tracing::info!("stopped cleanly");
+        Ok(())
+    } else {
+        for (volume, reason) in &failed {
+            tracing::error!(
+                volume,
+                "not marked clean: {reason}; the next start resyncs its marked regions"
+            );
+        }
+        Err(start_err(
+            "clean shutdown",
+            format!("{} volume(s) not marked clean", failed.len()),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -75,6 +75,23 @@ impl Server {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// Polls `volume_status` until every leg is in sync (30 s at most); returns it.
+    fn wait_in_sync(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.status();
+            let legs = st["legs"].as_array().unwrap();
+            if legs.iter().all(|l| l["state"] == "in_sync") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "legs not in sync after 30 s: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn stop(mut self) {
         // SAFETY: sending SIGTERM to our own child process.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -113,9 +130,11 @@ fn write(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32, fill: 
     pool.put(buf);
 }
 
-fn blocks(image: &Path, slba: u64, nlb: u64) -> Vec<u8> {
+/// Blocks of the exported namespace as stored in a leg image (after its metadata area).
+fn blocks(image: &Path, data_offset: u64, slba: u64, nlb: u64) -> Vec<u8> {
     let data = std::fs::read(image).unwrap();
-    data[(slba * 512) as usize..((slba + nlb) * 512) as usize].to_vec()
+    let start = (data_offset + slba * 512) as usize;
+    data[start..start + (nlb * 512) as usize].to_vec()
 }
 
 #[test]
@@ -129,9 +148,13 @@ fn serve_detach_write_and_check_legs() {
     let st = server.status();
     assert_eq!(st["legs"][0]["role"], "primary");
     assert_eq!(st["legs"][1]["state"], "in_sync");
+    let data_offset = st["bitmap"]["data_offset"]
+        .as_u64()
+        .expect("a persistent volume");
+    assert!(data_offset >= 8192 && data_offset % 4096 == 0, "{st}");
 
     let dev = open_leg(&format!("nvme-tcp://{}/{NQN}", server.nvme_tcp)).unwrap();
-    assert_eq!(dev.geometry().bytes(), 64 << 20);
+    assert_eq!(dev.geometry().bytes(), (64 << 20) - data_offset);
     let mut qp = dev.open_qpair(8).unwrap();
     let mut pool = DmaPool::new(1, 65536);
     write(&mut *qp, &mut pool, 0, 128, 0xa1);
@@ -152,22 +175,61 @@ fn serve_detach_write_and_check_legs() {
     write(&mut *qp, &mut pool, 8192, 128, 0xb2);
     let st = server.status();
     assert_eq!(st["legs"][1]["missed_regions"], 2, "{st}");
+
+    // Re-attach: the resync copies exactly the two missed regions and the leg is in sync.
+    let (ok, text) = server.rpc("leg_attach", r#"{"volume":"vol0","leg":1}"#);
+    assert!(ok, "{text}");
+    let st = server.wait_in_sync();
+    assert_eq!(st["resync"]["state"], "done", "{st}");
+    let region = st["region_size"].as_u64().unwrap();
+    assert_eq!(
+        st["resync"]["bytes_copied"].as_u64().unwrap(),
+        2 * region,
+        "{st}"
+    );
+
+    // Detach again and write; a restart finds the mirror stale and rebuilds it by itself.
+    assert!(server.rpc("leg_detach", r#"{"volume":"vol0","leg":1}"#).0);
+    write(&mut *qp, &mut pool, 16384, 128, 0xc1);
     drop(qp);
     drop(dev);
     server.stop();
-
     let (p, m) = (
         dir.path().join("primary.img"),
         dir.path().join("mirror.img"),
     );
-    assert!(blocks(&p, 0, 128).iter().all(|&b| b == 0xb1));
-    assert!(blocks(&p, 8192, 128).iter().all(|&b| b == 0xb2));
+    let at = |img: &Path, slba, nlb| blocks(img, data_offset, slba, nlb);
+    assert!(at(&p, 16384, 128).iter().all(|&b| b == 0xc1));
     assert!(
-        blocks(&m, 0, 128).iter().all(|&b| b == 0xa1),
+        at(&m, 16384, 128).iter().all(|&b| b == 0),
         "the detached leg got a write"
     );
-    assert!(blocks(&m, 8192, 128).iter().all(|&b| b == 0));
-    assert_eq!(blocks(&p, 4096, 128), blocks(&m, 4096, 128));
+
+    let server = Server::start(dir.path());
+    let st = server.wait_in_sync();
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
+    let dev = open_leg(&format!("nvme-tcp://{}/{NQN}", server.nvme_tcp)).unwrap();
+    let mut qp = dev.open_qpair(8).unwrap();
+    write(&mut *qp, &mut pool, 20480, 128, 0xd1);
+    drop(qp);
+    drop(dev);
+    server.stop();
+
+    let size = (64 << 20) - data_offset;
+    let (pi, mi) = (at(&p, 0, size / 512), at(&m, 0, size / 512));
+    assert!(pi == mi, "the legs differ after resync");
+    for (slba, fill) in [
+        (0, 0xb1),
+        (4096, 0xa2),
+        (8192, 0xb2),
+        (16384, 0xc1),
+        (20480, 0xd1),
+    ] {
+        assert!(
+            at(&m, slba, 128).iter().all(|&b| b == fill),
+            "block {slba} is not {fill:#x}"
+        );
+    }
 }
 
 #[test]

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The mirror engine's benchmarks, each single vs mirrored in one run, 4 KiB random writes at
+# QD32 on one core (nvmirror-bench, in-process):
+#   1. device-bound: mem legs with 20 us latency   goals: IOPS ratio >= 0.97, +p50 <= 1 us, +p99 <= 3 us
+#   2. CPU-bound: zero-latency mem legs            goal: mirrored >= 1 M IOPS
+#                 null legs                        goal: mirrored >= 4.5 M IOPS
+#   3. io_uring on two files vs fio with two jobs (one file each); the physical limit of
+#      mirrored host writes is half of fio's aggregate   goal: mirrored >= 0.9 x fio/2
+#
+#   scripts/bench-mirror.sh [SECONDS]        (default 10; BENCH_DIR for the files)
+set -euo pipefail
+
+secs=${1:-10}
+case $secs in '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;; esac
+root=$(cd "$(dirname "$0")/.." && pwd)
+dir=${BENCH_DIR:-$root/build/bench-mirror}
+mkdir -p "$dir"
+for tool in fio jq cargo python3; do
+    command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 2; }
+done
+(cd "$root" && cargo build --release -q -p nvmirror-bench)
+bench=${CARGO_TARGET_DIR:-$root/build}/release/nvmirror-bench
+
+# run NAME LEG... -> prints "iops p50_ns p99_ns" and keeps the JSON
+run() {
+    local name=$1
+    shift
+    local args=()
+    for l in "$@"; do args+=(--leg "$l"); done
+    "$bench" "${args[@]}" --rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" \
+        --ramp_time 1s --output-format json >"$dir/$name.json"
+    jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["50.000000"]) \(.clat_ns.percentile["99.000000"])"' \
+        "$dir/$name.json"
+}
+calc() { python3 -c "print($1)"; }
+check() { # label value goal op
+    local ok
+    ok=$(python3 -c "print('ok' if $2 $4 $3 else 'MISSED')")
+    printf '  %-44s %14s   goal %s %s   %s\n' "$1" "$2" "$4" "$3" "$ok"
+}
+
+echo "== 1. device-bound: mem legs with 20 us latency"
+read -r s_iops s_p50 s_p99 < <(run lat-single "mem://1GiB?latency=20us")
+read -r m_iops m_p50 m_p99 < <(run lat-mirror "mem://1GiB?latency=20us" "mem://1GiB?latency=20us")
+echo "  single:   ${s_iops} IOPS, p50 ${s_p50} ns, p99 ${s_p99} ns"
+echo "  mirrored: ${m_iops} IOPS, p50 ${m_p50} ns, p99 ${m_p99} ns"
+check "IOPS ratio mirrored/single" "$(calc "round($m_iops / $s_iops, 3)")" 0.97 ">="
+check "added p50 (us)" "$(calc "round(($m_p50 - $s_p50) / 1000, 2)")" 1 "<="
+check "added p99 (us)" "$(calc "round(($m_p99 - $s_p99) / 1000, 2)")" 3 "<="
+
+echo "== 2. CPU-bound, one core"
+read -r ms _ _ < <(run mem-single "mem://1GiB")
+read -r mm _ _ < <(run mem-mirror "mem://1GiB" "mem://1GiB")
+read -r ns _ _ < <(run null-single "null://1TiB")
+read -r nm _ _ < <(run null-mirror "null://1TiB" "null://1TiB")
+echo "  mem single ${ms} IOPS, mirrored ${mm}; null single ${ns}, mirrored ${nm}"
+check "mirrored zero-latency mem (M IOPS)" "$(calc "round($mm / 1e6, 3)")" 1 ">="
+check "mirrored null (M IOPS)" "$(calc "round($nm / 1e6, 3)")" 4.5 ">="
+
+echo "== 3. io_uring on two files vs fio, two jobs"
+size=$((1 << 30))
+for f in a b; do
+    if [ ! -f "$dir/$f.img" ] || [ "$(stat -c %s "$dir/$f.img")" -ne "$size" ]; then
+        dd if=/dev/zero of="$dir/$f.img" bs=1M count=1024 oflag=direct status=none
+    fi
+done
+fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=32 --time_based \
+    --runtime="$secs" --size="$size" --group_reporting --output-format=json --output="$dir/fio.json" \
+    --name=a --filename="$dir/a.img" --name=b --filename="$dir/b.img" >/dev/null
+fio_iops=$(jq '.jobs[0].write.iops' "$dir/fio.json")
+read -r u_iops _ _ < <(run uring-mirror "file://$dir/a.img" "file://$dir/b.img")
+echo "  fio aggregate ${fio_iops} IOPS (limit for mirrored writes: half), nvmirror mirrored ${u_iops}"
+check "mirrored / (fio aggregate / 2)" "$(calc "round($u_iops / ($fio_iops / 2), 3)")" 0.9 ">="
