@@ -70,6 +70,18 @@ pub struct Cli {
     /// Report format
     #[arg(long = "output-format", value_enum, default_value_t = OutputFormat::Normal)]
     pub output_format: OutputFormat,
+
+    /// `on`: format the legs as a persistent volume (superblock and write-intent bitmap) and
+    /// report the bitmap's metadata writes, hit rate and marked regions on stderr.
+    #[arg(long, value_enum, default_value_t = BitmapMode::Off)]
+    pub bitmap: BitmapMode,
+}
+
+/// `--bitmap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BitmapMode {
+    On,
+    Off,
 }
 
 impl Cli {

@@ -36,8 +36,8 @@ pub use error::{Error, Result};
 use cli::{Cli, OutputFormat};
 use engine::RunResult;
 
-/// Opens every `--leg` URI, then joins them into the device the jobs run against.
-pub fn open_target(uris: &[String]) -> Result<Arc<dyn BlockDevice>> {
+/// Opens the legs and builds the target (see [`build_volume`]).
+pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
     let legs = uris
         .iter()
         .map(|uri| {
@@ -47,41 +47,75 @@ pub fn open_target(uris: &[String]) -> Result<Arc<dyn BlockDevice>> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    build_target(legs)
+    build_volume(legs, bitmap)
+}
+
+/// What a run drives: the device, and the volume when there is one (for its statistics).
+#[derive(Debug)]
+pub struct Target {
+    pub device: Arc<dyn BlockDevice>,
+    pub volume: Option<Arc<nvmirror_mirror::Volume>>,
 }
 
 /// One leg is benchmarked as itself; several are joined into a mirrored volume.
-pub fn build_target(mut legs: Vec<Arc<dyn BlockDevice>>) -> Result<Arc<dyn BlockDevice>> {
-    match legs.len() {
-        0 => Err(Error::Flag {
-            flag: "--leg",
-            reason: "at least one leg is needed".into(),
-        }),
-        // One leg: the device itself, the honest single-device baseline.
-        1 => Ok(legs.swap_remove(0)),
-        // Several legs: a mirrored volume, first leg primary.
-        _ => {
-            let volume = nvmirror_mirror::Volume::new(
-                "bench",
-                legs,
-                nvmirror_mirror::VolumeConfig::default(),
-            )
-            .map_err(|e| Error::Flag {
+pub fn build_target(legs: Vec<Arc<dyn BlockDevice>>) -> Result<Arc<dyn BlockDevice>> {
+    Ok(build_volume(legs, false)?.device)
+}
+
+/// One leg without `bitmap` is benchmarked as itself (the single-device baseline); several
+/// legs, or any number with `bitmap`, become a volume, first leg primary. With `bitmap` the
+/// legs are formatted as a persistent volume (superblock and write-intent bitmap; existing
+/// superblocks of a `bench` volume are overwritten, other volumes' legs are refused).
+pub fn build_volume(mut legs: Vec<Arc<dyn BlockDevice>>, bitmap: bool) -> Result<Target> {
+    let flag = |e: nvmirror_mirror::Error| Error::Flag {
+        flag: "--leg",
+        reason: e.to_string(),
+    };
+    let cfg = nvmirror_mirror::VolumeConfig::default();
+    let volume = match (legs.len(), bitmap) {
+        (0, _) => {
+            return Err(Error::Flag {
                 flag: "--leg",
-                reason: e.to_string(),
-            })?;
-            Ok(Arc::new(volume))
+                reason: "at least one leg is needed".into(),
+            })
         }
-    }
+        (1, false) => {
+            return Ok(Target {
+                device: legs.swap_remove(0),
+                volume: None,
+            })
+        }
+        (_, false) => nvmirror_mirror::Volume::new("bench", legs, cfg).map_err(flag)?,
+        (_, true) => nvmirror_mirror::Volume::format("bench", legs, cfg, true).map_err(flag)?,
+    };
+    let volume = Arc::new(volume);
+    Ok(Target {
+        device: Arc::clone(&volume) as Arc<dyn BlockDevice>,
+        volume: Some(volume),
+    })
 }
 
 /// Runs what the command line asks for and writes the report to `out`.
 pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<RunResult> {
-    let target = open_target(&cli.legs)?;
+    let bitmap = cli.bitmap == cli::BitmapMode::On;
+    let Target {
+        device: target,
+        volume,
+    } = open_target(&cli.legs, bitmap)?;
     let run = engine::run(&target, &cli.job_spec())?;
     match cli.output_format {
         OutputFormat::Normal => report::write_normal(&run, out)?,
         OutputFormat::Json => report::write_json(&run, out)?,
+    }
+    if let (true, Some(vol)) = (bitmap, volume) {
+        let st = vol.stats();
+        eprintln!(
+            "bitmap: {} metadata writes, hit rate {:.4}, {} regions marked, {} predicted",
+            st.metadata_writes,
+            st.bitmap_hit_rate(),
+            vol.marked_region_count(),
+            st.predicted_regions
+        );
     }
     Ok(run)
 }

@@ -102,12 +102,20 @@ fn open(dir: &Path) -> Volume {
         }
         Err(e) => fail(&e.to_string()),
     };
+    // Stale legs are rebuilt by the resync engine (online copy of the marked regions).
     for leg in 0..vol.leg_count() {
         if vol.leg_states()[leg].state != LegState::InSync {
-            let n = vol
-                .recover_sync(leg)
-                .unwrap_or_else(|e| fail(&format!("recover leg {leg}: {e}")));
-            println!("recovered leg {leg}: {n} regions");
+            let mut job = vol
+                .attach_leg(leg)
+                .unwrap_or_else(|e| fail(&format!("attach leg {leg}: {e}")));
+            let st = job.run_blocking();
+            if vol.leg_states()[leg].state != LegState::InSync {
+                fail(&format!(
+                    "resync of leg {leg} ended {:?}: {:?}",
+                    st.state, st.error
+                ));
+            }
+            println!("resynced leg {leg}: {} regions", st.regions_copied);
         }
     }
     vol
