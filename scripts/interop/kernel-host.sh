@@ -61,7 +61,7 @@ file "$BUSYBOX" 2>/dev/null | grep -q "statically linked" || {
 if [ ! -f "$WORK/kver" ]; then
     apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || apt-get update -qq
     KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        sed -n 's/.*Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1)
+        sed -n 's/.*Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | sed -n 1p)
     [ -n "$KPKG" ] || fail "cannot find the current linux-image-*-cloud-amd64 package"
     log "downloading $KPKG"
     rm -f linux-image-*.deb
@@ -85,9 +85,9 @@ if [ ! -f "$INITRD" ] || [ "$0" -nt "$INITRD" ] || [ "$ROOT/scripts/interop/gues
     mkdir -p "$R"/{bin,sbin,etc/nvme,proc,sys,dev,tmp,run,lib/modules,usr/sbin}
     cp "$BUSYBOX" "$R/bin/busybox"
     for m in $MODULES; do
-        f=$(find "$MODDIR" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -n1)
+        f=$(find "$MODDIR" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | sed -n 1p)
         if [ -z "$f" ]; then
-            f=$(find "$MODDIR" -name "${m//-/_}.ko*" | head -n1)
+            f=$(find "$MODDIR" -name "${m//-/_}.ko*" | sed -n 1p)
         fi
         if [ -z "$f" ]; then
             log "module $m not found (built in?)"
@@ -159,7 +159,7 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
     # ---- 6. both legs hold what the guest wrote ------------------------------------------
-    want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | head -n1)
+    want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | sed -n 1p)
     [ -n "$want" ] || fail "the guest did not report its pattern's checksum"
     # The exported namespace starts after each leg's metadata area (superblock + bitmap).
     offset=$("$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
@@ -170,7 +170,8 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     TARGET_PID=
     grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
     for leg in primary mirror; do
-        got=$(tail -c +$((offset + 1)) "$DATA/$leg.img" | head -c 4194304 | sha256sum | cut -d' ' -f1)
+        got=$(dd if="$DATA/$leg.img" iflag=skip_bytes,count_bytes skip="$offset" count=4194304 \
+            status=none | sha256sum | cut -d' ' -f1)
         [ "$got" = "$want" ] || fail "leg $leg.img does not hold the guest's pattern ($got != $want)"
         log "leg $leg.img holds the guest's pattern at byte $offset"
     done
@@ -182,5 +183,5 @@ cat "$GUEST_LOG" >&2 2>/dev/null || true
 log "---- target log ----"
 tail -n 50 "$TARGET_LOG" >&2 || true
 [ "$QEMU_RC" = 124 ] && fail "guest timed out after ${TIMEOUT}s"
-reason=$(sed -n 's/.*NVMIRROR-GUEST: FAIL: //p' "$GUEST_LOG" | head -n1)
+reason=$(sed -n 's/.*NVMIRROR-GUEST: FAIL: //p' "$GUEST_LOG" | sed -n 1p)
 fail "${reason:-guest did not report a result (qemu exit $QEMU_RC)}"
