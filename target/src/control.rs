@@ -31,6 +31,8 @@ pub struct VolumeEntry {
 pub struct Registry {
     pub volumes: Vec<VolumeEntry>,
     pub reactors: ReactorHandle,
+    /// The NVMe/TCP front end, while it runs (host access lists).
+    pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
 }
 
 impl Registry {
@@ -532,6 +534,31 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             "error": s.error,
         }))
     });
+    for (name, add) in [
+        ("subsystem_add_host", true),
+        ("subsystem_remove_host", false),
+    ] {
+        let r = Arc::clone(&reg);
+        m.add(name, move |p| {
+            let field = |k: &str| {
+                p.get(k).and_then(Value::as_str).ok_or_else(|| {
+                    RpcError::invalid_params(format!("missing string parameter '{k}'"))
+                })
+            };
+            let (nqn, host) = (field("nqn")?, field("host")?);
+            let target = r
+                .nvme_tcp
+                .upgrade()
+                .ok_or_else(|| RpcError::failed("the NVMe/TCP front end is not running"))?;
+            let hosts = if add {
+                target.add_host(nqn, host)
+            } else {
+                target.remove_host(nqn, host)
+            }
+            .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+            Ok(json!({"nqn": nqn, "allowed_hosts": hosts}))
+        });
+    }
     let names = {
         let mut n = m.names();
         n.push("rpc_get_methods".into());

@@ -183,7 +183,7 @@ fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
 #[derive(Debug)]
 pub struct Service {
     pub registry: Arc<Registry>,
-    pub nvme_tcp: Option<NvmeTcpTarget>,
+    pub nvme_tcp: Option<Arc<NvmeTcpTarget>>,
     pub nbd: Option<NbdServer>,
     pub rpc: Option<RpcServer>,
     pub metrics: Option<MetricsServer>,
@@ -278,10 +278,9 @@ impl Service {
                     subsystems,
                     ..TargetConfig::default()
                 };
-                Some(
-                    NvmeTcpTarget::start(tcfg, &handle)
-                        .map_err(|e| start_err(format!("NVMe/TCP on {}", l.listen), e))?,
-                )
+                Some(Arc::new(NvmeTcpTarget::start(tcfg, &handle).map_err(
+                    |e| start_err(format!("NVMe/TCP on {}", l.listen), e),
+                )?))
             }
         };
         let nbd = match &cfg.nbd {
@@ -309,6 +308,7 @@ impl Service {
         let registry = Arc::new(Registry {
             volumes,
             reactors: handle,
+            nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
         });
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
@@ -441,6 +441,7 @@ impl Service {
             Arc::new(Registry {
                 volumes: Vec::new(),
                 reactors,
+                nvme_tcp: std::sync::Weak::new(),
             }),
         );
         let Ok(registry) = Arc::try_unwrap(registry) else {

@@ -153,6 +153,24 @@ fn serve_detach_write_and_check_legs() {
         .expect("a persistent volume");
     assert!(data_offset >= 8192 && data_offset % 4096 == 0, "{st}");
 
+    // Host access lists change at run time.
+    let allowed = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-00000000a11d";
+    let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000000bd";
+    let (ok, text) = server.rpc(
+        "subsystem_add_host",
+        &format!(r#"{{"nqn":"{NQN}","host":"{allowed}"}}"#),
+    );
+    assert!(ok && text.contains(allowed), "{text}");
+    let uri = |host: &str| format!("nvme-tcp://{}/{NQN}?hostnqn={host}", server.nvme_tcp);
+    let err = open_leg(&uri(other)).unwrap_err().to_string();
+    assert!(err.contains("host"), "{err}");
+    drop(open_leg(&uri(allowed)).unwrap());
+    let (ok, text) = server.rpc(
+        "subsystem_remove_host",
+        &format!(r#"{{"nqn":"{NQN}","host":"{allowed}"}}"#),
+    );
+    assert!(ok && text.contains("[]"), "{text}");
+
     let dev = open_leg(&format!("nvme-tcp://{}/{NQN}", server.nvme_tcp)).unwrap();
     assert_eq!(dev.geometry().bytes(), (64 << 20) - data_offset);
     let mut qp = dev.open_qpair(8).unwrap();

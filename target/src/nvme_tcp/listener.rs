@@ -26,6 +26,35 @@ pub struct NvmeTcpTarget {
 }
 
 impl NvmeTcpTarget {
+    /// Allows `host` to connect to subsystem `nqn` (an empty list allows every host, so the
+    /// first host added restricts the subsystem to the hosts listed). Returns the list.
+    /// Controllers already connected are not affected.
+    pub fn add_host(&self, nqn: &str, host: &str) -> Result<Vec<String>> {
+        self.edit_hosts(nqn, |hosts| {
+            if !hosts.iter().any(|h| h == host) {
+                hosts.push(host.to_string());
+            }
+        })
+    }
+
+    /// Removes `host` from subsystem `nqn`'s allowed hosts (an emptied list allows every
+    /// host). Returns the list.
+    pub fn remove_host(&self, nqn: &str, host: &str) -> Result<Vec<String>> {
+        self.edit_hosts(nqn, |hosts| hosts.retain(|h| h != host))
+    }
+
+    fn edit_hosts(&self, nqn: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<Vec<String>> {
+        let sub = self
+            .shared
+            .subsystems
+            .iter()
+            .find(|s| s.nqn == nqn)
+            .ok_or_else(|| Error::Config(format!("no subsystem '{nqn}'")))?;
+        let mut hosts = sub.allowed_hosts.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut hosts);
+        Ok(hosts.clone())
+    }
+
     /// Validates `cfg`, binds `cfg.listen` and starts accepting; connections are served by
     /// the reactors behind `reactors`.
     pub fn start(cfg: TargetConfig, reactors: &ReactorHandle) -> Result<Self> {

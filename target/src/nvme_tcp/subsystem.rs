@@ -29,7 +29,9 @@ pub(crate) struct Subsystem {
     pub nqn: String,
     pub serial: String,
     pub model: String,
-    pub allowed_hosts: Vec<String>,
+    /// Host NQNs allowed to connect (empty: any). Read at Connect and discovery only; changed
+    /// at run time by the control plane.
+    pub allowed_hosts: std::sync::RwLock<Vec<String>>,
     pub namespaces: Vec<Namespace>,
 }
 
@@ -50,14 +52,15 @@ impl Subsystem {
             nqn: cfg.nqn.clone(),
             serial: cfg.serial.clone(),
             model: cfg.model.clone(),
-            allowed_hosts: cfg.allowed_hosts.clone(),
+            allowed_hosts: std::sync::RwLock::new(cfg.allowed_hosts.clone()),
             namespaces,
         }
     }
 
     /// Whether `hostnqn` may connect.
     pub fn allows(&self, hostnqn: &str) -> bool {
-        self.allowed_hosts.is_empty() || self.allowed_hosts.iter().any(|h| h == hostnqn)
+        let hosts = self.allowed_hosts.read().unwrap_or_else(|e| e.into_inner());
+        hosts.is_empty() || hosts.iter().any(|h| h == hostnqn)
     }
 
     /// The namespace with this NSID (1-based).
