@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The mirror engine's benchmarks, each single vs mirrored in one run, 4 KiB random writes at
-# QD32 on one core (nvmirror-bench, in-process):
+# QD32 on one core (nvmirror-bench, in-process). Writes cover a 256 MiB hot set after a 2 s
+# ramp, so the sparse mem legs' first-touch page faults are over before measuring:
 #   1. device-bound: mem legs with 20 us latency   goals: IOPS ratio >= 0.97, +p50 <= 1 us, +p99 <= 3 us
 #   2. CPU-bound: zero-latency mem legs            goal: mirrored >= 1 M IOPS
 #                 null legs                        goal: mirrored >= 4.5 M IOPS
@@ -28,7 +29,7 @@ run() {
     local args=()
     for l in "$@"; do args+=(--leg "$l"); done
     "$bench" "${args[@]}" --rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" \
-        --ramp_time 1s --output-format json >"$dir/$name.json"
+        --ramp_time 2s --size "${SIZE:-256MiB}" --output-format json >"$dir/$name.json"
     jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["50.000000"]) \(.clat_ns.percentile["99.000000"])"' \
         "$dir/$name.json"
 }

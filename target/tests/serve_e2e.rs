@@ -21,6 +21,14 @@ struct Server {
     socket: String,
 }
 
+/// A server left running by a failing test is killed, not leaked.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Server {
     fn start(dir: &Path) -> Self {
         let leg = |n: &str| format!("file://{}/{n}.img?create=64MiB", dir.display());
