@@ -2,7 +2,8 @@
 # NVMe/TCP end to end: `nvmirror serve` on one core (CPU 0) exporting a volume of two
 # zero-latency mem legs, driven over loopback by nvmirror-bench through the project's own
 # NVMe/TCP initiator on the other core (CPU 1). 4 KiB randwrite and randread at QD32 and
-# QD128, then the same through a single-leg volume. Prints IOPS and p50/p99/p99.9.
+# QD128 over a warmed 256 MiB hot set (SIZE overrides), then the same through a single-leg
+# volume. Prints IOPS and p50/p99/p99.9.
 # Goal (mirrored QD32 randwrite): >= 250k IOPS with p99 <= 230 us.
 #
 #   scripts/bench-target.sh [SECONDS]      (default 10)
@@ -40,7 +41,7 @@ stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
 run() { # label rw qd
     taskset -c 1 "$bin/nvmirror-bench" --leg "nvme-tcp://127.0.0.1:$port/$nqn?queue_size=256" \
-        --rw "$2" --bs 4k --iodepth "$3" --runtime "${secs}s" --ramp_time 1s \
+        --rw "$2" --bs 4k --iodepth "$3" --runtime "${secs}s" --ramp_time 2s --size "${SIZE:-256MiB}" \
         --output-format json >"$dir/$1-$2-qd$3.json"
     local d=write
     [ "$2" = randread ] && d=read
