@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# fio over NBD: nvmirror's NBD front end on a mem:// leg against `nbdkit memory`.
+# fio over NBD: `nvmirror serve` (a volume mirrored over two mem:// legs) against
+# `nbdkit memory` (one copy, no mirror).
 #
 #   scripts/fio-nbd.sh [SECONDS]     (default 10)
 #
-# 1. starts target/examples/nbd_serve with a mem://1GiB leg on a free port;
+# 1. starts `nvmirror serve --leg mem://1GiB --leg mem://1GiB` with NBD on a free port;
 # 2. runs a fio crc32c verify job with ioengine=nbd (must pass);
 # 3. runs a 4 KiB random-write job at queue depth 32 for SECONDS and prints its IOPS;
 # 4. runs the same job against `nbdkit memory 1G` and prints its IOPS and ratio=ours/nbdkit.
 #
-# Environment: NBD_SERVE_ARGS replaces the extra arguments of nbd_serve. The default,
-# "--idle-sleep-us 5", lets the reactor nap when it finds no work: on a small shared machine a
-# busy-polling reactor takes a whole core from fio, which is the bottleneck here. Use
-# NBD_SERVE_ARGS="" for pure busy-polling, or e.g. "--cpus 3" to pin on a bigger machine.
+# Environment: NBD_SERVE_ARGS adds arguments to `nvmirror serve` (e.g. "--cores 3" on a bigger
+# machine, or "--config FILE" with idle = "spin"). serve's default idle policy naps when the
+# reactor finds no work: on a small shared machine a busy-polling reactor takes a whole core
+# from fio, which is the bottleneck here.
 set -euo pipefail
 SECS=${1:-10}
 cd "$(dirname "$0")/.."
@@ -26,9 +27,9 @@ if ! fio --enghelp=nbd >/dev/null 2>&1; then
   exit 1
 fi
 
-echo "== building nbd_serve"
-cargo build --release -q -p nvmirror-target --example nbd_serve
-BIN="${CARGO_TARGET_DIR:-build}/release/examples/nbd_serve"
+echo "== building nvmirror"
+cargo build --release -q -p nvmirror-target --bin nvmirror
+BIN="${CARGO_TARGET_DIR:-build}/release/nvmirror"
 
 PIDS=()
 TMP=$(mktemp -d)
@@ -82,10 +83,12 @@ print("%s_server_cpu=%.0f%% (%.1f us of server CPU per I/O)" % (sys.argv[5], 100
   LAST_IOPS=$iops
 }
 
-SERVE_ARGS=${NBD_SERVE_ARGS---idle-sleep-us 5}
+SERVE_ARGS=${NBD_SERVE_ARGS-}
 OURS_PORT=$(free_port)
+# `nvmirror serve`: a mirrored volume of two mem legs, exported over NBD on OURS_PORT.
 # shellcheck disable=SC2086
-"$BIN" --leg mem://1GiB --listen "127.0.0.1:$OURS_PORT" $SERVE_ARGS >"$TMP/ours.log" 2>&1 &
+"$BIN" serve --data-dir "$TMP/data" --leg mem://1GiB --leg mem://1GiB --nbd-listen "127.0.0.1:$OURS_PORT" \
+  --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 $SERVE_ARGS >"$TMP/ours.log" 2>&1 &
 PIDS+=($!)
 wait_listening "$OURS_PORT"
 OURS="nbd://127.0.0.1:$OURS_PORT/vol0"
@@ -102,7 +105,7 @@ assert j["read"]["io_bytes"] == j["write"]["io_bytes"] > 0, "not everything was 
 print("verify: ok, %d MiB written and read back" % (j["write"]["io_bytes"] >> 20))
 ' "$TMP/verify.json"
 
-echo "== 4 KiB randwrite QD32 for ${SECS}s: nvmirror nbd_serve --leg mem://1GiB $SERVE_ARGS"
+echo "== 4 KiB randwrite QD32 for ${SECS}s: nvmirror serve, mirrored over two mem://1GiB legs $SERVE_ARGS"
 randwrite "$OURS" "${PIDS[0]}" nvmirror
 OURS_IOPS=$LAST_IOPS
 kill "${PIDS[0]}"
