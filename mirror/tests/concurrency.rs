@@ -3,19 +3,20 @@
 //!
 //! A mem leg applies a command when it is submitted, so on its own it would apply one core's
 //! commands in the same order on every leg. Real devices apply commands in any order before
-//! completing them; [`ReorderingDevice`] models that by handing each command to the mem leg
+//! completing them; [`DelayedDevice`] models that by handing each command to the mem leg
 //! after a random delay (and the mem leg adds random completion latency), so each leg applies
 //! overlapping commands in its own order. Only the overlap guard keeps the legs identical.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::delayed::DelayedDevice;
 use nvmirror_mirror::{LegState, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{LatencyModel, MemDevice};
 use nvmirror_nvme::dma::IoBuf;
-use nvmirror_nvme::{
-    read_all, BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair, SubmitError,
-};
+use nvmirror_nvme::{read_all, BlockDevice, Completion, IoCommand, IoOp};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -24,78 +25,6 @@ const LBA: usize = 512;
 const BLOCKS: u64 = 256;
 const MAX_NLB: u32 = 24;
 const QD: usize = 8;
-
-/// A device that applies commands in random order: each is passed to the inner device after
-/// a random delay of up to `max_delay`.
-#[derive(Debug)]
-struct ReorderingDevice {
-    inner: Arc<dyn BlockDevice>,
-    max_delay: Duration,
-}
-
-impl BlockDevice for ReorderingDevice {
-    fn geometry(&self) -> Geometry {
-        self.inner.geometry()
-    }
-
-    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
-        Ok(Box::new(ReorderingQueuePair {
-            inner: self.inner.open_qpair(depth)?,
-            held: Vec::with_capacity(depth as usize),
-            rng: SmallRng::from_entropy(),
-            max_delay: self.max_delay,
-            depth,
-        }))
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-}
-
-#[derive(Debug)]
-struct ReorderingQueuePair {
-    inner: Box<dyn QueuePair>,
-    /// Commands not yet passed on, with the time they are due.
-    held: Vec<(Instant, IoCommand)>,
-    rng: SmallRng,
-    max_delay: Duration,
-    depth: u32,
-}
-
-impl QueuePair for ReorderingQueuePair {
-    fn depth(&self) -> u32 {
-        self.depth
-    }
-
-    fn outstanding(&self) -> u32 {
-        self.inner.outstanding() + self.held.len() as u32
-    }
-
-    unsafe fn submit(&mut self, cmd: IoCommand) -> Result<(), SubmitError> {
-        if self.outstanding() >= self.depth {
-            return Err(SubmitError::QueueFull);
-        }
-        let delay = self.rng.gen_range(Duration::ZERO..=self.max_delay);
-        self.held.push((Instant::now() + delay, cmd));
-        Ok(())
-    }
-
-    fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.held.len() {
-            if self.held[i].0 <= now {
-                let (_, cmd) = self.held.swap_remove(i);
-                // SAFETY: our caller made the submit promise for `cmd`; it still holds.
-                unsafe { self.inner.submit(cmd) }.expect("inner queue has room");
-            } else {
-                i += 1;
-            }
-        }
-        self.inner.poll(out)
-    }
-}
 
 /// One core: `count` random writes (a few Write Zeroes among them) at queue depth `QD`.
 fn hammer(vol: Arc<Volume>, core: u64, count: u64) {
@@ -147,7 +76,7 @@ fn overlapping_writes_from_four_cores_leave_the_legs_identical() {
                 spread: Duration::from_micros(8),
             };
             let mem = MemDevice::new(BLOCKS * LBA as u64, LBA as u32, latency).unwrap();
-            Arc::new(ReorderingDevice {
+            Arc::new(DelayedDevice {
                 inner: Arc::new(mem.with_name(format!("mem://leg{i}"))),
                 max_delay: Duration::from_micros(20),
             }) as Arc<dyn BlockDevice>
