@@ -258,6 +258,26 @@ fn serve_detach_write_and_check_legs() {
     }
 }
 
+/// Runs `nvmirror serve` on free ports with `legs`, expects it to refuse to start, and
+/// returns what it printed on stderr.
+fn refused(dir: &Path, legs: &[&str]) -> String {
+    let mut cmd = Command::new(NVMIRROR);
+    cmd.args(["serve", "--data-dir"]).arg(dir).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    for leg in legs {
+        cmd.args(["--leg", leg]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "serve started with {legs:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_config_refuses_to_start_with_the_field() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -275,44 +295,14 @@ fn bad_config_refuses_to_start_with_the_field() {
         "{err}"
     );
 
-    let out = Command::new(NVMIRROR)
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--leg", "mem://64MiB", "--leg", "mem://128MiB"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(dir.path(), &["mem://64MiB", "mem://128MiB"]);
     assert!(
         err.contains("legs differ in size") && err.contains("leg 1: 134217728 bytes"),
         "{err}"
     );
 
     let missing = format!("file://{}/nope/leg.img", dir.path().display());
-    let out = Command::new(NVMIRROR)
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--leg", &missing])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(dir.path(), &[&missing]);
     assert!(
         err.contains("leg 0") && err.contains("nope/leg.img"),
         "{err}"
