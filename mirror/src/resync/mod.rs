@@ -17,6 +17,7 @@
 
 mod channels;
 mod control;
+mod driver;
 mod job;
 mod progress;
 mod rate;

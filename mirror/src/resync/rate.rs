@@ -113,6 +113,12 @@ impl Pace {
         !adaptive || now >= self.next_start
     }
 
+    /// Whether another window may open now, with `active` windows in flight: below the
+    /// limit, and the pause since the last one is over.
+    pub(crate) fn may_open(&self, now: Instant, adaptive: bool, active: usize) -> bool {
+        active < self.limit(adaptive) as usize && self.may_start(now, adaptive)
+    }
+
     /// A window started at `now`.
     pub(crate) fn started(&mut self, now: Instant) {
         self.next_start = now + self.gap;

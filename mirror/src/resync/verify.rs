@@ -4,13 +4,14 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
 use nvmirror_nvme::{Completion, IoCommand, IoOp, Status};
 use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
 use super::channels::LegChannels;
+use super::driver::{reactor_step, run_to_end, BackgroundJob};
 use super::progress::JobShared;
 use super::rate::{Pace, TokenBucket};
 use super::window::{region_count, RegionRange};
@@ -169,12 +170,7 @@ impl VerifyJob {
 
     /// Polls on this thread until the job ends.
     pub fn run_blocking(&mut self) -> VerifyStatus {
-        while !self.is_finished() {
-            if !self.poll(Instant::now()) {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
-        self.status()
+        run_to_end(self)
     }
 
     /// Runs the job to the end on a thread of its own.
@@ -203,7 +199,6 @@ impl VerifyJob {
 
     fn start_windows(&mut self, now: Instant) -> bool {
         let adaptive = self.shared.adaptive();
-        let limit = self.pace.limit(adaptive) as usize;
         let mut work = false;
         while self.cursor < self.regions_total {
             let active = self
@@ -211,7 +206,7 @@ impl VerifyJob {
                 .iter()
                 .filter(|w| w.stage != Stage::Free)
                 .count();
-            if active >= limit || !self.pace.may_start(now, adaptive) {
+            if !self.pace.may_open(now, adaptive, active) {
                 break;
             }
             let Some(free) = self.windows.iter().position(|w| w.stage == Stage::Free) else {
@@ -473,14 +468,24 @@ impl Drop for VerifyJob {
     }
 }
 
+impl BackgroundJob for VerifyJob {
+    type Status = VerifyStatus;
+
+    fn step(&mut self, now: Instant) -> bool {
+        VerifyJob::poll(self, now)
+    }
+
+    fn ended(&self) -> bool {
+        self.is_finished()
+    }
+
+    fn report(&self) -> VerifyStatus {
+        self.status()
+    }
+}
+
 impl Poller for VerifyJob {
     fn poll(&mut self, ctx: &mut ReactorContext) -> PollStatus {
-        if VerifyJob::poll(self, ctx.now()) {
-            PollStatus::Busy
-        } else if self.is_finished() {
-            PollStatus::Done
-        } else {
-            PollStatus::Idle
-        }
+        reactor_step(self, ctx.now())
     }
 }

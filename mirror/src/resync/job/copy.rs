@@ -13,7 +13,6 @@ impl ResyncJob {
     /// Starts windows while the pace and the bandwidth cap allow, in ascending region order.
     pub(super) fn start_windows(&mut self, now: Instant) -> bool {
         let adaptive = self.shared.adaptive();
-        let limit = self.pace.limit(adaptive) as usize;
         let mut work = false;
         loop {
             let active = self
@@ -21,7 +20,7 @@ impl ResyncJob {
                 .iter()
                 .filter(|w| w.stage != Stage::Free)
                 .count();
-            if active >= limit || !self.pace.may_start(now, adaptive) {
+            if !self.pace.may_open(now, adaptive, active) {
                 break;
             }
             let Some(free) = self.windows.iter().position(|w| w.stage == Stage::Free) else {

@@ -19,6 +19,7 @@ use nvmirror_nvme::{Completion, IoCommand, IoOp, Status};
 use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
 use super::channels::LegChannels;
+use super::driver::{reactor_step, run_to_end, BackgroundJob};
 use super::progress::JobShared;
 use super::rate::{Pace, TokenBucket};
 use super::source::RegionSource;
@@ -200,12 +201,7 @@ impl ResyncJob {
 
     /// Polls on this thread until the job ends, backing off briefly while idle.
     pub fn run_blocking(&mut self) -> ResyncStatus {
-        while !self.is_finished() {
-            if !self.poll(Instant::now()) {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
-        self.status()
+        run_to_end(self)
     }
 
     /// Runs the job to the end on a thread of its own (tests, the command line).
@@ -397,15 +393,25 @@ impl Drop for ResyncJob {
     }
 }
 
+impl BackgroundJob for ResyncJob {
+    type Status = ResyncStatus;
+
+    fn step(&mut self, now: Instant) -> bool {
+        ResyncJob::poll(self, now)
+    }
+
+    fn ended(&self) -> bool {
+        self.is_finished()
+    }
+
+    fn report(&self) -> ResyncStatus {
+        self.status()
+    }
+}
+
 impl Poller for ResyncJob {
     fn poll(&mut self, ctx: &mut ReactorContext) -> PollStatus {
-        if ResyncJob::poll(self, ctx.now()) {
-            PollStatus::Busy
-        } else if self.is_finished() {
-            PollStatus::Done
-        } else {
-            PollStatus::Idle
-        }
+        reactor_step(self, ctx.now())
     }
 }
 
