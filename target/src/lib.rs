@@ -27,6 +27,7 @@ pub mod nvme_tcp;
 pub mod rpc;
 pub mod serve;
 pub mod status;
+pub mod watch;
 
 pub use error::{Error, Result};
 pub use nvme_tcp::{NvmeTcpTarget, SubsystemConfig, TargetConfig};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
-use nvmirror_target::{rpc, serve, status};
+use nvmirror_target::{rpc, serve, status, watch};
 
 #[derive(Parser, Debug)]
 #[command(name = "nvmirror", version, about = "NVMe mirror target")]
@@ -119,16 +119,22 @@ fn show_status(
 ) -> Result<(), rpc::RpcError> {
     let mut prev = sample(socket)?;
     let mut taken = Instant::now();
+    // On a terminal, --watch redraws in place with live progress bars; piped, it prints the
+    // plain view once per interval.
+    let mut live = Some(watch::Watch::stdout()).filter(|w| watch && w.is_visible());
+    if let Some(live) = live.as_mut() {
+        live.update(&prev, None, Duration::ZERO);
+    }
     loop {
         std::thread::sleep(interval);
         let now = sample(socket)?;
         let dt = taken.elapsed();
         taken = Instant::now();
-        let text = status::render(&now, Some(&prev), dt);
-        if watch {
-            print!("\x1b[2J\x1b[H{text}");
-        } else {
-            print!("{text}");
+        match live.as_mut() {
+            Some(live) => live.update(&now, Some(&prev), dt),
+            None => print!("{}", status::render(&now, Some(&prev), dt)),
+        }
+        if !watch {
             return Ok(());
         }
         prev = now;

@@ -57,98 +57,139 @@ pub fn render(volumes: &[Value], prev: Option<&[Value]>, interval: Duration) -> 
         return out;
     }
     for vol in volumes {
-        let name = text(vol, "name");
-        let legs = vol
-            .get("legs")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let in_sync = legs
-            .iter()
-            .filter(|l| text(l, "state") == "in_sync")
-            .count();
-        let health = if in_sync == legs.len() {
-            "healthy"
-        } else {
-            "DEGRADED"
-        };
-        let _ = writeln!(
-            out,
-            "volume {name}: {} ({} blocks of {} B), {in_sync}/{} legs in sync, {health}",
-            human_bytes(num(vol, "capacity_bytes")),
-            num(vol, "num_blocks"),
-            num(vol, "lba_size"),
-            legs.len()
-        );
-        let _ = writeln!(
-            out,
-            "  {:<3} {:<8} {:<10} {:>9} {:>9} {:>9} {:>7} {:>7}  uri",
-            "leg", "role", "state", "iops", "p50 us", "p99 us", "errors", "last"
-        );
-        let prev_legs = prev
-            .and_then(|p| p.iter().find(|v| text(v, "name") == name))
-            .and_then(|v| v.get("legs"))
-            .and_then(Value::as_array);
-        for (i, leg) in legs.iter().enumerate() {
-            let iops = match prev_legs.and_then(|p| p.get(i)) {
-                Some(p) if !interval.is_zero() => {
-                    let d = (num(leg, "ops") - num(p, "ops")).max(0.0);
-                    format!("{:.0}", d / interval.as_secs_f64())
-                }
-                _ => "-".to_string(),
-            };
-            let _ = writeln!(
-                out,
-                "  {:<3} {:<8} {:<10} {:>9} {:>9.1} {:>9.1} {:>7} {:>7}  {}",
-                i,
-                text(leg, "role"),
-                text(leg, "state"),
-                iops,
-                num(leg, "lat_p50_us"),
-                num(leg, "lat_p99_us"),
-                num(leg, "errors"),
-                num(leg, "completed_last"),
-                text(leg, "uri")
-            );
-        }
-        if let Some(bm) = vol.get("bitmap").filter(|b| !b.is_null()) {
-            let _ = writeln!(
-                out,
-                "  bitmap: {} dirty of {} regions ({} each), {} metadata writes",
-                num(bm, "dirty_regions"),
-                num(bm, "regions"),
-                human_bytes(num(bm, "region_size")),
-                num(bm, "metadata_writes")
-            );
-        }
-        match vol.get("resync").filter(|r| !r.is_null()) {
+        out.push_str(&volume_table(vol, prev, interval));
+        match resync_progress(vol) {
             Some(r) => {
-                let total = num(r, "bytes_total");
-                let done = num(r, "bytes_copied");
-                let frac = if total > 0.0 { done / total } else { 1.0 };
-                let rate = num(r, "rate_bytes_per_sec");
-                let eta = if rate > 0.0 {
-                    human_duration((total - done) / rate)
-                } else {
-                    "-".into()
-                };
                 let _ = writeln!(
                     out,
-                    "  resync leg {} ({}): {} {:5.1}%  {} / {}  {}/s  ETA {}",
-                    num(r, "leg"),
-                    text(r, "state"),
-                    progress_bar(frac, 30),
-                    frac * 100.0,
-                    human_bytes(done),
-                    human_bytes(total),
-                    human_bytes(rate),
-                    eta
+                    "  {}: {} {:5.1}%  {} / {}  {}",
+                    r.label,
+                    progress_bar(r.fraction(), 30),
+                    r.fraction() * 100.0,
+                    human_bytes(r.done as f64),
+                    human_bytes(r.total as f64),
+                    r.rate_and_eta()
                 );
             }
             None => out.push_str("  resync: none\n"),
         }
     }
     out
+}
+
+/// The lines of one volume above its resync line: the header, one line per leg, the bitmap.
+pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> String {
+    let mut out = String::new();
+    let name = text(vol, "name");
+    let legs = vol
+        .get("legs")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let in_sync = legs
+        .iter()
+        .filter(|l| text(l, "state") == "in_sync")
+        .count();
+    let health = if in_sync == legs.len() {
+        "healthy"
+    } else {
+        "DEGRADED"
+    };
+    let _ = writeln!(
+        out,
+        "volume {name}: {} ({} blocks of {} B), {in_sync}/{} legs in sync, {health}",
+        human_bytes(num(vol, "capacity_bytes")),
+        num(vol, "num_blocks"),
+        num(vol, "lba_size"),
+        legs.len()
+    );
+    let _ = writeln!(
+        out,
+        "  {:<3} {:<8} {:<10} {:>9} {:>9} {:>9} {:>7} {:>7}  uri",
+        "leg", "role", "state", "iops", "p50 us", "p99 us", "errors", "last"
+    );
+    let prev_legs = prev
+        .and_then(|p| p.iter().find(|v| text(v, "name") == name))
+        .and_then(|v| v.get("legs"))
+        .and_then(Value::as_array);
+    for (i, leg) in legs.iter().enumerate() {
+        let iops = match prev_legs.and_then(|p| p.get(i)) {
+            Some(p) if !interval.is_zero() => {
+                let d = (num(leg, "ops") - num(p, "ops")).max(0.0);
+                format!("{:.0}", d / interval.as_secs_f64())
+            }
+            _ => "-".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<3} {:<8} {:<10} {:>9} {:>9.1} {:>9.1} {:>7} {:>7}  {}",
+            i,
+            text(leg, "role"),
+            text(leg, "state"),
+            iops,
+            num(leg, "lat_p50_us"),
+            num(leg, "lat_p99_us"),
+            num(leg, "errors"),
+            num(leg, "completed_last"),
+            text(leg, "uri")
+        );
+    }
+    if let Some(bm) = vol.get("bitmap").filter(|b| !b.is_null()) {
+        let _ = writeln!(
+            out,
+            "  bitmap: {} dirty of {} regions ({} each), {} metadata writes",
+            num(bm, "dirty_regions"),
+            num(bm, "regions"),
+            human_bytes(num(bm, "region_size")),
+            num(bm, "metadata_writes")
+        );
+    }
+    out
+}
+
+/// A running (or paused) resync of one volume, as `volume_status` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResyncProgress {
+    /// `resync leg 1 (running)`.
+    pub label: String,
+    /// Bytes copied so far.
+    pub done: u64,
+    /// Bytes the resync copies in all.
+    pub total: u64,
+    /// Copy rate the server measured, bytes per second.
+    pub rate: f64,
+}
+
+impl ResyncProgress {
+    /// Share done, 1.0 for an empty resync.
+    pub fn fraction(&self) -> f64 {
+        if self.total > 0 {
+            self.done as f64 / self.total as f64
+        } else {
+            1.0
+        }
+    }
+
+    /// `100.0 MiB/s  ETA 6s`, from the server's rate (`-` while it has none).
+    pub fn rate_and_eta(&self) -> String {
+        let eta = if self.rate > 0.0 {
+            human_duration(self.total.saturating_sub(self.done) as f64 / self.rate)
+        } else {
+            "-".into()
+        };
+        format!("{}/s  ETA {eta}", human_bytes(self.rate))
+    }
+}
+
+/// The volume's resync, if one is under way.
+pub fn resync_progress(vol: &Value) -> Option<ResyncProgress> {
+    let r = vol.get("resync").filter(|r| !r.is_null())?;
+    Some(ResyncProgress {
+        label: format!("resync leg {} ({})", num(r, "leg"), text(r, "state")),
+        done: num(r, "bytes_copied") as u64,
+        total: num(r, "bytes_total") as u64,
+        rate: num(r, "rate_bytes_per_sec"),
+    })
 }
 
 #[cfg(test)]
