@@ -67,7 +67,7 @@ impl Default for VolumeConfig {
             io_timeout: Duration::from_secs(5),
             read_policy: ReadPolicy::Primary,
             region_size: 1 << 20,
-            overlap_granule: 16 << 10,
+            overlap_granule: 4 << 10,
             bitmap: BitmapConfig::default(),
         }
     }

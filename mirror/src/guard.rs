@@ -9,7 +9,7 @@
 //!
 //! Caveats:
 //! - Hashing is modulo the table size, so granules `ENTRIES` apart share a lock: two writes
-//!   exactly a multiple of `ENTRIES × overlap_granule` bytes apart (1 GiB at 16 KiB granules)
+//!   exactly a multiple of `ENTRIES × overlap_granule` bytes apart (256 MiB at the default 4 KiB granules)
 //!   serialise although they do not overlap. Correctness is unaffected.
 //! - Two writes in the same granule serialise even when their blocks do not overlap.
 //! - There is no fairness: a waiting command retries on its core's next poll, and a stream of
