@@ -266,17 +266,19 @@ impl PersistentMeta {
             member_states: std::array::from_fn(|i| {
                 if i >= legs {
                     MemberState::Unused
-                } else if snap.state(i) == LegState::InSync {
-                    MemberState::InSync
                 } else {
-                    MemberState::Stale
+                    match snap.state(i) {
+                        LegState::InSync => MemberState::InSync,
+                        LegState::Detached => MemberState::Detached,
+                        _ => MemberState::Stale,
+                    }
                 }
             }),
         }
     }
 
     /// Bumps the event counter and writes every in-sync leg's superblock with the current
-    /// member states (a leg out of sync is named stale). Returns the legs that failed.
+    /// member states (a leg out of sync is named stale, or detached when an operator took it out). Returns the legs that failed.
     pub(crate) fn write_superblocks(&self, vol: &VolumeShared, clean: bool, bump: bool) -> u8 {
         let mut io = self.lock_io();
         let events = if bump {

@@ -298,7 +298,15 @@ impl Volume {
             if !is_stale {
                 continue;
             }
-            let _ = shared.states.take_out(i, LegState::Faulted, Some(fresh));
+            // A leg the operator detached stays detached; any other stale leg is faulted
+            // (and resynced by whoever runs the volume).
+            let detached = sbs[i].is_some() && f.member_states[i] == MemberState::Detached;
+            let to = if detached {
+                LegState::Detached
+            } else {
+                LegState::Faulted
+            };
+            let _ = shared.states.take_out(i, to, Some(fresh));
             let missed = &shared.leg(i).expect("a leg in use").missed;
             if sbs[i].is_none() {
                 missed.mark_all();
@@ -309,7 +317,8 @@ impl Volume {
                 volume = name,
                 leg = i,
                 regions = missed.count(),
-                "stale leg: faulted until its regions are resynced"
+                state = %to,
+                "stale leg: out of I/O until its regions are resynced"
             );
         }
         // Every in-sync leg gets the union bitmap, then the new superblocks.

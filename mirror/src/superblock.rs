@@ -96,6 +96,9 @@ pub enum MemberState {
     InSync,
     /// Missed writes: must resync from the write-intent bitmap (or fully) before it is used.
     Stale,
+    /// Taken out by the operator: missed writes like a stale leg, but stays out of I/O,
+    /// across restarts, until it is attached again.
+    Detached,
 }
 
 impl MemberState {
@@ -104,6 +107,7 @@ impl MemberState {
             Self::Unused => 0,
             Self::InSync => 1,
             Self::Stale => 2,
+            Self::Detached => 3,
         }
     }
 }
@@ -241,6 +245,7 @@ impl Superblock {
                 0 => MemberState::Unused,
                 1 => MemberState::InSync,
                 2 => MemberState::Stale,
+                3 => MemberState::Detached,
                 v => {
                     return Err(field(
                         "member states",

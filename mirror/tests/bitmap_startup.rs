@@ -6,7 +6,7 @@ mod bitmap_rig;
 use std::sync::Arc;
 
 use bitmap_rig::{raw_read, raw_write, run_writes, LBA};
-use nvmirror_mirror::superblock::Superblock;
+use nvmirror_mirror::superblock::{MemberState, Superblock};
 use nvmirror_mirror::{Error, LegState, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{LatencyModel, MemDevice};
 use nvmirror_nvme::{read_all, BlockDevice};
@@ -216,6 +216,42 @@ fn a_faulted_leg_comes_back_stale_with_exactly_its_missed_regions() {
     drop(vol);
     let vol = Volume::open_persistent("v", devs, cfg()).unwrap();
     assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
+}
+
+#[test]
+fn a_detached_leg_stays_detached_across_a_restart() {
+    let devs = legs(3, 16 << 20, "d");
+    let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
+    let mut qp = vol.open_qpair(4).unwrap();
+    run_writes(&mut *qp, &[(BPR, 8)], 1, 1);
+    vol.detach_leg(2).unwrap();
+    vol.fault_leg(1).unwrap();
+    run_writes(&mut *qp, &[(3 * BPR, 8)], 2, 2);
+    drop(qp);
+    vol.shutdown_clean().unwrap();
+    let sb = superblock(&*devs[0]);
+    assert_eq!(
+        sb.member_states[..3],
+        [
+            MemberState::InSync,
+            MemberState::Stale,
+            MemberState::Detached
+        ]
+    );
+    // The operator's detach survives the restart; the faulted leg comes back faulted, to be
+    // resynced by whoever runs the volume.
+    let vol = Volume::open_persistent("v", devs.clone(), cfg()).unwrap();
+    let states: Vec<LegState> = vol.leg_states().iter().map(|l| l.state).collect();
+    assert_eq!(
+        states,
+        [LegState::InSync, LegState::Faulted, LegState::Detached]
+    );
+    // Every region still marked in the bitmap (written since the last clearing) is resynced.
+    assert_eq!(vol.regions_to_resync(2).unwrap(), [1, 3]);
+    assert_eq!(vol.recover_sync(2).unwrap(), 2);
+    assert_eq!(vol.recover_sync(1).unwrap(), 2);
+    assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
+    assert_identical(&vol);
 }
 
 #[test]

@@ -214,7 +214,8 @@ fn serve_detach_write_and_check_legs() {
         "{st}"
     );
 
-    // Detach again and write; a restart finds the mirror stale and rebuilds it by itself.
+    // Detach again and write; the detach outlives a restart: the mirror comes back detached
+    // (not resynced behind the operator's back) until it is attached.
     assert!(server.rpc("leg_detach", r#"{"volume":"vol0","leg":1}"#).0);
     write(&mut *qp, &mut pool, 16384, 128, 0xc1);
     drop(qp);
@@ -232,13 +233,30 @@ fn serve_detach_write_and_check_legs() {
     );
 
     let server = Server::start(dir.path());
-    let st = server.wait_in_sync();
-    assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
+    let st = server.status();
+    assert_eq!(st["legs"][1]["state"], "detached", "{st}");
+    assert!(st["resync"].is_null(), "{st}");
+    assert!(server.rpc("leg_attach", r#"{"volume":"vol0","leg":1}"#).0);
+    server.wait_in_sync();
+
+    // A leg that failed a write (not taken out by the operator) is rebuilt by a restart
+    // by itself.
     let dev = open_leg(&format!("nvme-tcp://{}/{NQN}", server.nvme_tcp)).unwrap();
     let mut qp = dev.open_qpair(8).unwrap();
+    let (ok, text) = server.rpc(
+        "leg_fault_inject",
+        r#"{"volume":"vol0","leg":1,"fault":"fail_writes"}"#,
+    );
+    assert!(ok, "{text}");
     write(&mut *qp, &mut pool, 20480, 128, 0xd1);
+    assert_eq!(server.status()["legs"][1]["state"], "faulted");
     drop(qp);
     drop(dev);
+    server.stop();
+
+    let server = Server::start(dir.path());
+    let st = server.wait_in_sync();
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
     server.stop();
 
     let size = (64 << 20) - data_offset;
