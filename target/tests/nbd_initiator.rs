@@ -512,8 +512,34 @@ fn works_against_nbdkit_memory() {
     let Some(kit) = Nbdkit::start() else { return };
     let dev = open_leg(&format!("nbd://{}/?connections=4", kit.1)).unwrap();
     assert_eq!(dev.geometry().bytes(), 64 << 20);
-    write_and_read_back(&*dev, 32, &[512, 4096, 65536, 1 << 20], 42);
-    let second = dev.open_qpair(8).unwrap();
-    drop(second);
+    let extents = write_and_read_back(&*dev, 32, &[512, 4096, 65536, 1 << 20], 42);
+    // Two connections at once (nbdkit's memory plugin allows multi-conn): what one wrote,
+    // the other reads.
+    let mut a = dev.open_qpair(8).unwrap();
+    let mut b = dev.open_qpair(8).unwrap();
+    let (at, data) = &extents[0];
+    let lba = dev.geometry().lba_size as usize;
+    let op = |op, n: usize| Op {
+        op,
+        slba: (*at / lba) as u64,
+        nlb: (n / lba) as u32,
+        data_off: 0,
+    };
+    let mut buf: Vec<u8> = data.iter().map(|x| !x).collect();
+    assert_eq!(
+        run(&mut *a, &[op(IoOp::Write, data.len())], &mut buf, lba),
+        [Status::SUCCESS]
+    );
+    assert_eq!(
+        run(&mut *a, &[op(IoOp::Flush, 0)], &mut [], lba),
+        [Status::SUCCESS]
+    );
+    let mut back = vec![0u8; data.len()];
+    assert_eq!(
+        run(&mut *b, &[op(IoOp::Read, data.len())], &mut back, lba),
+        [Status::SUCCESS]
+    );
+    assert!(back == buf);
+    drop((a, b));
     flush_trim_write_zeroes(&*dev);
 }
