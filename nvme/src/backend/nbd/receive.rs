@@ -108,6 +108,10 @@ impl NbdQueuePair {
                 }
             }
         }
+        // What the last `recv` of the budget brought completes in this poll, not the next.
+        if self.dead.is_none() {
+            self.parse_staged();
+        }
         received
     }
 
