@@ -69,3 +69,8 @@ pub use resync::{
 };
 pub use stats::{LatencySummary, LegStats, VolumeStats};
 pub use volume::Volume;
+
+#[doc(hidden)]
+pub use bitmap::WriteGateBench;
+#[doc(hidden)]
+pub use table::JoinTableBench;

@@ -174,6 +174,64 @@ impl JoinTable {
     }
 }
 
+/// The join table driven through the calls a volume queue pair makes for each command —
+/// reserve a slot, one completion per leg, release when the last one fires — for the
+/// `join` benchmark. Not part of the API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct JoinTableBench {
+    table: JoinTable,
+    now: Instant,
+}
+
+#[doc(hidden)]
+impl JoinTableBench {
+    pub fn new(depth: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            table: JoinTable::new(depth, now),
+            now,
+        }
+    }
+
+    /// Reserves a slot for `cmd` armed for the legs in `legs`; returns the leg tag, or
+    /// `None` when every slot is in use.
+    #[inline]
+    pub fn reserve(&mut self, cmd: IoCommand, legs: u8) -> Option<u64> {
+        if self.table.is_full() {
+            return None;
+        }
+        let slot = self.table.alloc(cmd, legs, 0, None, self.now);
+        Some(crate::join::leg_tag(slot, self.table.meta(slot).generation))
+    }
+
+    /// Leg `leg`'s completion for the command tagged `tag`: the merged result when it was
+    /// the last outstanding leg (the slot is then released), else `None`.
+    #[inline]
+    pub fn leg_completion(
+        &mut self,
+        tag: u64,
+        leg: usize,
+        status: Status,
+    ) -> Option<crate::join::JoinResult> {
+        let (slot, generation) = crate::join::split_tag(tag);
+        if slot as usize >= self.table.capacity() {
+            return None;
+        }
+        match self
+            .table
+            .slot_mut(slot)
+            .complete_owned(generation, leg, status)
+        {
+            crate::join::LegOutcome::Last(r) => {
+                self.table.release(slot);
+                Some(r)
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +270,27 @@ mod tests {
         t.alloc(cmd, 1, 0, None, now);
         assert!(t.is_full());
         assert_eq!(t.capacity(), 2);
+    }
+
+    #[test]
+    fn the_bench_driver_fires_once_on_the_last_leg_and_frees_the_slot() {
+        let mut b = JoinTableBench::new(1);
+        let cmd = IoCommand::new(IoOp::Write, 0, 1, 9);
+        let tag = b.reserve(cmd, 0b111).unwrap();
+        assert!(b.reserve(cmd, 0b1).is_none(), "one slot, in use");
+        assert!(b.leg_completion(tag, 2, Status::SUCCESS).is_none());
+        assert!(b.leg_completion(tag, 0, Status::WRITE_FAULT).is_none());
+        assert!(
+            b.leg_completion(tag, 0, Status::SUCCESS).is_none(),
+            "duplicate"
+        );
+        let r = b.leg_completion(tag, 1, Status::SUCCESS).unwrap();
+        assert_eq!((r.legs, r.failed), (0b111, 0b001));
+        assert!(
+            b.leg_completion(tag, 1, Status::SUCCESS).is_none(),
+            "fired once"
+        );
+        let again = b.reserve(cmd, 0b11).unwrap();
+        assert_ne!(again, tag, "a new generation");
     }
 }

@@ -54,6 +54,15 @@ pub enum Error {
         step: String,
         reason: String,
     },
+    /// A step of connecting to an NBD export or opening one more connection to it failed:
+    /// `step` names it (e.g. "TCP connect", "NBD_OPT_GO"), `reason` the server's answer or
+    /// the socket error.
+    #[error("nbd {target}: {step} failed: {reason}")]
+    Nbd {
+        target: String,
+        step: String,
+        reason: String,
+    },
 }
 
 /// The crate's result type.

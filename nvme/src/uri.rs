@@ -7,6 +7,7 @@
 //! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
 //! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s` | [`NvmeTcpDevice`] |
+//! | `nbd://HOST:PORT/EXPORT?connections=16&timeout=30s&lba=512` | [`NbdDevice`] |
 //!
 //! Errors name the offending part of the URI.
 
@@ -14,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::nbd::{self, NbdDevice, NbdOptions};
 use crate::backend::tcp::{NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
 use crate::backend::{LatencyModel, MemDevice, NullDevice, UringDevice, UringOptions};
 use crate::queue::BlockDevice;
@@ -42,6 +44,12 @@ pub enum LegUri {
         /// `HOST:PORT` (an IPv6 host in brackets).
         addr: String,
         opts: NvmeTcpOptions,
+    },
+    /// An export of a remote NBD server.
+    Nbd {
+        /// `HOST:PORT` (an IPv6 host in brackets).
+        addr: String,
+        opts: NbdOptions,
     },
 }
 
@@ -167,7 +175,7 @@ impl LegUri {
             let (hostport, subnqn) = rest
                 .split_once('/')
                 .ok_or_else(|| err(rest, "expected nvme-tcp://HOST:PORT/SUBNQN".into()))?;
-            let addr = parse_host_port(hostport).map_err(|r| err(hostport, r))?;
+            let addr = parse_host_port(hostport, DEFAULT_PORT).map_err(|r| err(hostport, r))?;
             check_nqn(subnqn).map_err(|r| err(subnqn, format!("subsystem NQN {r}")))?;
             let mut opts = NvmeTcpOptions::new(subnqn);
             if let Some(v) = take(&mut params, "nsid") {
@@ -206,11 +214,35 @@ impl LegUri {
                 opts.kato = kato;
             }
             Self::NvmeTcp { addr, opts }
+        } else if let Some(rest) = base.strip_prefix("nbd://") {
+            let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+            let addr =
+                parse_host_port(hostport, nbd::DEFAULT_PORT).map_err(|r| err(hostport, r))?;
+            if export.len() > crate::spec::nbd::MAX_NAME_LEN || export.contains(char::is_control) {
+                return Err(err(
+                    export,
+                    "an export name is at most 4096 bytes without control characters".into(),
+                ));
+            }
+            let mut opts = NbdOptions::new(export);
+            if let Some(v) = take(&mut params, "connections") {
+                opts.connections = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| err(&format!("connections={v}"), "expected 1..=1024".into()))?;
+            }
+            if let Some(v) = take(&mut params, "timeout") {
+                opts.timeout = parse_duration(&v).map_err(|r| err(&format!("timeout={v}"), r))?;
+            }
+            opts.lba_size = lba(&mut params)?;
+            Self::Nbd { addr, opts }
         } else {
             let scheme = base.split_once("://").map_or(base, |(s, _)| s);
             return Err(err(
                 scheme,
-                "unknown scheme; expected mem://, null://, file://, /dev/… or nvme-tcp://".into(),
+                "unknown scheme; expected mem://, null://, file://, /dev/…, nvme-tcp:// or nbd://"
+                    .into(),
             ));
         };
         if let Some((k, v)) = params.first() {
@@ -234,6 +266,7 @@ impl LegUri {
             Self::NvmeTcp { addr, opts } => {
                 Arc::new(NvmeTcpDevice::connect(addr, opts)?.with_name(uri))
             }
+            Self::Nbd { addr, opts } => Arc::new(NbdDevice::connect(addr, opts)?.with_name(uri)),
         })
     }
 }
@@ -243,8 +276,9 @@ pub fn open_leg(uri: &str) -> Result<Arc<dyn BlockDevice>> {
     LegUri::parse(uri)?.open(uri)
 }
 
-/// Checks `HOST:PORT`, `HOST` (port 4420), `[V6]:PORT` or `[V6]`; returns `HOST:PORT`.
-fn parse_host_port(s: &str) -> std::result::Result<String, String> {
+/// Checks `HOST:PORT`, `HOST` (port `default_port`), `[V6]:PORT` or `[V6]`; returns
+/// `HOST:PORT`.
+fn parse_host_port(s: &str, default_port: u16) -> std::result::Result<String, String> {
     let (host, port) = if let Some(v6) = s.strip_prefix('[') {
         let (host, rest) = v6
             .split_once(']')
@@ -269,7 +303,7 @@ fn parse_host_port(s: &str) -> std::result::Result<String, String> {
         return Err("expected a host name or address".into());
     }
     let port = match port {
-        None => DEFAULT_PORT,
+        None => default_port,
         Some(p) => p
             .parse::<u16>()
             .ok()
@@ -457,6 +491,55 @@ mod tests {
         }
         let long = format!("nvme-tcp://h:1/nqn.{}", "a".repeat(230));
         assert!(msg(&long).contains("1..=223"), "{}", msg(&long));
+    }
+
+    #[test]
+    fn parses_nbd() {
+        let LegUri::Nbd { addr, opts } = LegUri::parse("nbd://127.0.0.1:10809/vol0").unwrap()
+        else {
+            panic!("not nbd")
+        };
+        assert_eq!(addr, "127.0.0.1:10809");
+        assert_eq!(opts, NbdOptions::new("vol0"));
+        let LegUri::Nbd { addr, opts } =
+            LegUri::parse("nbd://[::1]/a/b?connections=4&timeout=2s&lba=4096").unwrap()
+        else {
+            panic!("not nbd")
+        };
+        assert_eq!(addr, "[::1]:10809");
+        assert_eq!(opts.export, "a/b");
+        assert_eq!(opts.connections, 4);
+        assert_eq!(opts.timeout, Duration::from_secs(2));
+        assert_eq!(opts.lba_size, Some(4096));
+        match LegUri::parse("nbd://host?timeout=0").unwrap() {
+            LegUri::Nbd { addr, opts } => {
+                assert_eq!(addr, "host:10809");
+                assert_eq!(opts.export, "", "the default export");
+                assert!(opts.timeout.is_zero());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nbd_errors_name_the_bad_part() {
+        let msg = |u: &str| LegUri::parse(u).unwrap_err().to_string();
+        for (uri, part) in [
+            ("nbd://h:0/e", "'0' is not a TCP port"),
+            ("nbd://:1/e", "expected a host"),
+            ("nbd://h/e?connections=0", "connections=0"),
+            ("nbd://h/e?connections=x", "connections=x"),
+            ("nbd://h/e?timeout=5", "timeout=5"),
+            ("nbd://h/e?lba=1024", "lba=1024"),
+            ("nbd://h/e?nsid=1", "nsid=1"),
+            ("nbd://h/a\tb", "control characters"),
+        ] {
+            let m = msg(uri);
+            assert!(m.contains(part), "{uri}: {m}");
+        }
+        assert!(msg("nbd://h/e?timeout=5").contains("bad leg URI"));
+        let unreachable = open_leg("nbd://127.0.0.1:1/e").unwrap_err().to_string();
+        assert!(unreachable.contains("TCP connect"), "{unreachable}");
     }
 
     #[test]

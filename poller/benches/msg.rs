@@ -1,6 +1,8 @@
 //! Cross-core message round trip: the bench thread sends reactor 0 a message that flips a
 //! flag the bench thread spins on (one reactor, so on a two-core machine the two spinning
-//! threads each have a core), and the ring's own push+pop cost on one thread.
+//! threads each have a core), and the ring's own push+pop cost on one thread. The bare
+//! ring's cross-thread round trip (a value to an echo thread on one ring and back on another,
+//! no reactor, no boxed closure) shows what the ring itself costs between cores.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +23,40 @@ fn rings(c: &mut Criterion) {
             std::hint::black_box(ring.pop())
         })
     });
+
+    // The echo thread is the only consumer of `to_echo`, the bench thread of `back`.
+    let to_echo = Arc::new(Ring::<u64>::new(64));
+    let back = Arc::new(Ring::<u64>::new(64));
+    let echo = {
+        let (rx, tx) = (Arc::clone(&to_echo), Arc::clone(&back));
+        std::thread::spawn(move || loop {
+            match rx.pop() {
+                Some(u64::MAX) => return,
+                Some(v) => {
+                    while tx.push(v).is_err() {
+                        std::hint::spin_loop();
+                    }
+                }
+                None => std::hint::spin_loop(),
+            }
+        })
+    };
+    let mut v = 0u64;
+    g.bench_function("ring_round_trip_two_threads", |b| {
+        b.iter(|| {
+            v += 1;
+            to_echo.push(v).unwrap();
+            loop {
+                if let Some(got) = back.pop() {
+                    assert_eq!(got, v);
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        })
+    });
+    to_echo.push(u64::MAX).unwrap();
+    echo.join().unwrap();
 
     let pool = ReactorPool::start(ReactorConfig::unpinned(1)).unwrap();
     let h = pool.handle();

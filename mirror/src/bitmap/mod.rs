@@ -287,6 +287,78 @@ impl WriteIntentBitmap {
     }
 }
 
+/// The bitmap steps of a volume's write gate, on the real [`WriteIntentBitmap`], for the
+/// `bitmap` benchmark. Not part of the API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct WriteGateBench(WriteIntentBitmap);
+
+#[doc(hidden)]
+impl WriteGateBench {
+    /// A bitmap for a leg of `leg_bytes` with blocks of `lba_size` and regions of
+    /// `region_size` bytes.
+    pub fn new(leg_bytes: u64, lba_size: u32, region_size: u64) -> Option<Self> {
+        MetadataLayout::compute(leg_bytes, lba_size, region_size)
+            .map(|l| Self(WriteIntentBitmap::new(l)))
+    }
+
+    pub fn regions(&self) -> u64 {
+        self.0.regions()
+    }
+
+    /// Logical blocks per region.
+    pub fn blocks_per_region(&self) -> u64 {
+        1 << self.0.region_shift
+    }
+
+    /// A write to `[slba, slba + nlb)` through the gate and back out, as a volume queue
+    /// pair does it when the regions are marked and durable (the hit): range, enter,
+    /// durable check, touch — then leave once the legs are done. Returns whether it hit.
+    #[inline]
+    pub fn write_hit(&self, slba: u64, nlb: u32) -> bool {
+        let r = self.0.range(slba, nlb);
+        self.0.enter(r);
+        let hit = self.0.is_durable(r);
+        if hit {
+            self.0.touch(r);
+        }
+        self.0.leave(r);
+        hit
+    }
+
+    /// A write to regions not yet marked (the first touch): range, enter, durable check,
+    /// leave, mark (queueing the dirty page). Returns the dirty page, if a bit changed.
+    #[inline]
+    pub fn first_touch(&self, slba: u64, nlb: u32) -> Option<u32> {
+        let r = self.0.range(slba, nlb);
+        self.0.enter(r);
+        if self.0.is_durable(r) {
+            self.0.leave(r);
+            return None;
+        }
+        self.0.leave(r);
+        let mut page = None;
+        self.0.mark(r, |p| page = Some(p));
+        page
+    }
+
+    /// Writes every page's marked bits as if to disk: they all become durable.
+    pub fn persist_all(&self) {
+        let mut buf = vec![0u8; BITMAP_PAGE as usize];
+        for page in 0..self.0.pages() as u32 {
+            let gen = self.0.snapshot(page, &mut buf);
+            self.0.written(page, gen, &buf);
+        }
+    }
+
+    /// Clears every bit, in memory and durable (a fresh bitmap, without reallocating).
+    pub fn reset(&self) {
+        for w in self.0.marked.iter().chain(self.0.durable.iter()) {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +405,22 @@ mod tests {
         assert!(b.is_durable(a));
         assert!(!b.is_durable(c));
         assert!(b.needs_write(0));
+    }
+
+    #[test]
+    fn the_bench_driver_hits_only_durable_regions() {
+        let g = WriteGateBench::new(64 << 20, 512, 64 << 10).unwrap();
+        assert_eq!(g.blocks_per_region(), 128);
+        assert!(!g.write_hit(0, 8));
+        assert_eq!(g.first_touch(0, 8), Some(0));
+        assert_eq!(g.first_touch(0, 8), None, "marked already");
+        assert!(!g.write_hit(0, 8), "marked but not durable");
+        g.persist_all();
+        assert!(g.write_hit(0, 8));
+        assert!(!g.write_hit(128, 8), "another region");
+        g.reset();
+        assert!(!g.write_hit(0, 8));
+        assert_eq!(g.first_touch(0, 8), Some(0));
     }
 
     #[test]

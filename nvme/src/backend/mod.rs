@@ -4,12 +4,14 @@
 pub(crate) mod conformance;
 pub mod fault;
 pub mod mem;
+pub mod nbd;
 pub mod null;
 pub mod tcp;
 pub mod uring;
 
 pub use fault::{Fault, FaultInjector, FaultyDevice, OpFilter};
 pub use mem::{LatencyModel, MemDevice};
+pub use nbd::{NbdDevice, NbdOptions, NbdQueuePair};
 pub use null::NullDevice;
 pub use tcp::{NvmeTcpDevice, NvmeTcpOptions, TcpQueuePair};
 pub use uring::{UringDevice, UringOptions};

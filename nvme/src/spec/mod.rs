@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cqe;
 pub mod fabrics;
 pub mod namespace;
+pub mod nbd;
 pub mod opcode;
 pub mod sqe;
 pub mod status;

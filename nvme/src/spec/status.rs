@@ -32,6 +32,8 @@ impl Status {
     pub const COMMAND_SEQUENCE_ERROR: Self = Self::generic(0x0c);
     pub const DATA_SGL_LENGTH_INVALID: Self = Self::generic(0x0f);
     pub const SGL_DESCRIPTOR_TYPE_INVALID: Self = Self::generic(0x11);
+    /// The namespace is write protected (Base §4.2.3.1, "Namespace is Write Protected").
+    pub const NAMESPACE_WRITE_PROTECTED: Self = Self::generic(0x20);
     pub const LBA_OUT_OF_RANGE: Self = Self::generic(0x80);
     pub const CAPACITY_EXCEEDED: Self = Self::generic(0x81);
     pub const NAMESPACE_NOT_READY: Self = Self::generic(0x82);
@@ -127,7 +129,9 @@ impl fmt::Display for Status {
             (0, 0x07) => "abort requested",
             (0, 0x0b) => "invalid namespace",
             (0, 0x0c) => "command sequence error",
+            (0, 0x20) => "namespace is write protected",
             (0, 0x80) => "LBA out of range",
+            (0, 0x81) => "capacity exceeded",
             (0, 0x82) => "namespace not ready",
             (2, 0x80) => "write fault",
             (2, 0x81) => "unrecovered read error",
