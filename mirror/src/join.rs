@@ -2,7 +2,7 @@
 //! which fires exactly once.
 //!
 //! A slot is armed for one generation with the set of legs its command went to. Each leg's
-//! word holds `generation << 32 | value`, where value is [`PENDING`] until the leg's result
+//! word holds `generation << 32 | value`, where value is `PENDING` until the leg's result
 //! arrives and then the raw NVMe status. A leg result is accepted by one compare-and-swap from
 //! `(generation, PENDING)` to `(generation, status)`; the winner then decrements the
 //! outstanding counter, and whoever takes it to zero is the *last* leg and reads every leg's
@@ -14,7 +14,7 @@
 //!   matches the word and is ignored;
 //! - exactly one caller observes [`LegOutcome::Last`].
 //!
-//! The atomics come from [`crate::sync`], so `tests/loom_join.rs` model-checks this protocol
+//! The atomics come from `crate::sync`, so `tests/loom_join.rs` model-checks this protocol
 //! with leg results arriving from several threads. The per-core join table owns its slots and
 //! completes them from its own core only, so it uses [`JoinSlot::complete_owned`]: the same
 //! steps with plain loads and stores (the borrow checker proves there is no other user), which

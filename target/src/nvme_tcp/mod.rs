@@ -1,7 +1,7 @@
 //! The NVMe/TCP target (NVMe/TCP Transport 1.0, NVMe-oF 1.1).
 //!
 //! A listener thread accepts connections and hands each to a reactor, round robin. There a
-//! [`Connection`](connection::Connection) poller owns the socket, the queue's command slots,
+//! `Connection` poller owns the socket, the queue's command slots,
 //! their data buffers and, for an I/O queue, one queue pair per namespace opened on that
 //! core: nothing on the I/O path crosses a core, takes a lock or allocates. Per poll a
 //! connection does one `recv`, parses every complete PDU, submits, reaps completions and
