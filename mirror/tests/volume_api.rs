@@ -129,6 +129,45 @@ fn submit_is_refused_only_at_the_volume_queue_depth() {
 }
 
 #[test]
+fn a_waiting_write_holds_back_only_the_writes_that_overlap_it() {
+    let cfg = VolumeConfig {
+        overlap_granule: 512,
+        ..VolumeConfig::default()
+    };
+    let latency = LatencyModel::Fixed(Duration::from_millis(50));
+    let mut rig = Rig::with_latency(2, cfg, latency);
+    let w1 = rig.submit_write(0, 4, 1);
+    let w2 = rig.submit_write(0, 8, 2); // waits for w1 (overlap guard on blocks 0-3)
+    let w3 = rig.submit_write(100, 8, 3); // other blocks: goes at once
+    let w4 = rig.submit_write(6, 4, 4); // free blocks, but overlaps the waiting w2: after it
+    let mut order = Vec::new();
+    while order.len() < 4 {
+        rig.poll_once();
+        for t in [w1, w2, w3, w4] {
+            if rig.status(t).is_some() && !order.contains(&t) {
+                order.push(t);
+            }
+        }
+    }
+    let at = |t| order.iter().position(|&x| x == t).unwrap();
+    assert!(
+        at(w3) < at(w2),
+        "a write to other blocks waited behind a held-up one: {order:?}"
+    );
+    assert!(at(w1) < at(w2) && at(w2) < at(w4), "{order:?}");
+    assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
+    for leg in 0..2 {
+        assert_eq!(rig.leg_bytes(leg, 0, 6), pattern(0, 8, 2)[..6 * 512]);
+        assert_eq!(
+            rig.leg_bytes(leg, 6, 4),
+            pattern(6, 4, 4),
+            "w4 is the last writer"
+        );
+    }
+    assert!(rig.vol.stats().overlap_waits > 0);
+}
+
+#[test]
 fn round_robin_reads_spread_over_the_legs() {
     let cfg = VolumeConfig {
         read_policy: ReadPolicy::RoundRobin,
