@@ -14,6 +14,7 @@ use nvmirror_nvme::{Completion, IoOp, Status};
 
 use super::intent::META_SLOT_BASE;
 use super::{VolumeQueuePair, Waiting};
+use crate::breakdown::PathKind;
 use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::stats::bump;
 
@@ -39,6 +40,9 @@ impl VolumeQueuePair {
             bump(&self.stats.legs[leg].late_completions, 1);
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
+        }
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.complete(slot, leg);
         }
         let meta = self.table.meta(slot);
         let latency = now.saturating_duration_since(meta.started).as_nanos() as u64;
@@ -82,6 +86,9 @@ impl VolumeQueuePair {
             tag: meta.cmd.tag,
             status,
         });
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.join(slot, PathKind::Write, &result, last);
+        }
     }
 
     /// Some leg of a fanned-out command failed: fault it, or fail the host command.
@@ -159,6 +166,9 @@ impl VolumeQueuePair {
                 tag: meta.cmd.tag,
                 status,
             });
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.join(slot, PathKind::Read, &result, Some(leg));
+            }
             return;
         }
         if meta.first_error.is_success() {
@@ -177,6 +187,9 @@ impl VolumeQueuePair {
                 tag: meta.cmd.tag,
                 status: first_error,
             });
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.join(slot, PathKind::Read, &result, Some(leg));
+            }
             return;
         }
         let next = self

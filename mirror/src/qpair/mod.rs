@@ -13,6 +13,7 @@
 
 mod ack;
 mod intent;
+mod stages;
 mod timeout;
 
 use std::collections::VecDeque;
@@ -21,6 +22,7 @@ use std::time::Instant;
 
 use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
 
+use crate::breakdown::{Breakdown, BreakdownConfig};
 use crate::join::leg_tag;
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
 use crate::read_policy::ReadSelector;
@@ -29,6 +31,7 @@ use crate::table::JoinTable;
 use crate::volume::VolumeShared;
 use crate::{Error, Result};
 use intent::IntentWriter;
+pub(crate) use stages::StageRecorder;
 use timeout::TimeoutClock;
 
 /// Largest queue depth a volume queue pair accepts.
@@ -77,6 +80,8 @@ pub struct VolumeQueuePair {
     reads: ReadSelector,
     clock: TimeoutClock,
     stats: Arc<CoreStats>,
+    /// The latency breakdown's stamps and histograms, when it is on (`crate::breakdown`).
+    stages: Option<Box<StageRecorder>>,
 }
 
 impl VolumeQueuePair {
@@ -132,6 +137,9 @@ impl VolumeQueuePair {
         let stats = Arc::new(CoreStats::new());
         vol.register_core(Arc::clone(&stats));
         let now = Instant::now();
+        let stages = vol
+            .breakdown_config()
+            .map(|cfg| Box::new(StageRecorder::new(cfg, depth)));
         Ok(Self {
             geo: vol.geo,
             depth,
@@ -153,8 +161,38 @@ impl VolumeQueuePair {
             reads: ReadSelector::new(vol.cfg.read_policy),
             clock: TimeoutClock::new(vol.cfg.io_timeout, now),
             stats,
+            stages,
             vol,
         })
+    }
+
+    /// Turns the latency breakdown on (or off, with `None`) for this queue pair from now on;
+    /// what it recorded so far goes to the volume ([`Volume::take_breakdown`](crate::Volume::take_breakdown)).
+    pub fn set_breakdown(&mut self, cfg: Option<BreakdownConfig>) {
+        self.publish_breakdown();
+        self.stages = cfg.map(|cfg| Box::new(StageRecorder::new(cfg, self.depth)));
+    }
+
+    /// What this queue pair's breakdown recorded so far (its histograms start over); `None`
+    /// when the breakdown is off.
+    pub fn take_breakdown(&mut self) -> Option<Breakdown> {
+        self.stages.as_deref_mut().map(StageRecorder::take)
+    }
+
+    /// Hands what the breakdown recorded to the volume.
+    fn publish_breakdown(&mut self) {
+        if let Some(b) = self.take_breakdown() {
+            self.vol.add_breakdown(&b);
+        }
+    }
+
+    /// Queues a host completion that was not joined (an immediate error).
+    #[inline]
+    fn push_ready(&mut self, cpl: Completion) {
+        self.ready.push_back(cpl);
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.pass();
+        }
     }
 
     /// Tries to start a host command; false when it has to wait.
@@ -184,7 +222,7 @@ impl VolumeQueuePair {
         }
         let mut mask = snap.write_mask(self.leg_count) & self.open_legs();
         if snap.in_sync_mask(self.leg_count) & mask == 0 {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status: Status::NAMESPACE_NOT_READY,
             });
@@ -212,7 +250,7 @@ impl VolumeQueuePair {
                 if in_sync == 0 || !self.legs_have_room(mask) {
                     self.vol.guard.unlock(span);
                     if in_sync == 0 {
-                        self.ready.push_back(Completion {
+                        self.push_ready(Completion {
                             tag: cmd.tag,
                             status: Status::NAMESPACE_NOT_READY,
                         });
@@ -226,6 +264,11 @@ impl VolumeQueuePair {
             if !self.intent_gate(&cmd) {
                 self.vol.guard.unlock(span);
                 return false;
+            }
+            if self.vol.bitmap.is_some() {
+                if let Some(r) = self.stages.as_deref_mut() {
+                    r.bitmap_passed();
+                }
             }
             Some(span)
         } else {
@@ -245,6 +288,9 @@ impl VolumeQueuePair {
             .table
             .alloc(cmd, mask, snap.primary(), span, Instant::now());
         self.table.meta_mut(slot).resyncing = resyncing;
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.start(slot);
+        }
         self.send(slot, mask);
         true
     }
@@ -302,7 +348,7 @@ impl VolumeQueuePair {
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs();
         if candidates == 0 {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status: Status::NAMESPACE_NOT_READY,
             });
@@ -322,6 +368,9 @@ impl VolumeQueuePair {
         let slot = self
             .table
             .alloc(cmd, 1 << leg, snap.primary(), None, Instant::now());
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.start(slot);
+        }
         self.send(slot, 1 << leg);
         true
     }
@@ -360,6 +409,9 @@ impl VolumeQueuePair {
                 refused |= 1 << leg;
                 continue;
             };
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.submit(slot, leg);
+            }
             // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
             // the leg command: the host command completes only after every leg command has
             // completed or been abandoned (see the abandonment caveat in `timeout`). One write
@@ -384,7 +436,13 @@ impl VolumeQueuePair {
             };
             match w {
                 Waiting::New(cmd) => {
+                    if let Some(r) = self.stages.as_deref_mut() {
+                        r.retry();
+                    }
                     if !self.start(cmd) {
+                        if let Some(r) = self.stages.as_deref_mut() {
+                            r.wait();
+                        }
                         self.pending.push_back(w);
                     }
                 }
@@ -413,6 +471,9 @@ impl VolumeQueuePair {
                 return;
             }
             let at = *now.get_or_insert_with(Instant::now);
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.reaped_at = r.now();
+            }
             for i in 0..n {
                 let cpl = self.reaped[i];
                 self.on_leg_completion(leg, cpl, at);
@@ -444,11 +505,14 @@ impl QueuePair for VolumeQueuePair {
         }
         self.accepted += 1;
         if let Err(status) = cmd.check(&self.geo) {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status,
             });
             return Ok(());
+        }
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.receive();
         }
         // Modifying commands queue behind waiting ones, so this core's writes start in order.
         let behind = cmd.op.modifies() && !self.pending.is_empty();
@@ -456,6 +520,9 @@ impl QueuePair for VolumeQueuePair {
             if behind {
                 // Its regions join this poll's bitmap page writes now, not after the wait.
                 self.intent_note(&cmd);
+            }
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.wait();
             }
             self.pending.push_back(Waiting::New(cmd));
         }
@@ -484,6 +551,9 @@ impl QueuePair for VolumeQueuePair {
             *slot = cpl;
         }
         self.accepted -= n as u32;
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.ack(n);
+        }
         n
     }
 }
@@ -502,5 +572,6 @@ impl Drop for VolumeQueuePair {
             }
         }
         self.drop_intent();
+        self.publish_breakdown();
     }
 }
