@@ -472,7 +472,7 @@ impl VolumeQueuePair {
             }
             let at = *now.get_or_insert_with(Instant::now);
             if let Some(r) = self.stages.as_deref_mut() {
-                r.reaped_at = r.now();
+                r.reap();
             }
             for i in 0..n {
                 let cpl = self.reaped[i];

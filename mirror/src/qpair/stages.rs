@@ -7,7 +7,8 @@
 //! recorder's epoch, plus one, so that 0 means "not stamped".
 //!
 //! Every hook in the queue pair is `if let Some(r) = self.stages.as_deref_mut()`: with the
-//! breakdown off that one branch on the queue pair's own field is all the path pays.
+//! breakdown off that one branch on the queue pair's own field is all the path pays. The
+//! hooks are cold and never inlined, so the off path also keeps its code size and layout.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -56,7 +57,7 @@ pub(crate) struct StageRecorder {
     /// Bitmap stamp of the command `start` is working on (0: none).
     bitmap_at: u64,
     /// Stamp of the leg completions being reaped.
-    pub(super) reaped_at: u64,
+    reaped_at: u64,
     /// Arrival stamps of the `Waiting::New` entries of the pending FIFO, in the same order.
     waiting: VecDeque<u64>,
     slots: Box<[SlotStamps]>,
@@ -89,7 +90,8 @@ impl StageRecorder {
     }
 
     /// A host command was accepted by `submit`.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn receive(&mut self) {
         let now = self.now();
         self.record_from.get_or_insert(now + self.warmup_ns);
@@ -98,26 +100,30 @@ impl StageRecorder {
     }
 
     /// The command being started waits in the pending FIFO.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn wait(&mut self) {
         self.waiting.push_back(self.arrival);
     }
 
     /// The oldest waiting command is retried.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn retry(&mut self) {
         self.arrival = self.waiting.pop_front().unwrap_or(0);
         self.bitmap_at = 0;
     }
 
     /// The command being started passed the bitmap gate.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn bitmap_passed(&mut self) {
         self.bitmap_at = self.now();
     }
 
     /// The command being started took join slot `slot`.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn start(&mut self, slot: u32) {
         if let Some(s) = self.slots.get_mut(slot as usize) {
             s.received = self.arrival;
@@ -128,7 +134,8 @@ impl StageRecorder {
     }
 
     /// Slot `slot`'s command is about to be handed to `leg`.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn submit(&mut self, slot: u32, leg: usize) {
         let now = self.now();
         if let Some(s) = self.slots.get_mut(slot as usize) {
@@ -137,8 +144,16 @@ impl StageRecorder {
         }
     }
 
+    /// Leg completions were reaped: stamps them.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn reap(&mut self) {
+        self.reaped_at = self.now();
+    }
+
     /// `leg`'s completion for slot `slot` was reaped (at `reaped_at`).
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn complete(&mut self, slot: u32, leg: usize) {
         let at = self.reaped_at;
         if let Some(s) = self.slots.get_mut(slot as usize) {
@@ -147,7 +162,8 @@ impl StageRecorder {
     }
 
     /// A host completion that carries no stamps entered the completion queue.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn pass(&mut self) {
         self.outgoing.push_back(Outgoing::NONE);
     }
@@ -155,6 +171,8 @@ impl StageRecorder {
     /// Slot `slot`'s command is joined (every leg in `result.legs` is in; `last` closed it,
     /// `None` for a timeout) and its host completion entered the completion queue. Records
     /// every interval up to the join.
+    #[cold]
+    #[inline(never)]
     pub(super) fn join(
         &mut self,
         slot: u32,
@@ -220,7 +238,8 @@ impl StageRecorder {
     }
 
     /// `n` host completions are handed out now.
-    #[inline]
+    #[cold]
+    #[inline(never)]
     pub(super) fn ack(&mut self, n: usize) {
         if n == 0 {
             return;
