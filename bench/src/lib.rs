@@ -25,6 +25,7 @@ pub mod cli;
 pub mod engine;
 mod error;
 pub mod job;
+pub mod plot;
 pub mod report;
 
 use std::io::Write;
