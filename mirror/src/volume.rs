@@ -136,11 +136,11 @@ impl VolumeShared {
     }
 
     /// Merges a queue pair's breakdown into the volume's (queue pair teardown only).
-    pub(crate) fn add_breakdown(&self, b: &Breakdown) {
+    pub(crate) fn add_breakdown(&self, b: Breakdown) {
         let mut all = self.breakdowns.lock().unwrap_or_else(|e| e.into_inner());
         match all.as_mut() {
-            Some(all) => all.merge(b),
-            None => *all = Some(b.clone()),
+            Some(all) => all.merge(&b),
+            None => *all = Some(b),
         }
     }
 

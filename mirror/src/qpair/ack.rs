@@ -19,9 +19,14 @@ use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::stats::bump;
 
 impl VolumeQueuePair {
-    /// One completion reaped from leg `leg`'s queue pair.
+    /// One completion reaped from leg `leg`'s queue pair; `STAMP`: stamp it for the breakdown.
     #[inline]
-    pub(super) fn on_leg_completion(&mut self, leg: usize, cpl: Completion, now: Instant) {
+    pub(super) fn on_leg_completion<const STAMP: bool>(
+        &mut self,
+        leg: usize,
+        cpl: Completion,
+        now: Instant,
+    ) {
         self.inflight[leg] -= 1;
         let (slot, generation) = split_tag(cpl.tag);
         if slot >= META_SLOT_BASE {
@@ -41,8 +46,10 @@ impl VolumeQueuePair {
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
         }
-        if let Some(r) = self.stages.as_deref_mut() {
-            r.complete(slot, leg);
+        if STAMP {
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.complete(slot, leg);
+            }
         }
         let meta = self.table.meta(slot);
         let latency = now.saturating_duration_since(meta.started).as_nanos() as u64;

@@ -31,7 +31,7 @@ use crate::table::JoinTable;
 use crate::volume::VolumeShared;
 use crate::{Error, Result};
 use intent::IntentWriter;
-pub(crate) use stages::StageRecorder;
+use stages::StageRecorder;
 use timeout::TimeoutClock;
 
 /// Largest queue depth a volume queue pair accepts.
@@ -179,10 +179,10 @@ impl VolumeQueuePair {
         self.stages.as_deref_mut().map(StageRecorder::take)
     }
 
-    /// Hands what the breakdown recorded to the volume.
+    /// Hands what the breakdown recorded to the volume, and turns it off.
     fn publish_breakdown(&mut self) {
-        if let Some(b) = self.take_breakdown() {
-            self.vol.add_breakdown(&b);
+        if let Some(r) = self.stages.take() {
+            self.vol.add_breakdown(r.into_breakdown());
         }
     }
 
@@ -265,8 +265,8 @@ impl VolumeQueuePair {
                 self.vol.guard.unlock(span);
                 return false;
             }
-            if self.vol.bitmap.is_some() {
-                if let Some(r) = self.stages.as_deref_mut() {
+            if let Some(r) = self.stages.as_deref_mut() {
+                if self.vol.bitmap.is_some() {
                     r.bitmap_passed();
                 }
             }
@@ -391,6 +391,17 @@ impl VolumeQueuePair {
     /// the pending FIFO.
     #[inline]
     fn send(&mut self, slot: u32, mask: u8) {
+        // One test per command picks the leg loop with or without the breakdown's stamps.
+        if self.stages.is_some() {
+            self.send_legs::<true>(slot, mask);
+        } else {
+            self.send_legs::<false>(slot, mask);
+        }
+    }
+
+    /// [`send`](Self::send); `STAMP`: stamp each leg's submission for the breakdown.
+    #[inline]
+    fn send_legs<const STAMP: bool>(&mut self, slot: u32, mask: u8) {
         let meta = self.table.meta(slot);
         let generation = meta.generation;
         let mut cmd = IoCommand {
@@ -409,8 +420,10 @@ impl VolumeQueuePair {
                 refused |= 1 << leg;
                 continue;
             };
-            if let Some(r) = self.stages.as_deref_mut() {
-                r.submit(slot, leg);
+            if STAMP {
+                if let Some(r) = self.stages.as_deref_mut() {
+                    r.submit(slot, leg);
+                }
             }
             // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
             // the leg command: the host command completes only after every leg command has
@@ -471,12 +484,18 @@ impl VolumeQueuePair {
                 return;
             }
             let at = *now.get_or_insert_with(Instant::now);
+            // One test per batch picks the completion path with or without the breakdown.
             if let Some(r) = self.stages.as_deref_mut() {
                 r.reap();
-            }
-            for i in 0..n {
-                let cpl = self.reaped[i];
-                self.on_leg_completion(leg, cpl, at);
+                for i in 0..n {
+                    let cpl = self.reaped[i];
+                    self.on_leg_completion::<true>(leg, cpl, at);
+                }
+            } else {
+                for i in 0..n {
+                    let cpl = self.reaped[i];
+                    self.on_leg_completion::<false>(leg, cpl, at);
+                }
             }
             if n < self.reaped.len() {
                 return;

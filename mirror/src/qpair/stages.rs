@@ -257,6 +257,11 @@ impl StageRecorder {
         }
     }
 
+    /// What was recorded.
+    pub(crate) fn into_breakdown(self) -> Breakdown {
+        *self.data
+    }
+
     /// Takes what was recorded so far, leaving empty histograms.
     pub(crate) fn take(&mut self) -> Breakdown {
         std::mem::take(&mut *self.data)
