@@ -6,9 +6,10 @@
 //! is sized to the queue depth when the recorder is made; stamps are nanoseconds since the
 //! recorder's epoch, plus one, so that 0 means "not stamped".
 //!
-//! Every hook in the queue pair is `if let Some(r) = self.stages.as_deref_mut()`: with the
-//! breakdown off that one branch on the queue pair's own field is all the path pays. The
-//! hooks are cold and never inlined, so the off path also keeps its code size and layout.
+//! Every hook in the queue pair is `if let Some(r) = self.stages.as_deref_mut()` (the leg
+//! loops test it once and run a stamping or a plain variant): with the breakdown off, that
+//! test of the queue pair's own field is all the path pays. The hooks are cold and never
+//! inlined, so the off path also keeps its code size and layout.
 
 use std::collections::VecDeque;
 use std::time::Instant;
