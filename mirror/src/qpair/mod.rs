@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
 
-use crate::breakdown::{Breakdown, BreakdownConfig};
 use crate::join::leg_tag;
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
 use crate::read_policy::ReadSelector;
@@ -164,35 +163,6 @@ impl VolumeQueuePair {
             stages,
             vol,
         })
-    }
-
-    /// Turns the latency breakdown on (or off, with `None`) for this queue pair from now on;
-    /// what it recorded so far goes to the volume ([`Volume::take_breakdown`](crate::Volume::take_breakdown)).
-    pub fn set_breakdown(&mut self, cfg: Option<BreakdownConfig>) {
-        self.publish_breakdown();
-        self.stages = cfg.map(|cfg| Box::new(StageRecorder::new(cfg, self.depth)));
-    }
-
-    /// What this queue pair's breakdown recorded so far (its histograms start over); `None`
-    /// when the breakdown is off.
-    pub fn take_breakdown(&mut self) -> Option<Breakdown> {
-        self.stages.as_deref_mut().map(StageRecorder::take)
-    }
-
-    /// Hands what the breakdown recorded to the volume, and turns it off.
-    fn publish_breakdown(&mut self) {
-        if let Some(r) = self.stages.take() {
-            self.vol.add_breakdown(r.into_breakdown());
-        }
-    }
-
-    /// Queues a host completion that was not joined (an immediate error).
-    #[inline]
-    fn push_ready(&mut self, cpl: Completion) {
-        self.ready.push_back(cpl);
-        if let Some(r) = self.stages.as_deref_mut() {
-            r.pass();
-        }
     }
 
     /// Tries to start a host command; false when it has to wait.

@@ -14,6 +14,9 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use nvmirror_nvme::Completion;
+
+use super::VolumeQueuePair;
 use crate::breakdown::{Breakdown, BreakdownConfig, PathKind};
 use crate::join::JoinResult;
 use crate::legs::MAX_LEGS;
@@ -266,5 +269,36 @@ impl StageRecorder {
     /// Takes what was recorded so far, leaving empty histograms.
     pub(crate) fn take(&mut self) -> Breakdown {
         std::mem::take(&mut *self.data)
+    }
+}
+
+impl VolumeQueuePair {
+    /// Turns the latency breakdown on (or off, with `None`) for this queue pair from now on;
+    /// what it recorded so far goes to the volume ([`Volume::take_breakdown`](crate::Volume::take_breakdown)).
+    pub fn set_breakdown(&mut self, cfg: Option<BreakdownConfig>) {
+        self.publish_breakdown();
+        self.stages = cfg.map(|cfg| Box::new(StageRecorder::new(cfg, self.depth)));
+    }
+
+    /// What this queue pair's breakdown recorded so far (its histograms start over); `None`
+    /// when the breakdown is off.
+    pub fn take_breakdown(&mut self) -> Option<Breakdown> {
+        self.stages.as_deref_mut().map(StageRecorder::take)
+    }
+
+    /// Hands what the breakdown recorded to the volume, and turns it off.
+    pub(super) fn publish_breakdown(&mut self) {
+        if let Some(r) = self.stages.take() {
+            self.vol.add_breakdown(r.into_breakdown());
+        }
+    }
+
+    /// Queues a host completion that was not joined (an immediate error).
+    #[inline]
+    pub(super) fn push_ready(&mut self, cpl: Completion) {
+        self.ready.push_back(cpl);
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.pass();
+        }
     }
 }
