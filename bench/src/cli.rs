@@ -75,6 +75,11 @@ pub struct Cli {
     /// report the bitmap's metadata writes, hit rate and marked regions on stderr.
     #[arg(long, value_enum, default_value_t = BitmapMode::Off)]
     pub bitmap: BitmapMode,
+
+    /// Record the volume's per-stage latency breakdown and add it to the report (see
+    /// docs/bench.md; needs a volume: two or more legs, or --bitmap on)
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// `--bitmap`.

@@ -1,6 +1,7 @@
 //! The crate's error type.
 
 use std::io;
+use std::path::PathBuf;
 
 /// Errors of the load generator. Variants are named after the failing operation; option
 /// errors name the offending flag.
@@ -42,6 +43,23 @@ pub enum Error {
     /// Encoding the JSON report failed.
     #[error("cannot encode the JSON report: {0}")]
     EncodeJson(#[source] serde_json::Error),
+    /// A saved run could not be read.
+    #[error("{}: {source}", path.display())]
+    ReadRun {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A saved run is not fio JSON.
+    #[error("{}: not a JSON report of a run: {source}", path.display())]
+    ParseRun {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A plot could not be drawn from, or written to, `path`.
+    #[error("{}: {reason}", path.display())]
+    Plot { path: PathBuf, reason: String },
 }
 
 /// The crate's result type.

@@ -20,10 +20,12 @@
 //! assert_eq!(run.stats.errors, 0);
 //! ```
 
+pub mod breakdown;
 pub mod cli;
 pub mod engine;
 mod error;
 pub mod job;
+pub mod plot;
 pub mod report;
 
 use std::io::Write;
@@ -102,10 +104,22 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<RunResult> {
         device: target,
         volume,
     } = open_target(&cli.legs, bitmap)?;
-    let run = engine::run(&target, &cli.job_spec())?;
-    match cli.output_format {
-        OutputFormat::Normal => report::write_normal(&run, out)?,
-        OutputFormat::Json => report::write_json(&run, out)?,
+    let spec = cli.job_spec();
+    if cli.breakdown {
+        breakdown::enable(volume.as_deref(), &spec)?;
+    }
+    let run = engine::run(&target, &spec)?;
+    let stages = volume
+        .as_deref()
+        .filter(|_| cli.breakdown)
+        .map(breakdown::collect);
+    match (cli.output_format, &stages) {
+        (OutputFormat::Normal, _) => report::write_normal(&run, out)?,
+        (OutputFormat::Json, None) => report::write_json(&run, out)?,
+        (OutputFormat::Json, Some(st)) => breakdown::write_json(&run, st, out)?,
+    }
+    if let (OutputFormat::Normal, Some(st)) = (cli.output_format, &stages) {
+        breakdown::write_text(st, out)?;
     }
     if let (true, Some(vol)) = (bitmap, volume) {
         let st = vol.stats();

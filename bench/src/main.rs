@@ -6,6 +6,16 @@ use clap::Parser;
 use nvmirror_bench::cli::Cli;
 
 fn main() -> ExitCode {
+    // `plot` has its own parser; everything else is a job.
+    if std::env::args().nth(1).as_deref() == Some("plot") {
+        return match nvmirror_bench::plot::main(std::env::args().skip(1)) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nvmirror-bench plot: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cli = Cli::parse();
     let mut stdout = std::io::stdout().lock();
     match nvmirror_bench::run_cli(&cli, &mut stdout) {

@@ -42,6 +42,7 @@
 //! `docs/resync.md`.
 
 pub mod bitmap;
+pub mod breakdown;
 mod config;
 mod error;
 mod guard;
@@ -59,6 +60,7 @@ mod sync;
 mod table;
 mod volume;
 
+pub use breakdown::{Breakdown, BreakdownConfig};
 pub use config::{BitmapConfig, ReadPolicy, VolumeConfig};
 pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use nvmirror_nvme::{BlockDevice, Geometry, IoCommand, IoOp, QueuePair, Status};
 
 use crate::bitmap::WriteIntentBitmap;
+use crate::breakdown::{Breakdown, BreakdownConfig};
 use crate::config::VolumeConfig;
 use crate::guard::OverlapGuard;
 use crate::legs::{LegInfo, LegRole, LegState, LegStates, Refusal, MAX_LEGS};
@@ -48,6 +49,10 @@ pub(crate) struct VolumeShared {
     pub(crate) cores: Mutex<Vec<Arc<CoreStats>>>,
     /// The resync and verify jobs started on this volume (control plane only).
     pub(crate) jobs: JobRegistry,
+    /// Latency breakdown for queue pairs opened from now on (`None`: off).
+    breakdown_cfg: Mutex<Option<BreakdownConfig>>,
+    /// What queue pairs recorded and handed over (on drop), merged.
+    breakdowns: Mutex<Option<Breakdown>>,
 }
 
 impl VolumeShared {
@@ -122,6 +127,20 @@ impl VolumeShared {
                 );
                 false
             }
+        }
+    }
+
+    /// The breakdown setting a new queue pair starts with (read once, when it opens).
+    pub(crate) fn breakdown_config(&self) -> Option<BreakdownConfig> {
+        *self.breakdown_cfg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Merges a queue pair's breakdown into the volume's (queue pair teardown only).
+    pub(crate) fn add_breakdown(&self, b: Breakdown) {
+        let mut all = self.breakdowns.lock().unwrap_or_else(|e| e.into_inner());
+        match all.as_mut() {
+            Some(all) => all.merge(&b),
+            None => *all = Some(b),
         }
     }
 
@@ -254,6 +273,8 @@ impl Volume {
             region_shift,
             cores: Mutex::new(Vec::new()),
             jobs: JobRegistry::default(),
+            breakdown_cfg: Mutex::new(None),
+            breakdowns: Mutex::new(None),
         };
         tracing::info!(
             volume = name,
@@ -393,6 +414,28 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         VolumeStats::collect(&self.shared.leg_names(), &cores)
+    }
+
+    /// Turns the per-stage latency breakdown on (or off, with `None`) for the queue pairs
+    /// opened from now on; queue pairs already open keep their setting
+    /// ([`VolumeQueuePair::set_breakdown`] changes one). See [`crate::breakdown`].
+    pub fn set_breakdown(&self, cfg: Option<BreakdownConfig>) {
+        *self
+            .shared
+            .breakdown_cfg
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// The breakdown recorded by every queue pair closed (or that called
+    /// [`VolumeQueuePair::set_breakdown`]) since the last call, merged; `None` when none
+    /// handed anything over. Queue pairs still open keep theirs until they close.
+    pub fn take_breakdown(&self) -> Option<Breakdown> {
+        self.shared
+            .breakdowns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Overlap-guard entries held right now, by every core (diagnostics: zero when idle).

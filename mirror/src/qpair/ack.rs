@@ -14,13 +14,19 @@ use nvmirror_nvme::{Completion, IoOp, Status};
 
 use super::intent::META_SLOT_BASE;
 use super::{VolumeQueuePair, Waiting};
+use crate::breakdown::PathKind;
 use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::stats::bump;
 
 impl VolumeQueuePair {
-    /// One completion reaped from leg `leg`'s queue pair.
+    /// One completion reaped from leg `leg`'s queue pair; `STAMP`: stamp it for the breakdown.
     #[inline]
-    pub(super) fn on_leg_completion(&mut self, leg: usize, cpl: Completion, now: Instant) {
+    pub(super) fn on_leg_completion<const STAMP: bool>(
+        &mut self,
+        leg: usize,
+        cpl: Completion,
+        now: Instant,
+    ) {
         self.inflight[leg] -= 1;
         let (slot, generation) = split_tag(cpl.tag);
         if slot >= META_SLOT_BASE {
@@ -39,6 +45,11 @@ impl VolumeQueuePair {
             bump(&self.stats.legs[leg].late_completions, 1);
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
+        }
+        if STAMP {
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.complete(slot, leg);
+            }
         }
         let meta = self.table.meta(slot);
         let latency = now.saturating_duration_since(meta.started).as_nanos() as u64;
@@ -82,6 +93,9 @@ impl VolumeQueuePair {
             tag: meta.cmd.tag,
             status,
         });
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.join(slot, PathKind::Write, &result, last);
+        }
     }
 
     /// Some leg of a fanned-out command failed: fault it, or fail the host command.
@@ -159,6 +173,9 @@ impl VolumeQueuePair {
                 tag: meta.cmd.tag,
                 status,
             });
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.join(slot, PathKind::Read, &result, Some(leg));
+            }
             return;
         }
         if meta.first_error.is_success() {
@@ -177,6 +194,9 @@ impl VolumeQueuePair {
                 tag: meta.cmd.tag,
                 status: first_error,
             });
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.join(slot, PathKind::Read, &result, Some(leg));
+            }
             return;
         }
         let next = self

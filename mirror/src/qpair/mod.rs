@@ -13,6 +13,7 @@
 
 mod ack;
 mod intent;
+mod stages;
 mod timeout;
 
 use std::collections::VecDeque;
@@ -29,6 +30,7 @@ use crate::table::JoinTable;
 use crate::volume::VolumeShared;
 use crate::{Error, Result};
 use intent::IntentWriter;
+use stages::StageRecorder;
 use timeout::TimeoutClock;
 
 /// Largest queue depth a volume queue pair accepts.
@@ -87,6 +89,8 @@ pub struct VolumeQueuePair {
     reads: ReadSelector,
     clock: TimeoutClock,
     stats: Arc<CoreStats>,
+    /// The latency breakdown's stamps and histograms, when it is on (`crate::breakdown`).
+    stages: Option<Box<StageRecorder>>,
 }
 
 impl VolumeQueuePair {
@@ -142,6 +146,9 @@ impl VolumeQueuePair {
         let stats = Arc::new(CoreStats::new());
         vol.register_core(Arc::clone(&stats));
         let now = Instant::now();
+        let stages = vol
+            .breakdown_config()
+            .map(|cfg| Box::new(StageRecorder::new(cfg, depth)));
         Ok(Self {
             geo: vol.geo,
             depth,
@@ -163,6 +170,7 @@ impl VolumeQueuePair {
             reads: ReadSelector::new(vol.cfg.read_policy),
             clock: TimeoutClock::new(vol.cfg.io_timeout, now),
             stats,
+            stages,
             vol,
         })
     }
@@ -194,7 +202,7 @@ impl VolumeQueuePair {
         }
         let mut mask = snap.write_mask(self.leg_count) & self.open_legs();
         if snap.in_sync_mask(self.leg_count) & mask == 0 {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status: Status::NAMESPACE_NOT_READY,
             });
@@ -222,7 +230,7 @@ impl VolumeQueuePair {
                 if in_sync == 0 || !self.legs_have_room(mask) {
                     self.vol.guard.unlock(span);
                     if in_sync == 0 {
-                        self.ready.push_back(Completion {
+                        self.push_ready(Completion {
                             tag: cmd.tag,
                             status: Status::NAMESPACE_NOT_READY,
                         });
@@ -236,6 +244,11 @@ impl VolumeQueuePair {
             if !self.intent_gate(&cmd) {
                 self.vol.guard.unlock(span);
                 return false;
+            }
+            if let Some(r) = self.stages.as_deref_mut() {
+                if self.vol.bitmap.is_some() {
+                    r.bitmap_passed();
+                }
             }
             Some(span)
         } else {
@@ -255,6 +268,9 @@ impl VolumeQueuePair {
             .table
             .alloc(cmd, mask, snap.primary(), span, Instant::now());
         self.table.meta_mut(slot).resyncing = resyncing;
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.start(slot);
+        }
         self.send(slot, mask);
         true
     }
@@ -312,7 +328,7 @@ impl VolumeQueuePair {
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs();
         if candidates == 0 {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status: Status::NAMESPACE_NOT_READY,
             });
@@ -332,6 +348,9 @@ impl VolumeQueuePair {
         let slot = self
             .table
             .alloc(cmd, 1 << leg, snap.primary(), None, Instant::now());
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.start(slot);
+        }
         self.send(slot, 1 << leg);
         true
     }
@@ -352,6 +371,17 @@ impl VolumeQueuePair {
     /// the pending FIFO.
     #[inline]
     fn send(&mut self, slot: u32, mask: u8) {
+        // One test per command picks the leg loop with or without the breakdown's stamps.
+        if self.stages.is_some() {
+            self.send_legs::<true>(slot, mask);
+        } else {
+            self.send_legs::<false>(slot, mask);
+        }
+    }
+
+    /// [`send`](Self::send); `STAMP`: stamp each leg's submission for the breakdown.
+    #[inline]
+    fn send_legs<const STAMP: bool>(&mut self, slot: u32, mask: u8) {
         let meta = self.table.meta(slot);
         let generation = meta.generation;
         let mut cmd = IoCommand {
@@ -370,6 +400,11 @@ impl VolumeQueuePair {
                 refused |= 1 << leg;
                 continue;
             };
+            if STAMP {
+                if let Some(r) = self.stages.as_deref_mut() {
+                    r.submit(slot, leg);
+                }
+            }
             // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
             // the leg command: the host command completes only after every leg command has
             // completed or been abandoned (see the abandonment caveat in `timeout`). One write
@@ -422,7 +457,13 @@ impl VolumeQueuePair {
                     let blocked = modifies
                         && (nheld == held.len()
                             || held[..nheld].iter().any(|&(a, b)| a < end && cmd.slba < b));
+                    if let Some(r) = self.stages.as_deref_mut() {
+                        r.retry();
+                    }
                     if blocked || !self.start(cmd) {
+                        if let Some(r) = self.stages.as_deref_mut() {
+                            r.wait();
+                        }
                         self.pending.push_back(w);
                         if modifies && nheld < held.len() {
                             held[nheld] = (cmd.slba, end);
@@ -455,9 +496,18 @@ impl VolumeQueuePair {
                 return;
             }
             let at = *now.get_or_insert_with(Instant::now);
-            for i in 0..n {
-                let cpl = self.reaped[i];
-                self.on_leg_completion(leg, cpl, at);
+            // One test per batch picks the completion path with or without the breakdown.
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.reap();
+                for i in 0..n {
+                    let cpl = self.reaped[i];
+                    self.on_leg_completion::<true>(leg, cpl, at);
+                }
+            } else {
+                for i in 0..n {
+                    let cpl = self.reaped[i];
+                    self.on_leg_completion::<false>(leg, cpl, at);
+                }
             }
             if n < self.reaped.len() {
                 return;
@@ -486,11 +536,14 @@ impl QueuePair for VolumeQueuePair {
         }
         self.accepted += 1;
         if let Err(status) = cmd.check(&self.geo) {
-            self.ready.push_back(Completion {
+            self.push_ready(Completion {
                 tag: cmd.tag,
                 status,
             });
             return Ok(());
+        }
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.receive();
         }
         // A modifying command overlapping a waiting one queues behind it.
         let behind = cmd.op.modifies() && self.behind_waiting(&cmd);
@@ -498,6 +551,9 @@ impl QueuePair for VolumeQueuePair {
             if behind {
                 // Its regions join this poll's bitmap page writes now, not after the wait.
                 self.intent_note(&cmd);
+            }
+            if let Some(r) = self.stages.as_deref_mut() {
+                r.wait();
             }
             self.pending.push_back(Waiting::New(cmd));
         }
@@ -526,6 +582,9 @@ impl QueuePair for VolumeQueuePair {
             *slot = cpl;
         }
         self.accepted -= n as u32;
+        if let Some(r) = self.stages.as_deref_mut() {
+            r.ack(n);
+        }
         n
     }
 }
@@ -544,5 +603,6 @@ impl Drop for VolumeQueuePair {
             }
         }
         self.drop_intent();
+        self.publish_breakdown();
     }
 }
