@@ -1,0 +1,499 @@
+//! One job thread: its queue pair, buffers and generator, the submit/poll loop, the drain and
+//! the verify read-back pass. See [`crate::engine`] for how time is measured.
+//!
+//! Everything the loop touches is allocated before the start gate opens; per I/O the loop does
+//! no allocation, takes no lock and makes no syscall beyond the queue pair's own and two clock
+//! reads per batch.
+
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::dma::{DmaBuf, DmaPool};
+use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+
+use crate::engine::{latency_histogram, Direction, JobStats, StartGate, DRAIN_TIMEOUT};
+use crate::histlog::IntervalRecorder;
+use crate::job::{IoLayout, JobSpec, VerifyMode};
+use crate::pattern::IoPattern;
+use crate::verify::{check_block, stamp_block, BlockLedger, VerifyFailure, VerifyFault};
+use crate::{Error, Result};
+
+const READ: u8 = Direction::Read as u8;
+const WRITE: u8 = Direction::Write as u8;
+const TRIM: u8 = Direction::Trim as u8;
+
+/// A redrawn offset whose blocks are in flight is given up after this many tries per batch.
+const CLAIM_TRIES: u32 = 8;
+
+/// One job thread's queue pair, buffers and generator.
+struct JobQueue {
+    qp: Box<dyn QueuePair>,
+    pool: DmaPool,
+    /// Buffers taken from `pool` for the whole run: slot `s` reads into `bufs[s]` and writes
+    /// from `bufs[write_base + s]` (the same buffer unless the job mixes reads and writes, so
+    /// reads never clobber the write pattern).
+    bufs: Vec<DmaBuf>,
+    write_base: usize,
+    pattern: IoPattern,
+}
+
+impl JobQueue {
+    fn open(target: &dyn BlockDevice, spec: &JobSpec, layout: IoLayout, job: u32) -> Result<Self> {
+        let depth = spec.iodepth as usize;
+        let qp = target
+            .open_qpair(spec.iodepth)
+            .map_err(|source| Error::OpenQueuePair { job, source })?;
+        let sets = if spec.rw.is_mixed() { 2 } else { 1 };
+        let max_bs = spec.bs_bounds().1 as usize;
+        let mut pool = DmaPool::new(spec.iodepth * sets, max_bs);
+        let mut bufs: Vec<DmaBuf> = std::iter::from_fn(|| pool.get()).collect();
+        let write_base = (sets as usize - 1) * depth;
+        if spec.rw.writes() {
+            let mut rng = SmallRng::seed_from_u64(spec.seed ^ 0x5eed_f111 ^ u64::from(job));
+            for buf in &mut bufs[write_base..] {
+                let bytes = buf.as_mut_slice();
+                rng.fill_bytes(bytes);
+                for b in bytes.iter_mut().filter(|b| **b == 0) {
+                    *b = 0xa5;
+                }
+            }
+        }
+        Ok(Self {
+            qp,
+            pool,
+            bufs,
+            write_base,
+            pattern: IoPattern::new(spec, layout, job),
+        })
+    }
+}
+
+/// What a slot's command is, for its completion.
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotState {
+    /// Clock at submission, ns since the thread's epoch.
+    submitted: u64,
+    /// When the I/O was due (open loop), or `submitted`.
+    intended: u64,
+    /// First unit and length in units.
+    unit: u64,
+    units: u32,
+    dir: u8,
+    /// Generation stamped into a verified write.
+    generation: u64,
+}
+
+/// Open-loop schedule: I/O `i` is due `i / rate` seconds after the thread's epoch.
+#[derive(Debug)]
+struct Pacer {
+    rate: u64,
+    issued: u64,
+    next_due: u64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            issued: 0,
+            next_due: 0,
+        }
+    }
+
+    #[inline]
+    fn advance(&mut self) {
+        self.issued += 1;
+        self.next_due = (u128::from(self.issued) * 1_000_000_000 / u128::from(self.rate)) as u64;
+    }
+}
+
+/// Per-thread constants of the verify checks.
+struct Verifier {
+    ledger: BlockLedger,
+    first_lba: u64,
+    unit_nlb: u64,
+    unit_bytes: usize,
+    /// The job writes: blocks it has not written may carry no stamp yet.
+    writer: bool,
+}
+
+impl Verifier {
+    fn lba(&self, unit: u64) -> u64 {
+        self.first_lba + unit * self.unit_nlb
+    }
+
+    /// Stamps the blocks of a write of `units` units from `unit` at `generation`.
+    fn stamp(&self, buf: &mut [u8], unit: u64, units: u32, generation: u64) {
+        for (k, block) in buf
+            .chunks_exact_mut(self.unit_bytes)
+            .take(units as usize)
+            .enumerate()
+        {
+            stamp_block(
+                block,
+                self.lba(unit + k as u64),
+                generation,
+                self.ledger.seed,
+            );
+        }
+    }
+
+    /// Checks the blocks a read returned. `exact`: the read-back pass, where each block must
+    /// hold exactly the last acknowledged generation.
+    fn check(&self, buf: &[u8], unit: u64, units: u32, exact: bool, out: &mut JobStatsVerify<'_>) {
+        for (k, block) in buf
+            .chunks_exact(self.unit_bytes)
+            .take(units as usize)
+            .enumerate()
+        {
+            let u = unit + k as u64;
+            let lba = self.lba(u);
+            let expected = self.ledger.expected(u);
+            let outcome = match check_block(block, lba) {
+                Err(VerifyFault::NoStamp) if expected.is_none() && self.writer => continue,
+                Err(fault) => Err(fault),
+                Ok(stamp) => match expected {
+                    Some(_) if stamp.seed != self.ledger.seed => Err(VerifyFault::WrongSeed {
+                        found: stamp.seed,
+                        expected: self.ledger.seed,
+                    }),
+                    Some(g) if stamp.generation < g || (exact && stamp.generation != g) => {
+                        Err(VerifyFault::Generation {
+                            found: stamp.generation,
+                            expected: g,
+                        })
+                    }
+                    _ => Ok(()),
+                },
+            };
+            out.0.blocks_checked += 1;
+            if let Err(fault) = outcome {
+                out.0.fail(VerifyFailure { lba, fault });
+            }
+        }
+    }
+}
+
+/// The verify counters of a thread's statistics.
+struct JobStatsVerify<'a>(&'a mut crate::engine::VerifyStats);
+
+pub(crate) fn run_job(
+    target: &dyn BlockDevice,
+    spec: &JobSpec,
+    layout: IoLayout,
+    job: u32,
+    core: Option<core_affinity::CoreId>,
+    gate: &StartGate,
+) -> Result<Option<JobStats>> {
+    if let Some(core) = core {
+        // Pinning is best effort: an unpinned job still measures correctly.
+        core_affinity::set_for_current(core);
+    }
+    let ramp_end = spec.ramp_time.as_nanos() as u64;
+    let active = Direction::ALL.map(|d| d.issued_by(spec.rw));
+    // Everything the loop needs is allocated before the start.
+    let setup = JobQueue::open(target, spec, layout, job).and_then(|q| {
+        let lat = match spec.rate_iops {
+            Some(_) => Some([
+                latency_histogram()?,
+                latency_histogram()?,
+                latency_histogram()?,
+            ]),
+            None => None,
+        };
+        let intervals = match spec.log_interval {
+            Some(iv) => Some(IntervalRecorder::new(iv, ramp_end, active)?),
+            None => None,
+        };
+        Ok((
+            q,
+            JobStats::new()?,
+            [
+                latency_histogram()?,
+                latency_histogram()?,
+                latency_histogram()?,
+            ],
+            lat,
+            intervals,
+        ))
+    });
+    if !gate.arrive(setup.is_ok()) {
+        return setup.map(|_| None);
+    }
+    let (mut q, mut stats, mut clat, mut lat, mut intervals) = setup?;
+    let lba_size = target.geometry().lba_size;
+    let unit_bytes = layout.unit_bytes(lba_size);
+    let mut verifier = (spec.verify != VerifyMode::None).then(|| Verifier {
+        ledger: BlockLedger::new(q.pattern.range(), spec.seed.wrapping_add(u64::from(job))),
+        first_lba: layout.first_lba,
+        unit_nlb: u64::from(layout.nlb),
+        unit_bytes: unit_bytes as usize,
+        writer: spec.rw.writes(),
+    });
+    let depth = spec.iodepth as usize;
+    let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
+    let mut slots = vec![SlotState::default(); depth];
+    let mut cpl = vec![Completion::default(); depth];
+    let end = ramp_end + spec.runtime.as_nanos() as u64;
+    let mut pacer = spec.rate_iops.map(Pacer::new);
+    let mut budget = if spec.time_based {
+        u64::MAX
+    } else {
+        spec.io_size.unwrap_or(layout.units * unit_bytes)
+    };
+    let mut exhausted = false;
+
+    let epoch = Instant::now();
+    let window_end = loop {
+        if !free.is_empty() && !exhausted {
+            let stamp = epoch.elapsed().as_nanos() as u64;
+            let counted = stamp >= ramp_end;
+            let mut tries = 0;
+            while let Some(&slot) = free.last() {
+                let intended = match &pacer {
+                    Some(p) if p.next_due > stamp => break,
+                    Some(p) => p.next_due,
+                    None => stamp,
+                };
+                let io = q.pattern.next_io();
+                if let Some(v) = &mut verifier {
+                    if !v.ledger.try_claim(io.unit, io.units) {
+                        tries += 1;
+                        if tries >= CLAIM_TRIES {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+                let bytes = u64::from(io.units) * unit_bytes;
+                if counted {
+                    if bytes > budget {
+                        exhausted = true;
+                        if let Some(v) = &mut verifier {
+                            v.ledger.release(io.unit, io.units, Some(0));
+                        }
+                        break;
+                    }
+                    budget -= bytes;
+                }
+                let s = slot as usize;
+                let slba = layout.first_lba + io.unit * u64::from(layout.nlb);
+                let nlb = io.units * layout.nlb;
+                let mut generation = 0;
+                let (cmd, dir) = match io.op {
+                    IoOp::Write => {
+                        let buf = &mut q.bufs[q.write_base + s];
+                        if let Some(v) = &mut verifier {
+                            generation = v.ledger.next_generation();
+                            v.stamp(buf.as_mut_slice(), io.unit, io.units, generation);
+                        }
+                        let b = buf.io_buf().prefix(bytes as usize);
+                        (
+                            IoCommand::with_buf(io.op, slba, nlb, b, u64::from(slot)),
+                            WRITE,
+                        )
+                    }
+                    IoOp::Read => {
+                        let b = q.bufs[s].io_buf().prefix(bytes as usize);
+                        (
+                            IoCommand::with_buf(io.op, slba, nlb, b, u64::from(slot)),
+                            READ,
+                        )
+                    }
+                    op => (IoCommand::new(op, slba, nlb, u64::from(slot)), TRIM),
+                };
+                // SAFETY: the buffer belongs to `q.pool`, which outlives every command (it is
+                // leaked below if a command never completes); a slot has one command at a time,
+                // and nothing touches a slot's buffers until its completion is reaped.
+                if unsafe { q.qp.submit(cmd) }.is_err() {
+                    if let Some(v) = &mut verifier {
+                        v.ledger.release(io.unit, io.units, Some(0));
+                    }
+                    if counted {
+                        budget += bytes;
+                    }
+                    break;
+                }
+                free.pop();
+                if let Some(p) = &mut pacer {
+                    p.advance();
+                }
+                slots[s] = SlotState {
+                    submitted: stamp,
+                    intended,
+                    unit: io.unit,
+                    units: io.units,
+                    dir,
+                    generation,
+                };
+            }
+        }
+        let n = q.qp.poll(&mut cpl);
+        let now = epoch.elapsed().as_nanos() as u64;
+        let counting = now >= ramp_end;
+        for c in &cpl[..n] {
+            // The tag is the slot index submitted above, returned unchanged by the back end.
+            let slot = c.tag as usize;
+            let st = slots[slot];
+            let ok = c.status.is_success();
+            if !ok {
+                stats.fail(c.status);
+            } else if counting {
+                clat[st.dir as usize].saturating_record(now - st.submitted);
+                stats.io_bytes[st.dir as usize] += u64::from(st.units) * unit_bytes;
+                let total = now.saturating_sub(st.intended);
+                if let Some(lat) = &mut lat {
+                    lat[st.dir as usize].saturating_record(total);
+                }
+                if let Some(iv) = &mut intervals {
+                    iv.record(st.dir as usize, total);
+                }
+            }
+            if let Some(v) = &mut verifier {
+                settle_verified(v, &q, &st, slot, ok, &mut stats);
+            }
+            free.push(slot as u32);
+        }
+        if counting {
+            if let Some(iv) = &mut intervals {
+                iv.tick(now);
+            }
+        }
+        if now >= end || (exhausted && free.len() == depth) {
+            break now;
+        }
+    };
+    stats.runtime = Duration::from_nanos(window_end - ramp_end);
+    stats.intervals = intervals.map(|iv| iv.finish(window_end));
+    let [read, write, trim] = clat;
+    stats.read = read;
+    stats.write = write;
+    stats.trim = trim;
+    stats.lat = lat;
+
+    // Drain: the buffers must outlive every command, so wait for the stragglers.
+    let mut inflight = depth - free.len();
+    let mut give_up = Instant::now() + DRAIN_TIMEOUT;
+    while inflight > 0 {
+        let n = q.qp.poll(&mut cpl);
+        for c in &cpl[..n] {
+            let ok = c.status.is_success();
+            if !ok {
+                stats.fail(c.status);
+            }
+            if let Some(v) = &mut verifier {
+                let st = slots[c.tag as usize];
+                settle_verified(v, &q, &st, c.tag as usize, ok, &mut stats);
+            }
+        }
+        inflight -= n;
+        if n > 0 {
+            give_up = Instant::now() + DRAIN_TIMEOUT;
+        } else if Instant::now() >= give_up {
+            break;
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    if inflight > 0 {
+        stats.unfinished = inflight as u64;
+        stats.errors += inflight as u64;
+        // The device may still write into the buffers: never free them.
+        std::mem::forget(q.pool);
+        return Ok(Some(stats));
+    }
+    if let Some(v) = &verifier {
+        if v.writer && !read_back(&mut q, v, &mut cpl, &mut stats) {
+            std::mem::forget(q.pool);
+            return Ok(Some(stats));
+        }
+    }
+    for b in q.bufs {
+        q.pool.put(b);
+    }
+    Ok(Some(stats))
+}
+
+/// Checks a completed verified I/O and releases its blocks in the ledger.
+#[inline]
+fn settle_verified(
+    v: &mut Verifier,
+    q: &JobQueue,
+    st: &SlotState,
+    slot: usize,
+    ok: bool,
+    stats: &mut JobStats,
+) {
+    match (st.dir, ok) {
+        (WRITE, true) => v.ledger.release(st.unit, st.units, Some(st.generation)),
+        (WRITE, false) => v.ledger.release(st.unit, st.units, None),
+        (READ, true) => {
+            v.check(
+                q.bufs[slot].as_slice(),
+                st.unit,
+                st.units,
+                false,
+                &mut JobStatsVerify(&mut stats.verify),
+            );
+            v.ledger.release(st.unit, st.units, Some(0));
+        }
+        _ => v.ledger.release(st.unit, st.units, Some(0)),
+    }
+}
+
+/// fio's verify phase: reads back every block this thread wrote and checks that it holds the
+/// last generation acknowledged for it. Not timed. False when some reads never completed
+/// (they are counted as unfinished errors, and the buffers must not be freed).
+fn read_back(q: &mut JobQueue, v: &Verifier, cpl: &mut [Completion], stats: &mut JobStats) -> bool {
+    let written: Vec<(u64, u64)> = v.ledger.written().collect();
+    let depth = q.bufs.len().min(cpl.len());
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let mut slot_unit = vec![0u64; depth];
+    let mut next = 0;
+    let mut inflight = 0;
+    let mut give_up = Instant::now() + DRAIN_TIMEOUT;
+    let nlb = v.unit_nlb as u32;
+    while next < written.len() || inflight > 0 {
+        while next < written.len() {
+            let Some(&s) = free.last() else { break };
+            let unit = written[next].0;
+            let buf = q.bufs[s].io_buf().prefix(v.unit_bytes);
+            let cmd = IoCommand::with_buf(IoOp::Read, v.lba(unit), nlb, buf, s as u64);
+            // SAFETY: as in the main loop: the buffer belongs to `q.pool`, which outlives the
+            // command, and the slot's buffer is not touched until its completion is reaped.
+            if unsafe { q.qp.submit(cmd) }.is_err() {
+                break;
+            }
+            free.pop();
+            slot_unit[s] = unit;
+            next += 1;
+            inflight += 1;
+        }
+        let n = q.qp.poll(cpl);
+        for c in &cpl[..n] {
+            let s = c.tag as usize;
+            if c.status.is_success() {
+                v.check(
+                    q.bufs[s].as_slice(),
+                    slot_unit[s],
+                    1,
+                    true,
+                    &mut JobStatsVerify(&mut stats.verify),
+                );
+            } else {
+                stats.fail(c.status);
+            }
+            free.push(s);
+        }
+        inflight -= n;
+        if n > 0 {
+            give_up = Instant::now() + DRAIN_TIMEOUT;
+        } else if Instant::now() >= give_up {
+            stats.unfinished += inflight as u64;
+            stats.errors += inflight as u64;
+            return false;
+        }
+    }
+    true
+}
