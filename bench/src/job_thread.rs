@@ -5,7 +5,7 @@
 //! no allocation, takes no lock and makes no syscall beyond the queue pair's own and two clock
 //! reads per batch.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
 use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
@@ -225,7 +225,13 @@ pub(crate) fn run_job(
     let lba_size = target.geometry().lba_size;
     let unit_bytes = layout.unit_bytes(lba_size);
     let mut verifier = (spec.verify != VerifyMode::None).then(|| Verifier {
-        ledger: BlockLedger::new(q.pattern.range(), spec.seed.wrapping_add(u64::from(job))),
+        ledger: BlockLedger::new(
+            q.pattern.range(),
+            spec.seed.wrapping_add(u64::from(job)),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        ),
         first_lba: layout.first_lba,
         unit_nlb: u64::from(layout.nlb),
         unit_bytes: unit_bytes as usize,

@@ -9,8 +9,12 @@
 //! | 0..4 | magic `NVMB` |
 //! | 4..8 | CRC32C of bytes 8.. of the block (stamp rest and payload) |
 //! | 8..16 | first LBA of the block |
-//! | 16..24 | generation: the writing job thread's write counter, from 1 |
+//! | 16..24 | generation: the writing job thread's write counter |
 //! | 24..32 | the writing job thread's seed |
+//!
+//! A thread's generations start at the wall-clock time of its start in nanoseconds and count
+//! up by one per write, so a block left over from an earlier run (or an earlier job section)
+//! carries an older generation than any write of this run.
 //!
 //! The ledger keeps, per block of the thread's range, the generation of the last write that
 //! was acknowledged and whether an I/O to it is in flight; a job never has two I/Os in flight
@@ -144,12 +148,13 @@ pub struct BlockLedger {
 }
 
 impl BlockLedger {
-    /// An empty ledger over `range`.
-    pub fn new(range: ThreadRange, seed: u64) -> Self {
+    /// An empty ledger over `range`; writes get generations from `first_generation` (at
+    /// least 1) on.
+    pub fn new(range: ThreadRange, seed: u64, first_generation: u64) -> Self {
         Self {
             range,
             blocks: vec![0; range.len as usize],
-            next_generation: 1,
+            next_generation: first_generation.clamp(1, UNKNOWN >> 1),
             seed,
         }
     }
@@ -250,7 +255,7 @@ mod tests {
 
     #[test]
     fn the_ledger_refuses_overlapping_claims_and_records_generations() {
-        let mut l = BlockLedger::new(ThreadRange { first: 10, len: 8 }, 1);
+        let mut l = BlockLedger::new(ThreadRange { first: 10, len: 8 }, 1, 1);
         assert!(l.try_claim(10, 4));
         assert!(!l.try_claim(13, 2), "block 13 is in flight");
         assert!(l.try_claim(14, 2));
