@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nvmirror_nvme::dma::{DmaBuf, DmaPool};
+use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
 use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
@@ -35,6 +35,10 @@ struct JobQueue {
     /// reads never clobber the write pattern).
     bufs: Vec<DmaBuf>,
     write_base: usize,
+    /// Per slot: the views of its read and write buffers at `bs` (the high end of `bsrange`),
+    /// built once so the loop need not.
+    read_io: Vec<IoBuf>,
+    write_io: Vec<IoBuf>,
     pattern: IoPattern,
 }
 
@@ -59,11 +63,21 @@ impl JobQueue {
                 }
             }
         }
+        let read_io = bufs[..depth]
+            .iter()
+            .map(|b| b.io_buf().prefix(max_bs))
+            .collect();
+        let write_io = bufs[write_base..]
+            .iter()
+            .map(|b| b.io_buf().prefix(max_bs))
+            .collect();
         Ok(Self {
             qp,
             pool,
             bufs,
             write_base,
+            read_io,
+            write_io,
             pattern: IoPattern::new(spec, layout, job),
         })
     }
@@ -249,6 +263,7 @@ pub(crate) fn run_job(
         spec.io_size.unwrap_or(layout.units * unit_bytes)
     };
     let mut exhausted = false;
+    let fixed_size = layout.max_units <= 1;
 
     let epoch = Instant::now();
     let window_end = loop {
@@ -289,19 +304,19 @@ pub(crate) fn run_job(
                 let mut generation = 0;
                 let (cmd, dir) = match io.op {
                     IoOp::Write => {
-                        let buf = &mut q.bufs[q.write_base + s];
                         if let Some(v) = &mut verifier {
                             generation = v.ledger.next_generation();
-                            v.stamp(buf.as_mut_slice(), io.unit, io.units, generation);
+                            let buf = q.bufs[q.write_base + s].as_mut_slice();
+                            v.stamp(buf, io.unit, io.units, generation);
                         }
-                        let b = buf.io_buf().prefix(bytes as usize);
+                        let b = sized(q.write_io[s], bytes, fixed_size);
                         (
                             IoCommand::with_buf(io.op, slba, nlb, b, u64::from(slot)),
                             WRITE,
                         )
                     }
                     IoOp::Read => {
-                        let b = q.bufs[s].io_buf().prefix(bytes as usize);
+                        let b = sized(q.read_io[s], bytes, fixed_size);
                         (
                             IoCommand::with_buf(io.op, slba, nlb, b, u64::from(slot)),
                             READ,
@@ -419,6 +434,16 @@ pub(crate) fn run_job(
         q.pool.put(b);
     }
     Ok(Some(stats))
+}
+
+/// The first `bytes` of a slot's buffer; the whole view when every I/O has one size.
+#[inline(always)]
+fn sized(buf: IoBuf, bytes: u64, fixed_size: bool) -> IoBuf {
+    if fixed_size {
+        buf
+    } else {
+        buf.prefix(bytes as usize)
+    }
 }
 
 /// Checks a completed verified I/O and releases its blocks in the ledger.
