@@ -17,8 +17,8 @@ pub const MAX_BS: u64 = 64 << 20;
 /// Largest queue depth a job accepts.
 pub const MAX_IODEPTH: u32 = 4096;
 
-/// Most verify blocks one job may track (8 bytes each).
-pub const MAX_VERIFY_BLOCKS: u64 = 1 << 28;
+/// Most verify blocks one job may track (8 bytes each: 512 MiB of ledger at most).
+pub const MAX_VERIFY_BLOCKS: u64 = 1 << 26;
 
 /// fio's `rw=`: direction and offset order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]

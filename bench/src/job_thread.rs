@@ -83,17 +83,24 @@ impl JobQueue {
     }
 }
 
-/// What a slot's command is, for its completion.
+/// What a slot's command is, for its completion: the part every job needs.
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotState {
     /// Clock at submission, ns since the thread's epoch.
     submitted: u64,
-    /// When the I/O was due (open loop), or `submitted`.
-    intended: u64,
-    /// First unit and length in units.
-    unit: u64,
+    /// Length in units.
     units: u32,
     dir: u8,
+}
+
+/// The rest, kept (and written) only by open-loop and verify jobs, so a plain closed loop
+/// stores as little per I/O as it can.
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotExtra {
+    /// When the I/O was due.
+    intended: u64,
+    /// First unit.
+    unit: u64,
     /// Generation stamped into a verified write.
     generation: u64,
 }
@@ -254,6 +261,7 @@ pub(crate) fn run_job(
     let depth = spec.iodepth as usize;
     let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
     let mut slots = vec![SlotState::default(); depth];
+    let mut extra = vec![SlotExtra::default(); depth];
     let mut cpl = vec![Completion::default(); depth];
     let end = ramp_end + spec.runtime.as_nanos() as u64;
     let mut pacer = spec.rate_iops.map(Pacer::new);
@@ -264,6 +272,8 @@ pub(crate) fn run_job(
     };
     let mut exhausted = false;
     let fixed_size = layout.max_units <= 1;
+    let paced = pacer.is_some();
+    let tracked = paced || verifier.is_some();
 
     let epoch = Instant::now();
     let window_end = loop {
@@ -342,12 +352,16 @@ pub(crate) fn run_job(
                 }
                 slots[s] = SlotState {
                     submitted: stamp,
-                    intended,
-                    unit: io.unit,
                     units: io.units,
                     dir,
-                    generation,
                 };
+                if tracked {
+                    extra[s] = SlotExtra {
+                        intended,
+                        unit: io.unit,
+                        generation,
+                    };
+                }
             }
         }
         let n = q.qp.poll(&mut cpl);
@@ -362,8 +376,14 @@ pub(crate) fn run_job(
                 stats.fail(c.status);
             } else if counting {
                 clat[st.dir as usize].saturating_record(now - st.submitted);
-                stats.io_bytes[st.dir as usize] += u64::from(st.units) * unit_bytes;
-                let total = now.saturating_sub(st.intended);
+                if !fixed_size {
+                    stats.io_bytes[st.dir as usize] += u64::from(st.units) * unit_bytes;
+                }
+                let total = if paced {
+                    now.saturating_sub(extra[slot].intended)
+                } else {
+                    now - st.submitted
+                };
                 if let Some(lat) = &mut lat {
                     lat[st.dir as usize].saturating_record(total);
                 }
@@ -372,7 +392,7 @@ pub(crate) fn run_job(
                 }
             }
             if let Some(v) = &mut verifier {
-                settle_verified(v, &q, &st, slot, ok, &mut stats);
+                settle_verified(v, &q, &st, &extra[slot], slot, ok, &mut stats);
             }
             free.push(slot as u32);
         }
@@ -386,6 +406,11 @@ pub(crate) fn run_job(
         }
     };
     stats.runtime = Duration::from_nanos(window_end - ramp_end);
+    if fixed_size {
+        for (bytes, h) in stats.io_bytes.iter_mut().zip(&clat) {
+            *bytes = h.len() * unit_bytes;
+        }
+    }
     stats.intervals = intervals.map(|iv| iv.finish(window_end));
     let [read, write, trim] = clat;
     stats.read = read;
@@ -404,8 +429,8 @@ pub(crate) fn run_job(
                 stats.fail(c.status);
             }
             if let Some(v) = &mut verifier {
-                let st = slots[c.tag as usize];
-                settle_verified(v, &q, &st, c.tag as usize, ok, &mut stats);
+                let slot = c.tag as usize;
+                settle_verified(v, &q, &slots[slot], &extra[slot], slot, ok, &mut stats);
             }
         }
         inflight -= n;
@@ -452,24 +477,25 @@ fn settle_verified(
     v: &mut Verifier,
     q: &JobQueue,
     st: &SlotState,
+    ex: &SlotExtra,
     slot: usize,
     ok: bool,
     stats: &mut JobStats,
 ) {
     match (st.dir, ok) {
-        (WRITE, true) => v.ledger.release(st.unit, st.units, Some(st.generation)),
-        (WRITE, false) => v.ledger.release(st.unit, st.units, None),
+        (WRITE, true) => v.ledger.release(ex.unit, st.units, Some(ex.generation)),
+        (WRITE, false) => v.ledger.release(ex.unit, st.units, None),
         (READ, true) => {
             v.check(
                 q.bufs[slot].as_slice(),
-                st.unit,
+                ex.unit,
                 st.units,
                 false,
                 &mut JobStatsVerify(&mut stats.verify),
             );
-            v.ledger.release(st.unit, st.units, Some(0));
+            v.ledger.release(ex.unit, st.units, Some(0));
         }
-        _ => v.ledger.release(st.unit, st.units, Some(0)),
+        _ => v.ledger.release(ex.unit, st.units, Some(0)),
     }
 }
 

@@ -99,7 +99,7 @@ impl IoPattern {
         };
         let len = u64::from(units);
         let unit = if self.rw.is_random() {
-            self.rng.gen_range(0..=self.range.len - len)
+            self.rng.gen_range(0..self.range.len - len + 1)
         } else {
             if self.cursor + len > self.range.len {
                 self.cursor = 0;
