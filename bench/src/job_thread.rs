@@ -12,7 +12,9 @@ use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::engine::{latency_histogram, Direction, JobStats, StartGate, DRAIN_TIMEOUT};
+use crate::engine::{
+    latency_histogram, Direction, JobStats, StartGate, VerifyStats, DRAIN_TIMEOUT,
+};
 use crate::histlog::IntervalRecorder;
 use crate::job::{IoLayout, JobSpec, VerifyMode};
 use crate::pattern::IoPattern;
@@ -162,7 +164,7 @@ impl Verifier {
 
     /// Checks the blocks a read returned. `exact`: the read-back pass, where each block must
     /// hold exactly the last acknowledged generation.
-    fn check(&self, buf: &[u8], unit: u64, units: u32, exact: bool, out: &mut JobStatsVerify<'_>) {
+    fn check(&self, buf: &[u8], unit: u64, units: u32, exact: bool, out: &mut VerifyStats) {
         for (k, block) in buf
             .chunks_exact(self.unit_bytes)
             .take(units as usize)
@@ -188,16 +190,13 @@ impl Verifier {
                     _ => Ok(()),
                 },
             };
-            out.0.blocks_checked += 1;
+            out.blocks_checked += 1;
             if let Err(fault) = outcome {
-                out.0.fail(VerifyFailure { lba, fault });
+                out.fail(VerifyFailure { lba, fault });
             }
         }
     }
 }
-
-/// The verify counters of a thread's statistics.
-struct JobStatsVerify<'a>(&'a mut crate::engine::VerifyStats);
 
 pub(crate) fn run_job(
     target: &dyn BlockDevice,
@@ -491,7 +490,7 @@ fn settle_verified(
                 ex.unit,
                 st.units,
                 false,
-                &mut JobStatsVerify(&mut stats.verify),
+                &mut stats.verify,
             );
             v.ledger.release(ex.unit, st.units, Some(0));
         }
@@ -536,7 +535,7 @@ fn read_back(q: &mut JobQueue, v: &Verifier, cpl: &mut [Completion], stats: &mut
                     slot_unit[s],
                     1,
                     true,
-                    &mut JobStatsVerify(&mut stats.verify),
+                    &mut stats.verify,
                 );
             } else {
                 stats.fail(c.status);
