@@ -28,7 +28,7 @@ pub enum OutputFormat {
 #[derive(Debug, Parser)]
 #[command(name = "nvmirror-bench", version)]
 pub struct Cli {
-    /// fio-style job file: [global] and [job] sections of key=value lines; the sections run
+    /// fio-style job file: a global section and job sections of key=value lines; the jobs run
     /// one after another
     #[arg(value_name = "JOBFILE")]
     pub jobfile: Option<PathBuf>,

@@ -1,6 +1,6 @@
 //! The engine: `numjobs` threads, each pinned to a core with its own queue pair and
 //! `iodepth` DMA buffers, each keeping up to `iodepth` I/Os in flight (submit, poll a batch,
-//! resubmit every slot the batch freed). The loop itself is in [`crate::job_thread`].
+//! resubmit every slot the batch freed). The loop itself is in `job_thread.rs`.
 //!
 //! Timing. Completion latency (`clat`) is the time from submission to the poll that reaped the
 //! completion, recorded in nanoseconds in an HDR histogram (3 significant digits). The clock
