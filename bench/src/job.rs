@@ -353,11 +353,12 @@ impl JobSpec {
                     "a trim job leaves nothing to verify".into(),
                 ));
             }
-            if units > MAX_VERIFY_BLOCKS {
+            let blocks = size / lba;
+            if blocks > MAX_VERIFY_BLOCKS {
                 return Err(flag(
                     "--verify",
                     format!(
-                        "{units} blocks of {min} bytes are more than the {MAX_VERIFY_BLOCKS} a job tracks; lower --size or raise --bs"
+                        "{blocks} blocks of {lba} bytes are more than the {MAX_VERIFY_BLOCKS} a job tracks; lower --size"
                     ),
                 ));
             }

@@ -12,13 +12,11 @@ use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::engine::{
-    latency_histogram, Direction, JobStats, StartGate, VerifyStats, DRAIN_TIMEOUT,
-};
+use crate::engine::{latency_histogram, Direction, JobStats, StartGate, DRAIN_TIMEOUT};
 use crate::histlog::IntervalRecorder;
 use crate::job::{IoLayout, JobSpec, VerifyMode};
 use crate::pattern::IoPattern;
-use crate::verify::{check_block, stamp_block, BlockLedger, VerifyFailure, VerifyFault};
+use crate::verify::BlockVerifier;
 use crate::{Error, Result};
 
 const READ: u8 = Direction::Read as u8;
@@ -131,73 +129,6 @@ impl Pacer {
     }
 }
 
-/// Per-thread constants of the verify checks.
-struct Verifier {
-    ledger: BlockLedger,
-    first_lba: u64,
-    unit_nlb: u64,
-    unit_bytes: usize,
-    /// The job writes: blocks it has not written may carry no stamp yet.
-    writer: bool,
-}
-
-impl Verifier {
-    fn lba(&self, unit: u64) -> u64 {
-        self.first_lba + unit * self.unit_nlb
-    }
-
-    /// Stamps the blocks of a write of `units` units from `unit` at `generation`.
-    fn stamp(&self, buf: &mut [u8], unit: u64, units: u32, generation: u64) {
-        for (k, block) in buf
-            .chunks_exact_mut(self.unit_bytes)
-            .take(units as usize)
-            .enumerate()
-        {
-            stamp_block(
-                block,
-                self.lba(unit + k as u64),
-                generation,
-                self.ledger.seed,
-            );
-        }
-    }
-
-    /// Checks the blocks a read returned. `exact`: the read-back pass, where each block must
-    /// hold exactly the last acknowledged generation.
-    fn check(&self, buf: &[u8], unit: u64, units: u32, exact: bool, out: &mut VerifyStats) {
-        for (k, block) in buf
-            .chunks_exact(self.unit_bytes)
-            .take(units as usize)
-            .enumerate()
-        {
-            let u = unit + k as u64;
-            let lba = self.lba(u);
-            let expected = self.ledger.expected(u);
-            let outcome = match check_block(block, lba) {
-                Err(VerifyFault::NoStamp) if expected.is_none() && self.writer => continue,
-                Err(fault) => Err(fault),
-                Ok(stamp) => match expected {
-                    Some(_) if stamp.seed != self.ledger.seed => Err(VerifyFault::WrongSeed {
-                        found: stamp.seed,
-                        expected: self.ledger.seed,
-                    }),
-                    Some(g) if stamp.generation < g || (exact && stamp.generation != g) => {
-                        Err(VerifyFault::Generation {
-                            found: stamp.generation,
-                            expected: g,
-                        })
-                    }
-                    _ => Ok(()),
-                },
-            };
-            out.blocks_checked += 1;
-            if let Err(fault) = outcome {
-                out.fail(VerifyFailure { lba, fault });
-            }
-        }
-    }
-}
-
 pub(crate) fn run_job(
     target: &dyn BlockDevice,
     spec: &JobSpec,
@@ -244,18 +175,18 @@ pub(crate) fn run_job(
     let (mut q, mut stats, mut clat, mut lat, mut intervals) = setup?;
     let lba_size = target.geometry().lba_size;
     let unit_bytes = layout.unit_bytes(lba_size);
-    let mut verifier = (spec.verify != VerifyMode::None).then(|| Verifier {
-        ledger: BlockLedger::new(
+    let mut verifier = (spec.verify != VerifyMode::None).then(|| {
+        BlockVerifier::new(
             q.pattern.range(),
+            layout.first_lba,
+            layout.nlb,
+            lba_size,
+            spec.rw.writes(),
             spec.seed.wrapping_add(u64::from(job)),
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
-        ),
-        first_lba: layout.first_lba,
-        unit_nlb: u64::from(layout.nlb),
-        unit_bytes: unit_bytes as usize,
-        writer: spec.rw.writes(),
+        )
     });
     let depth = spec.iodepth as usize;
     let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
@@ -288,7 +219,7 @@ pub(crate) fn run_job(
                 };
                 let io = q.pattern.next_io();
                 if let Some(v) = &mut verifier {
-                    if !v.ledger.try_claim(io.unit, io.units) {
+                    if !v.claim(io.unit, io.units) {
                         tries += 1;
                         if tries >= CLAIM_TRIES {
                             break;
@@ -301,7 +232,7 @@ pub(crate) fn run_job(
                     if bytes > budget {
                         exhausted = true;
                         if let Some(v) = &mut verifier {
-                            v.ledger.release(io.unit, io.units, Some(0));
+                            v.release(io.unit, io.units, Some(0));
                         }
                         break;
                     }
@@ -314,7 +245,7 @@ pub(crate) fn run_job(
                 let (cmd, dir) = match io.op {
                     IoOp::Write => {
                         if let Some(v) = &mut verifier {
-                            generation = v.ledger.next_generation();
+                            generation = v.next_generation();
                             let buf = q.bufs[q.write_base + s].as_mut_slice();
                             v.stamp(buf, io.unit, io.units, generation);
                         }
@@ -338,7 +269,7 @@ pub(crate) fn run_job(
                 // and nothing touches a slot's buffers until its completion is reaped.
                 if unsafe { q.qp.submit(cmd) }.is_err() {
                     if let Some(v) = &mut verifier {
-                        v.ledger.release(io.unit, io.units, Some(0));
+                        v.release(io.unit, io.units, Some(0));
                     }
                     if counted {
                         budget += bytes;
@@ -449,7 +380,7 @@ pub(crate) fn run_job(
         return Ok(Some(stats));
     }
     if let Some(v) = &verifier {
-        if v.writer && !read_back(&mut q, v, &mut cpl, &mut stats) {
+        if v.writer() && !read_back(&mut q, v, &mut cpl, &mut stats) {
             std::mem::forget(q.pool);
             return Ok(Some(stats));
         }
@@ -473,7 +404,7 @@ fn sized(buf: IoBuf, bytes: u64, fixed_size: bool) -> IoBuf {
 /// Checks a completed verified I/O and releases its blocks in the ledger.
 #[inline]
 fn settle_verified(
-    v: &mut Verifier,
+    v: &mut BlockVerifier,
     q: &JobQueue,
     st: &SlotState,
     ex: &SlotExtra,
@@ -482,47 +413,51 @@ fn settle_verified(
     stats: &mut JobStats,
 ) {
     match (st.dir, ok) {
-        (WRITE, true) => v.ledger.release(ex.unit, st.units, Some(ex.generation)),
-        (WRITE, false) => v.ledger.release(ex.unit, st.units, None),
+        (WRITE, true) => v.release(ex.unit, st.units, Some(ex.generation)),
+        (WRITE, false) => v.release(ex.unit, st.units, None),
         (READ, true) => {
-            v.check(
+            v.check_io(
                 q.bufs[slot].as_slice(),
                 ex.unit,
                 st.units,
-                false,
                 &mut stats.verify,
             );
-            v.ledger.release(ex.unit, st.units, Some(0));
+            v.release(ex.unit, st.units, Some(0));
         }
-        _ => v.ledger.release(ex.unit, st.units, Some(0)),
+        _ => v.release(ex.unit, st.units, Some(0)),
     }
 }
 
 /// fio's verify phase: reads back every block this thread wrote and checks that it holds the
 /// last generation acknowledged for it. Not timed. False when some reads never completed
 /// (they are counted as unfinished errors, and the buffers must not be freed).
-fn read_back(q: &mut JobQueue, v: &Verifier, cpl: &mut [Completion], stats: &mut JobStats) -> bool {
-    let written: Vec<(u64, u64)> = v.ledger.written().collect();
-    let depth = q.bufs.len().min(cpl.len());
+fn read_back(
+    q: &mut JobQueue,
+    v: &BlockVerifier,
+    cpl: &mut [Completion],
+    stats: &mut JobStats,
+) -> bool {
+    let bb = v.block_bytes();
+    let runs = v.written_runs((q.pool.buf_size() / bb) as u64);
+    let depth = q.read_io.len().min(cpl.len());
     let mut free: Vec<usize> = (0..depth).rev().collect();
-    let mut slot_unit = vec![0u64; depth];
+    let mut slot_run = vec![(0u64, 0u64); depth];
     let mut next = 0;
     let mut inflight = 0;
     let mut give_up = Instant::now() + DRAIN_TIMEOUT;
-    let nlb = v.unit_nlb as u32;
-    while next < written.len() || inflight > 0 {
-        while next < written.len() {
+    while next < runs.len() || inflight > 0 {
+        while next < runs.len() {
             let Some(&s) = free.last() else { break };
-            let unit = written[next].0;
-            let buf = q.bufs[s].io_buf().prefix(v.unit_bytes);
-            let cmd = IoCommand::with_buf(IoOp::Read, v.lba(unit), nlb, buf, s as u64);
+            let (first, count) = runs[next];
+            let buf = q.read_io[s].prefix(count as usize * bb);
+            let cmd = IoCommand::with_buf(IoOp::Read, v.lba(first), count as u32, buf, s as u64);
             // SAFETY: as in the main loop: the buffer belongs to `q.pool`, which outlives the
             // command, and the slot's buffer is not touched until its completion is reaped.
             if unsafe { q.qp.submit(cmd) }.is_err() {
                 break;
             }
             free.pop();
-            slot_unit[s] = unit;
+            slot_run[s] = runs[next];
             next += 1;
             inflight += 1;
         }
@@ -530,13 +465,8 @@ fn read_back(q: &mut JobQueue, v: &Verifier, cpl: &mut [Completion], stats: &mut
         for c in &cpl[..n] {
             let s = c.tag as usize;
             if c.status.is_success() {
-                v.check(
-                    q.bufs[s].as_slice(),
-                    slot_unit[s],
-                    1,
-                    true,
-                    &mut stats.verify,
-                );
+                let (first, count) = slot_run[s];
+                v.check_blocks(q.bufs[s].as_slice(), first, count, true, &mut stats.verify);
             } else {
                 stats.fail(c.status);
             }

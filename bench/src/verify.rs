@@ -1,8 +1,8 @@
 //! `--verify crc32c`: stamped blocks and the ledger of what each job wrote.
 //!
-//! A *verify block* is one unit of the job (`bs`, or the low end of `bsrange`); an I/O of
-//! several units carries one stamp per unit. Every written block starts with a 32-byte stamp,
-//! little endian:
+//! A *verify block* is one logical block of the device (its LBA size), whatever the job's `bs`:
+//! an I/O carries one stamp per logical block, so a job can check blocks that another job wrote
+//! with other I/O sizes. Every written block starts with a 32-byte stamp, little endian:
 //!
 //! | bytes | field |
 //! | --- | --- |
@@ -22,6 +22,7 @@
 
 use std::fmt;
 
+use crate::engine::VerifyStats;
 use crate::pattern::ThreadRange;
 
 /// First bytes of every stamped block.
@@ -138,7 +139,8 @@ const BUSY: u64 = 1 << 63;
 /// What one job thread knows about the blocks of its range.
 #[derive(Debug)]
 pub struct BlockLedger {
-    range: ThreadRange,
+    /// First block (counted from the start of the job's region).
+    first: u64,
     /// Per block: the last acknowledged generation (0: not written by this thread,
     /// `UNKNOWN`: contents unknown), with `BUSY` set while an I/O is in flight to it.
     blocks: Vec<u64>,
@@ -148,19 +150,19 @@ pub struct BlockLedger {
 }
 
 impl BlockLedger {
-    /// An empty ledger over `range`; writes get generations from `first_generation` (at
-    /// least 1) on.
-    pub fn new(range: ThreadRange, seed: u64, first_generation: u64) -> Self {
+    /// An empty ledger over `len` blocks from `first`; writes get generations from
+    /// `first_generation` (at least 1) on.
+    pub fn new(first: u64, len: u64, seed: u64, first_generation: u64) -> Self {
         Self {
-            range,
-            blocks: vec![0; range.len as usize],
+            first,
+            blocks: vec![0; len as usize],
             next_generation: first_generation.clamp(1, UNKNOWN >> 1),
             seed,
         }
     }
 
-    fn idx(&self, unit: u64) -> usize {
-        (unit - self.range.first) as usize
+    fn idx(&self, block: u64) -> usize {
+        (block - self.first) as usize
     }
 
     /// Marks `units` blocks from `unit` in flight, unless one of them already is.
@@ -211,8 +213,165 @@ impl BlockLedger {
     pub fn written(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.blocks.iter().enumerate().filter_map(|(i, &g)| {
             let g = g & !BUSY;
-            (g != 0 && g != UNKNOWN).then_some((self.range.first + i as u64, g))
+            (g != 0 && g != UNKNOWN).then_some((self.first + i as u64, g))
         })
+    }
+}
+
+/// The verify state of one job thread: its ledger, and how the job's units map onto logical
+/// blocks.
+#[derive(Debug)]
+pub struct BlockVerifier {
+    ledger: BlockLedger,
+    /// LBA of the job region's first block.
+    first_lba: u64,
+    /// Logical blocks per job unit.
+    unit_nlb: u64,
+    /// Bytes per logical block.
+    block_bytes: usize,
+    /// The job writes: blocks it has not written may carry no stamp yet.
+    writer: bool,
+}
+
+impl BlockVerifier {
+    /// The verifier of a thread working on `range` (in units of `unit_nlb` blocks of
+    /// `block_bytes`) of a region starting at `first_lba`.
+    pub fn new(
+        range: ThreadRange,
+        first_lba: u64,
+        unit_nlb: u32,
+        block_bytes: u32,
+        writer: bool,
+        seed: u64,
+        first_generation: u64,
+    ) -> Self {
+        let unit_nlb = u64::from(unit_nlb);
+        Self {
+            ledger: BlockLedger::new(
+                range.first * unit_nlb,
+                range.len * unit_nlb,
+                seed,
+                first_generation,
+            ),
+            first_lba,
+            unit_nlb,
+            block_bytes: block_bytes as usize,
+            writer,
+        }
+    }
+
+    /// Whether the job writes (and so ends with a read-back pass).
+    pub fn writer(&self) -> bool {
+        self.writer
+    }
+
+    /// Bytes per verify block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// The LBA of `block`.
+    pub fn lba(&self, block: u64) -> u64 {
+        self.first_lba + block
+    }
+
+    /// Claims the blocks of an I/O of `units` units from `unit`, unless one is in flight.
+    #[inline]
+    pub fn claim(&mut self, unit: u64, units: u32) -> bool {
+        self.ledger
+            .try_claim(unit * self.unit_nlb, units * self.unit_nlb as u32)
+    }
+
+    /// Ends an I/O (see [`BlockLedger::release`]).
+    #[inline]
+    pub fn release(&mut self, unit: u64, units: u32, write: Option<u64>) {
+        self.ledger
+            .release(unit * self.unit_nlb, units * self.unit_nlb as u32, write);
+    }
+
+    /// The generation of the next write.
+    #[inline]
+    pub fn next_generation(&mut self) -> u64 {
+        self.ledger.next_generation()
+    }
+
+    /// Stamps every block of a write of `units` units from `unit` at `generation`.
+    pub fn stamp(&self, buf: &mut [u8], unit: u64, units: u32, generation: u64) {
+        let first = unit * self.unit_nlb;
+        let count = (u64::from(units) * self.unit_nlb) as usize;
+        for (k, block) in buf
+            .chunks_exact_mut(self.block_bytes)
+            .take(count)
+            .enumerate()
+        {
+            stamp_block(
+                block,
+                self.lba(first + k as u64),
+                generation,
+                self.ledger.seed,
+            );
+        }
+    }
+
+    /// Checks the blocks a read of `units` units from `unit` returned.
+    pub fn check_io(&self, buf: &[u8], unit: u64, units: u32, out: &mut VerifyStats) {
+        let count = u64::from(units) * self.unit_nlb;
+        self.check_blocks(buf, unit * self.unit_nlb, count, false, out);
+    }
+
+    /// Checks `count` blocks from `first` in `buf`. `exact`: the read-back pass, where each
+    /// block must hold exactly the last acknowledged generation.
+    pub fn check_blocks(
+        &self,
+        buf: &[u8],
+        first: u64,
+        count: u64,
+        exact: bool,
+        out: &mut VerifyStats,
+    ) {
+        for (k, block) in buf
+            .chunks_exact(self.block_bytes)
+            .take(count as usize)
+            .enumerate()
+        {
+            let b = first + k as u64;
+            let lba = self.lba(b);
+            let expected = self.ledger.expected(b);
+            let outcome = match check_block(block, lba) {
+                Err(VerifyFault::NoStamp) if expected.is_none() && self.writer => continue,
+                Err(fault) => Err(fault),
+                Ok(stamp) => match expected {
+                    Some(_) if stamp.seed != self.ledger.seed => Err(VerifyFault::WrongSeed {
+                        found: stamp.seed,
+                        expected: self.ledger.seed,
+                    }),
+                    Some(g) if stamp.generation < g || (exact && stamp.generation != g) => {
+                        Err(VerifyFault::Generation {
+                            found: stamp.generation,
+                            expected: g,
+                        })
+                    }
+                    _ => Ok(()),
+                },
+            };
+            out.blocks_checked += 1;
+            if let Err(fault) = outcome {
+                out.fail(VerifyFailure { lba, fault });
+            }
+        }
+    }
+
+    /// The blocks this thread wrote whose last write is known, as runs of at most
+    /// `max_blocks` consecutive blocks: `(first block, count)`.
+    pub fn written_runs(&self, max_blocks: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (b, _) in self.ledger.written() {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == b && *n < max_blocks => *n += 1,
+                _ => runs.push((b, 1)),
+            }
+        }
+        runs
     }
 }
 
@@ -255,7 +414,7 @@ mod tests {
 
     #[test]
     fn the_ledger_refuses_overlapping_claims_and_records_generations() {
-        let mut l = BlockLedger::new(ThreadRange { first: 10, len: 8 }, 1, 1);
+        let mut l = BlockLedger::new(10, 8, 1, 1);
         assert!(l.try_claim(10, 4));
         assert!(!l.try_claim(13, 2), "block 13 is in flight");
         assert!(l.try_claim(14, 2));
@@ -270,5 +429,33 @@ mod tests {
         assert_eq!(l.expected(16), None, "16 was never written");
         let written: Vec<_> = l.written().collect();
         assert_eq!(written, [(10, 1), (11, 1), (12, 1), (13, 1)]);
+    }
+
+    #[test]
+    fn the_verifier_stamps_each_logical_block_and_reads_back_in_runs() {
+        // Units of 8 blocks of 512 bytes; the thread owns units 2..6 of a region at LBA 100.
+        let range = ThreadRange { first: 2, len: 4 };
+        let mut v = BlockVerifier::new(range, 100, 8, 512, true, 7, 1000);
+        let mut buf = vec![0xeeu8; 2 * 4096];
+        assert!(v.claim(3, 2));
+        assert!(!v.claim(4, 1), "unit 4 is in flight");
+        let g = v.next_generation();
+        v.stamp(&mut buf, 3, 2, g);
+        for (k, block) in buf.chunks(512).enumerate() {
+            let stamp = check_block(block, 100 + 24 + k as u64).unwrap();
+            assert_eq!((stamp.generation, stamp.seed), (1000, 7));
+        }
+        v.release(3, 2, Some(g));
+        let mut out = VerifyStats::default();
+        v.check_io(&buf, 3, 2, &mut out);
+        assert_eq!((out.blocks_checked, out.failures), (16, 0));
+        // Another job's 4 KiB reads see the same blocks: a read of unit 4 alone.
+        v.check_blocks(&buf[4096..], 32, 8, true, &mut out);
+        assert_eq!((out.blocks_checked, out.failures), (24, 0));
+        buf[4096 + 600] ^= 1;
+        v.check_io(&buf, 3, 2, &mut out);
+        assert_eq!(out.failures, 1);
+        assert_eq!(out.first.unwrap().lba, 100 + 33);
+        assert_eq!(v.written_runs(6), [(24, 6), (30, 6), (36, 4)]);
     }
 }

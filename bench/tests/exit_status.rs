@@ -54,7 +54,7 @@ fn blocks_without_stamps_fail_a_read_verify_job_with_status_one() {
     ]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        out.contains("16 failed, first: LBA 0: no verify stamp"),
+        out.contains("128 failed, first: LBA 0: no verify stamp"),
         "{out}"
     );
 }

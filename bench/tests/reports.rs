@@ -173,9 +173,10 @@ size=1MiB
 verify=crc32c
 iodepth=8
 
-; stamp every block, then check them all from another job
+; stamp every block in 64 KiB writes, then check them all from a 4 KiB job
 [fill]
 rw=write
+bs=64k
 
 [check]
 rw=randread
@@ -194,20 +195,24 @@ time_based
         (jobs[0]["jobname"].as_str(), jobs[1]["jobname"].as_str()),
         (Some("fill"), Some("check"))
     );
-    assert_eq!(jobs[0]["write"]["total_ios"], 256);
+    assert_eq!(jobs[0]["write"]["total_ios"], 16);
     assert!(jobs[1]["read"]["total_ios"].as_u64().unwrap() > 0);
-    // The check ran on the device the fill wrote (the same URI is opened once): every block
-    // it read carried a good stamp.
+    // The check ran on the device the fill wrote (the same URI is opened once): every
+    // logical block it read carried a good stamp, whatever the I/O sizes of the two jobs.
+    assert_eq!(
+        runs[0].stats.verify.blocks_checked, 2048,
+        "the fill's read-back"
+    );
     assert_eq!(runs[1].stats.verify.failures, 0);
     assert_eq!(
         runs[1].stats.verify.blocks_checked,
-        runs[1].stats.read.len()
+        runs[1].stats.read.len() * 8
     );
     assert!(!runs[1].stats.read.is_empty());
 
     // The command line overrides [global]: a smaller size shows in the fill's count.
     let (runs, normal) = run_cli(&[p, "--size", "512KiB"]);
-    assert_eq!(runs[0].stats.write.len(), 128);
+    assert_eq!(runs[0].stats.write.len(), 8);
     assert!(
         normal.contains("fill: (groupid=0") && normal.contains("check: (groupid=0"),
         "{normal}"

@@ -44,8 +44,9 @@ fn verify_passes_on_a_mem_leg_and_checks_every_block_written() {
     let target = open_leg("mem://4MiB").unwrap();
     let run = engine::run(&target, &verified(RwMode::RandWrite)).unwrap();
     assert_clean(&run);
-    // 1 MiB of 4 KiB blocks, all written many times over in 200 ms, all read back once.
-    assert_eq!(run.stats.verify.blocks_checked, 256);
+    // 1 MiB of 512-byte logical blocks, all written many times over in 200 ms, all read
+    // back once.
+    assert_eq!(run.stats.verify.blocks_checked, 2048);
     let mixed = engine::run(
         &target,
         &JobSpec {
@@ -59,12 +60,12 @@ fn verify_passes_on_a_mem_leg_and_checks_every_block_written() {
     )
     .unwrap();
     assert_clean(&mixed);
-    assert!(mixed.stats.verify.blocks_checked > 256);
+    assert!(mixed.stats.verify.blocks_checked > 2048);
     assert!(normal_text(&mixed).contains(", 0 failed"));
     // A read job after a write job checks the stamps the writer left.
     let read = engine::run(&target, &verified(RwMode::RandRead)).unwrap();
     assert_clean(&read);
-    assert!(read.stats.verify.blocks_checked == read.stats.read.len());
+    assert_eq!(read.stats.verify.blocks_checked, read.stats.read.len() * 8);
 }
 
 #[test]
@@ -77,7 +78,7 @@ fn verify_passes_on_a_mirrored_volume_of_two_mem_legs() {
     for rw in [RwMode::RandWrite, RwMode::RandRw, RwMode::Write] {
         let run = engine::run(&volume, &verified(rw)).unwrap();
         assert_clean(&run);
-        assert!(run.stats.verify.blocks_checked >= 256, "{rw}");
+        assert!(run.stats.verify.blocks_checked >= 2048, "{rw}");
     }
 }
 
@@ -123,16 +124,17 @@ fn a_block_changed_behind_the_job_is_caught_by_a_read_verify_job() {
     )
     .unwrap();
     let v = check.stats.verify;
-    assert_eq!(v.failures, 2, "{}", normal_text(&check));
-    assert_eq!(v.blocks_checked, 256);
+    // One flipped byte in LBA 40; all eight logical blocks of the 4 KiB at LBA 80.
+    assert_eq!(v.failures, 9, "{}", normal_text(&check));
+    assert_eq!(v.blocks_checked, 2048);
     let first = v.first.unwrap();
     assert_eq!(first.lba, 40);
     assert!(matches!(first.fault, VerifyFault::BadCrc { .. }), "{first}");
     assert!(nvmirror_bench::run_failed(&check));
     let text = normal_text(&check);
-    assert!(text.contains("2 failed, first: LBA 40: CRC32C"), "{text}");
+    assert!(text.contains("9 failed, first: LBA 40: CRC32C"), "{text}");
     let json = nvmirror_bench::report::FioOutput::from_run(&check);
-    assert_eq!(json.jobs[0].verify_errors, 2);
+    assert_eq!(json.jobs[0].verify_errors, 9);
 }
 
 /// How [`Tampering`] misbehaves.
@@ -278,5 +280,6 @@ fn a_device_that_loses_writes_is_caught_by_the_generation_check() {
         matches!(first.fault, VerifyFault::Generation { found, expected } if found < expected),
         "{first}"
     );
-    assert_eq!(run.stats.verify.failures, 1);
+    // Every logical block of the lost 4 KiB write.
+    assert_eq!(run.stats.verify.failures, 8);
 }
