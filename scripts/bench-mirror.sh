@@ -28,7 +28,7 @@ run() {
     shift
     local args=()
     for l in "$@"; do args+=(--leg "$l"); done
-    "$bench" "${args[@]}" --rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" \
+    "$bench" "${args[@]}" --rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" --time_based \
         --ramp_time 2s --size "${SIZE:-256MiB}" --output-format json >"$dir/$name.json"
     jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["50.000000"]) \(.clat_ns.percentile["99.000000"])"' \
         "$dir/$name.json"

@@ -41,7 +41,7 @@ stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; pid=; }
 
 run() { # label rw qd
     taskset -c 1 "$bin/nvmirror-bench" --leg "nvme-tcp://127.0.0.1:$port/$nqn?queue_size=256" \
-        --rw "$2" --bs 4k --iodepth "$3" --runtime "${secs}s" --ramp_time 2s --size "${SIZE:-256MiB}" \
+        --rw "$2" --bs 4k --iodepth "$3" --runtime "${secs}s" --time_based --ramp_time 2s --size "${SIZE:-256MiB}" \
         --output-format json >"$dir/$1-$2-qd$3.json"
     local d=write
     [ "$2" = randread ] && d=read

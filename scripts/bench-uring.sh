@@ -48,7 +48,7 @@ run_fio() { # round
 }
 run_bench() { # round; prints nothing when nvmirror-bench cannot run the job
     if "$target/nvmirror-bench" --leg "file://$file" --rw randwrite --bs 4k --iodepth 32 \
-        --runtime "${secs}s" --output-format json >"$dir/ours.$1.json" 2>"$dir/ours.err"; then
+        --runtime "${secs}s" --time_based --output-format json >"$dir/ours.$1.json" 2>"$dir/ours.err"; then
         jq -e '.jobs[0].write.iops' "$dir/ours.$1.json" 2>/dev/null || true
     fi
 }

@@ -1,8 +1,8 @@
-//! The closed-loop engine: `numjobs` threads, each pinned to a core with its own queue pair
-//! and `iodepth` DMA buffers, each keeping `iodepth` I/Os in flight (submit, poll a batch,
-//! resubmit every slot the batch freed).
+//! The engine: `numjobs` threads, each pinned to a core with its own queue pair and
+//! `iodepth` DMA buffers, each keeping up to `iodepth` I/Os in flight (submit, poll a batch,
+//! resubmit every slot the batch freed). The loop itself is in `job_thread.rs`.
 //!
-//! Timing. Completion latency is the time from submission to the poll that reaped the
+//! Timing. Completion latency (`clat`) is the time from submission to the poll that reaped the
 //! completion, recorded in nanoseconds in an HDR histogram (3 significant digits). The clock
 //! is read once per submit batch and once per poll batch, not once per I/O: every command of
 //! a batch gets the batch's submit stamp, taken *before* the first submission, and every
@@ -12,21 +12,28 @@
 //! clock reads per batch (a vDSO `clock_gettime` each) are shared by up to `iodepth` I/Os
 //! instead of being paid by every one.
 //!
+//! Open loop (`rate_iops`). I/O *i* of a thread is due at `t0 + i / rate_iops`. A due I/O is
+//! sent as soon as a slot is free; its total latency (`lat`) runs from the time it was *due*,
+//! not from the time it was sent, so time spent waiting for a slot is counted instead of
+//! hidden (coordinated omission). Closed-loop jobs have `lat == clat`.
+//!
+//! End. With `time_based` a thread runs until `ramp_time + runtime`. Without it, it also stops
+//! submitting once it has submitted `io_size` (default `size`) bytes after the ramp, and ends
+//! when those I/Os are done, or at `ramp_time + runtime`, whichever is first.
+//!
 //! Ramp. I/Os reaped before `ramp_time` has passed are not counted; the measured window is
-//! `[ramp_time, first poll at or after ramp_time + runtime]`, and I/Os still in flight at its
-//! end are drained without being counted. Failed I/Os are counted as errors whenever they
-//! complete, ramp and drain included.
+//! `[ramp_time, end]`, and I/Os still in flight at its end are drained without being counted.
+//! Failed I/Os are counted as errors whenever they complete, ramp and drain included.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
-use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, Status};
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
+use nvmirror_nvme::{BlockDevice, Status};
 
-use crate::job::{IoLayout, IoPattern, JobSpec};
+use crate::histlog::IntervalLog;
+use crate::job::{JobSpec, RwMode};
+use crate::verify::VerifyFailure;
 use crate::{Error, Result};
 
 /// Highest latency the histograms resolve (one hour); longer ones are recorded as this.
@@ -47,6 +54,61 @@ pub fn latency_histogram() -> Result<Histogram<u64>> {
         .map_err(|e| Error::Histogram(e.to_string()))
 }
 
+/// A direction of I/O, as fio reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Read,
+    Write,
+    Trim,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 3] = [Self::Read, Self::Write, Self::Trim];
+
+    /// Index into per-direction arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// fio's name (`read`, `write`, `trim`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Trim => "trim",
+        }
+    }
+
+    /// Whether a job of mode `rw` issues this direction.
+    pub fn issued_by(self, rw: RwMode) -> bool {
+        match self {
+            Self::Read => rw.reads(),
+            Self::Write => rw.writes(),
+            Self::Trim => rw.trims(),
+        }
+    }
+}
+
+/// What `--verify` found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerifyStats {
+    /// Blocks whose stamp was checked (reads and the read-back pass).
+    pub blocks_checked: u64,
+    /// Blocks that failed.
+    pub failures: u64,
+    /// The first failure.
+    pub first: Option<VerifyFailure>,
+}
+
+impl VerifyStats {
+    /// Counts one failed block.
+    #[inline]
+    pub fn fail(&mut self, failure: VerifyFailure) {
+        self.failures += 1;
+        self.first.get_or_insert(failure);
+    }
+}
+
 /// What one job thread (or all of them, merged) measured.
 #[derive(Clone, Debug)]
 pub struct JobStats {
@@ -55,6 +117,13 @@ pub struct JobStats {
     pub read: Histogram<u64>,
     /// The same for writes.
     pub write: Histogram<u64>,
+    /// The same for trims.
+    pub trim: Histogram<u64>,
+    /// Bytes transferred by the counted I/Os, per direction ([`Direction::index`]).
+    pub io_bytes: [u64; 3],
+    /// Total latency per direction ([`Direction::index`]), from the time each I/O was due,
+    /// for open-loop (`rate_iops`) jobs; `None` when it equals the completion latency.
+    pub lat: Option<[Histogram<u64>; 3]>,
     /// I/Os that completed with a non-success status, or never completed (`unfinished`).
     pub errors: u64,
     /// The status of the first failed I/O.
@@ -63,18 +132,45 @@ pub struct JobStats {
     pub unfinished: u64,
     /// Length of the measured window (the longest of all threads once merged).
     pub runtime: Duration,
+    /// Verification results (all zero without `--verify`).
+    pub verify: VerifyStats,
+    /// Per-interval latency histograms, with `--hdr-log`.
+    pub intervals: Option<IntervalLog>,
 }
 
 impl JobStats {
-    fn new() -> Result<Self> {
+    /// Empty statistics.
+    pub fn new() -> Result<Self> {
         Ok(Self {
             read: latency_histogram()?,
             write: latency_histogram()?,
+            trim: latency_histogram()?,
+            io_bytes: [0; 3],
+            lat: None,
             errors: 0,
             first_error: None,
             unfinished: 0,
             runtime: Duration::ZERO,
+            verify: VerifyStats::default(),
+            intervals: None,
         })
+    }
+
+    /// The completion-latency histogram of `dir`.
+    pub fn clat(&self, dir: Direction) -> &Histogram<u64> {
+        match dir {
+            Direction::Read => &self.read,
+            Direction::Write => &self.write,
+            Direction::Trim => &self.trim,
+        }
+    }
+
+    /// The total-latency histogram of `dir` (the completion latency in a closed loop).
+    pub fn total_lat(&self, dir: Direction) -> &Histogram<u64> {
+        match &self.lat {
+            Some(lat) => &lat[dir.index()],
+            None => self.clat(dir),
+        }
     }
 
     /// Adds another thread's numbers, like fio's `group_reporting`.
@@ -84,14 +180,42 @@ impl JobStats {
         };
         add(&mut self.read, &other.read)?;
         add(&mut self.write, &other.write)?;
+        add(&mut self.trim, &other.trim)?;
+        for (a, b) in self.io_bytes.iter_mut().zip(other.io_bytes) {
+            *a += b;
+        }
+        if let Some(theirs) = &other.lat {
+            if self.lat.is_none() {
+                self.lat = Some([
+                    latency_histogram()?,
+                    latency_histogram()?,
+                    latency_histogram()?,
+                ]);
+            }
+            if let Some(mine) = &mut self.lat {
+                for (a, b) in mine.iter_mut().zip(theirs) {
+                    add(a, b)?;
+                }
+            }
+        }
         self.errors += other.errors;
         self.first_error = self.first_error.or(other.first_error);
         self.unfinished += other.unfinished;
         self.runtime = self.runtime.max(other.runtime);
+        self.verify.blocks_checked += other.verify.blocks_checked;
+        self.verify.failures += other.verify.failures;
+        self.verify.first = self.verify.first.or(other.verify.first);
+        if let Some(theirs) = &other.intervals {
+            self.intervals
+                .get_or_insert_with(IntervalLog::default)
+                .merge(theirs)?;
+        }
         Ok(())
     }
 
-    fn fail(&mut self, status: Status) {
+    /// Counts one failed I/O.
+    #[inline]
+    pub fn fail(&mut self, status: Status) {
         self.errors += 1;
         self.first_error.get_or_insert(status);
     }
@@ -108,14 +232,16 @@ pub struct RunResult {
 
 /// Runs `spec` against `target` and returns the merged statistics once every thread is done.
 pub fn run(target: &Arc<dyn BlockDevice>, spec: &JobSpec) -> Result<RunResult> {
-    let layout = spec.layout(target.geometry())?;
-    let buffers = spec.bs * u64::from(spec.iodepth) * if spec.rw.is_mixed() { 2 } else { 1 };
+    let geo = target.geometry();
+    let layout = spec.layout(geo)?;
+    let buffers =
+        spec.bs_bounds().1 * u64::from(spec.iodepth) * if spec.rw.is_mixed() { 2 } else { 1 };
     if buffers > MAX_JOB_BUFFER_BYTES {
         return Err(Error::Flag {
             flag: "--iodepth",
             reason: format!(
                 "{} buffers of --bs {} need {buffers} bytes per job, more than {MAX_JOB_BUFFER_BYTES}",
-                spec.iodepth, spec.bs
+                spec.iodepth, spec.bs_bounds().1
             ),
         });
     }
@@ -129,7 +255,9 @@ pub fn run(target: &Arc<dyn BlockDevice>, spec: &JobSpec) -> Result<RunResult> {
             let (target, gate) = (&**target, &gate);
             let spawned = std::thread::Builder::new()
                 .name(format!("bench-job{job}"))
-                .spawn_scoped(s, move || run_job(target, spec, layout, job, core, gate));
+                .spawn_scoped(s, move || {
+                    crate::job_thread::run_job(target, spec, layout, job, core, gate)
+                });
             match spawned {
                 Ok(h) => handles.push((job, h)),
                 Err(source) => {
@@ -169,7 +297,7 @@ pub fn run(target: &Arc<dyn BlockDevice>, spec: &JobSpec) -> Result<RunResult> {
 /// Lets job threads start measuring together once all have opened their queue pairs, or
 /// stops them all if one could not.
 #[derive(Debug)]
-struct StartGate {
+pub(crate) struct StartGate {
     jobs: u32,
     state: Mutex<GateState>,
     changed: Condvar,
@@ -192,7 +320,7 @@ impl StartGate {
     }
 
     /// Reports this thread ready (or failed) and waits for the others; true means go.
-    fn arrive(&self, ready: bool) -> bool {
+    pub(crate) fn arrive(&self, ready: bool) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.arrived += 1;
         st.failed |= !ready;
@@ -208,171 +336,4 @@ impl StartGate {
         st.aborted = true;
         self.changed.notify_all();
     }
-}
-
-/// One job thread's queue pair, buffers and generator.
-struct JobQueue {
-    qp: Box<dyn QueuePair>,
-    pool: DmaPool,
-    /// Buffers taken from `pool` for the whole run.
-    bufs: Vec<DmaBuf>,
-    /// Per slot: the buffer its reads land in and the one its writes come from (the same one
-    /// unless the job mixes reads and writes, so reads never clobber the write pattern).
-    read_buf: Vec<IoBuf>,
-    write_buf: Vec<IoBuf>,
-    pattern: IoPattern,
-}
-
-impl JobQueue {
-    fn open(target: &dyn BlockDevice, spec: &JobSpec, layout: IoLayout, job: u32) -> Result<Self> {
-        let depth = spec.iodepth as usize;
-        let qp = target
-            .open_qpair(spec.iodepth)
-            .map_err(|source| Error::OpenQueuePair { job, source })?;
-        let sets = if spec.rw.is_mixed() { 2 } else { 1 };
-        let mut pool = DmaPool::new(spec.iodepth * sets, spec.bs as usize);
-        let mut bufs: Vec<DmaBuf> = std::iter::from_fn(|| pool.get()).collect();
-        if spec.rw.writes() {
-            let mut rng = SmallRng::seed_from_u64(spec.seed ^ 0x5eed_f111 ^ u64::from(job));
-            for buf in &mut bufs[(sets as usize - 1) * depth..] {
-                let bytes = buf.as_mut_slice();
-                rng.fill_bytes(bytes);
-                for b in bytes.iter_mut().filter(|b| **b == 0) {
-                    *b = 0xa5;
-                }
-            }
-        }
-        let bs = spec.bs as usize;
-        let read_buf = bufs[..depth]
-            .iter()
-            .map(|b| b.io_buf().prefix(bs))
-            .collect();
-        let write_buf = bufs[(sets as usize - 1) * depth..]
-            .iter()
-            .map(|b| b.io_buf().prefix(bs))
-            .collect();
-        Ok(Self {
-            qp,
-            pool,
-            bufs,
-            read_buf,
-            write_buf,
-            pattern: IoPattern::new(spec, layout, job),
-        })
-    }
-}
-
-/// Direction index into the per-direction histograms.
-const READ: usize = 0;
-const WRITE: usize = 1;
-
-fn run_job(
-    target: &dyn BlockDevice,
-    spec: &JobSpec,
-    layout: IoLayout,
-    job: u32,
-    core: Option<core_affinity::CoreId>,
-    gate: &StartGate,
-) -> Result<Option<JobStats>> {
-    if let Some(core) = core {
-        // Pinning is best effort: an unpinned job still measures correctly.
-        core_affinity::set_for_current(core);
-    }
-    // Everything the loop needs is allocated before the start.
-    let setup = JobQueue::open(target, spec, layout, job).and_then(|q| {
-        Ok((
-            q,
-            JobStats::new()?,
-            [latency_histogram()?, latency_histogram()?],
-        ))
-    });
-    if !gate.arrive(setup.is_ok()) {
-        return setup.map(|_| None);
-    }
-    let (mut q, mut stats, mut clat) = setup?;
-    let depth = spec.iodepth as usize;
-    let nlb = layout.nlb;
-    let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
-    let mut submitted_at = vec![0u64; depth];
-    let mut slot_dir = vec![READ as u8; depth];
-    let mut cpl = vec![Completion::default(); depth];
-    let ramp_end = spec.ramp_time.as_nanos() as u64;
-    let end = ramp_end + spec.runtime.as_nanos() as u64;
-
-    let epoch = Instant::now();
-    let window_end = loop {
-        if !free.is_empty() {
-            let stamp = epoch.elapsed().as_nanos() as u64;
-            while let Some(slot) = free.pop() {
-                let s = slot as usize;
-                let (op, slba) = q.pattern.next_io();
-                let (buf, dir) = if op == IoOp::Write {
-                    (q.write_buf[s], WRITE)
-                } else {
-                    (q.read_buf[s], READ)
-                };
-                let cmd = IoCommand::with_buf(op, slba, nlb, buf, u64::from(slot));
-                // SAFETY: the buffer belongs to `q.pool`, which outlives every command (it is
-                // leaked below if a command never completes); a slot has one command at a time,
-                // and nothing touches a slot's buffers until its completion is reaped.
-                if unsafe { q.qp.submit(cmd) }.is_err() {
-                    free.push(slot);
-                    break;
-                }
-                submitted_at[s] = stamp;
-                slot_dir[s] = dir as u8;
-            }
-        }
-        let n = q.qp.poll(&mut cpl);
-        let now = epoch.elapsed().as_nanos() as u64;
-        let counting = now >= ramp_end;
-        for c in &cpl[..n] {
-            // The tag is the slot index submitted above, returned unchanged by the back end.
-            let slot = c.tag as usize;
-            if !c.status.is_success() {
-                stats.fail(c.status);
-            } else if counting {
-                let lat = now - submitted_at[slot];
-                clat[slot_dir[slot] as usize].saturating_record(lat);
-            }
-            free.push(c.tag as u32);
-        }
-        if now >= end {
-            break now;
-        }
-    };
-    stats.runtime = Duration::from_nanos(window_end - ramp_end);
-
-    // Drain: the buffers must outlive every command, so wait for the stragglers.
-    let mut inflight = depth - free.len();
-    let give_up = Instant::now() + DRAIN_TIMEOUT;
-    while inflight > 0 {
-        let n = q.qp.poll(&mut cpl);
-        for c in &cpl[..n] {
-            if !c.status.is_success() {
-                stats.fail(c.status);
-            }
-        }
-        inflight -= n;
-        if n == 0 {
-            if Instant::now() >= give_up {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-    }
-    let [read, write] = clat;
-    stats.read = read;
-    stats.write = write;
-    if inflight > 0 {
-        stats.unfinished = inflight as u64;
-        stats.errors += inflight as u64;
-        // The device may still write into the buffers: never free them.
-        std::mem::forget(q.pool);
-    } else {
-        for b in q.bufs {
-            q.pool.put(b);
-        }
-    }
-    Ok(Some(stats))
 }

@@ -17,6 +17,28 @@ pub enum Error {
         #[source]
         source: nvmirror_nvme::Error,
     },
+    /// A `--target` URI could not be parsed or opened.
+    #[error("--target {uri}: {source}")]
+    OpenTarget {
+        uri: String,
+        #[source]
+        source: nvmirror_nvme::Error,
+    },
+    /// A job file could not be read.
+    #[error("{path}: {source}")]
+    ReadJobFile {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A job file line that is not valid; `key` is empty for lines without one.
+    #[error("{path}:{line}: {key}{sep}{reason}", sep = if key.is_empty() { "" } else { ": " })]
+    JobFile {
+        path: String,
+        line: usize,
+        key: String,
+        reason: String,
+    },
     /// A job could not open its queue pair on the target.
     #[error("job {job}: {source}")]
     OpenQueuePair {
@@ -37,6 +59,12 @@ pub enum Error {
     /// Latency histograms could not be created or merged.
     #[error("latency histogram: {0}")]
     Histogram(String),
+    /// An HdrHistogram interval log could not be written.
+    #[error("--hdr-log {}: {reason}", path.display())]
+    HdrLog {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// Writing the report failed.
     #[error("cannot write the report: {0}")]
     WriteReport(#[source] io::Error),

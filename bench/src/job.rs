@@ -1,12 +1,10 @@
-//! A job in fio's vocabulary ([`JobSpec`]), checked against a device ([`IoLayout`]), and the
-//! stream of commands it issues ([`IoPattern`]).
+//! A job in fio's vocabulary ([`JobSpec`]) and the same job checked against a device
+//! ([`IoLayout`]). The stream of commands a job issues is in [`crate::pattern`].
 
 use std::fmt;
 use std::time::Duration;
 
 use nvmirror_nvme::{Geometry, IoOp};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
 use crate::{Error, Result};
 
@@ -18,6 +16,9 @@ pub const MAX_BS: u64 = 64 << 20;
 
 /// Largest queue depth a job accepts.
 pub const MAX_IODEPTH: u32 = 4096;
+
+/// Most verify blocks one job may track (8 bytes each: 512 MiB of ledger at most).
+pub const MAX_VERIFY_BLOCKS: u64 = 1 << 26;
 
 /// fio's `rw=`: direction and offset order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -37,6 +38,12 @@ pub enum RwMode {
     /// Random mixed reads and writes, `rwmixread` percent reads.
     #[value(name = "randrw")]
     RandRw,
+    /// Sequential trims (Dataset Management, deallocate).
+    #[value(name = "trim")]
+    Trim,
+    /// Random trims.
+    #[value(name = "randtrim")]
+    RandTrim,
 }
 
 impl RwMode {
@@ -48,12 +55,32 @@ impl RwMode {
             Self::RandRead => "randread",
             Self::RandWrite => "randwrite",
             Self::RandRw => "randrw",
+            Self::Trim => "trim",
+            Self::RandTrim => "randtrim",
         }
+    }
+
+    /// The mode named `s` (fio's names).
+    pub fn from_name(s: &str) -> Option<Self> {
+        [
+            Self::Read,
+            Self::Write,
+            Self::RandRead,
+            Self::RandWrite,
+            Self::RandRw,
+            Self::Trim,
+            Self::RandTrim,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
     }
 
     /// Offsets are drawn at random rather than walked in order.
     pub fn is_random(self) -> bool {
-        matches!(self, Self::RandRead | Self::RandWrite | Self::RandRw)
+        matches!(
+            self,
+            Self::RandRead | Self::RandWrite | Self::RandRw | Self::RandTrim
+        )
     }
 
     /// The job issues both reads and writes.
@@ -63,7 +90,26 @@ impl RwMode {
 
     /// The job issues writes (their buffers carry a fill pattern).
     pub fn writes(self) -> bool {
-        !matches!(self, Self::Read | Self::RandRead)
+        matches!(self, Self::Write | Self::RandWrite | Self::RandRw)
+    }
+
+    /// The job issues reads.
+    pub fn reads(self) -> bool {
+        matches!(self, Self::Read | Self::RandRead | Self::RandRw)
+    }
+
+    /// The job issues trims.
+    pub fn trims(self) -> bool {
+        matches!(self, Self::Trim | Self::RandTrim)
+    }
+
+    /// The command of a job that is not mixed.
+    pub fn op(self) -> IoOp {
+        match self {
+            Self::Read | Self::RandRead => IoOp::Read,
+            Self::Write | Self::RandWrite | Self::RandRw => IoOp::Write,
+            Self::Trim | Self::RandTrim => IoOp::Deallocate,
+        }
     }
 }
 
@@ -73,40 +119,101 @@ impl fmt::Display for RwMode {
     }
 }
 
-/// One job, as the command line describes it. `numjobs` threads run it side by side.
+/// fio's `verify=`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum VerifyMode {
+    /// No verification.
+    #[default]
+    #[value(name = "none")]
+    None,
+    /// Every written block carries a stamp with a CRC32C; reads and the read-back pass check it.
+    #[value(name = "crc32c")]
+    Crc32c,
+}
+
+impl VerifyMode {
+    /// fio's name for the mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Crc32c => "crc32c",
+        }
+    }
+}
+
+/// fio's `bsrange=MIN-MAX`: I/O sizes drawn at random, multiples of `min`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BsRange {
+    pub min: u64,
+    pub max: u64,
+}
+
+impl fmt::Display for BsRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// One job, as the command line or a job-file section describes it. `numjobs` threads run
+/// it side by side.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSpec {
+    /// The job's name (a job-file section); `None` names it after `rw`.
+    pub name: Option<String>,
     pub rw: RwMode,
-    /// Bytes per I/O.
+    /// Bytes per I/O (the smallest size, and the offset alignment, with `bsrange`).
     pub bs: u64,
+    /// Random I/O sizes; replaces `bs` when set.
+    pub bsrange: Option<BsRange>,
     /// I/Os each thread keeps in flight.
     pub iodepth: u32,
-    /// Measured time, after the ramp.
+    /// Longest measured time, after the ramp (the whole of it with `time_based`).
     pub runtime: Duration,
     /// Time run before measuring starts; its I/Os are not counted.
     pub ramp_time: Duration,
-    /// Bytes of the device the offsets range over; `None` is the whole device.
+    /// Run the whole `runtime`, wrapping over the region; otherwise stop after `io_size`.
+    pub time_based: bool,
+    /// First byte of the region the offsets range over.
+    pub offset: u64,
+    /// Bytes of the region; `None` is the rest of the device after `offset`.
     pub size: Option<u64>,
+    /// Bytes each thread transfers before it stops (without `time_based`); `None` is `size`.
+    pub io_size: Option<u64>,
     /// Percentage of reads in mixed jobs.
     pub rwmixread: u32,
     /// Threads, each with its own queue pair and buffers.
     pub numjobs: u32,
     /// Seed of the offset and mix generators (job `i` uses `seed + i`).
     pub seed: u64,
+    /// Data verification.
+    pub verify: VerifyMode,
+    /// I/Os per second each thread issues on a fixed schedule (open loop); `None` is a closed
+    /// loop.
+    pub rate_iops: Option<u64>,
+    /// Length of one interval of the latency log; `None` keeps no log.
+    pub log_interval: Option<Duration>,
 }
 
 impl Default for JobSpec {
     fn default() -> Self {
         Self {
+            name: None,
             rw: RwMode::Read,
             bs: 4096,
+            bsrange: None,
             iodepth: 1,
             runtime: Duration::from_secs(10),
             ramp_time: Duration::ZERO,
+            time_based: false,
+            offset: 0,
             size: None,
+            io_size: None,
             rwmixread: 50,
             numjobs: 1,
             seed: DEFAULT_SEED,
+            verify: VerifyMode::None,
+            rate_iops: None,
+            log_interval: None,
         }
     }
 }
@@ -114,13 +221,34 @@ impl Default for JobSpec {
 /// A job checked against a device: how each I/O maps onto logical blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IoLayout {
-    /// Logical blocks per I/O (`bs / lba_size`).
+    /// Logical blocks per unit (the smallest I/O, `bs` or the low end of `bsrange`).
     pub nlb: u32,
-    /// Number of `bs`-sized units the offsets range over.
+    /// Number of units the region holds.
     pub units: u64,
+    /// Largest I/O in units (1 without `bsrange`).
+    pub max_units: u32,
+    /// First LBA of the region.
+    pub first_lba: u64,
+}
+
+impl IoLayout {
+    /// Bytes of one unit.
+    pub fn unit_bytes(&self, lba_size: u32) -> u64 {
+        u64::from(self.nlb) * u64::from(lba_size)
+    }
 }
 
 impl JobSpec {
+    /// The job's name: its section's, or the `rw` mode's.
+    pub fn job_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.rw.as_str())
+    }
+
+    /// The smallest and largest I/O in bytes.
+    pub fn bs_bounds(&self) -> (u64, u64) {
+        self.bsrange.map_or((self.bs, self.bs), |r| (r.min, r.max))
+    }
+
     /// Checks the job against a device; errors name the flag at fault.
     pub fn layout(&self, geo: Geometry) -> Result<IoLayout> {
         let flag = |flag, reason: String| Error::Flag { flag, reason };
@@ -142,92 +270,105 @@ impl JobSpec {
         if self.runtime.is_zero() {
             return Err(flag("--runtime", "must be greater than zero".into()));
         }
+        if self.rate_iops == Some(0) {
+            return Err(flag("--rate_iops", "must be greater than zero".into()));
+        }
+        if self.io_size == Some(0) {
+            return Err(flag("--io_size", "must be greater than zero".into()));
+        }
+        if matches!(self.log_interval, Some(d) if d < Duration::from_millis(1)) {
+            return Err(flag("--log_interval", "must be at least 1ms".into()));
+        }
         let lba = u64::from(geo.lba_size);
-        if self.bs == 0 || self.bs > MAX_BS || self.bs % lba != 0 {
+        let (min, max) = self.bs_bounds();
+        let bs_flag = if self.bsrange.is_some() {
+            "--bsrange"
+        } else {
+            "--bs"
+        };
+        for b in [min, max] {
+            if b == 0 || b > MAX_BS || b % lba != 0 {
+                return Err(flag(
+                    bs_flag,
+                    format!(
+                        "{b} bytes is not a multiple of the device's {lba}-byte blocks up to {MAX_BS}"
+                    ),
+                ));
+            }
+        }
+        if min > max {
             return Err(flag(
-                "--bs",
-                format!(
-                    "{} bytes is not a multiple of the device's {lba}-byte blocks up to {MAX_BS}",
-                    self.bs
-                ),
+                "--bsrange",
+                format!("the low end {min} exceeds the high end {max}"),
             ));
         }
         let device = geo.bytes();
+        if self.offset % lba != 0 || self.offset >= device {
+            return Err(flag(
+                "--offset",
+                format!(
+                    "{} is not a multiple of the device's {lba}-byte blocks below its {device} bytes",
+                    self.offset
+                ),
+            ));
+        }
+        let room = device - self.offset;
         let size = match self.size {
-            None => device,
-            Some(s) if s > device => {
+            None => room,
+            Some(s) if s > room => {
                 return Err(flag(
                     "--size",
-                    format!("{s} bytes exceeds the device's {device} bytes"),
+                    format!(
+                        "{s} bytes from --offset {} exceeds the device's {device} bytes",
+                        self.offset
+                    ),
                 ))
             }
             Some(s) => s,
         };
-        if size < self.bs {
+        let units = size / min;
+        let max_units = max / min;
+        let threads = if self.verify == VerifyMode::None {
+            1
+        } else {
+            u64::from(self.numjobs)
+        };
+        if units / threads < max_units {
             return Err(flag(
                 "--size",
-                format!("{size} bytes is smaller than one block of --bs {}", self.bs),
+                format!(
+                    "{size} bytes is smaller than {threads} I/O(s) of {max} bytes{}",
+                    if threads > 1 {
+                        " (verify gives each job its own share)"
+                    } else {
+                        ""
+                    }
+                ),
             ));
         }
-        Ok(IoLayout {
-            nlb: (self.bs / lba) as u32,
-            units: size / self.bs,
-        })
-    }
-}
-
-/// The commands one job thread issues: direction and first LBA of each I/O, in order.
-#[derive(Debug)]
-pub struct IoPattern {
-    rng: SmallRng,
-    rw: RwMode,
-    rwmixread: u32,
-    units: u64,
-    nlb: u64,
-    /// Next unit of a sequential job.
-    cursor: u64,
-}
-
-impl IoPattern {
-    /// The pattern of job thread `job` of `numjobs`. Sequential threads start spread evenly
-    /// over the range so they do not write the same blocks at once; each wraps at the end.
-    pub fn new(spec: &JobSpec, layout: IoLayout, job: u32) -> Self {
-        let cursor = layout.units / u64::from(spec.numjobs.max(1)) * u64::from(job);
-        Self {
-            rng: SmallRng::seed_from_u64(spec.seed.wrapping_add(u64::from(job))),
-            rw: spec.rw,
-            rwmixread: spec.rwmixread,
-            units: layout.units,
-            nlb: u64::from(layout.nlb),
-            cursor: cursor % layout.units.max(1),
+        if self.verify != VerifyMode::None {
+            if self.rw.trims() {
+                return Err(flag(
+                    "--verify",
+                    "a trim job leaves nothing to verify".into(),
+                ));
+            }
+            let blocks = size / lba;
+            if blocks > MAX_VERIFY_BLOCKS {
+                return Err(flag(
+                    "--verify",
+                    format!(
+                        "{blocks} blocks of {lba} bytes are more than the {MAX_VERIFY_BLOCKS} a job tracks; lower --size"
+                    ),
+                ));
+            }
         }
-    }
-
-    /// The next I/O: its direction and first LBA.
-    #[inline]
-    pub fn next_io(&mut self) -> (IoOp, u64) {
-        let op = match self.rw {
-            RwMode::Read | RwMode::RandRead => IoOp::Read,
-            RwMode::Write | RwMode::RandWrite => IoOp::Write,
-            RwMode::RandRw => {
-                if self.rng.gen_range(0..100) < self.rwmixread {
-                    IoOp::Read
-                } else {
-                    IoOp::Write
-                }
-            }
-        };
-        let unit = if self.rw.is_random() {
-            self.rng.gen_range(0..self.units)
-        } else {
-            let u = self.cursor;
-            self.cursor += 1;
-            if self.cursor == self.units {
-                self.cursor = 0;
-            }
-            u
-        };
-        (op, unit * self.nlb)
+        Ok(IoLayout {
+            nlb: (min / lba) as u32,
+            units,
+            max_units: max_units as u32,
+            first_lba: self.offset / lba,
+        })
     }
 }
 
@@ -247,67 +388,140 @@ mod tests {
         };
         assert_eq!(
             spec.layout(geo(1 << 30)).unwrap(),
-            IoLayout { nlb: 8, units: 256 }
+            IoLayout {
+                nlb: 8,
+                units: 256,
+                max_units: 1,
+                first_lba: 0
+            }
         );
         let err = |spec: JobSpec| spec.layout(geo(1 << 20)).unwrap_err().to_string();
-        assert!(err(JobSpec {
-            bs: 1000,
-            ..JobSpec::default()
-        })
-        .starts_with("--bs:"));
-        assert!(err(JobSpec {
-            size: Some(2 << 20),
-            ..JobSpec::default()
-        })
-        .starts_with("--size:"));
-        assert!(err(JobSpec {
-            size: Some(2048),
-            ..JobSpec::default()
-        })
-        .starts_with("--size:"));
-        assert!(err(JobSpec {
-            iodepth: 0,
-            ..JobSpec::default()
-        })
-        .starts_with("--iodepth:"));
-        assert!(err(JobSpec {
-            rwmixread: 101,
-            ..JobSpec::default()
-        })
-        .starts_with("--rwmixread:"));
+        for (spec, flag) in [
+            (
+                JobSpec {
+                    bs: 1000,
+                    ..JobSpec::default()
+                },
+                "--bs:",
+            ),
+            (
+                JobSpec {
+                    size: Some(2 << 20),
+                    ..JobSpec::default()
+                },
+                "--size:",
+            ),
+            (
+                JobSpec {
+                    size: Some(2048),
+                    ..JobSpec::default()
+                },
+                "--size:",
+            ),
+            (
+                JobSpec {
+                    iodepth: 0,
+                    ..JobSpec::default()
+                },
+                "--iodepth:",
+            ),
+            (
+                JobSpec {
+                    rwmixread: 101,
+                    ..JobSpec::default()
+                },
+                "--rwmixread:",
+            ),
+            (
+                JobSpec {
+                    offset: 1 << 20,
+                    ..JobSpec::default()
+                },
+                "--offset:",
+            ),
+            (
+                JobSpec {
+                    offset: 100,
+                    ..JobSpec::default()
+                },
+                "--offset:",
+            ),
+            (
+                JobSpec {
+                    offset: 512 << 10,
+                    size: Some(768 << 10),
+                    ..JobSpec::default()
+                },
+                "--size:",
+            ),
+            (
+                JobSpec {
+                    bsrange: Some(BsRange {
+                        min: 8192,
+                        max: 4096,
+                    }),
+                    ..JobSpec::default()
+                },
+                "--bsrange:",
+            ),
+            (
+                JobSpec {
+                    bsrange: Some(BsRange {
+                        min: 4096,
+                        max: 5000,
+                    }),
+                    ..JobSpec::default()
+                },
+                "--bsrange:",
+            ),
+            (
+                JobSpec {
+                    rw: RwMode::Trim,
+                    verify: VerifyMode::Crc32c,
+                    ..JobSpec::default()
+                },
+                "--verify:",
+            ),
+            (
+                JobSpec {
+                    rate_iops: Some(0),
+                    ..JobSpec::default()
+                },
+                "--rate_iops:",
+            ),
+        ] {
+            let e = err(spec.clone());
+            assert!(e.starts_with(flag), "{spec:?}: {e}");
+        }
     }
 
     #[test]
-    fn sequential_walks_and_wraps_random_stays_in_range() {
-        let layout = IoLayout { nlb: 8, units: 4 };
+    fn offset_and_bsrange_shape_the_region() {
         let spec = JobSpec {
-            rw: RwMode::Write,
-            numjobs: 2,
+            offset: 64 << 10,
+            size: Some(256 << 10),
+            bsrange: Some(BsRange {
+                min: 4096,
+                max: 16384,
+            }),
             ..JobSpec::default()
         };
-        let mut p = IoPattern::new(&spec, layout, 1);
-        let lbas: Vec<u64> = (0..5).map(|_| p.next_io().1).collect();
-        assert_eq!(lbas, [16, 24, 0, 8, 16]);
-
-        let spec = JobSpec {
-            rw: RwMode::RandRw,
-            rwmixread: 30,
+        assert_eq!(
+            spec.layout(geo(1 << 20)).unwrap(),
+            IoLayout {
+                nlb: 8,
+                units: 64,
+                max_units: 4,
+                first_lba: 128
+            }
+        );
+        // Without --size the region runs from the offset to the end of the device.
+        let rest = JobSpec {
+            offset: 512 << 10,
             ..JobSpec::default()
         };
-        let layout = IoLayout {
-            nlb: 8,
-            units: 1000,
-        };
-        let mut p = IoPattern::new(&spec, layout, 0);
-        let mut reads = 0;
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..10_000 {
-            let (op, lba) = p.next_io();
-            assert!(lba < 8000 && lba % 8 == 0);
-            seen.insert(lba);
-            reads += u32::from(op == IoOp::Read);
-        }
-        assert!((2700..3300).contains(&reads), "{reads} reads of 10000");
-        assert!(seen.len() > 900, "only {} distinct offsets", seen.len());
+        assert_eq!(rest.layout(geo(1 << 20)).unwrap().units, 128);
+        assert_eq!(RwMode::from_name("randtrim"), Some(RwMode::RandTrim));
+        assert_eq!(RwMode::from_name("trims"), None);
     }
 }

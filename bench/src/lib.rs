@@ -1,8 +1,10 @@
 //! `nvmirror-bench`: a fio-like load generator for nvmirror devices and volumes.
 //!
-//! Each job thread opens its own queue pair on the target and keeps `iodepth` I/Os in flight
-//! in a closed loop; completion latencies go into HDR histograms; the report is fio's normal
-//! text or fio's JSON shape, so fio tooling can read it.
+//! Each job thread opens its own queue pair on the target and keeps up to `iodepth` I/Os in
+//! flight, in a closed loop or on a fixed schedule (`rate_iops`); latencies go into HDR
+//! histograms; `--verify crc32c` stamps and checks every block; the report is fio's normal
+//! text or fio's JSON shape, so fio tooling can read it. Jobs come from the command line or
+//! from a fio-style job file.
 //!
 //! ```
 //! use std::time::Duration;
@@ -13,6 +15,7 @@
 //!     rw: RwMode::RandWrite,
 //!     iodepth: 8,
 //!     runtime: Duration::from_millis(20),
+//!     time_based: true,
 //!     ..JobSpec::default()
 //! };
 //! let run = engine::run(&target, &spec).unwrap();
@@ -24,9 +27,14 @@ pub mod breakdown;
 pub mod cli;
 pub mod engine;
 mod error;
+pub mod histlog;
 pub mod job;
+mod job_thread;
+pub mod jobfile;
+pub mod pattern;
 pub mod plot;
 pub mod report;
+pub mod verify;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -37,6 +45,7 @@ pub use error::{Error, Result};
 
 use cli::{Cli, OutputFormat};
 use engine::RunResult;
+use jobfile::JobConfig;
 
 /// Opens the legs and builds the target (see [`build_volume`]).
 pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
@@ -97,39 +106,106 @@ pub fn build_volume(mut legs: Vec<Arc<dyn BlockDevice>>, bitmap: bool) -> Result
     })
 }
 
-/// Runs what the command line asks for and writes the report to `out`.
-pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<RunResult> {
+/// Opens what a job runs against: a running target (`--target`, one device opened with
+/// `open_leg`) or in-process legs (see [`open_target`]).
+pub fn open_job_target(target: Option<&str>, legs: &[String], bitmap: bool) -> Result<Target> {
+    match target {
+        Some(_) if bitmap => Err(Error::Flag {
+            flag: "--bitmap",
+            reason: "formats in-process legs; it cannot be used with --target".into(),
+        }),
+        Some(uri) => Ok(Target {
+            device: nvmirror_nvme::open_leg(uri).map_err(|source| Error::OpenTarget {
+                uri: uri.to_string(),
+                source,
+            })?,
+            volume: None,
+        }),
+        None => open_target(legs, bitmap),
+    }
+}
+
+/// The jobs the command line asks for: its own, or each section of its job file.
+pub fn job_configs(cli: &Cli) -> Result<Vec<JobConfig>> {
+    match &cli.jobfile {
+        Some(path) => jobfile::JobFile::read(path)?.configs(cli),
+        None => {
+            let cfg = JobConfig {
+                spec: cli.job_spec(),
+                target: cli.target.clone(),
+                legs: cli.legs.clone(),
+            };
+            cfg.check_device()?;
+            Ok(vec![cfg])
+        }
+    }
+}
+
+/// Whether a run should make the exit status non-zero: failed I/Os or failed verification.
+pub fn run_failed(run: &RunResult) -> bool {
+    run.stats.errors > 0 || run.stats.verify.failures > 0
+}
+
+/// Runs what the command line asks for (job-file sections one after another, on the same
+/// opened devices when they name the same ones) and writes the report to `out`.
+pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
     let bitmap = cli.bitmap == cli::BitmapMode::On;
-    let Target {
-        device: target,
-        volume,
-    } = open_target(&cli.legs, bitmap)?;
-    let spec = cli.job_spec();
-    if cli.breakdown {
-        breakdown::enable(volume.as_deref(), &spec)?;
+    let configs = job_configs(cli)?;
+    // Devices opened so far, by (target, legs): later sections reuse them.
+    type DeviceKey = (Option<String>, Vec<String>);
+    let mut opened: Vec<(DeviceKey, Target)> = Vec::new();
+    if cli.breakdown && configs.len() > 1 {
+        return Err(Error::Flag {
+            flag: "--breakdown",
+            reason: "works with one job, not a job file of several sections".into(),
+        });
     }
-    let run = engine::run(&target, &spec)?;
-    let stages = volume
-        .as_deref()
-        .filter(|_| cli.breakdown)
-        .map(breakdown::collect);
-    match (cli.output_format, &stages) {
-        (OutputFormat::Normal, _) => report::write_normal(&run, out)?,
-        (OutputFormat::Json, None) => report::write_json(&run, out)?,
-        (OutputFormat::Json, Some(st)) => breakdown::write_json(&run, st, out)?,
+    let mut runs = Vec::with_capacity(configs.len());
+    let mut stages = Vec::with_capacity(configs.len());
+    for cfg in &configs {
+        let key = (cfg.target.clone(), cfg.legs.clone());
+        let at = match opened.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                let target = open_job_target(cfg.target.as_deref(), &cfg.legs, bitmap)?;
+                opened.push((key, target));
+                opened.len() - 1
+            }
+        };
+        let volume = opened[at].1.volume.as_deref();
+        if cli.breakdown {
+            breakdown::enable(volume, &cfg.spec)?;
+        }
+        let run = engine::run(&opened[at].1.device, &cfg.spec)?;
+        if let Some(dir) = &cli.hdr_log {
+            histlog::write_logs(dir, &run)?;
+        }
+        stages.push(volume.filter(|_| cli.breakdown).map(breakdown::collect));
+        runs.push(run);
     }
-    if let (OutputFormat::Normal, Some(st)) = (cli.output_format, &stages) {
-        breakdown::write_text(st, out)?;
+    match (cli.output_format, stages.as_slice()) {
+        (OutputFormat::Normal, _) => {
+            for (run, st) in runs.iter().zip(&stages) {
+                report::write_normal(run, out)?;
+                if let Some(st) = st {
+                    breakdown::write_text(st, out)?;
+                }
+            }
+        }
+        (OutputFormat::Json, [Some(st)]) => breakdown::write_json(&runs[0], st, out)?,
+        (OutputFormat::Json, _) => report::write_json_runs(&runs, out)?,
     }
-    if let (true, Some(vol)) = (bitmap, volume) {
-        let st = vol.stats();
-        eprintln!(
-            "bitmap: {} metadata writes, hit rate {:.4}, {} regions marked, {} predicted",
-            st.metadata_writes,
-            st.bitmap_hit_rate(),
-            vol.marked_region_count(),
-            st.predicted_regions
-        );
+    if bitmap {
+        for vol in opened.iter().filter_map(|(_, t)| t.volume.as_ref()) {
+            let st = vol.stats();
+            eprintln!(
+                "bitmap: {} metadata writes, hit rate {:.4}, {} regions marked, {} predicted",
+                st.metadata_writes,
+                st.bitmap_hit_rate(),
+                vol.marked_region_count(),
+                st.predicted_regions
+            );
+        }
     }
-    Ok(run)
+    Ok(runs)
 }

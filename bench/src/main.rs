@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use nvmirror_bench::cli::Cli;
 
 fn main() -> ExitCode {
@@ -16,11 +15,12 @@ fn main() -> ExitCode {
             }
         };
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let mut stdout = std::io::stdout().lock();
     match nvmirror_bench::run_cli(&cli, &mut stdout) {
-        // Like fio: the report is printed, and failed I/Os make the exit status non-zero.
-        Ok(run) if run.stats.errors > 0 => ExitCode::from(1),
+        // Like fio: the report is printed, and failed I/Os or failed verification make the
+        // exit status non-zero.
+        Ok(runs) if runs.iter().any(nvmirror_bench::run_failed) => ExitCode::from(1),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nvmirror-bench: {e}");

@@ -1,9 +1,11 @@
 //! Reports of a run: fio's JSON shape ([`FioOutput`], `--output-format json`), so fio tooling
 //! can read it, and a human summary like fio's normal output ([`write_normal`]).
 //!
-//! All threads are reported as one job named after the `rw` mode, like fio's
-//! `group_reporting`. Completion latency (`clat_ns`) is measured; `lat_ns` repeats it, since
-//! submission latency (`slat_ns`) is not measured separately yet and reads as zeros.
+//! Each job (the command line's, or each job-file section) is one entry of `jobs[]`, its
+//! threads merged like fio's `group_reporting`, named after its section (or the `rw` mode).
+//! Completion latency (`clat_ns`) runs from submission; total latency (`lat_ns`) runs from the
+//! time the I/O was due, which differs only for open-loop (`rate_iops`) jobs. Submission
+//! latency (`slat_ns`) is not measured separately and reads as zeros.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,7 +17,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::engine::RunResult;
+use crate::engine::{Direction, RunResult};
 use crate::{Error, Result};
 
 /// The percentiles fio reports by default.
@@ -47,6 +49,15 @@ pub struct FioJob {
     /// The first failure's NVMe status, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_status: Option<String>,
+    /// Blocks that failed `--verify`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verify_errors: u64,
+    /// The first verify failure (`LBA n: why`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_error: Option<String>,
+    /// Blocks whose verify stamp was checked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub verified_blocks: u64,
     /// Measured time in milliseconds.
     pub job_runtime: u64,
     /// Measured time in seconds.
@@ -55,10 +66,27 @@ pub struct FioJob {
     pub job_options: BTreeMap<String, String>,
     pub read: FioDirection,
     pub write: FioDirection,
+    #[serde(default)]
+    pub trim: FioDirection,
 }
 
-/// One direction (`read` or `write`) of a job.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl FioJob {
+    /// The report of one direction.
+    pub fn direction(&self, dir: Direction) -> &FioDirection {
+        match dir {
+            Direction::Read => &self.read,
+            Direction::Write => &self.write,
+            Direction::Trim => &self.trim,
+        }
+    }
+}
+
+/// One direction (`read`, `write` or `trim`) of a job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FioDirection {
     pub io_bytes: u64,
     pub io_kbytes: u64,
@@ -168,9 +196,8 @@ impl FioLatency {
 }
 
 impl FioDirection {
-    fn new(clat: &Histogram<u64>, bs: u64, runtime_ns: u128) -> Self {
+    fn new(clat: &Histogram<u64>, lat: &Histogram<u64>, io_bytes: u64, runtime_ns: u128) -> Self {
         let ios = clat.len();
-        let io_bytes = ios * bs;
         let (runtime, bw_bytes, iops) = if ios == 0 || runtime_ns == 0 {
             (0, 0, 0.0)
         } else {
@@ -181,7 +208,6 @@ impl FioDirection {
                 ios as f64 / secs,
             )
         };
-        let clat_ns = FioLatency::from_histogram(clat);
         Self {
             io_bytes,
             io_kbytes: io_bytes >> 10,
@@ -193,14 +219,14 @@ impl FioDirection {
             short_ios: 0,
             drop_ios: 0,
             slat_ns: FioLatency::default(),
-            lat_ns: clat_ns.clone(),
-            clat_ns,
+            clat_ns: FioLatency::from_histogram(clat),
+            lat_ns: FioLatency::from_histogram(lat),
         }
     }
 }
 
-impl FioOutput {
-    /// The report of a run.
+impl FioJob {
+    /// The report entry of one run.
     pub fn from_run(run: &RunResult) -> Self {
         let spec = &run.spec;
         let st = &run.stats;
@@ -209,21 +235,73 @@ impl FioOutput {
         let mut opt = |k: &str, v: String| {
             opts.insert(k.to_string(), v);
         };
-        opt("name", spec.rw.to_string());
+        opt("name", spec.job_name().to_string());
         opt("filename", run.target.clone());
         opt("rw", spec.rw.to_string());
-        opt("bs", spec.bs.to_string());
+        match spec.bsrange {
+            Some(r) => opt("bsrange", r.to_string()),
+            None => opt("bs", spec.bs.to_string()),
+        }
         opt("iodepth", spec.iodepth.to_string());
         opt("numjobs", spec.numjobs.to_string());
         opt("runtime", format!("{}ms", spec.runtime.as_millis()));
         opt("ramp_time", format!("{}ms", spec.ramp_time.as_millis()));
+        if spec.time_based {
+            opt("time_based", "1".into());
+        }
+        if spec.offset > 0 {
+            opt("offset", spec.offset.to_string());
+        }
         if let Some(size) = spec.size {
             opt("size", size.to_string());
+        }
+        if let Some(io_size) = spec.io_size {
+            opt("io_size", io_size.to_string());
         }
         if spec.rw.is_mixed() {
             opt("rwmixread", spec.rwmixread.to_string());
         }
+        if spec.verify != crate::job::VerifyMode::None {
+            opt("verify", spec.verify.as_str().into());
+        }
+        if let Some(rate) = spec.rate_iops {
+            opt("rate_iops", rate.to_string());
+        }
         opt("randseed", spec.seed.to_string());
+        let dir = |d: Direction| {
+            FioDirection::new(
+                st.clat(d),
+                st.total_lat(d),
+                st.io_bytes[d.index()],
+                runtime_ns,
+            )
+        };
+        FioJob {
+            jobname: spec.job_name().to_string(),
+            groupid: 0,
+            error: st.errors,
+            error_status: st.first_error.map(|s| s.to_string()),
+            verify_errors: st.verify.failures,
+            verify_error: st.verify.first.map(|f| f.to_string()),
+            verified_blocks: st.verify.blocks_checked,
+            job_runtime: (runtime_ns / 1_000_000) as u64,
+            elapsed: st.runtime.as_secs(),
+            job_options: opts,
+            read: dir(Direction::Read),
+            write: dir(Direction::Write),
+            trim: dir(Direction::Trim),
+        }
+    }
+}
+
+impl FioOutput {
+    /// The report of a run.
+    pub fn from_run(run: &RunResult) -> Self {
+        Self::from_runs(std::slice::from_ref(run))
+    }
+
+    /// The report of several runs (job-file sections), one `jobs[]` entry each.
+    pub fn from_runs(runs: &[RunResult]) -> Self {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -232,24 +310,19 @@ impl FioOutput {
             timestamp: now.as_secs(),
             timestamp_ms: now.as_millis() as u64,
             global_options: BTreeMap::new(),
-            jobs: vec![FioJob {
-                jobname: spec.rw.to_string(),
-                groupid: 0,
-                error: st.errors,
-                error_status: st.first_error.map(|s| s.to_string()),
-                job_runtime: (runtime_ns / 1_000_000) as u64,
-                elapsed: st.runtime.as_secs(),
-                job_options: opts,
-                read: FioDirection::new(&st.read, spec.bs, runtime_ns),
-                write: FioDirection::new(&st.write, spec.bs, runtime_ns),
-            }],
+            jobs: runs.iter().map(FioJob::from_run).collect(),
         }
     }
 }
 
 /// Writes the run as fio JSON.
 pub fn write_json(run: &RunResult, out: &mut dyn Write) -> Result<()> {
-    serde_json::to_writer_pretty(&mut *out, &FioOutput::from_run(run))
+    write_json_runs(std::slice::from_ref(run), out)
+}
+
+/// Writes several runs as one fio JSON document.
+pub fn write_json_runs(runs: &[RunResult], out: &mut dyn Write) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, &FioOutput::from_runs(runs))
         .map_err(Error::EncodeJson)?;
     writeln!(out).map_err(Error::WriteReport)
 }
@@ -263,14 +336,22 @@ pub fn write_normal(run: &RunResult, out: &mut dyn Write) -> Result<()> {
 /// The human summary as a string.
 pub fn normal_text(run: &RunResult) -> String {
     use fmt::Write as _;
-    let report = FioOutput::from_run(run);
-    let job = &report.jobs[0];
+    let job = FioJob::from_run(run);
     let spec = &run.spec;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{}: (groupid=0, jobs={}): err={:>2}: target={} bs={} iodepth={}",
-        job.jobname, spec.numjobs, job.error, run.target, spec.bs, spec.iodepth
+        "{}: (groupid=0, jobs={}): err={:>2}: target={} rw={} {} iodepth={}",
+        job.jobname,
+        spec.numjobs,
+        job.error,
+        run.target,
+        spec.rw,
+        match spec.bsrange {
+            Some(r) => format!("bsrange={r}"),
+            None => format!("bs={}", spec.bs),
+        },
+        spec.iodepth
     );
     if let Some(status) = &job.error_status {
         let _ = writeln!(
@@ -286,7 +367,23 @@ pub fn normal_text(run: &RunResult) -> String {
     } else if run.stats.unfinished > 0 {
         let _ = writeln!(s, "  errors: {} I/Os never completed", run.stats.unfinished);
     }
-    for (name, dir) in [("read", &job.read), ("write", &job.write)] {
+    if job.verified_blocks > 0 || job.verify_errors > 0 {
+        let _ = writeln!(
+            s,
+            "  verify: {} blocks checked, {} failed{}",
+            job.verified_blocks,
+            job.verify_errors,
+            job.verify_error
+                .as_ref()
+                .map(|f| format!(", first: {f}"))
+                .unwrap_or_default()
+        );
+    }
+    for (name, dir) in [
+        ("read", &job.read),
+        ("write", &job.write),
+        ("trim", &job.trim),
+    ] {
         if dir.total_ios == 0 {
             continue;
         }
@@ -299,10 +396,17 @@ pub fn normal_text(run: &RunResult) -> String {
             binary_bytes(dir.io_bytes as f64),
             dir.runtime
         );
-        write_latency(&mut s, &dir.clat_ns);
+        write_latency(&mut s, "clat", &dir.clat_ns);
+        if run.stats.lat.is_some() {
+            write_latency(&mut s, "lat", &dir.lat_ns);
+        }
     }
     let _ = writeln!(s, "\nRun status group 0 (all jobs):");
-    for (name, dir) in [("READ", &job.read), ("WRITE", &job.write)] {
+    for (name, dir) in [
+        ("READ", &job.read),
+        ("WRITE", &job.write),
+        ("TRIM", &job.trim),
+    ] {
         if dir.total_ios == 0 {
             continue;
         }
@@ -322,7 +426,7 @@ pub fn normal_text(run: &RunResult) -> String {
 
 /// The clat line and percentile table, each scaled to nsec, usec or msec by fio's rules
 /// (`display_lat` and `show_clat_percentiles` in fio's `stat.c`).
-fn write_latency(s: &mut String, lat: &FioLatency) {
+fn write_latency(s: &mut String, what: &str, lat: &FioLatency) {
     use fmt::Write as _;
     let (unit, div) = if lat.min > 2_000_000 && lat.max > 99_999_999 && lat.stddev > 1e6 {
         ("msec", 1e6)
@@ -333,7 +437,7 @@ fn write_latency(s: &mut String, lat: &FioLatency) {
     };
     let _ = writeln!(
         s,
-        "    clat ({unit}): min={}, max={}, avg={:.2}, stdev={:.2}",
+        "    {what} ({unit}): min={}, max={}, avg={:.2}, stdev={:.2}",
         (lat.min as f64 / div).round(),
         (lat.max as f64 / div).round(),
         lat.mean / div,
@@ -349,7 +453,7 @@ fn write_latency(s: &mut String, lat: &FioLatency) {
     } else {
         ("nsec", 1)
     };
-    let _ = writeln!(s, "    clat percentiles ({unit}):");
+    let _ = writeln!(s, "    {what} percentiles ({unit}):");
     let width = (hi / div).to_string().len();
     for row in pct.0.chunks(4) {
         let cells: Vec<String> = row
@@ -411,20 +515,17 @@ mod tests {
         for v in values {
             write.record(*v).unwrap();
         }
+        let mut stats = crate::engine::JobStats::new().unwrap();
+        stats.io_bytes[Direction::Write.index()] = write.len() * 4096;
+        stats.write = write;
+        stats.runtime = std::time::Duration::from_secs(1);
         RunResult {
             spec: crate::job::JobSpec {
                 rw: crate::job::RwMode::RandWrite,
                 ..Default::default()
             },
             target: "mem://1GiB".into(),
-            stats: crate::engine::JobStats {
-                read: crate::engine::latency_histogram().unwrap(),
-                write,
-                errors: 0,
-                first_error: None,
-                unfinished: 0,
-                runtime: std::time::Duration::from_secs(1),
-            },
+            stats,
         }
     }
 

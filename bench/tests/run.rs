@@ -16,6 +16,7 @@ fn short(rw: RwMode) -> JobSpec {
         rw,
         iodepth: 16,
         runtime: Duration::from_millis(200),
+        time_based: true,
         ..JobSpec::default()
     }
 }
