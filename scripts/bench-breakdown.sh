@@ -26,7 +26,9 @@ python3 - "$new" "${BASE:-}" "$secs" "$rounds" <<'EOF'
 import json, resource, statistics, subprocess, sys
 
 new, base, secs, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-variants = ([("base", base, [])] if base else []) + [("off", new, []), ("on", new, ["--breakdown"])]
+# Builds from before --time_based ran the whole runtime without it.
+variants = ([("base", base, [])] if base else []) + [
+    ("off", new, ["--time_based"]), ("on", new, ["--time_based", "--breakdown"])]
 legs = ["null://1TiB", "mem://1GiB"]
 runs = {}
 
