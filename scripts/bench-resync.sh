@@ -23,7 +23,18 @@ bin=build/release/examples/resync_bench
 lat=()
 [ -n "${LATENCY:-}" ] && lat=(--latency "$LATENCY")
 
-"$bin" dirty --size "$size" --pct 10 "${lat[@]}"
-"$bin" copy --size "$size" "${lat[@]}"
-"$bin" hostlat --size "$size" --secs 3 "${lat[@]}"
+# shellcheck source=scripts/lib/results.sh
+. scripts/lib/results.sh
+# field TEXT PATTERN: the number after PATTERN in TEXT.
+field() { sed -n "s/.*$2 \([0-9.]*\).*/\1/p" <<<"$1" | head -1; }
+
+out=$("$bin" dirty --size "$size" --pct 10 "${lat[@]}") || exit 1
+echo "$out"
+result "resync: copied / dirty bytes" "$(field "$out" "copied\/dirty =")" "<=" 1.0
+out=$("$bin" copy --size "$size" "${lat[@]}") || exit 1
+echo "$out"
+result "resync: resync / raw copy throughput" "$(field "$out" "resync\/raw throughput =")" ">=" 0.8
+out=$("$bin" hostlat --size "$size" --secs 3 "${lat[@]}") || exit 1
+echo "$out"
+result "resync: host p99 during / before (adaptive)" "$(field "$out" "; ratio")" "<=" 2
 "$bin" hostlat --size "$size" --secs 3 --no-adaptive "${lat[@]}"

@@ -59,3 +59,7 @@ done
 m=$(jq '.jobs[0].write.iops' "$dir/mirrored-randwrite-qd32.json")
 p99=$(jq '.jobs[0].write.clat_ns.percentile["99.000000"] / 1000' "$dir/mirrored-randwrite-qd32.json")
 echo "goal: mirrored QD32 randwrite >= 250000 IOPS with p99 <= 230 us: got ${m%.*} IOPS, p99 ${p99} us"
+# shellcheck source=scripts/lib/results.sh
+. "$root/scripts/lib/results.sh"
+result "NVMe/TCP: mirrored 4K randwrite QD32 (k IOPS)" "$(python3 -c "print(round($m / 1000))")" ">=" 250
+result "NVMe/TCP: mirrored 4K randwrite QD32 p99 (us)" "$p99" "<=" 230

@@ -94,4 +94,8 @@ report "uring_randwrite" "${spin_all[@]}"
 report "uring_randwrite --fixed" "${spin_fixed_all[@]}"
 report "uring_randwrite --yield" "${yield_all[@]}"
 report "... --yield --fixed" "${yield_fixed_all[@]}"
+# shellcheck source=scripts/lib/results.sh
+. "$root/scripts/lib/results.sh"
+[ ${#bench_all[@]} -eq 0 ] ||
+    result "io_uring: nvmirror-bench / fio, one file" "$(ratio "$(median "${bench_all[@]}")" "$fio_iops")" ">=" "$goal"
 echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -115,7 +115,7 @@ part 1 harness harness
 part 2 engine env BENCH_DIR="$out/engine" scripts/bench-mirror.sh "$secs"
 part 3 uring env ROUNDS=1 BENCH_DIR="$out/uring" scripts/bench-uring.sh "$secs"
 part 4 bitmap bitmap
-part 5 resync env BENCH_DIR="$out/resync" scripts/bench-resync.sh $((256 << 20))
+part 5 resync scripts/bench-resync.sh
 part 6 nvme-tcp env BENCH_DIR="$out/nvme-tcp" scripts/bench-target.sh "$secs"
 part 7 nbd scripts/fio-nbd.sh "$secs"
 

@@ -129,5 +129,8 @@ echo "== 4 KiB randwrite QD32 for ${SECS}s: nbdkit memory 1G"
 randwrite "nbd://127.0.0.1:$NBDKIT_PORT" "${PIDS[1]}" nbdkit
 NBDKIT_IOPS=$LAST_IOPS
 
-python3 -c 'import sys; print("ratio=%.2f (ours/nbdkit, goal >= 1.0)" % (int(sys.argv[1]) / int(sys.argv[2])))' \
-  "$OURS_IOPS" "$NBDKIT_IOPS"
+RATIO=$(python3 -c 'import sys; print("%.2f" % (int(sys.argv[1]) / int(sys.argv[2])))' "$OURS_IOPS" "$NBDKIT_IOPS")
+echo "ratio=$RATIO (ours/nbdkit, goal >= 1.0)"
+# shellcheck source=scripts/lib/results.sh
+. scripts/lib/results.sh
+result "NBD: fio 4K randwrite QD32, serve mirrored / nbdkit" "$RATIO" ">=" 1

@@ -17,7 +17,11 @@ v, op, g = float(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 ok = {">=": v >= g, "<=": v <= g, ">": v > g, "<": v < g}[op]
 print("ok" if ok else "MISSED")' "$value" "$op" "$goal")
     fi
-    printf '  %-52s %14s   goal %-2s %-8s %s\n' "$label" "$value" "$op" "$goal" "$verdict"
+    if [ "$goal" = - ]; then
+        printf '  %-52s %14s   (reported, no goal)\n' "$label" "$value"
+    else
+        printf '  %-52s %14s   goal %-2s %-8s %s\n' "$label" "$value" "$op" "$goal" "$verdict"
+    fi
     if [ -n "${BENCH_RESULTS:-}" ]; then
         printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$value" "$op" "$goal" "$verdict" >>"$BENCH_RESULTS"
     fi
