@@ -14,7 +14,8 @@
 # copy per leg (about 0.4 us each on a 2-core VM), so a mirrored write costs a second copy that
 # a single-leg write does not, and the ratio measures the memory system, not the engine.
 #
-#   scripts/bench-mirror.sh [SECONDS]        (default 10; BENCH_DIR for the files)
+#   scripts/bench-mirror.sh [SECONDS]        (default 10; BENCH_DIR for the results, IMG_DIR
+#                                             for the two 1 GiB images, default BENCH_DIR)
 set -euo pipefail
 
 secs=${1:-10}
@@ -77,15 +78,17 @@ done
 
 echo "== 3. io_uring on two files vs fio, two jobs"
 size=$((1 << 30))
+img=${IMG_DIR:-$dir}
+mkdir -p "$img"
 for f in a b; do
-    if [ ! -f "$dir/$f.img" ] || [ "$(stat -c %s "$dir/$f.img")" -ne "$size" ]; then
-        dd if=/dev/zero of="$dir/$f.img" bs=1M count=1024 oflag=direct status=none
+    if [ ! -f "$img/$f.img" ] || [ "$(stat -c %s "$img/$f.img")" -ne "$size" ]; then
+        dd if=/dev/zero of="$img/$f.img" bs=1M count=1024 oflag=direct status=none
     fi
 done
 fio --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=32 --time_based \
     --runtime="$secs" --size="$size" --group_reporting --output-format=json --output="$dir/fio.json" \
-    --name=a --filename="$dir/a.img" --name=b --filename="$dir/b.img" >/dev/null
+    --name=a --filename="$img/a.img" --name=b --filename="$img/b.img" >/dev/null
 fio_iops=$(jq '.jobs[0].write.iops' "$dir/fio.json")
-read -r u_iops _ _ < <(run uring-mirror "file://$dir/a.img" "file://$dir/b.img")
+read -r u_iops _ _ < <(run uring-mirror "file://$img/a.img" "file://$img/b.img")
 echo "  fio aggregate ${fio_iops} IOPS (limit for mirrored writes: half), nvmirror mirrored ${u_iops}"
 result "engine: io_uring mirrored / (fio 2 jobs / 2)" "$(calc "round($u_iops / ($fio_iops / 2), 3)")" ">=" 0.9

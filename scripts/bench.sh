@@ -112,8 +112,8 @@ bitmap() {
 }
 
 part 1 harness harness
-part 2 engine env BENCH_DIR="$out/engine" scripts/bench-mirror.sh "$secs"
-part 3 uring env ROUNDS=1 BENCH_DIR="$out/uring" scripts/bench-uring.sh "$secs"
+part 2 engine env BENCH_DIR="$out/engine" IMG_DIR="$root/build/bench-mirror" scripts/bench-mirror.sh "$secs"
+part 3 uring env ROUNDS=1 scripts/bench-uring.sh "$secs"
 part 4 bitmap bitmap
 part 5 resync scripts/bench-resync.sh
 part 6 nvme-tcp env BENCH_DIR="$out/nvme-tcp" scripts/bench-target.sh "$secs"
