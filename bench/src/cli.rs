@@ -71,6 +71,11 @@ pub struct Cli {
     #[arg(long = "time_based", visible_alias = "time-based")]
     pub time_based: bool,
 
+    /// Draw random offsets independently, repeats allowed (fio's norandommap); by default a
+    /// random job visits every block once per pass over the region, in random order
+    #[arg(long = "norandommap")]
+    pub norandommap: bool,
+
     /// Time run before measuring starts
     #[arg(long = "ramp_time", visible_alias = "ramp-time", default_value = "0",
           value_parser = duration_arg)]
@@ -207,6 +212,9 @@ impl Cli {
         }
         if given("time_based") {
             spec.time_based = self.time_based;
+        }
+        if given("norandommap") {
+            spec.norandommap = self.norandommap;
         }
         if given("ramp_time") {
             spec.ramp_time = self.ramp_time;

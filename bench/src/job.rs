@@ -173,6 +173,9 @@ pub struct JobSpec {
     pub ramp_time: Duration,
     /// Run the whole `runtime`, wrapping over the region; otherwise stop after `io_size`.
     pub time_based: bool,
+    /// fio's `norandommap`: random offsets are drawn independently (repeats allowed) instead
+    /// of walking a random permutation of the region.
+    pub norandommap: bool,
     /// First byte of the region the offsets range over.
     pub offset: u64,
     /// Bytes of the region; `None` is the rest of the device after `offset`.
@@ -205,6 +208,7 @@ impl Default for JobSpec {
             runtime: Duration::from_secs(10),
             ramp_time: Duration::ZERO,
             time_based: false,
+            norandommap: false,
             offset: 0,
             size: None,
             io_size: None,

@@ -20,7 +20,7 @@
 //! Each section other than `[global]` is a job, named after the section; jobs run one after
 //! another, each with its own report entry. Keys are the command-line flag names without the
 //! dashes (`rw`, `bs`, `bsrange`, `iodepth`, `numjobs`, `size`, `offset`, `io_size`,
-//! `runtime`, `ramp_time`, `time_based`, `rwmixread`, `verify`, `rate_iops`, `seed`), plus
+//! `runtime`, `ramp_time`, `time_based`, `norandommap`, `rwmixread`, `verify`, `rate_iops`, `seed`), plus
 //! `leg=` (repeatable), `target=` and fio's `filename=` (a target for `nvme-tcp://` and
 //! `nbd://` URIs, a leg otherwise). A setting is looked up in the job's section first, then on
 //! the command line, then in `[global]`, then the defaults. Unknown keys and bad values are
@@ -235,7 +235,7 @@ impl JobFile {
             };
             let spec = &mut cfg.spec;
             let v = s.value.as_str();
-            if v.is_empty() && s.key != "time_based" {
+            if v.is_empty() && s.key != "time_based" && s.key != "norandommap" {
                 return Err(err("needs a value (key=value)".into()));
             }
             match s.key.as_str() {
@@ -264,6 +264,7 @@ impl JobFile {
                 "runtime" => spec.runtime = runtime_arg(v).map_err(err)?,
                 "ramp_time" => spec.ramp_time = duration_arg(v).map_err(err)?,
                 "time_based" => spec.time_based = boolean(v).map_err(err)?,
+                "norandommap" => spec.norandommap = boolean(v).map_err(err)?,
                 "verify" => {
                     spec.verify = match v {
                         "crc32c" => VerifyMode::Crc32c,

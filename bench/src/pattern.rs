@@ -43,10 +43,78 @@ impl ThreadRange {
     }
 }
 
+/// A random permutation of `[0, n)`, walked one value at a time: fio's random map without
+/// the map. A keyed bijection on the `m`-bit numbers (`2^m >= n`), applied again while the
+/// result is `n` or more (cycle walking), maps `[0, n)` onto itself; under 2 steps per value
+/// on average, no memory, and every value comes exactly once per pass.
+#[derive(Clone, Copy, Debug)]
+pub struct RandomMap {
+    n: u64,
+    mask: u64,
+    shift: u32,
+    key: u64,
+    next: u64,
+}
+
+impl RandomMap {
+    /// A permutation of `[0, n)` chosen by `seed`.
+    pub fn new(n: u64, seed: u64) -> Self {
+        let bits = (64 - n.max(2).saturating_sub(1).leading_zeros()).max(1);
+        Self {
+            n: n.max(1),
+            mask: if bits >= 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            },
+            shift: (bits / 2).max(1),
+            key: splitmix(seed),
+            next: 0,
+        }
+    }
+
+    /// The bijection on `[0, 2^m)`: each step (xor with the key, multiply by an odd constant
+    /// modulo 2^m, xor with a right shift of itself) is invertible.
+    #[inline]
+    fn mix(&self, mut x: u64) -> u64 {
+        x = (x ^ self.key) & self.mask;
+        x = x.wrapping_mul(0x9e37_79b9_7f4a_7c15) & self.mask;
+        x ^= x >> self.shift;
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9) & self.mask;
+        x ^= x >> self.shift;
+        x = x.wrapping_mul(0x94d0_49bb_1331_11eb) & self.mask;
+        x ^ (x >> self.shift)
+    }
+
+    /// The next value; after `n` of them the pass starts again with another order.
+    #[inline]
+    pub fn next_value(&mut self) -> u64 {
+        let mut y = self.mix(self.next);
+        while y >= self.n {
+            y = self.mix(y);
+        }
+        self.next += 1;
+        if self.next == self.n {
+            self.next = 0;
+            self.key = splitmix(self.key);
+        }
+        y
+    }
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The commands of one job thread.
 #[derive(Debug)]
 pub struct IoPattern {
     rng: SmallRng,
+    /// Random offsets of fixed-size I/Os, unless `norandommap`.
+    map: Option<RandomMap>,
     rw: RwMode,
     rwmixread: u32,
     range: ThreadRange,
@@ -65,8 +133,12 @@ impl IoPattern {
         } else {
             0
         };
+        let seed = spec.seed.wrapping_add(u64::from(job));
+        let fixed = layout.max_units <= 1;
         Self {
-            rng: SmallRng::seed_from_u64(spec.seed.wrapping_add(u64::from(job))),
+            map: (spec.rw.is_random() && fixed && !spec.norandommap)
+                .then(|| RandomMap::new(range.len, seed)),
+            rng: SmallRng::seed_from_u64(seed),
             rw: spec.rw,
             rwmixread: spec.rwmixread,
             range,
@@ -98,7 +170,9 @@ impl IoPattern {
             1
         };
         let len = u64::from(units);
-        let unit = if self.rw.is_random() {
+        let unit = if let Some(map) = self.map.as_mut() {
+            map.next_value()
+        } else if self.rw.is_random() {
             self.rng.gen_range(0..self.range.len - len + 1)
         } else {
             if self.cursor + len > self.range.len {
@@ -131,6 +205,53 @@ mod tests {
             max_units,
             first_lba: 0,
         }
+    }
+
+    #[test]
+    fn the_random_map_visits_every_block_once_per_pass() {
+        for n in [1u64, 2, 3, 7, 1000, 4096, (1 << 20) + 7] {
+            let mut map = RandomMap::new(n, 42);
+            for pass in 0..2 {
+                let mut seen = vec![false; n as usize];
+                for _ in 0..n {
+                    let v = map.next_value();
+                    assert!(v < n, "n={n}: {v} out of range");
+                    assert!(!seen[v as usize], "n={n} pass {pass}: {v} twice");
+                    seen[v as usize] = true;
+                }
+            }
+        }
+        // Not the identity, and seeds and passes give other orders.
+        let take = |m: &mut RandomMap| (0..64).map(|_| m.next_value()).collect::<Vec<_>>();
+        let mut a = RandomMap::new(4096, 1);
+        let first = take(&mut a);
+        assert_ne!(first, (0..64).collect::<Vec<_>>());
+        assert_ne!(first, take(&mut RandomMap::new(4096, 2)));
+        for _ in 0..(4096 / 64 - 1) {
+            take(&mut a);
+        }
+        assert_ne!(first, take(&mut a), "the second pass repeats the first");
+    }
+
+    #[test]
+    fn random_jobs_use_the_map_unless_norandommap() {
+        let spec = JobSpec {
+            rw: RwMode::RandWrite,
+            ..JobSpec::default()
+        };
+        let distinct = |spec: &JobSpec| {
+            let mut p = IoPattern::new(spec, layout(256, 1), 0);
+            let mut v: Vec<u64> = (0..256).map(|_| p.next_io().unit).collect();
+            v.sort_unstable();
+            v.dedup();
+            v.len()
+        };
+        assert_eq!(distinct(&spec), 256, "one pass covers every unit once");
+        let repeats = JobSpec {
+            norandommap: true,
+            ..spec
+        };
+        assert!(distinct(&repeats) < 256, "independent draws repeat");
     }
 
     #[test]

@@ -9,7 +9,6 @@ mod store;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use latency::DelayQueue;
 pub use latency::LatencyModel;
@@ -149,7 +148,8 @@ impl QueuePair for MemQueuePair {
     #[inline]
     fn poll(&mut self, out: &mut [Completion]) -> usize {
         if !self.delayed.is_empty() {
-            self.delayed.release_due(Instant::now(), &mut self.ready);
+            self.delayed
+                .release_due(quanta::Instant::now(), &mut self.ready);
         }
         let n = out.len().min(self.ready.len());
         for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {
