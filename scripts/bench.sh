@@ -133,6 +133,7 @@ echo "== results ($out)"
 {
     printf '%-52s %14s   %-12s %s\n' "figure" "value" "goal" "verdict"
     while IFS=$'\t' read -r label value op goal verdict; do
+        [ "$goal" = - ] && op= && goal=reported
         printf '%-52s %14s   %-12s %s\n' "$label" "$value" "$op $goal" "$verdict"
     done <"$BENCH_RESULTS"
     echo "machine: $(nproc) CPUs, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
