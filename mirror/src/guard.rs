@@ -9,8 +9,9 @@
 //!
 //! Caveats:
 //! - Hashing is modulo the table size, so granules `ENTRIES` apart share a lock: two writes
-//!   exactly a multiple of `ENTRIES × overlap_granule` bytes apart (256 MiB at the default 4 KiB granules)
-//!   serialise although they do not overlap. Correctness is unaffected.
+//!   exactly a multiple of `ENTRIES × overlap_granule` bytes apart (1 GiB at the default 4 KiB
+//!   granules) serialise although they do not overlap, and a resync window holds back host
+//!   writes to every region aliasing it. Correctness is unaffected.
 //! - Two writes in the same granule serialise even when their blocks do not overlap.
 //! - There is no fairness: a waiting command retries on its core's next poll, and a stream of
 //!   writes from another core can keep winning the same granule.
@@ -19,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Number of lock entries (a power of two).
-pub const GUARD_ENTRIES: usize = 1 << 16;
+pub const GUARD_ENTRIES: usize = 1 << 18;
 
 /// The table entries a command covers: `[first, first + count)`, wrapping at the table end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
