@@ -1,15 +1,15 @@
 //! Behaviour of the NBD front end, driven by a small NBD client written from the protocol
 //! document (its constants are spelled out here, not taken from the server's code).
 
+mod nbd_rig;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmirror_nvme::{open_leg, read_all, BlockDevice};
-use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
-use nvmirror_target::nbd::{NbdConfig, NbdServer};
+use nbd_rig::{reactors, serve};
+use nvmirror_nvme::{open_leg, read_all};
 
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_ABORT: u32 = 2;
@@ -34,26 +34,6 @@ const FLAG_NO_HOLE: u16 = 2;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 const EOVERFLOW: u32 = 75;
-
-/// Reactors that nap when idle, so parallel tests do not spin every core.
-fn reactors(n: usize) -> ReactorPool {
-    let idle = IdlePolicy::SpinThenSleep {
-        spin: Duration::from_micros(200),
-        sleep: Duration::from_micros(100),
-    };
-    ReactorPool::start(ReactorConfig::unpinned(n).with_idle(idle)).unwrap()
-}
-
-fn serve(pool: &ReactorPool, exports: &[(&str, &Arc<dyn BlockDevice>)]) -> NbdServer {
-    let cfg = NbdConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        exports: exports
-            .iter()
-            .map(|(n, d)| (n.to_string(), Arc::clone(d)))
-            .collect(),
-    };
-    NbdServer::start(cfg, &pool.handle()).unwrap()
-}
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)

@@ -1,6 +1,8 @@
 //! The `nbd://` back end (nvmirror's NBD initiator) against nvmirror's own NBD server, and
 //! against `nbdkit memory` when nbdkit is installed.
 
+mod nbd_rig;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -9,35 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nbd_rig::{reactors, serve};
 use nvmirror_nvme::backend::{NbdDevice, NbdOptions};
 use nvmirror_nvme::dma::IoBuf;
 use nvmirror_nvme::{
     open_leg, read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, Status,
 };
-use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
-use nvmirror_target::nbd::{NbdConfig, NbdServer};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
-
-/// Reactors that nap when idle, so parallel tests do not spin every core.
-fn reactors(n: usize) -> ReactorPool {
-    let idle = IdlePolicy::SpinThenSleep {
-        spin: Duration::from_micros(200),
-        sleep: Duration::from_micros(100),
-    };
-    ReactorPool::start(ReactorConfig::unpinned(n).with_idle(idle)).unwrap()
-}
-
-fn serve(pool: &ReactorPool, exports: &[(&str, &Arc<dyn BlockDevice>)]) -> NbdServer {
-    let cfg = NbdConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        exports: exports
-            .iter()
-            .map(|(n, d)| (n.to_string(), Arc::clone(d)))
-            .collect(),
-    };
-    NbdServer::start(cfg, &pool.handle()).unwrap()
-}
 
 /// One command of a workload: op, LBA, blocks, byte offset of its data in the data area.
 #[derive(Clone, Copy, Debug)]
