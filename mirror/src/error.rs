@@ -44,6 +44,16 @@ pub enum Error {
     /// The leg is the primary, which this request may not take out.
     #[error("volume '{volume}': leg {leg} is the primary")]
     LegIsPrimary { volume: String, leg: usize },
+    /// The leg still has timed-out commands its back end has not answered.
+    #[error(
+        "volume '{volume}': leg {leg} still has {abandoned} timed-out command(s) its device has \
+         not answered; it can be attached once the device answers them, fails them, or is reset"
+    )]
+    LegBusy {
+        volume: String,
+        leg: usize,
+        abandoned: u32,
+    },
     /// The leg is not in a state the request starts from.
     #[error("volume '{volume}': leg {leg} is {state}")]
     LegState {

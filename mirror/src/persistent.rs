@@ -2,6 +2,7 @@
 //! (`docs/bitmap.md`). Everything here is control plane and synchronous.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -368,6 +369,14 @@ impl Volume {
         let snap = shared.states.snapshot();
         if snap.state(leg) == LegState::InSync {
             return Ok(0);
+        }
+        let abandoned = self.leg(leg)?.abandoned.load(Ordering::Acquire);
+        if abandoned > 0 {
+            return Err(Error::LegBusy {
+                volume: shared.name.clone(),
+                leg,
+                abandoned,
+            });
         }
         let bm = shared.bitmap.as_ref().expect("persistent");
         let from = snap.primary();

@@ -1,6 +1,7 @@
 //! The volume: legs, their shared state, and the control methods. The I/O path is in
 //! [`crate::qpair`].
 
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use nvmirror_nvme::{BlockDevice, Geometry, IoCommand, IoOp, QueuePair, Status};
@@ -23,6 +24,10 @@ pub(crate) struct LegShared {
     pub(crate) dev: Arc<dyn BlockDevice>,
     /// Regions written while this leg did not get the write.
     pub(crate) missed: MissedRegions,
+    /// Leg commands some core abandoned (timed out) and has not reaped yet. Until they are
+    /// reaped the back end may still act on them — write the medium, read or fill their
+    /// buffers — so a resync of this leg does not start while this is above zero.
+    pub(crate) abandoned: AtomicU32,
 }
 
 /// What every core shares about a volume.
@@ -253,6 +258,7 @@ impl Volume {
             let _ = slot.set(Arc::new(LegShared {
                 dev,
                 missed: MissedRegions::new(num_blocks, region_shift),
+                abandoned: AtomicU32::new(0),
             }));
         }
         let data_lba = persistent.as_ref().map_or(0, |(b, _)| b.layout.data_lba());

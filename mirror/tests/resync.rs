@@ -527,3 +527,66 @@ fn a_core_that_cannot_open_a_queue_pair_on_a_resyncing_leg_faults_it() {
     let _qp2 = vol.open_volume_qpair(4).unwrap();
     assert_eq!(state(&vol), LegState::Faulted);
 }
+
+#[test]
+fn a_hung_leg_is_attached_only_once_its_abandoned_commands_are_reaped_or_fenced() {
+    let short = VolumeConfig {
+        io_timeout: Duration::from_millis(50),
+        ..cfg()
+    };
+    let mut rig = Rig::new(2, short);
+    let hang = rig.arm(
+        1,
+        Fault::Hang {
+            ops: OpFilter::Writes,
+        },
+    );
+    assert!(
+        rig.write(2048, 8, 2).is_success(),
+        "acked after the timeout"
+    );
+    assert_eq!(rig.states()[1], LegState::Faulted);
+    // The abandoned write could still land on the leg after a resync copied its region.
+    let err = rig.vol.attach_leg(1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LegBusy {
+                leg: 1,
+                abandoned: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("timed-out"), "{err}");
+    assert_eq!(
+        rig.states()[1],
+        LegState::Faulted,
+        "a refused attach changes nothing"
+    );
+    // The device answers at last: the late completion is reaped and the leg may come back.
+    rig.clear(1, hang);
+    rig.pump_until_late_completions(1, 1);
+    let status = rig.vol.attach_leg(1).unwrap().run().join().unwrap();
+    assert_eq!(status.state, JobState::Done, "{status:?}");
+    assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
+
+    // Closing the queue pair that abandoned a command fences it just as well.
+    let hang = rig.arm(
+        1,
+        Fault::Hang {
+            ops: OpFilter::Writes,
+        },
+    );
+    assert!(rig.write(4096, 8, 3).is_success());
+    assert!(matches!(
+        rig.vol.attach_leg(1),
+        Err(Error::LegBusy { abandoned: 1, .. })
+    ));
+    rig.qp = rig.vol.open_qpair(32).unwrap();
+    rig.clear(1, hang);
+    let status = rig.vol.attach_leg(1).unwrap().run().join().unwrap();
+    assert_eq!(status.state, JobState::Done, "{status:?}");
+    assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
+}

@@ -43,6 +43,7 @@ impl VolumeQueuePair {
             .complete_owned(generation, leg, cpl.status);
         if outcome == LegOutcome::Stale {
             bump(&self.stats.legs[leg].late_completions, 1);
+            self.note_late(leg);
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
         }

@@ -22,6 +22,7 @@ use super::VolumeQueuePair;
 use crate::bitmap::predict::StreamPredictor;
 use crate::bitmap::{RegionRange, BITMAP_PAGE};
 use crate::join::leg_tag;
+use crate::legs::MAX_LEGS;
 use crate::stats::bump;
 
 /// Join-slot numbers at and above this are metadata writes.
@@ -287,10 +288,12 @@ impl VolumeQueuePair {
             .and_then(|w| w.writes.get_mut(idx as usize))
         else {
             bump(&self.stats.legs[leg].late_completions, 1);
+            self.note_late(leg);
             return;
         };
         if mw.seq != seq || mw.outstanding & (1 << leg) == 0 {
             bump(&self.stats.legs[leg].late_completions, 1);
+            self.note_late(leg);
             return;
         }
         mw.outstanding &= !(1 << leg);
@@ -353,13 +356,15 @@ impl VolumeQueuePair {
         };
         let now = Instant::now();
         let mut expired = [false; META_SLOTS];
+        let mut abandoned_per_leg = [0u32; MAX_LEGS];
         for (i, slot) in w.writes.iter_mut().enumerate() {
             let Some(mw) = slot.as_mut() else { continue };
             if now.saturating_duration_since(mw.started) < timeout || mw.outstanding == 0 {
                 continue;
             }
-            for leg in 0..self.leg_count {
+            for (leg, n) in abandoned_per_leg.iter_mut().enumerate().take(self.leg_count) {
                 if mw.outstanding & (1 << leg) != 0 {
+                    *n += 1;
                     bump(&self.stats.legs[leg].timeouts, 1);
                     tracing::warn!(volume = %self.vol.name, leg, page = mw.page, "bitmap page write timed out; abandoning it");
                 }
@@ -370,6 +375,11 @@ impl VolumeQueuePair {
                 mw.first_error = Status::ABORTED_BY_HOST;
             }
             expired[i] = true;
+        }
+        for (leg, &n) in abandoned_per_leg.iter().enumerate() {
+            for _ in 0..n {
+                self.note_abandoned(leg);
+            }
         }
         for (i, _) in expired.iter().enumerate().filter(|(_, &e)| e) {
             self.finish_page_write(i);

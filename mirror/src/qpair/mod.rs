@@ -17,6 +17,7 @@ mod stages;
 mod timeout;
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -79,6 +80,9 @@ pub struct VolumeQueuePair {
     leg_depth: [u32; MAX_LEGS],
     /// Commands this core has handed to each leg and not yet reaped (abandoned ones included).
     inflight: [u32; MAX_LEGS],
+    /// Of those, the ones abandoned after the I/O timeout (also counted in the leg's shared
+    /// `abandoned`, which holds back its resync).
+    abandoned: [u32; MAX_LEGS],
     table: JoinTable,
     /// Commands waiting to start, oldest first (capacity = depth).
     pending: VecDeque<Waiting>,
@@ -163,6 +167,7 @@ impl VolumeQueuePair {
             data_lba: vol.data_lba,
             leg_depth,
             inflight: [0; MAX_LEGS],
+            abandoned: [0; MAX_LEGS],
             table: JoinTable::new(depth, now),
             pending: VecDeque::with_capacity(depth as usize),
             ready: VecDeque::with_capacity(depth as usize),
@@ -604,5 +609,40 @@ impl Drop for VolumeQueuePair {
         }
         self.drop_intent();
         self.publish_breakdown();
+        // Closing a leg's queue pair fences its commands (the back ends' contract: nothing
+        // touches a command's buffer or the medium once its queue pair is gone), so what this
+        // core abandoned no longer holds the leg back.
+        for leg in 0..MAX_LEGS {
+            self.legs[leg] = None;
+            if self.abandoned[leg] > 0 {
+                if let Some(l) = self.vol.leg(leg) {
+                    l.abandoned
+                        .fetch_sub(self.abandoned[leg], Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
+impl VolumeQueuePair {
+    /// A command sent to `leg` was abandoned (timed out): until it is reaped, the leg's resync
+    /// waits.
+    #[cold]
+    pub(super) fn note_abandoned(&mut self, leg: usize) {
+        self.abandoned[leg] += 1;
+        if let Some(l) = self.vol.leg(leg) {
+            l.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A late completion from `leg`: an abandoned command is reaped at last.
+    #[cold]
+    pub(super) fn note_late(&mut self, leg: usize) {
+        if self.abandoned[leg] > 0 {
+            self.abandoned[leg] -= 1;
+            if let Some(l) = self.vol.leg(leg) {
+                l.abandoned.fetch_sub(1, Ordering::Release);
+            }
+        }
     }
 }

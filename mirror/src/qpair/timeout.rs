@@ -7,10 +7,14 @@
 //! arrives later for an abandoned leg command finds its slot's leg word taken (or a newer
 //! generation) and is dropped.
 //!
-//! Caveat: abandoning a leg command does not cancel it in the back end. Until that back end
-//! reaps it or its queue pair is torn down, it may still read a write's buffer or fill a
-//! read's buffer, although the host has its completion. Back ends that can hang must fence
-//! abandoned commands (abort, controller or connection reset) before buffers are reused.
+//! Abandoning a leg command does not cancel it in the back end. Until that back end reaps it
+//! or its queue pair is closed, it may still write the medium, read a write's buffer or fill
+//! a read's buffer, although the host has its completion. Every abandoned command is counted
+//! in the leg's shared `abandoned` until it is reaped (or this queue pair closes, which
+//! fences it), and the leg's resync does not start before that count is zero, so a late write
+//! can never land on a region the resync has already copied. Caveat: a late *read* may still
+//! fill a buffer the host has been given back; back ends that can hang must fence abandoned
+//! commands (abort, controller or connection reset) before buffers are reused.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +88,10 @@ impl VolumeQueuePair {
                     op = ?meta.cmd.op, slba = meta.cmd.slba, timeout = ?timeout,
                     "leg command timed out; abandoning it"
                 );
+                if meta.unsent & (1 << leg) == 0 {
+                    // Handed to the back end, which may still act on it.
+                    self.note_abandoned(leg);
+                }
                 self.table.meta_mut(slot).unsent &= !(1 << leg);
                 let outcome = self.table.slot_mut(slot).complete_owned(
                     meta.generation,

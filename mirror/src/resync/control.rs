@@ -5,6 +5,7 @@
 //! [`ResyncJob::run`]); the volume keeps each job's control block so its status and
 //! controls are reachable from the control plane.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nvmirror_nvme::BlockDevice;
@@ -56,6 +57,17 @@ impl Volume {
         let state = snap.state(leg);
         if leg >= snap.leg_count() || !matches!(state, LegState::Faulted | LegState::Detached) {
             return Err(self.refused(leg, crate::legs::Refusal::WrongState(state)));
+        }
+        // A command the leg never answered could still land on it after the copy of its
+        // region and undo it: the leg comes back only once every such command is reaped
+        // (answered late, failed by the back end, or fenced by closing its queue pair).
+        let abandoned = self.leg(leg)?.abandoned.load(Ordering::Acquire);
+        if abandoned > 0 {
+            return Err(Error::LegBusy {
+                volume: vol.name.clone(),
+                leg,
+                abandoned,
+            });
         }
         let job_shared = Arc::new(JobShared::new(leg, false, cfg.max_rate, cfg.adaptive));
         // Open the job's queue pairs before the leg changes state: a leg that cannot be
@@ -139,6 +151,7 @@ impl Volume {
         let leg_shared = Arc::new(LegShared {
             dev: device,
             missed,
+            abandoned: AtomicU32::new(0),
         });
         if vol.legs[index].set(Arc::clone(&leg_shared)).is_err() {
             return Err(err(format!("leg slot {index} is taken")));
