@@ -362,7 +362,11 @@ impl VolumeQueuePair {
             if now.saturating_duration_since(mw.started) < timeout || mw.outstanding == 0 {
                 continue;
             }
-            for (leg, n) in abandoned_per_leg.iter_mut().enumerate().take(self.leg_count) {
+            for (leg, n) in abandoned_per_leg
+                .iter_mut()
+                .enumerate()
+                .take(self.leg_count)
+            {
                 if mw.outstanding & (1 << leg) != 0 {
                     *n += 1;
                     bump(&self.stats.legs[leg].timeouts, 1);
