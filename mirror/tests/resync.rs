@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Rig, LBA, VOLUME_BYTES};
+use common::{RefusingDevice, Rig, LBA, VOLUME_BYTES};
 use nvmirror_mirror::{Error, JobState, LegState, ResyncConfig, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{Fault, FaultyDevice, LatencyModel, MemDevice, OpFilter};
 use nvmirror_nvme::{read_all, BlockDevice, Status};
@@ -442,30 +442,6 @@ fn the_copy_moves_to_another_in_sync_leg_when_its_source_leaves_sync() {
         "the rebuilt leg matches the leg it now copies from"
     );
     assert_eq!(rig.assert_acked_writes_on_in_sync_legs(), 2);
-}
-
-/// A device whose `open_qpair` fails while `refuse` is set.
-#[derive(Debug)]
-struct RefusingDevice {
-    inner: Arc<dyn BlockDevice>,
-    refuse: std::sync::atomic::AtomicBool,
-}
-
-impl BlockDevice for RefusingDevice {
-    fn geometry(&self) -> nvmirror_nvme::Geometry {
-        self.inner.geometry()
-    }
-
-    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn nvmirror_nvme::QueuePair>> {
-        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(nvmirror_nvme::Error::QueuePair("refused".into()));
-        }
-        self.inner.open_qpair(depth)
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{pattern, Rig};
+use common::{pattern, RefusingDevice, Rig};
 use nvmirror_mirror::{Error, ReadPolicy, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{LatencyModel, MemDevice};
 use nvmirror_nvme::dma::IoBuf;
@@ -298,35 +298,11 @@ fn a_volume_drives_like_a_device_through_the_trait_object() {
     assert!(all[..3 * 4096].iter().all(|&b| b == 0));
 }
 
-/// A device whose queue pairs can be made to fail to open.
-#[derive(Debug)]
-struct Unopenable {
-    inner: Arc<dyn BlockDevice>,
-    refuse: std::sync::atomic::AtomicBool,
-}
-
-impl BlockDevice for Unopenable {
-    fn geometry(&self) -> nvmirror_nvme::Geometry {
-        self.inner.geometry()
-    }
-
-    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn nvmirror_nvme::QueuePair>> {
-        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(nvmirror_nvme::Error::QueuePair("refused".into()));
-        }
-        self.inner.open_qpair(depth)
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-}
-
 #[test]
 fn a_leg_that_cannot_open_a_queue_pair_is_faulted_unless_it_is_the_last() {
-    let legs: Vec<Arc<Unopenable>> = (0..2)
+    let legs: Vec<Arc<RefusingDevice>> = (0..2)
         .map(|_| {
-            Arc::new(Unopenable {
+            Arc::new(RefusingDevice {
                 inner: mem(1 << 20, 512),
                 refuse: false.into(),
             })

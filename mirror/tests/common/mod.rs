@@ -249,3 +249,27 @@ pub fn short_timeout() -> VolumeConfig {
         ..VolumeConfig::default()
     }
 }
+
+/// A device whose `open_qpair` fails while `refuse` is set.
+#[derive(Debug)]
+pub struct RefusingDevice {
+    pub inner: Arc<dyn BlockDevice>,
+    pub refuse: std::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for RefusingDevice {
+    fn geometry(&self) -> nvmirror_nvme::Geometry {
+        self.inner.geometry()
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(nvmirror_nvme::Error::QueuePair("refused".into()));
+        }
+        self.inner.open_qpair(depth)
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+}
