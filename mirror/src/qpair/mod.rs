@@ -41,10 +41,16 @@ pub const MAX_QUEUE_DEPTH: u32 = 1 << 16;
 /// waiting, new writes queue behind all of them.
 const WAIT_SCAN_MAX: usize = 16;
 
-/// Whether two commands' block ranges overlap.
+/// A command's blocks, `[slba, slba + nlb)`.
 #[inline]
-fn overlaps(a: &IoCommand, b: &IoCommand) -> bool {
-    a.slba < b.slba + u64::from(b.nlb) && b.slba < a.slba + u64::from(a.nlb)
+fn blocks(c: &IoCommand) -> (u64, u64) {
+    (c.slba, c.slba + u64::from(c.nlb))
+}
+
+/// Whether two block ranges overlap.
+#[inline]
+fn overlaps((a0, a1): (u64, u64), (b0, b1): (u64, u64)) -> bool {
+    a0 < b1 && b0 < a1
 }
 
 /// A command that could not start yet.
@@ -441,7 +447,7 @@ impl VolumeQueuePair {
             return true;
         }
         self.pending.iter().any(|w| match w {
-            Waiting::New(o) => o.op.modifies() && overlaps(o, cmd),
+            Waiting::New(o) => o.op.modifies() && overlaps(blocks(o), blocks(cmd)),
             Waiting::Resend(..) => false,
         })
     }
@@ -458,10 +464,10 @@ impl VolumeQueuePair {
             match w {
                 Waiting::New(cmd) => {
                     let modifies = cmd.op.modifies();
-                    let end = cmd.slba + u64::from(cmd.nlb);
+                    let range = blocks(&cmd);
                     let blocked = modifies
                         && (nheld == held.len()
-                            || held[..nheld].iter().any(|&(a, b)| a < end && cmd.slba < b));
+                            || held[..nheld].iter().any(|&h| overlaps(h, range)));
                     if let Some(r) = self.stages.as_deref_mut() {
                         r.retry();
                     }
@@ -471,7 +477,7 @@ impl VolumeQueuePair {
                         }
                         self.pending.push_back(w);
                         if modifies && nheld < held.len() {
-                            held[nheld] = (cmd.slba, end);
+                            held[nheld] = range;
                             nheld += 1;
                         }
                     }
