@@ -1,6 +1,7 @@
 //! nvmirror's NVMe/TCP initiator (`nvme-tcp://`, `NvmeTcpDevice`) against the target running
 //! in this process on a free loopback port with `mem://` namespaces.
 
+mod common;
 #[path = "initiator/fake.rs"]
 mod fake;
 #[path = "initiator/faults.rs"]

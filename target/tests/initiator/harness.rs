@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmirror_nvme::backend::{LatencyModel, MemDevice, NvmeTcpDevice, NvmeTcpOptions};
+use nvmirror_nvme::backend::{NvmeTcpDevice, NvmeTcpOptions};
 use nvmirror_nvme::dma::IoBuf;
 use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, LegUri, QueuePair, Status};
 use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
@@ -70,13 +70,8 @@ impl Drop for Target {
 }
 
 /// A 16 MiB namespace of 512-byte blocks (NSID 1) and a 4 MiB one of 4096-byte blocks
-/// (NSID 2).
-pub fn mem_namespaces() -> Vec<Arc<dyn BlockDevice>> {
-    vec![
-        Arc::new(MemDevice::new(16 << 20, 512, LatencyModel::None).unwrap()),
-        Arc::new(MemDevice::new(4 << 20, 4096, LatencyModel::None).unwrap()),
-    ]
-}
+/// (NSID 2): the raw-PDU tests' namespaces.
+pub use crate::common::mem_namespaces;
 
 /// Starts a target on a free loopback port serving `namespaces`; `tweak` adjusts the
 /// configuration.
