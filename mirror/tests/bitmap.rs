@@ -213,10 +213,15 @@ fn random_writes_predict_nothing() {
     assert_eq!(vol.stats().predicted_regions, 0);
 }
 
-#[test]
-fn a_write_in_flight_keeps_its_region_marked() {
-    use nvmirror_nvme::backend::{Fault, FaultyDevice, MemDevice, OpFilter};
-    let faulty: Vec<Arc<FaultyDevice>> = (0..2)
+/// `n` mem legs behind fault injectors, and the same legs as plain devices.
+fn faulty_legs(
+    n: usize,
+) -> (
+    Vec<Arc<nvmirror_nvme::backend::FaultyDevice>>,
+    Vec<Arc<dyn BlockDevice>>,
+) {
+    use nvmirror_nvme::backend::{FaultyDevice, MemDevice};
+    let faulty: Vec<Arc<FaultyDevice>> = (0..n)
         .map(|_| {
             let mem = MemDevice::new(LEG_BYTES, LBA, LatencyModel::None).unwrap();
             Arc::new(FaultyDevice::wrap(Arc::new(mem)))
@@ -226,6 +231,13 @@ fn a_write_in_flight_keeps_its_region_marked() {
         .iter()
         .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
         .collect();
+    (faulty, devs)
+}
+
+#[test]
+fn a_write_in_flight_keeps_its_region_marked() {
+    use nvmirror_nvme::backend::{Fault, OpFilter};
+    let (faulty, devs) = faulty_legs(2);
     let c = cfg(BitmapConfig {
         idle_delay: Duration::ZERO,
         max_marked_regions: Some(0),
@@ -304,18 +316,9 @@ fn a_faulted_legs_missed_regions_are_never_cleared() {
 
 #[test]
 fn a_hung_bitmap_page_write_faults_its_leg_after_the_timeout() {
-    use nvmirror_nvme::backend::{Fault, FaultyDevice, MemDevice, OpFilter};
+    use nvmirror_nvme::backend::{Fault, OpFilter};
     use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair};
-    let faulty: Vec<Arc<FaultyDevice>> = (0..2)
-        .map(|_| {
-            let mem = MemDevice::new(LEG_BYTES, LBA, LatencyModel::None).unwrap();
-            Arc::new(FaultyDevice::wrap(Arc::new(mem)))
-        })
-        .collect();
-    let devs = faulty
-        .iter()
-        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
-        .collect();
+    let (faulty, devs) = faulty_legs(2);
     let c = VolumeConfig {
         io_timeout: Duration::from_millis(50),
         ..cfg(BitmapConfig::default())
