@@ -30,9 +30,10 @@ pub(crate) struct ControlIo {
 }
 
 impl ControlIo {
-    pub(crate) fn new(legs: usize, timeout: Duration) -> Self {
+    /// One queue-pair slot per possible leg, so legs added at run time have one too.
+    pub(crate) fn new(timeout: Duration) -> Self {
         Self {
-            qps: (0..legs).map(|_| None).collect(),
+            qps: (0..MAX_LEGS).map(|_| None).collect(),
             page: DmaPool::new(1, BITMAP_PAGE as usize),
             chunk: DmaPool::new(1, CHUNK),
             timeout,
@@ -203,7 +204,6 @@ impl PersistentMeta {
         leg_uuids: [Uuid; MAX_LEGS],
         layout: MetadataLayout,
         events: u64,
-        legs: usize,
         timeout: Duration,
     ) -> Self {
         Self {
@@ -211,7 +211,7 @@ impl PersistentMeta {
             leg_uuids,
             layout,
             events: AtomicU64::new(events),
-            io: Mutex::new(ControlIo::new(legs, timeout)),
+            io: Mutex::new(ControlIo::new(timeout)),
         }
     }
 
@@ -270,6 +270,7 @@ impl PersistentMeta {
                     match snap.state(i) {
                         LegState::InSync => MemberState::InSync,
                         LegState::Detached => MemberState::Detached,
+                        LegState::Removed => MemberState::Removed,
                         _ => MemberState::Stale,
                     }
                 }

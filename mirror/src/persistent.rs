@@ -18,12 +18,12 @@ use crate::volume::{Volume, VolumeShared};
 use crate::{Error, Result};
 
 /// What a leg's first 4 KiB hold.
-enum Found {
+pub(crate) enum Found {
     Blank,
     Superblock(Box<Superblock>),
 }
 
-fn read_head(
+pub(crate) fn read_head(
     io: &mut ControlIo,
     name: &str,
     leg: usize,
@@ -63,7 +63,7 @@ impl Volume {
     ) -> Result<Self> {
         let (lba_size, blocks) = Self::check_legs(name, &legs, &cfg)?;
         let layout = persistent_layout(name, &cfg, lba_size, blocks)?;
-        let mut io = ControlIo::new(legs.len(), cfg.io_timeout);
+        let mut io = ControlIo::new(cfg.io_timeout);
         for (i, dev) in legs.iter().enumerate() {
             let (found, head) = match read_head(&mut io, name, i, &**dev) {
                 Ok(f) => f,
@@ -109,14 +109,7 @@ impl Volume {
         for u in leg_uuids.iter_mut().take(legs.len()) {
             *u = Uuid::new_random();
         }
-        let meta = PersistentMeta::new(
-            Uuid::new_random(),
-            leg_uuids,
-            layout,
-            1,
-            legs.len(),
-            cfg.io_timeout,
-        );
+        let meta = PersistentMeta::new(Uuid::new_random(), leg_uuids, layout, 1, cfg.io_timeout);
         let snap = LegStates::new(legs.len()).snapshot();
         let zeros = vec![0u8; layout.bitmap_len as usize];
         for (i, dev) in legs.iter().enumerate() {
@@ -154,7 +147,7 @@ impl Volume {
         mut cfg: VolumeConfig,
     ) -> Result<Self> {
         let (lba_size, _) = Self::check_legs(name, &legs, &cfg)?;
-        let mut io = ControlIo::new(legs.len(), cfg.io_timeout);
+        let mut io = ControlIo::new(cfg.io_timeout);
         let mut sbs = Vec::with_capacity(legs.len());
         for (i, dev) in legs.iter().enumerate() {
             sbs.push(match read_head(&mut io, name, i, &**dev)?.0 {
@@ -189,6 +182,16 @@ impl Volume {
                 format!("its volume has {} legs, {} given", f.leg_count, legs.len()),
             ));
         }
+        // A slot the operator removed is not read again: its device may be gone or serve
+        // another volume by now, and the caller may give a placeholder for it.
+        let removed: Vec<bool> = (0..legs.len())
+            .map(|i| i != fresh && f.member_states[i] == MemberState::Removed)
+            .collect();
+        for (i, sb) in sbs.iter_mut().enumerate() {
+            if removed[i] {
+                *sb = None;
+            }
+        }
         for (i, sb) in sbs.iter().enumerate() {
             let Some(sb) = sb else { continue };
             sb.check_volume(f.volume_uuid)
@@ -220,7 +223,7 @@ impl Volume {
         }
         let need = f.data_offset + f.data_blocks * u64::from(f.lba_size);
         for (i, dev) in legs.iter().enumerate() {
-            if dev.geometry().bytes() < need {
+            if !removed[i] && dev.geometry().bytes() < need {
                 return Err(meta_err(
                     i,
                     format!("{} bytes, the volume needs {need}", dev.geometry().bytes()),
@@ -232,7 +235,7 @@ impl Volume {
         // Who is in sync: the freshest leg's view, and every leg that saw its last event.
         let stale: Vec<bool> = (0..legs.len())
             .map(|i| match &sbs[i] {
-                None => true,
+                None => !removed[i],
                 Some(sb) => {
                     i != fresh
                         && (f.member_states[i] != MemberState::InSync
@@ -243,7 +246,7 @@ impl Volume {
         let mut union = vec![0u8; layout.bitmap_len as usize];
         let mut clean = true;
         for (i, dev) in legs.iter().enumerate() {
-            if stale[i] {
+            if stale[i] || removed[i] {
                 continue;
             }
             clean &= sbs[i].as_ref().is_some_and(|s| s.clean);
@@ -261,7 +264,6 @@ impl Volume {
             f.leg_uuids,
             layout,
             f.event_counter,
-            legs.len(),
             cfg.io_timeout,
         );
         let geo = Geometry {
@@ -277,7 +279,7 @@ impl Volume {
             // Writes in flight at the stop may have reached some legs only: make the in-sync
             // legs agree on every marked region, taking the freshest leg's copy.
             let mut io = meta.lock_io();
-            for i in (0..stale.len()).filter(|&i| i != fresh && !stale[i]) {
+            for i in (0..stale.len()).filter(|&i| i != fresh && !stale[i] && !removed[i]) {
                 for &r in &marked {
                     let (off, len) = region_bytes(&layout, r);
                     io.copy(
@@ -294,6 +296,10 @@ impl Volume {
                 regions = marked.len(),
                 "unclean stop: marked regions made identical"
             );
+        }
+        for i in (0..removed.len()).filter(|&i| removed[i]) {
+            let _ = shared.states.remove(i);
+            tracing::info!(volume = name, leg = i, "leg slot removed by the operator");
         }
         for (i, &is_stale) in stale.iter().enumerate() {
             if !is_stale {

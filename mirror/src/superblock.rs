@@ -99,6 +99,9 @@ pub enum MemberState {
     /// Taken out by the operator: missed writes like a stale leg, but stays out of I/O,
     /// across restarts, until it is attached again.
     Detached,
+    /// Retired by the operator (`leg_remove`): the slot stays taken, receives nothing and is
+    /// never resynced; the device may since have been reused elsewhere.
+    Removed,
 }
 
 impl MemberState {
@@ -108,6 +111,7 @@ impl MemberState {
             Self::InSync => 1,
             Self::Stale => 2,
             Self::Detached => 3,
+            Self::Removed => 4,
         }
     }
 }
@@ -246,6 +250,7 @@ impl Superblock {
                 1 => MemberState::InSync,
                 2 => MemberState::Stale,
                 3 => MemberState::Detached,
+                4 => MemberState::Removed,
                 v => {
                     return Err(field(
                         "member states",

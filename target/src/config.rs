@@ -83,6 +83,8 @@ pub struct Config {
     pub metrics: Option<ListenConfig>,
     #[serde(default)]
     pub resync: ResyncConfig,
+    #[serde(default)]
+    pub service: ServiceConfig,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
     #[serde(default, rename = "subsystem")]
@@ -122,6 +124,59 @@ pub struct ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct RpcConfig {
     pub socket: PathBuf,
+}
+
+/// `[service]`: bounds on the process's own life cycle.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// SIGTERM/SIGINT: how long draining hosts and legs may take before the process gives
+    /// up and exits non-zero (a second signal exits at once).
+    #[serde(default = "ten_seconds")]
+    pub shutdown_timeout: String,
+    /// At start-up, how long to wait for a leg whose exclusive claim is still held (a crashed
+    /// predecessor's file descriptors are still being torn down by the kernel).
+    #[serde(default = "ten_seconds")]
+    pub claim_timeout: String,
+    /// A reactor that has not finished a loop for this long is stuck: the process aborts
+    /// (fail-stop) so crash recovery can bring the volumes back. `"0"` turns the watchdog off.
+    #[serde(default = "thirty_seconds")]
+    pub stall_timeout: String,
+}
+
+fn ten_seconds() -> String {
+    "10s".into()
+}
+fn thirty_seconds() -> String {
+    "30s".into()
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: ten_seconds(),
+            claim_timeout: ten_seconds(),
+            stall_timeout: thirty_seconds(),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// `shutdown_timeout`, checked by [`Config::validate`].
+    pub fn shutdown_timeout(&self) -> Duration {
+        parse_duration(&self.shutdown_timeout).unwrap_or(Duration::from_secs(10))
+    }
+    pub fn claim_timeout(&self) -> Duration {
+        parse_duration(&self.claim_timeout).unwrap_or(Duration::from_secs(10))
+    }
+    /// `None`: the watchdog is off.
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        match parse_duration(&self.stall_timeout) {
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(d),
+            Err(_) => Some(Duration::from_secs(30)),
+        }
+    }
 }
 
 /// `[resync]`.
@@ -288,6 +343,20 @@ impl Config {
                 l.listen
                     .parse::<SocketAddr>()
                     .map_err(|e| bad(format!("{key}.listen"), format!("'{}': {e}", l.listen)))?;
+            }
+        }
+        for (key, v, zero_ok) in [
+            (
+                "service.shutdown_timeout",
+                &self.service.shutdown_timeout,
+                false,
+            ),
+            ("service.claim_timeout", &self.service.claim_timeout, true),
+            ("service.stall_timeout", &self.service.stall_timeout, true),
+        ] {
+            let d = parse_duration(v).map_err(|e| bad(key.into(), e))?;
+            if d.is_zero() && !zero_ok {
+                return Err(bad(key.into(), "must be above 0".into()));
             }
         }
         let rate = &self.resync.max_rate;

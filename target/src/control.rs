@@ -13,17 +13,51 @@ use nvmirror_poller::ReactorHandle;
 use crate::metrics::PromWriter;
 use crate::rpc::{Methods, RpcError};
 
+/// One leg slot of a served volume.
+#[derive(Debug, Clone)]
+pub struct LegEntry {
+    pub uri: String,
+    /// The leg's fault switchboard (every leg is opened behind a `FaultyDevice`).
+    pub injector: Arc<FaultInjector>,
+}
+
 /// One served volume.
 #[derive(Debug)]
 pub struct VolumeEntry {
     pub volume: Arc<Volume>,
-    /// Leg URIs as configured, by leg index.
-    pub uris: Vec<String>,
-    /// Each leg's fault switchboard (every leg is opened behind a `FaultyDevice`).
-    pub injectors: Vec<Arc<FaultInjector>>,
-    /// Legs added at run time (`leg_add`): URI and fault switchboard, by leg index past
-    /// `uris`.
-    pub extra: std::sync::Mutex<Vec<(String, Arc<FaultInjector>)>>,
+    /// Every leg slot by index, legs added at run time included.
+    pub legs: std::sync::Mutex<Vec<LegEntry>>,
+    /// The run-time leg list and where it is kept (persistent volumes only).
+    pub members: Option<std::sync::Mutex<(crate::members::Membership, std::path::PathBuf)>>,
+}
+
+impl VolumeEntry {
+    /// Leg URIs by index.
+    pub fn uris(&self) -> Vec<String> {
+        lock(&self.legs).iter().map(|l| l.uri.clone()).collect()
+    }
+
+    /// Records a membership change in the run-time leg list.
+    fn persist_members(
+        &self,
+        change: impl FnOnce(&mut crate::members::Membership),
+    ) -> Result<(), RpcError> {
+        let Some(m) = &self.members else {
+            return Ok(());
+        };
+        let mut m = lock(m);
+        change(&mut m.0);
+        m.0.store(&m.1).map_err(|e| {
+            RpcError::failed(format!(
+                "the change is made but could not be saved to {}: {e}; a restart would not know it",
+                m.1.display()
+            ))
+        })
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Everything the control plane can see.
@@ -73,11 +107,9 @@ impl Registry {
 
     /// Leg URI and fault switchboard of leg `leg`, including legs added at run time.
     fn leg_meta(&self, v: &VolumeEntry, leg: usize) -> Option<(String, Arc<FaultInjector>)> {
-        if leg < v.uris.len() {
-            return Some((v.uris[leg].clone(), Arc::clone(&v.injectors[leg])));
-        }
-        let extra = v.extra.lock().unwrap_or_else(|e| e.into_inner());
-        extra.get(leg - v.uris.len()).cloned()
+        lock(&v.legs)
+            .get(leg)
+            .map(|l| (l.uri.clone(), Arc::clone(&l.injector)))
     }
 
     /// The `volume_status` document of one volume.
@@ -163,10 +195,11 @@ impl Registry {
             for (i, info) in infos.iter().enumerate() {
                 let s = stats.legs.get(i).cloned().unwrap_or_default();
                 let idx = i.to_string();
+                let uri = self.leg_meta(v, i).map(|m| m.0).unwrap_or_default();
                 let l = [
                     ("volume", name),
                     ("leg", idx.as_str()),
-                    ("uri", v.uris[i].as_str()),
+                    ("uri", uri.as_str()),
                 ];
                 w.counter(
                     "nvmirror_leg_ops_total",
@@ -446,15 +479,23 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let faulty = nvmirror_nvme::backend::FaultyDevice::wrap(dev);
         let injector = Arc::clone(faulty.injector());
+        let mut legs = lock(&v.legs);
         let job = v
             .volume
             .add_leg(Arc::new(faulty))
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        v.extra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((uri.to_string(), injector));
+        legs.push(LegEntry {
+            uri: uri.to_string(),
+            injector,
+        });
+        drop(legs);
         r.run_job(Box::new(job))?;
+        v.persist_members(|m| {
+            m.legs.push(crate::members::MemberLeg {
+                uri: uri.to_string(),
+                removed: false,
+            })
+        })?;
         Ok(r.volume_status(v))
     });
     let r = Arc::clone(&reg);
@@ -463,6 +504,11 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .remove_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
+        v.persist_members(|m| {
+            if let Some(l) = m.legs.get_mut(leg) {
+                l.removed = true;
+            }
+        })?;
         Ok(r.volume_status(v))
     });
     type Control = fn(&Volume) -> nvmirror_mirror::Result<()>;
@@ -559,6 +605,9 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             Ok(json!({"nqn": nqn, "allowed_hosts": hosts}))
         });
     }
+    if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
+        add_test_hooks(&mut m, &reg);
+    }
     let names = {
         let mut n = m.names();
         n.push("rpc_get_methods".into());
@@ -567,4 +616,38 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     };
     m.add("rpc_get_methods", move |_| Ok(json!(names)));
     m
+}
+
+/// With this variable set to `1` at start-up, `serve` offers the fault hooks below, for the
+/// fail-stop tests. Never set it in production.
+pub const TEST_HOOKS_ENV: &str = "NVMIRROR_TEST_HOOKS";
+
+/// `test_reactor_panic` and `test_reactor_stall` (`{"reactor": N}`): make reactor N panic, or
+/// block it for good, as a bug in a poller would.
+fn add_test_hooks(m: &mut Methods, reg: &Arc<Registry>) {
+    let reactor = |p: &Value, reg: &Registry| -> Result<usize, RpcError> {
+        let n = p.get("reactor").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if n >= reg.reactors.count() {
+            return Err(RpcError::invalid_params(format!("no reactor {n}")));
+        }
+        Ok(n)
+    };
+    let r = Arc::clone(reg);
+    m.add("test_reactor_panic", move |p| {
+        let n = reactor(p, &r)?;
+        r.reactors
+            .send_msg(n, |_| panic!("test_reactor_panic: injected reactor panic"))
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        Ok(json!({"reactor": n}))
+    });
+    let r = Arc::clone(reg);
+    m.add("test_reactor_stall", move |p| {
+        let n = reactor(p, &r)?;
+        r.reactors
+            .send_msg(n, |_| loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            })
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        Ok(json!({"reactor": n}))
+    });
 }

@@ -21,6 +21,8 @@
 pub mod config;
 pub mod control;
 mod error;
+pub mod failstop;
+pub mod members;
 pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;

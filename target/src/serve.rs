@@ -15,7 +15,8 @@ use nvmirror_nvme::{open_leg, BlockDevice};
 use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
 
 use crate::config::{Config, IdleConfig, ListenConfig, RpcConfig, DEFAULT_CONFIG};
-use crate::control::{self, Registry, VolumeEntry};
+use crate::control::{self, LegEntry, Registry, VolumeEntry};
+use crate::members::Membership;
 use crate::metrics::MetricsServer;
 use crate::nbd::{NbdConfig, NbdServer};
 use crate::nvme_tcp::{SubsystemConfig, TargetConfig};
@@ -174,6 +175,105 @@ fn open_volume(
     }
 }
 
+/// Opens leg `uri`; while its exclusive claim is held by someone else (a crashed
+/// predecessor whose file descriptors the kernel is still tearing down), retries for up to
+/// `wait`, saying once what it waits for.
+fn open_leg_waiting(
+    uri: &str,
+    wait: Duration,
+    what: &str,
+) -> nvmirror_nvme::Result<Arc<dyn BlockDevice>> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match open_leg(uri) {
+            Err(nvmirror_nvme::Error::Busy { path }) if std::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(
+                        leg = what,
+                        path = %path.display(),
+                        wait_s = wait.as_secs_f64(),
+                        "leg is claimed by another process; waiting for the claim to be released"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => {
+                if said && other.is_ok() {
+                    tracing::info!(leg = what, "claim released; leg opened");
+                }
+                return other;
+            }
+        }
+    }
+}
+
+/// Opens one configured volume: its legs as the run-time leg list says (see `members`), a
+/// placeholder for each removed slot, then the volume itself.
+fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEntry, ServeError> {
+    let vol_err = |e: String| start_err(format!("volume {}", v.name), e);
+    let members_path = Membership::path(&cfg.data_dir, &v.name);
+    let members = if v.bitmap {
+        Membership::resolve(&members_path, &v.name, &v.legs).map_err(vol_err)?
+    } else {
+        Membership::from_config(&v.name, &v.legs)
+    };
+    let claim_wait = cfg.service.claim_timeout();
+    let mut opened: Vec<Option<Arc<dyn BlockDevice>>> = Vec::new();
+    for (i, m) in members.legs.iter().enumerate() {
+        if m.removed {
+            opened.push(None);
+            continue;
+        }
+        let what = format!("volume {} leg {i}", v.name);
+        let dev = open_leg_waiting(&m.uri, claim_wait, &what).map_err(|e| start_err(what, e))?;
+        opened.push(Some(dev));
+    }
+    let Some(first) = opened.iter().flatten().next().map(|d| d.geometry()) else {
+        return Err(vol_err("every leg has been removed".into()));
+    };
+    let mut legs: Vec<Arc<dyn BlockDevice>> = Vec::new();
+    let mut entries = Vec::new();
+    for (m, dev) in members.legs.iter().zip(opened) {
+        // A removed slot keeps its index; a device that discards everything stands in for it
+        // (the volume never sends it I/O).
+        let dev = match dev {
+            Some(d) => d,
+            None => Arc::new(
+                nvmirror_nvme::backend::NullDevice::new(first.bytes(), first.lba_size)
+                    .map_err(|e| vol_err(e.to_string()))?,
+            ),
+        };
+        let faulty = FaultyDevice::wrap(dev);
+        entries.push(LegEntry {
+            uri: m.uri.clone(),
+            injector: Arc::clone(faulty.injector()),
+        });
+        legs.push(Arc::new(faulty));
+    }
+    let sizes: Vec<u64> = legs.iter().map(|l| l.geometry().bytes()).collect();
+    if sizes.iter().any(|&b| b != sizes[0]) {
+        let list: Vec<String> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("leg {i}: {b} bytes"))
+            .collect();
+        return Err(vol_err(format!(
+            "legs differ in size ({}); mirror legs must be the same size",
+            list.join(", ")
+        )));
+    }
+    let volume = open_volume(v, legs).map_err(|e| vol_err(e.to_string()))?;
+    Ok(VolumeEntry {
+        volume: Arc::new(volume),
+        legs: std::sync::Mutex::new(entries),
+        members: v
+            .bitmap
+            .then(|| std::sync::Mutex::new((members, members_path))),
+    })
+}
+
 fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
     s.parse()
         .map_err(|e| start_err(what, format!("'{s}': {e}")))
@@ -213,38 +313,7 @@ impl Service {
 
         let mut volumes = Vec::new();
         for v in &cfg.volumes {
-            let mut legs: Vec<Arc<dyn BlockDevice>> = Vec::new();
-            let mut injectors = Vec::new();
-            for (i, uri) in v.legs.iter().enumerate() {
-                let dev = open_leg(uri)
-                    .map_err(|e| start_err(format!("volume {} leg {i}", v.name), e))?;
-                let faulty = FaultyDevice::wrap(dev);
-                injectors.push(Arc::clone(faulty.injector()));
-                legs.push(Arc::new(faulty));
-            }
-            let sizes: Vec<u64> = legs.iter().map(|l| l.geometry().bytes()).collect();
-            if sizes.iter().any(|&b| b != sizes[0]) {
-                let list: Vec<String> = sizes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| format!("leg {i}: {b} bytes"))
-                    .collect();
-                return Err(start_err(
-                    format!("volume {}", v.name),
-                    format!(
-                        "legs differ in size ({}); mirror legs must be the same size",
-                        list.join(", ")
-                    ),
-                ));
-            }
-            let volume =
-                open_volume(v, legs).map_err(|e| start_err(format!("volume {}", v.name), e))?;
-            volumes.push(VolumeEntry {
-                volume: Arc::new(volume),
-                uris: v.legs.clone(),
-                injectors,
-                extra: std::sync::Mutex::new(Vec::new()),
-            });
+            volumes.push(open_entry(cfg, v)?);
         }
         let device = |name: &str| -> Option<Arc<dyn BlockDevice>> {
             volumes
@@ -374,7 +443,7 @@ impl Service {
                 geo.bytes(),
                 geo.num_blocks,
                 geo.lba_size,
-                e.uris.join(", ")
+                e.uris().join(", ")
             );
         }
         if let Some(t) = &self.nvme_tcp {
@@ -521,6 +590,7 @@ pub fn init_logging(json: bool) {
 /// `nvmirror serve`.
 pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     init_logging(args.log_json);
+    crate::failstop::install_panic_hook();
     let cfg = resolve_config(&args)?;
     let service = Service::start(&cfg)?;
     print!(
@@ -532,12 +602,28 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     let _ = std::io::stdout().flush();
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .map_err(|e| start_err("signal handler", e))?;
+        // A second signal while shutting down exits at once; the first sets `stop`.
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            crate::failstop::EXIT_SHUTDOWN_TIMEOUT,
+            Arc::clone(&stop),
+        )
+        .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
+        .map_err(|e| start_err("signal handler", e))?;
+    }
+    let watchdog_stop = Arc::new(AtomicBool::new(false));
+    if let Some(limit) = cfg.service.stall_timeout() {
+        crate::failstop::start_watchdog(
+            service.registry.reactors.clone(),
+            limit,
+            Arc::clone(&watchdog_stop),
+        );
     }
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
+    watchdog_stop.store(true, Ordering::Release);
+    crate::failstop::start_shutdown_deadline(cfg.service.shutdown_timeout());
     tracing::info!("shutting down");
     let failed = service.shutdown_clean();
     if failed.is_empty() {

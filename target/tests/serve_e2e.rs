@@ -2,148 +2,16 @@
 //! the project's own NVMe/TCP initiator; a leg is detached, writes go on, and the leg images
 //! are checked after a clean shutdown.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::Value;
 
 use nvmirror_nvme::dma::DmaPool;
-use nvmirror_nvme::{open_leg, Completion, IoCommand, IoOp, QueuePair};
+use nvmirror_nvme::open_leg;
 
-const NVMIRROR: &str = env!("CARGO_BIN_EXE_nvmirror");
-const NQN: &str = "nqn.2026-11.io.nvmirror:vol0";
-
-struct Server {
-    child: Child,
-    nvme_tcp: String,
-    socket: String,
-}
-
-/// A server left running by a failing test is killed, not leaked.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        let leg = |n: &str| format!("file://{}/{n}.img?create=64MiB", dir.display());
-        let mut child = Command::new(NVMIRROR)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .args(["--leg", &leg("primary"), "--leg", &leg("mirror")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nvmirror starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (mut nvme_tcp, mut socket) = (None, None);
-        while nvme_tcp.is_none() || socket.is_none() {
-            let line = lines.next().expect("banner line").unwrap();
-            if let Some(rest) = line.strip_prefix("NVMe/TCP ") {
-                nvme_tcp = rest.split_whitespace().next().map(str::to_string);
-            }
-            if let Some(rest) = line.strip_prefix("RPC ") {
-                socket = Some(rest.trim().to_string());
-            }
-        }
-        Self {
-            child,
-            nvme_tcp: nvme_tcp.unwrap(),
-            socket: socket.unwrap(),
-        }
-    }
-
-    /// `nvmirror rpc METHOD PARAMS`: (exit success, stdout JSON or stderr text).
-    fn rpc(&self, method: &str, params: &str) -> (bool, String) {
-        let out = Command::new(NVMIRROR)
-            .args(["rpc", "--socket", &self.socket, method, params])
-            .output()
-            .unwrap();
-        let text = if out.status.success() {
-            out.stdout
-        } else {
-            out.stderr
-        };
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&text).into_owned(),
-        )
-    }
-
-    fn status(&self) -> Value {
-        let (ok, text) = self.rpc("volume_status", r#"{"name":"vol0"}"#);
-        assert!(ok, "{text}");
-        serde_json::from_str(&text).unwrap()
-    }
-
-    /// Polls `volume_status` until every leg is in sync (30 s at most); returns it.
-    fn wait_in_sync(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let st = self.status();
-            let legs = st["legs"].as_array().unwrap();
-            if legs.iter().all(|l| l["state"] == "in_sync") {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "legs not in sync after 30 s: {st}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: sending SIGTERM to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "nvmirror serve exited with {status}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nvmirror serve did not stop on SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// Writes `fill` to blocks `[slba, slba + nlb)` through a queue pair and waits.
-fn write(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32, fill: u8) {
-    let mut buf = pool.get().unwrap();
-    buf.as_mut_slice().fill(fill);
-    let cmd = IoCommand::with_buf(IoOp::Write, slba, nlb, buf.io_buf(), slba);
-    // SAFETY: `buf` is not touched until the completion is reaped below.
-    unsafe { qp.submit(cmd) }.unwrap();
-    let mut cpl = [Completion::default()];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while qp.poll(&mut cpl) == 0 {
-        assert!(Instant::now() < deadline, "write timed out");
-    }
-    assert!(
-        cpl[0].status.is_success(),
-        "write at {slba}: {}",
-        cpl[0].status
-    );
-    pool.put(buf);
-}
-
-/// Blocks of the exported namespace as stored in a leg image (after its metadata area).
-fn blocks(image: &Path, data_offset: u64, slba: u64, nlb: u64) -> Vec<u8> {
-    let data = std::fs::read(image).unwrap();
-    let start = (data_offset + slba * 512) as usize;
-    data[start..start + (nlb * 512) as usize].to_vec()
-}
+mod serve_rig;
+use serve_rig::{blocks, write, Server, NQN, NVMIRROR};
 
 #[test]
 fn serve_detach_write_and_check_legs() {

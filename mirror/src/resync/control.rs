@@ -132,11 +132,35 @@ impl Volume {
                 g.lba_size, vol.geo.lba_size
             )));
         }
-        if g.num_blocks < vol.geo.num_blocks {
+        // The leg holds the metadata area too, in front of the exported blocks.
+        let need = vol.data_lba + vol.geo.num_blocks;
+        if g.num_blocks < need {
             return Err(err(format!(
-                "{} blocks, the volume needs {}",
-                g.num_blocks, vol.geo.num_blocks
+                "{} blocks, the volume needs {need}",
+                g.num_blocks
             )));
+        }
+        // Only the volume writes a leg (invariant 6): a device that carries another volume's
+        // superblock, or data that is not ours, is refused rather than overwritten.
+        if let Some(meta) = vol.meta.as_ref() {
+            let mut io = meta.lock_io();
+            match crate::persistent::read_head(&mut io, &vol.name, index, &*device) {
+                Ok((crate::persistent::Found::Blank, _)) => {}
+                Ok((crate::persistent::Found::Superblock(sb), _)) => {
+                    if sb.volume_uuid != meta.volume_uuid {
+                        return Err(err(format!(
+                            "it is leg {} of volume '{}' ({}); remove it there first",
+                            sb.leg_index, sb.volume_name, sb.volume_uuid
+                        )));
+                    }
+                }
+                Err(e) => {
+                    return Err(err(format!(
+                        "its first 4 KiB hold data that is not an nvmirror superblock ({e}); \
+                         zero them to use this device as a leg"
+                    )))
+                }
+            }
         }
         let data = Arc::as_ptr(&device) as *const ();
         if let Some(first) = (0..index).find(|&i| {
@@ -173,6 +197,11 @@ impl Volume {
             .add_resyncing(index)
             .map_err(|r| self.refused(index, r))?;
         tracing::info!(volume = %vol.name, leg = index, name = vol.leg_name(index), "leg added; resyncing");
+        // The in-sync legs' superblocks name the new member (stale until its copy is done),
+        // so a restart brings it back and rebuilds it.
+        if let Some(meta) = vol.meta.as_ref() {
+            meta.persist_states(vol);
+        }
         *slot = Some(job_shared);
         Ok(job)
     }
@@ -195,6 +224,9 @@ impl Volume {
         }
         let from = vol.states.remove(leg).map_err(|r| self.refused(leg, r))?;
         tracing::warn!(volume = %vol.name, leg, name = vol.leg_name(leg), %from, "leg removed");
+        if let Some(meta) = vol.meta.as_ref() {
+            meta.persist_states(vol);
+        }
         Ok(())
     }
 

@@ -1,0 +1,256 @@
+//! `nvmirror serve` as a child process on free ports, driven by `nvmirror rpc` and by the
+//! project's own NVMe/TCP initiator: the rig of the end-to-end tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use nvmirror_nvme::dma::DmaPool;
+use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair};
+
+pub const NVMIRROR: &str = env!("CARGO_BIN_EXE_nvmirror");
+pub const NQN: &str = "nqn.2026-11.io.nvmirror:vol0";
+
+pub struct Server {
+    pub child: Child,
+    pub nvme_tcp: String,
+    pub socket: String,
+    pub metrics: Option<String>,
+}
+
+/// A server left running by a failing test is killed, not leaked.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `file://DIR/NAME.img?create=SIZE`.
+pub fn file_leg(dir: &Path, name: &str, size: &str) -> String {
+    format!("file://{}/{name}.img?create={size}", dir.display())
+}
+
+impl Server {
+    /// The end-to-end default: two 64 MiB file legs in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let legs = [
+            file_leg(dir, "primary", "64MiB"),
+            file_leg(dir, "mirror", "64MiB"),
+        ];
+        Self::with_legs(dir, &legs, &[])
+    }
+
+    /// `serve --data-dir DIR` on free ports with `legs` and the environment `env`.
+    pub fn with_legs(dir: &Path, legs: &[String], env: &[(&str, &str)]) -> Self {
+        Self::try_with_legs(dir, legs, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`with_legs`](Self::with_legs), or what it printed when it did not start.
+    pub fn try_with_legs(
+        dir: &Path,
+        legs: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        let mut args: Vec<String> = vec!["--data-dir".into(), dir.display().to_string()];
+        for l in legs {
+            args.push("--leg".into());
+            args.push(l.clone());
+        }
+        Self::spawn(&args, env)
+    }
+
+    /// `serve ARGS` on free ports (listeners given as 127.0.0.1:0).
+    pub fn spawn(args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
+        let mut child = Command::new(NVMIRROR)
+            .arg("serve")
+            .args(args)
+            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nvmirror starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut nvme_tcp, mut socket, mut metrics) = (None, None, None);
+        while nvme_tcp.is_none() || socket.is_none() || metrics.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.wait();
+                let mut err = String::new();
+                use std::io::Read as _;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                return Err(format!("nvmirror serve did not start: {err}"));
+            };
+            if let Some(rest) = line.strip_prefix("NVMe/TCP ") {
+                nvme_tcp = rest.split_whitespace().next().map(str::to_string);
+            }
+            if let Some(rest) = line.strip_prefix("RPC ") {
+                socket = Some(rest.trim().to_string());
+            }
+            if let Some(rest) = line.strip_prefix("metrics http://") {
+                metrics = rest.split('/').next().map(str::to_string);
+            }
+        }
+        // Keep draining stderr so a chatty server never blocks on a full pipe.
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self {
+            child,
+            nvme_tcp: nvme_tcp.unwrap(),
+            socket: socket.unwrap(),
+            metrics,
+        })
+    }
+
+    /// `nvmirror rpc METHOD PARAMS`: (exit success, stdout JSON or stderr text).
+    pub fn rpc(&self, method: &str, params: &str) -> (bool, String) {
+        let out = Command::new(NVMIRROR)
+            .args(["rpc", "--socket", &self.socket, method, params])
+            .output()
+            .unwrap();
+        let text = if out.status.success() {
+            out.stdout
+        } else {
+            out.stderr
+        };
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&text).into_owned(),
+        )
+    }
+
+    /// [`rpc`](Self::rpc) that must succeed; its result.
+    pub fn rpc_ok(&self, method: &str, params: &str) -> Value {
+        let (ok, text) = self.rpc(method, params);
+        assert!(ok, "{method} {params}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn status(&self) -> Value {
+        self.rpc_ok("volume_status", r#"{"name":"vol0"}"#)
+    }
+
+    /// Polls `volume_status` until every leg that is not removed is in sync (60 s at most).
+    pub fn wait_in_sync(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = self.status();
+            let legs = st["legs"].as_array().unwrap();
+            if legs
+                .iter()
+                .all(|l| l["state"] == "in_sync" || l["state"] == "removed")
+            {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "legs not in sync after 60 s: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /metrics`.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let addr = self.metrics.as_ref().expect("a metrics listener");
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits up to `within` for the process to end.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM; the server must stop cleanly within 20 s.
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self
+            .wait_exit(Duration::from_secs(20))
+            .expect("nvmirror serve did not stop on SIGTERM");
+        assert!(status.success(), "nvmirror serve exited with {status}");
+    }
+
+    /// SIGKILL, and reaped.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `fill` to blocks `[slba, slba + nlb)` through a queue pair and waits.
+pub fn write(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32, fill: u8) {
+    let mut buf = pool.get().unwrap();
+    buf.as_mut_slice().fill(fill);
+    let cmd = IoCommand::with_buf(IoOp::Write, slba, nlb, buf.io_buf(), slba);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let cpl = wait_one(qp, "write");
+    assert!(cpl.status.is_success(), "write at {slba}: {}", cpl.status);
+    pool.put(buf);
+}
+
+/// Reads blocks `[slba, slba + nlb)` through a queue pair.
+pub fn read(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32) -> Vec<u8> {
+    let buf = pool.get().unwrap();
+    let len = (nlb as usize) * 512;
+    let cmd = IoCommand::with_buf(IoOp::Read, slba, nlb, buf.io_buf(), slba);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let cpl = wait_one(qp, "read");
+    assert!(cpl.status.is_success(), "read at {slba}: {}", cpl.status);
+    let out = buf.as_slice()[..len].to_vec();
+    pool.put(buf);
+    out
+}
+
+fn wait_one(qp: &mut dyn QueuePair, what: &str) -> Completion {
+    let mut cpl = [Completion::default()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qp.poll(&mut cpl) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what} timed out: the data path is dead"
+        );
+    }
+    cpl[0]
+}
+
+/// Blocks of the exported namespace as stored in a leg image (after its metadata area).
+pub fn blocks(image: &Path, data_offset: u64, slba: u64, nlb: u64) -> Vec<u8> {
+    let data = std::fs::read(image).unwrap();
+    let start = (data_offset + slba * 512) as usize;
+    data[start..start + (nlb * 512) as usize].to_vec()
+}
