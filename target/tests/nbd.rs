@@ -264,6 +264,54 @@ fn handshake_lists_informs_refuses_and_aborts() {
     assert!(server.shutdown());
 }
 
+/// A client that floods options and never reads the replies is no longer read once its
+/// replies back up: what it can make the server queue is bounded, and another client is
+/// served meanwhile.
+#[test]
+fn an_option_flood_that_never_reads_is_throttled() {
+    let pool = reactors(1);
+    let a = open_leg("mem://1MiB").unwrap();
+    let server = serve(&pool, &[("vol0", &a)]);
+    let addr = server.local_addr();
+    let mut flood = Client::connect(addr, 3);
+    flood.s.set_nonblocking(true).unwrap();
+    // OPT_LIST, over and over: 16 bytes in, a larger reply out (an INFO asking for a name
+    // many times is answered once, see the negotiation's unit tests).
+    let mut m = Vec::new();
+    for _ in 0..4096 {
+        m.extend_from_slice(b"IHAVEOPT");
+        m.extend_from_slice(&OPT_LIST.to_be_bytes());
+        m.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let (mut sent, mut at) = (0usize, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut blocked_since: Option<Instant> = None;
+    while Instant::now() < deadline {
+        match flood.s.write(&m[at..]) {
+            Ok(n) => {
+                sent += n;
+                at = (at + n) % m.len();
+                blocked_since = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                blocked_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("flood write: {e}"),
+        }
+    }
+    assert!(
+        blocked_since.is_some(),
+        "the server kept reading a client that never reads ({sent} bytes sent)"
+    );
+    eprintln!("flood: {sent} bytes accepted in 2 s");
+    // Socket buffers on both sides plus the server's own queues: megabytes, not gigabytes.
+    assert!(sent < 64 << 20, "{sent} bytes accepted");
+    let mut other = Client::connect(addr, 3);
+    let info = other.info(OPT_INFO, "vol0", &[]);
+    assert_eq!(info.last().unwrap().0, REP_ACK);
+}
+
 #[test]
 fn writes_read_back_across_chunks_and_reach_the_device() {
     let pool = reactors(1);

@@ -136,6 +136,12 @@ impl Connection {
         };
         let mut next = None;
         loop {
+            // A peer that sends options without reading the replies is not read further
+            // until it does: the replies queued stay below half the send buffer (plus one
+            // option's worth), whatever it sends.
+            if self.tx.len() > TX_CAPACITY / 2 {
+                break;
+            }
             self.scratch.clear();
             let step = neg.advance(self.rx.data(), &mut self.scratch);
             self.tx.put_growing(&self.scratch);

@@ -151,7 +151,18 @@ impl Negotiation {
         sizes[6..10].copy_from_slice(&preferred.to_be_bytes());
         sizes[10..14].copy_from_slice(&max.to_be_bytes());
         put_option_reply(out, opt, reply::INFO, &[&sizes]);
+        // Each info type is answered once, however often it is asked for: the reply to one
+        // option stays a few KiB whatever its request list (up to 32 767 entries) says.
+        let (mut name_sent, mut description_sent) = (false, false);
         for req in requests.chunks_exact(2).map(be16) {
+            let first = match req {
+                info::NAME => !std::mem::replace(&mut name_sent, true),
+                info::DESCRIPTION => !std::mem::replace(&mut description_sent, true),
+                _ => false,
+            };
+            if !first {
+                continue;
+            }
             match req {
                 info::NAME => put_option_reply(
                     out,
@@ -296,6 +307,32 @@ mod tests {
         assert_eq!(be32(&r[1].2[10..14]), 32 << 20);
         assert_eq!(&r[2].2[2..], b"big");
         assert_eq!(r[3].1, reply::ACK);
+    }
+
+    #[test]
+    fn repeated_info_requests_are_answered_once() {
+        let mut n = negotiated();
+        let mut out = Vec::new();
+        let asks: Vec<u16> = (0..20_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    info::NAME
+                } else {
+                    info::DESCRIPTION
+                }
+            })
+            .collect();
+        let msg = opt(option::INFO, &go_data("big", &asks));
+        assert_eq!(n.advance(&msg, &mut out), Step::Consumed(msg.len()));
+        let r = replies(&out);
+        // EXPORT, BLOCK_SIZE, NAME, DESCRIPTION, ACK: not 20 000 replies.
+        assert_eq!(
+            r.len(),
+            5,
+            "{:?}",
+            r.iter().map(|x| x.1).collect::<Vec<_>>()
+        );
+        assert!(out.len() < 512, "{} bytes of replies", out.len());
     }
 
     #[test]
