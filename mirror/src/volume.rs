@@ -95,7 +95,10 @@ impl VolumeShared {
     }
 
     /// Faults `leg` after an I/O failure; when it is the primary, `successor` (or the lowest
-    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg.
+    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg, or
+    /// when a persistent volume could not record the change in a survivor's superblock (the
+    /// leg is out, but what it missed must not be acknowledged: a restart could take it for
+    /// the freshest).
     #[cold]
     pub(crate) fn fault_on_io(
         &self,
@@ -113,16 +116,14 @@ impl VolumeShared {
                 );
                 // Persistent volumes: the survivors' superblocks name the leg stale before
                 // anything it missed is acknowledged.
-                if let Some(meta) = &self.meta {
-                    meta.persist_states(self);
-                }
+                let recorded = self.meta.as_ref().is_none_or(|m| m.persist_states(self) == 0);
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,
                         name = self.leg_name(p), "primary promoted"
                     );
                 }
-                true
+                recorded
             }
             Ok(None) | Err(Refusal::AlreadyDetached | Refusal::WrongState(_)) => true,
             Err(Refusal::LastInSync | Refusal::NoFreeSlot | Refusal::Primary) => {
@@ -358,11 +359,22 @@ impl Volume {
         match self.shared.states.take_out(leg, to, None) {
             Ok(Some(t)) => {
                 tracing::warn!(volume = %volume, leg, name, from = %t.from, to = %to, "leg state changed by request");
-                if let Some(meta) = &self.shared.meta {
-                    meta.persist_states(&self.shared);
-                }
+                let failed = self
+                    .shared
+                    .meta
+                    .as_ref()
+                    .map_or(0, |m| m.persist_states(&self.shared));
                 if let Some(p) = t.promoted {
                     tracing::warn!(volume = %volume, old = leg, new = p, "primary promoted");
+                }
+                if failed != 0 {
+                    let at = failed.trailing_zeros() as usize;
+                    return Err(Error::Metadata {
+                        volume: volume.clone(),
+                        leg: at,
+                        name: self.shared.leg_name(at).to_string(),
+                        reason: format!("leg {leg} is {to}, but this superblock does not say so"),
+                    });
                 }
                 Ok(())
             }
