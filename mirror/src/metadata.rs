@@ -85,13 +85,12 @@ impl ControlIo {
             self.qps[leg] = Some(dev.open_qpair(4).map_err(|e| e.to_string())?);
         }
         let qp = self.qps[leg].as_mut().expect("opened above");
+        let cmd = IoCommand::with_buf(op, lba, nlb.max(1), buf, 0);
+        let cmd = if fua { cmd.with_fua() } else { cmd };
         // SAFETY: the caller keeps `buf` alive and untouched until this returns, and this
         // returns only after the completion is reaped — or drops the queue pair (and with it
         // the command) on a timeout.
-        let cmd = IoCommand::with_buf(op, lba, nlb.max(1), buf, 0);
-        let cmd = if fua { cmd.with_fua() } else { cmd };
-        unsafe { qp.submit(cmd) }
-            .map_err(|e| format!("{e:?}"))?;
+        unsafe { qp.submit(cmd) }.map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();
         let mut cpl = [Completion::default()];
         loop {

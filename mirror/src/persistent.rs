@@ -528,13 +528,12 @@ impl Volume {
                 .filter_map(|(i, l)| Some((i, l.get()?)))
             {
                 if snap.state(i) == LegState::InSync {
-                    io.flush(i, &*leg.dev)
-                        .map_err(|reason| Error::Metadata {
-                            volume: shared.name.clone(),
-                            leg: i,
-                            name: leg.dev.name().to_string(),
-                            reason: format!("flush: {reason}"),
-                        })?;
+                    io.flush(i, &*leg.dev).map_err(|reason| Error::Metadata {
+                        volume: shared.name.clone(),
+                        leg: i,
+                        name: leg.dev.name().to_string(),
+                        reason: format!("flush: {reason}"),
+                    })?;
                 }
             }
         }
@@ -662,8 +661,7 @@ impl VolumeShared {
             )
             .map_err(|e| format!("writing bitmap page {p}: {e}"))?;
         }
-        io.flush(leg, &*dev)
-            .map_err(|e| format!("flush: {e}"))?;
+        io.flush(leg, &*dev).map_err(|e| format!("flush: {e}"))?;
         Ok(())
     }
 

@@ -116,7 +116,10 @@ impl VolumeShared {
                 );
                 // Persistent volumes: the survivors' superblocks name the leg stale before
                 // anything it missed is acknowledged.
-                let recorded = self.meta.as_ref().is_none_or(|m| m.persist_states(self) == 0);
+                let recorded = self
+                    .meta
+                    .as_ref()
+                    .map_or(true, |m| m.persist_states(self) == 0);
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,

@@ -330,7 +330,14 @@ fn one_cut(seed: u64) {
                 // SAFETY: `buf` moves into `inflight` (its heap memory stays put) and lives
                 // until the completion is reaped or the queue pair is gone.
                 unsafe { qp.submit(cmd) }.unwrap();
-                inflight.insert(tag, InFlight { cmd, seq, _buf: buf });
+                inflight.insert(
+                    tag,
+                    InFlight {
+                        cmd,
+                        seq,
+                        _buf: buf,
+                    },
+                );
             }
         }
         let cut_after = (step == cut_step).then(|| rng.below(6));
@@ -344,7 +351,12 @@ fn one_cut(seed: u64) {
             let n = qp.poll(&mut cpl);
             for c in &cpl[..n] {
                 let f = inflight.remove(&c.tag).expect("a command of ours");
-                assert!(c.status.is_success(), "seed {seed}: {:?} failed: {}", f.cmd, c.status);
+                assert!(
+                    c.status.is_success(),
+                    "seed {seed}: {:?} failed: {}",
+                    f.cmd,
+                    c.status
+                );
                 match f.cmd.op {
                     IoOp::Flush => {
                         for (slba, nlb, s) in unflushed.drain(..) {
@@ -384,7 +396,8 @@ fn one_cut(seed: u64) {
     let vol = Volume::open_persistent("pl", devs, cfg())
         .unwrap_or_else(|e| panic!("seed {seed}: recovery failed: {e}"));
     let layout = vol.metadata_layout().unwrap();
-    let data = layout.data_offset as usize..(layout.data_offset + layout.data_blocks * u64::from(LBA)) as usize;
+    let data = layout.data_offset as usize
+        ..(layout.data_offset + layout.data_blocks * u64::from(LBA)) as usize;
     let legs: Vec<Vec<u8>> = disks.iter().map(|d| read_all(&**d).unwrap()).collect();
     for (b, &want) in required.iter().enumerate() {
         let at = data.start + b * LBA as usize;

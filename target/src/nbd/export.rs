@@ -16,8 +16,7 @@ pub(crate) struct Export {
 /// The transmission flags every export advertises: flush, FUA, trim and write-zeroes are
 /// supported, and every connection reaches the same device, so flushes are visible across
 /// connections (multi-conn).
-pub(crate) const TRANSMISSION_FLAGS: u16 =
-    tf::HAS_FLAGS
+pub(crate) const TRANSMISSION_FLAGS: u16 = tf::HAS_FLAGS
     | tf::SEND_FLUSH
     | tf::SEND_FUA
     | tf::SEND_TRIM
