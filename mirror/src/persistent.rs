@@ -442,10 +442,12 @@ impl Volume {
         let bm = shared.bitmap.as_ref().expect("persistent");
         let keep = |r: u64| {
             let snap = shared.states.snapshot();
-            (0..snap.leg_count()).any(|i| {
-                !matches!(snap.state(i), LegState::InSync | LegState::Removed)
-                    && shared.leg(i).is_some_and(|l| l.missed.contains(r))
-            })
+            // A region a write failed on everywhere stays marked until it is reconciled.
+            shared.diverged.contains(r)
+                || (0..snap.leg_count()).any(|i| {
+                    !matches!(snap.state(i), LegState::InSync | LegState::Removed)
+                        && shared.leg(i).is_some_and(|l| l.missed.contains(r))
+                })
         };
         let candidates = {
             let mut clock = bm.clock.lock().unwrap_or_else(|e| e.into_inner());

@@ -40,6 +40,10 @@ pub(crate) struct VolumeShared {
     /// Leg slots; slot `i` is filled before the state word publishes a leg count above `i`,
     /// and never changes afterwards (a removed leg retires its slot).
     pub(crate) legs: [OnceLock<Arc<LegShared>>; MAX_LEGS],
+    /// Regions of writes that failed or timed out on every in-sync leg: the legs may differ
+    /// there (NVMe does not promise a failed write left the medium unchanged). Kept marked in
+    /// the bitmap until [`Volume::reconcile_failed_writes`] copies them from the primary.
+    pub(crate) diverged: MissedRegions,
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
     /// Persistent volumes: the write-intent bitmap.
@@ -280,6 +284,7 @@ impl Volume {
             guard: OverlapGuard::new(shift(cfg.overlap_granule)),
             cfg,
             legs: slots,
+            diverged: MissedRegions::new(num_blocks, region_shift),
             region_shift,
             cores: Mutex::new(Vec::new()),
             jobs: JobRegistry::default(),
