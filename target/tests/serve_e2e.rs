@@ -89,7 +89,9 @@ impl Server {
         loop {
             let st = self.status();
             let legs = st["legs"].as_array().unwrap();
-            if legs.iter().all(|l| l["state"] == "in_sync") {
+            // The leg goes in sync before its resync job records the end (the superblocks
+            // are written in between): wait for both.
+            if legs.iter().all(|l| l["state"] == "in_sync") && st["resync"]["state"] != "running" {
                 return st;
             }
             assert!(
