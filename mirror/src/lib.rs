@@ -53,6 +53,7 @@ mod missed;
 mod persistent;
 mod qpair;
 mod read_policy;
+mod reconcile;
 pub mod resync;
 mod stats;
 pub mod superblock;

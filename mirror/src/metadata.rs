@@ -49,16 +49,49 @@ impl ControlIo {
         lba: u64,
         buf: IoBuf,
     ) -> std::result::Result<(), String> {
+        self.run_command(leg, dev, op, lba, buf, false)
+    }
+
+    /// A write with Force Unit Access: on stable storage when this returns `Ok`.
+    pub(crate) fn write_durable(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        lba: u64,
+        buf: IoBuf,
+    ) -> std::result::Result<(), String> {
+        self.run_command(leg, dev, IoOp::Write, lba, buf, true)
+    }
+
+    /// Flushes leg `leg`'s volatile write cache.
+    pub(crate) fn flush(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+    ) -> std::result::Result<(), String> {
+        self.run_command(leg, dev, IoOp::Flush, 0, IoBuf::EMPTY, false)
+    }
+
+    fn run_command(
+        &mut self,
+        leg: usize,
+        dev: &dyn BlockDevice,
+        op: IoOp,
+        lba: u64,
+        buf: IoBuf,
+        fua: bool,
+    ) -> std::result::Result<(), String> {
         let nlb = (buf.len() as u64 >> dev.geometry().lba_shift()) as u32;
         if self.qps[leg].is_none() {
             self.qps[leg] = Some(dev.open_qpair(4).map_err(|e| e.to_string())?);
         }
         let qp = self.qps[leg].as_mut().expect("opened above");
+        let cmd = IoCommand::with_buf(op, lba, nlb.max(1), buf, 0);
+        let cmd = if fua { cmd.with_fua() } else { cmd };
         // SAFETY: the caller keeps `buf` alive and untouched until this returns, and this
         // returns only after the completion is reaped — or drops the queue pair (and with it
         // the command) on a timeout.
-        unsafe { qp.submit(IoCommand::with_buf(op, lba, nlb.max(1), buf, 0)) }
-            .map_err(|e| format!("{e:?}"))?;
+        unsafe { qp.submit(cmd) }.map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();
         let mut cpl = [Completion::default()];
         loop {
@@ -104,7 +137,8 @@ impl ControlIo {
         res.map(|()| out)
     }
 
-    /// Writes `data` at byte `offset` of `dev`.
+    /// Writes `data` at byte `offset` of `dev`, with FUA (metadata: the zeroed or union
+    /// bitmap is on stable storage before a superblock or a data write relies on it).
     pub(crate) fn write_bytes(
         &mut self,
         leg: usize,
@@ -118,13 +152,7 @@ impl ControlIo {
         for (i, part) in data.chunks(CHUNK).enumerate() {
             buf.as_mut_slice()[..part.len()].copy_from_slice(part);
             let at = offset + (i * CHUNK) as u64;
-            res = self.run(
-                leg,
-                dev,
-                IoOp::Write,
-                at >> shift,
-                buf.io_buf().prefix(part.len()),
-            );
+            res = self.write_durable(leg, dev, at >> shift, buf.io_buf().prefix(part.len()));
             if res.is_err() {
                 break;
             }
@@ -161,7 +189,8 @@ impl ControlIo {
         res
     }
 
-    /// Writes one 4 KiB block (a superblock or a bitmap page) at byte `offset`.
+    /// Writes one 4 KiB block (a superblock or a bitmap page) at byte `offset`, with FUA: it
+    /// is on stable storage, not in the leg's write cache, when this returns `Ok`.
     pub(crate) fn write_page(
         &mut self,
         leg: usize,
@@ -174,13 +203,7 @@ impl ControlIo {
         page.fill(0);
         page[..bytes.len()].copy_from_slice(bytes);
         let io = buf.io_buf();
-        let res = self.run(
-            leg,
-            dev,
-            IoOp::Write,
-            offset >> dev.geometry().lba_shift(),
-            io,
-        );
+        let res = self.write_durable(leg, dev, offset >> dev.geometry().lba_shift(), io);
         self.page.put(buf);
         res
     }
@@ -308,8 +331,18 @@ impl PersistentMeta {
     }
 
     /// A leg changed state: the in-sync legs' superblocks record it (cold; blocks this core
-    /// for one superblock write per leg).
-    pub(crate) fn persist_states(&self, vol: &VolumeShared) {
-        self.write_superblocks(vol, false, true);
+    /// for one superblock write per leg). Returns the in-sync legs whose superblock could
+    /// not be written (each already logged): while one of them is left, a restart may take
+    /// the wrong leg for the freshest.
+    #[must_use = "a superblock that did not reach a survivor leaves a stale leg looking fresh"]
+    pub(crate) fn persist_states(&self, vol: &VolumeShared) -> u8 {
+        let failed = self.write_superblocks(vol, false, true);
+        if failed != 0 {
+            tracing::error!(
+                volume = %vol.name, legs = format_args!("{failed:#06b}"),
+                "leg states not recorded on every in-sync leg; a restart may pick a stale leg"
+            );
+        }
+        failed
     }
 }

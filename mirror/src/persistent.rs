@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nvmirror_nvme::dma::IoBuf;
-use nvmirror_nvme::{BlockDevice, Geometry, IoOp};
+use nvmirror_nvme::{BlockDevice, Geometry};
 
 use crate::bitmap::{MetadataLayout, WriteIntentBitmap, BITMAP_PAGE};
 use crate::config::VolumeConfig;
@@ -418,12 +417,21 @@ impl Volume {
                 )
                 .map_err(|e| err(format!("writing bitmap page {p}: {e}")))?;
             }
-            io.run(leg, &*dev, IoOp::Flush, 0, IoBuf::EMPTY)
+            io.flush(leg, &*dev)
                 .map_err(|e| err(format!("flush: {e}")))?;
         }
         shared.states.bring_in(leg);
         shared.leg(leg).expect("a leg in use").missed.clear_all();
-        meta.persist_states(shared);
+        let failed = meta.persist_states(shared);
+        if failed != 0 {
+            let at = failed.trailing_zeros() as usize;
+            return Err(Error::Metadata {
+                volume: shared.name.clone(),
+                leg: at,
+                name: shared.leg_name(at).to_string(),
+                reason: format!("leg {leg} is back in sync, but this superblock does not say so"),
+            });
+        }
         tracing::info!(volume = %shared.name, leg, regions = regions.len(), "leg recovered");
         Ok(regions.len() as u64)
     }
@@ -440,10 +448,12 @@ impl Volume {
         let bm = shared.bitmap.as_ref().expect("persistent");
         let keep = |r: u64| {
             let snap = shared.states.snapshot();
-            (0..snap.leg_count()).any(|i| {
-                !matches!(snap.state(i), LegState::InSync | LegState::Removed)
-                    && shared.leg(i).is_some_and(|l| l.missed.contains(r))
-            })
+            // A region a write failed on everywhere stays marked until it is reconciled.
+            shared.diverged.contains(r)
+                || (0..snap.leg_count()).any(|i| {
+                    !matches!(snap.state(i), LegState::InSync | LegState::Removed)
+                        && shared.leg(i).is_some_and(|l| l.missed.contains(r))
+                })
         };
         let candidates = {
             let mut clock = bm.clock.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,16 +479,25 @@ impl Volume {
                 let gen = bm.snapshot(page, &mut buf);
                 let snap = shared.states.snapshot();
                 let mut io = meta.lock_io();
-                let mut ok = true;
-                for (i, leg) in shared
+                let in_sync: Vec<_> = shared
                     .legs
                     .iter()
                     .enumerate()
                     .filter_map(|(i, l)| Some((i, l.get()?)))
-                {
-                    if snap.state(i) != LegState::InSync {
-                        continue;
+                    .filter(|&(i, _)| snap.state(i) == LegState::InSync)
+                    .collect();
+                // The writes the cleared bits covered are done: make them durable on every
+                // in-sync leg before the cleared page can be (md's PREFLUSH), so a power loss
+                // never leaves a clear bit over data that is only in one leg's cache.
+                let mut ok = true;
+                for &(i, leg) in &in_sync {
+                    if let Err(e) = io.flush(i, &*leg.dev) {
+                        tracing::warn!(volume = %shared.name, leg = i, error = %e, "flush before a bitmap clear failed; page left set on disk");
+                        ok = false;
                     }
+                }
+                let flushed = ok;
+                for &(i, leg) in in_sync.iter().filter(|_| flushed) {
                     let at = meta.layout.bitmap_offset + u64::from(page) * BITMAP_PAGE;
                     if let Err(e) = io.write_page(i, &*leg.dev, at, &buf) {
                         tracing::warn!(volume = %shared.name, leg = i, error = %e, "cleared bitmap page not written");
@@ -517,13 +536,12 @@ impl Volume {
                 .filter_map(|(i, l)| Some((i, l.get()?)))
             {
                 if snap.state(i) == LegState::InSync {
-                    io.run(i, &*leg.dev, IoOp::Flush, 0, IoBuf::EMPTY)
-                        .map_err(|reason| Error::Metadata {
-                            volume: shared.name.clone(),
-                            leg: i,
-                            name: leg.dev.name().to_string(),
-                            reason: format!("flush: {reason}"),
-                        })?;
+                    io.flush(i, &*leg.dev).map_err(|reason| Error::Metadata {
+                        volume: shared.name.clone(),
+                        leg: i,
+                        name: leg.dev.name().to_string(),
+                        reason: format!("flush: {reason}"),
+                    })?;
                 }
             }
         }
@@ -651,15 +669,14 @@ impl VolumeShared {
             )
             .map_err(|e| format!("writing bitmap page {p}: {e}"))?;
         }
-        io.run(leg, &*dev, IoOp::Flush, 0, IoBuf::EMPTY)
-            .map_err(|e| format!("flush: {e}"))?;
+        io.flush(leg, &*dev).map_err(|e| format!("flush: {e}"))?;
         Ok(())
     }
 
-    /// Records the legs' states in the superblocks (persistent volumes only).
-    pub(crate) fn persist_leg_states(&self) {
-        if let Some(meta) = self.meta.as_ref() {
-            meta.persist_states(self);
-        }
+    /// Records the legs' states in the superblocks (persistent volumes only). Returns the
+    /// in-sync legs whose superblock could not be written.
+    #[must_use = "a superblock that did not reach a survivor leaves a stale leg looking fresh"]
+    pub(crate) fn persist_leg_states(&self) -> u8 {
+        self.meta.as_ref().map_or(0, |m| m.persist_states(self))
     }
 }

@@ -37,6 +37,9 @@ pub(crate) struct SlotMeta {
     pub(crate) span: Option<GranuleSpan>,
     /// Reads: the first leg's error, returned when no leg is left to retry on.
     pub(crate) first_error: Status,
+    /// Legs whose command was abandoned after the I/O timeout while the back end still had
+    /// it (it may yet be applied).
+    pub(crate) abandoned: u8,
 }
 
 /// A join slot and its bookkeeping, together in two cache lines.
@@ -69,6 +72,7 @@ impl JoinTable {
             resyncing: 0,
             span: None,
             first_error: Status::SUCCESS,
+            abandoned: 0,
         };
         Self {
             entries: (0..depth)
@@ -123,6 +127,7 @@ impl JoinTable {
         m.resyncing = 0;
         m.span = span;
         m.first_error = Status::SUCCESS;
+        m.abandoned = 0;
         join.arm(m.generation, legs);
         slot
     }

@@ -40,6 +40,10 @@ pub(crate) struct VolumeShared {
     /// Leg slots; slot `i` is filled before the state word publishes a leg count above `i`,
     /// and never changes afterwards (a removed leg retires its slot).
     pub(crate) legs: [OnceLock<Arc<LegShared>>; MAX_LEGS],
+    /// Regions of writes that failed or timed out on every in-sync leg: the legs may differ
+    /// there (NVMe does not promise a failed write left the medium unchanged). Kept marked in
+    /// the bitmap until [`Volume::reconcile_failed_writes`] copies them from the primary.
+    pub(crate) diverged: MissedRegions,
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
     /// Persistent volumes: the write-intent bitmap.
@@ -95,7 +99,10 @@ impl VolumeShared {
     }
 
     /// Faults `leg` after an I/O failure; when it is the primary, `successor` (or the lowest
-    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg.
+    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg, or
+    /// when a persistent volume could not record the change in a survivor's superblock (the
+    /// leg is out, but what it missed must not be acknowledged: a restart could take it for
+    /// the freshest).
     #[cold]
     pub(crate) fn fault_on_io(
         &self,
@@ -113,16 +120,17 @@ impl VolumeShared {
                 );
                 // Persistent volumes: the survivors' superblocks name the leg stale before
                 // anything it missed is acknowledged.
-                if let Some(meta) = &self.meta {
-                    meta.persist_states(self);
-                }
+                let recorded = self
+                    .meta
+                    .as_ref()
+                    .map_or(true, |m| m.persist_states(self) == 0);
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,
                         name = self.leg_name(p), "primary promoted"
                     );
                 }
-                true
+                recorded
             }
             Ok(None) | Err(Refusal::AlreadyDetached | Refusal::WrongState(_)) => true,
             Err(Refusal::LastInSync | Refusal::NoFreeSlot | Refusal::Primary) => {
@@ -276,6 +284,7 @@ impl Volume {
             guard: OverlapGuard::new(shift(cfg.overlap_granule)),
             cfg,
             legs: slots,
+            diverged: MissedRegions::new(num_blocks, region_shift),
             region_shift,
             cores: Mutex::new(Vec::new()),
             jobs: JobRegistry::default(),
@@ -358,11 +367,22 @@ impl Volume {
         match self.shared.states.take_out(leg, to, None) {
             Ok(Some(t)) => {
                 tracing::warn!(volume = %volume, leg, name, from = %t.from, to = %to, "leg state changed by request");
-                if let Some(meta) = &self.shared.meta {
-                    meta.persist_states(&self.shared);
-                }
+                let failed = self
+                    .shared
+                    .meta
+                    .as_ref()
+                    .map_or(0, |m| m.persist_states(&self.shared));
                 if let Some(p) = t.promoted {
                     tracing::warn!(volume = %volume, old = leg, new = p, "primary promoted");
+                }
+                if failed != 0 {
+                    let at = failed.trailing_zeros() as usize;
+                    return Err(Error::Metadata {
+                        volume: volume.clone(),
+                        leg: at,
+                        name: self.shared.leg_name(at).to_string(),
+                        reason: format!("leg {leg} is {to}, but this superblock does not say so"),
+                    });
                 }
                 Ok(())
             }

@@ -46,6 +46,10 @@ pub struct IoCommand {
     pub buf: IoBuf,
     /// The caller's tag, returned unchanged in the completion.
     pub tag: u64,
+    /// Force Unit Access (NVMe Write CDW12 bit 30): the command completes only once its data
+    /// is on stable storage, not just in a volatile write cache. Meaningful for `Write` and
+    /// `WriteZeroes`; ignored otherwise.
+    pub fua: bool,
 }
 
 impl IoCommand {
@@ -57,6 +61,7 @@ impl IoCommand {
             nlb,
             buf: IoBuf::EMPTY,
             tag,
+            fua: false,
         }
     }
 
@@ -68,7 +73,21 @@ impl IoCommand {
             nlb,
             buf,
             tag,
+            fua: false,
         }
+    }
+
+    /// The same command with Force Unit Access set.
+    #[must_use]
+    pub fn with_fua(self) -> Self {
+        Self { fua: true, ..self }
+    }
+
+    /// Whether the command must be durable when it completes: a write or write-zeroes with
+    /// FUA set.
+    #[inline]
+    pub fn wants_fua(&self) -> bool {
+        self.fua && matches!(self.op, IoOp::Write | IoOp::WriteZeroes)
     }
 
     /// Validates the command against a namespace: LBA range, and a buffer large enough for

@@ -214,8 +214,9 @@ fn handshake_lists_informs_refuses_and_aborts() {
         1 << 30
     );
     let tflags = u16::from_be_bytes(export.1[10..12].try_into().unwrap());
-    // HAS_FLAGS, SEND_FLUSH, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN; not read-only.
-    assert_eq!(tflags, 1 | 4 | 32 | 64 | 256);
+    // HAS_FLAGS, SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, CAN_MULTI_CONN; not
+    // read-only.
+    assert_eq!(tflags, 1 | 4 | 8 | 32 | 64 | 256);
     let sizes = info.iter().find(|(_, d)| d[0..2] == [0, 3]).unwrap();
     let be32 = |at: usize| u32::from_be_bytes(sizes.1[at..at + 4].try_into().unwrap());
     assert_eq!((be32(2), be32(6), be32(10)), (4096, 4096, 32 << 20));
@@ -437,7 +438,12 @@ fn bad_requests_get_errors_and_the_stream_stays_in_sync() {
     assert_eq!(
         c.io(CMD_READ, FLAG_FUA, 0, 512, &[]).0,
         EINVAL,
-        "FUA was not offered"
+        "FUA is for writes"
+    );
+    assert_eq!(
+        c.io(CMD_WRITE, FLAG_FUA, 0, 512, &[7u8; 512]).0,
+        0,
+        "a FUA write is taken"
     );
     assert_eq!(c.io(CMD_READ, FLAG_NO_HOLE, 0, 512, &[]).0, EINVAL);
     // The payloads of refused writes were skipped: the next requests parse correctly.

@@ -3,8 +3,10 @@
 //! - A modifying command or flush succeeds only if every leg it went to succeeded, or each
 //!   leg that failed has been faulted out with the command's regions recorded in its
 //!   missed-region set. A failed primary is replaced by a mirror that has the write.
-//! - If no leg succeeded, the host gets the primary's status and no leg changes state: nothing
-//!   was acknowledged, so there is nothing for the legs to disagree about.
+//! - If no leg succeeded, the host gets the primary's status and no leg changes state. The
+//!   legs may still differ (a failed or abandoned write may have reached some of them), so a
+//!   modifying command's regions are recorded as diverged: their bitmap bits stay set until a
+//!   reconcile copies them from the primary to the other in-sync legs.
 //! - A failed read faults its leg (recording the read's regions, so a resync rewrites them)
 //!   and is retried on another in-sync leg; with none left the host gets the first error.
 
@@ -13,7 +15,7 @@ use std::time::Instant;
 use nvmirror_nvme::{Completion, IoOp, Status};
 
 use super::intent::META_SLOT_BASE;
-use super::{VolumeQueuePair, Waiting};
+use super::{Parked, VolumeQueuePair, Waiting};
 use crate::breakdown::PathKind;
 use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::stats::bump;
@@ -44,6 +46,9 @@ impl VolumeQueuePair {
         if outcome == LegOutcome::Stale {
             bump(&self.stats.legs[leg].late_completions, 1);
             self.note_late(leg);
+            if !self.parked.is_empty() {
+                self.unpark(slot, generation, leg);
+            }
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
         }
@@ -85,9 +90,22 @@ impl VolumeQueuePair {
         };
         let meta = *self.table.meta(slot);
         if let Some(span) = meta.span {
-            self.vol.guard.unlock(span);
-            // After the ack rule marked any missed regions: the clearer sees those or us.
-            self.intent_done(&meta.cmd);
+            // A leg still in sync may yet apply an abandoned command: the guard stays held
+            // until it is reaped or fenced, so a retry cannot be overtaken by it.
+            let pending = meta.abandoned & self.vol.states.snapshot().in_sync_mask(self.leg_count);
+            if pending != 0 {
+                self.parked.push(Parked {
+                    slot,
+                    generation: meta.generation,
+                    legs: pending,
+                    span,
+                    cmd: meta.cmd,
+                });
+            } else {
+                self.vol.guard.unlock(span);
+                // After the ack rule marked any missed regions: the clearer sees those or us.
+                self.intent_done(&meta.cmd);
+            }
         }
         self.table.release(slot);
         self.ready.push_back(Completion {
@@ -127,6 +145,10 @@ impl VolumeQueuePair {
             }
         }
         if ok == 0 {
+            if meta.cmd.op.modifies() {
+                // Before `finish` drops the bitmap in-flight count: the clearer sees the mark.
+                self.vol.diverged.mark(meta.cmd.slba, meta.cmd.nlb);
+            }
             let primary = usize::from(meta.primary);
             let from = if in_sync & (1 << primary) != 0 {
                 primary
@@ -161,6 +183,26 @@ impl VolumeQueuePair {
         // Writes' regions are durably marked already; a failed flush marks every region.
         self.intent_mark_missed(&meta.cmd);
         status
+    }
+
+    /// A late completion from `leg` for slot `slot`'s generation `generation`: when that was a
+    /// parked write's last abandoned leg, its guard entries and bitmap count are released.
+    #[cold]
+    fn unpark(&mut self, slot: u32, generation: u32, leg: usize) {
+        let Some(i) = self
+            .parked
+            .iter()
+            .position(|p| p.slot == slot && p.generation == generation)
+        else {
+            return;
+        };
+        let p = &mut self.parked[i];
+        p.legs &= !(1 << leg);
+        if p.legs == 0 {
+            let p = self.parked.swap_remove(i);
+            self.vol.guard.unlock(p.span);
+            self.intent_done(&p.cmd);
+        }
     }
 
     /// A read attempt is in: done, or retried on another leg.

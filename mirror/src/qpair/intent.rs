@@ -228,13 +228,16 @@ impl VolumeQueuePair {
             let layout = bm.layout;
             w.seq = w.seq.wrapping_add(1);
             let seq = w.seq;
+            // With FUA: a bit is on stable storage, not in a leg's volatile write cache,
+            // before any data write for its region is sent (docs/bitmap.md, ordering).
             let cmd = IoCommand::with_buf(
                 IoOp::Write,
                 layout.page_lba(u64::from(page)),
                 layout.page_blocks(),
                 buf.io_buf(),
                 leg_tag(META_SLOT_BASE + idx as u32, seq),
-            );
+            )
+            .with_fua();
             let mut sent = 0u8;
             let mut failed = 0u8;
             for leg in 0..self.leg_count {

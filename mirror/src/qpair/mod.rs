@@ -53,6 +53,19 @@ fn overlaps((a0, a1): (u64, u64), (b0, b1): (u64, u64)) -> bool {
     a0 < b1 && b0 < a1
 }
 
+/// A finished write whose command was abandoned on a leg that is still in sync: it holds
+/// its overlap-guard entries (and its bitmap in-flight count) until every such leg command is
+/// reaped, or fenced by closing the queue pair.
+#[derive(Clone, Copy, Debug)]
+struct Parked {
+    slot: u32,
+    generation: u32,
+    /// Legs whose abandoned command is not reaped yet.
+    legs: u8,
+    span: crate::guard::GranuleSpan,
+    cmd: IoCommand,
+}
+
 /// A command that could not start yet.
 #[derive(Clone, Copy, Debug)]
 enum Waiting {
@@ -90,6 +103,9 @@ pub struct VolumeQueuePair {
     /// `abandoned`, which holds back its resync).
     abandoned: [u32; MAX_LEGS],
     table: JoinTable,
+    /// Finished writes still holding the guard for an abandoned leg command (capacity =
+    /// depth).
+    parked: Vec<Parked>,
     /// Commands waiting to start, oldest first (capacity = depth).
     pending: VecDeque<Waiting>,
     /// Host completions not yet handed out (capacity = depth).
@@ -175,6 +191,7 @@ impl VolumeQueuePair {
             inflight: [0; MAX_LEGS],
             abandoned: [0; MAX_LEGS],
             table: JoinTable::new(depth, now),
+            parked: Vec::with_capacity(depth as usize),
             pending: VecDeque::with_capacity(depth as usize),
             ready: VecDeque::with_capacity(depth as usize),
             reaped: vec![Completion::default(); depth.min(256) as usize].into_boxed_slice(),
@@ -612,6 +629,11 @@ impl Drop for VolumeQueuePair {
                 }
                 self.table.release(slot);
             }
+        }
+        // Parked writes: their abandoned leg commands are fenced below.
+        for p in std::mem::take(&mut self.parked) {
+            self.vol.guard.unlock(p.span);
+            self.intent_done(&p.cmd);
         }
         self.drop_intent();
         self.publish_breakdown();

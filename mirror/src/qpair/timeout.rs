@@ -91,6 +91,7 @@ impl VolumeQueuePair {
                 if meta.unsent & (1 << leg) == 0 {
                     // Handed to the back end, which may still act on it.
                     self.note_abandoned(leg);
+                    self.table.meta_mut(slot).abandoned |= 1 << leg;
                 }
                 self.table.meta_mut(slot).unsent &= !(1 << leg);
                 let outcome = self.table.slot_mut(slot).complete_owned(

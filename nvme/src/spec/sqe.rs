@@ -53,6 +53,23 @@ impl SubmissionQueueEntry {
         (self.cdw12 & 0xffff) + 1
     }
 
+    /// Force Unit Access of a Write or Write Zeroes (NVM §3.2.6, CDW12 bit 30).
+    pub const CDW12_FUA: u32 = 1 << 30;
+
+    /// Whether Force Unit Access is set (CDW12 bit 30).
+    pub fn fua(&self) -> bool {
+        self.cdw12 & Self::CDW12_FUA != 0
+    }
+
+    /// Sets or clears Force Unit Access (CDW12 bit 30).
+    pub fn set_fua(&mut self, fua: bool) {
+        if fua {
+            self.cdw12 |= Self::CDW12_FUA;
+        } else {
+            self.cdw12 &= !Self::CDW12_FUA;
+        }
+    }
+
     /// Sets SLBA and the 0's based NLB of an NVM I/O command. `nlb` is 1..=65536.
     pub fn set_lba_range(&mut self, slba: u64, nlb: u32) {
         debug_assert!((1..=65536).contains(&nlb));

@@ -13,11 +13,15 @@ pub(crate) struct Export {
     pub(crate) device: Arc<dyn BlockDevice>,
 }
 
-/// The transmission flags every export advertises: flush, trim and write-zeroes are
+/// The transmission flags every export advertises: flush, FUA, trim and write-zeroes are
 /// supported, and every connection reaches the same device, so flushes are visible across
 /// connections (multi-conn).
-pub(crate) const TRANSMISSION_FLAGS: u16 =
-    tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::CAN_MULTI_CONN;
+pub(crate) const TRANSMISSION_FLAGS: u16 = tf::HAS_FLAGS
+    | tf::SEND_FLUSH
+    | tf::SEND_FUA
+    | tf::SEND_TRIM
+    | tf::SEND_WRITE_ZEROES
+    | tf::CAN_MULTI_CONN;
 
 impl Export {
     /// Size in bytes.

@@ -64,6 +64,8 @@ struct Slot {
     submitted: u32,
     /// NBD error to report; 0 for success.
     error: u32,
+    /// `NBD_CMD_FLAG_FUA`: every command of the write goes with Force Unit Access.
+    fua: bool,
 }
 
 impl Slot {
@@ -78,6 +80,7 @@ impl Slot {
             pending: 0,
             submitted: 0,
             error: 0,
+            fua: false,
         }
     }
 
@@ -208,10 +211,10 @@ impl Transmission {
         let aligned = (h.offset | u64::from(h.len)) & lba_mask == 0;
         let end = h.offset.checked_add(u64::from(h.len));
         let in_range = end.is_some_and(|e| e <= self.size);
-        let allowed_flags = if h.kind == command::WRITE_ZEROES {
-            command_flags::NO_HOLE
-        } else {
-            0
+        let allowed_flags = match h.kind {
+            command::WRITE_ZEROES => command_flags::NO_HOLE | command_flags::FUA,
+            command::WRITE => command_flags::FUA,
+            _ => 0,
         };
         let refusal = if h.flags & !allowed_flags != 0 {
             Some(errno::EINVAL)
@@ -252,6 +255,7 @@ impl Transmission {
         slot.pending = 0;
         slot.submitted = 0;
         slot.error = 0;
+        slot.fua = h.flags & command_flags::FUA != 0;
         for _ in 0..chunks {
             slot.chunks
                 .push(self.pool.get().expect("availability checked"));
@@ -347,6 +351,8 @@ impl Transmission {
     /// Hands one command of slot `ix` to the queue pair.
     fn submit(&mut self, ix: u16, mut cmd: IoCommand) {
         cmd.tag = u64::from(ix);
+        // A FUA write or write-zeroes is durable on every leg when it is acknowledged.
+        cmd.fua = self.slots[ix as usize].fua && cmd.op.modifies();
         // SAFETY: data buffers are chunks owned by slot `ix`; they go back to the pool only
         // in `release`, after every completion of the slot has been reaped (`pending == 0`),
         // and nothing writes them while the slot is in flight. Teardown waits for the queue

@@ -146,15 +146,18 @@ fn sub_command(slot: &CommandSlot, i: u16, k: u32) -> Option<(usize, IoCommand)>
             } else {
                 IoOp::Write
             };
-            (
-                slot.ns,
-                IoCommand::with_buf(op, sqe.slba(), sqe.nlb(), slot.buf.io_buf(), tag),
-            )
+            let cmd = IoCommand::with_buf(op, sqe.slba(), sqe.nlb(), slot.buf.io_buf(), tag);
+            // Force Unit Access (CDW12 bit 30) goes with a write to every leg; a read's FUA
+            // asks for nothing a read from this target does not already do.
+            (slot.ns, with_fua(cmd, op == IoOp::Write && sqe.fua()))
         }
         NvmOpcode::Flush => (slot.ns + k as usize, IoCommand::new(IoOp::Flush, 0, 0, tag)),
         NvmOpcode::WriteZeroes => (
             slot.ns,
-            IoCommand::new(IoOp::WriteZeroes, sqe.slba(), sqe.nlb(), tag),
+            with_fua(
+                IoCommand::new(IoOp::WriteZeroes, sqe.slba(), sqe.nlb(), tag),
+                sqe.fua(),
+            ),
         ),
         NvmOpcode::DatasetManagement => {
             let (slba, nlb) = dsm_range(slot, k as usize);
@@ -164,6 +167,14 @@ fn sub_command(slot: &CommandSlot, i: u16, k: u32) -> Option<(usize, IoCommand)>
             (slot.ns, IoCommand::new(IoOp::Deallocate, slba, nlb, tag))
         }
     })
+}
+
+fn with_fua(cmd: IoCommand, fua: bool) -> IoCommand {
+    if fua {
+        cmd.with_fua()
+    } else {
+        cmd
+    }
 }
 
 /// Submits the slot's remaining sub-commands while the queue pair has room; parks the

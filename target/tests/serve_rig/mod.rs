@@ -143,9 +143,12 @@ impl Server {
         loop {
             let st = self.status();
             let legs = st["legs"].as_array().unwrap();
+            // A leg goes in sync just before its resync job records the end (the
+            // superblocks are written in between): wait for both.
             if legs
                 .iter()
                 .all(|l| l["state"] == "in_sync" || l["state"] == "removed")
+                && st["resync"]["state"] != "running"
             {
                 return st;
             }

@@ -337,7 +337,9 @@ impl ResyncJob {
         }
         match self.vol.states.finish_resync(self.leg) {
             Ok(()) => {
-                self.vol.persist_leg_states();
+                // A superblock that could not be written is logged by `persist_leg_states`;
+                // the leg is in sync either way, and the next state change writes them again.
+                let _unrecorded = self.vol.persist_leg_states();
                 let passes = {
                     let mut p = self.shared.progress();
                     p.bytes_total = p.bytes_done;

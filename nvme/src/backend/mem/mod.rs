@@ -104,6 +104,8 @@ impl MemQueuePair {
         let shift = self.geo.lba_shift();
         let off = cmd.slba << shift;
         let len = (cmd.nlb as usize) << shift;
+        // Memory is the medium: a completed write is as durable as it gets, so FUA and Flush
+        // have nothing to do.
         match cmd.op {
             // SAFETY: `check` proved the buffer holds `len` bytes; the caller keeps it valid.
             IoOp::Read => unsafe { self.store.read(off, cmd.buf.as_ptr(), len) },

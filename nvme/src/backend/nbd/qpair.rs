@@ -25,7 +25,7 @@ use super::Link;
 use crate::dma::IoBuf;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
 use crate::spec::nbd::{
-    command, transmission_flags as tf, RequestHeader, REQUEST_LEN, REQUEST_MAGIC,
+    command, command_flags, transmission_flags as tf, RequestHeader, REQUEST_LEN, REQUEST_MAGIC,
 };
 use crate::spec::{Geometry, Status};
 use crate::{Error, Result};
@@ -64,6 +64,9 @@ pub(super) struct Slot {
     pub sent: bool,
     /// The reply, and a read's data, arrived.
     pub replied: bool,
+    /// A FUA write to a server without `SEND_FUA`: once the write is acknowledged, the slot
+    /// sends a flush and completes when that is answered.
+    pub flush_after: bool,
     pub status: Status,
 }
 
@@ -78,6 +81,7 @@ impl Slot {
         len: 0,
         sent: false,
         replied: false,
+        flush_after: false,
         status: Status::SUCCESS,
     };
 
@@ -212,8 +216,38 @@ impl NbdQueuePair {
         slot.status = status;
         slot.replied = true;
         if slot.sent {
-            self.complete(i, status);
+            self.answered(i);
         }
+    }
+
+    /// Slot `i`'s request is sent and answered: it completes, or a FUA write the server could
+    /// not be told about goes on with a flush.
+    #[inline]
+    fn answered(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        let status = slot.status;
+        if !(slot.flush_after && status.is_success()) || self.dead.is_some() {
+            self.complete(i, status);
+            return;
+        }
+        slot.flush_after = false;
+        slot.gen = slot.gen.wrapping_add(1);
+        slot.op = IoOp::Flush;
+        slot.buf = IoBuf::EMPTY;
+        slot.len = 0;
+        slot.sent = false;
+        slot.replied = false;
+        slot.header = RequestHeader {
+            magic: REQUEST_MAGIC,
+            flags: 0,
+            kind: command::FLUSH,
+            handle: Slot::handle(i, slot.gen),
+            offset: 0,
+            len: 0,
+        }
+        .encode();
+        self.awaiting += 1;
+        self.txq.push_back(i);
     }
 
     /// Kills the connection: every command not yet complete fails with a path error.
@@ -308,8 +342,7 @@ impl NbdQueuePair {
             let slot = &mut self.slots[i as usize];
             slot.sent = true;
             if slot.replied && slot.state == SlotState::Active {
-                let status = slot.status;
-                self.complete(i, status);
+                self.answered(i);
             }
         }
     }
@@ -361,6 +394,7 @@ impl QueuePair for NbdQueuePair {
         slot.len = 0;
         slot.sent = false;
         slot.replied = false;
+        slot.flush_after = false;
         slot.status = Status::SUCCESS;
         slot.state = SlotState::Active;
         match self.request_for(&cmd) {
@@ -368,10 +402,17 @@ impl QueuePair for NbdQueuePair {
             Ok(None) => self.complete(i, Status::SUCCESS),
             Ok(Some(_)) if self.dead.is_some() => self.complete(i, Status::HOST_PATHING_ERROR),
             Ok(Some((kind, offset, len))) => {
+                // FUA: the server's flag when it takes one, else a flush once the write is
+                // acknowledged (a server without `SEND_FLUSH` has no cache to flush).
+                let fua = cmd.wants_fua() && self.flags & tf::SEND_FUA != 0;
+                let flush_after = cmd.wants_fua()
+                    && self.flags & tf::SEND_FUA == 0
+                    && self.flags & tf::SEND_FLUSH != 0;
                 let slot = &mut self.slots[i as usize];
+                slot.flush_after = flush_after;
                 slot.header = RequestHeader {
                     magic: REQUEST_MAGIC,
-                    flags: 0,
+                    flags: if fua { command_flags::FUA } else { 0 },
                     kind,
                     handle: Slot::handle(i, slot.gen),
                     offset,

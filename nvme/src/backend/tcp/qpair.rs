@@ -141,6 +141,7 @@ impl TcpQueuePair {
         slot.slba = cmd.slba;
         slot.nlb = if cmd.op == IoOp::Flush { 0 } else { cmd.nlb };
         slot.host_buf = IoBuf::EMPTY;
+        slot.fua = cmd.wants_fua();
         slot.done_blocks = 0;
         slot.status = Status::SUCCESS;
         if cmd.op != IoOp::Flush && !(1..=65536).contains(&cmd.nlb) {
@@ -232,6 +233,7 @@ impl TcpQueuePair {
                 }
             }
         }
+        sqe.set_fua(slot.fua);
         slot.sqe = sqe;
     }
 

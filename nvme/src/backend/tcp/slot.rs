@@ -49,6 +49,8 @@ pub(super) struct Slot {
     pub slba: u64,
     pub nlb: u32,
     pub host_buf: IoBuf,
+    /// Force Unit Access on every piece of a write or write-zeroes.
+    pub fua: bool,
     /// Blocks of the caller's range already done by earlier pieces, and in this piece.
     pub done_blocks: u32,
     pub piece_blocks: u32,
@@ -83,6 +85,7 @@ impl Slot {
         slba: 0,
         nlb: 0,
         host_buf: IoBuf::EMPTY,
+        fua: false,
         done_blocks: 0,
         piece_blocks: 0,
         sqe: SubmissionQueueEntry {

@@ -84,6 +84,9 @@ struct Slot {
     buf: IoBuf,
     /// Bytes still to transfer or zero.
     remaining: u64,
+    /// Force Unit Access: data writes go with `RWF_DSYNC`, a fallocate is followed by an
+    /// `fdatasync`.
+    fua: bool,
 }
 
 impl Slot {
@@ -94,6 +97,7 @@ impl Slot {
         offset: 0,
         buf: IoBuf::EMPTY,
         remaining: 0,
+        fua: false,
     };
 }
 
@@ -333,6 +337,7 @@ impl QueueState {
                 IoBuf::EMPTY
             },
             remaining: if cmd.op == IoOp::Flush { 0 } else { len },
+            fua: cmd.wants_fua(),
         }
     }
 
@@ -340,6 +345,8 @@ impl QueueState {
     #[inline]
     fn entry(&self, index: u32) -> squeue::Entry {
         let s = &self.slots[index as usize];
+        // FUA: the write returns once its data (and the metadata to find it) is stable.
+        let rw_flags = if s.fua { libc::RWF_DSYNC } else { 0 };
         let entry = match s.stage {
             Stage::Transfer => {
                 let len = s.remaining.min(MAX_TRANSFER) as u32;
@@ -354,9 +361,11 @@ impl QueueState {
                         .build(),
                     (_, Some(i)) => opcode::WriteFixed::new(FILE, buf.as_ptr(), len, i)
                         .offset(s.offset)
+                        .rw_flags(rw_flags)
                         .build(),
                     (_, None) => opcode::Write::new(FILE, buf.as_ptr(), len)
                         .offset(s.offset)
+                        .rw_flags(rw_flags)
                         .build(),
                 }
             }
@@ -364,6 +373,7 @@ impl QueueState {
                 let len = s.remaining.min(self.zero.len() as u64) as u32;
                 opcode::Write::new(FILE, self.zero.as_ptr(), len)
                     .offset(s.offset)
+                    .rw_flags(rw_flags)
                     .build()
             }
             Stage::Fallocate => {
@@ -403,6 +413,12 @@ impl QueueState {
             return Next::Done(status_for_errno(slot.op, errno));
         }
         match slot.stage {
+            Stage::Fallocate if slot.fua => {
+                // FUA on a fallocated range: make the new extent state durable too.
+                slot.stage = Stage::Fsync;
+                slot.fua = false;
+                Next::Resubmit(self.entry(index))
+            }
             Stage::Fsync | Stage::Fallocate => Next::Done(Status::SUCCESS),
             Stage::Transfer | Stage::ZeroFill => {
                 let done = res as u64;
