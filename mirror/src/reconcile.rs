@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::legs::{LegState, MAX_LEGS};
+use crate::legs::LegState;
 use crate::metadata::ControlIo;
 use crate::volume::Volume;
 use crate::{Error, Result};
@@ -48,7 +48,7 @@ impl Volume {
         let source = std::sync::Arc::clone(&self.leg(from)?.dev);
         let lba_size = u64::from(shared.geo.lba_size);
         let per_region = 1u64 << shared.region_shift;
-        let mut own = ControlIo::new(MAX_LEGS, shared.cfg.io_timeout);
+        let mut own = ControlIo::new(shared.cfg.io_timeout);
         let mut copied = 0;
         for r in shared.diverged.regions() {
             let slba = r * per_region;

@@ -199,8 +199,9 @@ impl Volume {
         tracing::info!(volume = %vol.name, leg = index, name = vol.leg_name(index), "leg added; resyncing");
         // The in-sync legs' superblocks name the new member (stale until its copy is done),
         // so a restart brings it back and rebuilds it.
+        // A failure is logged there; the copy still runs and its end writes them again.
         if let Some(meta) = vol.meta.as_ref() {
-            meta.persist_states(vol);
+            let _ = meta.persist_states(vol);
         }
         *slot = Some(job_shared);
         Ok(job)
@@ -224,8 +225,15 @@ impl Volume {
         }
         let from = vol.states.remove(leg).map_err(|r| self.refused(leg, r))?;
         tracing::warn!(volume = %vol.name, leg, name = vol.leg_name(leg), %from, "leg removed");
-        if let Some(meta) = vol.meta.as_ref() {
-            meta.persist_states(vol);
+        let failed = vol.meta.as_ref().map_or(0, |m| m.persist_states(vol));
+        if failed != 0 {
+            let at = failed.trailing_zeros() as usize;
+            return Err(Error::Metadata {
+                volume: vol.name.clone(),
+                leg: at,
+                name: vol.leg_name(at).to_string(),
+                reason: format!("leg {leg} is removed, but this superblock does not say so"),
+            });
         }
         Ok(())
     }
