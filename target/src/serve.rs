@@ -592,14 +592,8 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     init_logging(args.log_json);
     crate::failstop::install_panic_hook();
     let cfg = resolve_config(&args)?;
-    let service = Service::start(&cfg)?;
-    print!(
-        "nvmirror {} serving\n{}",
-        env!("CARGO_PKG_VERSION"),
-        service.banner(&cfg)
-    );
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
+    // Before anything starts (and before the banner tells anyone we are up): a signal that
+    // comes during start-up stops the service once it is up.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while shutting down exits at once; the first sets `stop`.
@@ -611,6 +605,14 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
         .map_err(|e| start_err("signal handler", e))?;
     }
+    let service = Service::start(&cfg)?;
+    print!(
+        "nvmirror {} serving\n{}",
+        env!("CARGO_PKG_VERSION"),
+        service.banner(&cfg)
+    );
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     let watchdog_stop = Arc::new(AtomicBool::new(false));
     if let Some(limit) = cfg.service.stall_timeout() {
         crate::failstop::start_watchdog(
