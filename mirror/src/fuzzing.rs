@@ -91,4 +91,39 @@ mod tests {
         superblock_and_bitmap(&[1; 300]);
         superblock_and_bitmap(b"\x00NVMIRROR");
     }
+
+    /// A superblock whose data area ends past 2^64 bytes: the leg-size check overflowed
+    /// (a panic with overflow checks; without them the sum wrapped, the check passed and the
+    /// start-up tried to allocate the 32 GiB bitmap the header claims).
+    #[test]
+    fn fuzz_regression_data_area_past_u64_max() {
+        use crate::superblock::{MemberState, Role, Uuid};
+        let leg = Uuid::new_random();
+        let mut leg_uuids = [Uuid::default(); crate::MAX_LEGS];
+        leg_uuids[0] = leg;
+        let mut member_states = [MemberState::Unused; crate::MAX_LEGS];
+        member_states[0] = MemberState::InSync;
+        let sb = Superblock {
+            volume_uuid: Uuid::new_random(),
+            leg_uuid: leg,
+            role: Role::Primary,
+            leg_index: 0,
+            leg_count: 1,
+            clean: true,
+            lba_size: 512,
+            event_counter: 1,
+            region_size: 64 << 20,
+            bitmap_offset: 4096,
+            bitmap_len: 1 << 35,
+            data_offset: 1 << 36,
+            data_blocks: u64::MAX / 512,
+            leg_uuids,
+            volume_name: "vol0".into(),
+            member_states,
+        };
+        let mut input = vec![0];
+        input.extend_from_slice(&sb.encode());
+        superblock_and_bitmap(&input);
+        assert!(Superblock::decode(&input[1..]).is_err());
+    }
 }
