@@ -45,6 +45,8 @@ pub mod bitmap;
 pub mod breakdown;
 mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod guard;
 pub mod join;
 mod legs;

@@ -340,7 +340,11 @@ impl Superblock {
                 format!("{} is not block aligned", self.data_offset),
             );
         }
-        if self.data_blocks == 0 || self.data_blocks.checked_mul(lba).is_none() {
+        let data_end = self
+            .data_blocks
+            .checked_mul(lba)
+            .and_then(|b| b.checked_add(self.data_offset));
+        if self.data_blocks == 0 || data_end.is_none() {
             return field("data blocks", format!("{}", self.data_blocks));
         }
         Ok(())

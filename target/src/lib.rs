@@ -22,6 +22,8 @@ pub mod config;
 pub mod control;
 mod error;
 pub mod failstop;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod members;
 pub mod metrics;
 pub mod nbd;

@@ -192,8 +192,9 @@ impl Connection {
     }
 }
 
-impl Poller for Connection {
-    fn poll(&mut self, _ctx: &mut ReactorContext) -> PollStatus {
+impl Connection {
+    /// One poll: what [`Poller::poll`] does, callable without a reactor.
+    pub(crate) fn step(&mut self) -> PollStatus {
         let mut busy = false;
         if self.server.stopping() && !self.parse_closed {
             // Stop taking requests; finish those in flight.
@@ -272,10 +273,21 @@ impl Poller for Connection {
         }
     }
 
-    fn stop(&mut self, _ctx: &mut ReactorContext) {
+    /// Sends what the socket takes at once and closes: what [`Poller::stop`] does.
+    pub(crate) fn finish(&mut self) {
         // The reactor is going away: send what is queued if the socket takes it at once;
         // dropping the transmission waits for commands still on the device.
         let _ = self.send();
         let _ = self.sock.shutdown(Shutdown::Both);
+    }
+}
+
+impl Poller for Connection {
+    fn poll(&mut self, _ctx: &mut ReactorContext) -> PollStatus {
+        self.step()
+    }
+
+    fn stop(&mut self, _ctx: &mut ReactorContext) {
+        self.finish();
     }
 }

@@ -33,4 +33,34 @@ mod server;
 mod transmission;
 
 pub use error::{Error, Result};
+
+/// Pieces of the server the fuzz entry points in [`crate::fuzzing`] put together by hand.
+pub(crate) mod fuzzing {
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::Arc;
+
+    use nvmirror_nvme::BlockDevice;
+
+    pub(crate) use super::connection::Connection;
+    use super::export::{Export, ExportTable};
+    use super::server::{LiveConnection, ServerState};
+
+    /// A connection as the accept loop sets it up, serving `exports`.
+    pub(crate) fn connection(
+        sock: TcpStream,
+        peer: SocketAddr,
+        exports: Vec<(String, Arc<dyn BlockDevice>)>,
+    ) -> Connection {
+        sock.set_nonblocking(true).expect("non-blocking socket");
+        let exports = ExportTable::new(
+            exports
+                .into_iter()
+                .map(|(name, device)| Export { name, device })
+                .collect(),
+        );
+        let state = Arc::new(ServerState::default());
+        let live = LiveConnection::new(&state);
+        Connection::new(sock, peer, exports, state, live)
+    }
+}
 pub use server::{NbdConfig, NbdServer, DEFAULT_PORT};

@@ -59,7 +59,7 @@ impl ServerState {
 pub(crate) struct LiveConnection(Arc<ServerState>);
 
 impl LiveConnection {
-    fn new(state: &Arc<ServerState>) -> Self {
+    pub(crate) fn new(state: &Arc<ServerState>) -> Self {
         state.connections.fetch_add(1, Ordering::SeqCst);
         Self(Arc::clone(state))
     }

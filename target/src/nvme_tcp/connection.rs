@@ -481,9 +481,9 @@ impl Connection {
     }
 }
 
-impl Poller for Connection {
-    fn poll(&mut self, ctx: &mut ReactorContext) -> PollStatus {
-        let now = ctx.now();
+impl Connection {
+    /// One poll at time `now`: what [`Poller::poll`] does, callable without a reactor.
+    pub(crate) fn step(&mut self, now: Instant) -> PollStatus {
         self.check_liveness(now);
         let mut busy = false;
         if let Phase::Closing { since } = self.phase {
@@ -519,7 +519,8 @@ impl Poller for Connection {
         }
     }
 
-    fn stop(&mut self, _ctx: &mut ReactorContext) {
+    /// Closes at once and waits (bounded) for the back end: what [`Poller::stop`] does.
+    pub(crate) fn finish(&mut self) {
         self.tear_down();
         self.shut_socket();
         // Buffers must outlive every command the back end still holds.
@@ -534,5 +535,15 @@ impl Poller for Connection {
             tracing::error!(peer = %self.peer, "back end still holds commands at close; leaking their buffers");
             std::mem::forget(std::mem::replace(&mut self.slots, SlotTable::new(1, 4096)));
         }
+    }
+}
+
+impl Poller for Connection {
+    fn poll(&mut self, ctx: &mut ReactorContext) -> PollStatus {
+        self.step(ctx.now())
+    }
+
+    fn stop(&mut self, _ctx: &mut ReactorContext) {
+        self.finish();
     }
 }

@@ -150,6 +150,32 @@ impl TargetConfig {
     }
 }
 
+/// Pieces of the target the fuzz entry points in [`crate::fuzzing`] put together by hand.
+pub(crate) mod fuzzing {
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::Arc;
+
+    pub(crate) use super::connection::Connection;
+    pub(crate) use super::subsystem::TargetShared;
+    use super::TargetConfig;
+
+    /// The state a listener on `cfg` would share with its connections.
+    pub(crate) fn shared(cfg: TargetConfig) -> Arc<TargetShared> {
+        cfg.validate().expect("a valid fuzz target configuration");
+        let listen = cfg.listen;
+        Arc::new(TargetShared::new(cfg, listen))
+    }
+
+    /// A connection as the listener sets it up for an accepted socket.
+    pub(crate) fn connection(
+        sock: TcpStream,
+        peer: SocketAddr,
+        shared: &Arc<TargetShared>,
+    ) -> Connection {
+        Connection::new(sock, peer, Arc::clone(shared)).expect("set up a loopback connection")
+    }
+}
+
 /// Starts the target on the given reactors (also reachable as [`NvmeTcpTarget::start`]).
 pub fn start(cfg: TargetConfig, reactors: &ReactorHandle) -> Result<NvmeTcpTarget> {
     NvmeTcpTarget::start(cfg, reactors)
