@@ -143,6 +143,24 @@ pub trait QueuePair: Send + Debug {
     /// Returns how many were written.
     fn poll(&mut self, out: &mut [Completion]) -> usize;
 
+    /// Buffer lending. A queue pair that completes a command before every command it issued
+    /// below on the same buffer has been reaped (a mirror volume after a leg's I/O timeout)
+    /// keeps the buffer *lent*: its memory may still be read or filled by a back end, so the
+    /// caller must not reuse or free it until [`poll_released`](Self::poll_released) hands
+    /// the tag back. Only a completion with an error status can lend its buffer, so a caller
+    /// asks only on errors; queue pairs that never lend answer `false`.
+    fn buffer_lent(&self, tag: u64) -> bool {
+        let _ = tag;
+        false
+    }
+
+    /// Tags of lent buffers that are free again (their last command below was reaped or
+    /// fenced), up to `out.len()`; returns how many were written.
+    fn poll_released(&mut self, out: &mut [u64]) -> usize {
+        let _ = out;
+        0
+    }
+
     /// Registers a per-core [`DmaPool`] with the device so commands on its buffers are
     /// cheaper (io_uring fixed buffers). Buffers outside the pool keep working. Back ends
     /// without such a feature do nothing.

@@ -49,6 +49,9 @@ impl VolumeQueuePair {
             if !self.parked.is_empty() {
                 self.unpark(slot, generation, leg);
             }
+            if !self.lent.is_empty() {
+                self.unlend(slot, generation, leg);
+            }
             tracing::debug!(volume = %self.vol.name, leg, status = %cpl.status, "late completion ignored");
             return;
         }
@@ -106,6 +109,11 @@ impl VolumeQueuePair {
                 // After the ack rule marked any missed regions: the clearer sees those or us.
                 self.intent_done(&meta.cmd);
             }
+        }
+        if !status.is_success() && meta.abandoned != 0 {
+            // A leg may still read this buffer: reused now, it would write another command's
+            // data here.
+            self.lend(slot, meta.abandoned);
         }
         self.table.release(slot);
         self.ready.push_back(Completion {
@@ -230,7 +238,13 @@ impl VolumeQueuePair {
         self.intent_mark_missed(&meta.cmd);
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs() & !meta.tried;
-        if candidates == 0 {
+        // A leg that timed out may still fill this buffer: no retry into it (the host
+        // retries), and the buffer stays lent until that leg's command is reaped.
+        let lent = meta.abandoned;
+        if candidates == 0 || lent != 0 {
+            if lent != 0 {
+                self.lend(slot, lent);
+            }
             let first_error = self.table.meta(slot).first_error;
             self.table.release(slot);
             self.ready.push_back(Completion {

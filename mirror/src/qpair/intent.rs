@@ -46,7 +46,19 @@ struct MetaWrite {
     legs: u8,
     failed: u8,
     first_error: Status,
+    /// Legs that did not answer within the I/O timeout: they may still read `buf`.
+    abandoned: u8,
     buf: Option<DmaBuf>,
+}
+
+/// A page buffer that abandoned leg commands may still read: out of the pool until they are
+/// reaped (or their queue pairs close, with this writer).
+#[derive(Debug)]
+struct LentPage {
+    idx: u32,
+    seq: u32,
+    legs: u8,
+    buf: DmaBuf,
 }
 
 /// A core's bitmap state: the page writer and the stream predictor.
@@ -59,6 +71,8 @@ pub(super) struct IntentWriter {
     /// Writes in flight.
     busy: usize,
     pool: DmaPool,
+    /// Page buffers lent to abandoned leg commands (at most one per write slot).
+    lent: Vec<LentPage>,
     predictor: StreamPredictor,
 }
 
@@ -70,6 +84,7 @@ impl IntentWriter {
             seq: 0,
             busy: 0,
             pool: DmaPool::new(META_SLOTS as u32, BITMAP_PAGE as usize),
+            lent: Vec::with_capacity(META_SLOTS),
             predictor: StreamPredictor::new(predict_max),
         }
     }
@@ -248,7 +263,9 @@ impl VolumeQueuePair {
                     continue;
                 };
                 // SAFETY: `buf` belongs to this writer's pool and is not touched or returned
-                // to the pool until every leg's completion for it has been reaped.
+                // to the pool until every leg's completion for it has been reaped (a write
+                // abandoned at the timeout keeps it lent until then, `LentPage`), or the leg
+                // queue pairs, dropped before this writer, are gone.
                 match unsafe { qp.submit(cmd) } {
                     Ok(()) => {
                         self.inflight[leg] += 1;
@@ -261,6 +278,7 @@ impl VolumeQueuePair {
             w.requested.swap_remove(i);
             w.busy += 1;
             w.writes[idx] = Some(MetaWrite {
+                abandoned: 0,
                 page,
                 gen,
                 seq,
@@ -292,11 +310,13 @@ impl VolumeQueuePair {
         else {
             bump(&self.stats.legs[leg].late_completions, 1);
             self.note_late(leg);
+            self.unlend_page(leg, idx, seq);
             return;
         };
         if mw.seq != seq || mw.outstanding & (1 << leg) == 0 {
             bump(&self.stats.legs[leg].late_completions, 1);
             self.note_late(leg);
+            self.unlend_page(leg, idx, seq);
             return;
         }
         mw.outstanding &= !(1 << leg);
@@ -340,7 +360,16 @@ impl VolumeQueuePair {
             if complete {
                 bm.written(mw.page, mw.gen, buf.as_slice());
             }
-            w.pool.put(buf);
+            if mw.abandoned != 0 {
+                w.lent.push(LentPage {
+                    idx: idx as u32,
+                    seq: mw.seq,
+                    legs: mw.abandoned,
+                    buf,
+                });
+            } else {
+                w.pool.put(buf);
+            }
         }
         bm.unlock(mw.page);
         if !complete {
@@ -377,6 +406,7 @@ impl VolumeQueuePair {
                 }
             }
             mw.failed |= mw.outstanding;
+            mw.abandoned |= mw.outstanding;
             mw.outstanding = 0;
             if mw.first_error.is_success() {
                 mw.first_error = Status::ABORTED_BY_HOST;
@@ -390,6 +420,23 @@ impl VolumeQueuePair {
         }
         for (i, _) in expired.iter().enumerate().filter(|(_, &e)| e) {
             self.finish_page_write(i);
+        }
+    }
+
+    /// A late completion of `leg` for write slot `idx`, generation `seq`: the page buffer it
+    /// held goes back to the pool once no abandoned command reads it.
+    #[cold]
+    fn unlend_page(&mut self, leg: usize, idx: u32, seq: u32) {
+        let Some(w) = self.intent.as_mut() else {
+            return;
+        };
+        let Some(i) = w.lent.iter().position(|l| l.idx == idx && l.seq == seq) else {
+            return;
+        };
+        w.lent[i].legs &= !(1 << leg);
+        if w.lent[i].legs == 0 {
+            let l = w.lent.swap_remove(i);
+            w.pool.put(l.buf);
         }
     }
 

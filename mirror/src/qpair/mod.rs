@@ -13,6 +13,7 @@
 
 mod ack;
 mod intent;
+mod lending;
 mod stages;
 mod timeout;
 
@@ -106,6 +107,10 @@ pub struct VolumeQueuePair {
     /// Finished writes still holding the guard for an abandoned leg command (capacity =
     /// depth).
     parked: Vec<Parked>,
+    /// Host buffers a completed command still lends to abandoned leg commands, and those
+    /// given back since the last `poll_released` (both capacity = depth; `lending`).
+    lent: Vec<lending::Lent>,
+    released: VecDeque<u64>,
     /// Commands waiting to start, oldest first (capacity = depth).
     pending: VecDeque<Waiting>,
     /// Host completions not yet handed out (capacity = depth).
@@ -192,6 +197,8 @@ impl VolumeQueuePair {
             abandoned: [0; MAX_LEGS],
             table: JoinTable::new(depth, now),
             parked: Vec::with_capacity(depth as usize),
+            lent: Vec::with_capacity(depth as usize),
+            released: VecDeque::with_capacity(depth as usize),
             pending: VecDeque::with_capacity(depth as usize),
             ready: VecDeque::with_capacity(depth as usize),
             reaped: vec![Completion::default(); depth.min(256) as usize].into_boxed_slice(),
@@ -545,6 +552,14 @@ impl VolumeQueuePair {
 }
 
 impl QueuePair for VolumeQueuePair {
+    fn buffer_lent(&self, tag: u64) -> bool {
+        self.is_lent(tag)
+    }
+
+    fn poll_released(&mut self, out: &mut [u64]) -> usize {
+        self.take_released(out)
+    }
+
     fn depth(&self) -> u32 {
         self.depth
     }

@@ -12,9 +12,9 @@
 //! a read's buffer, although the host has its completion. Every abandoned command is counted
 //! in the leg's shared `abandoned` until it is reaped (or this queue pair closes, which
 //! fences it), and the leg's resync does not start before that count is zero, so a late write
-//! can never land on a region the resync has already copied. Caveat: a late *read* may still
-//! fill a buffer the host has been given back; back ends that can hang must fence abandoned
-//! commands (abort, controller or connection reset) before buffers are reused.
+//! can never land on a region the resync has already copied. The host command's buffer stays
+//! lent until then (`lending`), so a late read or write never touches memory the front end
+//! has handed to another command.
 
 use std::time::{Duration, Instant};
 

@@ -43,6 +43,9 @@ enum SlotState {
     InFlight,
     /// In the reply queue.
     Ready,
+    /// Answered, but a back end still uses its chunks (`QueuePair::buffer_lent`): they go
+    /// back to the pool when it gives them back.
+    Lent,
 }
 
 /// One request in flight.
@@ -66,6 +69,8 @@ struct Slot {
     error: u32,
     /// `NBD_CMD_FLAG_FUA`: every command of the write goes with Force Unit Access.
     fua: bool,
+    /// Completed commands whose chunk a back end still uses.
+    lent: u32,
 }
 
 impl Slot {
@@ -81,6 +86,7 @@ impl Slot {
             submitted: 0,
             error: 0,
             fua: false,
+            lent: 0,
         }
     }
 
@@ -122,6 +128,8 @@ pub(crate) struct Transmission {
     sending: Option<usize>,
     /// `NBD_CMD_DISC` was received: nothing after it is parsed.
     disconnected: bool,
+    /// Sum of the slots' `lent`.
+    lent: u32,
 }
 
 impl Transmission {
@@ -147,6 +155,7 @@ impl Transmission {
             discard: 0,
             sending: None,
             disconnected: false,
+            lent: 0,
         })
     }
 
@@ -398,14 +407,23 @@ impl Transmission {
                     continue;
                 }
                 slot.pending -= 1;
-                if !cpl.status.is_success() && slot.error == 0 {
-                    slot.error = errno_for(cpl.status);
+                if !cpl.status.is_success() {
+                    if slot.error == 0 {
+                        slot.error = errno_for(cpl.status);
+                    }
+                    if self.qpair.buffer_lent(cpl.tag) {
+                        slot.lent += 1;
+                        self.lent += 1;
+                    }
                 }
                 if slot.pending == 0 && slot.state == SlotState::InFlight {
                     self.make_ready(ix);
                 }
             }
             total += n;
+            if self.lent > 0 {
+                total += self.take_back();
+            }
             if n < self.completions.len() {
                 return total;
             }
@@ -467,8 +485,35 @@ impl Transmission {
         }
     }
 
+    /// Slots whose lent chunks the queue pair gives back; returns how many came back.
+    #[cold]
+    fn take_back(&mut self) -> usize {
+        let mut back = [0u64; 32];
+        let n = self.qpair.poll_released(&mut back);
+        for &tag in &back[..n] {
+            let ix = tag as u16;
+            let Some(slot) = self.slots.get_mut(ix as usize) else {
+                continue;
+            };
+            if slot.lent == 0 {
+                continue;
+            }
+            slot.lent -= 1;
+            self.lent -= 1;
+            if slot.lent == 0 && slot.state == SlotState::Lent {
+                self.release(ix);
+            }
+        }
+        n
+    }
+
     fn release(&mut self, ix: u16) {
         let slot = &mut self.slots[ix as usize];
+        if slot.lent > 0 {
+            // A back end may still fill or read these chunks: not reused until given back.
+            slot.state = SlotState::Lent;
+            return;
+        }
         for buf in slot.chunks.drain(..) {
             self.pool.put(buf);
         }

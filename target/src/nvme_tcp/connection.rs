@@ -95,6 +95,14 @@ pub(crate) struct Connection {
     torn_down: bool,
 }
 
+/// The back-end queue pairs go first: closing them fences every command (lent buffers
+/// included), and only then may the slots' buffers be freed.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.qpairs.clear();
+    }
+}
+
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
@@ -297,6 +305,14 @@ impl Connection {
                     break;
                 }
             };
+            // Every slot is taken and some are lent to a hung leg: the host is within its
+            // queue size, so its next command waits here until a buffer is given back.
+            if matches!(pdu, tcp::Pdu::CapsuleCmd { .. })
+                && self.slots.lent() > 0
+                && self.slots.is_exhausted()
+            {
+                break;
+            }
             if let Err(e) = self.handle_pdu(pdu, now) {
                 let hlen = usize::from(buf[2]).min(len);
                 let e = PduError {
@@ -404,11 +420,22 @@ impl Connection {
             let n = self.qpairs[q].poll(&mut self.cpl);
             for k in 0..n {
                 let c = self.cpl[k];
+                if !c.status.is_success() && self.qpairs[q].buffer_lent(c.tag) {
+                    self.slots.lend(c.tag as u16);
+                }
                 if !self.is_closing() {
                     super::io::sub_complete(self, c.tag as u16, c.status);
                 }
             }
             any |= n > 0;
+            if self.slots.lent() > 0 {
+                let mut back = [0u64; 32];
+                let m = self.qpairs[q].poll_released(&mut back);
+                for &t in &back[..m] {
+                    self.slots.give_back(t as u16);
+                }
+                any |= m > 0;
+            }
         }
         if !self.retry.is_empty() && !self.is_closing() {
             for _ in 0..self.retry.len() {

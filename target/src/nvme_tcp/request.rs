@@ -19,6 +19,9 @@ pub(crate) enum RequestState {
     Held,
     /// Complete; its response waits for room in the send buffer.
     ResponsePending,
+    /// Answered, but a back end below still uses the buffer (a leg command abandoned at the
+    /// I/O timeout, `QueuePair::buffer_lent`): not reused until it is given back.
+    Lent,
 }
 
 /// One command's state and buffer.
@@ -41,6 +44,8 @@ pub(crate) struct CommandSlot {
     pub sub_done: u32,
     /// Index of the namespace the command addresses (I/O queues).
     pub ns: usize,
+    /// Back-end commands that still use `buf` although their completion was reaped.
+    pub lent: u32,
     pub buf: DmaBuf,
 }
 
@@ -59,6 +64,7 @@ impl CommandSlot {
             sub_next: 0,
             sub_done: 0,
             ns: 0,
+            lent: 0,
             buf,
         }
     }
@@ -92,6 +98,8 @@ impl CommandSlot {
 pub(crate) struct SlotTable {
     pub slots: Vec<CommandSlot>,
     free: Vec<u16>,
+    /// Sum of the slots' `lent`.
+    lent: u32,
     /// Keeps the buffers' memory alive; buffers never go back.
     _pool: DmaPool,
 }
@@ -107,6 +115,7 @@ impl SlotTable {
         Self {
             slots,
             free: (0..depth).rev().collect(),
+            lent: 0,
             _pool: pool,
         }
     }
@@ -117,11 +126,54 @@ impl SlotTable {
         self.free.pop()
     }
 
-    /// Returns a slot to the free list.
+    /// Returns a slot to the free list, or parks it while its buffer is lent.
     #[inline]
     pub fn release(&mut self, i: u16) {
-        self.slots[usize::from(i)].state = RequestState::Free;
+        let slot = &mut self.slots[usize::from(i)];
+        if slot.lent > 0 {
+            slot.state = RequestState::Lent;
+            return;
+        }
+        slot.state = RequestState::Free;
         self.free.push(i);
+    }
+
+    /// A back end keeps slot `i`'s buffer after completing a command on it.
+    #[cold]
+    pub fn lend(&mut self, i: u16) {
+        if let Some(slot) = self.slots.get_mut(usize::from(i)) {
+            slot.lent += 1;
+            self.lent += 1;
+        }
+    }
+
+    /// A back end gave slot `i`'s buffer back; a slot already answered becomes free.
+    #[cold]
+    pub fn give_back(&mut self, i: u16) {
+        let Some(slot) = self.slots.get_mut(usize::from(i)) else {
+            return;
+        };
+        if slot.lent == 0 {
+            return;
+        }
+        slot.lent -= 1;
+        self.lent -= 1;
+        if slot.lent == 0 && slot.state == RequestState::Lent {
+            slot.state = RequestState::Free;
+            self.free.push(i);
+        }
+    }
+
+    /// No slot is free.
+    #[inline]
+    pub fn is_exhausted(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    /// Buffers lent to back ends now.
+    #[inline]
+    pub fn lent(&self) -> u32 {
+        self.lent
     }
 
     /// Slots in use.
