@@ -526,6 +526,12 @@ impl Volume {
                 reason: "queue pairs are still open".into(),
             });
         }
+        // Writes that failed on every leg, or were cut off in flight at teardown, may have
+        // left the in-sync legs different: make them agree before calling them clean.
+        if !shared.diverged.regions().is_empty() {
+            let n = self.reconcile_failed_writes()?;
+            tracing::info!(volume = %shared.name, regions = n, "reconciled before the clean shutdown");
+        }
         let snap = shared.states.snapshot();
         {
             let mut io = meta.lock_io();

@@ -634,27 +634,10 @@ impl QueuePair for VolumeQueuePair {
 
 impl Drop for VolumeQueuePair {
     fn drop(&mut self) {
-        // Overlap-guard entries are shared with other cores: never leave them held.
-        for slot in 0..self.table.capacity() as u32 {
-            let meta = self.table.meta(slot);
-            if meta.in_use {
-                if let Some(span) = meta.span {
-                    self.vol.guard.unlock(span);
-                    self.intent_done(&meta.cmd);
-                }
-                self.table.release(slot);
-            }
-        }
-        // Parked writes: their abandoned leg commands are fenced below.
-        for p in std::mem::take(&mut self.parked) {
-            self.vol.guard.unlock(p.span);
-            self.intent_done(&p.cmd);
-        }
-        self.drop_intent();
-        self.publish_breakdown();
-        // Closing a leg's queue pair fences its commands (the back ends' contract: nothing
-        // touches a command's buffer or the medium once its queue pair is gone), so what this
-        // core abandoned no longer holds the leg back.
+        // Fence first: closing a leg's queue pair fences its commands (the back ends'
+        // contract: nothing touches a command's buffer or the medium once its queue pair is
+        // gone). Only then is the ordering state shared with other cores given up, so no
+        // command of this core can still land behind a write that the guard lets through.
         for leg in 0..MAX_LEGS {
             self.legs[leg] = None;
             if self.abandoned[leg] > 0 {
@@ -664,6 +647,29 @@ impl Drop for VolumeQueuePair {
                 }
             }
         }
+        for slot in 0..self.table.capacity() as u32 {
+            let meta = *self.table.meta(slot);
+            if meta.in_use {
+                if let Some(span) = meta.span {
+                    // A write cut off in flight may have reached some legs only: its regions
+                    // stay marked until they are reconciled (a clean shutdown does it, or the
+                    // next start).
+                    if meta.cmd.op.modifies() {
+                        self.vol.diverged.mark(meta.cmd.slba, meta.cmd.nlb);
+                    }
+                    self.vol.guard.unlock(span);
+                    self.intent_done(&meta.cmd);
+                }
+                self.table.release(slot);
+            }
+        }
+        // Parked writes: their abandoned leg commands were fenced above.
+        for p in std::mem::take(&mut self.parked) {
+            self.vol.guard.unlock(p.span);
+            self.intent_done(&p.cmd);
+        }
+        self.drop_intent();
+        self.publish_breakdown();
     }
 }
 
