@@ -67,9 +67,54 @@ fn hammer(vol: Arc<Volume>, core: u64, count: u64) {
     }
 }
 
-#[test]
-fn overlapping_writes_from_four_cores_leave_the_legs_identical() {
-    let legs: Vec<Arc<dyn BlockDevice>> = (0..3)
+/// The same workload fanned out to the legs directly, with no volume (so no overlap guard)
+/// in between: every write goes to every leg in the same submission, as the volume does.
+fn hammer_without_guard(legs: Vec<Arc<dyn BlockDevice>>, core: u64, count: u64) {
+    let mut qps: Vec<_> = legs
+        .iter()
+        .map(|l| l.open_qpair(QD as u32).unwrap())
+        .collect();
+    let mut rng = SmallRng::seed_from_u64(0x5eed + core);
+    let mut bufs = vec![vec![0u8; MAX_NLB as usize * LBA]; QD];
+    let mut free: Vec<usize> = (0..QD).collect();
+    let mut left = vec![0usize; QD];
+    let mut cpl = [Completion::default(); QD];
+    let (mut submitted, mut completed) = (0, 0);
+    while completed < count {
+        while submitted < count && !free.is_empty() {
+            let b = free.pop().unwrap();
+            let nlb = rng.gen_range(1..=MAX_NLB);
+            let slba = rng.gen_range(0..=BLOCKS - u64::from(nlb));
+            for (i, chunk) in bufs[b].chunks_mut(8).enumerate() {
+                let v = (core << 56) | (submitted << 20) | i as u64;
+                chunk.copy_from_slice(&v.to_le_bytes());
+            }
+            let buf = IoBuf::from_slice(&mut bufs[b]);
+            for qp in qps.iter_mut() {
+                let cmd = IoCommand::with_buf(IoOp::Write, slba, nlb, buf, b as u64);
+                // SAFETY: buffer `b` is not touched again until every leg's completion is in.
+                unsafe { qp.submit(cmd) }.unwrap();
+            }
+            left[b] = qps.len();
+            submitted += 1;
+        }
+        for qp in qps.iter_mut() {
+            let n = qp.poll(&mut cpl);
+            for c in &cpl[..n] {
+                let b = c.tag as usize;
+                left[b] -= 1;
+                if left[b] == 0 {
+                    free.push(b);
+                    completed += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Legs that apply overlapping commands in their own order (see the module docs).
+fn reordering_legs() -> Vec<Arc<dyn BlockDevice>> {
+    (0..3)
         .map(|i| {
             let latency = LatencyModel::Uniform {
                 mean: Duration::from_micros(8),
@@ -81,7 +126,43 @@ fn overlapping_writes_from_four_cores_leave_the_legs_identical() {
                 max_delay: Duration::from_micros(20),
             }) as Arc<dyn BlockDevice>
         })
+        .collect()
+}
+
+fn first_difference(legs: &[Arc<dyn BlockDevice>]) -> Option<(usize, usize)> {
+    let images: Vec<Vec<u8>> = legs.iter().map(|l| read_all(&**l).unwrap()).collect();
+    (1..images.len()).find_map(|leg| {
+        images[0]
+            .iter()
+            .zip(&images[leg])
+            .position(|(a, b)| a != b)
+            .map(|i| (leg, i / LBA))
+    })
+}
+
+/// The negative control: the workload and the legs do make the legs diverge when nothing
+/// orders overlapping writes, so the test below can fail.
+#[test]
+fn without_the_guard_the_same_workload_makes_the_legs_diverge() {
+    let legs = reordering_legs();
+    let threads: Vec<_> = (0..4)
+        .map(|core| {
+            let legs = legs.clone();
+            std::thread::spawn(move || hammer_without_guard(legs, core, 4000))
+        })
         .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        first_difference(&legs).is_some(),
+        "the legs stayed identical without any ordering: the test below proves nothing"
+    );
+}
+
+#[test]
+fn overlapping_writes_from_four_cores_leave_the_legs_identical() {
+    let legs = reordering_legs();
     let cfg = VolumeConfig {
         // Small granules: writes that do not overlap mostly proceed in parallel.
         overlap_granule: 2 * LBA as u64,
@@ -99,13 +180,9 @@ fn overlapping_writes_from_four_cores_leave_the_legs_identical() {
     }
     assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
     assert_eq!(vol.overlap_locks_held(), 0);
-    let images: Vec<Vec<u8>> = (0..3)
-        .map(|leg| read_all(&*vol.leg_device(leg).unwrap()).unwrap())
-        .collect();
-    for leg in 1..3 {
-        if let Some(i) = images[0].iter().zip(&images[leg]).position(|(a, b)| a != b) {
-            panic!("leg {leg} differs from leg 0 at LBA {}", i / LBA);
-        }
+    let devs: Vec<_> = (0..3).map(|leg| vol.leg_device(leg).unwrap()).collect();
+    if let Some((leg, lba)) = first_difference(&devs) {
+        panic!("leg {leg} differs from leg 0 at LBA {lba}");
     }
     let stats = vol.stats();
     assert!(stats.overlap_waits > 0, "the cores did contend");

@@ -16,7 +16,7 @@
 //! The clearer holds the page's writer lock throughout, so no snapshot of the page is taken
 //! while a bit is transiently cleared.
 
-use std::sync::atomic::Ordering;
+use crate::sync::Ordering;
 use std::time::{Duration, Instant};
 
 use super::WriteIntentBitmap;
@@ -106,6 +106,7 @@ impl WriteIntentBitmap {
         }
         let was_durable = self.durable[w].fetch_and(!bit, Ordering::SeqCst) & bit != 0;
         self.marked[w].fetch_and(!bit, Ordering::SeqCst);
+        crate::sync::seqcst_handshake();
         // After the clear: a writer counted before this load is seen; one counted after it
         // sees the bit clear.
         if self.in_flight(region) || keep(region) {

@@ -19,7 +19,7 @@ mod clear;
 pub mod layout;
 pub(crate) mod predict;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use layout::WORDS_PER_PAGE;
@@ -27,8 +27,12 @@ pub use layout::{MetadataLayout, BITMAP_PAGE, REGIONS_PER_PAGE};
 
 pub(crate) use clear::ClearClock;
 
-/// Number of hashed in-flight counters (a power of two).
+/// Number of hashed in-flight counters (a power of two; a few under loom, which tracks every
+/// atomic).
+#[cfg(not(loom))]
 const INFLIGHT_SLOTS: u64 = 1 << 12;
+#[cfg(loom)]
+const INFLIGHT_SLOTS: u64 = 4;
 
 /// Per-page metadata-write state.
 #[derive(Debug, Default)]
@@ -113,6 +117,7 @@ impl WriteIntentBitmap {
         for region in r.first..=r.last {
             self.counter(region).fetch_add(1, Ordering::SeqCst);
         }
+        crate::sync::seqcst_handshake();
     }
 
     /// A write to `r` is done on every leg (or abandoned).
@@ -340,6 +345,28 @@ impl WriteGateBench {
         let mut page = None;
         self.0.mark(r, |p| page = Some(p));
         page
+    }
+
+    /// The writer's half of the clear handshake, without leaving: enter, then whether the
+    /// regions are marked and durable (the write may go to its legs). For the loom model.
+    pub fn enter_and_check(&self, slba: u64, nlb: u32) -> bool {
+        let r = self.0.range(slba, nlb);
+        self.0.enter(r);
+        self.0.is_durable(r)
+    }
+
+    /// The clearer's half: clears `region` unless a write is in flight to it.
+    pub fn try_clear(&self, region: u64) -> bool {
+        self.0.try_clear(region, &|_| false)
+    }
+
+    pub fn is_marked(&self, region: u64) -> bool {
+        self.0.is_marked(region)
+    }
+
+    /// Marks the regions of `[slba, slba + nlb)` in memory.
+    pub fn mark(&self, slba: u64, nlb: u32) {
+        self.0.mark(self.0.range(slba, nlb), |_| {});
     }
 
     /// Writes every page's marked bits as if to disk: they all become durable.
