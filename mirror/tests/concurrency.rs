@@ -77,7 +77,7 @@ fn hammer_without_guard(legs: Vec<Arc<dyn BlockDevice>>, core: u64, count: u64) 
     let mut rng = SmallRng::seed_from_u64(0x5eed + core);
     let mut bufs = vec![vec![0u8; MAX_NLB as usize * LBA]; QD];
     let mut free: Vec<usize> = (0..QD).collect();
-    let mut left = vec![0usize; QD];
+    let mut left = [0usize; QD];
     let mut cpl = [Completion::default(); QD];
     let (mut submitted, mut completed) = (0, 0);
     while completed < count {
