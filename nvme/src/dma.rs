@@ -179,7 +179,11 @@ impl DmaPool {
     /// Returns a buffer taken from this pool.
     #[inline]
     pub fn put(&mut self, buf: DmaBuf) {
-        debug_assert!(self.contains(buf.buf.ptr));
+        // A buffer of another pool would index outside this one's region later on.
+        assert!(
+            self.contains(buf.buf.ptr) && buf.index < self.count,
+            "DmaPool::put: the buffer is not from this pool"
+        );
         self.free.push(buf.index);
     }
 

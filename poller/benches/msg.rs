@@ -20,7 +20,8 @@ fn rings(c: &mut Criterion) {
     g.bench_function("ring_push_pop_same_thread", |b| {
         b.iter(|| {
             ring.push(std::hint::black_box(7u64)).unwrap();
-            std::hint::black_box(ring.pop())
+            // SAFETY: this ring is popped by this thread only.
+            std::hint::black_box(unsafe { ring.pop() })
         })
     });
 
@@ -30,7 +31,8 @@ fn rings(c: &mut Criterion) {
     let echo = {
         let (rx, tx) = (Arc::clone(&to_echo), Arc::clone(&back));
         std::thread::spawn(move || loop {
-            match rx.pop() {
+            // SAFETY: this ring is popped by this thread only.
+            match unsafe { rx.pop() } {
                 Some(u64::MAX) => return,
                 Some(v) => {
                     while tx.push(v).is_err() {
@@ -47,7 +49,8 @@ fn rings(c: &mut Criterion) {
             v += 1;
             to_echo.push(v).unwrap();
             loop {
-                if let Some(got) = back.pop() {
+                // SAFETY: this ring is popped by this thread only.
+                if let Some(got) = unsafe { back.pop() } {
                     assert_eq!(got, v);
                     break;
                 }

@@ -211,7 +211,8 @@ impl Reactor {
         let me = &self.shared.reactors[self.ctx.index];
         let mut busy = false;
         for _ in 0..MESSAGE_BATCH {
-            match me.ring.pop() {
+            // SAFETY: a reactor's ring is popped by that reactor's thread alone.
+            match unsafe { me.ring.pop() } {
                 Some(msg) => {
                     msg(&mut self.ctx);
                     me.stats.messages.fetch_add(1, Ordering::Relaxed);

@@ -97,8 +97,12 @@ impl<T> Ring<T> {
         }
     }
 
-    /// Takes the oldest value. Must only be called by the single consumer.
-    pub fn pop(&self) -> Option<T> {
+    /// Takes the oldest value.
+    ///
+    /// # Safety
+    /// Only one thread may pop from a ring (the single consumer): two concurrent `pop`s would
+    /// both read the same slot and take its value twice.
+    pub unsafe fn pop(&self) -> Option<T> {
         let pos = self.head.load(Ordering::Relaxed);
         let slot = &self.slots[pos & self.mask];
         let seq = slot.seq.load(Ordering::Acquire);
@@ -123,11 +127,14 @@ impl<T> Ring<T> {
 
 impl<T> Drop for Ring<T> {
     fn drop(&mut self) {
-        while self.pop().is_some() {}
+        // SAFETY: `&mut self`: no other thread can pop.
+        while unsafe { self.pop() }.is_some() {}
     }
 }
 
 #[cfg(all(test, not(loom)))]
+// Every `pop` in these tests runs on one thread per ring (the single consumer).
+#[allow(clippy::undocumented_unsafe_blocks)]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -139,13 +146,15 @@ mod tests {
             r.push(i).unwrap();
         }
         assert_eq!(r.push(9), Err(9));
-        assert_eq!(r.pop(), Some(0));
+        assert_eq!(unsafe { r.pop() }, Some(0));
         r.push(4).unwrap();
         assert_eq!(
-            (1..=4).map(|_| r.pop().unwrap()).collect::<Vec<_>>(),
+            (1..=4)
+                .map(|_| unsafe { r.pop() }.unwrap())
+                .collect::<Vec<_>>(),
             vec![1, 2, 3, 4]
         );
-        assert_eq!(r.pop(), None);
+        assert_eq!(unsafe { r.pop() }, None);
         assert!(r.is_empty());
     }
 
@@ -179,7 +188,7 @@ mod tests {
         let mut next = [0u64; 3];
         let mut got = 0;
         while got < 60_000 {
-            if let Some(v) = r.pop() {
+            if let Some(v) = unsafe { r.pop() } {
                 let (p, i) = ((v >> 32) as usize, v & 0xffff_ffff);
                 assert_eq!(i, next[p], "producer {p} out of order");
                 next[p] += 1;
@@ -189,6 +198,6 @@ mod tests {
         for p in producers {
             p.join().unwrap();
         }
-        assert_eq!(r.pop(), None);
+        assert_eq!(unsafe { r.pop() }, None);
     }
 }

@@ -18,7 +18,8 @@ fn two_producers_one_consumer_deliver_each_value_once() {
             .collect();
         let mut got = Vec::new();
         for _ in 0..3 {
-            if let Some(v) = ring.pop() {
+            // SAFETY: this ring is popped by this thread only.
+            if let Some(v) = unsafe { ring.pop() } {
                 got.push(v);
             }
             thread::yield_now();
@@ -27,7 +28,8 @@ fn two_producers_one_consumer_deliver_each_value_once() {
             .into_iter()
             .map(|p| p.join().unwrap() as u32)
             .sum();
-        while let Some(v) = ring.pop() {
+        // SAFETY: this ring is popped by this thread only.
+        while let Some(v) = unsafe { ring.pop() } {
             got.push(v);
         }
         got.sort();
@@ -57,7 +59,8 @@ fn full_ring_wraps_without_losing_values() {
         });
         let mut got = Vec::new();
         while got.len() < 3 {
-            if let Some(v) = ring.pop() {
+            // SAFETY: this ring is popped by this thread only.
+            if let Some(v) = unsafe { ring.pop() } {
                 got.push(v);
             } else {
                 thread::yield_now();
