@@ -55,6 +55,7 @@ mod missed;
 mod persistent;
 mod qpair;
 mod read_policy;
+mod read_repair;
 mod reconcile;
 pub mod resync;
 mod stats;
@@ -69,6 +70,7 @@ pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};
 pub use qpair::{VolumeQueuePair, MAX_QUEUE_DEPTH};
+pub use read_repair::READ_ERROR_BUDGET;
 pub use resync::{
     JobState, RegionSource, ResyncConfig, ResyncJob, ResyncStatus, VerifyJob, VerifyStatus,
 };

@@ -28,6 +28,8 @@ pub(crate) struct LegShared {
     /// reaped the back end may still act on them — write the medium, read or fill their
     /// buffers — so a resync of this leg does not start while this is above zero.
     pub(crate) abandoned: AtomicU32,
+    /// Read errors queued for repair so far (`read_repair`).
+    pub(crate) read_errors: AtomicU32,
 }
 
 /// What every core shares about a volume.
@@ -44,6 +46,11 @@ pub(crate) struct VolumeShared {
     /// there (NVMe does not promise a failed write left the medium unchanged). Kept marked in
     /// the bitmap until [`Volume::reconcile_failed_writes`] copies them from the primary.
     pub(crate) diverged: MissedRegions,
+    /// Ranges a read failed on, waiting to be rewritten from a good leg (`read_repair`):
+    /// pushed by reactors, popped by the control plane only.
+    pub(crate) repairs: nvmirror_poller::Ring<crate::read_repair::Repair>,
+    /// Ranges repaired so far.
+    pub(crate) repaired: std::sync::atomic::AtomicU64,
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
     /// Persistent volumes: the write-intent bitmap.
@@ -267,6 +274,7 @@ impl Volume {
                 dev,
                 missed: MissedRegions::new(num_blocks, region_shift),
                 abandoned: AtomicU32::new(0),
+                read_errors: AtomicU32::new(0),
             }));
         }
         let data_lba = persistent.as_ref().map_or(0, |(b, _)| b.layout.data_lba());
@@ -285,6 +293,8 @@ impl Volume {
             cfg,
             legs: slots,
             diverged: MissedRegions::new(num_blocks, region_shift),
+            repairs: nvmirror_poller::Ring::new(crate::read_repair::QUEUE),
+            repaired: std::sync::atomic::AtomicU64::new(0),
             region_shift,
             cores: Mutex::new(Vec::new()),
             jobs: JobRegistry::default(),

@@ -309,7 +309,7 @@ fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
         ops: OpFilter::Reads,
         slba: data_lba + 5 * BPR,
         nlb: BPR,
-        status: Status::UNRECOVERED_READ_ERROR,
+        status: Status::DATA_TRANSFER_ERROR, // not a media error: faults the leg
     });
     let mut qp = vol.open_volume_qpair(4).unwrap();
     let mut data = vec![0u8; 4096];

@@ -174,6 +174,8 @@ fn every_leg_failing_gives_the_host_the_primary_status() {
     }
 }
 
+/// A read error that is not a media error (those are repaired in place, `read_repair.rs`)
+/// faults the leg and the read is retried elsewhere.
 #[test]
 fn a_read_failing_on_the_primary_is_retried_on_a_mirror() {
     for n in LEG_COUNTS {
@@ -185,7 +187,7 @@ fn a_read_failing_on_the_primary_is_retried_on_a_mirror() {
                 ops: OpFilter::Reads,
                 slba: 4004,
                 nlb: 1,
-                status: Status::UNRECOVERED_READ_ERROR,
+                status: Status::DATA_TRANSFER_ERROR,
             },
         );
         let (status, data) = rig.read(4000, 8);
@@ -212,12 +214,12 @@ fn a_read_failing_on_every_leg_returns_the_first_error() {
                     ops: OpFilter::Reads,
                     slba: 0,
                     nlb: 64,
-                    status: Status::UNRECOVERED_READ_ERROR,
+                    status: Status::DATA_TRANSFER_ERROR,
                 },
             );
         }
         let (status, _) = rig.read(8, 8);
-        assert_eq!(status, Status::UNRECOVERED_READ_ERROR, "{n} legs");
+        assert_eq!(status, Status::DATA_TRANSFER_ERROR, "{n} legs");
         // Every leg but the last in-sync one was faulted; that one stays.
         let states = rig.states();
         assert_eq!(states.iter().filter(|&&s| s == LegState::InSync).count(), 1);

@@ -152,6 +152,7 @@ impl Registry {
             "overlap_waits": stats.overlap_waits,
             "resource_waits": stats.resource_waits,
             "read_retries": stats.read_retries,
+            "read_repairs": v.volume.read_repairs(),
             "bitmap": match v.volume.metadata_layout() {
                 None => Value::Null,
                 Some(m) => json!({

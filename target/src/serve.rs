@@ -541,7 +541,8 @@ impl Drop for Service {
     }
 }
 
-/// Clears idle regions of the persistent volumes' write-intent bitmaps once a second.
+/// Once a second: rewrites ranges that failed to read (read-repair) and clears idle regions
+/// of the persistent volumes' write-intent bitmaps.
 fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
@@ -550,6 +551,9 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
         .spawn(move || {
             while !stop2.load(Ordering::Acquire) {
                 for e in &reg.volumes {
+                    if let Err(err) = e.volume.repair_read_errors() {
+                        tracing::warn!(volume = e.volume.name(), "read-repair: {err}");
+                    }
                     if e.volume.metadata_layout().is_some() {
                         if let Err(err) = e.volume.clear_idle_regions(std::time::Instant::now()) {
                             tracing::warn!(

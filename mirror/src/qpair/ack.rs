@@ -232,10 +232,20 @@ impl VolumeQueuePair {
         if meta.first_error.is_success() {
             self.table.meta_mut(slot).first_error = status;
         }
-        // The leg could not read these blocks: a resync rewrites them from a good leg.
-        self.vol.mark_missed(leg, &meta.cmd);
-        self.vol.fault_on_io(leg, None, status, "read");
-        self.intent_mark_missed(&meta.cmd);
+        let others = self.vol.states.snapshot().in_sync_mask(self.leg_count)
+            & self.open_legs()
+            & !meta.tried;
+        // A media error with another leg to read from: rewrite the range on this leg from a
+        // good copy (`read_repair`) rather than fault the whole leg for one bad sector.
+        let repaired = meta.abandoned == 0
+            && others != 0
+            && self.vol.queue_read_repair(leg, &meta.cmd, status);
+        if !repaired {
+            // The leg could not read these blocks: a resync rewrites them from a good leg.
+            self.vol.mark_missed(leg, &meta.cmd);
+            self.vol.fault_on_io(leg, None, status, "read");
+            self.intent_mark_missed(&meta.cmd);
+        }
         let snap = self.vol.states.snapshot();
         let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs() & !meta.tried;
         // A leg that timed out may still fill this buffer: no retry into it (the host

@@ -176,6 +176,7 @@ impl Volume {
             dev: device,
             missed,
             abandoned: AtomicU32::new(0),
+            read_errors: AtomicU32::new(0),
         });
         if vol.legs[index].set(Arc::clone(&leg_shared)).is_err() {
             return Err(err(format!("leg slot {index} is taken")));
