@@ -40,6 +40,11 @@ impl ControlIo {
         }
     }
 
+    /// Sets the time one command may take.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     /// Runs one command on `dev` (leg `leg`) and waits for it, up to the timeout.
     pub(crate) fn run(
         &mut self,

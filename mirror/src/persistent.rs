@@ -16,6 +16,10 @@ use crate::superblock::{MemberState, Superblock, Uuid, REGION_SIZE_RANGE};
 use crate::volume::{Volume, VolumeShared};
 use crate::{Error, Result};
 
+/// The least time one start-up metadata command may take (the volume's `io_timeout` when
+/// longer).
+const STARTUP_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a leg's first 4 KiB hold.
 pub(crate) enum Found {
     Blank,
@@ -146,7 +150,11 @@ impl Volume {
         mut cfg: VolumeConfig,
     ) -> Result<Self> {
         let (lba_size, _) = Self::check_legs(name, &legs, &cfg)?;
-        let mut io = ControlIo::new(cfg.io_timeout);
+        // Start-up I/O is the control plane's and nobody waits on it but the start itself:
+        // a leg slow to answer (a busy machine, a device still settling after a crash) is
+        // given longer than a host command before the start gives up on it.
+        let startup_timeout = cfg.io_timeout.max(STARTUP_IO_TIMEOUT);
+        let mut io = ControlIo::new(startup_timeout);
         let mut sbs = Vec::with_capacity(legs.len());
         for (i, dev) in legs.iter().enumerate() {
             sbs.push(match read_head(&mut io, name, i, &**dev)?.0 {
@@ -232,7 +240,7 @@ impl Volume {
         cfg.region_size = f.region_size;
         cfg.validate(name, lba_size)?;
         // Who is in sync: the freshest leg's view, and every leg that saw its last event.
-        let stale: Vec<bool> = (0..legs.len())
+        let mut stale: Vec<bool> = (0..legs.len())
             .map(|i| match &sbs[i] {
                 None => !removed[i],
                 Some(sb) => {
@@ -274,20 +282,29 @@ impl Volume {
         let bm = shared.bitmap.as_ref().expect("persistent");
         let meta = shared.meta.as_ref().expect("persistent");
         let marked = bm.marked_regions();
+        meta.lock_io().set_timeout(startup_timeout);
         if !clean {
             // Writes in flight at the stop may have reached some legs only: make the in-sync
-            // legs agree on every marked region, taking the freshest leg's copy.
+            // legs agree on every marked region, taking the freshest leg's copy. A leg that
+            // cannot take the copy comes up stale instead (faulted, its marked regions to
+            // resync): the freshest leg holds every acknowledged write.
             let mut io = meta.lock_io();
-            for i in (0..stale.len()).filter(|&i| i != fresh && !stale[i] && !removed[i]) {
+            let targets: Vec<usize> = (0..stale.len())
+                .filter(|&i| i != fresh && !stale[i] && !removed[i])
+                .collect();
+            for i in targets {
                 for &r in &marked {
                     let (off, len) = region_bytes(&layout, r);
-                    io.copy(
+                    if let Err(e) = io.copy(
                         (fresh, &*shared.leg(fresh).expect("a leg in use").dev),
                         (i, &*shared.leg(i).expect("a leg in use").dev),
                         off,
                         len,
-                    )
-                    .map_err(|e| meta_err(i, format!("copying region {r}: {e}")))?;
+                    ) {
+                        tracing::warn!(volume = name, leg = i, region = r, error = %e, "cannot reconcile a marked region; the leg comes up stale");
+                        stale[i] = true;
+                        break;
+                    }
                 }
             }
             tracing::warn!(
@@ -344,6 +361,7 @@ impl Volume {
             }
         }
         let failed = meta.write_superblocks(&shared, false, true);
+        meta.lock_io().set_timeout(shared.cfg.io_timeout);
         if failed != 0 {
             let leg = failed.trailing_zeros() as usize;
             return Err(meta_err(leg, "cannot write the superblock".into()));

@@ -331,3 +331,43 @@ fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
     assert_eq!(vol.leg_states()[0].state, LegState::Faulted);
     assert_eq!(vol.regions_to_resync(0).unwrap(), vec![5]);
 }
+
+/// After an unclean stop, a leg that cannot take the reconciling copy of the marked regions
+/// comes up stale (faulted, regions to resync) instead of failing the whole start: the
+/// freshest leg holds every acknowledged write.
+#[test]
+fn a_leg_failing_the_unclean_stop_copy_comes_up_stale() {
+    use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
+    use nvmirror_nvme::dma::IoBuf;
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, Status};
+    let faulty: Vec<Arc<FaultyDevice>> = legs(2, 16 << 20, "u")
+        .into_iter()
+        .map(|d| Arc::new(FaultyDevice::wrap(d)))
+        .collect();
+    let devs: Vec<Arc<dyn BlockDevice>> = faulty
+        .iter()
+        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
+        .collect();
+    let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    let mut data = vec![7u8; 4096];
+    let buf = IoBuf::from_slice(&mut data);
+    // SAFETY: `data` outlives the command, reaped below.
+    unsafe { qp.submit(IoCommand::with_buf(IoOp::Write, 3 * BPR, 8, buf, 1)) }.unwrap();
+    let mut cpl = [Completion::default()];
+    while qp.poll(&mut cpl) == 0 {}
+    assert!(cpl[0].status.is_success());
+    drop(qp);
+    drop(vol); // crash: region 3 stays marked
+    faulty[1].injector().arm(Fault::FailRange {
+        ops: OpFilter::Writes,
+        slba: 0,
+        nlb: u64::MAX / 2,
+        status: Status::WRITE_FAULT,
+    });
+    let vol = Volume::open_persistent("v", devs, cfg()).expect("the start goes on without leg 1");
+    let states = vol.leg_states();
+    assert_eq!(states[0].state, LegState::InSync);
+    assert_eq!(states[1].state, LegState::Faulted);
+    assert!(vol.regions_to_resync(1).unwrap().contains(&3));
+}
