@@ -3,7 +3,7 @@
 //! of the server. Refusals (a job already running, a leg busy) are normal and counted.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -143,7 +143,7 @@ pub fn act(
     status: &Value,
     serve: &ServeProcess,
     rng: &mut SmallRng,
-    leg_dir: &PathBuf,
+    leg_dir: &Path,
     writers: usize,
 ) -> Outcome {
     let legs = legs(status);
@@ -241,7 +241,10 @@ impl ChaosLog {
                 t.refused += 1;
                 // Texts differ in numbers only; keep the first line.
                 let key = text.lines().next().unwrap_or("").to_string();
-                *self.refusals.entry(format!("{}: {key}", action.name())).or_default() += 1;
+                *self
+                    .refusals
+                    .entry(format!("{}: {key}", action.name()))
+                    .or_default() += 1;
             }
             Outcome::Skipped => t.skipped += 1,
             _ => t.done += 1,

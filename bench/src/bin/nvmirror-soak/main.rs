@@ -197,7 +197,8 @@ fn soak(args: &Args) -> Result<Vec<String>, String> {
                     format!(
                         "acked {} lost {}",
                         c.stats.writes_acked.load(Ordering::Relaxed),
-                        c.stats.lost.load(Ordering::Relaxed) + c.stats.corrupt.load(Ordering::Relaxed)
+                        c.stats.lost.load(Ordering::Relaxed)
+                            + c.stats.corrupt.load(Ordering::Relaxed)
                     )
                 })
                 .collect();
@@ -221,18 +222,22 @@ fn soak(args: &Args) -> Result<Vec<String>, String> {
         models.push(j.join().map_err(|_| "a writer panicked")?);
         ctls.push(c);
     }
-    if failures.is_empty() {
+    // After a failed restart there is nothing left to heal or read back.
+    let running = serve.pid().is_some() && serve.exited().is_none();
+    if running {
         if let Err(e) = heal(&serve) {
             failures.push(e);
         }
     }
-    let status = serve.rpc("volume_status", &json!({"name": VOLUME})).ok();
+    let status = running
+        .then(|| serve.rpc("volume_status", &json!({"name": VOLUME})).ok())
+        .flatten();
 
     // ---- final read-back of every block of both writers
     let mut checked_total = 0;
     let mut acked_units = 0;
     let mut lost_total = 0;
-    for m in &models {
+    for m in models.iter().filter(|_| running) {
         acked_units += m.acked_units();
         match writer::read_back(m, &serve.addrs) {
             Ok((checked, lost, corrupt)) => {
@@ -253,7 +258,8 @@ fn soak(args: &Args) -> Result<Vec<String>, String> {
     match serve.terminate(Duration::from_secs(30)) {
         Ok(st) if st.success() => {}
         Ok(st) => failures.push(format!("serve exited with {st} on SIGTERM")),
-        Err(e) => failures.push(e),
+        Err(e) if running => failures.push(e),
+        Err(_) => {}
     }
 
     // ---- the legs agree
@@ -296,7 +302,7 @@ fn soak(args: &Args) -> Result<Vec<String>, String> {
         let s = &c.stats;
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         println!(
-            "  writer {:<8} writes acked {} failed {}, reads failed {}, blocks checked in flight {}, reconnects {}, lost {}, corrupt {}, hangs {}",
+            "  writer {:<8} writes acked {} failed {}, reads failed {}, blocks checked by reads {}, reconnects {}, lost {}, corrupt {}, hangs {}",
             m.proto.name(),
             load(&s.writes_acked),
             load(&s.writes_failed),

@@ -149,7 +149,9 @@ impl ServeProcess {
 
     /// `Some(status)` when the server ended on its own.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL, reaped.
@@ -184,7 +186,12 @@ impl ServeProcess {
     /// `nvmirror rpc METHOD PARAMS`: the result, or the refusal's text. `Err(None)` is a
     /// control path that did not answer within the deadline.
     pub fn rpc(&self, method: &str, params: &Value) -> Result<Value, Option<String>> {
-        let socket = self.addrs.lock().unwrap_or_else(|e| e.into_inner()).socket.clone();
+        let socket = self
+            .addrs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .socket
+            .clone();
         let mut child = Command::new(&self.bin)
             .args(["rpc", "--socket", &socket, method, &params.to_string()])
             .stdout(Stdio::piped())
@@ -209,7 +216,9 @@ impl ServeProcess {
         if out.status.success() {
             serde_json::from_slice(&out.stdout).map_err(|e| Some(format!("bad JSON: {e}")))
         } else {
-            Err(Some(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+            Err(Some(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ))
         }
     }
 

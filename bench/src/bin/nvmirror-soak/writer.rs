@@ -207,11 +207,19 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// Connects to the current server, retrying while it restarts.
-fn connect(proto: Proto, addrs: &SharedAddrs, stats: &WriterStats) -> Option<Conn> {
+/// Connects to the current server, retrying while it restarts (and until `stop`).
+fn connect(
+    proto: Proto,
+    addrs: &SharedAddrs,
+    stats: &WriterStats,
+    stop: &AtomicBool,
+) -> Option<Conn> {
     let deadline = Instant::now() + CONNECT_DEADLINE;
     let mut last = String::new();
     while Instant::now() < deadline {
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
         let a = addrs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match open_leg(&proto.uri(&a)).and_then(|dev| Ok((dev.open_qpair(QD as u32)?, dev))) {
             Ok((qp, dev)) => {
@@ -262,7 +270,7 @@ pub fn run(mut model: Model, addrs: SharedAddrs, ctl: Arc<WriterControl>, seed: 
         }
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match connect(model.proto, &addrs, stats) {
+            None => match connect(model.proto, &addrs, stats, &ctl.stop) {
                 Some(c) => conn.insert(c),
                 None => {
                     std::thread::sleep(Duration::from_millis(500));
@@ -291,7 +299,8 @@ pub fn run(mut model: Model, addrs: SharedAddrs, ctl: Arc<WriterControl>, seed: 
             } else {
                 IoOp::Read
             };
-            let cmd = IoCommand::with_buf(op, lba, BLOCKS_PER_UNIT as u32, bufs[s].io_buf(), s as u64);
+            let cmd =
+                IoCommand::with_buf(op, lba, BLOCKS_PER_UNIT as u32, bufs[s].io_buf(), s as u64);
             // SAFETY: the buffers outlive every queue pair (they are dropped after `conn`)
             // and a slot's buffer is not touched until its completion is reaped or its
             // connection dropped.
@@ -341,7 +350,9 @@ pub fn run(mut model: Model, addrs: SharedAddrs, ctl: Arc<WriterControl>, seed: 
                 }
                 (true, None) => {
                     let (lost, corrupt) = model.check(f.unit, &bufs[s].as_slice()[..UNIT]);
-                    stats.blocks_checked.fetch_add(BLOCKS_PER_UNIT, Ordering::Relaxed);
+                    stats
+                        .blocks_checked
+                        .fetch_add(BLOCKS_PER_UNIT, Ordering::Relaxed);
                     stats.lost.fetch_add(lost, Ordering::Relaxed);
                     stats.corrupt.fetch_add(corrupt, Ordering::Relaxed);
                     errors_in_row = 0;
@@ -359,7 +370,9 @@ pub fn run(mut model: Model, addrs: SharedAddrs, ctl: Arc<WriterControl>, seed: 
         while slots.iter().any(Option::is_some) && Instant::now() < deadline {
             let n = c.qp.poll(&mut cpl);
             for cp in &cpl[..n] {
-                let f = slots[cp.tag as usize].take().expect("a command in this slot");
+                let f = slots[cp.tag as usize]
+                    .take()
+                    .expect("a command in this slot");
                 busy[f.unit] = false;
                 let m = &mut model.units[f.unit];
                 match (cp.status.is_success(), f.write) {
@@ -397,7 +410,8 @@ fn abandon(model: &mut Model, slots: &mut [Option<InFlight>], busy: &mut [bool])
 /// corrupt), or why it could not.
 pub fn read_back(model: &Model, addrs: &SharedAddrs) -> Result<(u64, u64, u64), String> {
     let stats = WriterStats::default();
-    let mut c = connect(model.proto, addrs, &stats).ok_or("no connection for the read-back")?;
+    let mut c = connect(model.proto, addrs, &stats, &AtomicBool::new(false))
+        .ok_or("no connection for the read-back")?;
     let mut pool = DmaPool::new(1, UNIT);
     let buf = pool.get().expect("a buffer");
     let (mut checked, mut lost, mut corrupt) = (0, 0, 0);
