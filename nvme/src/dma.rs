@@ -237,6 +237,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn try_new_refuses_what_cannot_be_allocated() {
+        assert!(DmaPool::try_new(0, 4096).is_none());
+        assert!(DmaPool::try_new(4, 0).is_none());
+        assert!(DmaPool::try_new(u32::MAX, usize::MAX / 2).is_none(), "overflow");
+        // 2^62 bytes: more than any address space.
+        assert!(DmaPool::try_new(1 << 20, 1 << 42).is_none());
+        let mut pool = DmaPool::try_new(2, 100).unwrap();
+        assert_eq!(pool.buf_size(), 4096);
+        assert!(pool.get().is_some() && pool.get().is_some() && pool.get().is_none());
+    }
+
+    #[test]
     fn buffers_are_aligned_distinct_and_recycled() {
         let mut pool = DmaPool::new(4, 1000);
         assert_eq!(pool.buf_size(), 4096);
