@@ -240,7 +240,10 @@ mod tests {
     fn try_new_refuses_what_cannot_be_allocated() {
         assert!(DmaPool::try_new(0, 4096).is_none());
         assert!(DmaPool::try_new(4, 0).is_none());
-        assert!(DmaPool::try_new(u32::MAX, usize::MAX / 2).is_none(), "overflow");
+        assert!(
+            DmaPool::try_new(u32::MAX, usize::MAX / 2).is_none(),
+            "overflow"
+        );
         // 2^62 bytes: more than any address space.
         assert!(DmaPool::try_new(1 << 20, 1 << 42).is_none());
         let mut pool = DmaPool::try_new(2, 100).unwrap();
