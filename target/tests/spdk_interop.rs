@@ -116,8 +116,10 @@ fn refused_connects_are_logged_with_peer_subsystem_host_and_reason() {
     );
     assert_eq!(c.status(), fstatus::CONNECT_INVALID_PARAMETERS.with_dnr());
     assert_eq!(c.dw0, ConnectParam::SUBNQN.dw0());
-    // The listed host still connects.
-    admin_queue(t.addr, HOSTNQN);
+    // The listed host still connects; a second Connect on its queue is refused too.
+    let (mut ok, _) = admin_queue(t.addr, HOSTNQN);
+    let c = ok.fabrics_connect(0, 31, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
+    assert_eq!(c.status(), Status::COMMAND_SEQUENCE_ERROR);
 
     let lines = log_lines_with("Connect refused");
     let find = |peer: &str, what: &str| {

@@ -27,7 +27,15 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) {
         (Some(FabricsCommandType::Connect), Phase::AwaitConnect) => {
             connect(conn, i, now).map_err(|r| refuse_connect(conn, i, r))
         }
-        (Some(FabricsCommandType::Connect), _) => Err((Status::COMMAND_SEQUENCE_ERROR, 0)),
+        (Some(FabricsCommandType::Connect), _) => Err(refuse_connect(
+            conn,
+            i,
+            refused(
+                Status::COMMAND_SEQUENCE_ERROR,
+                0,
+                "the queue is connected already",
+            ),
+        )),
         (Some(FabricsCommandType::PropertyGet), Phase::Admin) => {
             property_get(conn, &PropertyGetCommand::from_sqe(&sqe))
         }
