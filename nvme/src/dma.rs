@@ -147,16 +147,34 @@ impl DmaPool {
         let buf_size = buf_size.next_multiple_of(DMA_ALIGN);
         let layout = Layout::from_size_align(buf_size * count as usize, DMA_ALIGN)
             .expect("DMA pool size overflows");
+        Self::try_new(count, buf_size).unwrap_or_else(|| alloc::handle_alloc_error(layout))
+    }
+
+    /// Like [`new`](Self::new), but `None` where the memory cannot be had (or the sizes are
+    /// zero or overflow), for pools sized by a peer, which can simply be refused.
+    pub fn try_new(count: u32, buf_size: usize) -> Option<Self> {
+        if count == 0 || buf_size == 0 {
+            return None;
+        }
+        let buf_size = buf_size.checked_next_multiple_of(DMA_ALIGN)?;
+        let total = buf_size.checked_mul(count as usize)?;
+        let layout = Layout::from_size_align(total, DMA_ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size (count > 0, buf_size > 0).
-        let base = unsafe { alloc::alloc_zeroed(layout) };
-        let base = NonNull::new(base).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        Self {
+        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        let mut free = Vec::new();
+        if free.try_reserve_exact(count as usize).is_err() {
+            // SAFETY: `base` was allocated just above with this layout.
+            unsafe { alloc::dealloc(base.as_ptr(), layout) };
+            return None;
+        }
+        free.extend((0..count).rev());
+        Some(Self {
             base,
             layout,
             buf_size,
             count,
-            free: (0..count).rev().collect(),
-        }
+            free,
+        })
     }
 
     /// Takes a free buffer; `None` when all are in use.
@@ -221,6 +239,21 @@ impl Drop for DmaPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn try_new_refuses_what_cannot_be_allocated() {
+        assert!(DmaPool::try_new(0, 4096).is_none());
+        assert!(DmaPool::try_new(4, 0).is_none());
+        assert!(
+            DmaPool::try_new(u32::MAX, usize::MAX / 2).is_none(),
+            "overflow"
+        );
+        // 2^62 bytes: more than any address space.
+        assert!(DmaPool::try_new(1 << 20, 1 << 42).is_none());
+        let mut pool = DmaPool::try_new(2, 100).unwrap();
+        assert_eq!(pool.buf_size(), 4096);
+        assert!(pool.get().is_some() && pool.get().is_some() && pool.get().is_none());
+    }
 
     #[test]
     fn buffers_are_aligned_distinct_and_recycled() {

@@ -85,6 +85,8 @@ pub struct Config {
     pub resync: ResyncConfig,
     #[serde(default)]
     pub service: ServiceConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
     #[serde(default, rename = "subsystem")]
@@ -176,6 +178,53 @@ impl ServiceConfig {
             Ok(d) => Some(d),
             Err(_) => Some(Duration::from_secs(30)),
         }
+    }
+}
+
+/// `[limits]`: what one host, or a flood of connections, can hold of the target.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections open at once per front end (NVMe/TCP, NBD); more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection that has not finished ICReq + Connect (NVMe/TCP) or the NBD handshake
+    /// within this is closed.
+    #[serde(default = "ten_seconds")]
+    pub handshake_timeout: String,
+    /// NVMe/TCP command-buffer bytes per connection (queue entries x MDTS); the largest
+    /// queue advertised (CAP.MQES) is what fits.
+    #[serde(default = "default_connection_buffer_budget")]
+    pub connection_buffer_budget: String,
+}
+
+fn default_max_connections() -> usize {
+    crate::nvme_tcp::DEFAULT_MAX_CONNECTIONS
+}
+fn default_connection_buffer_budget() -> String {
+    "64MiB".into()
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            handshake_timeout: ten_seconds(),
+            connection_buffer_budget: default_connection_buffer_budget(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// `handshake_timeout`, checked by [`Config::validate`].
+    pub fn handshake_timeout(&self) -> Duration {
+        parse_duration(&self.handshake_timeout)
+            .unwrap_or(crate::nvme_tcp::DEFAULT_HANDSHAKE_TIMEOUT)
+    }
+    /// `connection_buffer_budget` in bytes, checked by [`Config::validate`].
+    pub fn connection_buffer_budget(&self) -> u64 {
+        parse_size(&self.connection_buffer_budget)
+            .unwrap_or(crate::nvme_tcp::DEFAULT_CONNECTION_BUFFER_BUDGET)
     }
 }
 
@@ -359,6 +408,30 @@ impl Config {
                 return Err(bad(key.into(), "must be above 0".into()));
             }
         }
+        let l = &self.limits;
+        if !(1..=1_000_000).contains(&l.max_connections) {
+            return Err(bad(
+                "limits.max_connections".into(),
+                format!("{} not in 1..=1000000", l.max_connections),
+            ));
+        }
+        let d = parse_duration(&l.handshake_timeout)
+            .map_err(|e| bad("limits.handshake_timeout".into(), e))?;
+        if d.is_zero() {
+            return Err(bad(
+                "limits.handshake_timeout".into(),
+                "must be above 0".into(),
+            ));
+        }
+        let budget = parse_size(&l.connection_buffer_budget)
+            .map_err(|e| bad("limits.connection_buffer_budget".into(), e))?;
+        // Two commands of the default MDTS (128 KiB) at least.
+        if budget < 256 << 10 {
+            return Err(bad(
+                "limits.connection_buffer_budget".into(),
+                format!("{budget} bytes is below 256KiB (two 128 KiB commands)"),
+            ));
+        }
         let rate = &self.resync.max_rate;
         if rate != "0" {
             parse_size(rate).map_err(|e| bad("resync.max_rate".into(), e))?;
@@ -534,7 +607,17 @@ legs = ["mem://64MiB", "mem://64MiB"]
     #[test]
     fn the_shipped_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/nvmirror.toml");
-        Config::load(&path).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(
+            cfg.limits,
+            LimitsConfig::default(),
+            "[limits] lists the defaults"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("\n[limits]\n"),
+            "the example documents [limits]"
+        );
     }
 
     #[test]
@@ -573,6 +656,11 @@ legs = ["mem://64MiB", "mem://64MiB"]
             ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"nope\"]\n", "no volume named 'nope'"),
             ("[[subsystem]]\nnqn = \"vol0\"\nnamespaces = []\n", "subsystem[0].nqn"),
             ("[resync]\nmax_rate = \"fast\"\n", "resync.max_rate"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[limits]\nhandshake_timeout = \"0s\"\n", "limits.handshake_timeout"),
+            ("[limits]\nhandshake_timeout = \"soon\"\n", "limits.handshake_timeout"),
+            ("[limits]\nconnection_buffer_budget = \"4KiB\"\n", "limits.connection_buffer_budget"),
+            ("[limits]\nconnection_buffer_budget = \"lots\"\n", "limits.connection_buffer_budget"),
         ];
         for (text, want) in cases {
             let e = err(text);
@@ -581,6 +669,23 @@ legs = ["mem://64MiB", "mem://64MiB"]
                 "want '{want}' in: {e}"
             );
         }
+    }
+
+    #[test]
+    fn limits_have_defaults_and_parse() {
+        let cfg = Config::parse_str("", "test.toml").unwrap();
+        assert_eq!(cfg.limits, LimitsConfig::default());
+        assert_eq!(cfg.limits.max_connections, 1024);
+        assert_eq!(cfg.limits.handshake_timeout(), Duration::from_secs(10));
+        assert_eq!(cfg.limits.connection_buffer_budget(), 64 << 20);
+        let cfg = Config::parse_str(
+            "[limits]\nmax_connections = 8\nhandshake_timeout = \"250ms\"\nconnection_buffer_budget = \"1MiB\"\n",
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.limits.max_connections, 8);
+        assert_eq!(cfg.limits.handshake_timeout(), Duration::from_millis(250));
+        assert_eq!(cfg.limits.connection_buffer_budget(), 1 << 20);
     }
 
     #[test]

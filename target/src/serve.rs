@@ -18,7 +18,7 @@ use crate::config::{Config, IdleConfig, ListenConfig, RpcConfig, DEFAULT_CONFIG}
 use crate::control::{self, LegEntry, Registry, VolumeEntry};
 use crate::members::Membership;
 use crate::metrics::MetricsServer;
-use crate::nbd::{NbdConfig, NbdServer};
+use crate::nbd::{NbdConfig, NbdLimits, NbdServer};
 use crate::nvme_tcp::{SubsystemConfig, TargetConfig};
 use crate::rpc::RpcServer;
 use crate::NvmeTcpTarget;
@@ -345,6 +345,9 @@ impl Service {
                 let tcfg = TargetConfig {
                     listen: addr("nvme_tcp.listen", &l.listen)?,
                     subsystems,
+                    max_connections: cfg.limits.max_connections,
+                    handshake_timeout: cfg.limits.handshake_timeout(),
+                    connection_buffer_budget: cfg.limits.connection_buffer_budget(),
                     ..TargetConfig::default()
                 };
                 Some(Arc::new(NvmeTcpTarget::start(tcfg, &handle).map_err(
@@ -368,8 +371,12 @@ impl Service {
                     listen: addr("nbd.listen", &l.listen)?,
                     exports,
                 };
+                let limits = NbdLimits {
+                    max_connections: cfg.limits.max_connections,
+                    handshake_timeout: cfg.limits.handshake_timeout(),
+                };
                 Some(
-                    NbdServer::start(ncfg, &handle)
+                    NbdServer::start_with_limits(ncfg, limits, &handle)
                         .map_err(|e| start_err(format!("NBD on {}", l.listen), e))?,
                 )
             }

@@ -7,6 +7,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::time::Instant;
 
 use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
@@ -49,6 +50,8 @@ pub(crate) struct Connection {
     parse_closed: bool,
     /// The socket cannot be written: replies are dropped.
     write_failed: bool,
+    /// When the socket was accepted: negotiation must end by `accepted + handshake_timeout`.
+    accepted: Instant,
     /// Dropped last, after the transmission has waited for its commands.
     _live: LiveConnection,
 }
@@ -75,6 +78,7 @@ impl Connection {
             read_closed: false,
             parse_closed: false,
             write_failed: false,
+            accepted: Instant::now(),
             _live: live,
         }
     }
@@ -203,6 +207,13 @@ impl Connection {
             if !matches!(self.phase, Phase::Transmitting(_)) {
                 self.hard_close();
             }
+        }
+        if matches!(self.phase, Phase::Negotiating(_))
+            && self.accepted.elapsed() > self.server.handshake_timeout
+        {
+            tracing::debug!(peer = %self.peer, "NBD handshake not done within the handshake timeout; closing");
+            self.hard_close();
+            return PollStatus::Done;
         }
         busy |= self.receive();
         if matches!(self.phase, Phase::Negotiating(_)) && !self.parse_closed && !self.negotiate() {

@@ -63,4 +63,4 @@ pub(crate) mod fuzzing {
         Connection::new(sock, peer, exports, state, live)
     }
 }
-pub use server::{NbdConfig, NbdServer, DEFAULT_PORT};
+pub use server::{NbdConfig, NbdLimits, NbdServer, DEFAULT_PORT};

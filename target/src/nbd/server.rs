@@ -39,11 +39,41 @@ impl Default for NbdConfig {
     }
 }
 
+/// Bounds on what clients can hold open ([`NbdServer::start_with_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// A connection still negotiating after this is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: crate::nvme_tcp::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: crate::nvme_tcp::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
 /// State shared by the listener, the connections and the server handle.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ServerState {
     stop: AtomicBool,
     connections: AtomicUsize,
+    /// How long a connection may negotiate.
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl Default for ServerState {
+    fn default() -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            handshake_timeout: crate::nvme_tcp::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 impl ServerState {
@@ -81,8 +111,25 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Validates the exports, binds the listening socket and starts accepting; each
-    /// connection is served by a poller on one of `reactors`, chosen round-robin.
+    /// connection is served by a poller on one of `reactors`, chosen round-robin. The
+    /// default [`NbdLimits`] apply.
     pub fn start(cfg: NbdConfig, reactors: &ReactorHandle) -> Result<Self> {
+        Self::start_with_limits(cfg, NbdLimits::default(), reactors)
+    }
+
+    /// [`start`](Self::start) with the given connection limits.
+    pub fn start_with_limits(
+        cfg: NbdConfig,
+        limits: NbdLimits,
+        reactors: &ReactorHandle,
+    ) -> Result<Self> {
+        if limits.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        if limits.handshake_timeout.is_zero() {
+            return Err(Error::Config("handshake_timeout must be above 0".into()));
+        }
+        let max_connections = limits.max_connections;
         let exports = validate(cfg.exports)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| Error::Listen {
             addr: cfg.listen,
@@ -92,13 +139,16 @@ impl NbdServer {
             op: "getsockname",
             source,
         })?;
-        let state = Arc::new(ServerState::default());
+        let state = Arc::new(ServerState {
+            handshake_timeout: limits.handshake_timeout,
+            ..ServerState::default()
+        });
         let acceptor = {
             let state = Arc::clone(&state);
             let reactors = reactors.clone();
             std::thread::Builder::new()
                 .name("nvmirror-nbd-accept".into())
-                .spawn(move || accept_loop(listener, exports, reactors, state))
+                .spawn(move || accept_loop(listener, exports, reactors, state, max_connections))
                 .map_err(|source| Error::Socket {
                     op: "spawning the NBD accept thread",
                     source,
@@ -200,8 +250,10 @@ fn accept_loop(
     exports: ExportTable,
     reactors: ReactorHandle,
     state: Arc<ServerState>,
+    max_connections: usize,
 ) {
     let mut next = 0usize;
+    let mut refusals = crate::nvme_tcp::RefusalLog::new("NBD");
     loop {
         let accepted = listener.accept();
         if state.stopping() {
@@ -216,11 +268,16 @@ fn accept_loop(
                 continue;
             }
         };
+        if state.connections.load(Ordering::SeqCst) >= max_connections {
+            refusals.refused(peer, max_connections);
+            drop(sock);
+            continue;
+        }
         if let Err(e) = sock.set_nonblocking(true).and(sock.set_nodelay(true)) {
             tracing::warn!(%peer, error = %e, "NBD connection setup failed");
             continue;
         }
-        let reactor = next % reactors.count();
+        let reactor = next % reactors.count().max(1);
         next = next.wrapping_add(1);
         let live = LiveConnection::new(&state);
         let (exports, server) = (exports.clone(), Arc::clone(&state));

@@ -19,6 +19,44 @@ use super::subsystem::{Subsystem, SubsystemRef};
 const AER_LIMIT: u8 = 4;
 /// Firmware revision reported in Identify and the firmware slot log.
 const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
+/// Composite temperature reported in the SMART / Health log, in kelvins (25 °C).
+const COMPOSITE_TEMPERATURE: u16 = 298;
+/// Warning composite temperature threshold (Identify WCTEMP) and the default over-temperature
+/// threshold, in kelvins (85 °C).
+const WARNING_TEMPERATURE: u16 = 358;
+/// Critical composite temperature threshold (Identify CCTEMP), in kelvins (95 °C).
+const CRITICAL_TEMPERATURE: u16 = 368;
+
+/// Feature identifiers the spec makes mandatory beyond those in `spec::admin::feature`
+/// (Base §5.27.1, Figure "Feature Identifiers").
+mod mandatory_feature {
+    pub const ARBITRATION: u8 = 0x01;
+    pub const POWER_MANAGEMENT: u8 = 0x02;
+    pub const TEMPERATURE_THRESHOLD: u8 = 0x04;
+    pub const ERROR_RECOVERY: u8 = 0x05;
+}
+
+/// Temperature Threshold CDW11 (Base §5.27.1.4): TMPTH 15:0, TMPSEL 19:16, THSEL 21:20.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TemperatureSelect {
+    /// 0: composite temperature; 1..=8: sensor; 0xF: every sensor (Set only).
+    tmpsel: u8,
+    /// 0: over-temperature threshold; 1: under-temperature threshold.
+    under: bool,
+}
+
+impl TemperatureSelect {
+    /// The selector in `cdw11`, or `None` for a sensor or THSEL value this controller lacks.
+    fn of(cdw11: u32, set: bool) -> Option<Self> {
+        let tmpsel = ((cdw11 >> 16) & 0xf) as u8;
+        let thsel = (cdw11 >> 20) & 0x3;
+        let sensor_ok = tmpsel == 0 || (set && tmpsel == 0xf);
+        (sensor_ok && thsel <= 1).then_some(Self {
+            tmpsel,
+            under: thsel == 1,
+        })
+    }
+}
 
 /// Controller state that lives with the admin queue.
 #[derive(Debug)]
@@ -33,6 +71,15 @@ pub(crate) struct AdminState {
     async_event_config: u32,
     write_cache: bool,
     aers_held: u8,
+    /// Arbitration (feature 0x01) CDW11 as last set: AB 2:0, LPW, MPW, HPW.
+    arbitration: u32,
+    /// Power Management (feature 0x02) CDW11 as last set: PS 4:0, WH 7:5.
+    power_management: u32,
+    /// Composite temperature thresholds in kelvins (feature 0x04).
+    over_temperature: u16,
+    under_temperature: u16,
+    /// Error Recovery (feature 0x05) CDW11 as last set: TLER 15:0 (DULBE is not supported).
+    error_recovery: u32,
 }
 
 impl AdminState {
@@ -45,6 +92,12 @@ impl AdminState {
             async_event_config: 0,
             write_cache: true,
             aers_held: 0,
+            // Round robin, arbitration burst 1 (AB = 0); weights are unused without WRR.
+            arbitration: 0,
+            power_management: 0,
+            over_temperature: WARNING_TEMPERATURE,
+            under_temperature: 0,
+            error_recovery: 0,
         }
     }
 
@@ -100,8 +153,7 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) -> bool {
                 return false;
             }
         }
-        // Nothing is ever aborted: DW0 bit 0 set means "not aborted".
-        Some(AdminOpcode::Abort) => Ok(1),
+        Some(AdminOpcode::Abort) => Ok(abort(conn, i, &sqe)),
         None => Err(Status::INVALID_OPCODE),
     };
     let slot = &mut conn.slots.slots[usize::from(i)];
@@ -113,6 +165,36 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) -> bool {
         }
     }
     true
+}
+
+/// Abort (Base §5.1): CDW10 SQID 15:0, CID 31:16. Only a held Asynchronous Event Request
+/// can be aborted (every other command runs to completion without waiting on the host); it
+/// completes with Command Abort Requested. The Abort itself always succeeds: DW0 bit 0 is
+/// 0 when the command was aborted and 1 when it was not (not outstanding, already running,
+/// or on a queue this controller does not have).
+fn abort(conn: &mut Connection, i: u16, sqe: &nvmirror_nvme::spec::SubmissionQueueEntry) -> u32 {
+    const NOT_ABORTED: u32 = 1;
+    let sqid = sqe.cdw10 as u16;
+    let cid = (sqe.cdw10 >> 16) as u16;
+    if sqid != 0 {
+        return NOT_ABORTED;
+    }
+    let held = conn
+        .slots
+        .slots
+        .iter()
+        .position(|s| s.state == super::request::RequestState::Held && s.sqe.cid == cid);
+    let Some(j) = held.and_then(|j| u16::try_from(j).ok()).filter(|&j| j != i) else {
+        return NOT_ABORTED;
+    };
+    let a = conn.admin.as_mut().expect("admin queue");
+    a.aers_held = a.aers_held.saturating_sub(1);
+    let slot = &mut conn.slots.slots[usize::from(j)];
+    slot.state = super::request::RequestState::Executing;
+    slot.fail(Status::ABORT_REQUESTED);
+    slot.c2h_len = 0;
+    conn.complete(j);
+    0
 }
 
 /// The identify page the command asks for.
@@ -206,13 +288,15 @@ fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> Identif
         cntrltype::DISCOVERY
     };
     id.acl = 3;
+    id.wctemp = WARNING_TEMPERATURE;
+    id.cctemp = CRITICAL_TEMPERATURE;
     id.aerl = AER_LIMIT - 1;
     id.frmw = 0x3;
     id.lpa = 1 << 2;
     id.kas = 1;
     id.sqes = 0x66;
     id.cqes = 0x44;
-    id.maxcmd = cfg.max_queue_size;
+    id.maxcmd = cfg.effective_max_queue_size();
     id.sgls = sgls::SUPPORTED | sgls::OFFSET;
     id.msdbd = 1;
     put_nul_padded(&mut id.subnqn, nqn);
@@ -252,8 +336,14 @@ fn get_log_page(
         }
         (log_page::ERROR, false) => vec![0; ERROR_LOG_ENTRY_LEN],
         (log_page::SMART, false) => {
+            let a = conn.admin.as_ref().expect("admin queue");
             let mut s = SmartLog::zeroed();
-            s.temperature = 298u16.to_le_bytes();
+            // Critical Warning bit 1: the composite temperature is past a threshold.
+            let t = COMPOSITE_TEMPERATURE;
+            if t >= a.over_temperature || (a.under_temperature != 0 && t <= a.under_temperature) {
+                s.critical_warning |= 1 << 1;
+            }
+            s.temperature = t.to_le_bytes();
             s.avail_spare = 100;
             s.spare_thresh = 10;
             let mut b = vec![0; SmartLog::SIZE];
@@ -320,6 +410,37 @@ fn set_features(
             a.write_cache = sqe.cdw11 & 1 != 0;
             Ok(0)
         }
+        mandatory_feature::ARBITRATION => {
+            a.arbitration = sqe.cdw11;
+            Ok(0)
+        }
+        mandatory_feature::POWER_MANAGEMENT => {
+            // Only power state 0 exists (Identify NPSS = 0).
+            if sqe.cdw11 & 0x1f != 0 {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            a.power_management = sqe.cdw11 & 0xff;
+            Ok(0)
+        }
+        mandatory_feature::TEMPERATURE_THRESHOLD => {
+            let sel =
+                TemperatureSelect::of(sqe.cdw11, true).ok_or(Status::INVALID_FIELD.with_dnr())?;
+            let tmpth = sqe.cdw11 as u16;
+            if sel.under {
+                a.under_temperature = tmpth;
+            } else {
+                a.over_temperature = tmpth;
+            }
+            Ok(0)
+        }
+        mandatory_feature::ERROR_RECOVERY => {
+            // DULBE (bit 16) needs deallocated-block error reporting, which no namespace has.
+            if sqe.cdw11 & (1 << 16) != 0 {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            a.error_recovery = sqe.cdw11 & 0xffff;
+            Ok(0)
+        }
         _ => Err(Status::INVALID_FIELD.with_dnr()),
     }
 }
@@ -340,6 +461,19 @@ fn get_features(
         feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {
             Ok(u32::from(a.write_cache))
         }
+        mandatory_feature::ARBITRATION => Ok(a.arbitration),
+        mandatory_feature::POWER_MANAGEMENT => Ok(a.power_management),
+        mandatory_feature::TEMPERATURE_THRESHOLD => {
+            let sel =
+                TemperatureSelect::of(sqe.cdw11, false).ok_or(Status::INVALID_FIELD.with_dnr())?;
+            let tmpth = if sel.under {
+                a.under_temperature
+            } else {
+                a.over_temperature
+            };
+            Ok(u32::from(tmpth) | (u32::from(sel.tmpsel) << 16) | (u32::from(sel.under) << 20))
+        }
+        mandatory_feature::ERROR_RECOVERY => Ok(a.error_recovery),
         _ => Err(Status::INVALID_FIELD.with_dnr()),
     }
 }

@@ -93,13 +93,18 @@ pub(crate) struct Connection {
     pub(super) close_after_flush: bool,
     sock_shut: bool,
     torn_down: bool,
+    /// When the socket was accepted: ICReq and Connect must be done by
+    /// `accepted + handshake_timeout`.
+    accepted: Instant,
 }
 
 /// The back-end queue pairs go first: closing them fences every command (lent buffers
-/// included), and only then may the slots' buffers be freed.
+/// included), and only then may the slots' buffers be freed. The connection stops counting
+/// against `max_connections` here, wherever it is dropped.
 impl Drop for Connection {
     fn drop(&mut self) {
         self.qpairs.clear();
+        self.shared.open_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -133,6 +138,12 @@ impl Connection {
         sock.set_nodelay(true)?;
         let local = sock.local_addr()?;
         let (max_pdu, rx, tx) = buffer_sizes(&shared.cfg);
+        let slots = SlotTable::try_new(1, ADMIN_IN_CAPSULE).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                "no memory for the Connect buffer",
+            )
+        })?;
         let lim = PduLimits {
             hdgst: false,
             ddgst: false,
@@ -140,6 +151,7 @@ impl Connection {
             maxh2cdata: shared.cfg.maxh2cdata,
             max_c2hdata: 0,
         };
+        shared.open_connections.fetch_add(1, Ordering::AcqRel);
         Ok(Self {
             sock,
             peer,
@@ -154,7 +166,7 @@ impl Connection {
             tx_start: 0,
             tx_end: 0,
             max_pdu,
-            slots: SlotTable::new(1, ADMIN_IN_CAPSULE),
+            slots,
             next_slots: None,
             pending: VecDeque::new(),
             retry: VecDeque::new(),
@@ -171,6 +183,7 @@ impl Connection {
             close_after_flush: false,
             sock_shut: false,
             torn_down: false,
+            accepted: Instant::now(),
             shared,
         })
     }
@@ -460,6 +473,15 @@ impl Connection {
         }
         if self.shared.stopping.load(Ordering::Relaxed) {
             self.close(now, "target shutting down");
+            return;
+        }
+        if matches!(self.phase, Phase::AwaitIcReq | Phase::AwaitConnect)
+            && now.saturating_duration_since(self.accepted) > self.shared.cfg.handshake_timeout
+        {
+            self.close(
+                now,
+                "ICReq and Connect not done within the handshake timeout",
+            );
             return;
         }
         if let Some(ctrl) = &self.queue.ctrl {

@@ -24,8 +24,18 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) {
     let sqe = conn.slots.slots[usize::from(i)].sqe;
     let fctype = FabricsCommandType::from_u8(FabricsCommandType::of(&sqe));
     let result = match (fctype, conn.phase) {
-        (Some(FabricsCommandType::Connect), Phase::AwaitConnect) => connect(conn, i, now),
-        (Some(FabricsCommandType::Connect), _) => Err((Status::COMMAND_SEQUENCE_ERROR, 0)),
+        (Some(FabricsCommandType::Connect), Phase::AwaitConnect) => {
+            connect(conn, i, now).map_err(|r| refuse_connect(conn, i, r))
+        }
+        (Some(FabricsCommandType::Connect), _) => Err(refuse_connect(
+            conn,
+            i,
+            refused(
+                Status::COMMAND_SEQUENCE_ERROR,
+                0,
+                "the queue is connected already",
+            ),
+        )),
         (Some(FabricsCommandType::PropertyGet), Phase::Admin) => {
             property_get(conn, &PropertyGetCommand::from_sqe(&sqe))
         }
@@ -58,53 +68,133 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) {
 /// DW0 and DW1 of the completion (as one value), or the failure and its DW0.
 type FabricsResult = Result<u64, (Status, u32)>;
 
-fn invalid(p: ConnectParam) -> (Status, u32) {
-    (fstatus::CONNECT_INVALID_PARAMETERS.with_dnr(), p.dw0())
+/// Why a Connect was refused: the completion's status and DW0, and a reason for the log.
+#[derive(Debug)]
+struct Refusal {
+    status: Status,
+    dw0: u32,
+    reason: &'static str,
 }
 
-fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
+fn refused(status: Status, dw0: u32, reason: &'static str) -> Refusal {
+    Refusal {
+        status,
+        dw0,
+        reason,
+    }
+}
+
+/// Connect Invalid Parameters with the attributes of the offending field.
+fn invalid(p: ConnectParam, reason: &'static str) -> Refusal {
+    refused(
+        fstatus::CONNECT_INVALID_PARAMETERS.with_dnr(),
+        p.dw0(),
+        reason,
+    )
+}
+
+/// Logs a refused Connect with what the host asked for, and turns it into the completion.
+fn refuse_connect(conn: &Connection, i: u16, r: Refusal) -> (Status, u32) {
+    let slot = &conn.slots.slots[usize::from(i)];
+    let (subnqn, hostnqn) = if slot.received >= ConnectData::SIZE as u32 {
+        let data = ConnectData::read_from(slot.buf.as_slice());
+        let s = |b: &[u8]| nul_padded_str(b).unwrap_or("<not a string>").to_string();
+        (s(&data.subnqn), s(&data.hostnqn))
+    } else {
+        (String::new(), String::new())
+    };
+    let qid = ConnectCommand::from_sqe(&slot.sqe).qid;
+    tracing::warn!(
+        peer = %conn.peer,
+        subsystem = %subnqn,
+        host = %hostnqn,
+        qid,
+        status = %r.status,
+        "Connect refused: {}",
+        r.reason
+    );
+    (r.status, r.dw0)
+}
+
+fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> {
     let slot = &conn.slots.slots[usize::from(i)];
     let cmd = ConnectCommand::from_sqe(&slot.sqe);
     if slot.received < ConnectData::SIZE as u32 {
-        return Err((Status::DATA_SGL_LENGTH_INVALID.with_dnr(), 0));
+        return Err(refused(
+            Status::DATA_SGL_LENGTH_INVALID.with_dnr(),
+            0,
+            "Connect data shorter than 1024 bytes",
+        ));
     }
     let data = ConnectData::read_from(slot.buf.as_slice());
     if cmd.recfmt != 0 {
-        return Err((fstatus::INCOMPATIBLE_FORMAT.with_dnr(), 0));
+        return Err(refused(
+            fstatus::INCOMPATIBLE_FORMAT.with_dnr(),
+            0,
+            "record format other than 0",
+        ));
     }
     let subnqn = nul_padded_str(&data.subnqn)
         .filter(|s| !s.is_empty() && s.len() <= NQN_MAX_LEN)
-        .ok_or(invalid(ConnectParam::SUBNQN))?;
+        .ok_or(invalid(
+            ConnectParam::SUBNQN,
+            "subsystem NQN empty, unterminated or too long",
+        ))?;
+    // An empty host NQN is what SPDK's initiator sends by default: allowed where the
+    // subsystem admits any host, refused where it lists hosts.
     let hostnqn = nul_padded_str(&data.hostnqn)
-        .filter(|s| !s.is_empty() && s.len() <= NQN_MAX_LEN)
-        .ok_or(invalid(ConnectParam::HOSTNQN))?
+        .filter(|s| s.len() <= NQN_MAX_LEN)
+        .ok_or(invalid(
+            ConnectParam::HOSTNQN,
+            "host NQN unterminated or too long",
+        ))?
         .to_string();
     let shared = std::sync::Arc::clone(&conn.shared);
     let subsys = shared
         .find_subsystem(subnqn)
-        .ok_or(invalid(ConnectParam::SUBNQN))?;
+        .ok_or(invalid(ConnectParam::SUBNQN, "no such subsystem"))?;
     if let Some(s) = shared.subsystem(subsys) {
+        if hostnqn.is_empty() && !s.allows_any_host() {
+            return Err(invalid(
+                ConnectParam::HOSTNQN,
+                "empty host NQN, and the subsystem admits only listed hosts",
+            ));
+        }
         if !s.allows(&hostnqn) {
-            tracing::warn!(peer = %conn.peer, host = %hostnqn, subsystem = %s.nqn, "host not allowed");
-            return Err((
+            return Err(refused(
                 fstatus::CONNECT_INVALID_HOST.with_dnr(),
                 ConnectParam::HOSTNQN.dw0(),
+                "host not in the subsystem's allowed hosts",
             ));
         }
     }
     let cfg = &shared.cfg;
-    if cmd.sqsize == 0 || u32::from(cmd.sqsize) >= u32::from(cfg.max_queue_size) {
-        return Err(invalid(ConnectParam::SQSIZE));
+    let max_queue_size = cfg.effective_max_queue_size();
+    if cmd.sqsize == 0 || u32::from(cmd.sqsize) >= u32::from(max_queue_size) {
+        return Err(invalid(
+            ConnectParam::SQSIZE,
+            "queue size 1 or above the advertised maximum (CAP.MQES)",
+        ));
     }
     let size = cmd.sqsize + 1;
     let sqflow_disabled = cmd.cattr & ConnectCommand::CATTR_DISABLE_SQFLOW != 0;
     if cmd.qid == 0 {
         if data.cntlid != CNTLID_DYNAMIC {
-            return Err(invalid(ConnectParam::CNTLID));
+            return Err(invalid(
+                ConnectParam::CNTLID,
+                "admin queue Connect without the dynamic controller ID",
+            ));
         }
-        let ctrl = shared
-            .create_controller(subsys, &hostnqn)
-            .ok_or((fstatus::CONTROLLER_BUSY, 0))?;
+        let admin_slots = SlotTable::try_new(size, cfg.admin_transfer()).ok_or(refused(
+            fstatus::CONTROLLER_BUSY,
+            0,
+            "cannot allocate the admin queue's buffers",
+        ))?;
+        let ctrl = shared.create_controller(subsys, &hostnqn).ok_or(refused(
+            fstatus::CONTROLLER_BUSY,
+            0,
+            "every controller ID is in use",
+        ))?;
         let cntlid = ctrl.cntlid;
         tracing::info!(peer = %conn.peer, cntlid, subsystem = subnqn, host = %hostnqn, "admin queue connected");
         conn.queue.ctrl = Some(ctrl);
@@ -114,7 +204,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
         ));
         conn.phase = Phase::Admin;
         conn.set_max_icdata(ADMIN_IN_CAPSULE);
-        conn.next_slots = Some(SlotTable::new(size, cfg.max_transfer()));
+        conn.next_slots = Some(admin_slots);
         conn.reserve_lists(size);
         conn.queue.size = size;
         conn.queue.sq_head = 1 % size;
@@ -123,22 +213,47 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
     }
     let ctrl = shared
         .controller(data.cntlid)
-        .ok_or(invalid(ConnectParam::CNTLID))?;
+        .ok_or(invalid(ConnectParam::CNTLID, "no such controller"))?;
     if ctrl.subsys != subsys {
-        return Err(invalid(ConnectParam::SUBNQN));
+        return Err(invalid(
+            ConnectParam::SUBNQN,
+            "controller belongs to another subsystem",
+        ));
     }
     if ctrl.hostnqn != hostnqn {
-        return Err(invalid(ConnectParam::HOSTNQN));
+        return Err(invalid(
+            ConnectParam::HOSTNQN,
+            "controller belongs to another host",
+        ));
     }
     if subsys == SubsystemRef::Discovery {
-        return Err(invalid(ConnectParam::QID));
+        return Err(invalid(
+            ConnectParam::QID,
+            "discovery controllers have no I/O queues",
+        ));
     }
     if !ctrl.enabled.load(Ordering::Acquire) {
-        return Err((Status::COMMAND_SEQUENCE_ERROR, 0));
+        return Err(refused(
+            Status::COMMAND_SEQUENCE_ERROR,
+            0,
+            "controller not enabled (CC.EN = 0)",
+        ));
     }
     if cmd.qid > ctrl.io_queues.load(Ordering::Acquire) || !ctrl.claim_queue(cmd.qid) {
-        return Err(invalid(ConnectParam::QID));
+        return Err(invalid(
+            ConnectParam::QID,
+            "queue ID not granted or already connected",
+        ));
     }
+    // The per-connection buffer budget bounds size x MDTS (CAP.MQES is advertised from it).
+    let Some(io_slots) = SlotTable::try_new(size, cfg.max_transfer()) else {
+        ctrl.release_queue(cmd.qid);
+        return Err(refused(
+            fstatus::CONTROLLER_BUSY,
+            0,
+            "cannot allocate the I/O queue's buffers",
+        ));
+    };
     let namespaces = &shared.subsystem(subsys).expect("NVM subsystem").namespaces;
     let mut qpairs = Vec::with_capacity(namespaces.len());
     for ns in namespaces {
@@ -147,7 +262,11 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
             Err(e) => {
                 tracing::error!(device = ns.dev.name(), "cannot open a queue pair: {e}");
                 ctrl.release_queue(cmd.qid);
-                return Err((Status::INTERNAL_ERROR, 0));
+                return Err(refused(
+                    Status::INTERNAL_ERROR,
+                    0,
+                    "a namespace cannot open a queue pair",
+                ));
             }
         }
     }
@@ -160,14 +279,14 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> FabricsResult {
     conn.queue.sqflow_disabled = sqflow_disabled;
     conn.phase = Phase::Io;
     conn.set_max_icdata(cfg.in_capsule_data_size);
-    conn.next_slots = Some(SlotTable::new(size, cfg.max_transfer()));
+    conn.next_slots = Some(io_slots);
     conn.reserve_lists(size);
     Ok(u64::from(data.cntlid))
 }
 
 /// CAP (Base §3.1.3.1).
 fn cap(conn: &Connection) -> u64 {
-    u64::from(conn.shared.cfg.max_queue_size - 1)
+    u64::from(conn.shared.cfg.effective_max_queue_size() - 1)
         | property::CAP_CQR
         | (CAP_TO << property::CAP_TO_SHIFT)
         | property::CAP_CSS_NVM

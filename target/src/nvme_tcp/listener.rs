@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nvmirror_poller::ReactorHandle;
 
@@ -16,6 +16,49 @@ use crate::{Error, Result};
 
 /// How long the accept thread sleeps when no connection is pending.
 const ACCEPT_NAP: Duration = Duration::from_millis(2);
+
+/// Connections refused for `max_connections`, logged at most once per interval with the
+/// count since the last line (a connection storm must not become a log storm). Shared by
+/// the NVMe/TCP and NBD listeners.
+#[derive(Debug)]
+pub(crate) struct RefusalLog {
+    front_end: &'static str,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    pub(crate) fn new(front_end: &'static str) -> Self {
+        Self {
+            front_end,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Records one connection from `peer` closed at accept because `limit` are open.
+    pub(crate) fn refused(&mut self, peer: SocketAddr, limit: usize) {
+        self.suppressed += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Self::INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            %peer,
+            max_connections = limit,
+            refused = self.suppressed,
+            "{}: connection limit reached; closing new connections at once",
+            self.front_end
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
 
 /// A running NVMe/TCP target. Dropping it (or [`shutdown`](Self::shutdown)) stops
 /// accepting and closes every connection at its next poll.
@@ -95,6 +138,11 @@ impl NvmeTcpTarget {
         self.shared.listen
     }
 
+    /// Connections open now (handshaking or connected).
+    pub fn connection_count(&self) -> usize {
+        self.shared.open_connections.load(Ordering::Acquire)
+    }
+
     /// Controllers currently alive.
     pub fn controller_count(&self) -> usize {
         self.shared.controller_count()
@@ -121,9 +169,16 @@ impl Drop for NvmeTcpTarget {
 
 fn accept_loop(listener: TcpListener, shared: Arc<TargetShared>, reactors: ReactorHandle) {
     let mut next = 0usize;
+    let mut refusals = RefusalLog::new("NVMe/TCP");
+    let limit = shared.cfg.max_connections;
     while !shared.stopping.load(Ordering::Acquire) {
         match listener.accept() {
             Ok((sock, peer)) => {
+                if shared.open_connections.load(Ordering::Acquire) >= limit {
+                    refusals.refused(peer, limit);
+                    drop(sock);
+                    continue;
+                }
                 let core = next % reactors.count().max(1);
                 next = next.wrapping_add(1);
                 let conn = match Connection::new(sock, peer, Arc::clone(&shared)) {

@@ -23,12 +23,14 @@ mod subsystem;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nvmirror_nvme::BlockDevice;
 use nvmirror_poller::ReactorHandle;
 
 use crate::{Error, Result};
 pub use listener::NvmeTcpTarget;
+pub(crate) use listener::RefusalLog;
 
 /// One NVM subsystem to export.
 #[derive(Clone, Debug)]
@@ -76,6 +78,13 @@ pub struct TargetConfig {
     pub maxh2cdata: u32,
     /// Maximum data transfer size as a power of two of 4 KiB pages (Identify MDTS).
     pub mdts: u8,
+    /// Connections open at once (handshaking or connected); more are closed at accept.
+    pub max_connections: usize,
+    /// A connection that has not finished ICReq and Fabrics Connect within this is closed.
+    pub handshake_timeout: Duration,
+    /// Command-buffer bytes one connection may hold (queue entries x MDTS): the largest queue
+    /// advertised in CAP.MQES is what fits.
+    pub connection_buffer_budget: u64,
 }
 
 impl Default for TargetConfig {
@@ -88,12 +97,26 @@ impl Default for TargetConfig {
             in_capsule_data_size: 8192,
             maxh2cdata: 128 * 1024,
             mdts: 5,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            connection_buffer_budget: DEFAULT_CONNECTION_BUFFER_BUDGET,
         }
     }
 }
 
 /// The admin queue always accepts 8 KiB of in-capsule data (the Linux host sends up to that).
 pub(crate) const ADMIN_IN_CAPSULE: u32 = 8192;
+/// Buffer per admin command: an Identify page, a log page of up to 32 KiB (the discovery
+/// log of 31 subsystems), 8 KiB of in-capsule data. The admin queue never moves I/O data.
+pub(crate) const ADMIN_MAX_TRANSFER: u32 = 32 * 1024;
+
+/// Default connections per front end.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default bound on ICReq + Connect (NVMe/TCP) and on the NBD handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default command-buffer budget per NVMe/TCP connection: 64 MiB, a 512-entry queue of
+/// 128 KiB commands.
+pub const DEFAULT_CONNECTION_BUFFER_BUDGET: u64 = 64 << 20;
 
 impl TargetConfig {
     /// Largest transfer of one command in bytes.
@@ -101,8 +124,42 @@ impl TargetConfig {
         4096u32 << self.mdts
     }
 
+    /// Bytes one queue entry's buffer takes: MDTS on I/O queues, at least the admin
+    /// in-capsule size.
+    fn entry_bytes(&self) -> u64 {
+        u64::from(self.max_transfer().max(ADMIN_IN_CAPSULE))
+    }
+
+    /// Buffer per admin command: [`ADMIN_MAX_TRANSFER`], or less where one I/O entry is less
+    /// (the admin queue then fits the same budget).
+    pub(crate) fn admin_transfer(&self) -> u32 {
+        ADMIN_MAX_TRANSFER.min(self.entry_bytes() as u32)
+    }
+
+    /// The largest queue a host may connect: `max_queue_size`, less where the per-connection
+    /// buffer budget does not cover that many entries of MDTS bytes (CAP.MQES + 1).
+    pub fn effective_max_queue_size(&self) -> u16 {
+        let fits = self.connection_buffer_budget / self.entry_bytes();
+        self.max_queue_size
+            .min(u16::try_from(fits).unwrap_or(u16::MAX))
+            .max(2)
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Config(s));
+        if self.max_connections == 0 {
+            return bad("max_connections must be at least 1".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout must be above 0".into());
+        }
+        if self.connection_buffer_budget < 2 * self.entry_bytes() {
+            return bad(format!(
+                "connection_buffer_budget {} below two commands of MDTS ({} bytes)",
+                self.connection_buffer_budget,
+                2 * self.entry_bytes()
+            ));
+        }
         if !(2..=4096).contains(&self.max_queue_size) {
             return bad(format!(
                 "max_queue_size {} not in 2..=4096",

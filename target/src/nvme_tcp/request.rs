@@ -107,17 +107,25 @@ pub(crate) struct SlotTable {
 impl SlotTable {
     /// `depth` slots with buffers of `buf_size` bytes each.
     pub fn new(depth: u16, buf_size: u32) -> Self {
+        Self::try_new(depth, buf_size).expect("memory for a connection's command slots")
+    }
+
+    /// Like [`new`](Self::new), but `None` where the memory cannot be allocated: a
+    /// Connect that asks for it is refused rather than the process aborted.
+    pub fn try_new(depth: u16, buf_size: u32) -> Option<Self> {
         let depth = depth.max(1);
-        let mut pool = DmaPool::new(u32::from(depth), buf_size as usize);
-        let slots = (0..depth)
-            .map(|_| CommandSlot::new(pool.get().expect("pool sized for every slot")))
-            .collect();
-        Self {
+        let mut pool = DmaPool::try_new(u32::from(depth), buf_size as usize)?;
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(usize::from(depth)).ok()?;
+        for _ in 0..depth {
+            slots.push(CommandSlot::new(pool.get()?));
+        }
+        Some(Self {
             slots,
             free: (0..depth).rev().collect(),
             lent: 0,
             _pool: pool,
-        }
+        })
     }
 
     /// Takes a free slot.

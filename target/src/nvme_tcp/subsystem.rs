@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nvmirror_nvme::spec::Geometry;
@@ -55,6 +55,12 @@ impl Subsystem {
             allowed_hosts: std::sync::RwLock::new(cfg.allowed_hosts.clone()),
             namespaces,
         }
+    }
+
+    /// Whether the subsystem admits every host (its allowed-hosts list is empty).
+    pub fn allows_any_host(&self) -> bool {
+        let hosts = self.allowed_hosts.read().unwrap_or_else(|e| e.into_inner());
+        hosts.is_empty()
     }
 
     /// Whether `hostnqn` may connect.
@@ -147,6 +153,8 @@ pub(crate) struct TargetShared {
     pub subsystems: Vec<Subsystem>,
     pub listen: SocketAddr,
     pub stopping: AtomicBool,
+    /// Connections alive now (counted from `Connection::new` to its drop).
+    pub open_connections: AtomicUsize,
     controllers: Mutex<ControllerTable>,
 }
 
@@ -168,6 +176,7 @@ impl TargetShared {
             subsystems,
             listen,
             stopping: AtomicBool::new(false),
+            open_connections: AtomicUsize::new(0),
             controllers: Mutex::new(ControllerTable {
                 next: 1,
                 live: HashMap::new(),
