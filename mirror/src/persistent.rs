@@ -66,7 +66,7 @@ impl Volume {
     ) -> Result<Self> {
         let (lba_size, blocks) = Self::check_legs(name, &legs, &cfg)?;
         let layout = persistent_layout(name, &cfg, lba_size, blocks)?;
-        let mut io = ControlIo::new(cfg.io_timeout);
+        let mut io = ControlIo::new(cfg.io_timeout.max(STARTUP_IO_TIMEOUT));
         for (i, dev) in legs.iter().enumerate() {
             let (found, head) = match read_head(&mut io, name, i, &**dev) {
                 Ok(f) => f,

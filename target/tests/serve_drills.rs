@@ -101,7 +101,7 @@ fn load(addr: String, stop: Arc<AtomicBool>, wrong: Arc<AtomicU64>) -> (u64, u64
     (checked, failed)
 }
 
-/// `serve` on `legs` with a 100 ms I/O timeout; the drills on each leg in turn under the
+/// `serve` on `legs` with a 300 ms I/O timeout; the drills on each leg in turn under the
 /// load; then a scrub of the legs.
 fn drill(legs: [String; 2]) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -111,7 +111,7 @@ fn drill(legs: [String; 2]) {
         &cfg,
         format!(
             "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
-             [[volume]]\nname = \"vol0\"\nio_timeout = \"100ms\"\nlegs = [\"{}\", \"{}\"]\n\n\
+             [[volume]]\nname = \"vol0\"\nio_timeout = \"300ms\"\nlegs = [\"{}\", \"{}\"]\n\n\
              [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
             legs[0], legs[1]
         ),
@@ -140,7 +140,7 @@ fn drill(legs: [String; 2]) {
             &format!(r#"{{"volume":"vol0","leg":{leg},"fault":"hang"}}"#),
         );
         // Long enough for the hung commands to time out and the leg to be faulted.
-        std::thread::sleep(Duration::from_millis(400));
+        std::thread::sleep(Duration::from_millis(1000));
         let st = server.status();
         assert_eq!(st["legs"][leg]["state"], "faulted", "round {round}: {st}");
         server.rpc_ok(
