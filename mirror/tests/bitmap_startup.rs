@@ -290,19 +290,31 @@ proptest! {
     }
 }
 
-#[test]
-fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
-    use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
-    use nvmirror_nvme::dma::IoBuf;
-    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, Status};
-    let faulty: Vec<Arc<FaultyDevice>> = legs(2, 16 << 20, "r")
+/// Two 16 MiB legs behind fault injectors, and the same legs as plain devices.
+fn faulty_legs(
+    tag: &str,
+) -> (
+    Vec<Arc<nvmirror_nvme::backend::FaultyDevice>>,
+    Vec<Arc<dyn BlockDevice>>,
+) {
+    use nvmirror_nvme::backend::FaultyDevice;
+    let faulty: Vec<Arc<FaultyDevice>> = legs(2, 16 << 20, tag)
         .into_iter()
         .map(|d| Arc::new(FaultyDevice::wrap(d)))
         .collect();
-    let devs: Vec<Arc<dyn BlockDevice>> = faulty
+    let devs = faulty
         .iter()
         .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
         .collect();
+    (faulty, devs)
+}
+
+#[test]
+fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
+    use nvmirror_nvme::backend::{Fault, OpFilter};
+    use nvmirror_nvme::dma::IoBuf;
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, Status};
+    let (faulty, devs) = faulty_legs("r");
     let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
     let data_lba = vol.metadata_layout().unwrap().data_lba();
     faulty[0].injector().arm(Fault::FailRange {
@@ -337,17 +349,10 @@ fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
 /// freshest leg holds every acknowledged write.
 #[test]
 fn a_leg_failing_the_unclean_stop_copy_comes_up_stale() {
-    use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
+    use nvmirror_nvme::backend::{Fault, OpFilter};
     use nvmirror_nvme::dma::IoBuf;
     use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, Status};
-    let faulty: Vec<Arc<FaultyDevice>> = legs(2, 16 << 20, "u")
-        .into_iter()
-        .map(|d| Arc::new(FaultyDevice::wrap(d)))
-        .collect();
-    let devs: Vec<Arc<dyn BlockDevice>> = faulty
-        .iter()
-        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
-        .collect();
+    let (faulty, devs) = faulty_legs("u");
     let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
     let mut qp = vol.open_volume_qpair(4).unwrap();
     let mut data = vec![7u8; 4096];

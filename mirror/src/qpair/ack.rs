@@ -197,17 +197,13 @@ impl VolumeQueuePair {
     /// parked write's last abandoned leg, its guard entries and bitmap count are released.
     #[cold]
     fn unpark(&mut self, slot: u32, generation: u32, leg: usize) {
-        let Some(i) = self
-            .parked
-            .iter()
-            .position(|p| p.slot == slot && p.generation == generation)
-        else {
-            return;
-        };
-        let p = &mut self.parked[i];
-        p.legs &= !(1 << leg);
-        if p.legs == 0 {
-            let p = self.parked.swap_remove(i);
+        let done = super::lending::reaped_leg(
+            &mut self.parked,
+            |p| p.slot == slot && p.generation == generation,
+            |p| &mut p.legs,
+            leg,
+        );
+        if let Some(p) = done {
             self.vol.guard.unlock(p.span);
             self.intent_done(&p.cmd);
         }

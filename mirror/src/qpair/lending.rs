@@ -48,17 +48,13 @@ impl VolumeQueuePair {
     /// A late completion of `leg` for `slot`'s `generation`: the buffer it lent may be free.
     #[cold]
     pub(super) fn unlend(&mut self, slot: u32, generation: u32, leg: usize) {
-        let Some(i) = self
-            .lent
-            .iter()
-            .position(|l| l.slot == slot && l.generation == generation)
-        else {
-            return;
-        };
-        let l = &mut self.lent[i];
-        l.legs &= !(1 << leg);
-        if l.legs == 0 {
-            let l = self.lent.swap_remove(i);
+        let done = reaped_leg(
+            &mut self.lent,
+            |l| l.slot == slot && l.generation == generation,
+            |l| &mut l.legs,
+            leg,
+        );
+        if let Some(l) = done {
             self.released.push_back(l.tag);
         }
     }
@@ -74,4 +70,18 @@ impl VolumeQueuePair {
         }
         n
     }
+}
+
+/// One entry of `list` waits for the abandoned commands of the legs in its mask: `leg`'s is
+/// reaped. Returns the entry, taken out, once no leg is left.
+pub(super) fn reaped_leg<T>(
+    list: &mut Vec<T>,
+    is: impl Fn(&T) -> bool,
+    legs: impl Fn(&mut T) -> &mut u8,
+    leg: usize,
+) -> Option<T> {
+    let i = list.iter().position(is)?;
+    let mask = legs(&mut list[i]);
+    *mask &= !(1 << leg);
+    (*mask == 0).then(|| list.swap_remove(i))
 }
