@@ -2,7 +2,6 @@
 //! (`docs/bitmap.md`). Everything here is control plane and synchronous.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -393,14 +392,7 @@ impl Volume {
         if snap.state(leg) == LegState::InSync {
             return Ok(0);
         }
-        let abandoned = self.leg(leg)?.abandoned.load(Ordering::Acquire);
-        if abandoned > 0 {
-            return Err(Error::LegBusy {
-                volume: shared.name.clone(),
-                leg,
-                abandoned,
-            });
-        }
+        self.refuse_if_busy(leg)?;
         let bm = shared.bitmap.as_ref().expect("persistent");
         let from = snap.primary();
         let layout = meta.layout;
@@ -440,16 +432,7 @@ impl Volume {
         }
         shared.states.bring_in(leg);
         shared.leg(leg).expect("a leg in use").missed.clear_all();
-        let failed = meta.persist_states(shared);
-        if failed != 0 {
-            let at = failed.trailing_zeros() as usize;
-            return Err(Error::Metadata {
-                volume: shared.name.clone(),
-                leg: at,
-                name: shared.leg_name(at).to_string(),
-                reason: format!("leg {leg} is back in sync, but this superblock does not say so"),
-            });
-        }
+        shared.record_states(|| format!("leg {leg} is back in sync"))?;
         tracing::info!(volume = %shared.name, leg, regions = regions.len(), "leg recovered");
         Ok(regions.len() as u64)
     }

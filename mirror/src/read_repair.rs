@@ -73,15 +73,14 @@ impl VolumeShared {
 
 impl Volume {
     /// Rewrites every range a read failed on (see the module docs) from another in-sync leg,
-    /// each under the overlap guard. Synchronous (control plane); call it from one thread.
-    /// Returns the ranges repaired; a range that cannot be repaired faults its leg.
+    /// each under the overlap guard. Synchronous (control plane). Returns the ranges
+    /// repaired; a range that cannot be repaired faults its leg.
     pub fn repair_read_errors(&self) -> Result<u64> {
         let shared = self.shared();
+        let _consumer = shared.repairing.lock().unwrap_or_else(|e| e.into_inner());
         let mut own = ControlIo::new(shared.cfg.io_timeout);
-        let lba_size = u64::from(shared.geo.lba_size);
         let mut repaired = 0;
-        // SAFETY: the repair ring's only consumer is this method, documented as called from
-        // one thread (serve's clearer).
+        // SAFETY: `repairing` is held: this is the ring's only consumer now.
         while let Some(r) = unsafe { shared.repairs.pop() } {
             let snap = shared.states.snapshot();
             if snap.state(r.leg) != LegState::InSync {
@@ -92,32 +91,15 @@ impl Volume {
             else {
                 continue;
             };
-            let span = shared.guard.span(r.slba, r.nlb);
-            while !shared.guard.try_lock(span) {
-                std::thread::yield_now();
-            }
-            let res = {
-                let mut meta_io = shared.meta.as_ref().map(|m| m.lock_io());
-                let io = meta_io.as_deref_mut().unwrap_or(&mut own);
-                let (src, dst) = (
-                    shared.leg(from).expect("in sync").dev.clone(),
-                    shared.leg(r.leg).expect("in sync").dev.clone(),
-                );
-                io.copy(
-                    (from, &*src),
-                    (r.leg, &*dst),
-                    (shared.data_lba + r.slba) * lba_size,
-                    u64::from(r.nlb) * lba_size,
-                )
-            };
-            shared.guard.unlock(span);
+            let res = shared.copy_under_guard(&mut own, r.slba, r.nlb, from, &[r.leg], || {
+                shared.repaired.fetch_add(1, Ordering::Relaxed);
+            });
             match res {
                 Ok(()) => {
                     repaired += 1;
-                    shared.repaired.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(volume = %shared.name, leg = r.leg, from, slba = r.slba, nlb = r.nlb, "read error repaired");
                 }
-                Err(reason) => {
+                Err((_, reason)) => {
                     tracing::error!(volume = %shared.name, leg = r.leg, slba = r.slba, %reason, "read-repair failed: faulting the leg");
                     let cmd = IoCommand::new(nvmirror_nvme::IoOp::Write, r.slba, r.nlb, 0);
                     shared.mark_missed(r.leg, &cmd);

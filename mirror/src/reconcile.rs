@@ -8,11 +8,9 @@
 //! [`Volume::reconcile_failed_writes`] makes the legs agree again by copying them from the
 //! primary.
 
-use std::sync::atomic::Ordering;
-
 use crate::legs::LegState;
 use crate::metadata::ControlIo;
-use crate::volume::Volume;
+use crate::volume::{Volume, VolumeShared};
 use crate::{Error, Result};
 
 impl Volume {
@@ -35,59 +33,74 @@ impl Volume {
             .filter(|&i| snap.state(i) == LegState::InSync && shared.leg(i).is_some())
             .collect();
         for &leg in &in_sync {
-            let abandoned = self.leg(leg)?.abandoned.load(Ordering::Acquire);
-            if abandoned > 0 {
-                return Err(Error::LegBusy {
-                    volume: shared.name.clone(),
-                    leg,
-                    abandoned,
-                });
-            }
+            self.refuse_if_busy(leg)?;
         }
         let from = snap.primary();
-        let source = std::sync::Arc::clone(&self.leg(from)?.dev);
-        let lba_size = u64::from(shared.geo.lba_size);
+        let to: Vec<usize> = in_sync.iter().copied().filter(|&t| t != from).collect();
         let per_region = 1u64 << shared.region_shift;
         let mut own = ControlIo::new(shared.cfg.io_timeout);
         let mut copied = 0;
         for r in shared.diverged.regions() {
             let slba = r * per_region;
             let nlb = per_region.min(shared.geo.num_blocks - slba) as u32;
-            let span = shared.guard.span(slba, nlb);
-            while !shared.guard.try_lock(span) {
-                std::thread::yield_now();
-            }
-            // The control-plane lock only after the guard: a reactor holding guard entries
-            // may need it to record a fault, and must not wait on us.
-            let res = {
-                let mut meta_io = shared.meta.as_ref().map(|m| m.lock_io());
-                let io = meta_io.as_deref_mut().unwrap_or(&mut own);
-                let offset = (shared.data_lba + slba) * lba_size;
-                let len = u64::from(nlb) * lba_size;
-                in_sync
-                    .iter()
-                    .filter(|&&to| to != from)
-                    .try_for_each(|&to| {
-                        let dev = &shared.leg(to).expect("checked above").dev;
-                        io.copy((from, &*source), (to, &**dev), offset, len)
-                            .map_err(|reason| Error::Metadata {
-                                volume: shared.name.clone(),
-                                leg: to,
-                                name: dev.name().to_string(),
-                                reason: format!("reconciling region {r}: {reason}"),
-                            })
-                    })
-            };
-            if res.is_ok() {
-                shared.diverged.clear(r);
-                copied += 1;
-            }
-            shared.guard.unlock(span);
-            res?;
+            // Forgotten under the guard: a write failing on every leg after the copy marks the
+            // region again, and that mark is not cleared here.
+            shared
+                .copy_under_guard(&mut own, slba, nlb, from, &to, || shared.diverged.clear(r))
+                .map_err(|(leg, reason)| Error::Metadata {
+                    volume: shared.name.clone(),
+                    leg,
+                    name: shared.leg_name(leg).to_string(),
+                    reason: format!("reconciling region {r}: {reason}"),
+                })?;
+            copied += 1;
         }
         if copied > 0 {
             tracing::info!(volume = %shared.name, from, regions = copied, "failed writes reconciled");
         }
         Ok(copied)
+    }
+}
+
+impl VolumeShared {
+    /// Copies blocks `[slba, slba + nlb)` of the exported namespace from leg `from` to every
+    /// leg in `to`, holding the overlap guard over them (host writes there wait meanwhile),
+    /// and runs `done` before the guard is released when every copy succeeded. Control plane;
+    /// `own` serves volumes without metadata. The error names the leg that failed.
+    pub(crate) fn copy_under_guard(
+        &self,
+        own: &mut ControlIo,
+        slba: u64,
+        nlb: u32,
+        from: usize,
+        to: &[usize],
+        done: impl FnOnce(),
+    ) -> std::result::Result<(), (usize, String)> {
+        let span = self.guard.span(slba, nlb);
+        while !self.guard.try_lock(span) {
+            std::thread::yield_now();
+        }
+        // The control-plane lock only after the guard: a reactor holding guard entries may
+        // need it to record a fault, and must not wait on us.
+        let res = {
+            let mut meta_io = self.meta.as_ref().map(|m| m.lock_io());
+            let io = meta_io.as_deref_mut().unwrap_or(own);
+            let lba_size = u64::from(self.geo.lba_size);
+            let (offset, len) = ((self.data_lba + slba) * lba_size, u64::from(nlb) * lba_size);
+            match self.leg(from) {
+                None => Err((from, "no such leg".to_string())),
+                Some(src) => to.iter().try_for_each(|&t| match self.leg(t) {
+                    None => Err((t, "no such leg".to_string())),
+                    Some(dst) => io
+                        .copy((from, &*src.dev), (t, &*dst.dev), offset, len)
+                        .map_err(|e| (t, e)),
+                }),
+            }
+        };
+        if res.is_ok() {
+            done();
+        }
+        self.guard.unlock(span);
+        res
     }
 }

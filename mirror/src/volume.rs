@@ -51,6 +51,8 @@ pub(crate) struct VolumeShared {
     pub(crate) repairs: nvmirror_poller::Ring<crate::read_repair::Repair>,
     /// Ranges repaired so far.
     pub(crate) repaired: std::sync::atomic::AtomicU64,
+    /// Held while `repairs` is drained: the ring has a single consumer.
+    pub(crate) repairing: Mutex<()>,
     pub(crate) states: LegStates,
     pub(crate) guard: OverlapGuard,
     /// Persistent volumes: the write-intent bitmap.
@@ -72,6 +74,23 @@ pub(crate) struct VolumeShared {
 }
 
 impl VolumeShared {
+    /// Persistent volumes: writes the in-sync legs' superblocks with the current member
+    /// states. A superblock that did not get them is an error naming its leg and `change`
+    /// (what the superblock fails to say).
+    pub(crate) fn record_states(&self, change: impl FnOnce() -> String) -> Result<()> {
+        let failed = self.meta.as_ref().map_or(0, |m| m.persist_states(self));
+        if failed == 0 {
+            return Ok(());
+        }
+        let at = failed.trailing_zeros() as usize;
+        Err(Error::Metadata {
+            volume: self.name.clone(),
+            leg: at,
+            name: self.leg_name(at).to_string(),
+            reason: format!("{}, but this superblock does not say so", change()),
+        })
+    }
+
     /// The shared data of leg `leg`, if its slot is filled.
     #[inline]
     pub(crate) fn leg(&self, leg: usize) -> Option<&LegShared> {
@@ -295,6 +314,7 @@ impl Volume {
             diverged: MissedRegions::new(num_blocks, region_shift),
             repairs: nvmirror_poller::Ring::new(crate::read_repair::QUEUE),
             repaired: std::sync::atomic::AtomicU64::new(0),
+            repairing: Mutex::new(()),
             region_shift,
             cores: Mutex::new(Vec::new()),
             jobs: JobRegistry::default(),
@@ -371,30 +391,34 @@ impl Volume {
         self.take_out(leg, LegState::Detached)
     }
 
+    /// Refuses with [`Error::LegBusy`] while `leg` holds timed-out commands its device has
+    /// not answered: one could still land after a copy of its region and undo it.
+    pub(crate) fn refuse_if_busy(&self, leg: usize) -> Result<()> {
+        let abandoned = self
+            .leg(leg)?
+            .abandoned
+            .load(std::sync::atomic::Ordering::Acquire);
+        if abandoned > 0 {
+            return Err(Error::LegBusy {
+                volume: self.shared.name.clone(),
+                leg,
+                abandoned,
+            });
+        }
+        Ok(())
+    }
+
     fn take_out(&self, leg: usize, to: LegState) -> Result<()> {
         let name = self.leg(leg)?.dev.name();
         let volume = &self.shared.name;
         match self.shared.states.take_out(leg, to, None) {
             Ok(Some(t)) => {
                 tracing::warn!(volume = %volume, leg, name, from = %t.from, to = %to, "leg state changed by request");
-                let failed = self
-                    .shared
-                    .meta
-                    .as_ref()
-                    .map_or(0, |m| m.persist_states(&self.shared));
+                let recorded = self.shared.record_states(|| format!("leg {leg} is {to}"));
                 if let Some(p) = t.promoted {
                     tracing::warn!(volume = %volume, old = leg, new = p, "primary promoted");
                 }
-                if failed != 0 {
-                    let at = failed.trailing_zeros() as usize;
-                    return Err(Error::Metadata {
-                        volume: volume.clone(),
-                        leg: at,
-                        name: self.shared.leg_name(at).to_string(),
-                        reason: format!("leg {leg} is {to}, but this superblock does not say so"),
-                    });
-                }
-                Ok(())
+                recorded
             }
             Ok(None) => Ok(()),
             Err(Refusal::AlreadyDetached) => Err(Error::AlreadyDetached {

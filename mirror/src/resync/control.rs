@@ -5,7 +5,7 @@
 //! [`ResyncJob::run`]); the volume keeps each job's control block so its status and
 //! controls are reachable from the control plane.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nvmirror_nvme::BlockDevice;
@@ -61,14 +61,7 @@ impl Volume {
         // A command the leg never answered could still land on it after the copy of its
         // region and undo it: the leg comes back only once every such command is reaped
         // (answered late, failed by the back end, or fenced by closing its queue pair).
-        let abandoned = self.leg(leg)?.abandoned.load(Ordering::Acquire);
-        if abandoned > 0 {
-            return Err(Error::LegBusy {
-                volume: vol.name.clone(),
-                leg,
-                abandoned,
-            });
-        }
+        self.refuse_if_busy(leg)?;
         let job_shared = Arc::new(JobShared::new(leg, false, cfg.max_rate, cfg.adaptive));
         // Open the job's queue pairs before the leg changes state: a leg that cannot be
         // opened stays as it is.
@@ -226,17 +219,7 @@ impl Volume {
         }
         let from = vol.states.remove(leg).map_err(|r| self.refused(leg, r))?;
         tracing::warn!(volume = %vol.name, leg, name = vol.leg_name(leg), %from, "leg removed");
-        let failed = vol.meta.as_ref().map_or(0, |m| m.persist_states(vol));
-        if failed != 0 {
-            let at = failed.trailing_zeros() as usize;
-            return Err(Error::Metadata {
-                volume: vol.name.clone(),
-                leg: at,
-                name: vol.leg_name(at).to_string(),
-                reason: format!("leg {leg} is removed, but this superblock does not say so"),
-            });
-        }
-        Ok(())
+        vol.record_states(|| format!("leg {leg} is removed"))
     }
 
     /// Progress of the last resync started on the volume.
