@@ -27,8 +27,16 @@ pub struct VolumeEntry {
     pub volume: Arc<Volume>,
     /// Every leg slot by index, legs added at run time included.
     pub legs: std::sync::Mutex<Vec<LegEntry>>,
-    /// The run-time leg list and where it is kept (persistent volumes only).
-    pub members: Option<std::sync::Mutex<(crate::members::Membership, std::path::PathBuf)>>,
+    /// Where the run-time leg list is kept (persistent volumes only).
+    pub members: Option<MembersFile>,
+}
+
+/// The file `leg_add` and `leg_remove` record the leg list in (`members`).
+#[derive(Debug)]
+pub struct MembersFile {
+    pub path: std::path::PathBuf,
+    /// The configured legs the list derives from.
+    pub configured: Vec<String>,
 }
 
 impl VolumeEntry {
@@ -37,20 +45,31 @@ impl VolumeEntry {
         lock(&self.legs).iter().map(|l| l.uri.clone()).collect()
     }
 
-    /// Records a membership change in the run-time leg list.
-    fn persist_members(
-        &self,
-        change: impl FnOnce(&mut crate::members::Membership),
-    ) -> Result<(), RpcError> {
-        let Some(m) = &self.members else {
+    /// Saves the leg list as it is now: every slot's URI, and which slots are removed.
+    fn persist_members(&self) -> Result<(), RpcError> {
+        let Some(f) = &self.members else {
             return Ok(());
         };
-        let mut m = lock(m);
-        change(&mut m.0);
-        m.0.store(&m.1).map_err(|e| {
+        let legs = lock(&self.legs);
+        let states = self.volume.leg_states();
+        let list = crate::members::Membership {
+            volume: self.volume.name().to_string(),
+            configured: f.configured.clone(),
+            legs: legs
+                .iter()
+                .enumerate()
+                .map(|(i, l)| crate::members::MemberLeg {
+                    uri: l.uri.clone(),
+                    removed: states
+                        .get(i)
+                        .is_some_and(|s| s.state == nvmirror_mirror::LegState::Removed),
+                })
+                .collect(),
+        };
+        list.store(&f.path).map_err(|e| {
             RpcError::failed(format!(
                 "the change is made but could not be saved to {}: {e}; a restart would not know it",
-                m.1.display()
+                f.path.display()
             ))
         })
     }
@@ -491,12 +510,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
         drop(legs);
         r.run_job(Box::new(job))?;
-        v.persist_members(|m| {
-            m.legs.push(crate::members::MemberLeg {
-                uri: uri.to_string(),
-                removed: false,
-            })
-        })?;
+        v.persist_members()?;
         Ok(r.volume_status(v))
     });
     let r = Arc::clone(&reg);
@@ -505,11 +519,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .remove_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        v.persist_members(|m| {
-            if let Some(l) = m.legs.get_mut(leg) {
-                l.removed = true;
-            }
-        })?;
+        v.persist_members()?;
         Ok(r.volume_status(v))
     });
     type Control = fn(&Volume) -> nvmirror_mirror::Result<()>;

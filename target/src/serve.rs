@@ -15,7 +15,7 @@ use nvmirror_nvme::{open_leg, BlockDevice};
 use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
 
 use crate::config::{Config, IdleConfig, ListenConfig, RpcConfig, DEFAULT_CONFIG};
-use crate::control::{self, LegEntry, Registry, VolumeEntry};
+use crate::control::{self, LegEntry, MembersFile, Registry, VolumeEntry};
 use crate::members::Membership;
 use crate::metrics::MetricsServer;
 use crate::nbd::{NbdConfig, NbdLimits, NbdServer};
@@ -268,9 +268,10 @@ fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEnt
     Ok(VolumeEntry {
         volume: Arc::new(volume),
         legs: std::sync::Mutex::new(entries),
-        members: v
-            .bitmap
-            .then(|| std::sync::Mutex::new((members, members_path))),
+        members: v.bitmap.then(|| MembersFile {
+            path: members_path,
+            configured: v.legs.clone(),
+        }),
     })
 }
 
