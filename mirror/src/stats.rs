@@ -2,7 +2,9 @@
 //!
 //! Every volume queue pair (one per core) owns a [`CoreStats`] block of relaxed atomics that
 //! only it writes — with a plain load and store, no locked instruction — and registers it with
-//! the volume; [`Volume::stats`](crate::Volume::stats) sums the blocks. Latencies go into a
+//! the volume; [`Volume::stats`](crate::Volume::stats) sums the blocks. A closed queue pair's
+//! block is folded into the volume's first block (the retired counters) and dropped, so hosts
+//! that connect and disconnect all day do not grow the list. Latencies go into a
 //! fixed log-bucketed histogram (8 buckets per power of two, so a reported quantile is within
 //! 12.5 % of the true value); nothing on the I/O path allocates.
 
@@ -128,6 +130,31 @@ impl CoreStats {
 }
 
 impl CoreStats {
+    /// Adds every counter of `other` to this block. The caller is this block's only writer
+    /// (the volume's retired-counters block, written under the volume's core list lock).
+    pub(crate) fn absorb(&self, other: &CoreStats) {
+        let add = |to: &AtomicU64, from: &AtomicU64| bump(to, from.load(Ordering::Relaxed));
+        for (to, from) in self.legs.iter().zip(other.legs.iter()) {
+            add(&to.ops, &from.ops);
+            add(&to.bytes, &from.bytes);
+            add(&to.errors, &from.errors);
+            add(&to.timeouts, &from.timeouts);
+            add(&to.late_completions, &from.late_completions);
+            add(&to.completed_last, &from.completed_last);
+            for (t, f) in to.latency.iter().zip(from.latency.iter()) {
+                add(t, f);
+            }
+        }
+        add(&self.overlap_waits, &other.overlap_waits);
+        add(&self.resource_waits, &other.resource_waits);
+        add(&self.read_retries, &other.read_retries);
+        add(&self.bitmap_writes, &other.bitmap_writes);
+        add(&self.bitmap_first_touches, &other.bitmap_first_touches);
+        add(&self.bitmap_waits, &other.bitmap_waits);
+        add(&self.metadata_writes, &other.metadata_writes);
+        add(&self.predicted_regions, &other.predicted_regions);
+    }
+
     /// Adds this core's latency histogram of the legs in `mask` to `out` (`BUCKETS` long).
     pub(crate) fn add_latency(&self, mask: u8, out: &mut [u64]) {
         for (leg, c) in self.legs.iter().enumerate() {
@@ -196,6 +223,8 @@ pub struct VolumeStats {
     pub metadata_writes: u64,
     /// Persistent volumes: regions marked ahead of sequential streams.
     pub predicted_regions: u64,
+    /// Volume queue pairs open now (one per connected host queue and core).
+    pub queue_pairs: usize,
 }
 
 impl VolumeStats {
@@ -244,6 +273,7 @@ impl VolumeStats {
             stats.metadata_writes += load(&core.metadata_writes);
             stats.predicted_regions += load(&core.predicted_regions);
         }
+        stats.queue_pairs = cores.len().saturating_sub(1);
         stats.bitmap_hits = stats
             .bitmap_writes
             .saturating_sub(stats.bitmap_first_touches);

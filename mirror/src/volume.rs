@@ -189,6 +189,15 @@ impl VolumeShared {
             .unwrap_or_else(|e| e.into_inner())
             .push(stats);
     }
+
+    /// A queue pair closes: its counters move into the retired block (the list's first).
+    pub(crate) fn retire_core(&self, stats: &Arc<CoreStats>) {
+        let mut cores = self.cores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = cores.iter().skip(1).position(|c| Arc::ptr_eq(c, stats)) {
+            let gone = cores.swap_remove(i + 1);
+            cores[0].absorb(&gone);
+        }
+    }
 }
 
 /// A mirrored namespace over 1 to [`MAX_LEGS`] legs (one leg: an unmirrored volume a mirror can join later). It is itself a [`BlockDevice`]: open one
@@ -316,7 +325,7 @@ impl Volume {
             repaired: std::sync::atomic::AtomicU64::new(0),
             repairing: Mutex::new(()),
             region_shift,
-            cores: Mutex::new(Vec::new()),
+            cores: Mutex::new(vec![Arc::new(CoreStats::new())]),
             jobs: JobRegistry::default(),
             breakdown_cfg: Mutex::new(None),
             breakdowns: Mutex::new(None),
@@ -467,13 +476,10 @@ impl Volume {
 
     /// Statistics summed over every queue pair opened on the volume.
     pub fn stats(&self) -> VolumeStats {
-        let cores = self
-            .shared
-            .cores
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        VolumeStats::collect(&self.shared.leg_names(), &cores)
+        // Summed under the lock: a queue pair retiring meanwhile is counted exactly once.
+        let names = self.shared.leg_names();
+        let cores = self.shared.cores.lock().unwrap_or_else(|e| e.into_inner());
+        VolumeStats::collect(&names, &cores)
     }
 
     /// Turns the per-stage latency breakdown on (or off, with `None`) for the queue pairs
@@ -539,5 +545,9 @@ impl BlockDevice for Volume {
 
     fn name(&self) -> &str {
         &self.shared.name
+    }
+
+    fn identity(&self) -> Option<[u8; 16]> {
+        self.shared.meta.as_ref().map(|m| m.volume_uuid.0)
     }
 }

@@ -340,3 +340,30 @@ fn a_leg_that_cannot_open_a_queue_pair_is_faulted_unless_it_is_the_last() {
     );
     assert_eq!(vol.leg_states()[0].state, nvmirror_mirror::LegState::InSync);
 }
+
+#[test]
+fn closed_queue_pairs_keep_their_counts_and_leave_no_trace() {
+    // Hosts that connect and disconnect all day: every closed queue pair's counters stay in
+    // the volume's totals, and the per-queue-pair list does not grow.
+    let legs = vec![mem(1 << 20, 512), mem(1 << 20, 512)];
+    let vol = Volume::new("v", legs, VolumeConfig::default()).unwrap();
+    let mut buf = vec![7u8; 512];
+    for i in 0..300u64 {
+        let mut qp = vol.open_qpair(4).unwrap();
+        assert_eq!(vol.stats().queue_pairs, 1);
+        let cmd = IoCommand::with_buf(IoOp::Write, i % 64, 1, IoBuf::from_slice(&mut buf), i);
+        // SAFETY: `buf` outlives the command, which completes below before it is reused.
+        unsafe { qp.submit(cmd) }.unwrap();
+        let mut cpl = [Completion::default()];
+        while qp.poll(&mut cpl) == 0 {}
+        assert!(cpl[0].status.is_success());
+    }
+    let stats = vol.stats();
+    assert_eq!(
+        stats.queue_pairs, 0,
+        "closed queue pairs are dropped from the list"
+    );
+    let ops: Vec<u64> = stats.legs.iter().map(|l| l.ops).collect();
+    assert_eq!(ops, vec![300, 300], "their counts are kept");
+    assert_eq!(stats.legs[0].latency.count, 300);
+}

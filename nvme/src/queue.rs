@@ -183,6 +183,14 @@ pub trait BlockDevice: Send + Sync + Debug {
 
     /// A short human name (the URI it was opened from).
     fn name(&self) -> &str;
+
+    /// A 16-byte identity of the data this device holds, kept across restarts and distinct for
+    /// a re-created device (a mirror volume's UUID). Front ends derive the namespace's NGUID and
+    /// UUID from it, so hosts never take a blank device for the disk they knew. `None` where the
+    /// device has no such identity.
+    fn identity(&self) -> Option<[u8; 16]> {
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

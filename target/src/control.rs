@@ -379,7 +379,28 @@ fn parse_fault(p: &Value) -> Result<Fault, RpcError> {
         )
     })?;
     let u = |k: &str, default: u64| p.get(k).and_then(Value::as_u64).unwrap_or(default);
-    let status = Status::from_raw(u("status", 0x4281) as u16);
+    let status = match p.get("status") {
+        None => Status::from_raw(0x4281),
+        Some(v) => {
+            let raw = v
+                .as_u64()
+                .and_then(|r| u16::try_from(r).ok())
+                .filter(|r| *r <= 0x7fff)
+                .ok_or_else(|| {
+                    RpcError::invalid_params(format!(
+                        "'status' must be a 15-bit NVMe status field (DNR << 14 | SCT << 8 | SC), got {v}"
+                    ))
+                })?;
+            let status = Status::from_raw(raw);
+            if status.is_success() {
+                // An injected "failure" that reports success would drop writes silently.
+                return Err(RpcError::invalid_params(
+                    "'status' must be an error status; 0 is success",
+                ));
+            }
+            status
+        }
+    };
     Ok(match kind {
         "gone" => Fault::Gone,
         "hang" => Fault::Hang { ops: OpFilter::All },
@@ -661,4 +682,28 @@ fn add_test_hooks(m: &mut Methods, reg: &Arc<Registry>) {
             .map_err(|e| RpcError::failed(e.to_string()))?;
         Ok(json!({"reactor": n}))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn injected_faults_must_carry_an_error_status() {
+        let err = parse_fault(&json!({"fault": "fail_writes", "status": 0})).unwrap_err();
+        assert!(err.message.contains("0 is success"), "{err}");
+        let err = parse_fault(&json!({"fault": "fail_after", "status": 0x10000})).unwrap_err();
+        assert!(err.message.contains("'status'"), "{err}");
+        let err = parse_fault(&json!({"fault": "fail_reads", "status": "x"})).unwrap_err();
+        assert!(err.message.contains("'status'"), "{err}");
+        match parse_fault(&json!({"fault": "fail_writes", "status": 0x281})).unwrap() {
+            Fault::FailRange { status, .. } => assert_eq!(status.raw(), 0x281),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_fault(&json!({"fault": "fail_writes"})).unwrap(),
+            Fault::FailRange { status, .. } if status == Status::WRITE_FAULT
+        ));
+    }
 }

@@ -2,12 +2,19 @@
 //! its own thread, and a writer for the text format (version 0.0.4).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Scrapes answered at once; a further connection is closed at once.
+pub const MAX_SCRAPES: usize = 8;
+/// The whole request (line and headers) must arrive within this time...
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// ...and within this many bytes.
+pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
 
 /// Renders the whole exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -108,13 +115,32 @@ impl MetricsServer {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
+        let active = Arc::new(AtomicUsize::new(0));
         let thread = std::thread::Builder::new()
             .name("nvmirror-metrics".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
+                    // One thread per scrape, at most MAX_SCRAPES at once, each bounded in time
+                    // and size: a slow client cannot hold /metrics. When all are busy, new
+                    // connections wait in the listen backlog until one finishes.
+                    if active.load(Ordering::Acquire) >= MAX_SCRAPES {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
                     match listener.accept() {
                         Ok((s, _)) => {
-                            let _ = answer(s, &render);
+                            active.fetch_add(1, Ordering::AcqRel);
+                            let render = Arc::clone(&render);
+                            let active2 = Arc::clone(&active);
+                            let spawned = std::thread::Builder::new()
+                                .name("nvmirror-scrape".into())
+                                .spawn(move || {
+                                    let _ = answer(s, &render);
+                                    active2.fetch_sub(1, Ordering::AcqRel);
+                                });
+                            if spawned.is_err() {
+                                active.fetch_sub(1, Ordering::AcqRel);
+                            }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20))
@@ -145,11 +171,29 @@ impl Drop for MetricsServer {
     }
 }
 
+/// Reads from a socket until a deadline for the whole request, not per read.
+struct Deadline {
+    stream: TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
 fn answer(stream: TcpStream, render: &Render) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let mut out = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
+    let until = Instant::now() + REQUEST_DEADLINE;
+    let mut reader = BufReader::new(Deadline { stream, until }.take(MAX_REQUEST_BYTES));
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
     loop {
@@ -253,5 +297,40 @@ mod tests {
             "{r}"
         );
         assert!(get(srv.local_addr(), "/").starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn slow_clients_do_not_hold_the_endpoint() {
+        let render: Render = Arc::new(|| "up 1\n".to_string());
+        let srv = MetricsServer::start("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        // Slowloris: connections that send half a request line and then nothing, more of them
+        // than the endpoint answers at once.
+        let mut slow = Vec::new();
+        for _ in 0..MAX_SCRAPES + 4 {
+            let mut s = TcpStream::connect(srv.local_addr()).unwrap();
+            s.write_all(b"GET /metr").unwrap();
+            slow.push(s);
+        }
+        // A real scrape gets through once the slow ones hit the request deadline (and before
+        // that if a slot is free); it never waits on them forever.
+        let t = Instant::now();
+        let r = get(srv.local_addr(), "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(t.elapsed() < REQUEST_DEADLINE * 4, "{:?}", t.elapsed());
+        // A request larger than the bound is refused rather than buffered.
+        let mut big = TcpStream::connect(srv.local_addr()).unwrap();
+        let _ = big.write_all(b"GET /metrics HTTP/1.1\r\n");
+        let filler = vec![b'a'; 1024];
+        for _ in 0..(MAX_REQUEST_BYTES / 1024 + 2) {
+            if big.write_all(&filler).is_err() {
+                break;
+            }
+        }
+        let mut resp = String::new();
+        let _ = big.read_to_string(&mut resp);
+        assert!(
+            !resp.contains("up 1"),
+            "an oversized request was answered: {resp}"
+        );
     }
 }

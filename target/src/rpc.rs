@@ -4,18 +4,30 @@
 //! one response object followed by a newline. The socket is created with 0600 permissions.
 //! Methods are registered by name; a method gets the `params` value and returns a result value
 //! or an [`RpcError`].
+//!
+//! Bounds: at most [`MAX_CONNECTIONS`] connections at once (a further one gets an error reply
+//! and is closed), one request at most [`MAX_REQUEST_BYTES`], and a connection idle for
+//! [`IDLE_TIMEOUT`] between requests is closed.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+
+/// RPC connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The largest request accepted.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// JSON-RPC error codes (JSON-RPC 2.0 §5.1).
 pub const PARSE_ERROR: i64 = -32700;
@@ -148,9 +160,9 @@ impl RpcServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
+        let active = Arc::new(AtomicUsize::new(0));
         let methods = Arc::new(methods);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = Arc::clone(&stop);
@@ -159,11 +171,28 @@ impl RpcServer {
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     match listener.accept() {
-                        Ok((stream, _)) => {
+                        Ok((mut stream, _)) => {
+                            if active.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                                active.fetch_sub(1, Ordering::AcqRel);
+                                let resp = json!({"jsonrpc": "2.0", "id": null, "error": {
+                                    "code": INTERNAL_ERROR,
+                                    "message": format!("too many RPC connections (at most {MAX_CONNECTIONS})")}});
+                                let _ = stream.set_nonblocking(false);
+                                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                                let _ = writeln!(stream, "{resp}");
+                                continue;
+                            }
                             let methods = Arc::clone(&methods);
-                            let _ = std::thread::Builder::new()
+                            let active2 = Arc::clone(&active);
+                            let spawned = std::thread::Builder::new()
                                 .name("nvmirror-rpc-conn".into())
-                                .spawn(move || serve_connection(stream, &methods));
+                                .spawn(move || {
+                                    serve_connection(stream, &methods);
+                                    active2.fetch_sub(1, Ordering::AcqRel);
+                                });
+                            if spawned.is_err() {
+                                active.fetch_sub(1, Ordering::AcqRel);
+                            }
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20));
@@ -198,15 +227,68 @@ impl Drop for RpcServer {
     }
 }
 
+/// Binds the socket where no other user can reach it before its mode is 0600: in a fresh
+/// 0700 directory next to `path`, then renamed into place.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("rpc");
+    let private = dir.join(format!(".{name}.{}.bind", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged).and_then(|l| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
+}
+
+/// Counts the bytes of the request being parsed and fails the read past the bound.
+struct Bounded<R> {
+    inner: R,
+    used: std::rc::Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = MAX_REQUEST_BYTES.saturating_sub(self.used.get());
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("request larger than {MAX_REQUEST_BYTES} bytes"),
+            ));
+        }
+        let n = buf.len().min(left as usize);
+        let got = self.inner.read(&mut buf[..n])?;
+        self.used.set(self.used.get() + got as u64);
+        Ok(got)
+    }
+}
+
 fn serve_connection(stream: UnixStream, methods: &Methods) {
     let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    let reader = BufReader::new(stream);
+    let used = std::rc::Rc::new(Cell::new(0));
+    let reader = Bounded {
+        inner: BufReader::new(stream),
+        used: std::rc::Rc::clone(&used),
+    };
     for req in serde_json::Deserializer::from_reader(reader).into_iter::<Value>() {
+        used.set(0);
         let response = match req {
             Ok(req) => methods.handle(&req),
+            Err(e) if e.is_io() && e.io_error_kind() == Some(std::io::ErrorKind::InvalidData) => {
+                let resp = json!({"jsonrpc": "2.0", "id": null,
+                                  "error": {"code": INVALID_REQUEST, "message": e.to_string()}});
+                let _ = writeln!(out, "{resp}");
+                return;
+            }
             Err(e) if e.is_eof() || e.is_io() => return,
             Err(e) => {
                 let resp = json!({"jsonrpc": "2.0", "id": null,
@@ -329,5 +411,87 @@ mod tests {
             .unwrap_err()
             .message
             .contains("cannot connect"));
+    }
+
+    fn first_reply(s: UnixStream) -> Value {
+        serde_json::Deserializer::from_reader(BufReader::new(s))
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn connections_and_requests_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rpc.sock");
+        let _server = RpcServer::start(&path, methods()).unwrap();
+        // Nothing but the socket is left in the directory (the private bind folder is gone).
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("rpc.sock")]);
+
+        // A request past the bound is refused with an error, not buffered.
+        let mut s = UnixStream::connect(&path).unwrap();
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":\"");
+            let chunk = vec![b'a'; 64 * 1024];
+            for _ in 0..(MAX_REQUEST_BYTES / chunk.len() as u64 + 2) {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let resp = first_reply(s);
+        assert_eq!(resp["error"]["code"], INVALID_REQUEST, "{resp}");
+        assert!(resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than"));
+
+        // Connections past the bound get an error reply; the ones held keep working.
+        let held: Vec<_> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&path).unwrap())
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let refused = loop {
+            let extra = UnixStream::connect(&path).unwrap();
+            extra
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut w = extra.try_clone().unwrap();
+            let _ = writeln!(
+                w,
+                "{}",
+                json!({"jsonrpc":"2.0","id":2,"method":"echo","params":1})
+            );
+            let got: Option<Value> = serde_json::Deserializer::from_reader(BufReader::new(extra))
+                .into_iter()
+                .next()
+                .and_then(Result::ok);
+            if let Some(v) = got.filter(|v| v.get("error").is_some()) {
+                break v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no connection was refused"
+            );
+        };
+        assert!(refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too many"));
+        let mut first = held.into_iter().next().unwrap();
+        writeln!(
+            first,
+            "{}",
+            json!({"jsonrpc":"2.0","id":3,"method":"echo","params":5})
+        )
+        .unwrap();
+        assert_eq!(first_reply(first)["result"], json!(5));
     }
 }

@@ -375,6 +375,7 @@ impl Service {
                 let limits = NbdLimits {
                     max_connections: cfg.limits.max_connections,
                     handshake_timeout: cfg.limits.handshake_timeout(),
+                    connection_buffer_budget: cfg.limits.connection_buffer_budget(),
                 };
                 Some(
                     NbdServer::start_with_limits(ncfg, limits, &handle)

@@ -327,6 +327,7 @@ fn nbd_limits_close_excess_and_stalled_handshakes() {
     let (pool, server) = nbd_server(NbdLimits {
         max_connections: 2,
         handshake_timeout: Duration::from_millis(300),
+        ..NbdLimits::default()
     });
     let addr = server.local_addr();
     let mut a = greeting(addr);

@@ -573,3 +573,36 @@ fn requests_split_across_many_receives_parse_the_same() {
     assert!(got[&3] == want, "write, then zeroes over its first block");
     assert!(server.shutdown());
 }
+
+#[test]
+fn the_connection_buffer_budget_bounds_the_maximum_payload() {
+    use nvmirror_target::nbd::{NbdConfig, NbdLimits, NbdServer};
+    let pool = reactors(1);
+    let dev = open_leg("mem://8MiB").unwrap();
+    let cfg = NbdConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        exports: vec![("vol0".into(), dev)],
+    };
+    let limits = NbdLimits {
+        connection_buffer_budget: 1 << 20,
+        ..NbdLimits::default()
+    };
+    let server = NbdServer::start_with_limits(cfg, limits, &pool.handle()).unwrap();
+    let (mut c, _) = Client::go(server.local_addr(), "vol0");
+    // NBD_INFO_BLOCK_SIZE (type 3): minimum, preferred, maximum payload.
+    let mut probe = Client::connect(server.local_addr(), 3);
+    let replies = probe.info(OPT_GO, "vol0", &[]);
+    let sizes = replies
+        .iter()
+        .find(|(_, d)| d.len() == 14 && d[..2] == [0, 3])
+        .expect("a block size info reply");
+    let max = u32::from_be_bytes(sizes.1[10..14].try_into().unwrap());
+    assert_eq!(max, 1 << 20, "the advertised maximum payload is the budget");
+    // A request of the maximum works; one past it is refused, and the stream stays usable.
+    let data = vec![0x5a; 1 << 20];
+    assert_eq!(c.write(0, &data), 0);
+    assert_eq!(c.read(0, 1 << 20), (0, data));
+    assert_eq!(c.read(0, (1 << 20) + 512).0, EOVERFLOW);
+    assert_eq!(c.write(0, &vec![1u8; (1 << 20) + 512]), EOVERFLOW);
+    assert_eq!(c.read(0, 512).0, 0);
+}

@@ -670,6 +670,7 @@ impl Drop for VolumeQueuePair {
         }
         self.drop_intent();
         self.publish_breakdown();
+        self.vol.retire_core(&self.stats);
     }
 }
 

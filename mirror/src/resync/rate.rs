@@ -182,8 +182,8 @@ impl Pace {
 /// Latency histogram of every leg command completed by the host queue pairs so far.
 fn host_histogram(vol: &VolumeShared) -> Vec<u64> {
     let mut hist = vec![0u64; BUCKETS];
-    let cores = vol.cores.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    for core in &cores {
+    let cores = vol.cores.lock().unwrap_or_else(|e| e.into_inner());
+    for core in cores.iter() {
         core.add_latency(0xff, &mut hist);
     }
     hist

@@ -167,7 +167,7 @@ impl Connection {
                     let Some(export) = self.exports.get(export) else {
                         return false;
                     };
-                    match Transmission::new(&export.device) {
+                    match Transmission::new(&export.device, export.max_payload) {
                         Ok(t) => {
                             tracing::debug!(peer = %self.peer, export = %export.name, "NBD transmission starts");
                             next = Some(Phase::Transmitting(Box::new(t)));

@@ -11,6 +11,23 @@ use super::proto::{transmission_flags as tf, MAX_PAYLOAD};
 pub(crate) struct Export {
     pub(crate) name: String,
     pub(crate) device: Arc<dyn BlockDevice>,
+    /// The largest read or write payload a connection buffers (advertised as the maximum
+    /// block size; a connection's buffer pool holds one such request).
+    pub(crate) max_payload: u32,
+}
+
+impl Export {
+    /// An export whose connections may each buffer `budget` bytes: the maximum payload is
+    /// the budget rounded down to whole chunks, between two chunks and [`MAX_PAYLOAD`].
+    pub(crate) fn new(name: String, device: Arc<dyn BlockDevice>, budget: u64) -> Self {
+        let chunk = super::transmission::CHUNK as u64;
+        let max_payload = (budget / chunk).clamp(2, u64::from(MAX_PAYLOAD) / chunk) * chunk;
+        Self {
+            name,
+            device,
+            max_payload: max_payload as u32,
+        }
+    }
 }
 
 /// The transmission flags every export advertises: flush, FUA, trim and write-zeroes are
@@ -33,7 +50,7 @@ impl Export {
     /// device's logical block size.
     pub(crate) fn block_sizes(&self) -> (u32, u32, u32) {
         let lba = self.device.geometry().lba_size;
-        (lba, lba.max(4096), MAX_PAYLOAD)
+        (lba, lba.max(4096), self.max_payload)
     }
 }
 

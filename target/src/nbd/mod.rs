@@ -55,7 +55,7 @@ pub(crate) mod fuzzing {
         let exports = ExportTable::new(
             exports
                 .into_iter()
-                .map(|(name, device)| Export { name, device })
+                .map(|(name, device)| Export::new(name, device, u64::MAX))
                 .collect(),
         );
         let state = Arc::new(ServerState::default());

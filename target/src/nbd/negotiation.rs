@@ -227,14 +227,16 @@ mod tests {
 
     fn table() -> ExportTable {
         ExportTable::new(vec![
-            Export {
-                name: "vol0".into(),
-                device: Arc::new(NullDevice::new(1 << 20, 512).unwrap()),
-            },
-            Export {
-                name: "big".into(),
-                device: Arc::new(NullDevice::new(1 << 30, 4096).unwrap()),
-            },
+            Export::new(
+                "vol0".into(),
+                Arc::new(NullDevice::new(1 << 20, 512).unwrap()),
+                u64::MAX,
+            ),
+            Export::new(
+                "big".into(),
+                Arc::new(NullDevice::new(1 << 30, 4096).unwrap()),
+                u64::MAX,
+            ),
         ])
     }
 

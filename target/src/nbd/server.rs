@@ -46,6 +46,9 @@ pub struct NbdLimits {
     pub max_connections: usize,
     /// A connection still negotiating after this is closed.
     pub handshake_timeout: Duration,
+    /// Bytes of request buffers per connection: bounds the maximum payload advertised and
+    /// accepted (at most 32 MiB, at least 256 KiB).
+    pub connection_buffer_budget: u64,
 }
 
 impl Default for NbdLimits {
@@ -53,6 +56,7 @@ impl Default for NbdLimits {
         Self {
             max_connections: crate::nvme_tcp::DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: crate::nvme_tcp::DEFAULT_HANDSHAKE_TIMEOUT,
+            connection_buffer_budget: crate::nvme_tcp::DEFAULT_CONNECTION_BUFFER_BUDGET,
         }
     }
 }
@@ -130,7 +134,7 @@ impl NbdServer {
             return Err(Error::Config("handshake_timeout must be above 0".into()));
         }
         let max_connections = limits.max_connections;
-        let exports = validate(cfg.exports)?;
+        let exports = validate(cfg.exports, limits.connection_buffer_budget)?;
         let listener = TcpListener::bind(cfg.listen).map_err(|source| Error::Listen {
             addr: cfg.listen,
             source,
@@ -210,7 +214,7 @@ impl Drop for NbdServer {
 }
 
 /// Checks names and devices; the first export comes first in the table.
-fn validate(exports: Vec<(String, Arc<dyn BlockDevice>)>) -> Result<ExportTable> {
+fn validate(exports: Vec<(String, Arc<dyn BlockDevice>)>, budget: u64) -> Result<ExportTable> {
     if exports.is_empty() {
         return Err(Error::Config("at least one export is needed".into()));
     }
@@ -230,7 +234,7 @@ fn validate(exports: Vec<(String, Arc<dyn BlockDevice>)>) -> Result<ExportTable>
                 device.name()
             )));
         }
-        table.push(Export { name, device });
+        table.push(Export::new(name, device, budget));
     }
     Ok(ExportTable::new(table))
 }

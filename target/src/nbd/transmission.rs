@@ -25,7 +25,7 @@ use super::{Error, Result};
 
 /// Bytes per buffer chunk, and per device command of a read or write.
 pub(crate) const CHUNK: usize = 128 << 10;
-/// Chunks per connection: enough for one request of the maximum payload.
+/// Chunks per connection at most: enough for one request of the protocol's maximum payload.
 const CHUNKS: u32 = MAX_PAYLOAD / CHUNK as u32;
 /// Requests in flight per connection.
 pub(crate) const SLOTS: usize = 256;
@@ -74,14 +74,14 @@ struct Slot {
 }
 
 impl Slot {
-    fn new() -> Self {
+    fn new(chunks: u32) -> Self {
         Self {
             state: SlotState::Free,
             handle: 0,
             kind: 0,
             offset: 0,
             len: 0,
-            chunks: Vec::with_capacity(CHUNKS as usize),
+            chunks: Vec::with_capacity(chunks as usize),
             pending: 0,
             submitted: 0,
             error: 0,
@@ -113,6 +113,8 @@ enum Admission {
 pub(crate) struct Transmission {
     qpair: Box<dyn QueuePair>,
     pool: DmaPool,
+    /// The largest read or write accepted (the pool's size).
+    max_payload: u32,
     geo: Geometry,
     size: u64,
     slots: Box<[Slot]>,
@@ -134,9 +136,10 @@ pub(crate) struct Transmission {
 
 impl Transmission {
     /// Opens a queue pair and a buffer pool on `device` for this connection (on the
-    /// calling reactor).
-    pub(crate) fn new(device: &Arc<dyn BlockDevice>) -> Result<Self> {
-        let depth = CHUNKS + SLOTS as u32;
+    /// calling reactor): room for one request of `max_payload` bytes (whole chunks).
+    pub(crate) fn new(device: &Arc<dyn BlockDevice>, max_payload: u32) -> Result<Self> {
+        let chunks = (max_payload / CHUNK as u32).clamp(1, CHUNKS);
+        let depth = chunks + SLOTS as u32;
         let qpair = device.open_qpair(depth).map_err(|source| Error::Device {
             device: device.name().to_string(),
             source,
@@ -144,10 +147,11 @@ impl Transmission {
         let geo = device.geometry();
         Ok(Self {
             qpair,
-            pool: DmaPool::new(CHUNKS, CHUNK),
+            pool: DmaPool::new(chunks, CHUNK),
+            max_payload: chunks * CHUNK as u32,
             geo,
             size: geo.bytes(),
-            slots: (0..SLOTS).map(|_| Slot::new()).collect(),
+            slots: (0..SLOTS).map(|_| Slot::new(chunks)).collect(),
             free: (0..SLOTS as u16).rev().collect(),
             ready: VecDeque::with_capacity(SLOTS),
             completions: vec![Completion::default(); COMPLETION_BATCH].into_boxed_slice(),
@@ -229,7 +233,9 @@ impl Transmission {
             Some(errno::EINVAL)
         } else {
             match h.kind {
-                command::READ | command::WRITE if h.len > MAX_PAYLOAD => Some(errno::EOVERFLOW),
+                command::READ | command::WRITE if h.len > self.max_payload => {
+                    Some(errno::EOVERFLOW)
+                }
                 command::READ | command::WRITE | command::WRITE_ZEROES | command::TRIM
                     if h.len == 0 =>
                 {

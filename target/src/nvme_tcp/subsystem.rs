@@ -41,11 +41,24 @@ impl Subsystem {
             .namespaces
             .iter()
             .enumerate()
-            .map(|(i, dev)| Namespace {
-                dev: Arc::clone(dev),
-                geo: dev.geometry(),
-                nguid: stable_id(&cfg.nqn, i as u32 + 1, 0),
-                uuid: uuid_v4_shape(stable_id(&cfg.nqn, i as u32 + 1, 1)),
+            .map(|(i, dev)| {
+                // The device's own identity (a volume's UUID) where it has one: a re-created
+                // volume under the same NQN is then a different disk to the host, and every
+                // node exporting the same volume reports the same one (multipath). Otherwise
+                // an identity stable for the NQN and NSID.
+                let (nguid, uuid) = match dev.identity() {
+                    Some(id) => (id, uuid_v4_shape(id)),
+                    None => (
+                        stable_id(&cfg.nqn, i as u32 + 1, 0),
+                        uuid_v4_shape(stable_id(&cfg.nqn, i as u32 + 1, 1)),
+                    ),
+                };
+                Namespace {
+                    dev: Arc::clone(dev),
+                    geo: dev.geometry(),
+                    nguid,
+                    uuid,
+                }
             })
             .collect();
         Self {
