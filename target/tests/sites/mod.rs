@@ -336,8 +336,23 @@ impl Sites {
             dir.display().to_string(),
         ];
         let ns = self.ns(site);
-        Server::spawn_via(&["ip", "netns", "exec", &ns], listen, &args, &[])
-            .unwrap_or_else(|e| panic!("site {site:?}: {e}"))
+        // The server's log (stderr) is kept after the test, for a drill that failed.
+        let log = self.log(site);
+        let redirect = format!("exec \"$0\" \"$@\" 2>>'{}'", log.display());
+        Server::spawn_via(
+            &["ip", "netns", "exec", &ns, "sh", "-c", &redirect],
+            listen,
+            &args,
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("site {site:?}: {e} (log {})", log.display()))
+    }
+
+    /// Where `site`'s server logs: `build/tmp/sites-logs/<namespace>.log`, kept after the test.
+    pub fn log(&self, site: Site) -> PathBuf {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sites-logs");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(format!("{}.log", self.ns(site)))
     }
 
     /// The URI of site A's volume for a host in the host namespace.
@@ -485,15 +500,23 @@ impl HostWriter {
         }
     }
 
-    /// Waits until the writer's writes reach site A's primary leg (connecting can take
-    /// seconds on a loaded machine) and restarts [`started`](Self::started) there: its
-    /// measured window, and so its interval log, starts then.
-    pub fn wait_writing(&mut self, a: &Server) {
+    /// Waits until the writer has connected to site A (its log says so; connecting can take
+    /// seconds on a loaded machine) and restarts [`started`](Self::started) there: the
+    /// writer's measured window, and so its interval log, starts a few milliseconds later.
+    /// (Polling `volume_status` instead would both lag, its counters being published in
+    /// batches, and load a small machine.)
+    pub fn wait_connected(&mut self, sites: &Sites) {
+        let log = sites.log(Site::A);
+        let line = format!("admin queue connected peer={HOST_ADDR}:");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while status(a)["legs"][0]["ops"].as_u64().unwrap_or(0) == 0 {
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(&line)
+        {
             assert!(
                 Instant::now() < deadline,
-                "the writer wrote nothing in 60 s"
+                "the writer did not connect to site A in 60 s ({})",
+                log.display()
             );
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -545,8 +568,8 @@ fn read_interval_log(path: &Path) -> Vec<(Duration, hdrhistogram::Histogram<u64>
 
 impl WriterReport {
     /// Write latency over the intervals that overlap `[from, to)` (measured from the writer's
-    /// start; an interval that only touches the window counts, so the window is never
-    /// understated): (p99, max, count), nanoseconds.
+    /// start; an interval that only touches the window counts): (p99, max, count),
+    /// nanoseconds.
     pub fn window(&self, from: Duration, to: Duration) -> (u64, u64, u64) {
         let interval = self.interval;
         let mut merged = hdrhistogram::Histogram::<u64>::new(3).unwrap();
@@ -595,7 +618,7 @@ pub fn wait_leg_state(server: &Server, leg: usize, state: &str, within: Duration
             t0.elapsed() < within,
             "leg {leg} not {state} within {within:?}: {st}"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
