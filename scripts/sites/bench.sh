@@ -6,10 +6,12 @@
 #   3. mirrored, proxy: the remote leg through nvmirror-netdelay with no delay (the proxy's own cost)
 #   4. mirrored, +1 ms: the remote leg through nvmirror-netdelay adding 1 ms each way (RTT 2 ms)
 #                       goal: added p50 over run 3 <= RTT + 30 us
-# and, at QD1, runs 2 and 3 again: the proxy's added latency per round trip.
+# and nvmirror-netdelay --measure: what the proxy itself adds to a 4 KiB round trip on
+# loopback beyond its delay (no delay, and 1 ms each way).
 #
-#   scripts/sites/bench.sh [SECONDS]     (default 10, after a 2 s ramp; LEG=file (default) or
-#                                         mem for the legs' kind; BENCH_DIR for the results)
+#   scripts/sites/bench.sh [SECONDS]     (default 10, after a 2 s ramp; LEG=file (default, the
+#                                         images in LEG_DIR, default /dev/shm) or mem for the
+#                                         legs' kind; BENCH_DIR for the results)
 set -euo pipefail
 secs=${1:-10}
 case $secs in '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;; esac
@@ -23,12 +25,16 @@ command -v jq >/dev/null || { apt-get install -y -qq jq >/dev/null; }
 (cd "$SITES_ROOT" && nice cargo build --release -q -p nvmirror-target --bin nvmirror \
     -p nvmirror-bench --bin nvmirror-bench --bin nvmirror-netdelay)
 
-case ${LEG:-file} in
-file) local_leg="file://@DATA_DIR@/local.img?create=256MiB" ;;
-mem) local_leg="mem://256MiB" ;;
-*) die "LEG must be file or mem" ;;
-esac
-trap sites_down EXIT
+legdir=${LEG_DIR:-/dev/shm}
+# leg NAME BYTES: a leg of the chosen kind
+leg() {
+    case ${LEG:-file} in
+    file) echo "file://$legdir/$SITES-$1.img?create=$2" ;;
+    mem) echo "mem://$2" ;;
+    *) die "LEG must be file or mem" ;;
+    esac
+}
+trap 'sites_down; rm -f "$legdir/$SITES"-*.img' EXIT
 sites_up
 
 # run NAME QD REMOTE|- [PROXY ARGS...] -> "iops p50_ns p99_ns"; the JSON in $dir/NAME.json
@@ -36,16 +42,18 @@ run() {
     local name=$1 qd=$2 remote=$3
     shift 3
     sites_stop
-    rm -rf "${SITES_DIR:?}/a" "${SITES_DIR:?}/b"
-    start_b "$local_leg"
+    rm -rf "${SITES_DIR:?}/a" "${SITES_DIR:?}/b" "$legdir/$SITES"-*.img
+    start_b "$(leg b 256MiB)"
+    local a_leg
+    a_leg=$(leg a "$(b_capacity)")
     if [ "$remote" = - ]; then
-        start_a 5s "$local_leg"
+        start_a 5s "$a_leg"
     else
         if [ "$remote" = proxy ]; then
             proxy_start "$@"
             remote=$(b_uri "$A_REPL_ADDR:$PROXY_PORT")
         fi
-        start_a 5s "$local_leg" "$remote"
+        start_a 5s "$a_leg" "$remote"
     fi
     host_bench --rw randwrite --bs 4k --iodepth "$qd" --size 64MiB --runtime "${secs}s" \
         --time_based --ramp_time 2s --output-format json >"$dir/$name.json"
@@ -64,14 +72,15 @@ read -r p_iops p_p50 p_p99 < <(run proxy0 32 proxy --delay 0us)
 show "mirrored via proxy (0 delay)" "$p_iops" "$p_p50" "$p_p99"
 read -r d_iops d_p50 d_p99 < <(run delay1ms 32 proxy --delay 1ms)
 show "mirrored via proxy (+1 ms one way)" "$d_iops" "$d_p50" "$d_p99"
-echo "== QD1: the proxy's own latency"
-read -r _ q_p50 _ < <(run mirrored-qd1 1 "$(b_uri)")
-read -r _ qp_p50 _ < <(run proxy0-qd1 1 proxy --delay 0us)
-echo "  mirrored QD1 p50 $q_p50 ns, through the proxy $qp_p50 ns"
+echo "== nvmirror-netdelay's own cost: 4 KiB round trips on loopback, direct vs through it"
+"$SITES_BIN/nvmirror-netdelay" --measure 5000 --delay 0us | tee "$dir/netdelay-0.txt"
+"$SITES_BIN/nvmirror-netdelay" --measure 2000 --delay 1ms | tee "$dir/netdelay-1ms.txt"
+added() { sed -n 's/.*added beyond the delay: p50 \(-\{0,1\}[0-9.]*\) us/\1/p' "$1"; }
 
 result "sites QD32: IOPS mirrored/local-only" "$(calc "round($m_iops / $l_iops, 3)")" ">=" -
 result "sites QD32: added p50 mirrored vs local-only (us)" "$(calc "round(($m_p50 - $l_p50) / 1000, 1)")" "<=" -
 result "sites QD32 +1ms: added p50 vs proxy 0 delay (us)" "$(calc "round(($d_p50 - $p_p50) / 1000, 1)")" "<=" 2030
 result "sites QD32 +1ms: added p50 - RTT 2 ms (us)" "$(calc "round(($d_p50 - $p_p50) / 1000 - 2000, 1)")" "<=" 30
 result "sites QD32 +1ms: added p50 vs local-only (us)" "$(calc "round(($d_p50 - $l_p50) / 1000, 1)")" "<=" -
-result "netdelay QD1: added p50 per round trip, 0 delay (us)" "$(calc "round(($qp_p50 - $q_p50) / 1000, 1)")" "<=" -
+result "netdelay, no delay: added p50 per round trip (us)" "$(added "$dir/netdelay-0.txt")" "<=" -
+result "netdelay, 1 ms each way: added p50 beyond 2 ms (us)" "$(added "$dir/netdelay-1ms.txt")" "<=" -

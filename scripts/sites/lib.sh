@@ -69,6 +69,7 @@ serve() {
     local site=$1 listen=$2 cfg=$3 d=$SITES_DIR/$1
     mkdir -p "$d"
     printf '%s\n' "$cfg" >"$d/nvmirror.toml"
+    : >"$d/serve.log"
     ip netns exec "$(ns "$site")" "$SITES_BIN/nvmirror" serve --config "$d/nvmirror.toml" \
         --data-dir "$d" --listen "$listen" --nbd-listen 127.0.0.1:10809 \
         --metrics-listen 127.0.0.1:9420 >"$d/serve.log" 2>&1 &

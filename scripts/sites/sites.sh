@@ -4,7 +4,7 @@
 #   scripts/sites/sites.sh up                     namespaces nvm-sites-{h,a,b}, veth pairs, addresses
 #   scripts/sites/sites.sh start [DELAY]          site B (file leg exported over NVMe/TCP), site A
 #                                                 (local file leg + nvme-tcp leg to B, io_timeout
-#                                                 $IO_TIMEOUT, default 500ms); with DELAY (e.g. 1ms)
+#                                                 $IO_TIMEOUT, default 2s); with DELAY (e.g. 1ms)
 #                                                 A's leg goes through nvmirror-netdelay adding
 #                                                 DELAY one way in each direction
 #   scripts/sites/sites.sh writer [SECONDS]       verifying writer on the host against A
@@ -38,7 +38,7 @@ start)
         proxy_start --delay "$1"
         remote=$(b_uri "$A_REPL_ADDR:$PROXY_PORT")
     fi
-    start_a "${IO_TIMEOUT:-500ms}" "file://@DATA_DIR@/local.img?create=64MiB" "$remote"
+    start_a "${IO_TIMEOUT:-2s}" "file://@DATA_DIR@/local.img?create=$(b_capacity)" "$remote"
     echo "site B: $(b_uri) (log $SITES_DIR/b/serve.log)"
     echo "site A: $(a_uri), legs local + $remote (log $SITES_DIR/a/serve.log)"
     ;;

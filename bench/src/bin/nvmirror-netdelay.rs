@@ -14,6 +14,9 @@
 //! every connection at AT (both peers see the connection end). Both may be repeated.
 //!
 //! It prints `nvmirror-netdelay: listening on ADDR` once it accepts connections.
+//!
+//! `--measure N` times N round trips of 4 KiB to an echo server on loopback, directly and
+//! through the proxy (with the delays given), and prints what the proxy adds beyond them.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -31,11 +34,15 @@ use clap::Parser;
 )]
 struct Args {
     /// Address to accept connections on (`ADDR:PORT`).
-    #[arg(long)]
-    listen: String,
+    #[arg(long, required_unless_present = "measure")]
+    listen: Option<String>,
     /// Address every accepted connection is forwarded to.
-    #[arg(long)]
-    connect: String,
+    #[arg(long, required_unless_present = "measure")]
+    connect: Option<String>,
+    /// Instead of serving: time N round trips of 4 KiB to an echo server on loopback, direct
+    /// and through the proxy with the given delays, and print what the proxy adds beyond them.
+    #[arg(long, value_name = "N", conflicts_with_all = ["listen", "connect"])]
+    measure: Option<usize>,
     /// One-way delay in both directions (`1ms`, `250us`).
     #[arg(long, default_value = "0", value_parser = parse_duration)]
     delay: Duration,
@@ -48,6 +55,10 @@ struct Args {
     /// Hold all traffic from AT (after start) for FOR: `AT+FOR`, e.g. `5s+2s`. Repeatable.
     #[arg(long, value_parser = parse_stall)]
     stall: Vec<(Duration, Duration)>,
+    /// How long before a chunk is due the writer stops sleeping and spins: a sleep can
+    /// overshoot by this much on a busy machine (more spin, more CPU, less lateness).
+    #[arg(long, default_value = "200us", value_parser = parse_duration)]
+    spin: Duration,
     /// Close every connection at this time after start. Repeatable.
     #[arg(long, value_parser = parse_duration)]
     reset_at: Vec<Duration>,
@@ -101,30 +112,36 @@ impl Schedule {
     }
 }
 
-/// Below this the writer spins instead of sleeping: a sleep overshoots by tens of microseconds.
-const SPIN: Duration = Duration::from_micros(200);
 /// Largest chunk read at once.
 const CHUNK: usize = 64 * 1024;
 
-/// Waits until `due`: sleeps until [`SPIN`] before it, then spins.
-fn wait_until(due: Instant) {
+/// Waits until `due`: sleeps until `spin` before it, then spins.
+fn wait_until(due: Instant, spin: Duration) {
     loop {
         let now = Instant::now();
         if now >= due {
             return;
         }
         let left = due - now;
-        if left > SPIN {
-            std::thread::sleep(left - SPIN);
+        if left > spin {
+            std::thread::sleep(left - spin);
         } else {
             std::hint::spin_loop();
         }
     }
 }
 
+/// How a direction forwards: its delay and the spin margin of [`wait_until`].
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    delay: Duration,
+    spin: Duration,
+}
+
 /// Copies `from` to `to` with `delay`, holding traffic during the schedule's stalls. Ends when
 /// either side ends; then shuts both down so the other direction ends too.
-fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, sched: Arc<Schedule>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, pace: Pace, sched: Arc<Schedule>) {
+    let Pace { delay, spin } = pace;
     let close = |a: &TcpStream, b: &TcpStream| {
         let _ = a.shutdown(Shutdown::Both);
         let _ = b.shutdown(Shutdown::Both);
@@ -148,9 +165,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, sched: Arc<Sche
     let (from2, to2) = (from.try_clone(), to.try_clone());
     let writer = std::thread::spawn(move || {
         for (arrived, chunk) in rx {
-            wait_until(arrived + delay);
+            wait_until(arrived + delay, spin);
             if let Some(end) = sched.stalled_until(Instant::now()) {
-                wait_until(end);
+                wait_until(end, spin);
             }
             if to.write_all(&chunk).is_err() {
                 break;
@@ -180,9 +197,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, delay: Duration, sched: Arc<Sche
 /// Connections open now, so `--reset-at` can close them.
 type Open = Arc<Mutex<Vec<TcpStream>>>;
 
-fn serve(args: &Args) -> Result<(), String> {
-    let listener =
-        TcpListener::bind(&args.listen).map_err(|e| format!("--listen {}: {e}", args.listen))?;
+fn serve(args: &Args, listen: &str, connect: &str) -> Result<(), String> {
+    let listener = TcpListener::bind(listen).map_err(|e| format!("--listen {listen}: {e}"))?;
     let sched = Arc::new(Schedule {
         start: Instant::now(),
         stalls: args.stall.clone(),
@@ -191,20 +207,41 @@ fn serve(args: &Args) -> Result<(), String> {
     for &at in &args.reset_at {
         let (open, start) = (Arc::clone(&open), sched.start);
         std::thread::spawn(move || {
-            wait_until(start + at);
+            wait_until(start + at, Duration::ZERO);
             let conns = std::mem::take(&mut *open.lock().unwrap_or_else(|e| e.into_inner()));
             for c in conns {
                 let _ = c.shutdown(Shutdown::Both);
             }
         });
     }
-    let up = args.delay_up.unwrap_or(args.delay);
-    let down = args.delay_down.unwrap_or(args.delay);
+    let (up, down) = delays(args);
     println!(
-        "nvmirror-netdelay: listening on {} -> {} (up {up:?}, down {down:?})",
+        "nvmirror-netdelay: listening on {} -> {connect} (up {:?}, down {:?})",
         listener.local_addr().map_err(|e| e.to_string())?,
-        args.connect
+        up.delay,
+        down.delay
     );
+    forward(&listener, connect, up, down, &sched, &open);
+    Ok(())
+}
+
+fn delays(args: &Args) -> (Pace, Pace) {
+    let pace = |d: Option<Duration>| Pace {
+        delay: d.unwrap_or(args.delay),
+        spin: args.spin,
+    };
+    (pace(args.delay_up), pace(args.delay_down))
+}
+
+/// Joins every connection accepted on `listener` to a new one to `connect`.
+fn forward(
+    listener: &TcpListener,
+    connect: &str,
+    up: Pace,
+    down: Pace,
+    sched: &Arc<Schedule>,
+    open: &Open,
+) {
     for client in listener.incoming() {
         let client = match client {
             Ok(c) => c,
@@ -213,10 +250,10 @@ fn serve(args: &Args) -> Result<(), String> {
                 continue;
             }
         };
-        let server = match TcpStream::connect(&args.connect) {
+        let server = match TcpStream::connect(connect) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("nvmirror-netdelay: connect {}: {e}", args.connect);
+                eprintln!("nvmirror-netdelay: connect {connect}: {e}");
                 continue;
             }
         };
@@ -235,17 +272,94 @@ fn serve(args: &Args) -> Result<(), String> {
                 continue;
             }
         };
-        let s = Arc::clone(&sched);
+        let s = Arc::clone(sched);
         std::thread::spawn(move || pump(client, server, up, s));
-        let s = Arc::clone(&sched);
+        let s = Arc::clone(sched);
         std::thread::spawn(move || pump(server2, client2, down, s));
     }
+}
+
+/// Bytes of one `--measure` round trip.
+const PROBE: usize = 4096;
+
+/// `n` round trips of [`PROBE`] bytes to `addr`: their latencies, sorted.
+fn round_trips(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Duration>> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let out = vec![0x5au8; PROBE];
+    let mut back = vec![0u8; PROBE];
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        s.write_all(&out)?;
+        s.read_exact(&mut back)?;
+        // The first tenth warms up (connection, caches, thread wake-ups).
+        if i >= n / 10 {
+            lat.push(t.elapsed());
+        }
+    }
+    lat.sort();
+    Ok(lat)
+}
+
+fn measure(args: &Args, n: usize) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    let echo = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let echo_addr = echo.local_addr().map_err(io)?;
+    std::thread::spawn(move || {
+        for conn in echo.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let _ = conn.set_nodelay(true);
+                let mut buf = vec![0u8; CHUNK];
+                while let Ok(k) = conn.read(&mut buf) {
+                    if k == 0 || conn.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let front = TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    let front_addr = front.local_addr().map_err(io)?;
+    let (up, down) = delays(args);
+    let sched = Arc::new(Schedule {
+        start: Instant::now(),
+        stalls: Vec::new(),
+    });
+    let target = echo_addr.to_string();
+    std::thread::spawn(move || forward(&front, &target, up, down, &sched, &Open::default()));
+    let direct = round_trips(echo_addr, n).map_err(io)?;
+    let proxied = round_trips(front_addr, n).map_err(io)?;
+    let pct = |v: &[Duration], p: f64| v[((v.len() - 1) as f64 * p) as usize];
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let added = us(pct(&proxied, 0.5)) - us(pct(&direct, 0.5)) - us(up.delay + down.delay);
+    println!(
+        "nvmirror-netdelay: {n} round trips of {PROBE} B on loopback, delay up {:?} down {:?} \
+         (spin {:?})\n\
+         direct:  p50 {:.1} us  p99 {:.1} us\n\
+         proxied: p50 {:.1} us  p99 {:.1} us\n\
+         added beyond the delay: p50 {added:.1} us",
+        up.delay,
+        down.delay,
+        args.spin,
+        us(pct(&direct, 0.5)),
+        us(pct(&direct, 0.99)),
+        us(pct(&proxied, 0.5)),
+        us(pct(&proxied, 0.99)),
+    );
     Ok(())
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match serve(&args) {
+    let run = match (&args.measure, &args.listen, &args.connect) {
+        (Some(n), _, _) if *n > 0 => measure(&args, *n),
+        (Some(_), _, _) => Err("--measure: at least one round trip".into()),
+        (None, Some(l), Some(c)) => serve(&args, l, c),
+        _ => Err("--listen and --connect are both needed".into()),
+    };
+    match run {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nvmirror-netdelay: {e}");
@@ -312,13 +426,17 @@ mod tests {
             stalls: Vec::new(),
         });
         let delay = Duration::from_millis(20);
+        let pace = Pace {
+            delay,
+            spin: Duration::from_micros(200),
+        };
         std::thread::spawn(move || {
             let (client, _) = front.accept().unwrap();
             let server = TcpStream::connect(echo_addr).unwrap();
             let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
             let s = Arc::clone(&sched);
-            std::thread::spawn(move || pump(client, server, delay, s));
-            pump(s2, c2, delay, sched);
+            std::thread::spawn(move || pump(client, server, pace, s));
+            pump(s2, c2, pace, sched);
         });
         let mut c = TcpStream::connect(front_addr).unwrap();
         let msg: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
