@@ -67,10 +67,31 @@ impl Server {
 
     /// `serve ARGS` on free ports (listeners given as 127.0.0.1:0).
     pub fn spawn(args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
-        let mut child = Command::new(NVMIRROR)
+        Self::spawn_via(&[], "127.0.0.1:0", args, env)
+    }
+
+    /// `PREFIX… nvmirror serve ARGS` with its NVMe/TCP listener on `listen` (NBD and metrics
+    /// on free loopback ports). `PREFIX` runs the server under another program, e.g.
+    /// `["ip", "netns", "exec", NS]` to start it inside a network namespace; the prefix must
+    /// exec the server, so that the child is the server itself.
+    pub fn spawn_via(
+        prefix: &[&str],
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(NVMIRROR);
+                c
+            }
+            None => Command::new(NVMIRROR),
+        };
+        let mut child = cmd
             .arg("serve")
             .args(args)
-            .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--nbd-listen", "127.0.0.1:0"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -124,6 +145,14 @@ impl Server {
             out.status.success(),
             String::from_utf8_lossy(&text).into_owned(),
         )
+    }
+
+    /// `METHOD PARAMS` over the RPC socket from this process, without an `nvmirror rpc`
+    /// child (what a test timing the server uses: spawning a process can take seconds on a
+    /// loaded machine); the result, or the error's text.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, String> {
+        nvmirror_target::rpc::call(Path::new(&self.socket), method, params)
+            .map_err(|e| e.to_string())
     }
 
     /// [`rpc`](Self::rpc) that must succeed; its result.
