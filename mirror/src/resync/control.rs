@@ -193,10 +193,8 @@ impl Volume {
         tracing::info!(volume = %vol.name, leg = index, name = vol.leg_name(index), "leg added; resyncing");
         // The in-sync legs' superblocks name the new member (stale until its copy is done),
         // so a restart brings it back and rebuilds it.
-        // A failure is logged there; the copy still runs and its end writes them again.
-        if let Some(meta) = vol.meta.as_ref() {
-            let _ = meta.persist_states(vol);
-        }
+        // The metadata thread writes them; the copy runs meanwhile.
+        vol.persist_leg_states();
         *slot = Some(job_shared);
         Ok(job)
     }
