@@ -231,7 +231,7 @@ pub(crate) struct PersistentMeta {
     /// (`recorder`). No reactor takes it either.
     pub(crate) sb_io: Mutex<ControlIo>,
     /// Hands leg-state changes to the metadata thread and their durability back.
-    pub(crate) recorder: StateRecorder,
+    pub(crate) recorder: std::sync::Arc<StateRecorder>,
 }
 
 impl PersistentMeta {
@@ -249,7 +249,7 @@ impl PersistentMeta {
             events: AtomicU64::new(events),
             io: Mutex::new(ControlIo::new(timeout)),
             sb_io: Mutex::new(ControlIo::new(timeout)),
-            recorder: StateRecorder::default(),
+            recorder: std::sync::Arc::default(),
         }
     }
 

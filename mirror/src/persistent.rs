@@ -529,8 +529,9 @@ impl Volume {
         let meta = self.persistent()?;
         // The metadata thread holds the volume while it works; from here on this thread
         // writes the superblocks.
-        meta.recorder.stop();
+        meta.recorder.pause();
         if Arc::strong_count(&shared) > 2 {
+            meta.recorder.resume();
             return Err(Error::Busy {
                 volume: shared.name.clone(),
                 reason: "queue pairs are still open".into(),

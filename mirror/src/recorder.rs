@@ -21,8 +21,8 @@
 //! clearer or a recovery copy, and no reactor ever takes a lock it holds.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::thread::{JoinHandle, Thread};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::legs::{LegState, Refusal, MAX_LEGS};
@@ -35,6 +35,9 @@ const IDLE: Duration = Duration::from_millis(100);
 
 /// How often unbacked states are tried again.
 const RETRY: Duration = Duration::from_millis(50);
+
+/// The longest a clean shutdown waits for the thread to pause.
+const PAUSE_LIMIT: Duration = Duration::from_secs(120);
 
 /// What a held acknowledgement may become.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,10 +64,11 @@ pub(crate) struct StateRecorder {
     bitmap_done: [AtomicU64; MAX_LEGS],
     /// Set by a wake-up not yet seen by the thread (saves repeated unparks).
     woken: AtomicBool,
-    stop: AtomicBool,
+    /// Asked to pause (a clean shutdown writes the superblocks itself).
+    pause: AtomicBool,
+    /// The thread is paused and holds no reference to the volume.
+    paused: AtomicBool,
     waker: OnceLock<Thread>,
-    /// The thread, joined by a clean shutdown (control plane only).
-    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl StateRecorder {
@@ -78,7 +82,7 @@ impl StateRecorder {
     fn store_round(&self, events: u32, unbacked: bool, failed: u8) {
         self.last_failed.store(failed, Ordering::Relaxed);
         self.recorded.store(
-            u64::from(events) << 1 | u64::from(unbacked),
+            (u64::from(events) << 1) | u64::from(unbacked),
             Ordering::Release,
         );
     }
@@ -148,52 +152,63 @@ impl StateRecorder {
         }
     }
 
-    /// Stops the thread and waits for it (a clean shutdown, before it writes the superblocks
-    /// itself).
-    pub(crate) fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+    /// Pauses the thread and waits until it holds no reference to the volume and writes
+    /// nothing (a clean shutdown, which then writes the superblocks itself).
+    pub(crate) fn pause(&self) {
+        self.pause.store(true, Ordering::SeqCst);
+        let Some(t) = self.waker.get() else {
+            return;
+        };
+        // A round in progress ends within a few I/O timeouts; a thread that died never
+        // answers, and then there is nothing to wait for.
+        let start = Instant::now();
+        while !self.paused.load(Ordering::SeqCst) && start.elapsed() < PAUSE_LIMIT {
+            t.unpark();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Lets a paused thread go on.
+    pub(crate) fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.pause.store(false, Ordering::SeqCst);
         if let Some(t) = self.waker.get() {
             t.unpark();
-        }
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
         }
     }
 }
 
-/// Starts the metadata thread of a persistent volume.
+/// Starts the metadata thread of a persistent volume. It ends by itself once the volume is
+/// gone.
 pub(crate) fn spawn(vol: &Arc<VolumeShared>) -> std::io::Result<()> {
     let Some(meta) = vol.meta.as_ref() else {
         return Ok(());
     };
     let weak = Arc::downgrade(vol);
+    let rec = Arc::clone(&meta.recorder);
     let handle = std::thread::Builder::new()
         .name(format!("nvmirror-meta-{}", vol.name))
-        .spawn(move || run(weak))?;
+        .spawn(move || run(&weak, &rec))?;
     let _ = meta.recorder.waker.set(handle.thread().clone());
-    *meta
-        .recorder
-        .handle
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(handle);
     Ok(())
 }
 
-fn run(vol: Weak<VolumeShared>) {
+fn run(vol: &Weak<VolumeShared>, rec: &StateRecorder) {
     loop {
+        if rec.pause.load(Ordering::SeqCst) {
+            rec.paused.store(true, Ordering::SeqCst);
+            std::thread::park_timeout(IDLE);
+            if vol.strong_count() == 0 {
+                return;
+            }
+            continue;
+        }
         let Some(v) = vol.upgrade() else {
             return;
         };
         let Some(meta) = v.meta.as_ref() else {
             return;
         };
-        let rec = &meta.recorder;
-        if rec.stop.load(Ordering::Acquire) {
-            return;
-        }
         rec.woken.store(false, Ordering::Release);
         let worked = {
             let mut io = meta.lock_sb_io();
@@ -279,13 +294,13 @@ impl VolumeShared {
                     1
                 }
             };
-            rec.bitmap_done[leg].store(asked << 1 | failed, Ordering::Release);
+            rec.bitmap_done[leg].store((asked << 1) | failed, Ordering::Release);
         }
         worked
     }
 
     /// The recorder of a persistent volume.
     pub(crate) fn recorder(&self) -> Option<&StateRecorder> {
-        self.meta.as_ref().map(|m| &m.recorder)
+        self.meta.as_ref().map(|m| &*m.recorder)
     }
 }

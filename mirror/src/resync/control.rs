@@ -267,6 +267,12 @@ impl Volume {
                 what: "verify",
             });
         }
+        // Writes that failed on every in-sync leg are resolved first (copied from the
+        // primary and forgotten): a repair never reports the legs clean over one of them.
+        if repair && !vol.diverged.regions().is_empty() {
+            let n = self.reconcile_failed_writes()?;
+            tracing::info!(volume = %vol.name, regions = n, "reconciled before the verify");
+        }
         let shared = Arc::new(JobShared::new(0, repair, cfg.max_rate, cfg.adaptive));
         let job = VerifyJob::new(Arc::clone(vol), Arc::clone(&shared), &cfg).map_err(|reason| {
             Error::Config {
