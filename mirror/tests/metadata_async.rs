@@ -141,18 +141,26 @@ fn a_hung_superblock_write_stalls_no_reactor_and_holds_the_ack_until_the_fault_i
     let acked = Arc::new(AtomicBool::new(false));
     let other_core_reads = Arc::new(AtomicU64::new(0));
     // Another core: a host reading all along; it counts what completes between the fault and
-    // the faulting write's ack.
+    // the faulting write's ack. Once leg 0 is out it also writes, which leg 0 misses: that
+    // write's ack must find the survivor's superblock naming leg 0 stale.
     let other = {
-        let (vol, faulted, acked, reads) = (
+        let (vol, faulted, acked, reads, survivor) = (
             Arc::clone(&vol),
             Arc::clone(&faulted),
             Arc::clone(&acked),
             Arc::clone(&other_core_reads),
+            Arc::clone(&f[2]),
         );
         std::thread::spawn(move || {
             let mut host = Host::new(&vol);
+            let mut wrote = None;
             let deadline = Instant::now() + Duration::from_secs(60);
             while !acked.load(Ordering::Acquire) && Instant::now() < deadline {
+                if wrote.is_none() && reads.load(Ordering::Relaxed) >= 20 {
+                    let status = host.write(9 * BPR, 8, 0x99);
+                    wrote = Some((status, superblock(&survivor).member_states[0]));
+                    continue;
+                }
                 let tag = host.submit(IoOp::Read, 5 * BPR, 8, vec![0; 4096]);
                 let during = faulted.load(Ordering::Acquire);
                 let status = host.wait(tag, Duration::from_secs(30));
@@ -162,6 +170,7 @@ fn a_hung_superblock_write_stalls_no_reactor_and_holds_the_ack_until_the_fault_i
                 }
                 host.keep.clear();
             }
+            wrote
         })
     };
     // This core: the host whose write faults leg 0, and a second host reading meanwhile.
@@ -199,7 +208,7 @@ fn a_hung_superblock_write_stalls_no_reactor_and_holds_the_ack_until_the_fault_i
     let states: Vec<LegState> = vol.leg_states().iter().map(|l| l.state).collect();
     let survivor = superblock(&f[2]);
     acked.store(true, Ordering::Release);
-    other.join().unwrap();
+    let other_write = other.join().unwrap();
     let other_core_reads = other_core_reads.load(Ordering::Relaxed);
     assert!(
         same_core_reads > 0,
@@ -222,6 +231,13 @@ fn a_hung_superblock_write_stalls_no_reactor_and_holds_the_ack_until_the_fault_i
     );
     assert_ne!(survivor.member_states[0], MemberState::InSync);
     assert_ne!(survivor.member_states[1], MemberState::InSync);
+    let (other_status, named) = other_write.expect("the other core wrote while leg 0 was out");
+    assert!(other_status.is_success(), "{other_status}");
+    assert_ne!(
+        named,
+        MemberState::InSync,
+        "another core's write that leg 0 missed was acknowledged before a superblock said so"
+    );
     eprintln!(
         "reads during the hang: {same_core_reads} on the faulting core, {other_core_reads} on another; ack after {waited:?}"
     );
@@ -326,4 +342,31 @@ fn a_restart_after_an_unrecorded_fault_elects_the_leg_with_the_acknowledged_writ
         );
     }
     assert_eq!(host.read(BPR, 8), stamp(BPR, 8, 0x01));
+}
+
+#[test]
+fn a_persistent_resync_ends_with_the_whole_bitmap_and_the_superblocks_on_the_rebuilt_leg() {
+    let f = legs(2, "rs");
+    let vol = Volume::format("rs", devs(&f), cfg(Duration::from_secs(2)), false).unwrap();
+    let mut host = Host::new(&vol);
+    assert!(host.write(BPR, 8, 0x01).is_success());
+    vol.fault_leg(1).unwrap();
+    assert!(host.write(3 * BPR, 8, 0x03).is_success());
+    let status = vol.attach_leg(1).unwrap().run().join().unwrap();
+    assert_eq!(status.state, nvmirror_mirror::JobState::Done, "{status:?}");
+    assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
+    // A write after the flip is acknowledged once the superblocks name leg 1 in sync.
+    assert!(host.write(5 * BPR, 8, 0x05).is_success());
+    let sb = superblock(&f[1]);
+    assert_eq!(sb.member_states[1], MemberState::InSync);
+    assert_eq!(sb.event_counter, superblock(&f[0]).event_counter);
+    // The metadata thread gave the rebuilt leg the whole bitmap: both legs' areas agree.
+    let l = vol.metadata_layout().unwrap();
+    let area = |d: &FaultyDevice| {
+        let data = nvmirror_nvme::read_all(&**d.inner()).unwrap();
+        data[l.bitmap_offset as usize..(l.bitmap_offset + l.bitmap_len) as usize].to_vec()
+    };
+    assert!(area(&f[1]).iter().any(|&b| b != 0));
+    assert_eq!(area(&f[0]), area(&f[1]));
+    assert_eq!(host.read(3 * BPR, 8), stamp(3 * BPR, 8, 0x03));
 }
