@@ -57,6 +57,7 @@ mod qpair;
 mod read_policy;
 mod read_repair;
 mod reconcile;
+mod recorder;
 pub mod resync;
 mod stats;
 pub mod superblock;

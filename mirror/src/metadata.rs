@@ -1,8 +1,8 @@
 //! A persistent volume's on-leg metadata outside the write path: superblocks (identity,
 //! member states, event counter, clean flag) and synchronous control-plane I/O — format,
-//! start-up reads, state changes, clearing flushes and recovery copies. None of this runs per
-//! host I/O; the write path's bitmap pages go through the per-core queue pairs
-//! (`qpair/intent.rs`).
+//! start-up reads, clearing flushes and recovery copies. None of this runs per host I/O or on
+//! a reactor: state changes go to the metadata thread (`recorder`), and the write path's
+//! bitmap pages go through the per-core queue pairs (`qpair/intent.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -13,6 +13,7 @@ use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
 
 use crate::bitmap::{MetadataLayout, BITMAP_PAGE};
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
+use crate::recorder::StateRecorder;
 use crate::superblock::{MemberState, Role, Superblock, Uuid, HEADER_LEN};
 use crate::volume::VolumeShared;
 
@@ -111,7 +112,8 @@ impl ControlIo {
                 self.qps[leg] = None;
                 return Err(format!("{op:?} at LBA {lba} timed out"));
             }
-            std::hint::spin_loop();
+            // Control-plane threads share the cores with the reactors: give way while waiting.
+            std::thread::yield_now();
         }
     }
 
@@ -222,8 +224,14 @@ pub(crate) struct PersistentMeta {
     pub(crate) layout: MetadataLayout,
     /// The event counter last written.
     pub(crate) events: AtomicU64,
-    /// Serialises superblock writes and every other control-plane I/O.
+    /// Serialises the control plane's I/O: clearing flushes and pages, recovery copies,
+    /// start-up reads. No reactor takes it.
     pub(crate) io: Mutex<ControlIo>,
+    /// The metadata thread's queue pairs: superblock writes and whole-bitmap writes
+    /// (`recorder`). No reactor takes it either.
+    pub(crate) sb_io: Mutex<ControlIo>,
+    /// Hands leg-state changes to the metadata thread and their durability back.
+    pub(crate) recorder: std::sync::Arc<StateRecorder>,
 }
 
 impl PersistentMeta {
@@ -240,11 +248,17 @@ impl PersistentMeta {
             layout,
             events: AtomicU64::new(events),
             io: Mutex::new(ControlIo::new(timeout)),
+            sb_io: Mutex::new(ControlIo::new(timeout)),
+            recorder: std::sync::Arc::default(),
         }
     }
 
     pub(crate) fn lock_io(&self) -> std::sync::MutexGuard<'_, ControlIo> {
         self.io.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn lock_sb_io(&self) -> std::sync::MutexGuard<'_, ControlIo> {
+        self.sb_io.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Leg `leg`'s superblock for the states in `snap`.
@@ -306,16 +320,22 @@ impl PersistentMeta {
         }
     }
 
-    /// Bumps the event counter and writes every in-sync leg's superblock with the current
-    /// member states (a leg out of sync is named stale, or detached when an operator took it out). Returns the legs that failed.
-    pub(crate) fn write_superblocks(&self, vol: &VolumeShared, clean: bool, bump: bool) -> u8 {
-        let mut io = self.lock_io();
+    /// Bumps the event counter (when `bump`) and writes every in-sync leg's superblock with
+    /// the member states of `snap` (a leg out of sync is named stale, or detached when an
+    /// operator took it out). The caller holds `sb_io`. Returns the legs that failed.
+    pub(crate) fn write_superblocks(
+        &self,
+        io: &mut ControlIo,
+        vol: &VolumeShared,
+        snap: LegSnapshot,
+        clean: bool,
+        bump: bool,
+    ) -> u8 {
         let events = if bump {
             self.events.fetch_add(1, Ordering::SeqCst) + 1
         } else {
             self.events.load(Ordering::SeqCst)
         };
-        let snap = vol.states.snapshot();
         let mut failed = 0;
         for (i, leg) in vol
             .legs
@@ -335,18 +355,14 @@ impl PersistentMeta {
         failed
     }
 
-    /// A leg changed state: the in-sync legs' superblocks record it (cold; blocks this core
-    /// for one superblock write per leg). Returns the in-sync legs whose superblock could
-    /// not be written (each already logged): while one of them is left, a restart may take
-    /// the wrong leg for the freshest.
-    #[must_use = "a superblock that did not reach a survivor leaves a stale leg looking fresh"]
-    pub(crate) fn persist_states(&self, vol: &VolumeShared) -> u8 {
-        let failed = self.write_superblocks(vol, false, true);
-        if failed != 0 {
-            tracing::error!(
-                volume = %vol.name, legs = format_args!("{failed:#06b}"),
-                "leg states not recorded on every in-sync leg; a restart may pick a stale leg"
-            );
+    /// Start-up and clean shutdown (no metadata thread running): writes the current states
+    /// to every in-sync leg's superblock on this thread. Returns the legs that failed.
+    pub(crate) fn write_superblocks_now(&self, vol: &VolumeShared, clean: bool, bump: bool) -> u8 {
+        let mut io = self.lock_sb_io();
+        let snap = vol.states.snapshot();
+        let failed = self.write_superblocks(&mut io, vol, snap, clean, bump);
+        if failed == 0 {
+            self.recorder.mark_recorded(snap.events());
         }
         failed
     }

@@ -161,10 +161,7 @@ impl Volume {
                 Found::Superblock(sb) => Some(sb),
             });
         }
-        let Some(fresh) = (0..legs.len())
-            .filter(|&i| sbs[i].is_some())
-            .max_by_key(|&i| (sbs[i].as_ref().map(|s| s.event_counter), usize::MAX - i))
-        else {
+        let Some(fresh) = elect_freshest(&sbs) else {
             return Err(Error::Metadata {
                 volume: name.to_string(),
                 leg: 0,
@@ -282,6 +279,7 @@ impl Volume {
         let meta = shared.meta.as_ref().expect("persistent");
         let marked = bm.marked_regions();
         meta.lock_io().set_timeout(startup_timeout);
+        meta.lock_sb_io().set_timeout(startup_timeout);
         if !clean {
             // Writes in flight at the stop may have reached some legs only: make the in-sync
             // legs agree on every marked region, taking the freshest leg's copy. A leg that
@@ -359,12 +357,15 @@ impl Volume {
                 }
             }
         }
-        let failed = meta.write_superblocks(&shared, false, true);
+        let failed = meta.write_superblocks_now(&shared, false, true);
         meta.lock_io().set_timeout(shared.cfg.io_timeout);
+        meta.lock_sb_io().set_timeout(shared.cfg.io_timeout);
         if failed != 0 {
             let leg = failed.trailing_zeros() as usize;
             return Err(meta_err(leg, "cannot write the superblock".into()));
         }
+        crate::recorder::spawn(&shared)
+            .map_err(|e| meta_err(fresh, format!("cannot start the metadata thread: {e}")))?;
         tracing::info!(
             volume = name,
             fresh,
@@ -402,6 +403,11 @@ impl Volume {
             name: dev.name().to_string(),
             reason,
         };
+        // Writes that failed on every in-sync leg may have left them different: make them
+        // agree first, so the copy below hands the recovered leg what the others all hold.
+        if !shared.diverged.regions().is_empty() {
+            self.reconcile_failed_writes()?;
+        }
         let regions = shared.leg(leg).expect("a leg in use").missed.regions();
         {
             let mut io = meta.lock_io();
@@ -521,7 +527,11 @@ impl Volume {
     pub fn shutdown_clean(self) -> Result<()> {
         let shared = Arc::clone(self.shared());
         let meta = self.persistent()?;
+        // The metadata thread holds the volume while it works; from here on this thread
+        // writes the superblocks.
+        meta.recorder.pause();
         if Arc::strong_count(&shared) > 2 {
+            meta.recorder.resume();
             return Err(Error::Busy {
                 volume: shared.name.clone(),
                 reason: "queue pairs are still open".into(),
@@ -552,7 +562,9 @@ impl Volume {
                 }
             }
         }
-        let failed = meta.write_superblocks(&shared, true, false);
+        // A bumped counter: a leg that missed this write (out of sync now, recorded or not)
+        // cannot tie with the legs that got it.
+        let failed = meta.write_superblocks_now(&shared, true, true);
         if failed != 0 {
             let leg = failed.trailing_zeros() as usize;
             return Err(Error::Metadata {
@@ -656,15 +668,18 @@ fn persistent_layout(
 impl VolumeShared {
     /// Writes a snapshot of the whole write-intent bitmap to leg `leg` and flushes it, before
     /// the leg is brought back in sync (the resync engine's last step on a persistent
-    /// volume). Bits set after the snapshot are on the other in-sync legs, whose union is what
-    /// a start-up reads. No-op on a volume without metadata.
-    pub(crate) fn write_whole_bitmap(&self, leg: usize) -> std::result::Result<(), String> {
+    /// volume), on the metadata thread (`io` is its `sb_io`). Bits set after the snapshot are
+    /// on the other in-sync legs, whose union is what a start-up reads.
+    pub(crate) fn write_whole_bitmap_with(
+        &self,
+        io: &mut ControlIo,
+        leg: usize,
+    ) -> std::result::Result<(), String> {
         let (Some(meta), Some(bm)) = (self.meta.as_ref(), self.bitmap.as_ref()) else {
             return Ok(());
         };
         let dev = Arc::clone(&self.leg(leg).ok_or_else(|| format!("no leg {leg}"))?.dev);
         let layout = meta.layout;
-        let mut io = meta.lock_io();
         let mut page = vec![0u8; BITMAP_PAGE as usize];
         for p in 0..bm.pages() as u32 {
             bm.snapshot(p, &mut page);
@@ -680,10 +695,91 @@ impl VolumeShared {
         Ok(())
     }
 
-    /// Records the legs' states in the superblocks (persistent volumes only). Returns the
-    /// in-sync legs whose superblock could not be written.
-    #[must_use = "a superblock that did not reach a survivor leaves a stale leg looking fresh"]
-    pub(crate) fn persist_leg_states(&self) -> u8 {
-        self.meta.as_ref().map_or(0, |m| m.persist_states(self))
+    /// Asks the metadata thread for the whole bitmap on leg `leg` (see
+    /// [`write_whole_bitmap_with`](Self::write_whole_bitmap_with)); `None` on a volume without
+    /// metadata, else the ticket to poll with
+    /// [`whole_bitmap_written`](Self::whole_bitmap_written). Never blocks.
+    pub(crate) fn request_whole_bitmap(&self, leg: usize) -> Option<u64> {
+        Some(self.recorder()?.request_whole_bitmap(leg))
+    }
+
+    /// `Some(true)` once the whole-bitmap write `ticket` is durable on leg `leg`,
+    /// `Some(false)` when it failed, `None` while it runs.
+    pub(crate) fn whole_bitmap_written(&self, leg: usize, ticket: u64) -> Option<bool> {
+        self.recorder()
+            .map_or(Some(true), |r| r.whole_bitmap_done(leg, ticket))
+    }
+
+    /// Asks the metadata thread to record the legs' states in the superblocks (persistent
+    /// volumes only). Never blocks; a write acknowledged after a state change waits for it.
+    pub(crate) fn persist_leg_states(&self) {
+        if let Some(rec) = self.recorder() {
+            rec.wake();
+        }
+    }
+}
+
+/// The leg whose superblock is the freshest: the highest event counter. Legs tie only when
+/// they took the same round; among them a leg that a tied superblock names out of sync is
+/// never taken (its own superblock may predate what it missed), then the lowest index.
+pub(crate) fn elect_freshest(sbs: &[Option<Box<Superblock>>]) -> Option<usize> {
+    let top = sbs.iter().flatten().map(|s| s.event_counter).max()?;
+    let tied: Vec<usize> = (0..sbs.len())
+        .filter(|&i| sbs[i].as_ref().is_some_and(|s| s.event_counter == top))
+        .collect();
+    let named_out = |leg: usize| {
+        tied.iter().any(|&j| {
+            let sb = sbs[j].as_ref().expect("tied legs have superblocks");
+            leg < MAX_LEGS && sb.member_states[leg] != MemberState::InSync
+        })
+    };
+    tied.iter()
+        .copied()
+        .find(|&i| !named_out(i))
+        .or_else(|| tied.first().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::legs::LegStates;
+
+    fn superblocks(events: [u64; 3], faulted: &[usize]) -> Vec<Option<Box<Superblock>>> {
+        let layout = MetadataLayout::compute(64 << 20, 512, 1 << 20).unwrap();
+        let meta = PersistentMeta::new(
+            Uuid::new_random(),
+            [Uuid::new_random(); MAX_LEGS],
+            layout,
+            1,
+            std::time::Duration::from_secs(1),
+        );
+        let states = LegStates::new(3);
+        for &f in faulted {
+            states.take_out(f, LegState::Faulted, None).unwrap();
+        }
+        (0..3)
+            .map(|i| {
+                let sb = meta.superblock("v", 3, i, states.snapshot(), events[i], false);
+                Some(Box::new(sb))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_highest_event_counter_is_the_freshest() {
+        assert_eq!(elect_freshest(&superblocks([4, 6, 5], &[])), Some(1));
+    }
+
+    #[test]
+    fn a_tie_never_elects_a_leg_a_tied_superblock_names_stale() {
+        // Legs 0 and 2 hold counter 7, and leg 2's superblock says leg 0 is faulted: leg 0
+        // wrote its own before it missed anything, so leg 2 is the freshest.
+        let mut sbs = superblocks([7, 3, 7], &[0]);
+        let mut own = superblocks([7, 3, 7], &[]);
+        sbs[0] = own[0].take();
+        assert_eq!(elect_freshest(&sbs), Some(2));
+        // With nobody named out, the lowest index wins the tie.
+        assert_eq!(elect_freshest(&superblocks([7, 3, 7], &[])), Some(0));
+        assert_eq!(elect_freshest(&[None, None]), None);
     }
 }

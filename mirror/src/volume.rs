@@ -14,6 +14,7 @@ use crate::legs::{LegInfo, LegRole, LegState, LegStates, Refusal, MAX_LEGS};
 use crate::metadata::PersistentMeta;
 use crate::missed::MissedRegions;
 use crate::qpair::VolumeQueuePair;
+use crate::recorder::AckStatus;
 use crate::resync::JobRegistry;
 use crate::stats::{CoreStats, VolumeStats};
 use crate::{Error, Result};
@@ -74,20 +75,37 @@ pub(crate) struct VolumeShared {
 }
 
 impl VolumeShared {
-    /// Persistent volumes: writes the in-sync legs' superblocks with the current member
-    /// states. A superblock that did not get them is an error naming its leg and `change`
-    /// (what the superblock fails to say).
+    /// Persistent volumes: waits (control plane only) until the metadata thread has written
+    /// the current member states to the in-sync legs' superblocks. When no in-sync leg took
+    /// them, the error names a leg whose superblock failed and `change` (what the superblock
+    /// fails to say).
     pub(crate) fn record_states(&self, change: impl FnOnce() -> String) -> Result<()> {
-        let failed = self.meta.as_ref().map_or(0, |m| m.persist_states(self));
-        if failed == 0 {
+        let Some(rec) = self.recorder() else {
+            return Ok(());
+        };
+        let events = self.states.snapshot().events();
+        // A round faults every failing leg in turn, each after at most one I/O timeout.
+        let limit = self.cfg.io_timeout * (2 * MAX_LEGS as u32 + 2);
+        let status = rec.wait(events, limit);
+        if status == AckStatus::Backed {
             return Ok(());
         }
-        let at = failed.trailing_zeros() as usize;
+        let failed = rec.last_failed();
+        let at = if failed == 0 {
+            self.states.snapshot().primary()
+        } else {
+            failed.trailing_zeros() as usize
+        };
+        let why = if status == AckStatus::Pending {
+            "the metadata thread did not record it in time"
+        } else {
+            "but this superblock does not say so"
+        };
         Err(Error::Metadata {
             volume: self.name.clone(),
             leg: at,
             name: self.leg_name(at).to_string(),
-            reason: format!("{}, but this superblock does not say so", change()),
+            reason: format!("{}, {why}", change()),
         })
     }
 
@@ -125,10 +143,11 @@ impl VolumeShared {
     }
 
     /// Faults `leg` after an I/O failure; when it is the primary, `successor` (or the lowest
-    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg, or
-    /// when a persistent volume could not record the change in a survivor's superblock (the
-    /// leg is out, but what it missed must not be acknowledged: a restart could take it for
-    /// the freshest).
+    /// in-sync leg) is promoted. False when refused because `leg` is the last in-sync leg.
+    ///
+    /// Never blocks: on a persistent volume the metadata thread is woken to record the change,
+    /// and every write acknowledged from now on waits (held on its core, `qpair/ack.rs`) until
+    /// the survivors' superblocks name the leg stale.
     #[cold]
     pub(crate) fn fault_on_io(
         &self,
@@ -144,19 +163,16 @@ impl VolumeShared {
                     volume = %self.name, leg, name, from = %t.from, %status,
                     "leg faulted: {what} failed"
                 );
-                // Persistent volumes: the survivors' superblocks name the leg stale before
-                // anything it missed is acknowledged.
-                let recorded = self
-                    .meta
-                    .as_ref()
-                    .map_or(true, |m| m.persist_states(self) == 0);
+                if let Some(rec) = self.recorder() {
+                    rec.wake();
+                }
                 if let Some(p) = t.promoted {
                     tracing::warn!(
                         volume = %self.name, old = leg, new = p,
                         name = self.leg_name(p), "primary promoted"
                     );
                 }
-                recorded
+                true
             }
             Ok(None) | Err(Refusal::AlreadyDetached | Refusal::WrongState(_)) => true,
             Err(Refusal::LastInSync | Refusal::NoFreeSlot | Refusal::Primary) => {

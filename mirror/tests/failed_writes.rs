@@ -234,3 +234,45 @@ fn a_retry_after_a_timeout_is_not_overtaken_by_the_late_original() {
         "the late original overwrote the retry"
     );
 }
+
+#[test]
+fn a_repairing_verify_reconciles_failed_writes_before_it_reports() {
+    let faults: Vec<Arc<FaultyDevice>> = (0..2)
+        .map(|i| Arc::new(FaultyDevice::wrap(mem(&format!("mem://vr{i}")))))
+        .collect();
+    let devs: Vec<Arc<dyn BlockDevice>> = faults
+        .iter()
+        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
+        .collect();
+    let cfg = VolumeConfig {
+        region_size: REGION,
+        ..VolumeConfig::default()
+    };
+    let vol = Volume::format("vr", devs, cfg, false).unwrap();
+    let data_lba = vol.metadata_layout().unwrap().data_offset / u64::from(LBA);
+    let mut qp = vol.open_qpair(8).unwrap();
+    let slba = 5 * REGION / u64::from(LBA);
+    for f in &faults {
+        f.injector().arm(Fault::FailRange {
+            ops: OpFilter::Writes,
+            slba: data_lba + slba,
+            nlb: 8,
+            status: Status::WRITE_FAULT,
+        });
+    }
+    let mut buf = vec![0x3cu8; 8 * LBA as usize];
+    let cmd = IoCommand::with_buf(IoOp::Write, slba, 8, IoBuf::from_slice(&mut buf), 1);
+    let status = run(&mut *qp, cmd, Duration::from_secs(5)).expect("completes");
+    assert!(!status.is_success());
+    assert_eq!(vol.unreconciled_regions(), vec![5]);
+    for f in &faults {
+        f.injector().clear_all();
+    }
+    drop(qp);
+    let done = vol.verify_start(true).unwrap().run().join().unwrap();
+    assert!(done.mismatched_regions.is_empty(), "{done:?}");
+    assert!(
+        vol.unreconciled_regions().is_empty(),
+        "the repair reported clean over a write that failed on every leg"
+    );
+}

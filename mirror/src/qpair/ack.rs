@@ -18,6 +18,7 @@ use super::intent::META_SLOT_BASE;
 use super::{Parked, VolumeQueuePair, Waiting};
 use crate::breakdown::PathKind;
 use crate::join::{split_tag, JoinResult, LegOutcome};
+use crate::recorder::AckStatus;
 use crate::stats::bump;
 
 impl VolumeQueuePair {
@@ -116,12 +117,75 @@ impl VolumeQueuePair {
             self.lend(slot, meta.abandoned);
         }
         self.table.release(slot);
-        self.ready.push_back(Completion {
+        self.ack_modifying(Completion {
             tag: meta.cmd.tag,
             status,
         });
         if let Some(r) = self.stages.as_deref_mut() {
             r.join(slot, PathKind::Write, &result, last);
+        }
+    }
+
+    /// Queues a write's or flush's completion. On a persistent volume a success waits (held,
+    /// never blocking) until the superblocks record the leg states it completed under: a leg
+    /// taken out must be named stale on stable storage before anything it missed is
+    /// acknowledged; with no in-sync leg able to record that, the write fails instead.
+    #[inline]
+    fn ack_modifying(&mut self, cpl: Completion) {
+        let Some(rec) = self.vol.recorder() else {
+            self.ready.push_back(cpl);
+            return;
+        };
+        if !cpl.status.is_success() {
+            self.ready.push_back(cpl);
+            return;
+        }
+        let events = self.vol.states.snapshot().events();
+        match rec.ack_status(events) {
+            AckStatus::Backed if self.held.is_empty() => self.ready.push_back(cpl),
+            AckStatus::Unbacked => self.ready.push_back(Completion {
+                tag: cpl.tag,
+                status: Status::WRITE_FAULT,
+            }),
+            _ => self.hold(cpl, events),
+        }
+    }
+
+    #[cold]
+    fn hold(&mut self, cpl: Completion, events: u32) {
+        if let Some(rec) = self.vol.recorder() {
+            rec.wake();
+        }
+        self.held.push_back((cpl, events));
+    }
+
+    /// Hands out the held completions whose leg states are recorded now (in order).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn release_held(&mut self) {
+        let Some(rec) = self.vol.recorder() else {
+            return;
+        };
+        while let Some(&(cpl, events)) = self.held.front() {
+            let status = match rec.ack_status(events) {
+                AckStatus::Pending => {
+                    rec.wake();
+                    return;
+                }
+                AckStatus::Backed => cpl.status,
+                AckStatus::Unbacked => Status::WRITE_FAULT,
+            };
+            self.held.pop_front();
+            if !status.is_success() {
+                tracing::error!(
+                    volume = %self.vol.name, tag = cpl.tag,
+                    "write not acknowledged: the leg states it depends on could not be recorded"
+                );
+            }
+            self.ready.push_back(Completion {
+                tag: cpl.tag,
+                status,
+            });
         }
     }
 

@@ -115,6 +115,10 @@ pub struct VolumeQueuePair {
     pending: VecDeque<Waiting>,
     /// Host completions not yet handed out (capacity = depth).
     ready: VecDeque<Completion>,
+    /// Persistent volumes: successful write and flush completions waiting until the
+    /// superblocks record the leg states (the state word's event count) they completed
+    /// under (capacity = depth; `ack`).
+    held: VecDeque<(Completion, u32)>,
     /// Scratch for reaping a leg queue pair.
     reaped: Box<[Completion]>,
     reads: ReadSelector,
@@ -201,6 +205,7 @@ impl VolumeQueuePair {
             released: VecDeque::with_capacity(depth as usize),
             pending: VecDeque::with_capacity(depth as usize),
             ready: VecDeque::with_capacity(depth as usize),
+            held: VecDeque::with_capacity(depth as usize),
             reaped: vec![Completion::default(); depth.min(256) as usize].into_boxed_slice(),
             reads: ReadSelector::new(vol.cfg.read_policy),
             clock: TimeoutClock::new(vol.cfg.io_timeout, now),
@@ -619,6 +624,9 @@ impl QueuePair for VolumeQueuePair {
         self.check_timeouts(now);
         if self.intent.as_ref().is_some_and(IntentWriter::busy) {
             self.expire_meta_writes();
+        }
+        if !self.held.is_empty() {
+            self.release_held();
         }
         let n = out.len().min(self.ready.len());
         for (slot, cpl) in out.iter_mut().zip(self.ready.drain(..n)) {

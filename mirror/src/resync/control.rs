@@ -193,10 +193,8 @@ impl Volume {
         tracing::info!(volume = %vol.name, leg = index, name = vol.leg_name(index), "leg added; resyncing");
         // The in-sync legs' superblocks name the new member (stale until its copy is done),
         // so a restart brings it back and rebuilds it.
-        // A failure is logged there; the copy still runs and its end writes them again.
-        if let Some(meta) = vol.meta.as_ref() {
-            let _ = meta.persist_states(vol);
-        }
+        // The metadata thread writes them; the copy runs meanwhile.
+        vol.persist_leg_states();
         *slot = Some(job_shared);
         Ok(job)
     }
@@ -268,6 +266,12 @@ impl Volume {
                 volume: vol.name.clone(),
                 what: "verify",
             });
+        }
+        // Writes that failed on every in-sync leg are resolved first (copied from the
+        // primary and forgotten): a repair never reports the legs clean over one of them.
+        if repair && !vol.diverged.regions().is_empty() {
+            let n = self.reconcile_failed_writes()?;
+            tracing::info!(volume = %vol.name, regions = n, "reconciled before the verify");
         }
         let shared = Arc::new(JobShared::new(0, repair, cfg.max_rate, cfg.adaptive));
         let job = VerifyJob::new(Arc::clone(vol), Arc::clone(&shared), &cfg).map_err(|reason| {

@@ -45,6 +45,9 @@ pub enum Fault {
     FailAfter { n: u64, status: Status },
     /// Commands of kind `ops` never complete while armed; clearing the fault lets them go on.
     Hang { ops: OpFilter },
+    /// As `Hang`, for commands of kind `ops` touching `[slba, slba + nlb)` only (a leg's
+    /// metadata area, say, while its data blocks keep working).
+    HangRange { ops: OpFilter, slba: u64, nlb: u64 },
     /// The device is gone: every command fails with a path error, DNR set.
     Gone,
 }
@@ -152,6 +155,18 @@ impl FaultInjector {
                 }
                 Fault::Hang { ops } if ops.matches(cmd.op) => Verdict::Hang,
                 Fault::Hang { .. } => Verdict::Pass,
+                Fault::HangRange { ops, slba, nlb } => {
+                    let end = cmd.slba.saturating_add(u64::from(cmd.nlb));
+                    let hits = cmd.op != IoOp::Flush
+                        && ops.matches(cmd.op)
+                        && cmd.slba < slba.saturating_add(nlb)
+                        && slba < end;
+                    if hits {
+                        Verdict::Hang
+                    } else {
+                        Verdict::Pass
+                    }
+                }
             };
             if verdict == Verdict::Pass {
                 verdict = v;
@@ -162,7 +177,9 @@ impl FaultInjector {
 
     fn hang_armed(&self) -> bool {
         let faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
-        faults.iter().any(|a| matches!(a.fault, Fault::Hang { .. }))
+        faults
+            .iter()
+            .any(|a| matches!(a.fault, Fault::Hang { .. } | Fault::HangRange { .. }))
     }
 }
 

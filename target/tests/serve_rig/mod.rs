@@ -254,6 +254,24 @@ pub fn write(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32, fi
     pool.put(buf);
 }
 
+/// Writes `fill` to blocks `[slba, slba + nlb)` through a queue pair; returns the status.
+pub fn try_write(
+    qp: &mut dyn QueuePair,
+    pool: &mut DmaPool,
+    slba: u64,
+    nlb: u32,
+    fill: u8,
+) -> nvmirror_nvme::Status {
+    let mut buf = pool.get().unwrap();
+    buf.as_mut_slice().fill(fill);
+    let cmd = IoCommand::with_buf(IoOp::Write, slba, nlb, buf.io_buf(), slba);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let cpl = wait_one(qp, "write");
+    pool.put(buf);
+    cpl.status
+}
+
 /// Reads blocks `[slba, slba + nlb)` through a queue pair.
 pub fn read(qp: &mut dyn QueuePair, pool: &mut DmaPool, slba: u64, nlb: u32) -> Vec<u8> {
     let buf = pool.get().unwrap();

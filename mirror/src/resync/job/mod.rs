@@ -41,6 +41,8 @@ enum Phase {
     Copying,
     /// The final flush of the target is out.
     Flushing,
+    /// The metadata thread is writing the whole bitmap to the target (this ticket).
+    WritingBitmap(u64),
     Finished,
 }
 
@@ -181,6 +183,17 @@ impl ResyncJob {
                 self.begin_copy(now);
                 work = true;
             }
+            Phase::WritingBitmap(ticket) => {
+                let ticket = *ticket;
+                match self.vol.whole_bitmap_written(self.leg, ticket) {
+                    None => {}
+                    Some(ok) => {
+                        self.phase = Phase::Copying;
+                        self.on_bitmap_written(ok);
+                        work = true;
+                    }
+                }
+            }
             Phase::Copying | Phase::Flushing => {}
         }
         work |= self.reap(now);
@@ -260,7 +273,7 @@ impl ResyncJob {
             .windows
             .iter()
             .any(|w| matches!(w.stage, Stage::Reading | Stage::Writing));
-        if busy || matches!(self.phase, Phase::Flushing) {
+        if busy || matches!(self.phase, Phase::Flushing | Phase::WritingBitmap(_)) {
             return;
         }
         let (state, error) = self.stopping.take().unwrap_or((JobState::Failed, None));
@@ -325,21 +338,33 @@ impl ResyncJob {
             return;
         }
         // A persistent volume's leg gets the whole write-intent bitmap before it counts as in
-        // sync (cold: once per resync, blocking this poller for the page writes).
-        if let Err(reason) = self.vol.write_whole_bitmap(self.leg) {
+        // sync: the metadata thread writes it, this poller looks for the result.
+        match self.vol.request_whole_bitmap(self.leg) {
+            Some(ticket) => self.phase = Phase::WritingBitmap(ticket),
+            None => self.on_bitmap_written(true),
+        }
+    }
+
+    /// The whole bitmap is on the target (or failed to get there): flip the leg.
+    fn on_bitmap_written(&mut self, ok: bool) {
+        if !ok {
             self.vol
                 .fault_on_io(self.leg, None, Status::WRITE_FAULT, "resync bitmap");
             self.stop(
                 JobState::Failed,
-                Some(format!("leg {}: {reason}", self.leg)),
+                Some(format!("leg {}: the bitmap could not be written", self.leg)),
             );
+            return;
+        }
+        // Regions marked meanwhile: another pass, flush and bitmap first.
+        if self.stopping.is_some() || self.regions.next_region(0).is_some() {
             return;
         }
         match self.vol.states.finish_resync(self.leg) {
             Ok(()) => {
-                // A superblock that could not be written is logged by `persist_leg_states`;
-                // the leg is in sync either way, and the next state change writes them again.
-                let _unrecorded = self.vol.persist_leg_states();
+                // The metadata thread records the new member; writes acknowledged from now
+                // on wait for it.
+                self.vol.persist_leg_states();
                 let passes = {
                     let mut p = self.shared.progress();
                     p.bytes_total = p.bytes_done;
