@@ -183,6 +183,11 @@ pub trait BlockDevice: Send + Sync + Debug {
 
     /// A short human name (the URI it was opened from).
     fn name(&self) -> &str;
+
+    /// The state of the network link to a remote device; `None` for local devices.
+    fn link(&self) -> Option<crate::LinkStatus> {
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and
