@@ -715,7 +715,6 @@ pub fn keep_off_reactor_cores(reactor_cores: &[usize]) {
     if reactor_cores.is_empty() {
         return;
     }
-    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: `cpu_set_t` is plain data; all-zero is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid, initialised cpu_set_t owned by this frame.
@@ -724,7 +723,7 @@ pub fn keep_off_reactor_cores(reactor_cores: &[usize]) {
         return;
     }
     let mut left = 0;
-    for cpu in 0..(online.max(1024)).min(libc::CPU_SETSIZE as usize) {
+    for cpu in 0..libc::CPU_SETSIZE as usize {
         // SAFETY: `cpu` is below CPU_SETSIZE, the bounds of `set`.
         if unsafe { libc::CPU_ISSET(cpu, &set) } {
             if reactor_cores.contains(&cpu) {

@@ -214,7 +214,7 @@ impl TcpQueuePair {
 
     /// Whether a command submitted while dead is held for the reconnect.
     #[cold]
-    fn holds(&self, _cmd: &IoCommand) -> bool {
+    fn holds(&self) -> bool {
         !self.fast_io_fail.is_zero()
             && self
                 .dead_at
@@ -503,7 +503,7 @@ impl QueuePair for TcpQueuePair {
             return Err(SubmitError::QueueFull);
         };
         self.outstanding += 1;
-        if self.dead.is_some() && self.holds(&cmd) {
+        if self.dead.is_some() && self.holds() {
             self.table.release(i);
             self.held.push_back(cmd);
             return Ok(());

@@ -297,7 +297,11 @@ impl Supervisor {
                 life.lost_at = Some(now);
                 life.failures = 0;
                 life.next_attempt = now + self.opts.reconnect_delay;
-                life.link = None;
+                let old = life.link.take();
+                // The old association (its admin thread joined) goes outside the lock.
+                drop(life);
+                drop(old);
+                drop(link);
             }
             None if life.given_up => {}
             None => {
