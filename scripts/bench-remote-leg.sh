@@ -5,15 +5,17 @@
 #   scripts/bench-remote-leg.sh [SECONDS]
 #
 # Site B: `nvmirror serve` exporting a mem leg over NVMe/TCP (the remote namespace).
-#   bare:   the tcp_randwrite example (nvmirror's initiator, spinning) drives B directly from
-#           CPU 0;
 #   served: site A, `nvmirror serve --cores 0` (idle = "spin") with a mem leg and
-#           nvme-tcp://B as legs, its reactor running the initiator on CPU 0, driven by
-#           tcp_randwrite from CPU 1.
-# B runs on CPU 2 where there is one, else on CPU 1 next to the host, which then yields the
-# CPU after an empty poll (`--yield`) so that it does not starve B: on a 2-CPU machine three
-# pollers share two CPUs and the served figure is a lower bound. Reports served/bare for
-# IOPS (goal >= 0.8) and the p50 latencies. ROUNDS=N repeats and reports medians.
+#           nvme-tcp://B as legs, its reactor running the initiator on CPU 0, driven by the
+#           tcp_randwrite example from CPU 1;
+#   bare:   tcp_randwrite (nvmirror's initiator) drives B directly, from CPU 0 (where A's
+#           reactor ran the initiator; A is paused meanwhile).
+# With 3 CPUs or more B has CPU 2 and every poller spins on its own CPU. With 2, B shares
+# CPU 1 with the host, which then yields the CPU after an empty poll (`--yield`), and the bare
+# initiator runs on CPU 1 the same way, so both figures pay the same sharing (each CPU-1
+# hand-over costs up to a scheduler tick). Reports served/bare for IOPS (goal >= 0.8) and the
+# p50 latencies. ROUNDS=N repeats and reports medians; NVMIRROR=PATH runs another build of
+# serve (a before/after).
 set -euo pipefail
 
 secs=${1:-5}
@@ -28,10 +30,12 @@ done
 (cd "$root" && cargo build --release -q -p nvmirror-target --bin nvmirror &&
     cargo build --release -q -p nvmirror-nvme --example tcp_randwrite)
 bin=${CARGO_TARGET_DIR:-$root/build}/release
+# NVMIRROR=PATH runs another build of serve (e.g. the parent commit's) for a before/after.
+nvm=${NVMIRROR:-$bin/nvmirror}
 nqn=nqn.2026-11.io.nvmirror:vol0
 cpus=$(nproc)
-b_cpu=1 host_yield=--yield
-if [ "$cpus" -ge 3 ]; then b_cpu=2 host_yield=; fi
+b_cpu=1 host_yield=--yield bare_cpu=1
+if [ "$cpus" -ge 3 ]; then b_cpu=2 host_yield= bare_cpu=0; fi
 bport=$((30000 + RANDOM % 10000))
 aport=$((bport + 1))
 pids=()
@@ -47,7 +51,7 @@ serve() {
     mkdir -p "$dir/$name"
     printf '[reactors]\nidle = "%s"\n[[volume]]\nname = "vol0"\nlegs = ["mem://1GiB"]\n[[subsystem]]\nnqn = "%s"\nnamespaces = ["vol0"]\n' \
         "$idle" "$nqn" >"$dir/$name/nvmirror.toml"
-    RUST_LOG=warn "$bin/nvmirror" serve --config "$dir/$name/nvmirror.toml" --data-dir "$dir/$name" \
+    RUST_LOG=warn "$nvm" serve --config "$dir/$name/nvmirror.toml" --data-dir "$dir/$name" \
         --cores "$cpu" --listen "127.0.0.1:$port" --nbd-listen 127.0.0.1:0 \
         --metrics-listen 127.0.0.1:0 "${args[@]}" >"$dir/$name/serve.log" 2>&1 &
     pids+=($!)
@@ -78,7 +82,7 @@ for round in $(seq "$rounds"); do
         got[served-$qd]+="$(run "round $round served" 1 "nvme-tcp://127.0.0.1:$aport/$nqn" "$qd" $host_yield);"
         # The bare initiator takes A's reactor CPU: A is paused meanwhile.
         kill -STOP "$a_pid"
-        got[bare-$qd]+="$(run "round $round bare" 0 "nvme-tcp://127.0.0.1:$bport/$nqn" "$qd");"
+        got[bare-$qd]+="$(run "round $round bare" "$bare_cpu" "nvme-tcp://127.0.0.1:$bport/$nqn" "$qd" $host_yield);"
         kill -CONT "$a_pid"
     done
 done
@@ -98,4 +102,4 @@ for qd in 32 1; do
         "$(python3 -c "print(round($s_iops / max($b_iops, 1), 2))")" ">=" 0.8
     result "remote leg: served QD$qd p50 (us)" "$s_p50" - -
 done
-echo "cpus: $cpus (B on CPU $b_cpu), load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "cpus: $cpus (B on CPU $b_cpu, bare initiator on CPU $bare_cpu), load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -337,6 +337,10 @@ impl Service {
         }
         .with_idle(idle);
         let pool = ReactorPool::start(rcfg).map_err(|e| start_err("reactors", e))?;
+        // The reactors are pinned; from here on this thread and every thread it starts
+        // (legs' keep-alive and reconnect threads, listeners, RPC, the bitmap clearer) stay
+        // off their CPUs.
+        keep_off_reactor_cores(&cfg.reactors.cores);
 
         let mut volumes = Vec::new();
         for v in &cfg.volumes {
@@ -708,7 +712,8 @@ fn watch_volume(reg: &Registry, e: &VolumeEntry, auto: bool, seen: &mut Vec<u64>
 }
 
 /// Keeps the calling thread, and every thread it starts from now on, off the reactor CPUs
-/// when other CPUs exist: the control plane, the accept loops and each `nvme-tcp://` leg's
+/// when other CPUs exist (call it after the reactors have pinned themselves: the pool checks
+/// its CPUs against the caller's affinity): the control plane, the accept loops and each `nvme-tcp://` leg's
 /// keep-alive and reconnect threads then never time-slice with a spinning reactor (a
 /// reactor sets its own affinity when it starts).
 pub fn keep_off_reactor_cores(reactor_cores: &[usize]) {
@@ -781,7 +786,6 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
         .map_err(|e| start_err("signal handler", e))?;
     }
-    keep_off_reactor_cores(&cfg.reactors.cores);
     let service = Service::start(&cfg)?;
     print!(
         "nvmirror {} serving\n{}",

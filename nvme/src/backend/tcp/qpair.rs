@@ -191,7 +191,7 @@ impl TcpQueuePair {
     fn expire_held(&mut self, now: Instant) {
         let expired = self
             .dead_at
-            .is_none_or(|t| now.duration_since(t) >= self.fast_io_fail);
+            .map_or(true, |t| now.duration_since(t) >= self.fast_io_fail);
         if !expired {
             return;
         }
