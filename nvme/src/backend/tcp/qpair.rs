@@ -159,6 +159,7 @@ impl TcpQueuePair {
         };
         self.revival.wanted.store(false, Ordering::Release);
         let p = params(&link, self.p.depth, qid);
+        let on = Arc::clone(&link);
         match TcpQueuePair::new(link, conn, p, Arc::clone(&self.revival)) {
             Ok(mut q) => {
                 tracing::info!(qid, target = %q.link.peer.label, "NVMe/TCP I/O queue reconnected");
@@ -174,6 +175,7 @@ impl TcpQueuePair {
             }
             Err(e) => {
                 tracing::warn!(qid, "NVMe/TCP I/O queue could not be reconnected: {e}");
+                on.release_qid(qid);
                 self.revival.wanted.store(true, Ordering::Release);
             }
         }

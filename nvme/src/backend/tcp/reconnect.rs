@@ -78,6 +78,15 @@ impl Revival {
     }
 }
 
+/// A replacement connection nobody took gives its queue ID back.
+impl Drop for Revival {
+    fn drop(&mut self) {
+        if let Some((link, _conn, qid)) = lock(&self.conn).take() {
+            link.release_qid(qid);
+        }
+    }
+}
+
 /// The association's history, changed by the supervisor thread only (and read by status).
 #[derive(Debug)]
 struct Life {
