@@ -12,6 +12,8 @@
 #   5. resync: copied/dirty, resync vs raw copy, host p99 during a resync (bench-resync.sh);
 #   6. NVMe/TCP end to end, serve on CPU 0 and the initiator on CPU 1 (bench-target.sh);
 #   7. NBD: fio's nbd engine against serve vs nbdkit memory (fio-nbd.sh);
+#   8. a remote nvme-tcp:// leg inside serve vs the bare initiator on the same namespace
+#      (bench-remote-leg.sh);
 # then prints one table of results with the goal next to each, and draws the latency curves.
 #
 # Everything goes to bench-results/<UTC time>-<commit>/ (git-ignored): machine.txt, one log
@@ -118,6 +120,7 @@ part 4 bitmap bitmap
 part 5 resync scripts/bench-resync.sh
 part 6 nvme-tcp env BENCH_DIR="$out/nvme-tcp" scripts/bench-target.sh "$secs"
 part 7 nbd scripts/fio-nbd.sh "$secs"
+part 8 remote-leg env BENCH_DIR="$out/remote-leg" scripts/bench-remote-leg.sh "$secs"
 
 # Latency percentile curves of the runs that have a fio-shaped JSON.
 plots=()

@@ -54,6 +54,19 @@ pub enum Error {
         leg: usize,
         abandoned: u32,
     },
+    /// A remote leg lost its connection with commands on the wire that the remote may still
+    /// execute: it may be resynchronised once the remote has given the old connection up.
+    #[error(
+        "volume '{volume}': leg {leg} lost its connection with {commands} command(s) on the wire; \
+         it may be resynchronised in {remaining_ms} ms, once the remote has given the old \
+         connection up (keep-alive timeout plus a quiesce delay)"
+    )]
+    LegFenced {
+        volume: String,
+        leg: usize,
+        commands: u32,
+        remaining_ms: u64,
+    },
     /// The leg is not in a state the request starts from.
     #[error("volume '{volume}': leg {leg} is {state}")]
     LegState {

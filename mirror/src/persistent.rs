@@ -155,10 +155,20 @@ impl Volume {
         let startup_timeout = cfg.io_timeout.max(STARTUP_IO_TIMEOUT);
         let mut io = ControlIo::new(startup_timeout);
         let mut sbs = Vec::with_capacity(legs.len());
+        // A remote leg whose site is down comes up faulted with the marked regions to
+        // resync, as a leg that missed the last events does (its identity is checked by its
+        // device's geometry when it connects).
+        let mut unreachable = vec![false; legs.len()];
         for (i, dev) in legs.iter().enumerate() {
-            sbs.push(match read_head(&mut io, name, i, &**dev)?.0 {
-                Found::Blank => None,
-                Found::Superblock(sb) => Some(sb),
+            sbs.push(match read_head(&mut io, name, i, &**dev) {
+                Ok((Found::Blank, _)) => None,
+                Ok((Found::Superblock(sb), _)) => Some(sb),
+                Err(e) if dev.link().is_some_and(|l| !l.connected) => {
+                    tracing::warn!(volume = name, leg = i, error = %e, "remote leg unreachable; it comes up faulted");
+                    unreachable[i] = true;
+                    None
+                }
+                Err(e) => return Err(e),
             });
         }
         let Some(fresh) = elect_freshest(&sbs) else {
@@ -320,7 +330,8 @@ impl Volume {
             }
             // A leg the operator detached stays detached; any other stale leg is faulted
             // (and resynced by whoever runs the volume).
-            let detached = sbs[i].is_some() && f.member_states[i] == MemberState::Detached;
+            let detached =
+                (sbs[i].is_some() || unreachable[i]) && f.member_states[i] == MemberState::Detached;
             let to = if detached {
                 LegState::Detached
             } else {
@@ -328,7 +339,7 @@ impl Volume {
             };
             let _ = shared.states.take_out(i, to, Some(fresh));
             let missed = &shared.leg(i).expect("a leg in use").missed;
-            if sbs[i].is_none() {
+            if sbs[i].is_none() && !unreachable[i] {
                 missed.mark_all();
             } else {
                 marked.iter().for_each(|&r| missed.mark_region(r));

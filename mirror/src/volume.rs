@@ -430,6 +430,18 @@ impl Volume {
                 abandoned,
             });
         }
+        // A remote leg whose connection died may still have commands running on the remote
+        // until the remote gives the old association up (the device's fence).
+        if let Some(link) = self.leg(leg)?.dev.link() {
+            if !link.fence_remaining.is_zero() {
+                return Err(Error::LegFenced {
+                    volume: self.shared.name.clone(),
+                    leg,
+                    commands: link.fenced_commands,
+                    remaining_ms: link.fence_remaining.as_millis() as u64,
+                });
+            }
+        }
         Ok(())
     }
 

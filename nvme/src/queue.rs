@@ -191,6 +191,11 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn identity(&self) -> Option<[u8; 16]> {
         None
     }
+
+    /// The state of the network link to a remote device; `None` for local devices.
+    fn link(&self) -> Option<crate::LinkStatus> {
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

@@ -6,7 +6,7 @@
 //! | `null://1TiB` | [`NullDevice`] |
 //! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
-//! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s` | [`NvmeTcpDevice`] |
+//! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s&reconnect_delay=2s&ctrl_loss_tmo=600s&fast_io_fail_tmo=0` | [`NvmeTcpDevice`] |
 //! | `nbd://HOST:PORT/EXPORT?connections=16&timeout=30s&lba=512` | [`NbdDevice`] |
 //!
 //! Errors name the offending part of the URI.
@@ -212,6 +212,25 @@ impl LegUri {
                     return Err(err(&part, "expected 0 (off) or 100ms up to 49 days".into()));
                 }
                 opts.kato = kato;
+            }
+            if let Some(v) = take(&mut params, "reconnect_delay") {
+                let part = format!("reconnect_delay={v}");
+                let d = parse_duration(&v).map_err(|r| err(&part, r))?;
+                if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+                    return Err(err(&part, "expected 10ms up to 1h".into()));
+                }
+                opts.reconnect_delay = d;
+            }
+            if let Some(v) = take(&mut params, "ctrl_loss_tmo") {
+                let part = format!("ctrl_loss_tmo={v}");
+                opts.ctrl_loss_tmo = match v.as_str() {
+                    "off" | "-1" => None,
+                    _ => Some(parse_duration(&v).map_err(|r| err(&part, r))?),
+                };
+            }
+            if let Some(v) = take(&mut params, "fast_io_fail_tmo") {
+                let part = format!("fast_io_fail_tmo={v}");
+                opts.fast_io_fail_tmo = parse_duration(&v).map_err(|r| err(&part, r))?;
             }
             Self::NvmeTcp { addr, opts }
         } else if let Some(rest) = base.strip_prefix("nbd://") {
@@ -462,6 +481,19 @@ mod tests {
         assert_eq!(opts.hostnqn.as_deref(), Some("nqn.h:1"));
         assert_eq!(opts.queue_size, 32);
         assert_eq!(opts.kato, Duration::from_millis(2500));
+        let LegUri::NvmeTcp { opts, .. } = LegUri::parse(
+            "nvme-tcp://h/nqn.a?reconnect_delay=250ms&ctrl_loss_tmo=30s&fast_io_fail_tmo=1s",
+        )
+        .unwrap() else {
+            panic!("an nvme-tcp URI")
+        };
+        assert_eq!(opts.reconnect_delay, Duration::from_millis(250));
+        assert_eq!(opts.ctrl_loss_tmo, Some(Duration::from_secs(30)));
+        assert_eq!(opts.fast_io_fail_tmo, Duration::from_secs(1));
+        match LegUri::parse("nvme-tcp://h/nqn.a?ctrl_loss_tmo=off").unwrap() {
+            LegUri::NvmeTcp { opts, .. } => assert_eq!(opts.ctrl_loss_tmo, None),
+            other => panic!("{other:?}"),
+        }
         match LegUri::parse("nvme-tcp://localhost:4420/nqn.a?kato=0").unwrap() {
             LegUri::NvmeTcp { opts, .. } => assert!(opts.kato.is_zero()),
             other => panic!("{other:?}"),
@@ -483,6 +515,18 @@ mod tests {
             ("nvme-tcp://h:1/nqn.a?queue_size=1", "queue_size=1"),
             ("nvme-tcp://h:1/nqn.a?kato=10", "kato=10"),
             ("nvme-tcp://h:1/nqn.a?kato=1us", "kato=1us"),
+            (
+                "nvme-tcp://h:1/nqn.a?reconnect_delay=1ms",
+                "reconnect_delay=1ms",
+            ),
+            (
+                "nvme-tcp://h:1/nqn.a?ctrl_loss_tmo=soon",
+                "ctrl_loss_tmo=soon",
+            ),
+            (
+                "nvme-tcp://h:1/nqn.a?fast_io_fail_tmo=x",
+                "fast_io_fail_tmo=x",
+            ),
             ("nvme-tcp://h:1/nqn.a?hostnqn=", "hostnqn="),
             ("nvme-tcp://h:1/nqn.a?digest=1", "digest=1"),
         ] {

@@ -290,6 +290,10 @@ pub struct VolumeConfig {
     /// recovery copies only marked regions). `false` exports the legs raw.
     #[serde(default = "yes")]
     pub bitmap: bool,
+    /// Resynchronise a remote (`nvme-tcp://`) leg by itself when its connection comes back
+    /// after it was faulted, copying only the regions it missed (persistent volumes).
+    #[serde(default = "yes")]
+    pub auto_resync: bool,
 }
 
 fn default_region_size() -> String {

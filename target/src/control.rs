@@ -157,6 +157,16 @@ impl Registry {
                     "lat_max_us": s.latency.max.as_secs_f64() * 1e6,
                     "missed_regions": v.volume.missed_region_count(i).unwrap_or(0),
                     "faults_armed": self.leg_meta(v, i).map_or(0, |m| m.1.armed().len()),
+                    "link": v.volume.leg_device(i).ok().and_then(|d| d.link()).map(|l| json!({
+                        "connected": l.connected,
+                        "last_error": l.last_error,
+                        "reconnect_attempts": l.reconnect_attempts,
+                        "reconnects": l.generation.saturating_sub(1),
+                        "rtt_us": l.rtt.map(|d| d.as_secs_f64() * 1e6),
+                        "fenced_commands": l.fenced_commands,
+                        "fence_remaining_s": l.fence_remaining.as_secs_f64(),
+                        "given_up": l.given_up,
+                    })),
                 })
             })
             .collect();

@@ -221,18 +221,43 @@ fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEnt
     };
     let claim_wait = cfg.service.claim_timeout();
     let mut opened: Vec<Option<Arc<dyn BlockDevice>>> = Vec::new();
+    // Remote legs whose site cannot be reached: opened once the local legs say what size
+    // they are, to connect in the background (persistent volumes, which know what they miss).
+    let mut unreachable = Vec::new();
     for (i, m) in members.legs.iter().enumerate() {
         if m.removed {
             opened.push(None);
             continue;
         }
         let what = format!("volume {} leg {i}", v.name);
-        let dev = open_leg_waiting(&m.uri, claim_wait, &what).map_err(|e| start_err(what, e))?;
-        opened.push(Some(dev));
+        match open_leg_waiting(&m.uri, claim_wait, &what) {
+            Ok(dev) => opened.push(Some(dev)),
+            Err(e @ nvmirror_nvme::Error::NvmeTcp { .. }) if v.bitmap => {
+                tracing::warn!(volume = v.name, leg = i, error = %e, "remote leg unreachable at start; it reconnects in the background");
+                unreachable.push((i, e.to_string()));
+                opened.push(None);
+            }
+            Err(e) => return Err(start_err(what, e)),
+        }
     }
     let Some(first) = opened.iter().flatten().next().map(|d| d.geometry()) else {
-        return Err(vol_err("every leg has been removed".into()));
+        return Err(vol_err(match unreachable.first() {
+            Some((_, e)) => format!("no leg can be opened: {e}"),
+            None => "every leg has been removed".into(),
+        }));
     };
+    for (i, reason) in unreachable {
+        let uri = &members.legs[i].uri;
+        let what = format!("volume {} leg {i}", v.name);
+        let Ok(nvmirror_nvme::LegUri::NvmeTcp { addr, opts }) = nvmirror_nvme::LegUri::parse(uri)
+        else {
+            return Err(start_err(what, reason));
+        };
+        let dev = nvmirror_nvme::backend::NvmeTcpDevice::connect_later(&addr, &opts, first, reason)
+            .map_err(|e| start_err(what, e))?
+            .with_name(uri.clone());
+        opened[i] = Some(Arc::new(dev));
+    }
     let mut legs: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut entries = Vec::new();
     for (m, dev) in members.legs.iter().zip(opened) {
@@ -290,6 +315,7 @@ pub struct Service {
     pub metrics: Option<MetricsServer>,
     pool: Option<ReactorPool>,
     clearer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    legs_watch: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl Service {
@@ -311,6 +337,10 @@ impl Service {
         }
         .with_idle(idle);
         let pool = ReactorPool::start(rcfg).map_err(|e| start_err("reactors", e))?;
+        // The reactors are pinned; from here on this thread and every thread it starts
+        // (legs' keep-alive and reconnect threads, listeners, RPC, the bitmap clearer) stay
+        // off their CPUs.
+        keep_off_reactor_cores(&cfg.reactors.cores);
 
         let mut volumes = Vec::new();
         for v in &cfg.volumes {
@@ -430,6 +460,12 @@ impl Service {
             }
         };
         let clearer = Some(start_clearer(Arc::clone(&registry)));
+        let auto: Vec<(String, bool)> = cfg
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), v.auto_resync && v.bitmap))
+            .collect();
+        let legs_watch = Some(start_leg_watcher(Arc::clone(&registry), auto));
         Ok(Self {
             registry,
             nvme_tcp,
@@ -438,6 +474,7 @@ impl Service {
             metrics,
             pool: Some(pool),
             clearer,
+            legs_watch,
         })
     }
 
@@ -495,7 +532,10 @@ impl Service {
     }
 
     fn stop(&mut self) {
-        if let Some((stop, t)) = self.clearer.take() {
+        for (stop, t) in [self.legs_watch.take(), self.clearer.take()]
+            .into_iter()
+            .flatten()
+        {
             stop.store(true, Ordering::Release);
             let _ = t.join();
         }
@@ -582,6 +622,135 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
         })
         .expect("spawn the bitmap clearer");
     (stop, t)
+}
+
+/// Every 100 ms: a remote leg that was faulted and whose device has reconnected since (a
+/// newer link generation) and is past its fence is resynchronised from the write-intent
+/// bitmap — only the regions it missed — on volumes with `auto_resync`. A leg faulted
+/// without losing its connection (an I/O error the remote reported, an operator's
+/// `leg_detach`) is left to the operator.
+fn start_leg_watcher(
+    reg: Arc<Registry>,
+    auto: Vec<(String, bool)>,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let t = std::thread::Builder::new()
+        .name("nvmirror-legs".into())
+        .spawn(move || {
+            // Per volume and leg: the link generation the leg was last seen in sync with
+            // (or resynchronised for).
+            let mut seen: Vec<Vec<u64>> = reg
+                .volumes
+                .iter()
+                .map(|e| {
+                    (0..e.volume.leg_count())
+                        .map(|i| leg_generation(e, i).unwrap_or(0))
+                        .collect()
+                })
+                .collect();
+            while !stop2.load(Ordering::Acquire) {
+                for (vi, e) in reg.volumes.iter().enumerate() {
+                    let on = auto
+                        .iter()
+                        .any(|(n, on)| *on && n.as_str() == e.volume.name());
+                    watch_volume(&reg, e, on, &mut seen[vi]);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .expect("spawn the leg watcher");
+    (stop, t)
+}
+
+fn leg_generation(e: &VolumeEntry, leg: usize) -> Option<u64> {
+    e.volume.leg_device(leg).ok()?.link().map(|l| l.generation)
+}
+
+fn watch_volume(reg: &Registry, e: &VolumeEntry, auto: bool, seen: &mut Vec<u64>) {
+    let states = e.volume.leg_states();
+    seen.resize(states.len(), 0);
+    let resyncing = e
+        .volume
+        .resync_status()
+        .is_ok_and(|r| r.state.as_str() == "running" || r.state.as_str() == "paused");
+    for (i, info) in states.iter().enumerate() {
+        let Some(link) = e.volume.leg_device(i).ok().and_then(|d| d.link()) else {
+            continue;
+        };
+        match info.state.as_str() {
+            "in_sync" | "resyncing" => seen[i] = link.generation,
+            "faulted" if auto && !resyncing && link.generation > seen[i] => {
+                if !link.ready_for_resync() {
+                    continue;
+                }
+                match e.volume.attach_leg(i) {
+                    Ok(job) => {
+                        tracing::info!(
+                            volume = e.volume.name(),
+                            leg = i,
+                            reconnects = link.generation - 1,
+                            "remote leg reconnected; resyncing the regions it missed"
+                        );
+                        seen[i] = link.generation;
+                        if let Err(err) = reg.run_job(Box::new(job)) {
+                            tracing::warn!(volume = e.volume.name(), leg = i, "auto-resync: {err}");
+                        }
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::debug!(
+                            volume = e.volume.name(),
+                            leg = i,
+                            "auto-resync not yet: {err}"
+                        )
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Keeps the calling thread, and every thread it starts from now on, off the reactor CPUs
+/// when other CPUs exist (call it after the reactors have pinned themselves: the pool checks
+/// its CPUs against the caller's affinity): the control plane, the accept loops and each `nvme-tcp://` leg's
+/// keep-alive and reconnect threads then never time-slice with a spinning reactor (a
+/// reactor sets its own affinity when it starts).
+pub fn keep_off_reactor_cores(reactor_cores: &[usize]) {
+    if reactor_cores.is_empty() {
+        return;
+    }
+    // SAFETY: `cpu_set_t` is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, initialised cpu_set_t owned by this frame.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return;
+    }
+    let mut left = 0;
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `cpu` is below CPU_SETSIZE, the bounds of `set`.
+        if unsafe { libc::CPU_ISSET(cpu, &set) } {
+            if reactor_cores.contains(&cpu) {
+                // SAFETY: as above.
+                unsafe { libc::CPU_CLR(cpu, &mut set) };
+            } else {
+                left += 1;
+            }
+        }
+    }
+    if left == 0 {
+        return;
+    }
+    // SAFETY: `set` is a valid cpu_set_t; 0 names the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        tracing::warn!(
+            "cannot keep the control threads off the reactor CPUs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Sets up logging from `RUST_LOG` (default `info`).

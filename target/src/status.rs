@@ -133,6 +133,33 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
             num(leg, "completed_last"),
             text(leg, "uri")
         );
+        if let Some(link) = leg.get("link").filter(|l| !l.is_null()) {
+            let connected = link.get("connected").and_then(Value::as_bool) == Some(true);
+            let rtt = link
+                .get("rtt_us")
+                .and_then(Value::as_f64)
+                .map_or("-".to_string(), |r| format!("{r:.0} us"));
+            let mut line = format!(
+                "      link: {}, rtt {rtt}, {} reconnect attempt(s)",
+                if connected {
+                    "connected"
+                } else {
+                    "DISCONNECTED"
+                },
+                num(link, "reconnect_attempts")
+            );
+            let fence = num(link, "fence_remaining_s");
+            if fence > 0.0 {
+                line += &format!(
+                    ", fenced {fence:.1} s ({} command(s))",
+                    num(link, "fenced_commands")
+                );
+            }
+            if let Some(e) = link.get("last_error").and_then(Value::as_str) {
+                line += &format!(", last error: {e}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
     }
     if let Some(bm) = vol.get("bitmap").filter(|b| !b.is_null()) {
         let _ = writeln!(

@@ -227,6 +227,10 @@ impl BlockDevice for FaultyDevice {
     fn name(&self) -> &str {
         self.inner.name()
     }
+
+    fn link(&self) -> Option<crate::LinkStatus> {
+        self.inner.link()
+    }
 }
 
 #[derive(Debug)]

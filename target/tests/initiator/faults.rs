@@ -147,3 +147,57 @@ fn queue_ids_run_out_and_come_back() {
         assert_eq!(read(&mut *q, 8, 4096, 512).1, data);
     }
 }
+
+#[test]
+fn a_queue_pair_outlives_its_target_restarting_and_holds_commands_for_fast_io_fail_tmo() {
+    let mut t = start(|_| {});
+    let (addr, namespaces) = (t.addr, t.namespaces.clone());
+    let dev = t
+        .connect("kato=1s&reconnect_delay=50ms&fast_io_fail_tmo=20s")
+        .unwrap();
+    let mut qp = dev.open_tcp_qpair(8).unwrap();
+    let mut first = pattern(4096, 1);
+    assert!(write(&mut qp, 0, &mut first, 512).is_success());
+    assert_eq!(dev.link_status().generation, 1);
+    assert!(dev.link_status().rtt.is_some());
+
+    // The target goes away: the queue dies, and a write submitted now is held, not failed.
+    t.stop();
+    drop(t);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while qp.dead_reason().is_none() {
+        let mut cpl = [Completion::default(); 4];
+        assert_eq!(qp.poll(&mut cpl), 0);
+        assert!(
+            Instant::now() < deadline,
+            "the queue never noticed the loss"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!dev.link_status().connected);
+    let mut second = pattern(4096, 2);
+    let cmd = IoCommand::with_buf(IoOp::Write, 64, 8, IoBuf::from_slice(&mut second), 7);
+    // SAFETY: `second` outlives the command, which is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut cpl = [Completion::default(); 4];
+    for _ in 0..20 {
+        assert_eq!(qp.poll(&mut cpl), 0, "held while the target is away");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // The target returns on its address: the device reconnects, the queue pair takes its new
+    // I/O queue and the held write goes out on it.
+    let _t = start_with(namespaces, |cfg| cfg.listen = addr);
+    let done = super::harness::reap(&mut qp, 1);
+    assert_eq!(done[0].tag, 7);
+    assert!(done[0].status.is_success(), "{}", done[0].status);
+    assert!(qp.dead_reason().is_none());
+    let st = dev.link_status();
+    assert!(st.connected && st.generation == 2, "{st:?}");
+    assert!(st.reconnect_attempts >= 1, "{st:?}");
+    assert_eq!(read(&mut qp, 0, 4096, 512).1, first);
+    assert_eq!(read(&mut qp, 64, 4096, 512).1, second);
+    // A new queue pair opens on the new association too.
+    let mut other = dev.open_tcp_qpair(4).unwrap();
+    assert_eq!(read(&mut other, 64, 4096, 512).1, second);
+}

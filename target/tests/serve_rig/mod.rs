@@ -70,6 +70,12 @@ impl Server {
         Self::spawn_via(&[], "127.0.0.1:0", args, env)
     }
 
+    /// `serve ARGS` with its NVMe/TCP listener on `listen` (a restarted remote site keeps its
+    /// address), the other listeners on free ports.
+    pub fn spawn_at(args: &[String], env: &[(&str, &str)], listen: &str) -> Result<Self, String> {
+        Self::spawn_via(&[], listen, args, env)
+    }
+
     /// `PREFIX… nvmirror serve ARGS` with its NVMe/TCP listener on `listen` (NBD and metrics
     /// on free loopback ports). `PREFIX` runs the server under another program, e.g.
     /// `["ip", "netns", "exec", NS]` to start it inside a network namespace; the prefix must
@@ -119,8 +125,19 @@ impl Server {
             }
         }
         // Keep draining stderr so a chatty server never blocks on a full pipe.
+        // With SERVE_RIG_LOG=FILE set, every server's log is appended there (debugging).
         let mut stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        let log = std::env::var_os("SERVE_RIG_LOG").and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        std::thread::spawn(move || match log {
+            Some(mut f) => std::io::copy(&mut stderr, &mut f),
+            None => std::io::copy(&mut stderr, &mut std::io::sink()),
+        });
         std::thread::spawn(move || lines.for_each(drop));
         Ok(Self {
             child,
@@ -164,6 +181,27 @@ impl Server {
 
     pub fn status(&self) -> Value {
         self.rpc_ok("volume_status", r#"{"name":"vol0"}"#)
+    }
+
+    /// Polls `volume_status` until `pred` holds (at most `within`); the last status.
+    pub fn wait_for(&self, within: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.status();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The port of the NVMe/TCP listener.
+    pub fn port(&self) -> u16 {
+        self.nvme_tcp.rsplit(':').next().unwrap().parse().unwrap()
     }
 
     /// Polls `volume_status` until every leg that is not removed is in sync (60 s at most).

@@ -1,8 +1,10 @@
 //! The admin queue after bring-up: a small thread owns its socket, sends Keep Alive every
 //! KATO/2 (Base §3.9 "Keep Alive") and, when the controller is dropped, the shutdown
-//! notification. The admin path is not the hot path; I/O queues only read [`Health`].
+//! notification. The admin path is not the hot path; I/O queues only read [`Health`]. The
+//! first Keep Alive goes out at once, so the round trip is known from the start; an
+//! association lost elsewhere stops its keep-alive within 50 ms.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,6 +20,8 @@ use crate::{Error, Result};
 pub(super) struct Health {
     lost: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Round trip of the last Keep Alive in nanoseconds (0: none answered yet).
+    rtt_ns: AtomicU64,
 }
 
 impl Health {
@@ -34,6 +38,14 @@ impl Health {
     #[inline]
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Round trip of the last Keep Alive.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
     }
 
     pub fn reason(&self) -> Option<String> {
@@ -82,27 +94,49 @@ impl Drop for AdminQueue {
     }
 }
 
+/// How often the thread looks whether the association was lost elsewhere (an I/O queue
+/// died): it then stops sending Keep Alive and closes the admin connection at once, so the
+/// remote's keep-alive timer runs out and the fence (`reconnect`) holds.
+const LOST_CHECK: Duration = Duration::from_millis(50);
+
 fn run(mut conn: ControlConn, kato: Duration, cc: u32, stop: &mpsc::Receiver<()>, health: &Health) {
     let interval = kato / 2;
+    // The first Keep Alive goes out at once (it measures the round trip).
+    let mut next = std::time::Instant::now();
     loop {
-        let woke = if kato.is_zero() {
-            stop.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        let wait = if kato.is_zero() {
+            LOST_CHECK
         } else {
-            stop.recv_timeout(interval)
+            next.saturating_duration_since(std::time::Instant::now())
+                .min(LOST_CHECK)
         };
-        if woke != Err(RecvTimeoutError::Timeout) {
-            if !health.is_lost() {
-                super::controller::shutdown(&mut conn, cc);
+        match stop.recv_timeout(wait) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => {
+                if !health.is_lost() {
+                    super::controller::shutdown(&mut conn, cc);
+                }
+                return;
             }
+        }
+        if health.is_lost() {
             return;
         }
+        if kato.is_zero() || std::time::Instant::now() < next {
+            continue;
+        }
+        next = std::time::Instant::now() + interval;
         let sqe = SubmissionQueueEntry {
             opcode: AdminOpcode::KeepAlive as u8,
             ..Default::default()
         };
         let timeout = kato.max(Duration::from_secs(1));
+        let sent = std::time::Instant::now();
         match conn.command("Keep Alive", sqe, &[], 0, timeout) {
-            Ok((c, _)) if c.status().is_success() => {}
+            Ok((c, _)) if c.status().is_success() => {
+                let ns = sent.elapsed().as_nanos().clamp(1, u128::from(u64::MAX)) as u64;
+                health.rtt_ns.store(ns, Ordering::Relaxed);
+            }
             Ok((c, _)) => {
                 let why = format!("Keep Alive failed: NVMe status {}", c.status());
                 tracing::warn!(target = %conn.peer.label, "{why}");

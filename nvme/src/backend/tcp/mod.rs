@@ -8,6 +8,10 @@
 //! locks or blocking. Queue pairs keep the controller alive: it is shut down (CC.SHN) and
 //! disconnected when the device and every queue pair opened on it are gone.
 //!
+//! A lost controller is reconnected in the background (`reconnect`): Linux's
+//! `reconnect_delay`, `ctrl_loss_tmo` and `fast_io_fail_tmo`, and a fence before the leg may
+//! be resynchronised.
+//!
 //! ```no_run
 //! use nvmirror_nvme::backend::{NvmeTcpDevice, NvmeTcpOptions};
 //! use nvmirror_nvme::BlockDevice;
@@ -21,6 +25,7 @@ mod control;
 mod controller;
 mod keep_alive;
 mod qpair;
+mod reconnect;
 mod slot;
 mod stream;
 
@@ -32,6 +37,8 @@ pub use controller::ControllerInfo;
 use controller::IoQueueConnect;
 use keep_alive::{AdminQueue, Health};
 pub use qpair::TcpQueuePair;
+pub use reconnect::FENCE_QUIESCE;
+use reconnect::{Supervisor, SupervisorThread};
 
 use crate::queue::{BlockDevice, QueuePair};
 use crate::spec::Geometry;
@@ -43,6 +50,11 @@ pub const DEFAULT_PORT: u16 = 4420;
 pub const DEFAULT_QUEUE_SIZE: u32 = 128;
 /// Keep-alive timeout when the URI does not say.
 pub const DEFAULT_KATO: Duration = Duration::from_secs(10);
+/// Pause between reconnect attempts when the URI does not say (doubled after each failure,
+/// up to 8×).
+pub const DEFAULT_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// How long reconnecting goes on when the URI does not say (Linux's default).
+pub const DEFAULT_CTRL_LOSS_TMO: Duration = Duration::from_secs(600);
 /// How long an I/O queue Connect retries a queue ID the controller still holds.
 const QID_RETRY: Duration = Duration::from_secs(2);
 
@@ -65,6 +77,16 @@ pub struct NvmeTcpOptions {
     pub queue_size: u32,
     /// Keep-alive timeout; zero disables keep-alive (default 10 s).
     pub kato: Duration,
+    /// Pause before the first reconnect attempt after a loss, and between attempts (doubled
+    /// after each failure, up to 8×; default 2 s).
+    pub reconnect_delay: Duration,
+    /// Reconnecting stops once the controller has been unreachable this long; `None`: never
+    /// (default 600 s).
+    pub ctrl_loss_tmo: Option<Duration>,
+    /// How long a queue pair whose connection died holds new commands, waiting for the
+    /// reconnect, before it fails them with a path error (default 0: at once, which lets a
+    /// mirror fail over to its other legs without waiting).
+    pub fast_io_fail_tmo: Duration,
 }
 
 impl NvmeTcpOptions {
@@ -78,6 +100,9 @@ impl NvmeTcpOptions {
             hostnqn: None,
             queue_size: DEFAULT_QUEUE_SIZE,
             kato: DEFAULT_KATO,
+            reconnect_delay: DEFAULT_RECONNECT_DELAY,
+            ctrl_loss_tmo: Some(DEFAULT_CTRL_LOSS_TMO),
+            fast_io_fail_tmo: Duration::ZERO,
         }
     }
 }
@@ -218,43 +243,77 @@ fn connect_io_queue(link: &Arc<Link>, size: u32) -> Result<(ControlConn, u16)> {
     }
 }
 
+/// Connects to the controller of subsystem `opts.subnqn` at `host_port` and brings it up:
+/// one association.
+fn connect_link(host_port: &str, opts: &NvmeTcpOptions) -> Result<Link> {
+    let peers = Peer::resolve(host_port, &opts.subnqn)?;
+    let hostnqn = opts
+        .hostnqn
+        .clone()
+        .unwrap_or_else(|| host_identity().0.clone());
+    let hostid = host_id_for(&hostnqn);
+    let (admin, info, geo) = controller::bring_up(&peers, opts, &hostnqn, hostid)?;
+    let peer = admin.peer.clone();
+    let health = Arc::new(Health::default());
+    let admin_queue = AdminQueue::start(admin, opts.kato, info.cc, Arc::clone(&health))?;
+    let used = vec![false; usize::from(info.io_queues.max(1))];
+    Ok(Link {
+        peer,
+        opts: opts.clone(),
+        hostnqn,
+        hostid,
+        info,
+        geo,
+        qids: Mutex::new(QidTable { used, next: 0 }),
+        health,
+        _admin: admin_queue,
+    })
+}
+
 /// A namespace on a remote NVMe/TCP controller.
 #[derive(Debug)]
 pub struct NvmeTcpDevice {
     name: String,
-    link: Arc<Link>,
+    sup: Arc<Supervisor>,
+    /// Declared after `sup` only for readability; the thread holds its own `Arc`.
+    _thread: SupervisorThread,
 }
 
 impl NvmeTcpDevice {
     /// Connects to the controller of subsystem `opts.subnqn` at `host_port` and brings it up
     /// for namespace `opts.nsid`. Errors name the step that failed and the NVMe status or
-    /// the termination request's FES.
+    /// the termination request's FES. A controller lost later is reconnected in the
+    /// background (`opts.reconnect_delay`, `opts.ctrl_loss_tmo`).
     pub fn connect(host_port: &str, opts: &NvmeTcpOptions) -> Result<Self> {
-        let peers = Peer::resolve(host_port, &opts.subnqn)?;
-        let hostnqn = opts
-            .hostnqn
-            .clone()
-            .unwrap_or_else(|| host_identity().0.clone());
-        let hostid = host_id_for(&hostnqn);
-        let (admin, info, geo) = controller::bring_up(&peers, opts, &hostnqn, hostid)?;
-        let peer = admin.peer.clone();
-        let health = Arc::new(Health::default());
-        let admin_queue = AdminQueue::start(admin, opts.kato, info.cc, Arc::clone(&health))?;
+        let link = Arc::new(connect_link(host_port, opts)?);
         let name = format!("nvme-tcp://{host_port}/{}?nsid={}", opts.subnqn, opts.nsid);
-        let used = vec![false; usize::from(info.io_queues.max(1))];
+        let sup = Arc::new(Supervisor::new(host_port, opts, link));
+        let thread = SupervisorThread::start(Arc::clone(&sup))?;
         Ok(Self {
             name,
-            link: Arc::new(Link {
-                peer,
-                opts: opts.clone(),
-                hostnqn,
-                hostid,
-                info,
-                geo,
-                qids: Mutex::new(QidTable { used, next: 0 }),
-                health,
-                _admin: admin_queue,
-            }),
+            sup,
+            _thread: thread,
+        })
+    }
+
+    /// A device for a controller that cannot be reached now (`reason`): it reports `geo` —
+    /// what the namespace is expected to be, e.g. the size of the volume's other legs — and
+    /// fails every queue-pair open until it has connected in the background; a namespace of
+    /// another geometry is refused then. A volume started while its remote site is down
+    /// opens the leg this way, faulted, and resyncs it when the site returns.
+    pub fn connect_later(
+        host_port: &str,
+        opts: &NvmeTcpOptions,
+        geo: Geometry,
+        reason: String,
+    ) -> Result<Self> {
+        let name = format!("nvme-tcp://{host_port}/{}?nsid={}", opts.subnqn, opts.nsid);
+        let sup = Arc::new(Supervisor::offline(host_port, opts, geo, reason));
+        let thread = SupervisorThread::start(Arc::clone(&sup))?;
+        Ok(Self {
+            name,
+            sup,
+            _thread: thread,
         })
     }
 
@@ -264,31 +323,41 @@ impl NvmeTcpDevice {
         self
     }
 
-    /// What the controller reported at bring-up.
-    pub fn controller(&self) -> &ControllerInfo {
-        &self.link.info
+    /// What the controller reported at the last bring-up.
+    pub fn controller(&self) -> ControllerInfo {
+        self.sup
+            .link()
+            .map(|l| l.info.clone())
+            .unwrap_or_else(|| self.sup.last_info())
     }
 
-    /// The host NQN this device connected with.
-    pub fn host_nqn(&self) -> &str {
-        &self.link.hostnqn
+    /// The host NQN this device connects with.
+    pub fn host_nqn(&self) -> String {
+        self.sup.hostnqn()
     }
 
-    /// Why the controller is considered lost (its keep-alive failed), if it is.
+    /// Why the controller is considered lost (its keep-alive failed, an I/O queue died, a
+    /// reconnect failed), if it is.
     pub fn lost_reason(&self) -> Option<String> {
-        self.link.health.reason()
+        self.sup.lost_reason()
+    }
+
+    /// The connection's state: connected, last error, reconnect attempts, round trip, fence.
+    pub fn link_status(&self) -> crate::LinkStatus {
+        self.sup.status()
     }
 
     /// Opens a queue pair as its concrete type. `depth` commands may be outstanding at once,
     /// at most the queue size (URI `queue_size`, CAP.MQES + 1, MAXCMD).
     pub fn open_tcp_qpair(&self, depth: u32) -> Result<TcpQueuePair> {
-        qpair::open(&self.link, depth)
+        let link = self.sup.live("open an I/O queue")?;
+        qpair::open(&self.sup, &link, depth)
     }
 }
 
 impl BlockDevice for NvmeTcpDevice {
     fn geometry(&self) -> Geometry {
-        self.link.geo
+        self.sup.geometry()
     }
 
     fn open_qpair(&self, depth: u32) -> Result<Box<dyn QueuePair>> {
@@ -297,6 +366,10 @@ impl BlockDevice for NvmeTcpDevice {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn link(&self) -> Option<crate::LinkStatus> {
+        Some(self.sup.status())
     }
 }
 

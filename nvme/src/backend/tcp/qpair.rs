@@ -16,15 +16,22 @@
 //!
 //! Any protocol violation by the controller sends an H2CTermReq; that, a C2HTermReq, a closed
 //! socket or a lost controller (keep-alive failed) kills the queue: every outstanding command
-//! completes with [`Status::HOST_PATHING_ERROR`], and so does every later one.
+//! completes with [`Status::HOST_PATHING_ERROR`], and so does every later one until the device
+//! has reconnected (`reconnect`): a dying queue marks the whole association lost, and once a
+//! new one is up the queue pair takes the replacement I/O queue the reconnect thread opened
+//! for it, at its next `submit` or `poll`. With `fast_io_fail_tmo` set, commands submitted
+//! while dead are held (not sent) for that long waiting for the reconnect.
 
 mod receive;
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::control::ControlConn;
+use super::reconnect::{Revival, Supervisor};
 use super::slot::{Direction, SlotState, SlotTable, DSM_RANGE_LEN};
 use super::stream::{RxBuf, TxBuf};
 use super::Link;
@@ -79,10 +86,23 @@ pub struct TcpQueuePair {
     rx: RxBuf,
     /// Why the queue died; every command completes with a path error from then on.
     dead: Option<String>,
+    /// When it died.
+    dead_at: Option<Instant>,
+    /// This queue pair's claim on a replacement I/O queue after a reconnect.
+    revival: Arc<Revival>,
+    /// Commands submitted while dead, held for `fast_io_fail_tmo` (capacity = depth; they
+    /// count in `outstanding` but hold no slot).
+    held: VecDeque<IoCommand>,
+    fast_io_fail: Duration,
 }
 
 impl TcpQueuePair {
-    pub(super) fn new(link: Arc<Link>, conn: ControlConn, p: QueueParams) -> Result<Self> {
+    pub(super) fn new(
+        link: Arc<Link>,
+        conn: ControlConn,
+        p: QueueParams,
+        revival: Arc<Revival>,
+    ) -> Result<Self> {
         let peer = conn.peer.clone();
         let (sock, dg, maxh2cdata, leftover) = conn.into_parts();
         let step = format!("I/O queue {} socket setup", p.qid);
@@ -96,6 +116,7 @@ impl TcpQueuePair {
             + TERM_REQ_MAX_PLEN;
         let max_pdu = p.max_transfer as usize + PDU_OVERHEAD;
         let depth = p.depth as usize;
+        let fast_io_fail = link.opts.fast_io_fail_tmo;
         Ok(Self {
             link,
             sock,
@@ -118,7 +139,69 @@ impl TcpQueuePair {
             tx: TxBuf::new(tx_cap),
             rx: RxBuf::new(max_pdu, RX_SLACK, &leftover),
             dead: None,
+            dead_at: None,
+            revival,
+            held: VecDeque::with_capacity(depth),
+            fast_io_fail,
         })
+    }
+
+    /// A dead queue pair takes the replacement I/O queue the reconnect thread opened for it,
+    /// once every command it failed has been reaped; held commands go out on it. Cold: only
+    /// while dead.
+    #[cold]
+    fn try_revive(&mut self) {
+        if self.outstanding != self.held.len() as u32 {
+            return;
+        }
+        let Some((link, conn, qid)) = self.revival.take() else {
+            return;
+        };
+        self.revival.wanted.store(false, Ordering::Release);
+        let p = params(&link, self.p.depth, qid);
+        let on = Arc::clone(&link);
+        match TcpQueuePair::new(link, conn, p, Arc::clone(&self.revival)) {
+            Ok(mut q) => {
+                tracing::info!(qid, target = %q.link.peer.label, "NVMe/TCP I/O queue reconnected");
+                std::mem::swap(&mut q.held, &mut self.held);
+                // The old queue (dropped here) releases its queue ID on the old association.
+                *self = q;
+                self.outstanding = 0;
+                while let Some(cmd) = self.held.pop_front() {
+                    // SAFETY: the command was submitted to us under the submit contract and
+                    // has not completed; it keeps its buffer promise.
+                    let _ = unsafe { self.submit(cmd) };
+                }
+            }
+            Err(e) => {
+                tracing::warn!(qid, "NVMe/TCP I/O queue could not be reconnected: {e}");
+                on.release_qid(qid);
+                self.revival.wanted.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The association was lost elsewhere (keep-alive, another I/O queue): this queue dies.
+    #[cold]
+    fn lose_link(&mut self) {
+        let why = self.link.health.reason().unwrap_or_default();
+        self.die(format!("controller lost: {why}"));
+    }
+
+    /// Held commands whose `fast_io_fail_tmo` ran out fail with a path error.
+    #[cold]
+    fn expire_held(&mut self, now: Instant) {
+        let expired = self
+            .dead_at
+            .map_or(true, |t| now.duration_since(t) >= self.fast_io_fail);
+        if !expired {
+            return;
+        }
+        while let Some(cmd) = self.held.pop_front() {
+            let i = self.table.alloc().expect("held commands have free slots");
+            self.table.slots[usize::from(i)].tag = cmd.tag;
+            self.complete(i, Status::HOST_PATHING_ERROR);
+        }
     }
 
     /// The queue ID on the controller.
@@ -129,6 +212,15 @@ impl TcpQueuePair {
     /// Why the queue is dead, if it is.
     pub fn dead_reason(&self) -> Option<&str> {
         self.dead.as_deref()
+    }
+
+    /// Whether a command submitted while dead is held for the reconnect.
+    #[cold]
+    fn holds(&self) -> bool {
+        !self.fast_io_fail.is_zero()
+            && self
+                .dead_at
+                .is_some_and(|t| t.elapsed() < self.fast_io_fail)
     }
 
     /// Fills slot `i` for `cmd`; an error status completes the command without sending it.
@@ -289,6 +381,19 @@ impl TcpQueuePair {
         }
         tracing::warn!(qid = self.p.qid, target = %self.link.peer.label, "NVMe/TCP I/O queue lost: {reason}");
         let _ = self.sock.shutdown(Shutdown::Both);
+        // What was on the wire may still be executed by the remote: it fences the leg.
+        self.revival
+            .fenced
+            .fetch_add(self.in_flight, Ordering::Relaxed);
+        // One dead queue takes the association down (as Linux's error recovery does); the
+        // reconnect thread then opens this queue pair a replacement.
+        self.link
+            .health
+            .lose(format!("I/O queue {}: {reason}", self.p.qid));
+        if !self.revival.ready.load(Ordering::Acquire) {
+            self.revival.wanted.store(true, Ordering::Release);
+        }
+        self.dead_at = Some(Instant::now());
         for i in 0..self.table.slots.len() {
             if matches!(
                 self.table.slots[i].state,
@@ -386,6 +491,13 @@ impl QueuePair for TcpQueuePair {
 
     #[inline]
     unsafe fn submit(&mut self, cmd: IoCommand) -> std::result::Result<(), SubmitError> {
+        if self.dead.is_none() && self.link.health.is_lost() {
+            // An idle queue pair on a lost association: its replacement may be ready.
+            self.lose_link();
+        }
+        if self.dead.is_some() {
+            self.try_revive();
+        }
         if self.outstanding >= self.p.depth {
             return Err(SubmitError::QueueFull);
         }
@@ -393,6 +505,11 @@ impl QueuePair for TcpQueuePair {
             return Err(SubmitError::QueueFull);
         };
         self.outstanding += 1;
+        if self.dead.is_some() && self.holds() {
+            self.table.release(i);
+            self.held.push_back(cmd);
+            return Ok(());
+        }
         match self.prepare(i, &cmd) {
             Err(status) => self.complete(i, status),
             Ok(()) if self.dead.is_some() => self.complete(i, Status::HOST_PATHING_ERROR),
@@ -408,13 +525,19 @@ impl QueuePair for TcpQueuePair {
 
     #[inline]
     fn poll(&mut self, out: &mut [Completion]) -> usize {
+        if self.dead.is_some() {
+            self.try_revive();
+        }
         if self.dead.is_none() {
             if self.link.health.is_lost() {
-                let why = self.link.health.reason().unwrap_or_default();
-                self.die(format!("controller lost: {why}"));
+                self.lose_link();
+                self.try_revive();
             } else {
                 self.progress();
             }
+        }
+        if !self.held.is_empty() {
+            self.expire_held(Instant::now());
         }
         let n = out.len().min(self.done.len());
         for o in &mut out[..n] {
@@ -438,30 +561,43 @@ impl Drop for TcpQueuePair {
     }
 }
 
-/// Opens I/O queue connections on a controller; see [`super::NvmeTcpDevice::open_tcp_qpair`].
-pub(super) fn open(link: &Arc<Link>, depth: u32) -> Result<TcpQueuePair> {
-    if depth == 0 {
-        return Err(Error::QueuePair(format!("{}: depth 0", link.peer.label)));
+/// The queue parameters for a queue pair of `depth` on `link`'s controller, queue `qid`.
+fn params(link: &Link, depth: u32, qid: u16) -> QueueParams {
+    let info = &link.info;
+    QueueParams {
+        qid,
+        depth: depth.min(queue_size(link, depth)),
+        nsid: link.opts.nsid,
+        lba_shift: link.geo.lba_shift(),
+        in_capsule: info.in_capsule,
+        max_transfer: info.max_transfer,
     }
+}
+
+/// Wire queue entries for `depth` on `link`'s controller.
+fn queue_size(link: &Link, depth: u32) -> u32 {
     let info = &link.info;
     let mut limit = link.opts.queue_size.min(info.max_queue_entries);
     if info.maxcmd > 0 {
         limit = limit.min(u32::from(info.maxcmd));
     }
-    let limit = limit.clamp(2, 65536);
-    let size = depth.clamp(2, limit);
-    let params = |qid| QueueParams {
-        qid,
-        depth: depth.min(size),
-        nsid: link.opts.nsid,
-        lba_shift: link.geo.lba_shift(),
-        in_capsule: info.in_capsule,
-        max_transfer: info.max_transfer,
-    };
+    depth.clamp(2, limit.clamp(2, 65536))
+}
+
+/// Opens I/O queue connections on a controller; see [`super::NvmeTcpDevice::open_tcp_qpair`].
+pub(super) fn open(sup: &Supervisor, link: &Arc<Link>, depth: u32) -> Result<TcpQueuePair> {
+    if depth == 0 {
+        return Err(Error::QueuePair(format!("{}: depth 0", link.peer.label)));
+    }
+    let size = queue_size(link, depth);
     let conn = super::connect_io_queue(link, size)?;
     let qid = conn.1;
-    match TcpQueuePair::new(Arc::clone(link), conn.0, params(qid)) {
-        Ok(q) => Ok(q),
+    let revival = Arc::new(Revival::new(size));
+    match TcpQueuePair::new(Arc::clone(link), conn.0, params(link, depth, qid), revival) {
+        Ok(q) => {
+            sup.register(&q.revival);
+            Ok(q)
+        }
         Err(e) => {
             link.release_qid(qid);
             Err(e)
