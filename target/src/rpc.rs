@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(names, vec![std::ffi::OsString::from("rpc.sock")]);
 
         // A request past the bound is refused with an error, not buffered.
-        let mut s = UnixStream::connect(&path).unwrap();
+        let s = UnixStream::connect(&path).unwrap();
         let mut w = s.try_clone().unwrap();
         std::thread::spawn(move || {
             let _ = w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":\"");
