@@ -445,8 +445,9 @@ impl VolumeQueuePair {
             }
             // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
             // the leg command: the host command completes only after every leg command has
-            // completed or been abandoned (see the abandonment caveat in `timeout`). One write
-            // buffer read by several legs at once is allowed by the contract.
+            // completed or been abandoned, and an abandoned one keeps the buffer lent until it
+            // is reaped or fenced (`timeout`, `lending`). One write buffer read by several legs
+            // at once is allowed by the contract.
             match unsafe { qp.submit(cmd) } {
                 Ok(()) => self.inflight[leg] += 1,
                 Err(SubmitError::QueueFull) => refused |= 1 << leg,
