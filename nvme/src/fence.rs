@@ -73,9 +73,10 @@ impl Fence {
 
     /// Whether every command is reaped or cancelled.
     pub fn is_done(&self) -> bool {
-        self.state
-            .as_ref()
-            .is_none_or(|s| s.done.load(Ordering::Acquire))
+        match &self.state {
+            None => true,
+            Some(s) => s.done.load(Ordering::Acquire),
+        }
     }
 
     /// Runs `f` once the fence is done: now, on this thread, if it is already; otherwise on
