@@ -1,9 +1,21 @@
 //! DMA-able I/O buffers: one contiguous, page-aligned region per core, carved into
 //! fixed-size buffers, so the I/O path never allocates.
+//!
+//! Soundness. A [`DmaBuf`] keeps its pool's region alive (the region is reference-counted:
+//! one count per buffer taken, bumped in [`DmaPool::get`] and dropped with the buffer), so a
+//! buffer outliving its pool still points at live memory. Its safe accessors
+//! ([`DmaBuf::as_slice`], [`DmaBuf::as_mut_slice`]) borrow the buffer, and the only way to let
+//! a device touch the memory behind them is the `unsafe` [`QueuePair::submit`], whose caller
+//! promises not to touch the buffer until the command is reaped (or, for a buffer a mirror
+//! volume lends past the host completion, until it is released). Safe code alone therefore
+//! never forms a reference to memory a device may be writing.
+//!
+//! [`QueuePair::submit`]: crate::QueuePair::submit
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 /// Alignment of every pool: a page, which satisfies O_DIRECT and NVMe PRP rules.
 pub const DMA_ALIGN: usize = 4096;
@@ -77,11 +89,13 @@ impl fmt::Debug for IoBuf {
     }
 }
 
-/// A buffer taken from a [`DmaPool`]; give it back with [`DmaPool::put`].
+/// A buffer taken from a [`DmaPool`]; give it back with [`DmaPool::put`]. It keeps the
+/// pool's memory alive, so it may outlive the pool (its memory is freed with the last buffer).
 #[derive(Debug)]
 pub struct DmaBuf {
     index: u32,
     buf: IoBuf,
+    region: Arc<Region>,
 }
 
 impl DmaBuf {
@@ -103,32 +117,51 @@ impl DmaBuf {
         self.buf.len == 0
     }
 
-    /// The buffer's bytes. Must not be called while a command using it is outstanding.
+    /// The buffer's bytes. While a command using the buffer is outstanding, the
+    /// [`QueuePair::submit`](crate::QueuePair::submit) contract its submitter accepted forbids
+    /// calling this (see the module docs).
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the pool region is live for the pool's lifetime, each DmaBuf is handed out
-        // once (unique), and the caller owns it between commands.
+        // SAFETY: the region is alive while `self.region` is; the buffer's bytes lie inside it
+        // and belong to this DmaBuf alone (each index is handed out once until `put`). No
+        // device writes them now: lending them to one takes an `unsafe` submit whose contract
+        // rules out this borrow until the command is reaped.
         unsafe { std::slice::from_raw_parts(self.buf.ptr, self.buf.len) }
     }
 
-    /// The buffer's bytes, mutably. Must not be called while a command using it is outstanding.
+    /// The buffer's bytes, mutably. As for [`as_slice`](Self::as_slice).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as for `as_slice`, and `&mut self` makes this the only reference.
         unsafe { std::slice::from_raw_parts_mut(self.buf.ptr, self.buf.len) }
     }
 }
 
-/// A per-core pool of `count` page-aligned buffers of `buf_size` bytes in one region.
-pub struct DmaPool {
+/// A pool's memory: freed when the pool and every buffer taken from it are gone.
+#[derive(Debug)]
+struct Region {
     base: NonNull<u8>,
     layout: Layout,
+}
+
+// SAFETY: the region is plain memory owned by this value; which buffer of it a thread may touch
+// is decided by the pool (one owner per buffer), not by the region.
+unsafe impl Send for Region {}
+// SAFETY: as above: the region itself is never read or written through `&Region`.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `DmaPool::try_new` with this layout and freed only here.
+        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+/// A per-core pool of `count` page-aligned buffers of `buf_size` bytes in one region.
+pub struct DmaPool {
+    region: Arc<Region>,
     buf_size: usize,
     count: u32,
     free: Vec<u32>,
 }
-
-// SAFETY: the pool owns its region exclusively; moving it to another thread moves that
-// ownership. It is not Sync: one core uses it at a time.
-unsafe impl Send for DmaPool {}
 
 impl fmt::Debug for DmaPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -161,16 +194,13 @@ impl DmaPool {
         let layout = Layout::from_size_align(total, DMA_ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size (count > 0, buf_size > 0).
         let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        let region = Arc::new(Region { base, layout });
         let mut free = Vec::new();
-        if free.try_reserve_exact(count as usize).is_err() {
-            // SAFETY: `base` was allocated just above with this layout.
-            unsafe { alloc::dealloc(base.as_ptr(), layout) };
-            return None;
-        }
+        // On failure `region` frees the memory.
+        free.try_reserve_exact(count as usize).ok()?;
         free.extend((0..count).rev());
         Some(Self {
-            base,
-            layout,
+            region,
             buf_size,
             count,
             free,
@@ -181,16 +211,14 @@ impl DmaPool {
     #[inline]
     pub fn get(&mut self) -> Option<DmaBuf> {
         let index = self.free.pop()?;
-        let ptr = self
-            .base
-            .as_ptr()
-            .wrapping_add(index as usize * self.buf_size);
+        let ptr = self.base().wrapping_add(index as usize * self.buf_size);
         Some(DmaBuf {
             index,
             buf: IoBuf {
                 ptr,
                 len: self.buf_size,
             },
+            region: Arc::clone(&self.region),
         })
     }
 
@@ -199,7 +227,7 @@ impl DmaPool {
     pub fn put(&mut self, buf: DmaBuf) {
         // A buffer of another pool would index outside this one's region later on.
         assert!(
-            self.contains(buf.buf.ptr) && buf.index < self.count,
+            Arc::ptr_eq(&buf.region, &self.region) && buf.index < self.count,
             "DmaPool::put: the buffer is not from this pool"
         );
         self.free.push(buf.index);
@@ -219,20 +247,13 @@ impl DmaPool {
 
     /// Start of the region (for registering it with a device).
     pub fn base(&self) -> *mut u8 {
-        self.base.as_ptr()
+        self.region.base.as_ptr()
     }
 
     /// Whether `ptr` points into this pool's region.
     pub fn contains(&self, ptr: *const u8) -> bool {
-        let base = self.base.as_ptr() as usize;
-        (base..base + self.layout.size()).contains(&(ptr as usize))
-    }
-}
-
-impl Drop for DmaPool {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout and freed only here.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        let base = self.base() as usize;
+        (base..base + self.region.layout.size()).contains(&(ptr as usize))
     }
 }
 
@@ -271,5 +292,27 @@ mod tests {
         let idx = b.index();
         pool.put(b);
         assert_eq!(pool.get().unwrap().index(), idx);
+    }
+
+    #[test]
+    fn a_buffer_keeps_its_memory_after_the_pool_is_gone() {
+        let mut pool = DmaPool::new(2, 4096);
+        let mut b = pool.get().unwrap();
+        b.as_mut_slice().fill(0xa5);
+        drop(pool);
+        // The region is freed with the last buffer, not with the pool.
+        assert!(b.as_slice().iter().all(|&x| x == 0xa5));
+        b.as_mut_slice()[4095] = 1;
+        assert_eq!(b.as_slice()[4095], 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "not from this pool")]
+    fn a_buffer_of_another_pool_is_refused() {
+        let mut a = DmaPool::new(1, 4096);
+        let mut b = DmaPool::new(1, 4096);
+        let buf = a.get().unwrap();
+        let _ = b.get().unwrap();
+        b.put(buf);
     }
 }

@@ -22,12 +22,14 @@
 pub mod backend;
 pub mod dma;
 mod error;
+pub mod fence;
 pub mod link;
 pub mod queue;
 pub mod spec;
 pub mod uri;
 
 pub use error::{Error, Result};
+pub use fence::{Fence, FenceSignal};
 pub use link::LinkStatus;
 pub use queue::{read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
 pub use spec::{Geometry, Status};

@@ -4,10 +4,17 @@
 //! "io_channel") and uses it without locks. Submission is batch-shaped: [`QueuePair::submit`]
 //! only queues, [`QueuePair::poll`] rings the doorbell once for everything queued since the last
 //! call and reaps completions.
+//!
+//! Commands a caller gave up on (a mirror leg's I/O timeout) are fenced without blocking:
+//! [`QueuePair::cancel`] asks the back end to stop them, and each one is over once `poll` has
+//! returned its completion (Command Abort Requested when the cancel took, the real result when
+//! the device finished first). [`QueuePair::close`] hands whatever is still in flight to the
+//! back end's reaper and returns a [`Fence`] that says when the last of it is over.
 
 use std::fmt::Debug;
 
 use crate::dma::{DmaPool, IoBuf};
+use crate::fence::Fence;
 use crate::spec::{Geometry, Status};
 use crate::{Error, Result};
 
@@ -159,6 +166,32 @@ pub trait QueuePair: Send + Debug {
     fn poll_released(&mut self, out: &mut [u64]) -> usize {
         let _ = out;
         0
+    }
+
+    /// Asks the back end to cancel the outstanding commands tagged `tags` (commands the caller
+    /// has abandoned); never blocks. Each such command still completes through a later
+    /// [`poll`](Self::poll): with [`Status::ABORT_REQUESTED`] when the cancel took, with its real
+    /// result when the device finished it first or cannot stop it (block I/O already under
+    /// way, a remote that has it). Its completion is the fence either way: once `poll` has
+    /// returned it, nothing touches its buffer or the medium for it any more. Tags that are
+    /// not outstanding are ignored. Returns how many cancels were issued.
+    ///
+    /// The default cannot cancel anything and returns 0: the commands are simply waited for.
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        let _ = tags;
+        0
+    }
+
+    /// Closes the queue pair without blocking. Commands still outstanding are cancelled where
+    /// the back end can, and the rest are left to a reaper; the returned [`Fence`] is done once
+    /// every one of them is over. Until then their buffers must stay allocated (and a leg they
+    /// write treated as busy); completions are not reported.
+    ///
+    /// The default drops the queue pair and returns a fence that is done: for back ends whose
+    /// drop ends every command itself (memory, null) or that have no better answer yet.
+    fn close(self: Box<Self>) -> Fence {
+        drop(self);
+        Fence::done()
     }
 
     /// Registers a per-core [`DmaPool`] with the device so commands on its buffers are

@@ -24,6 +24,7 @@ use crate::bitmap::{RegionRange, BITMAP_PAGE};
 use crate::join::leg_tag;
 use crate::legs::MAX_LEGS;
 use crate::stats::bump;
+use crate::volume::VolumeShared;
 
 /// Join-slot numbers at and above this are metadata writes.
 pub(super) const META_SLOT_BASE: u32 = 0x8000_0000;
@@ -133,11 +134,7 @@ impl VolumeQueuePair {
     /// A modifying command that passed the gate is done on every leg.
     #[inline]
     pub(super) fn intent_done(&self, cmd: &IoCommand) {
-        if let Some(bm) = self.vol.bitmap.as_ref() {
-            if cmd.op.modifies() {
-                bm.leave(bm.range(cmd.slba, cmd.nlb));
-            }
-        }
+        release_intent(&self.vol, cmd);
     }
 
     /// A modifying command queued behind waiting ones: marks its regions now, so their pages
@@ -405,6 +402,13 @@ impl VolumeQueuePair {
                     tracing::warn!(volume = %self.vol.name, leg, page = mw.page, "bitmap page write timed out; abandoning it");
                 }
             }
+            for (leg, qp) in self.legs.iter_mut().enumerate().take(self.leg_count) {
+                if mw.outstanding & (1 << leg) != 0 {
+                    if let Some(qp) = qp.as_mut() {
+                        qp.cancel(&[leg_tag(META_SLOT_BASE + i as u32, mw.seq)]);
+                    }
+                }
+            }
             mw.failed |= mw.outstanding;
             mw.abandoned |= mw.outstanding;
             mw.outstanding = 0;
@@ -447,6 +451,15 @@ impl VolumeQueuePair {
         };
         for mw in w.writes.iter_mut().filter_map(Option::take) {
             bm.unlock(mw.page);
+        }
+    }
+}
+
+/// A write is done on every leg (or fenced): its regions leave the bitmap's in-flight count.
+pub(super) fn release_intent(vol: &VolumeShared, cmd: &IoCommand) {
+    if let Some(bm) = vol.bitmap.as_ref() {
+        if cmd.op.modifies() {
+            bm.leave(bm.range(cmd.slba, cmd.nlb));
         }
     }
 }

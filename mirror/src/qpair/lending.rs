@@ -1,11 +1,11 @@
 //! Buffer lending: a host command completed while a leg may still use its buffer.
 //!
-//! A leg command abandoned at the I/O timeout is not cancelled in its back end: until it is
-//! reaped (a late completion) or fenced (its leg queue pair closed), the back end may still
-//! fill a read's buffer or read a write's. The host command it belonged to is completed with
-//! an error, but its buffer stays *lent*: [`QueuePair::buffer_lent`] says so for that tag and
-//! the front end keeps the buffer out of reuse until [`QueuePair::poll_released`] hands the
-//! tag back. A read that timed out is therefore not retried on another leg into the same
+//! A leg command abandoned at the I/O timeout is cancelled where its back end can, but a cancel
+//! may miss: until it is reaped (a late or aborted completion) or fenced (its leg queue pair's
+//! close fence done), the back end may still fill a read's buffer or read a write's. The host
+//! command it belonged to is completed with an error, but its buffer stays *lent*:
+//! [`QueuePair::buffer_lent`] says so for that tag and the front end keeps the buffer out of
+//! reuse until [`QueuePair::poll_released`] hands the tag back. A read that timed out is therefore not retried on another leg into the same
 //! buffer: it fails with a retryable status and the host retries it, on a leg that is in sync.
 //!
 //! Both lists are sized to the queue depth when the queue pair opens (a join slot lends at

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nvmirror_nvme::{Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
+use nvmirror_nvme::{Completion, Fence, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError};
 
 use crate::join::leg_tag;
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
@@ -31,7 +31,7 @@ use crate::stats::{bump, CoreStats};
 use crate::table::JoinTable;
 use crate::volume::VolumeShared;
 use crate::{Error, Result};
-use intent::IntentWriter;
+use intent::{release_intent, IntentWriter};
 use stages::StageRecorder;
 use timeout::TimeoutClock;
 
@@ -126,6 +126,8 @@ pub struct VolumeQueuePair {
     stats: Arc<CoreStats>,
     /// The latency breakdown's stamps and histograms, when it is on (`crate::breakdown`).
     stages: Option<Box<StageRecorder>>,
+    /// Set by [`teardown`](Self::teardown), which runs once (from `close` or `drop`).
+    torn_down: bool,
 }
 
 impl VolumeQueuePair {
@@ -211,6 +213,7 @@ impl VolumeQueuePair {
             clock: TimeoutClock::new(vol.cfg.io_timeout, now),
             stats,
             stages,
+            torn_down: false,
             vol,
         })
     }
@@ -447,8 +450,9 @@ impl VolumeQueuePair {
             }
             // SAFETY: the host's promise for `cmd.buf` (our own `submit` contract) covers
             // the leg command: the host command completes only after every leg command has
-            // completed or been abandoned (see the abandonment caveat in `timeout`). One write
-            // buffer read by several legs at once is allowed by the contract.
+            // completed or been abandoned, and an abandoned one keeps the buffer lent until it
+            // is reaped or fenced (`timeout`, `lending`). One write buffer read by several legs
+            // at once is allowed by the contract.
             match unsafe { qp.submit(cmd) } {
                 Ok(()) => self.inflight[leg] += 1,
                 Err(SubmitError::QueueFull) => refused |= 1 << leg,
@@ -565,6 +569,11 @@ impl QueuePair for VolumeQueuePair {
         self.take_released(out)
     }
 
+    /// Closes the leg queue pairs without blocking; see [`teardown`](Self::teardown).
+    fn close(mut self: Box<Self>) -> Fence {
+        self.teardown()
+    }
+
     fn depth(&self) -> u32 {
         self.depth
     }
@@ -641,20 +650,57 @@ impl QueuePair for VolumeQueuePair {
 }
 
 impl Drop for VolumeQueuePair {
+    /// As [`close`](QueuePair::close), for a caller that does not need the fence: one whose
+    /// buffers outlive every back end's reaper (or that has no commands in flight).
     fn drop(&mut self) {
-        // Fence first: closing a leg's queue pair fences its commands (the back ends'
-        // contract: nothing touches a command's buffer or the medium once its queue pair is
-        // gone). Only then is the ordering state shared with other cores given up, so no
-        // command of this core can still land behind a write that the guard lets through.
-        for leg in 0..MAX_LEGS {
-            self.legs[leg] = None;
-            if self.abandoned[leg] > 0 {
-                if let Some(l) = self.vol.leg(leg) {
-                    l.abandoned
-                        .fetch_sub(self.abandoned[leg], Ordering::Release);
-                }
-            }
+        let _ = self.teardown();
+    }
+}
+
+impl VolumeQueuePair {
+    /// Closes every leg queue pair without blocking and gives up this core's share of the
+    /// ordering state. Returns a fence that is done once no leg command of this queue pair
+    /// can touch a buffer or a leg any more; the host's buffers must stay allocated until then.
+    ///
+    /// A leg queue pair whose close fence is not done yet (commands left to a reaper) keeps
+    /// its leg busy — every command still in it counts in the leg's `abandoned` — and keeps
+    /// the overlap-guard entries and bitmap in-flight counts of the writes this core had in
+    /// flight, until the fence is done: no command of this core can land behind a write the
+    /// guard lets through, and the leg's resync waits for the reaper.
+    fn teardown(&mut self) -> Fence {
+        if self.torn_down {
+            return Fence::done();
         }
+        self.torn_down = true;
+        let mut pending = Vec::new();
+        for leg in 0..MAX_LEGS {
+            let fence = self.legs[leg]
+                .take()
+                .map_or_else(Fence::done, |qp| qp.close());
+            let abandoned = std::mem::take(&mut self.abandoned[leg]);
+            let Some(l) = self.vol.leg(leg) else {
+                continue;
+            };
+            if fence.is_done() {
+                if abandoned > 0 {
+                    l.abandoned.fetch_sub(abandoned, Ordering::Release);
+                }
+                continue;
+            }
+            // Every command still in that back end is abandoned now.
+            let extra = self.inflight[leg].saturating_sub(abandoned);
+            l.abandoned.fetch_add(extra, Ordering::Relaxed);
+            let held = abandoned + extra;
+            tracing::info!(volume = %self.vol.name, leg, commands = held, "leg queue pair closed with commands in its back end; the leg stays busy until they are reaped");
+            let vol = Arc::clone(&self.vol);
+            fence.then(move || {
+                if let Some(l) = vol.leg(leg) {
+                    l.abandoned.fetch_sub(held, Ordering::Release);
+                }
+            });
+            pending.push(fence);
+        }
+        let mut ordering = Vec::new();
         for slot in 0..self.table.capacity() as u32 {
             let meta = *self.table.meta(slot);
             if meta.in_use {
@@ -665,20 +711,42 @@ impl Drop for VolumeQueuePair {
                     if meta.cmd.op.modifies() {
                         self.vol.diverged.mark(meta.cmd.slba, meta.cmd.nlb);
                     }
-                    self.vol.guard.unlock(span);
-                    self.intent_done(&meta.cmd);
+                    ordering.push((span, meta.cmd));
                 }
                 self.table.release(slot);
             }
         }
-        // Parked writes: their abandoned leg commands were fenced above.
-        for p in std::mem::take(&mut self.parked) {
-            self.vol.guard.unlock(p.span);
-            self.intent_done(&p.cmd);
-        }
+        // Parked writes: their abandoned leg commands are fenced with the legs above.
+        ordering.extend(
+            std::mem::take(&mut self.parked)
+                .into_iter()
+                .map(|p| (p.span, p.cmd)),
+        );
         self.drop_intent();
         self.publish_breakdown();
         self.vol.retire_core(&self.stats);
+        let fence = Fence::all(pending);
+        let vol = Arc::clone(&self.vol);
+        // Bitmap page writes may be among the commands left in flight: their buffers go with
+        // the fence.
+        let pages = self.intent.take();
+        fence.then(move || {
+            drop(pages);
+            for (span, cmd) in ordering {
+                vol.guard.unlock(span);
+                release_intent(&vol, &cmd);
+            }
+        });
+        fence
+    }
+
+    /// Asks `leg`'s back end to cancel an abandoned command (tag `tag`).
+    #[cold]
+    pub(super) fn cancel_leg_command(&mut self, leg: usize, tag: u64) {
+        if let Some(qp) = self.legs[leg].as_mut() {
+            let issued = qp.cancel(&[tag]);
+            tracing::debug!(volume = %self.vol.name, leg, issued, "cancel of an abandoned leg command");
+        }
     }
 }
 

@@ -7,21 +7,26 @@
 //! arrives later for an abandoned leg command finds its slot's leg word taken (or a newer
 //! generation) and is dropped.
 //!
-//! Abandoning a leg command does not cancel it in the back end. Until that back end reaps it
-//! or its queue pair is closed, it may still write the medium, read a write's buffer or fill
-//! a read's buffer, although the host has its completion. Every abandoned command is counted
-//! in the leg's shared `abandoned` until it is reaped (or this queue pair closes, which
-//! fences it), and the leg's resync does not start before that count is zero, so a late write
-//! can never land on a region the resync has already copied. The host command's buffer stays
-//! lent until then (`lending`), so a late read or write never touches memory the front end
-//! has handed to another command.
+//! Abandoning a leg command asks its back end to cancel it ([`QueuePair::cancel`]), but a
+//! back end may not be able to (block I/O already at the device, a remote leg). Until the
+//! command's completion is reaped — Command Abort Requested when the cancel took, its real
+//! result otherwise — or its queue pair's close [`Fence`] is done, it may still write the
+//! medium, read a write's buffer or fill a read's buffer, although the host has its
+//! completion. Every abandoned command is counted in the leg's shared `abandoned` until then,
+//! and the leg's resync does not start before that count is zero, so a late write can never
+//! land on a region the resync has already copied. The host command's buffer stays lent until
+//! then (`lending`), so a late read or write never touches memory the front end has handed to
+//! another command.
+//!
+//! [`QueuePair::cancel`]: nvmirror_nvme::QueuePair::cancel
+//! [`Fence`]: nvmirror_nvme::Fence
 
 use std::time::{Duration, Instant};
 
 use nvmirror_nvme::Status;
 
 use super::VolumeQueuePair;
-use crate::join::LegOutcome;
+use crate::join::{leg_tag, LegOutcome};
 use crate::stats::bump;
 
 /// Polls between clock reads while busy.
@@ -89,9 +94,11 @@ impl VolumeQueuePair {
                     "leg command timed out; abandoning it"
                 );
                 if meta.unsent & (1 << leg) == 0 {
-                    // Handed to the back end, which may still act on it.
+                    // Handed to the back end, which may still act on it: ask it to stop. The
+                    // command stays abandoned until its completion (aborted or late) is reaped.
                     self.note_abandoned(leg);
                     self.table.meta_mut(slot).abandoned |= 1 << leg;
+                    self.cancel_leg_command(leg, leg_tag(slot, meta.generation));
                 }
                 self.table.meta_mut(slot).unsent &= !(1 << leg);
                 let outcome = self.table.slot_mut(slot).complete_owned(

@@ -1,7 +1,7 @@
 //! A job's own queue pairs on the legs it reads and writes, opened when first needed. They are
 //! separate from every host queue pair, so the job never touches a core's join table.
 
-use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
+use nvmirror_nvme::{Completion, Fence, IoCommand, IoOp, QueuePair, SubmitError};
 
 use crate::legs::MAX_LEGS;
 use crate::volume::VolumeShared;
@@ -79,5 +79,23 @@ impl LegChannels {
         let n = qp.poll(out);
         self.inflight[leg] -= n as u32;
         n
+    }
+
+    /// Asks `leg`'s back end to cancel the job's command tagged `tag` (one it gave up on).
+    pub(crate) fn cancel(&mut self, leg: usize, tag: u64) {
+        if let Some(qp) = self.qps[leg].as_mut() {
+            qp.cancel(&[tag]);
+        }
+    }
+
+    /// Closes every queue pair without blocking; the fence is done once none of their
+    /// commands can touch a buffer or a leg any more.
+    pub(crate) fn close(&mut self) -> Fence {
+        Fence::all(
+            self.qps
+                .iter_mut()
+                .filter_map(Option::take)
+                .map(QueuePair::close),
+        )
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! While nothing is armed, a command costs one relaxed atomic load more. Armed faults are
 //! evaluated under a mutex: fault drills are not a hot path.
+//!
+//! A command held by a [`Fault::Hang`] never reached the wrapped device, so it can always be
+//! cancelled: [`QueuePair::cancel`] completes it with Command Abort Requested at the next poll,
+//! and closing the queue pair simply forgets it. Cancels for other commands go to the wrapped
+//! device.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -282,6 +287,28 @@ impl QueuePair for FaultyQueuePair {
                 }
             }
         }
+    }
+
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        let mut issued = 0;
+        for &tag in tags {
+            if let Some(i) = self.hung.iter().position(|c| c.tag == tag) {
+                self.hung.swap_remove(i);
+                self.failed.push_back(Completion {
+                    tag,
+                    status: Status::ABORT_REQUESTED,
+                });
+                issued += 1;
+            } else {
+                issued += self.inner.cancel(std::slice::from_ref(&tag));
+            }
+        }
+        issued
+    }
+
+    fn close(self: Box<Self>) -> crate::Fence {
+        // Hung commands never reached the wrapped device: nothing can act on them.
+        self.inner.close()
     }
 
     fn poll(&mut self, out: &mut [Completion]) -> usize {

@@ -541,16 +541,19 @@ impl Transmission {
 
 impl Drop for Transmission {
     fn drop(&mut self) {
-        if !self.quiesce(QUIESCE_TIMEOUT) {
-            // Commands still own buffers of the pool: leak the pool and the queue pair
-            // rather than free memory a device may still write.
-            tracing::error!(
-                outstanding = self.qpair.outstanding(),
-                "NBD connection torn down with commands still on the device; leaking its buffers"
+        let quiet = self.quiesce(QUIESCE_TIMEOUT);
+        // Closing never blocks: a back end that still holds commands leaves them to its
+        // reaper, and the pool (whose memory its buffers keep alive) goes once none of them can
+        // touch it any more.
+        let qpair = std::mem::replace(&mut self.qpair, Box::new(Detached));
+        let fence = qpair.close();
+        if !quiet || !fence.is_done() {
+            tracing::warn!(
+                "NBD connection torn down with commands still on the device; its buffers are kept until they are over"
             );
-            std::mem::forget(std::mem::replace(&mut self.pool, DmaPool::new(1, 1)));
-            let qpair = std::mem::replace(&mut self.qpair, Box::new(Detached));
-            std::mem::forget(qpair);
+            let pool = std::mem::replace(&mut self.pool, DmaPool::new(1, 1));
+            let slots = std::mem::take(&mut self.slots);
+            fence.then(move || drop((pool, slots)));
         }
     }
 }

@@ -16,7 +16,7 @@ use nvmirror_nvme::spec::tcp::{
     self, flags, parse_pdu, DataPdu, Digests, PduError, PduLimits, PduType, Role, TERM_REQ_MAX_PLEN,
 };
 use nvmirror_nvme::spec::CompletionQueueEntry;
-use nvmirror_nvme::{Completion, QueuePair};
+use nvmirror_nvme::{Completion, Fence, QueuePair};
 use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
 use super::admin::AdminState;
@@ -98,12 +98,20 @@ pub(crate) struct Connection {
     accepted: Instant,
 }
 
-/// The back-end queue pairs go first: closing them fences every command (lent buffers
-/// included), and only then may the slots' buffers be freed. The connection stops counting
-/// against `max_connections` here, wherever it is dropped.
+/// The back-end queue pairs are closed first, without blocking the reactor: a back end that
+/// still holds commands (a hung file or block-device leg) leaves them to its reaper, and the
+/// slots' buffers (lent ones included) are freed only once the close fence says no command
+/// can touch them. The connection stops counting against `max_connections` here, wherever it
+/// is dropped.
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.qpairs.clear();
+        let fence = Fence::all(self.qpairs.drain(..).map(QueuePair::close));
+        if !fence.is_done() {
+            tracing::info!(peer = %self.peer, "back end still holds commands at close; their buffers are kept until it is done");
+            let slots = std::mem::replace(&mut self.slots, SlotTable::new(1, 4096));
+            let next = self.next_slots.take();
+            fence.then(move || drop((slots, next)));
+        }
         self.shared.open_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -1,6 +1,7 @@
 //! The copy windows of a [`ResyncJob`]: starting them in region order, moving each through
 //! lock → read source → write target (chunk by chunk) → clear → unlock, and their failures.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use nvmirror_nvme::{Completion, IoCommand, IoOp, Status};
@@ -143,7 +144,14 @@ impl ResyncJob {
             return;
         };
         match w.stage {
-            Stage::Lost => w.stage = Stage::Free,
+            Stage::Lost => {
+                // The command given up on is reaped (cancelled or late): the leg it went to
+                // no longer holds it, and the window's buffer is free again.
+                w.stage = Stage::Free;
+                if let Some(l) = self.vol.leg(w.lost_on) {
+                    l.abandoned.fetch_sub(1, Ordering::Release);
+                }
+            }
             Stage::Reading if !cpl.status.is_success() => {
                 let (source, status) = (w.source, cpl.status);
                 self.release(i);
@@ -230,7 +238,15 @@ impl ResyncJob {
                     .fault_on_io(self.leg, None, Status::ABORTED_BY_HOST, "resync write");
             }
             self.vol.guard.unlock(self.windows[i].range.span);
+            // Until it is reaped the command may still land on `leg` (a write after a later
+            // copy of its region) or fill the window's buffer: the leg counts it as abandoned
+            // (attaching it again is refused meanwhile) and the window is not reused.
             self.windows[i].stage = Stage::Lost;
+            self.windows[i].lost_on = leg;
+            if let Some(l) = self.vol.leg(leg) {
+                l.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+            self.channels.cancel(leg, i as u64);
             self.stop(
                 JobState::Failed,
                 Some(format!(

@@ -25,7 +25,7 @@ use super::rate::{Pace, TokenBucket};
 use super::source::RegionSource;
 use super::window::{GuardSweep, RegionRange};
 use super::{JobState, ResyncConfig, ResyncStatus};
-use crate::legs::LegState;
+use crate::legs::{LegState, MAX_LEGS};
 use crate::volume::VolumeShared;
 
 /// Guard entries passed per poll while starting.
@@ -68,6 +68,8 @@ struct CopyWindow {
     nlb: u32,
     source: usize,
     started: Instant,
+    /// Lost: the leg its abandoned command went to (counted in that leg's `abandoned`).
+    lost_on: usize,
     buf: DmaBuf,
 }
 
@@ -120,6 +122,7 @@ impl ResyncJob {
                 nlb: 0,
                 source,
                 started: now,
+                lost_on: leg,
                 buf: pool.get().expect("the pool has one buffer per window"),
             })
             .collect();
@@ -404,6 +407,25 @@ impl ResyncJob {
 
 impl Drop for ResyncJob {
     fn drop(&mut self) {
+        // Commands of lost windows, and of windows cut off in flight, may still be in a back
+        // end: the legs they went to stay busy, and the windows' buffers alive, until the queue
+        // pairs' close fence says they are over.
+        let mut lost = [0u32; MAX_LEGS];
+        for w in &self.windows {
+            let leg = match w.stage {
+                Stage::Lost => w.lost_on,
+                Stage::Reading => w.source,
+                Stage::Writing => self.leg,
+                _ => continue,
+            };
+            if w.stage != Stage::Lost {
+                if let Some(l) = self.vol.leg(leg) {
+                    l.abandoned
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            lost[leg] += 1;
+        }
         // Window locks are shared with every core: never leave one held.
         for w in &self.windows {
             if matches!(w.stage, Stage::Reading | Stage::Writing) {
@@ -417,6 +439,18 @@ impl Drop for ResyncJob {
                 Some("the job was dropped before it ended".into()),
             );
         }
+        let fence = self.channels.close();
+        let windows = std::mem::take(&mut self.windows);
+        let vol = Arc::clone(&self.vol);
+        fence.then(move || {
+            drop(windows);
+            for (leg, &n) in lost.iter().enumerate() {
+                if let Some(l) = vol.leg(leg).filter(|_| n > 0) {
+                    l.abandoned
+                        .fetch_sub(n, std::sync::atomic::Ordering::Release);
+                }
+            }
+        });
     }
 }
 

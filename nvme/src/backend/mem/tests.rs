@@ -226,6 +226,86 @@ fn fault_hang_holds_until_cleared_then_completes_late() {
 }
 
 #[test]
+fn a_hung_command_is_cancelled_with_abort_requested_while_the_fault_stays_armed() {
+    let (dev, mut qp) = faulty();
+    dev.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    let mut b = vec![7u8; 512];
+    let w = IoCommand::with_buf(IoOp::Write, 3, 1, IoBuf::from_slice(&mut b), 42);
+    // SAFETY: `b` outlives the command, which is reaped (cancelled) below.
+    unsafe { qp.submit(w) }.unwrap();
+    assert_eq!(
+        run(
+            &mut *qp,
+            IoCommand::new(IoOp::Flush, 0, 0, 43),
+            Duration::from_secs(1)
+        ),
+        Some(Status::SUCCESS)
+    );
+    assert_eq!(qp.outstanding(), 1, "the write hangs");
+    assert_eq!(qp.cancel(&[7, 43]), 0, "no such command outstanding");
+    assert_eq!(qp.cancel(&[42]), 1);
+    let mut cpl = [Completion::default(); 4];
+    let n = qp.poll(&mut cpl);
+    assert_eq!(
+        &cpl[..n],
+        &[Completion {
+            tag: 42,
+            status: Status::ABORT_REQUESTED
+        }]
+    );
+    assert_eq!(qp.outstanding(), 0);
+    // The cancelled write never reached the medium, and does not once the fault is cleared.
+    dev.injector().clear_all();
+    assert_eq!(qp.poll(&mut cpl), 0);
+    let mut back = vec![0xffu8; 512];
+    assert!(io(&mut *qp, IoOp::Read, 3, &mut back, 512).is_success());
+    assert!(back.iter().all(|&x| x == 0));
+}
+
+#[test]
+fn closing_a_queue_pair_with_hung_commands_is_fenced_at_once() {
+    let (dev, mut qp) = faulty();
+    dev.injector().arm(Fault::Hang { ops: OpFilter::All });
+    // SAFETY: a flush carries no buffer.
+    unsafe { qp.submit(IoCommand::new(IoOp::Flush, 0, 0, 1)) }.unwrap();
+    assert_eq!(qp.outstanding(), 1);
+    assert!(
+        qp.close().is_done(),
+        "a hung command never reached the device"
+    );
+}
+
+#[test]
+fn unaligned_copies_round_trip_byte_for_byte() {
+    let store = store::SparseStore::new(1 << 20);
+    let src: Vec<u8> = (0..300u32).map(|i| (i * 7 + 1) as u8).collect();
+    for off in [0u64, 1, 5, 8, 65533] {
+        for len in [1usize, 7, 8, 9, 300] {
+            // SAFETY: both vectors hold `len` bytes; the range is inside the store.
+            unsafe { store.write(off, src.as_ptr(), len) };
+            let mut back = vec![0u8; len + 2];
+            // SAFETY: `back` holds `len + 2` bytes.
+            unsafe { store.read(off, back.as_mut_ptr().add(1), len) };
+            assert_eq!(&back[1..=len], &src[..len], "off {off} len {len}");
+            assert_eq!(
+                (back[0], back[len + 1]),
+                (0, 0),
+                "nothing outside the range"
+            );
+        }
+    }
+    store.zero(3, 10);
+    let mut back = [0xffu8; 16];
+    // SAFETY: as above.
+    unsafe { store.read(0, back.as_mut_ptr(), 16) };
+    assert_eq!(&back[3..13], &[0; 10]);
+    // Bytes around the zeroed range keep the last writes (at offsets 1 and 8).
+    assert_eq!((back[2], back[13]), (src[1], src[5]));
+}
+
+#[test]
 fn fault_gone_fails_everything_with_a_path_error() {
     let (dev, mut qp) = faulty();
     dev.injector().arm(Fault::Gone);

@@ -15,15 +15,29 @@
 //! [`poll`](QueuePair::poll) makes at most one `io_uring_enter` per call: only when SQEs are
 //! waiting or the kernel flags pending task work, and with SQPOLL only to wake the kernel
 //! thread.
+//!
+//! Cancelling ([`QueuePair::cancel`]) queues an `ASYNC_CANCEL` SQE per command, sent with the
+//! next poll; a command it catches completes with Command Abort Requested, and one between two
+//! steps (a resumed short transfer, a fallocate's fsync) is not resubmitted. Block I/O the
+//! kernel has already handed to the device usually cannot be cancelled: it completes when the
+//! device answers, and is simply waited for.
+//!
+//! Closing ([`QueuePair::close`], or dropping) never blocks: with nothing in the kernel the
+//! file is unregistered at once; otherwise every command still there is cancelled and the ring
+//! goes to a reaper thread that waits for the rest, then unregisters the file (the device's
+//! claim lasts until then) and signals the returned [`Fence`].
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::dma::{DmaPool, IoBuf};
+use crate::fence::Fence;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
 use crate::spec::status::StatusCodeType;
 use crate::spec::{Geometry, Status};
@@ -39,6 +53,8 @@ const ZERO_CHUNK: usize = 128 << 10;
 const FILE: types::Fixed = types::Fixed(0);
 /// io_uring's limit on registered buffers.
 const MAX_REGISTERED_BUFFERS: u32 = 1 << 14;
+/// User data of `ASYNC_CANCEL` SQEs: above every slot index, so `poll` skips their CQEs.
+const CANCEL_USER_DATA: u64 = u64::MAX;
 
 /// PRP Offset Invalid (Base §4.2.3.1, generic 0x13): a buffer that is not aligned the way
 /// the device needs, here for O_DIRECT.
@@ -87,6 +103,10 @@ struct Slot {
     /// Force Unit Access: data writes go with `RWF_DSYNC`, a fallocate is followed by an
     /// `fdatasync`.
     fua: bool,
+    /// The command is in the kernel (from submit until its last CQE is handled).
+    busy: bool,
+    /// A cancel was issued for it: it ends at its next CQE, whatever that says.
+    cancelled: bool,
 }
 
 impl Slot {
@@ -98,6 +118,8 @@ impl Slot {
         buf: IoBuf::EMPTY,
         remaining: 0,
         fua: false,
+        busy: false,
+        cancelled: false,
     };
 }
 
@@ -158,9 +180,11 @@ struct QueueState {
 /// refuses it, writes of zeroes. Short transfers are resumed; a transfer that moves nothing
 /// completes with Data Transfer Error. [`poll`](QueuePair::poll) enters the kernel at most once.
 pub struct UringQueuePair {
-    state: QueueState,
-    // Declared last: dropped after `state`, and Drop waits for the kernel before either goes.
-    ring: IoUring,
+    // Both are moved out exactly once, by `retire` (from `close` or `drop`), which sets
+    // `retired`; nothing touches them after that.
+    state: ManuallyDrop<QueueState>,
+    ring: ManuallyDrop<IoUring>,
+    retired: bool,
 }
 
 impl fmt::Debug for UringQueuePair {
@@ -190,7 +214,7 @@ impl UringQueuePair {
         let mut zero_pool = DmaPool::new(1, ZERO_CHUNK);
         let zero = zero_pool.get().map(|b| b.io_buf()).unwrap_or(IoBuf::EMPTY);
         Ok(Self {
-            state: QueueState {
+            state: ManuallyDrop::new(QueueState {
                 geo: cfg.geo,
                 depth: cfg.depth,
                 outstanding: 0,
@@ -204,8 +228,9 @@ impl UringQueuePair {
                 zero,
                 registered: None,
                 enters: 0,
-            },
-            ring,
+            }),
+            ring: ManuallyDrop::new(ring),
+            retired: false,
         })
     }
 
@@ -266,6 +291,138 @@ impl UringQueuePair {
     pub fn enter_calls(&self) -> u64 {
         self.state.enters
     }
+
+    /// Takes the ring and its state out and hands them to [`retire`]; done once.
+    fn retire_now(&mut self) -> Fence {
+        if self.retired {
+            return Fence::done();
+        }
+        self.retired = true;
+        // SAFETY: `retired` was false, so neither field has been taken, and it is true now, so
+        // neither is touched again (every other method runs before `close`/`drop`).
+        let (ring, state) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.ring),
+                ManuallyDrop::take(&mut self.state),
+            )
+        };
+        retire(ring, state)
+    }
+}
+
+/// Queues an `ASYNC_CANCEL` for every busy slot of `state` whose tag `want` accepts and that
+/// has none yet; returns how many were queued (as many as the SQ has room for).
+fn queue_cancels(
+    sq: &mut squeue::SubmissionQueue<'_>,
+    state: &mut QueueState,
+    want: impl Fn(u64) -> bool,
+) -> usize {
+    let mut issued = 0;
+    for (index, slot) in state.slots.iter_mut().enumerate() {
+        if !slot.busy || slot.cancelled || !want(slot.tag) {
+            continue;
+        }
+        let entry = opcode::AsyncCancel::new(index as u64)
+            .build()
+            .user_data(CANCEL_USER_DATA);
+        // SAFETY: a cancel SQE points at no memory.
+        if unsafe { sq.push(&entry) }.is_err() {
+            break;
+        }
+        slot.cancelled = true;
+        issued += 1;
+    }
+    issued
+}
+
+/// A closed queue pair's ring with commands still in the kernel.
+struct Retired {
+    ring: IoUring,
+    state: QueueState,
+    /// Commands whose last CQE has not come yet.
+    in_kernel: usize,
+}
+
+impl Retired {
+    /// Waits for every command still in the kernel, then unregisters the file (ending the
+    /// device's claim). Blocks: runs on the reaper thread.
+    fn reap(&mut self) {
+        let depth = u64::from(self.state.depth);
+        while self.in_kernel > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, in_kernel = self.in_kernel, "io_uring reaper cannot wait; the commands' buffers are kept for good");
+                    return;
+                }
+            }
+            for cqe in self.ring.completion() {
+                if cqe.user_data() < depth {
+                    self.in_kernel -= 1;
+                }
+            }
+        }
+        let _ = self.ring.submitter().unregister_files();
+    }
+}
+
+/// Ends a queue pair without blocking the caller: cancels what is in the kernel and leaves
+/// the rest to a reaper thread (see the module docs).
+fn retire(mut ring: IoUring, mut state: QueueState) -> Fence {
+    let in_kernel = state.slots.iter().filter(|s| s.busy).count();
+    if in_kernel == 0 {
+        let _ = ring.submitter().unregister_files();
+        return Fence::done();
+    }
+    {
+        let (submitter, mut sq, _) = ring.split();
+        queue_cancels(&mut sq, &mut state, |_| true);
+        sq.sync();
+        // Sends the cancels (and any SQE not yet sent) from this thread; waits for nothing.
+        let _ = submitter.submit();
+    }
+    tracing::debug!(
+        in_kernel,
+        "io_uring queue pair closed with commands in the kernel; a reaper waits for them"
+    );
+    let (fence, signal) = Fence::pending();
+    let retired = Arc::new(Mutex::new(Some(Retired {
+        ring,
+        state,
+        in_kernel,
+    })));
+    let theirs = Arc::clone(&retired);
+    let spawned = std::thread::Builder::new()
+        .name("uring-reaper".into())
+        .spawn(move || {
+            let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(mut r) = taken {
+                r.reap();
+                if r.in_kernel == 0 {
+                    drop(r);
+                    signal.signal();
+                } else {
+                    // The kernel may still use the buffers: never let them be freed.
+                    std::mem::forget(r);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // No thread to hand it to (its signal went with it): the one safe answer left is to
+        // wait here.
+        tracing::error!(error = %e, "cannot start an io_uring reaper; waiting for the commands on this thread");
+        let taken = retired.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut r) = taken {
+            r.reap();
+            if r.in_kernel == 0 {
+                return Fence::done();
+            }
+            // The kernel may still use the buffers: never let them be freed.
+            std::mem::forget(r);
+        }
+    }
+    fence
 }
 
 /// A ring of `entries` SQEs (twice as many CQEs, so it never overflows: at most `depth`
@@ -298,6 +455,7 @@ pub(crate) fn status_for_errno(op: IoOp, errno: i32) -> Status {
         libc::EIO if op == IoOp::Read => Status::UNRECOVERED_READ_ERROR,
         libc::EIO => Status::WRITE_FAULT,
         libc::ENOSPC | libc::EDQUOT => Status::CAPACITY_EXCEEDED,
+        libc::ECANCELED => Status::ABORT_REQUESTED,
         _ => Status::INTERNAL_ERROR,
     }
 }
@@ -338,6 +496,8 @@ impl QueueState {
             },
             remaining: if cmd.op == IoOp::Flush { 0 } else { len },
             fua: cmd.wants_fua(),
+            busy: true,
+            cancelled: false,
         }
     }
 
@@ -398,6 +558,20 @@ impl QueueState {
     #[inline]
     fn on_cqe(&mut self, index: u32, res: i32) -> Next {
         let slot = &mut self.slots[index as usize];
+        if slot.cancelled && (res < 0 || !matches!(slot.stage, Stage::Fsync)) {
+            // Cancelled: it ends here (a step that did complete is not followed by the next).
+            let done = res >= 0
+                && match slot.stage {
+                    Stage::Transfer | Stage::ZeroFill => res as u64 >= slot.remaining,
+                    Stage::Fallocate => !slot.fua,
+                    Stage::Fsync => true,
+                };
+            return Next::Done(if done {
+                Status::SUCCESS
+            } else {
+                Status::ABORT_REQUESTED
+            });
+        }
         if res < 0 {
             let errno = -res;
             let refused = matches!(errno, libc::EOPNOTSUPP | libc::EINVAL);
@@ -523,8 +697,10 @@ impl QueuePair for UringQueuePair {
                     Err(_) => Status::INTERNAL_ERROR,
                 },
             };
+            let slot = &mut st.slots[index as usize];
+            slot.busy = false;
             out[n] = Completion {
-                tag: st.slots[index as usize].tag,
+                tag: slot.tag,
                 status,
             };
             n += 1;
@@ -540,27 +716,27 @@ impl QueuePair for UringQueuePair {
         // SAFETY: forwarded from our caller's promise.
         unsafe { self.register_pool(pool) }
     }
+
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        if tags.is_empty() || self.state.outstanding == 0 {
+            return 0;
+        }
+        let (_, mut sq, _) = self.ring.split();
+        let issued = queue_cancels(&mut sq, &mut self.state, |t| tags.contains(&t));
+        sq.sync();
+        issued
+    }
+
+    fn close(mut self: Box<Self>) -> Fence {
+        self.retire_now()
+    }
 }
 
 impl Drop for UringQueuePair {
-    /// Waits until the kernel is done with every buffer it was handed (a caller may free them
-    /// once this queue pair is gone), then unregisters the file: the ring itself is torn down
-    /// asynchronously, and the device's claim must end when its last user is dropped, not
-    /// some time later.
+    /// Never blocks: see [`close`](QueuePair::close). A queue pair dropped rather than closed
+    /// has no one to tell when its commands are over, so a caller whose commands may still be
+    /// in the kernel closes it and keeps their buffers until the fence is done.
     fn drop(&mut self) {
-        let mut in_kernel = self.state.depth as usize - self.state.free.len();
-        while in_kernel > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(_) => break,
-            }
-            for cqe in self.ring.completion() {
-                if cqe.user_data() < u64::from(self.state.depth) {
-                    in_kernel -= 1;
-                }
-            }
-        }
-        let _ = self.ring.submitter().unregister_files();
+        let _ = self.retire_now();
     }
 }

@@ -2,6 +2,7 @@
 //! directory (a real disk file system, so O_DIRECT is exercised).
 
 mod bounce;
+mod cancel;
 mod io;
 mod open;
 
