@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use nvmirror_nvme::spec::admin::cns;
 use nvmirror_nvme::spec::reservation::{
     status::{HOST_ID_INCONSISTENT_FORMAT, RESERVATION_CONFLICT},
-    AcquireAction, AcquireCommand, ChangePtpl, NotificationType, RegisterAction,
-    RegisterCommand, ReleaseAction, ReleaseCommand, Report, ReportCommand, ReservationType,
+    AcquireAction, AcquireCommand, ChangePtpl, NotificationType, RegisterAction, RegisterCommand,
+    ReleaseAction, ReleaseCommand, Report, ReportCommand, ReservationType,
 };
 use nvmirror_nvme::spec::{Status, SubmissionQueueEntry};
 
@@ -32,7 +32,13 @@ fn send(io: &mut Host, (mut sqe, data): (SubmissionQueueEntry, Vec<u8>)) -> Stat
     io.run(sqe, &data, true, 0).0.status()
 }
 
-fn register(io: &mut Host, action: RegisterAction, crkey: u64, nrkey: u64, cptpl: ChangePtpl) -> Status {
+fn register(
+    io: &mut Host,
+    action: RegisterAction,
+    crkey: u64,
+    nrkey: u64,
+    cptpl: ChangePtpl,
+) -> Status {
     let (sqe, data) = RegisterCommand {
         action,
         iekey: false,
@@ -44,7 +50,13 @@ fn register(io: &mut Host, action: RegisterAction, crkey: u64, nrkey: u64, cptpl
     send(io, (sqe, data.to_vec()))
 }
 
-fn acquire(io: &mut Host, action: AcquireAction, rtype: ReservationType, crkey: u64, prkey: u64) -> Status {
+fn acquire(
+    io: &mut Host,
+    action: AcquireAction,
+    rtype: ReservationType,
+    crkey: u64,
+    prkey: u64,
+) -> Status {
     let (sqe, data) = AcquireCommand {
         action,
         iekey: false,
@@ -69,7 +81,11 @@ fn release(io: &mut Host, action: ReleaseAction, rtype: ReservationType, crkey: 
 
 fn report(io: &mut Host) -> Report {
     let cid = io.cid();
-    let sqe = ReportCommand { len: 4096, eds: true }.encode(cid, 1);
+    let sqe = ReportCommand {
+        len: 4096,
+        eds: true,
+    }
+    .encode(cid, 1);
     let (c, data) = io.run(sqe, &[], true, 4096);
     assert!(c.status().is_success(), "report: {}", c.status());
     Report::parse(&data, true).expect("a whole report header")
@@ -97,7 +113,11 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
     // What a host looks at before it uses reservations.
     let (st, id) = admin_a.identify(cns::CONTROLLER, 0);
     assert!(st.is_success());
-    assert_ne!(u16::from_le_bytes([id[520], id[521]]) & (1 << 5), 0, "ONCS reservations");
+    assert_ne!(
+        u16::from_le_bytes([id[520], id[521]]) & (1 << 5),
+        0,
+        "ONCS reservations"
+    );
     assert_eq!(id[96] & 1, 1, "CTRATT 128-bit host identifier");
     let (st, id) = admin_a.identify(cns::NAMESPACE, 1);
     assert!(st.is_success());
@@ -116,10 +136,30 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
         0,
     );
 
-    assert!(register(&mut a, RegisterAction::Register, 0, 0xaaaa, ChangePtpl::NoChange).is_success());
-    assert!(register(&mut b, RegisterAction::Register, 0, 0xbbbb, ChangePtpl::NoChange).is_success());
+    assert!(register(
+        &mut a,
+        RegisterAction::Register,
+        0,
+        0xaaaa,
+        ChangePtpl::NoChange
+    )
+    .is_success());
+    assert!(register(
+        &mut b,
+        RegisterAction::Register,
+        0,
+        0xbbbb,
+        ChangePtpl::NoChange
+    )
+    .is_success());
     // Registering again with another key is a conflict; a bad action is an invalid field.
-    assert!(is_conflict(register(&mut b, RegisterAction::Register, 0, 0x1, ChangePtpl::NoChange)));
+    assert!(is_conflict(register(
+        &mut b,
+        RegisterAction::Register,
+        0,
+        0x1,
+        ChangePtpl::NoChange
+    )));
     let (mut sqe, data) = RegisterCommand {
         action: RegisterAction::Register,
         iekey: false,
@@ -129,9 +169,19 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
     }
     .encode(0, 1);
     sqe.cdw10 = 5;
-    assert_eq!(send(&mut b, (sqe, data.to_vec())), Status::INVALID_FIELD.with_dnr());
+    assert_eq!(
+        send(&mut b, (sqe, data.to_vec())),
+        Status::INVALID_FIELD.with_dnr()
+    );
 
-    assert!(acquire(&mut a, AcquireAction::Acquire, ReservationType::WriteExclusive, 0xaaaa, 0).is_success());
+    assert!(acquire(
+        &mut a,
+        AcquireAction::Acquire,
+        ReservationType::WriteExclusive,
+        0xaaaa,
+        0
+    )
+    .is_success());
     // Write Exclusive: the holder writes, the other registrant reads but may not write.
     assert!(write(&mut a, 1).is_success());
     assert!(read(&mut b).is_success());
@@ -139,18 +189,33 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
     assert!(is_conflict(st), "B's write under A's Write Exclusive: {st}");
     assert!(st.dnr());
     // B cannot take a reservation A holds.
-    assert!(is_conflict(acquire(&mut b, AcquireAction::Acquire, ReservationType::WriteExclusive, 0xbbbb, 0)));
+    assert!(is_conflict(acquire(
+        &mut b,
+        AcquireAction::Acquire,
+        ReservationType::WriteExclusive,
+        0xbbbb,
+        0
+    )));
 
     let r = report(&mut b);
     assert_eq!(r.rtype, Some(ReservationType::WriteExclusive));
     assert_eq!(r.gen, 2);
     assert!(!r.ptpl);
     assert_eq!(r.regctl, 2);
-    let holder: Vec<_> = r.registrants.iter().filter(|g| g.holds).map(|g| (g.hostid, g.rkey)).collect();
+    let holder: Vec<_> = r
+        .registrants
+        .iter()
+        .filter(|g| g.holds)
+        .map(|g| (g.hostid, g.rkey))
+        .collect();
     assert_eq!(holder, vec![(HOST_A, 0xaaaa)]);
     // The 64-bit host identifier form does not fit hosts on a fabric.
     let cid = b.cid();
-    let sqe = ReportCommand { len: 4096, eds: false }.encode(cid, 1);
+    let sqe = ReportCommand {
+        len: 4096,
+        eds: false,
+    }
+    .encode(cid, 1);
     let st = b.run(sqe, &[], true, 4096).0.status();
     assert_eq!(st, HOST_ID_INCONSISTENT_FORMAT.with_dnr());
 
@@ -178,7 +243,10 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
     let (c, page) = admin_a.admin(0x02, 0xffff_ffff, 0x80 | (15 << 16), 0, 64);
     assert!(c.status().is_success());
     assert_eq!(page[8], NotificationType::RegistrationPreempted as u8);
-    assert_eq!(u32::from_le_bytes([page[12], page[13], page[14], page[15]]), 1);
+    assert_eq!(
+        u32::from_le_bytes([page[12], page[13], page[14], page[15]]),
+        1
+    );
     assert_ne!(u64::from_le_bytes(page[..8].try_into().unwrap()), 0);
     let (_, page) = admin_a.admin(0x02, 0xffff_ffff, 0x80 | (15 << 16), 0, 64);
     assert_eq!(page[8], 0, "the notice was read once");
@@ -187,18 +255,41 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
     assert_eq!(r.rtype, Some(ReservationType::ExclusiveAccess));
     assert_eq!(r.gen, 3);
     assert_eq!(r.registrants.len(), 1);
-    assert_eq!((r.registrants[0].hostid, r.registrants[0].holds), (HOST_B, true));
+    assert_eq!(
+        (r.registrants[0].hostid, r.registrants[0].holds),
+        (HOST_B, true)
+    );
 
     // Release of another type is refused; the right one frees the namespace.
     assert_eq!(
-        release(&mut b, ReleaseAction::Release, ReservationType::WriteExclusive, 0xbbbb),
+        release(
+            &mut b,
+            ReleaseAction::Release,
+            ReservationType::WriteExclusive,
+            0xbbbb
+        ),
         Status::INVALID_FIELD.with_dnr()
     );
-    assert!(release(&mut b, ReleaseAction::Release, ReservationType::ExclusiveAccess, 0xbbbb).is_success());
-    assert!(write(&mut a, 5).is_success(), "A writes again once released");
+    assert!(release(
+        &mut b,
+        ReleaseAction::Release,
+        ReservationType::ExclusiveAccess,
+        0xbbbb
+    )
+    .is_success());
+    assert!(
+        write(&mut a, 5).is_success(),
+        "A writes again once released"
+    );
     assert_eq!(report(&mut a).rtype, None);
     // Clear by the last registrant empties everything.
-    assert!(release(&mut b, ReleaseAction::Clear, ReservationType::ExclusiveAccess, 0xbbbb).is_success());
+    assert!(release(
+        &mut b,
+        ReleaseAction::Clear,
+        ReservationType::ExclusiveAccess,
+        0xbbbb
+    )
+    .is_success());
     let r = report(&mut a);
     assert_eq!((r.regctl, r.gen), (0, 4));
     server.stop();
@@ -212,18 +303,35 @@ fn a_reservation_persists_through_a_restart_only_with_ptpl() {
     let server = Server::start(dir.path());
     let (_adm, mut a, _) = Host::bring_up_as(addr(&server), NQN, NQN_A, HOST_A);
     assert!(register(&mut a, RegisterAction::Register, 0, 1, ChangePtpl::NoChange).is_success());
-    assert!(acquire(&mut a, AcquireAction::Acquire, ReservationType::ExclusiveAccess, 1, 0).is_success());
+    assert!(acquire(
+        &mut a,
+        AcquireAction::Acquire,
+        ReservationType::ExclusiveAccess,
+        1,
+        0
+    )
+    .is_success());
     drop((_adm, a));
     server.stop();
     let server = Server::start(dir.path());
     let (_adm, mut b, _) = Host::bring_up_as(addr(&server), NQN, NQN_B, HOST_B);
-    assert!(write(&mut b, 1).is_success(), "no reservation after a restart without PTPL");
+    assert!(
+        write(&mut b, 1).is_success(),
+        "no reservation after a restart without PTPL"
+    );
     assert_eq!(report(&mut b).regctl, 0);
 
     // With PTPL (set by Register's CPTPL): it comes back, and fences B after the restart.
     let (mut adm_a, mut a, _) = Host::bring_up_as(addr(&server), NQN, NQN_A, HOST_A);
     assert!(register(&mut a, RegisterAction::Register, 0, 7, ChangePtpl::Set).is_success());
-    assert!(acquire(&mut a, AcquireAction::Acquire, ReservationType::WriteExclusiveRegistrantsOnly, 7, 0).is_success());
+    assert!(acquire(
+        &mut a,
+        AcquireAction::Acquire,
+        ReservationType::WriteExclusiveRegistrantsOnly,
+        7,
+        0
+    )
+    .is_success());
     let (c, _) = adm_a.admin(0x0a, 1, 0x83, 0, 0);
     assert_eq!(c.dw0 & 1, 1, "Get Features Reservation Persistence: PTPL");
     let before = report(&mut a);
@@ -233,14 +341,28 @@ fn a_reservation_persists_through_a_restart_only_with_ptpl() {
     let saved = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
-        .any(|e| e.file_name().to_string_lossy().ends_with(".reservations.json"));
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .ends_with(".reservations.json")
+        });
     assert!(saved, "the state is kept under the data directory");
 
     let server = Server::start(dir.path());
     let (mut adm_b, mut b, _) = Host::bring_up_as(addr(&server), NQN, NQN_B, HOST_B);
-    assert_eq!(report(&mut b), before, "the reservation as it was before the restart");
-    assert!(is_conflict(write(&mut b, 2)), "B, not registered, is still fenced");
-    assert!(read(&mut b).is_success(), "Write Exclusive - Registrants Only lets B read");
+    assert_eq!(
+        report(&mut b),
+        before,
+        "the reservation as it was before the restart"
+    );
+    assert!(
+        is_conflict(write(&mut b, 2)),
+        "B, not registered, is still fenced"
+    );
+    assert!(
+        read(&mut b).is_success(),
+        "Write Exclusive - Registrants Only lets B read"
+    );
     let (_adm_a, mut a, _) = Host::bring_up_as(addr(&server), NQN, NQN_A, HOST_A);
     assert!(write(&mut a, 3).is_success(), "A still holds it");
 

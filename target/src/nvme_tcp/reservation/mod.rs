@@ -20,8 +20,8 @@ use nvmirror_nvme::spec::reservation::{ChangePtpl, Report};
 use nvmirror_nvme::spec::Status;
 
 pub(crate) use notify::NotificationLog;
-pub(crate) use state::{Access, Command, HostId, Notice, Outcome};
 use state::ReservationState;
+pub(crate) use state::{Access, Command, HostId, Notice, Outcome};
 
 /// The Access a queue computed for its host, and the epoch it holds for.
 #[derive(Clone, Copy, Debug)]
@@ -193,7 +193,10 @@ mod tests {
         let ns = NamespaceReservation::open(None, "nqn.x", 1).unwrap();
         let mut cache_b = AccessCache::STALE;
         assert_eq!(ns.check(&mut cache_b, &B), Access::ALL);
-        assert!(ns.execute(&A, &register(1, ChangePtpl::NoChange)).status.is_success());
+        assert!(ns
+            .execute(&A, &register(1, ChangePtpl::NoChange))
+            .status
+            .is_success());
         assert!(ns.execute(&A, &acquire_ea(1)).status.is_success());
         assert_eq!(ns.check(&mut cache_b, &B), Access::default());
         // A failed command publishes nothing.
@@ -214,9 +217,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vol0.reservations.json");
         let ns = NamespaceReservation::open(Some(path.clone()), "nqn.x", 1).unwrap();
-        assert!(ns.execute(&A, &register(7, ChangePtpl::NoChange)).status.is_success());
+        assert!(ns
+            .execute(&A, &register(7, ChangePtpl::NoChange))
+            .status
+            .is_success());
         assert!(!path.exists(), "nothing persists without PTPL");
-        assert!(ns.execute(&B, &register(8, ChangePtpl::Set)).status.is_success());
+        assert!(ns
+            .execute(&B, &register(8, ChangePtpl::Set))
+            .status
+            .is_success());
         assert!(ns.execute(&A, &acquire_ea(7)).status.is_success());
         let before = ns.report();
         drop(ns);

@@ -86,12 +86,17 @@ mod tests {
         assert!(log.push(3, NotificationType::ReservationPreempted));
         log.set_mask(NSID_ALL, 0b1110);
         assert!(!log.push(3, NotificationType::ReservationPreempted));
-        assert_eq!(log.mask(1), 0b1110, "a mask for all namespaces replaces per-namespace ones");
+        assert_eq!(
+            log.mask(1),
+            0b1110,
+            "a mask for all namespaces replaces per-namespace ones"
+        );
         let p = log.pop();
         assert_eq!((p.count, p.lptype, p.nsid), (2, 1, 2));
         let p = log.pop();
         assert_eq!((p.count, p.lptype, p.nalp), (3, 3, 0));
         assert_eq!(log.pop(), ReservationNotificationLog::zeroed());
+        log.set_mask(NSID_ALL, 0);
         for _ in 0..CAPACITY + 10 {
             log.push(1, NotificationType::ReservationReleased);
         }

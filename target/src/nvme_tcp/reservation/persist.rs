@@ -83,8 +83,12 @@ impl Store {
         }
         let mut registrants = Vec::with_capacity(s.registrants.len());
         for r in &s.registrants {
-            let host = unhex(&r.host)
-                .ok_or_else(|| bad(format!("registrants: host {:?} is not 32 hex digits", r.host)))?;
+            let host = unhex(&r.host).ok_or_else(|| {
+                bad(format!(
+                    "registrants: host {:?} is not 32 hex digits",
+                    r.host
+                ))
+            })?;
             if registrants.iter().any(|o: &Registrant| o.host == host) {
                 return Err(bad(format!("registrants: host {} appears twice", r.host)));
             }
@@ -95,14 +99,21 @@ impl Store {
             (Some(t), Some(h)) => {
                 let t = ReservationType::from_u8(t)
                     .ok_or_else(|| bad(format!("rtype: {t} is not a reservation type")))?;
-                let holder = if h == ALL_REGISTRANTS && t.all_registrants() && !registrants.is_empty() {
-                    Holder::AllRegistrants
-                } else {
-                    let host = unhex(h)
-                        .filter(|h| !t.all_registrants() && registrants.iter().any(|r| &r.host == h))
-                        .ok_or_else(|| bad(format!("holder: {h:?} is not a registrant holding a {t:?} reservation")))?;
-                    Holder::Host(host)
-                };
+                let holder =
+                    if h == ALL_REGISTRANTS && t.all_registrants() && !registrants.is_empty() {
+                        Holder::AllRegistrants
+                    } else {
+                        let host = unhex(h)
+                            .filter(|h| {
+                                !t.all_registrants() && registrants.iter().any(|r| &r.host == h)
+                            })
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "holder: {h:?} is not a registrant holding a {t:?} reservation"
+                                ))
+                            })?;
+                        Holder::Host(host)
+                    };
                 Some((t, holder))
             }
             _ => return Err(bad("rtype and holder: one without the other".into())),
@@ -154,14 +165,23 @@ mod tests {
         let store = Store::new(dir.path().join("v.json"), "nqn.a", 1);
         for (t, holder) in [
             (ReservationType::WriteExclusive, Holder::Host([1; 16])),
-            (ReservationType::ExclusiveAccessAllRegistrants, Holder::AllRegistrants),
+            (
+                ReservationType::ExclusiveAccessAllRegistrants,
+                Holder::AllRegistrants,
+            ),
         ] {
             let st = ReservationState {
                 generation: 9,
                 ptpl: true,
                 registrants: vec![
-                    Registrant { host: [1; 16], key: 5 },
-                    Registrant { host: [2; 16], key: u64::MAX },
+                    Registrant {
+                        host: [1; 16],
+                        key: 5,
+                    },
+                    Registrant {
+                        host: [2; 16],
+                        key: u64::MAX,
+                    },
                 ],
                 reservation: Some((t, holder)),
             };
@@ -171,7 +191,11 @@ mod tests {
         let other = Store::new(dir.path().join("v.json"), "nqn.b", 1);
         assert!(other.load().unwrap_err().contains("nqn.a"));
         let text = std::fs::read_to_string(dir.path().join("v.json")).unwrap();
-        std::fs::write(dir.path().join("v.json"), text.replace("\"rtype\": 6", "\"rtype\": 9")).unwrap();
+        std::fs::write(
+            dir.path().join("v.json"),
+            text.replace("\"rtype\": 6", "\"rtype\": 9"),
+        )
+        .unwrap();
         assert!(store.load().unwrap_err().contains("rtype"));
         store.remove().unwrap();
         assert_eq!(store.load().unwrap(), None);

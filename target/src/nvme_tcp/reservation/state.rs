@@ -69,7 +69,7 @@ pub(crate) struct Notice {
 }
 
 /// What a host may do to the namespace now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Access {
     /// Commands of the read group (Read).
     pub read: bool,
@@ -267,9 +267,7 @@ impl ReservationState {
                 host: *host,
                 key: c.nrkey,
             }),
-            (RegisterAction::Unregister | RegisterAction::Replace, None) => {
-                return Err(conflict())
-            }
+            (RegisterAction::Unregister | RegisterAction::Replace, None) => return Err(conflict()),
             (_, Some(k)) if k != c.crkey && !c.iekey => return Err(conflict()),
             (RegisterAction::Unregister, Some(_)) => self.unregister_one(host, out),
             (RegisterAction::Replace, Some(_)) => {

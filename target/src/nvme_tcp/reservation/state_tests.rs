@@ -344,7 +344,10 @@ fn report_lists_registrants_and_the_holder() {
     let s = reserved(ReservationType::WriteExclusiveRegistrantsOnly);
     let r = s.report();
     assert_eq!(r.gen, 2);
-    assert_eq!(r.rtype, Some(ReservationType::WriteExclusiveRegistrantsOnly));
+    assert_eq!(
+        r.rtype,
+        Some(ReservationType::WriteExclusiveRegistrantsOnly)
+    );
     assert_eq!(r.regctl, 2);
     assert_eq!(
         r.registrants
