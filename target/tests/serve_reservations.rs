@@ -173,6 +173,18 @@ fn two_hosts_register_acquire_conflict_preempt_release_report() {
         send(&mut b, (sqe, data.to_vec())),
         Status::INVALID_FIELD.with_dnr()
     );
+    // Data shorter than the command's structure, or a namespace that does not exist.
+    sqe.cdw10 = 0;
+    assert_eq!(
+        send(&mut b, (sqe, data[..8].to_vec())),
+        Status::DATA_SGL_LENGTH_INVALID.with_dnr()
+    );
+    sqe.nsid = 9;
+    assert_eq!(
+        send(&mut b, (sqe, data.to_vec())),
+        Status::INVALID_NAMESPACE.with_dnr()
+    );
+    assert_eq!(report(&mut b).regctl, 2, "refused commands changed nothing");
 
     assert!(acquire(
         &mut a,
