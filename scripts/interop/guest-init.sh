@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # /init of the interop guest (see kernel-host.sh): bring up the network, connect to the
-# nvmirror target on the host as a Linux NVMe/TCP host, verify I/O, report, power off.
+# nvmirror target on the host as a Linux NVMe/TCP host, verify I/O (or, with
+# nvmirror.test=resv on the kernel command line, reservations), report, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -25,6 +26,7 @@ done
 
 PORT=$(sed -n 's/.*nvmirror\.port=\([0-9]*\).*/\1/p' /proc/cmdline)
 NQN=$(sed -n 's/.*nvmirror\.nqn=\([^ ]*\).*/\1/p' /proc/cmdline)
+TEST=$(sed -n 's/.*nvmirror\.test=\([a-z]*\).*/\1/p' /proc/cmdline)
 [ -n "$PORT" ] && [ -n "$NQN" ] || fail "no nvmirror.port/nvmirror.nqn on the kernel command line"
 
 ip link set lo up
@@ -51,6 +53,58 @@ done
 [ -n "$DEV" ] && [ -b "$DEV" ] || fail "no namespace block device appeared"
 nvme list
 say "namespace at $DEV: $(cat /sys/block/$(basename $DEV)/size) sectors"
+
+# The reservation report as one line of JSON without blanks.
+resv_report() {
+    nvme resv-report "$DEV" -n 1 --eds -o json >/tmp/report 2>&1 || { cat /tmp/report; fail "nvme resv-report"; }
+    tr -d ' \t\r\n' </tmp/report
+}
+expect_report() {
+    r=$(resv_report)
+    for want in "$@"; do
+        case "$r" in
+            *"$want"*) ;;
+            *) echo "$r"; fail "resv-report lacks $want" ;;
+        esac
+    done
+    say "resv-report has $*"
+}
+
+# Reservations as nvme-cli drives them: register, acquire, report, release, unregister,
+# persist through power loss on and off. Exits the guest.
+resv_test() {
+    KEY=0x1234abcd
+    KEYDEC=$((KEY))
+    nvme resv-register "$DEV" -n 1 --nrkey=$KEY --rrega=0 || fail "resv-register"
+    expect_report '"rtype":0,' '"regctl":1,' "\"rkey\":$KEYDEC"
+    nvme resv-acquire "$DEV" -n 1 --crkey=$KEY --rtype=1 --racqa=0 || fail "resv-acquire (write exclusive)"
+    expect_report '"rtype":1,' '"rcsts":1,'
+    dd if=/dev/urandom of=/tmp/r bs=4k count=4 2>/dev/null
+    dd if=/tmp/r of="$DEV" bs=4k count=4 oflag=direct 2>/dev/null || fail "the holder's write"
+    dd if="$DEV" of=/tmp/r.back bs=4k count=4 iflag=direct 2>/dev/null || fail "the holder's read"
+    cmp /tmp/r /tmp/r.back || fail "data differs under the reservation"
+    say "holder I/O ok"
+    if nvme resv-acquire "$DEV" -n 1 --crkey=$KEY --rtype=2 --racqa=0 2>/dev/null; then
+        fail "acquire of another type while holding one succeeded"
+    fi
+    if nvme resv-release "$DEV" -n 1 --crkey=0x1 --rtype=1 --rrela=0 2>/dev/null; then
+        fail "release with a wrong key succeeded"
+    fi
+    say "wrong type and wrong key refused"
+    nvme resv-acquire "$DEV" -n 1 --crkey=$KEY --prkey=$KEY --rtype=2 --racqa=1 || fail "resv-acquire preempt (own key, exclusive access)"
+    expect_report '"rtype":2,' '"gen":2,'
+    nvme resv-release "$DEV" -n 1 --crkey=$KEY --rtype=2 --rrela=0 || fail "resv-release"
+    expect_report '"rtype":0,' '"regctl":1,'
+    nvme resv-register "$DEV" -n 1 --crkey=$KEY --nrkey=$KEY --rrega=2 --cptpl=3 || fail "resv-register replace, PTPL on"
+    expect_report '"ptpls":1,'
+    nvme resv-register "$DEV" -n 1 --crkey=$KEY --rrega=1 --cptpl=2 || fail "resv-register unregister, PTPL off"
+    expect_report '"regctl":0,' '"ptpls":0,'
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    say "PASS"
+    poweroff -f
+    sleep 5
+}
+[ "$TEST" = resv ] && resv_test
 
 # 4 MiB of random data, written and read back with O_DIRECT in several block sizes.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null

@@ -9,7 +9,10 @@
 # BOTH leg images hold the pattern. Prints PASS or FAIL and exits 0 or 1. Everything it
 # downloads is cached under build/interop/.
 #
-# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep]
+# With --test resv the guest drives NVMe reservations with nvme-cli instead (resv-register,
+# resv-acquire, resv-report, resv-release; see docs/reservations.md).
+#
+# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
 set -euo pipefail
 
@@ -18,6 +21,7 @@ WORK="$ROOT/build/interop"
 PORT=$((20000 + RANDOM % 20000))
 TIMEOUT=420
 KEEP=0
+TEST=io
 NQN="nqn.2026-11.io.nvmirror:vol0"
 HOSTNQN="nqn.2014-08.org.nvmexpress:uuid:6e766d69-7272-6f72-0000-000000000001"
 
@@ -26,9 +30,11 @@ while [ $# -gt 0 ]; do
         --port) PORT=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep]" >&2; exit 2 ;;
+        --test) TEST=$2; shift 2 ;;
+        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv]" >&2; exit 2 ;;
     esac
 done
+case "$TEST" in io|resv) ;; *) echo "--test: io or resv, not $TEST" >&2; exit 2 ;; esac
 
 log() { echo "kernel-host: $*" >&2; }
 fail() {
@@ -145,7 +151,7 @@ log "nvmirror serve listening on 127.0.0.1:$PORT"
 log "booting $KVER under qemu (timeout ${TIMEOUT}s)"
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -smp 2 \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.nqn=$NQN" \
+    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.nqn=$NQN nvmirror.test=$TEST" \
     -display none -no-reboot -serial "file:$GUEST_LOG" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= &
 QEMU_PID=$!
@@ -158,6 +164,14 @@ QEMU_PID=
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
+    if [ "$TEST" = resv ]; then
+        kill -TERM "$TARGET_PID"
+        wait "$TARGET_PID" 2>/dev/null || true
+        TARGET_PID=
+        grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
+        echo "PASS"
+        exit 0
+    fi
     # ---- 6. both legs hold what the guest wrote ------------------------------------------
     want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | sed -n 1p)
     [ -n "$want" ] || fail "the guest did not report its pattern's checksum"

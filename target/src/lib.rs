@@ -20,6 +20,7 @@
 
 pub mod config;
 pub mod control;
+mod durable;
 mod error;
 pub mod failstop;
 #[doc(hidden)]

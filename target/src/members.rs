@@ -16,7 +16,6 @@
 //! Either way the legs' superblocks then decide: a leg count that does not match them is
 //! refused with a message naming both.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -101,16 +100,9 @@ impl Membership {
 
     /// Replaces the file atomically: a crash leaves either the old list or the new one.
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        let mut text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        text.push('\n');
+        crate::durable::replace_file(path, text.as_bytes())
     }
 }
 

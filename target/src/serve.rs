@@ -370,6 +370,8 @@ impl Service {
                         }
                         sub.model = s.model.clone();
                         sub.allowed_hosts = s.allowed_hosts.clone();
+                        // Reservations set to persist through power loss are kept here.
+                        sub.reservation_dir = Some(cfg.data_dir.clone());
                         sub
                     })
                     .collect();

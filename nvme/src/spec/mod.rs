@@ -9,6 +9,7 @@ pub mod fabrics;
 pub mod namespace;
 pub mod nbd;
 pub mod opcode;
+pub mod reservation;
 pub mod sqe;
 pub mod status;
 pub mod tcp;

@@ -1,5 +1,7 @@
 //! Admin commands (Base §5): Identify, Get Log Page, Set/Get Features, Keep Alive,
-//! Asynchronous Event Request and Abort.
+//! Asynchronous Event Request and Abort; and the admin side of reservations: the
+//! Reservation Notification log page, its mask and the persistence feature, and the
+//! asynchronous event that tells the host a notice is waiting.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -9,11 +11,19 @@ use nvmirror_nvme::spec::admin::{
     AdminOpcode, FirmwareSlotLog, IdentifyController, IdentifyNamespace, NsIdDescriptorHeader,
     SmartLog, CHANGED_NS_LOG_LEN, ERROR_LOG_ENTRY_LEN, IDENTIFY_LEN,
 };
+use nvmirror_nvme::spec::reservation::{
+    ReservationNotificationLog, AER_TYPE_IO_COMMAND_SET, CTRATT_HOST_ID_128,
+    FEATURE_NOTIFICATION_MASK, FEATURE_PERSISTENCE, LOG_RESERVATION_NOTIFICATION,
+    NOTIFICATION_MASK_BITS, ONCS_RESERVATIONS, RESCAP_ALL, RESCAP_PTPL,
+};
 use nvmirror_nvme::spec::wire::{put_ascii_padded, put_nul_padded};
 use nvmirror_nvme::spec::Status;
 
 use super::connection::Connection;
-use super::subsystem::{Subsystem, SubsystemRef};
+use super::subsystem::{Namespace, Subsystem, SubsystemRef};
+
+/// NSID meaning every namespace (Set Features of a namespace-specific feature).
+const NSID_ALL: u32 = 0xffff_ffff;
 
 /// Asynchronous event requests a host may leave outstanding (AERL + 1).
 const AER_LIMIT: u8 = 4;
@@ -218,6 +228,11 @@ fn identify(
             id.ncap = ns.geo.num_blocks;
             id.nuse = ns.geo.num_blocks;
             id.nmic = 1;
+            id.rescap = if ns.reservation.persistent() {
+                RESCAP_ALL
+            } else {
+                RESCAP_ALL & !RESCAP_PTPL
+            };
             id.lbaf[0] = lba_format(ns.geo.lba_size);
             id.nguid = ns.nguid;
             id.write_to(&mut page);
@@ -302,7 +317,8 @@ fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> Identif
     put_nul_padded(&mut id.subnqn, nqn);
     if let Some(s) = subsys {
         id.nn = s.namespaces.len() as u32;
-        id.oncs = oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES;
+        id.oncs = oncs::DATASET_MANAGEMENT | oncs::WRITE_ZEROES | ONCS_RESERVATIONS;
+        id.ctratt = CTRATT_HOST_ID_128;
         id.vwc = 1;
         id.ioccsz = (64 + cfg.in_capsule_data_size) / 16;
         id.iorcsz = 1;
@@ -359,6 +375,21 @@ fn get_log_page(
             b
         }
         (log_page::CHANGED_NAMESPACES, false) => vec![0; CHANGED_NS_LOG_LEN],
+        (LOG_RESERVATION_NOTIFICATION, false) => {
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
+            let page = ctrl
+                .reservation_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            let mut b = vec![0; ReservationNotificationLog::SIZE];
+            page.write_to(&mut b);
+            b
+        }
         _ => return Err(astatus::INVALID_LOG_PAGE.with_dnr()),
     };
     let _ = subsys;
@@ -433,6 +464,30 @@ fn set_features(
             }
             Ok(0)
         }
+        FEATURE_NOTIFICATION_MASK => {
+            let s = conn.shared.subsystem(ctrl.subsys);
+            reservation_namespaces(s, sqe.nsid)?;
+            if sqe.cdw11 & !NOTIFICATION_MASK_BITS != 0 {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            ctrl.reservation_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_mask(sqe.nsid, sqe.cdw11);
+            Ok(0)
+        }
+        FEATURE_PERSISTENCE => {
+            let s = conn.shared.subsystem(ctrl.subsys);
+            let on = sqe.cdw11 & 1 != 0;
+            let targets = reservation_namespaces(s, sqe.nsid)?;
+            if on && targets.iter().any(|n| !n.reservation.persistent()) {
+                return Err(Status::INVALID_FIELD.with_dnr());
+            }
+            for n in targets {
+                n.reservation.set_ptpl(on)?;
+            }
+            Ok(0)
+        }
         mandatory_feature::ERROR_RECOVERY => {
             // DULBE (bit 16) needs deallocated-block error reporting, which no namespace has.
             if sqe.cdw11 & (1 << 16) != 0 {
@@ -474,6 +529,60 @@ fn get_features(
             Ok(u32::from(tmpth) | (u32::from(sel.tmpsel) << 16) | (u32::from(sel.under) << 20))
         }
         mandatory_feature::ERROR_RECOVERY => Ok(a.error_recovery),
+        FEATURE_NOTIFICATION_MASK => {
+            reservation_namespaces(conn.shared.subsystem(ctrl.subsys), sqe.nsid)?;
+            Ok(ctrl
+                .reservation_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mask(sqe.nsid))
+        }
+        FEATURE_PERSISTENCE if sqe.nsid != NSID_ALL => {
+            let ns = reservation_namespaces(conn.shared.subsystem(ctrl.subsys), sqe.nsid)?;
+            Ok(u32::from(ns[0].reservation.ptpl()))
+        }
         _ => Err(Status::INVALID_FIELD.with_dnr()),
     }
+}
+
+/// The namespaces a namespace-specific reservation feature names: one NSID, or all of them
+/// for 0xFFFFFFFF. Invalid Namespace otherwise (and on a discovery controller).
+fn reservation_namespaces(s: Option<&Subsystem>, nsid: u32) -> Result<Vec<&Namespace>, Status> {
+    let s = s.ok_or(Status::INVALID_FIELD.with_dnr())?;
+    if nsid == NSID_ALL {
+        return Ok(s.namespaces.iter().collect());
+    }
+    s.namespace(nsid)
+        .map(|n| vec![n])
+        .ok_or(Status::INVALID_NAMESPACE.with_dnr())
+}
+
+/// Completes a held Asynchronous Event Request when a reservation notice is waiting for
+/// this controller (admin queues only; one atomic load while none is). Returns whether one
+/// completed.
+pub(super) fn deliver_reservation_event(conn: &mut Connection) -> bool {
+    let (Some(a), Some(ctrl)) = (conn.admin.as_mut(), conn.queue.ctrl.as_ref()) else {
+        return false;
+    };
+    if a.aers_held == 0 || !ctrl.reservation_event.load(Ordering::Acquire) {
+        return false;
+    }
+    let Some(j) = conn
+        .slots
+        .slots
+        .iter()
+        .position(|s| s.state == super::request::RequestState::Held)
+    else {
+        return false;
+    };
+    ctrl.reservation_event.store(false, Ordering::Release);
+    a.aers_held -= 1;
+    let slot = &mut conn.slots.slots[j];
+    slot.state = super::request::RequestState::Executing;
+    // Asynchronous Event Type 6 (I/O command specific), information 0 (Reservation Log Page
+    // Available), log page 0x80.
+    slot.dw0 = u32::from(AER_TYPE_IO_COMMAND_SET) | (u32::from(LOG_RESERVATION_NOTIFICATION) << 16);
+    slot.c2h_len = 0;
+    conn.complete(j as u16);
+    true
 }

@@ -21,6 +21,7 @@ use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
 use super::admin::AdminState;
 use super::request::{RequestState, SlotTable};
+use super::reservation::AccessCache;
 use super::subsystem::{Controller, TargetShared};
 use super::{TargetConfig, ADMIN_IN_CAPSULE};
 
@@ -88,6 +89,8 @@ pub(crate) struct Connection {
     pub(super) queue: QueueInfo,
     pub(super) admin: Option<AdminState>,
     pub(super) qpairs: Vec<Box<dyn QueuePair>>,
+    /// Per namespace (I/O queues): the host's reservation access as last computed.
+    pub(super) resv_access: Vec<AccessCache>,
     cpl: Vec<Completion>,
     /// Close after the current responses are sent (Disconnect).
     pub(super) close_after_flush: bool,
@@ -187,6 +190,7 @@ impl Connection {
             },
             admin: None,
             qpairs: Vec::new(),
+            resv_access: Vec::new(),
             cpl: vec![Completion::default(); MAX_COMPLETIONS_PER_POLL],
             close_after_flush: false,
             sock_shut: false,
@@ -563,6 +567,7 @@ impl Connection {
         }
         busy |= self.recv(now);
         busy |= self.process_rx(now);
+        busy |= super::admin::deliver_reservation_event(self);
         busy |= self.reap();
         busy |= self.flush_pending();
         busy |= self.send(now);

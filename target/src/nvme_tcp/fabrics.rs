@@ -190,11 +190,13 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
             0,
             "cannot allocate the admin queue's buffers",
         ))?;
-        let ctrl = shared.create_controller(subsys, &hostnqn).ok_or(refused(
-            fstatus::CONTROLLER_BUSY,
-            0,
-            "every controller ID is in use",
-        ))?;
+        let ctrl = shared
+            .create_controller(subsys, &hostnqn, data.hostid)
+            .ok_or(refused(
+                fstatus::CONTROLLER_BUSY,
+                0,
+                "every controller ID is in use",
+            ))?;
         let cntlid = ctrl.cntlid;
         tracing::info!(peer = %conn.peer, cntlid, subsystem = subnqn, host = %hostnqn, "admin queue connected");
         conn.queue.ctrl = Some(ctrl);
@@ -271,6 +273,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
         }
     }
     tracing::debug!(peer = %conn.peer, cntlid = ctrl.cntlid, qid = cmd.qid, size, "I/O queue connected");
+    conn.resv_access = vec![super::reservation::AccessCache::STALE; qpairs.len()];
     conn.qpairs = qpairs;
     conn.queue.ctrl = Some(ctrl);
     conn.queue.qid = cmd.qid;

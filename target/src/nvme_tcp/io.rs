@@ -1,16 +1,28 @@
 //! NVM I/O commands (NVM §3): Read, Write, Flush, Write Zeroes and Dataset Management,
-//! translated into back-end [`IoCommand`]s on this core's queue pairs.
+//! translated into back-end [`IoCommand`]s on this core's queue pairs; and the reservation
+//! commands (Base §7.2-7.5), run against the namespace's shared reservation state.
+//!
+//! Every read and write is first checked against the namespace's reservation through the
+//! queue's [`AccessCache`] (one atomic load while nothing changed): a host the reservation
+//! shuts out gets Reservation Conflict.
 //!
 //! A command becomes one or more sub-commands (a flush of all namespaces, one per
 //! Dataset Management range); they are submitted as the queue pair has room and joined in
 //! the slot. Nothing here allocates.
 
+use std::sync::Arc;
+
 use nvmirror_nvme::spec::opcode::DSM_ATTR_DEALLOCATE;
+use nvmirror_nvme::spec::reservation::{
+    opcode as resv_op, status as resv_status, AcquireCommand, AcquireData, RegisterCommand,
+    RegisterData, ReleaseCommand, ReleaseData, ReportCommand,
+};
 use nvmirror_nvme::spec::{Geometry, NvmOpcode, Status};
 use nvmirror_nvme::{IoCommand, IoOp, SubmitError};
 
 use super::connection::Connection;
 use super::request::CommandSlot;
+use super::reservation::Command;
 
 /// NSID meaning "every namespace" (Flush only).
 const NSID_ALL: u32 = 0xffff_ffff;
@@ -52,6 +64,16 @@ fn dsm_ranges(slot: &CommandSlot) -> u32 {
 /// The host-to-controller byte count a command needs; checked before any R2T is sent so
 /// a bad command never pulls data.
 pub(super) fn expected_h2c(conn: &Connection, slot: &CommandSlot) -> Result<u32, Status> {
+    let resv_data = match slot.sqe.opcode {
+        resv_op::REGISTER => Some(RegisterData::SIZE),
+        resv_op::ACQUIRE => Some(AcquireData::SIZE),
+        resv_op::RELEASE => Some(ReleaseData::SIZE),
+        _ => None,
+    };
+    if let Some(n) = resv_data {
+        namespace(conn, slot.sqe.nsid)?;
+        return Ok(n as u32);
+    }
     match NvmOpcode::from_u8(slot.sqe.opcode) {
         Some(NvmOpcode::Write) => read_write(conn, slot).map(|(_, b)| b),
         Some(NvmOpcode::DatasetManagement) => {
@@ -64,6 +86,18 @@ pub(super) fn expected_h2c(conn: &Connection, slot: &CommandSlot) -> Result<u32,
 
 /// Starts the I/O command in slot `i` (its host data, if any, has arrived).
 pub(super) fn start(conn: &mut Connection, i: u16) {
+    if matches!(
+        conn.slots.slots[usize::from(i)].sqe.opcode,
+        resv_op::REGISTER | resv_op::REPORT | resv_op::ACQUIRE | resv_op::RELEASE
+    ) {
+        if let Err(st) = reservation_command(conn, i) {
+            let slot = &mut conn.slots.slots[usize::from(i)];
+            slot.fail(st);
+            slot.c2h_len = 0;
+        }
+        conn.complete(i);
+        return;
+    }
     match plan(conn, i) {
         Ok(()) => submit_more(conn, i),
         Err(st) => {
@@ -71,6 +105,73 @@ pub(super) fn start(conn: &mut Connection, i: u16) {
             conn.complete(i);
         }
     }
+}
+
+/// Runs a reservation command (control path: it takes the namespace's reservation lock and,
+/// under PTPL, writes the saved state before it completes).
+fn reservation_command(conn: &mut Connection, i: u16) -> Result<(), Status> {
+    let sqe = conn.slots.slots[usize::from(i)].sqe;
+    let (ns, _) = namespace(conn, sqe.nsid)?;
+    let ctrl = conn
+        .queue
+        .ctrl
+        .clone()
+        .ok_or(Status::COMMAND_SEQUENCE_ERROR)?;
+    let shared = Arc::clone(&conn.shared);
+    let resv = &shared
+        .subsystem(ctrl.subsys)
+        .ok_or(Status::INVALID_NAMESPACE.with_dnr())?
+        .namespaces[ns]
+        .reservation;
+    let slot = &mut conn.slots.slots[usize::from(i)];
+    let data = &slot.buf.as_slice()[..slot.received as usize];
+    let cmd = match sqe.opcode {
+        resv_op::REGISTER => Command::Register(RegisterCommand::decode(&sqe, data)?),
+        resv_op::ACQUIRE => Command::Acquire(AcquireCommand::decode(&sqe, data)?),
+        resv_op::RELEASE => Command::Release(ReleaseCommand::decode(&sqe, data)?),
+        _ => {
+            let report = ReportCommand::decode(&sqe);
+            // Hosts on a fabric have 128-bit host identifiers: only the extended form fits.
+            if !report.eds {
+                return Err(resv_status::HOST_ID_INCONSISTENT_FORMAT.with_dnr());
+            }
+            let n = (report.len as usize)
+                .min(slot.xfer_len as usize)
+                .min(slot.buf.len());
+            let out = &mut slot.buf.as_mut_slice()[..n];
+            out.fill(0);
+            resv.report().write_to(true, out);
+            slot.c2h_len = n as u32;
+            return Ok(());
+        }
+    };
+    let out = resv.execute(&ctrl.hostid, &cmd);
+    shared.notify_reservation(ctrl.subsys, sqe.nsid, &out.notices);
+    if out.status.is_success() {
+        Ok(())
+    } else {
+        Err(out.status)
+    }
+}
+
+/// Reservation Conflict unless this queue's host may read (or `write`) namespace `ns`.
+#[inline]
+fn check_reservation(conn: &mut Connection, ns: usize, write: bool) -> Result<(), Status> {
+    let (Some(ctrl), Some(cache)) = (conn.queue.ctrl.as_ref(), conn.resv_access.get_mut(ns)) else {
+        return Ok(());
+    };
+    let Some(n) = conn
+        .shared
+        .subsystem(ctrl.subsys)
+        .and_then(|s| s.namespaces.get(ns))
+    else {
+        return Ok(());
+    };
+    let a = n.reservation.check(cache, &ctrl.hostid);
+    if (write && !a.write) || (!write && !a.read) {
+        return Err(resv_status::RESERVATION_CONFLICT.with_dnr());
+    }
+    Ok(())
 }
 
 /// Validates the command and sets up its sub-commands.
@@ -120,6 +221,15 @@ fn plan(conn: &mut Connection, i: u16) -> Result<(), Status> {
         }
         None => return Err(Status::INVALID_OPCODE.with_dnr()),
     };
+    // Flush belongs to the write group; a flush of every namespace needs each of them.
+    let write = sqe.opcode != NvmOpcode::Read as u8;
+    if sqe.opcode == NvmOpcode::Flush as u8 && sqe.nsid == NSID_ALL {
+        for k in 0..conn.qpairs.len() {
+            check_reservation(conn, k, true)?;
+        }
+    } else {
+        check_reservation(conn, ns, write)?;
+    }
     let slot = &mut conn.slots.slots[usize::from(i)];
     slot.ns = ns;
     slot.sub_total = total;

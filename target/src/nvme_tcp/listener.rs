@@ -116,7 +116,7 @@ impl NvmeTcpTarget {
                 op: "set listener non-blocking",
                 source,
             })?;
-        let shared = Arc::new(TargetShared::new(cfg, local));
+        let shared = Arc::new(TargetShared::new(cfg, local).map_err(Error::Config)?);
         let thread_shared = Arc::clone(&shared);
         let reactors = reactors.clone();
         let acceptor = std::thread::Builder::new()

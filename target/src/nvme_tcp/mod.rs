@@ -19,9 +19,11 @@ mod fabrics;
 mod io;
 mod listener;
 mod request;
+mod reservation;
 mod subsystem;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +47,10 @@ pub struct SubsystemConfig {
     pub allowed_hosts: Vec<String>,
     /// Namespaces, NSID 1.. in order.
     pub namespaces: Vec<Arc<dyn BlockDevice>>,
+    /// Where each namespace's reservation state is kept while Persist Through Power Loss is
+    /// set (`<device>.ns<NSID>.reservations.json`); `None`: PTPL is not offered and
+    /// reservations last as long as the process.
+    pub reservation_dir: Option<PathBuf>,
 }
 
 impl SubsystemConfig {
@@ -58,6 +64,7 @@ impl SubsystemConfig {
             model: "nvmirror".into(),
             allowed_hosts: Vec::new(),
             namespaces,
+            reservation_dir: None,
         }
     }
 }
@@ -220,7 +227,7 @@ pub(crate) mod fuzzing {
     pub(crate) fn shared(cfg: TargetConfig) -> Arc<TargetShared> {
         cfg.validate().expect("a valid fuzz target configuration");
         let listen = cfg.listen;
-        Arc::new(TargetShared::new(cfg, listen))
+        Arc::new(TargetShared::new(cfg, listen).expect("no saved reservation state"))
     }
 
     /// A connection as the listener sets it up for an accepted socket.

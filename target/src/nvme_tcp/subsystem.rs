@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use nvmirror_nvme::spec::Geometry;
 use nvmirror_nvme::BlockDevice;
 
+use super::reservation::{HostId, NamespaceReservation, Notice, NotificationLog};
 use super::{SubsystemConfig, TargetConfig};
 
 /// One exported namespace.
@@ -21,6 +22,8 @@ pub(crate) struct Namespace {
     pub geo: Geometry,
     pub nguid: [u8; 16],
     pub uuid: [u8; 16],
+    /// Registrants and reservation, shared by every controller of the subsystem.
+    pub reservation: NamespaceReservation,
 }
 
 /// An NVM subsystem as served.
@@ -36,38 +39,40 @@ pub(crate) struct Subsystem {
 }
 
 impl Subsystem {
-    fn new(cfg: &SubsystemConfig) -> Self {
-        let namespaces = cfg
-            .namespaces
-            .iter()
-            .enumerate()
-            .map(|(i, dev)| {
-                // The device's own identity (a volume's UUID) where it has one: a re-created
-                // volume under the same NQN is then a different disk to the host, and every
-                // node exporting the same volume reports the same one (multipath). Otherwise
-                // an identity stable for the NQN and NSID.
-                let (nguid, uuid) = match dev.identity() {
-                    Some(id) => (id, uuid_v4_shape(id)),
-                    None => (
-                        stable_id(&cfg.nqn, i as u32 + 1, 0),
-                        uuid_v4_shape(stable_id(&cfg.nqn, i as u32 + 1, 1)),
-                    ),
-                };
-                Namespace {
-                    dev: Arc::clone(dev),
-                    geo: dev.geometry(),
-                    nguid,
-                    uuid,
-                }
-            })
-            .collect();
-        Self {
+    fn new(cfg: &SubsystemConfig) -> Result<Self, String> {
+        let mut namespaces = Vec::with_capacity(cfg.namespaces.len());
+        for (i, dev) in cfg.namespaces.iter().enumerate() {
+            let nsid = i as u32 + 1;
+            let store = cfg
+                .reservation_dir
+                .as_ref()
+                .map(|d| d.join(format!("{}.ns{nsid}.reservations.json", dev.name())));
+            // The device's own identity (a volume's UUID) where it has one: a re-created
+            // volume under the same NQN is then a different disk to the host, and every node
+            // exporting the same volume reports the same one (multipath). Otherwise an
+            // identity stable for the NQN and NSID.
+            let (nguid, uuid) = match dev.identity() {
+                Some(id) => (id, uuid_v4_shape(id)),
+                None => (
+                    stable_id(&cfg.nqn, nsid, 0),
+                    uuid_v4_shape(stable_id(&cfg.nqn, nsid, 1)),
+                ),
+            };
+            namespaces.push(Namespace {
+                dev: Arc::clone(dev),
+                geo: dev.geometry(),
+                nguid,
+                uuid,
+                reservation: NamespaceReservation::open(store, &cfg.nqn, nsid)?,
+            });
+        }
+        Ok(Self {
             nqn: cfg.nqn.clone(),
             serial: cfg.serial.clone(),
             model: cfg.model.clone(),
             allowed_hosts: std::sync::RwLock::new(cfg.allowed_hosts.clone()),
             namespaces,
-        }
+        })
     }
 
     /// Whether the subsystem admits every host (its allowed-hosts list is empty).
@@ -120,6 +125,12 @@ pub(crate) struct Controller {
     pub cntlid: u16,
     pub subsys: SubsystemRef,
     pub hostnqn: String,
+    /// Host Identifier from the Connect data: who this controller is to reservations.
+    pub hostid: HostId,
+    /// Reservation notices for this controller (log page 0x80) and its masks.
+    pub reservation_log: Mutex<NotificationLog>,
+    /// A notice was queued since the last Asynchronous Event completed for it.
+    pub reservation_event: AtomicBool,
     /// CC.EN is set and CSTS.RDY reported: I/O queues may connect.
     pub enabled: AtomicBool,
     /// Torn down (admin queue gone, keep-alive expired, reset): every queue closes.
@@ -181,10 +192,16 @@ struct ControllerTable {
 const MAX_CNTLID: u16 = 0xffef;
 
 impl TargetShared {
-    pub fn new(mut cfg: TargetConfig, listen: SocketAddr) -> Self {
-        let subsystems = cfg.subsystems.iter().map(Subsystem::new).collect();
+    /// The shared state for `cfg`; fails when a namespace's saved reservation state cannot
+    /// be read.
+    pub fn new(mut cfg: TargetConfig, listen: SocketAddr) -> Result<Self, String> {
+        let subsystems = cfg
+            .subsystems
+            .iter()
+            .map(Subsystem::new)
+            .collect::<Result<_, _>>()?;
         cfg.subsystems.clear();
-        Self {
+        Ok(Self {
             cfg,
             subsystems,
             listen,
@@ -194,7 +211,7 @@ impl TargetShared {
                 next: 1,
                 live: HashMap::new(),
             }),
-        }
+        })
     }
 
     /// Finds a subsystem by NQN (the discovery NQN included).
@@ -220,6 +237,7 @@ impl TargetShared {
         &self,
         subsys: SubsystemRef,
         hostnqn: &str,
+        hostid: HostId,
     ) -> Option<Arc<Controller>> {
         let mut t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
         if t.live.len() >= usize::from(MAX_CNTLID) {
@@ -234,6 +252,9 @@ impl TargetShared {
             cntlid: id,
             subsys,
             hostnqn: hostnqn.to_string(),
+            hostid,
+            reservation_log: Mutex::new(NotificationLog::default()),
+            reservation_event: AtomicBool::new(false),
             enabled: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             io_queues: AtomicU16::new(self.cfg.max_io_queues),
@@ -258,6 +279,28 @@ impl TargetShared {
             .is_some_and(|c| std::ptr::eq(&**c, ctrl))
         {
             t.live.remove(&ctrl.cntlid);
+        }
+    }
+
+    /// Queues reservation notices about namespace `nsid` of `subsys` for every controller
+    /// of each notified host (control path: reservation commands only).
+    pub fn notify_reservation(&self, subsys: SubsystemRef, nsid: u32, notices: &[Notice]) {
+        if notices.is_empty() {
+            return;
+        }
+        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        for ctrl in t.live.values().filter(|c| c.subsys == subsys) {
+            let mut queued = false;
+            let mut log = ctrl
+                .reservation_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for n in notices.iter().filter(|n| n.host == ctrl.hostid) {
+                queued |= log.push(nsid, n.kind);
+            }
+            if queued {
+                ctrl.reservation_event.store(true, Ordering::Release);
+            }
         }
     }
 

@@ -307,7 +307,13 @@ impl Host {
     }
 
     pub fn connect_data(subnqn: &str, hostnqn: &str, cntlid: u16) -> Vec<u8> {
+        Self::connect_data_as(subnqn, hostnqn, [0; 16], cntlid)
+    }
+
+    /// Connect data of a host with Host Identifier `hostid`.
+    pub fn connect_data_as(subnqn: &str, hostnqn: &str, hostid: [u8; 16], cntlid: u16) -> Vec<u8> {
         let mut d = ConnectData::zeroed();
+        d.hostid = hostid;
         d.cntlid = cntlid;
         put_nul_padded(&mut d.subnqn, subnqn);
         put_nul_padded(&mut d.hostnqn, hostnqn);
@@ -407,6 +413,33 @@ impl Host {
         );
         assert!(c.status().is_success());
         (h, cntlid)
+    }
+
+    /// A host `(hostnqn, hostid)` on subsystem `subnqn` at `addr`: its enabled admin queue
+    /// (keep-alive off) and one I/O queue; returns both and the controller ID.
+    pub fn bring_up_as(
+        addr: SocketAddr,
+        subnqn: &str,
+        hostnqn: &str,
+        hostid: [u8; 16],
+    ) -> (Self, Self, u16) {
+        let mut admin = Self::connect(addr);
+        admin.icreq(false, false);
+        let cid = admin.cid();
+        let data = Self::connect_data_as(subnqn, hostnqn, hostid, CNTLID_DYNAMIC);
+        let c = admin.run(connect_sqe(cid, 0, 31, 0), &data, true, 0).0;
+        assert!(c.status().is_success(), "admin connect: {}", c.status());
+        let cntlid = c.dw0 as u16;
+        assert!(admin.prop_set(property::CC, 0x46_0001).is_success());
+        let (c, _) = admin.admin(0x09, 0, u32::from(feature::NUMBER_OF_QUEUES), 0, 0);
+        assert!(c.status().is_success());
+        let mut io = Self::connect(addr);
+        io.icreq(false, false);
+        let cid = io.cid();
+        let data = Self::connect_data_as(subnqn, hostnqn, hostid, cntlid);
+        let c = io.run(connect_sqe(cid, 1, 31, 0), &data, true, 0).0;
+        assert!(c.status().is_success(), "I/O connect: {}", c.status());
+        (admin, io, cntlid)
     }
 
     /// An I/O queue of controller `cntlid`.
