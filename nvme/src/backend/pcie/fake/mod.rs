@@ -37,7 +37,7 @@ use crate::spec::{CompletionQueueEntry, Status, SubmissionQueueEntry};
 use crate::Result;
 
 /// The controller's shape.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeConfig {
     /// Namespace 1's size in bytes.
     pub bytes: u64,
