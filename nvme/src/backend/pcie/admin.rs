@@ -57,7 +57,6 @@ pub(crate) struct Controller {
     /// Largest transfer of one command, bytes (MDTS, capped by the `max_transfer` option).
     pub max_transfer: usize,
     pub timeout: Duration,
-    pub hugepages: bool,
     /// Entries of each I/O queue at most (CAP.MQES, capped by `queue_size`).
     pub queue_entries: u16,
     pub model: String,
@@ -136,7 +135,6 @@ impl Controller {
             nsid: opts.nsid,
             max_transfer: opts.max_transfer,
             timeout: opts.timeout,
-            hugepages: opts.hugepages,
             queue_entries: (cap.mqes.min(u32::from(opts.queue_size))) as u16,
             model: String::new(),
             serial: String::new(),

@@ -30,7 +30,7 @@ impl PcieDevice {
     /// Opens PCI function `bdf` (`0000:01:00.0`, bound to `vfio-pci`) through VFIO.
     #[cfg(target_os = "linux")]
     pub fn open_vfio(bdf: &str, opts: &PcieOptions) -> Result<Self> {
-        let func = super::VfioFunction::open(bdf)?;
+        let func = super::VfioFunction::open(bdf, opts.hugepages)?;
         Self::new(Arc::new(func), opts)
     }
 

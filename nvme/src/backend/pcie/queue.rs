@@ -115,20 +115,7 @@ impl PcieQueuePair {
 
     fn create(ctrl: Arc<Controller>, qid: u16, depth: u32) -> Result<Self> {
         let entries = ctrl.queue_entries.min((depth.min(4095) + 1) as u16).max(2);
-        let alloc = |len: usize| {
-            if ctrl.hugepages {
-                let r = DmaRegion::hugepages(len)?;
-                // SAFETY: the region is fresh memory no reference points into; the mapping is
-                // removed in the region's unmap hook before the memory is freed.
-                unsafe { ctrl.func.map_dma(r.as_ptr(), r.len()) }?;
-                let func = ctrl.func.clone();
-                Ok(r.on_drop(Box::new(move |iova, len| {
-                    func.unmap_dma(iova as *mut u8, len)
-                })))
-            } else {
-                ctrl.func.alloc_dma(len)
-            }
-        };
+        let alloc = |len: usize| ctrl.func.alloc_dma(len);
         let sq = alloc(usize::from(entries) * SubmissionQueueEntry::SIZE)?;
         let cq = alloc(usize::from(entries) * CompletionQueueEntry::SIZE)?;
         let ntrack = usize::from(entries - 1);

@@ -15,7 +15,6 @@ use crate::Error;
 
 fn opts() -> PcieOptions {
     PcieOptions {
-        hugepages: false,
         timeout: Duration::from_millis(300),
         ..PcieOptions::default()
     }

@@ -29,6 +29,7 @@ pub struct VfioFunction {
     _device: VfioDevice,
     bar: *mut u8,
     bar_len: usize,
+    hugepages: bool,
 }
 
 // SAFETY: `bar` points at the device's BAR0 mapping, which lives as long as this value and is
@@ -51,7 +52,8 @@ impl VfioFunction {
     /// VFIO bring-up, in order: container (`/dev/vfio/vfio`, API version), the function's
     /// IOMMU group attached to it with the type 1 IOMMU, the device fd, bus mastering on,
     /// BAR0 mapped.
-    pub fn open(bdf: &str) -> Result<Self> {
+    /// DMA memory comes from 2 MiB hugetlbfs pages if `hugepages`, else ordinary pages.
+    pub fn open(bdf: &str, hugepages: bool) -> Result<Self> {
         let err = |step: &str, reason: String| Error::Pcie {
             device: bdf.to_string(),
             step: step.to_string(),
@@ -108,6 +110,7 @@ impl VfioFunction {
             _device: device,
             bar: p.cast(),
             bar_len,
+            hugepages,
         })
     }
 
@@ -136,7 +139,11 @@ impl PciFunction for VfioFunction {
     }
 
     fn alloc_dma(&self, len: usize) -> Result<DmaRegion> {
-        let r = DmaRegion::hugepages(len)?;
+        let r = if self.hugepages {
+            DmaRegion::hugepages(len)?
+        } else {
+            DmaRegion::heap(len)?
+        };
         // SAFETY: fresh memory no reference points into, unmapped by the hook below before
         // it is freed.
         unsafe { self.map_dma(r.as_ptr(), r.len()) }?;

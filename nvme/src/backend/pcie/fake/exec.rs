@@ -79,7 +79,7 @@ impl State {
     }
 
     /// Copies `data` to host memory through the PRPs.
-    fn to_host(&mut self, sqe: &SubmissionQueueEntry, data: &[u8]) -> Result<(), Status> {
+    fn dma_to_host(&mut self, sqe: &SubmissionQueueEntry, data: &[u8]) -> Result<(), Status> {
         let segs = self.prp_segments(sqe.dptr[0], sqe.dptr[1], data.len())?;
         let mut off = 0;
         for (iova, n) in segs {
@@ -92,7 +92,7 @@ impl State {
     }
 
     /// Copies `len` bytes from host memory through the PRPs.
-    fn from_host(&mut self, sqe: &SubmissionQueueEntry, len: usize) -> Result<Vec<u8>, Status> {
+    fn dma_from_host(&mut self, sqe: &SubmissionQueueEntry, len: usize) -> Result<Vec<u8>, Status> {
         let segs = self.prp_segments(sqe.dptr[0], sqe.dptr[1], len)?;
         let mut data = vec![0u8; len];
         let mut off = 0;
@@ -145,7 +145,7 @@ impl State {
                     }
                     _ => return (Status::INVALID_FIELD.with_dnr(), 0),
                 }
-                match self.to_host(sqe, &page) {
+                match self.dma_to_host(sqe, &page) {
                     Ok(()) => ok(0),
                     Err(s) => (s, 0),
                 }
@@ -324,12 +324,12 @@ impl State {
                 self.stats.max_pages = self.stats.max_pages.max(pages(sqe.dptr[0], len));
                 if opcode == NvmOpcode::Read {
                     let data = self.ns[span].to_vec();
-                    match self.to_host(sqe, &data) {
+                    match self.dma_to_host(sqe, &data) {
                         Ok(()) => Status::SUCCESS,
                         Err(s) => s,
                     }
                 } else {
-                    match self.from_host(sqe, len) {
+                    match self.dma_from_host(sqe, len) {
                         Ok(data) => {
                             self.ns[span].copy_from_slice(&data);
                             Status::SUCCESS
@@ -347,7 +347,7 @@ impl State {
             }
             NvmOpcode::DatasetManagement => {
                 let nr = (sqe.cdw10 & 0xff) as usize + 1;
-                let raw = match self.from_host(sqe, nr * 16) {
+                let raw = match self.dma_from_host(sqe, nr * 16) {
                     Ok(r) => r,
                     Err(s) => return s,
                 };
