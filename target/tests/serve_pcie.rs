@@ -41,10 +41,7 @@ fn a_pcie_leg_serves_a_host_and_bad_addresses_are_refused() {
         ("pcie://0000:01:00.9", "0000:01:00.9"),
         ("pcie://0000:ff:1f.7", "does not exist"),
     ] {
-        let (ok, text) = server.rpc(
-            "leg_add",
-            &format!(r#"{{"volume":"vol0","uri":"{uri}"}}"#),
-        );
+        let (ok, text) = server.rpc("leg_add", &format!(r#"{{"volume":"vol0","uri":"{uri}"}}"#));
         assert!(!ok && text.contains(says), "{uri}: {text}");
     }
     server.stop();

@@ -310,7 +310,8 @@ impl State {
         let in_range = slba
             .checked_add(u64::from(nlb))
             .is_some_and(|e| e <= blocks);
-        let span = (slba as usize * lba)..((slba as usize + nlb as usize) * lba);
+        // Only used once `in_range` holds, so it cannot overflow.
+        let span = || (slba as usize * lba)..((slba as usize + nlb as usize) * lba);
         match opcode {
             NvmOpcode::Flush => Status::SUCCESS,
             NvmOpcode::Read | NvmOpcode::Write => {
@@ -323,7 +324,7 @@ impl State {
                 }
                 self.stats.max_pages = self.stats.max_pages.max(pages(sqe.dptr[0], len));
                 if opcode == NvmOpcode::Read {
-                    let data = self.ns[span].to_vec();
+                    let data = self.ns[span()].to_vec();
                     match self.dma_to_host(sqe, &data) {
                         Ok(()) => Status::SUCCESS,
                         Err(s) => s,
@@ -331,7 +332,7 @@ impl State {
                 } else {
                     match self.dma_from_host(sqe, len) {
                         Ok(data) => {
-                            self.ns[span].copy_from_slice(&data);
+                            self.ns[span()].copy_from_slice(&data);
                             Status::SUCCESS
                         }
                         Err(s) => s,
@@ -342,7 +343,7 @@ impl State {
                 if !in_range {
                     return Status::LBA_OUT_OF_RANGE.with_dnr();
                 }
-                self.ns[span].fill(0);
+                self.ns[span()].fill(0);
                 Status::SUCCESS
             }
             NvmOpcode::DatasetManagement => {

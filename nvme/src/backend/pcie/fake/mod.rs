@@ -24,6 +24,8 @@
 //!   status error, and surprise removal (all registers read all-ones, nothing is processed).
 
 mod exec;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::fmt;
