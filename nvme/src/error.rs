@@ -63,6 +63,15 @@ pub enum Error {
         step: String,
         reason: String,
     },
+    /// A step of bringing up a PCIe NVMe controller (VFIO, registers, admin commands) failed:
+    /// `step` names it (e.g. "wait for CSTS.RDY=1", "Identify Namespace 1"), `reason` says
+    /// why (the errno, the NVMe status, the timeout).
+    #[error("pcie {device}: {step} failed: {reason}")]
+    Pcie {
+        device: String,
+        step: String,
+        reason: String,
+    },
 }
 
 /// The crate's result type.

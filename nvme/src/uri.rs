@@ -8,6 +8,8 @@
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
 //! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s&reconnect_delay=2s&ctrl_loss_tmo=600s&fast_io_fail_tmo=0` | [`NvmeTcpDevice`] |
 //! | `nbd://HOST:PORT/EXPORT?connections=16&timeout=30s&lba=512` | [`NbdDevice`] |
+//! | `pcie://0000:01:00.0?nsid=1&timeout=30s&max_transfer=128KiB&queues=64&queue_size=1024&hugepages=1` | [`PcieDevice`] over VFIO |
+//! | `pcie://fake?size=64MiB&lba=512&mdts=5` (same keys) | [`PcieDevice`] over the [fake controller](crate::backend::pcie::fake) |
 //!
 //! Errors name the offending part of the URI.
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::nbd::{self, NbdDevice, NbdOptions};
+use crate::backend::pcie::{FakeConfig, FakeController, PcieDevice, PcieOptions};
 use crate::backend::tcp::{NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
 use crate::backend::{LatencyModel, MemDevice, NullDevice, UringDevice, UringOptions};
 use crate::queue::BlockDevice;
@@ -50,6 +53,14 @@ pub enum LegUri {
         /// `HOST:PORT` (an IPv6 host in brackets).
         addr: String,
         opts: NbdOptions,
+    },
+    /// A namespace of a local PCIe NVMe controller driven from userspace.
+    Pcie {
+        /// The PCI function (`0000:01:00.0`), or `None` for the fake controller.
+        bdf: Option<String>,
+        opts: PcieOptions,
+        /// The fake controller's shape (`pcie://fake`).
+        fake: FakeConfig,
     },
 }
 
@@ -256,11 +267,105 @@ impl LegUri {
             }
             opts.lba_size = lba(&mut params)?;
             Self::Nbd { addr, opts }
+        } else if let Some(addr) = base.strip_prefix("pcie://") {
+            let bdf = if addr == "fake" {
+                None
+            } else if is_pci_address(addr) {
+                Some(addr.to_ascii_lowercase())
+            } else {
+                return Err(err(
+                    addr,
+                    "expected a PCI address DDDD:BB:DD.F (e.g. 0000:01:00.0) or 'fake'".into(),
+                ));
+            };
+            let mut opts = PcieOptions::default();
+            if let Some(v) = take(&mut params, "nsid") {
+                opts.nsid = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..0xffff_ffff).contains(n))
+                    .ok_or_else(|| err(&format!("nsid={v}"), "expected 1..4294967294".into()))?;
+            }
+            if let Some(v) = take(&mut params, "timeout") {
+                let part = format!("timeout={v}");
+                opts.timeout = parse_duration(&v)
+                    .map_err(|r| err(&part, r))
+                    .and_then(|d| {
+                        if d >= Duration::from_millis(10) {
+                            Ok(d)
+                        } else {
+                            Err(err(&part, "expected at least 10ms".into()))
+                        }
+                    })?;
+            }
+            if let Some(v) = take(&mut params, "max_transfer") {
+                let part = format!("max_transfer={v}");
+                let n = parse_size(&v).map_err(|r| err(&part, r))?;
+                if !(4096..=(64 << 20)).contains(&n) || n % 4096 != 0 {
+                    return Err(err(
+                        &part,
+                        "expected 4KiB..=64MiB in whole 4 KiB pages".into(),
+                    ));
+                }
+                opts.max_transfer = n as usize;
+            }
+            if let Some(v) = take(&mut params, "queues") {
+                opts.io_queues = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| err(&format!("queues={v}"), "expected 1..=1024".into()))?;
+            }
+            if let Some(v) = take(&mut params, "queue_size") {
+                opts.queue_size = v
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|n| (2..=4096).contains(n))
+                    .ok_or_else(|| {
+                        err(
+                            &format!("queue_size={v}"),
+                            "expected 2..=4096 entries".into(),
+                        )
+                    })?;
+            }
+            if let Some(v) = take(&mut params, "hugepages") {
+                opts.hugepages = match v.as_str() {
+                    "0" | "false" => false,
+                    "1" | "true" => true,
+                    _ => {
+                        return Err(err(
+                            &format!("hugepages={v}"),
+                            "expected 0/1 or true/false".into(),
+                        ))
+                    }
+                };
+            }
+            let mut fake = FakeConfig::default();
+            if bdf.is_none() {
+                if let Some(v) = take(&mut params, "size") {
+                    let part = format!("size={v}");
+                    fake.bytes = parse_size(&v)
+                        .ok()
+                        .filter(|n| (4096..=(4 << 30)).contains(n))
+                        .ok_or_else(|| err(&part, "expected 4KiB..=4GiB".into()))?;
+                }
+                if let Some(n) = lba(&mut params)? {
+                    fake.lba_size = n;
+                }
+                if let Some(v) = take(&mut params, "mdts") {
+                    fake.mdts = v
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|n| *n <= 10)
+                        .ok_or_else(|| err(&format!("mdts={v}"), "expected 0..=10".into()))?;
+                }
+            }
+            Self::Pcie { bdf, opts, fake }
         } else {
             let scheme = base.split_once("://").map_or(base, |(s, _)| s);
             return Err(err(
                 scheme,
-                "unknown scheme; expected mem://, null://, file://, /dev/…, nvme-tcp:// or nbd://"
+                "unknown scheme; expected mem://, null://, file://, /dev/…, nvme-tcp://, nbd:// or pcie://"
                     .into(),
             ));
         };
@@ -286,6 +391,25 @@ impl LegUri {
                 Arc::new(NvmeTcpDevice::connect(addr, opts)?.with_name(uri))
             }
             Self::Nbd { addr, opts } => Arc::new(NbdDevice::connect(addr, opts)?.with_name(uri)),
+            Self::Pcie { bdf, opts, fake } => {
+                let dev = match bdf {
+                    #[cfg(target_os = "linux")]
+                    Some(bdf) => PcieDevice::open_vfio(bdf, opts)?,
+                    #[cfg(not(target_os = "linux"))]
+                    Some(bdf) => {
+                        return Err(Error::Pcie {
+                            device: bdf.clone(),
+                            step: "open".into(),
+                            reason: "VFIO needs Linux".into(),
+                        })
+                    }
+                    None => {
+                        let func = FakeController::new(fake.clone());
+                        PcieDevice::new(Arc::new(func), opts)?
+                    }
+                };
+                Arc::new(dev.with_name(uri))
+            }
         })
     }
 }
@@ -293,6 +417,27 @@ impl LegUri {
 /// Parses and opens a leg URI.
 pub fn open_leg(uri: &str) -> Result<Arc<dyn BlockDevice>> {
     LegUri::parse(uri)?.open(uri)
+}
+
+/// A PCI address `DDDD:BB:DD.F` (domain, bus, device, function in hex).
+fn is_pci_address(s: &str) -> bool {
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|c| c.is_ascii_hexdigit());
+    let mut it = s.split(':');
+    match (it.next(), it.next(), it.next(), it.next()) {
+        (Some(dom), Some(bus), Some(devfn), None) => match devfn.split_once('.') {
+            Some((dev, func)) => {
+                hex(dom, 4)
+                    && hex(bus, 2)
+                    && hex(dev, 2)
+                    && u8::from_str_radix(dev, 16).is_ok_and(|d| d < 32)
+                    && func.len() == 1
+                    && func.as_bytes()[0].is_ascii_digit()
+                    && func.as_bytes()[0] < b'8'
+            }
+            None => false,
+        },
+        _ => false,
+    }
 }
 
 /// Checks `HOST:PORT`, `HOST` (port `default_port`), `[V6]:PORT` or `[V6]`; returns
@@ -405,6 +550,44 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcie_uris_parse_and_name_their_bad_parts() {
+        let u = LegUri::parse("pcie://0000:01:00.0?nsid=2&timeout=5s&max_transfer=256KiB&queues=8&queue_size=256&hugepages=0").unwrap();
+        let LegUri::Pcie { bdf, opts, .. } = u else {
+            panic!("{u:?}");
+        };
+        assert_eq!(bdf.as_deref(), Some("0000:01:00.0"));
+        assert_eq!(
+            opts,
+            PcieOptions {
+                nsid: 2,
+                timeout: Duration::from_secs(5),
+                max_transfer: 256 << 10,
+                io_queues: 8,
+                queue_size: 256,
+                hugepages: false,
+            }
+        );
+        for (bad, part) in [
+            ("pcie://01:00.0", "01:00.0"),
+            ("pcie://0000:01:20.0", "0000:01:20.0"),
+            ("pcie://0000:01:00.8", "0000:01:00.8"),
+            ("pcie://0000:01:00.0?nsid=0", "nsid=0"),
+            ("pcie://0000:01:00.0?max_transfer=1000", "max_transfer=1000"),
+            ("pcie://0000:01:00.0?queue_size=1", "queue_size=1"),
+            ("pcie://0000:01:00.0?size=1GiB", "size=1GiB"),
+            ("pcie://fake?mdts=11", "mdts=11"),
+        ] {
+            match LegUri::parse(bad) {
+                Err(Error::Uri { part: p, .. }) => assert_eq!(p, part, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let dev = open_leg("pcie://fake?size=1MiB&lba=4096&mdts=2").unwrap();
+        assert_eq!(dev.geometry().num_blocks, 256);
+        assert_eq!(dev.name(), "pcie://fake?size=1MiB&lba=4096&mdts=2");
+    }
 
     #[test]
     fn parses_every_scheme() {

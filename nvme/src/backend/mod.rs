@@ -6,6 +6,7 @@ pub mod fault;
 pub mod mem;
 pub mod nbd;
 pub mod null;
+pub mod pcie;
 pub mod tcp;
 pub mod uring;
 
@@ -13,5 +14,6 @@ pub use fault::{Fault, FaultInjector, FaultyDevice, OpFilter};
 pub use mem::{LatencyModel, MemDevice};
 pub use nbd::{NbdDevice, NbdOptions, NbdQueuePair};
 pub use null::NullDevice;
+pub use pcie::{PcieDevice, PcieOptions};
 pub use tcp::{NvmeTcpDevice, NvmeTcpOptions, TcpQueuePair};
 pub use uring::{UringDevice, UringOptions};
