@@ -47,10 +47,10 @@ fn wait(qp: &mut dyn QueuePair, tag: u64, limit: Duration) -> Option<Status> {
     None
 }
 
-#[test]
-fn a_write_failed_on_every_leg_stays_marked_until_reconciled() {
+/// A persistent volume named `name` over two fault-injecting mem legs; with the first data LBA.
+fn two_faulty_legs(name: &str) -> (Vec<Arc<FaultyDevice>>, Volume, u64) {
     let faults: Vec<Arc<FaultyDevice>> = (0..2)
-        .map(|i| Arc::new(FaultyDevice::wrap(mem(&format!("mem://fw{i}")))))
+        .map(|i| Arc::new(FaultyDevice::wrap(mem(&format!("mem://{name}{i}")))))
         .collect();
     let devs: Vec<Arc<dyn BlockDevice>> = faults
         .iter()
@@ -60,19 +60,30 @@ fn a_write_failed_on_every_leg_stays_marked_until_reconciled() {
         region_size: REGION,
         ..VolumeConfig::default()
     };
-    let vol = Volume::format("fw", devs, cfg, false).unwrap();
+    let vol = Volume::format(name, devs, cfg, false).unwrap();
     let data_lba = vol.metadata_layout().unwrap().data_offset / u64::from(LBA);
-    let mut qp = vol.open_qpair(8).unwrap();
-    // Region 3 of the namespace fails on both legs...
-    let slba = 3 * REGION / u64::from(LBA);
-    for f in &faults {
+    (faults, vol, data_lba)
+}
+
+/// Writes to `[slba, slba + nlb)` of every leg (device LBAs) fail with Write Fault.
+fn fail_writes_on_every_leg(faults: &[Arc<FaultyDevice>], slba: u64, nlb: u32) {
+    for f in faults {
         f.injector().arm(Fault::FailRange {
             ops: OpFilter::Writes,
-            slba: data_lba + slba,
-            nlb: 8,
+            slba,
+            nlb: u64::from(nlb),
             status: Status::WRITE_FAULT,
         });
     }
+}
+
+#[test]
+fn a_write_failed_on_every_leg_stays_marked_until_reconciled() {
+    let (faults, vol, data_lba) = two_faulty_legs("fw");
+    let mut qp = vol.open_qpair(8).unwrap();
+    // Region 3 of the namespace fails on both legs...
+    let slba = 3 * REGION / u64::from(LBA);
+    fail_writes_on_every_leg(&faults, data_lba + slba, 8);
     // ...although the primary applied it (a failed write may have changed the medium).
     let mut applied = vec![0xa5u8; 8 * LBA as usize];
     raw_write(
@@ -237,29 +248,10 @@ fn a_retry_after_a_timeout_is_not_overtaken_by_the_late_original() {
 
 #[test]
 fn a_repairing_verify_reconciles_failed_writes_before_it_reports() {
-    let faults: Vec<Arc<FaultyDevice>> = (0..2)
-        .map(|i| Arc::new(FaultyDevice::wrap(mem(&format!("mem://vr{i}")))))
-        .collect();
-    let devs: Vec<Arc<dyn BlockDevice>> = faults
-        .iter()
-        .map(|f| Arc::clone(f) as Arc<dyn BlockDevice>)
-        .collect();
-    let cfg = VolumeConfig {
-        region_size: REGION,
-        ..VolumeConfig::default()
-    };
-    let vol = Volume::format("vr", devs, cfg, false).unwrap();
-    let data_lba = vol.metadata_layout().unwrap().data_offset / u64::from(LBA);
+    let (faults, vol, data_lba) = two_faulty_legs("vr");
     let mut qp = vol.open_qpair(8).unwrap();
     let slba = 5 * REGION / u64::from(LBA);
-    for f in &faults {
-        f.injector().arm(Fault::FailRange {
-            ops: OpFilter::Writes,
-            slba: data_lba + slba,
-            nlb: 8,
-            status: Status::WRITE_FAULT,
-        });
-    }
+    fail_writes_on_every_leg(&faults, data_lba + slba, 8);
     let mut buf = vec![0x3cu8; 8 * LBA as usize];
     let cmd = IoCommand::with_buf(IoOp::Write, slba, 8, IoBuf::from_slice(&mut buf), 1);
     let status = run(&mut *qp, cmd, Duration::from_secs(5)).expect("completes");

@@ -99,6 +99,23 @@ impl LegUri {
                 },
             }
         };
+        // `key=N` with N an integer in `lo..=hi`; `expected` says so in the error.
+        let int = |params: &mut Vec<(&str, &str)>,
+                   key: &str,
+                   lo: u64,
+                   hi: u64,
+                   expected: &str|
+         -> Result<Option<u64>> {
+            match take(params, key) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| (lo..=hi).contains(n))
+                    .map(Some)
+                    .ok_or_else(|| err(&format!("{key}={v}"), expected.into())),
+            }
+        };
         let flag = |params: &mut Vec<(&str, &str)>, key: &str| -> Result<bool> {
             match take(params, key).as_deref() {
                 None | Some("0") | Some("false") => Ok(false),
@@ -189,12 +206,14 @@ impl LegUri {
             let addr = parse_host_port(hostport, DEFAULT_PORT).map_err(|r| err(hostport, r))?;
             check_nqn(subnqn).map_err(|r| err(subnqn, format!("subsystem NQN {r}")))?;
             let mut opts = NvmeTcpOptions::new(subnqn);
-            if let Some(v) = take(&mut params, "nsid") {
-                opts.nsid = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..0xffff_ffff).contains(n))
-                    .ok_or_else(|| err(&format!("nsid={v}"), "expected 1..4294967294".into()))?;
+            if let Some(n) = int(
+                &mut params,
+                "nsid",
+                1,
+                0xffff_ffff - 1,
+                "expected 1..4294967294",
+            )? {
+                opts.nsid = n as u32;
             }
             opts.hdgst = flag(&mut params, "hdgst")?;
             opts.ddgst = flag(&mut params, "ddgst")?;
@@ -202,17 +221,14 @@ impl LegUri {
                 check_nqn(&v).map_err(|r| err(&format!("hostnqn={v}"), format!("host NQN {r}")))?;
                 opts.hostnqn = Some(v);
             }
-            if let Some(v) = take(&mut params, "queue_size") {
-                opts.queue_size = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (2..=65536).contains(n))
-                    .ok_or_else(|| {
-                        err(
-                            &format!("queue_size={v}"),
-                            "expected 2..=65536 entries".into(),
-                        )
-                    })?;
+            if let Some(n) = int(
+                &mut params,
+                "queue_size",
+                2,
+                65536,
+                "expected 2..=65536 entries",
+            )? {
+                opts.queue_size = n as u32;
             }
             if let Some(v) = take(&mut params, "kato") {
                 let part = format!("kato={v}");
@@ -255,12 +271,8 @@ impl LegUri {
                 ));
             }
             let mut opts = NbdOptions::new(export);
-            if let Some(v) = take(&mut params, "connections") {
-                opts.connections = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=1024).contains(n))
-                    .ok_or_else(|| err(&format!("connections={v}"), "expected 1..=1024".into()))?;
+            if let Some(n) = int(&mut params, "connections", 1, 1024, "expected 1..=1024")? {
+                opts.connections = n as u32;
             }
             if let Some(v) = take(&mut params, "timeout") {
                 opts.timeout = parse_duration(&v).map_err(|r| err(&format!("timeout={v}"), r))?;
@@ -279,12 +291,14 @@ impl LegUri {
                 ));
             };
             let mut opts = PcieOptions::default();
-            if let Some(v) = take(&mut params, "nsid") {
-                opts.nsid = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..0xffff_ffff).contains(n))
-                    .ok_or_else(|| err(&format!("nsid={v}"), "expected 1..4294967294".into()))?;
+            if let Some(n) = int(
+                &mut params,
+                "nsid",
+                1,
+                0xffff_ffff - 1,
+                "expected 1..4294967294",
+            )? {
+                opts.nsid = n as u32;
             }
             if let Some(v) = take(&mut params, "timeout") {
                 let part = format!("timeout={v}");
@@ -309,36 +323,20 @@ impl LegUri {
                 }
                 opts.max_transfer = n as usize;
             }
-            if let Some(v) = take(&mut params, "queues") {
-                opts.io_queues = v
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (1..=1024).contains(n))
-                    .ok_or_else(|| err(&format!("queues={v}"), "expected 1..=1024".into()))?;
+            if let Some(n) = int(&mut params, "queues", 1, 1024, "expected 1..=1024")? {
+                opts.io_queues = n as u16;
             }
-            if let Some(v) = take(&mut params, "queue_size") {
-                opts.queue_size = v
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|n| (2..=4096).contains(n))
-                    .ok_or_else(|| {
-                        err(
-                            &format!("queue_size={v}"),
-                            "expected 2..=4096 entries".into(),
-                        )
-                    })?;
+            if let Some(n) = int(
+                &mut params,
+                "queue_size",
+                2,
+                4096,
+                "expected 2..=4096 entries",
+            )? {
+                opts.queue_size = n as u16;
             }
-            if let Some(v) = take(&mut params, "hugepages") {
-                opts.hugepages = match v.as_str() {
-                    "0" | "false" => false,
-                    "1" | "true" => true,
-                    _ => {
-                        return Err(err(
-                            &format!("hugepages={v}"),
-                            "expected 0/1 or true/false".into(),
-                        ))
-                    }
-                };
+            if params.iter().any(|(k, _)| *k == "hugepages") {
+                opts.hugepages = flag(&mut params, "hugepages")?;
             }
             let mut fake = FakeConfig::default();
             if bdf.is_none() {
