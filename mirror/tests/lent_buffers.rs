@@ -19,7 +19,10 @@ fn legs(n: usize) -> Vec<Arc<FaultyDevice>> {
             let mem = MemDevice::new(4 << 20, LBA as u32, LatencyModel::None)
                 .unwrap()
                 .with_name(format!("mem://leg{i}"));
-            Arc::new(FaultyDevice::wrap(Arc::new(mem)))
+            let leg = FaultyDevice::wrap(Arc::new(mem));
+            // A back end that cannot cancel: an abandoned command stays with the leg.
+            leg.injector().refuse_cancels(true);
+            Arc::new(leg)
         })
         .collect()
 }

@@ -7,10 +7,11 @@
 //! A command held by a [`Fault::Hang`] never reached the wrapped device, so it can always be
 //! cancelled: [`QueuePair::cancel`] completes it with Command Abort Requested at the next poll,
 //! and closing the queue pair simply forgets it. Cancels for other commands go to the wrapped
-//! device.
+//! device. [`FaultInjector::refuse_cancels`] models a back end that cannot cancel (a
+//! controller that ignores Abort): hung commands then stay held until their fault is cleared.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::queue::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
@@ -82,6 +83,8 @@ pub struct FaultInjector {
     epoch: AtomicU64,
     faults: Mutex<Vec<Armed>>,
     next_id: AtomicU64,
+    /// Cancels of hung commands are refused (see [`refuse_cancels`](Self::refuse_cancels)).
+    cancels_refused: AtomicBool,
 }
 
 impl FaultInjector {
@@ -110,6 +113,12 @@ impl FaultInjector {
         faults.clear();
         self.armed.store(0, Ordering::Release);
         self.epoch.fetch_add(1, Ordering::Release);
+    }
+
+    /// While `refuse` is set, a cancel of a command held by a hang is refused: the command
+    /// stays held, as on a controller that ignores Abort, until its fault is cleared.
+    pub fn refuse_cancels(&self, refuse: bool) {
+        self.cancels_refused.store(refuse, Ordering::Release);
     }
 
     /// The faults armed now.
@@ -293,6 +302,9 @@ impl QueuePair for FaultyQueuePair {
         let mut issued = 0;
         for &tag in tags {
             if let Some(i) = self.hung.iter().position(|c| c.tag == tag) {
+                if self.injector.cancels_refused.load(Ordering::Acquire) {
+                    continue;
+                }
                 self.hung.swap_remove(i);
                 self.failed.push_back(Completion {
                     tag,
