@@ -333,7 +333,22 @@ fn a_failed_read_marks_its_regions_durably_for_the_next_start() {
     assert!(cpl[0].status.is_success(), "retried on leg 1");
     assert_eq!(vol.leg_states()[0].state, LegState::Faulted);
     assert!(vol.region_marked(5));
-    // The page write goes out at the next polls.
+    // The page write goes out at the next polls; the fault is recorded in the survivor's
+    // superblock by the metadata thread (a read does not wait for it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        qp.poll(&mut cpl);
+        let sb = read_all(&**faulty[1].inner()).unwrap();
+        let sb = Superblock::decode(&sb[..4096]).unwrap();
+        if sb.member_states[0] != MemberState::InSync {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fault was never recorded"
+        );
+        std::thread::yield_now();
+    }
     for _ in 0..10 {
         qp.poll(&mut cpl);
     }

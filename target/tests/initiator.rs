@@ -1,6 +1,8 @@
 //! nvmirror's NVMe/TCP initiator (`nvme-tcp://`, `NvmeTcpDevice`) against the target running
 //! in this process on a free loopback port with `mem://` namespaces.
 
+#[path = "initiator/abort.rs"]
+mod abort;
 mod common;
 #[path = "initiator/fake.rs"]
 mod fake;

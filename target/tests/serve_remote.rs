@@ -123,6 +123,27 @@ fn wait_resynced(a: &Server, missed: u64) -> u64 {
     copied
 }
 
+/// Waits until leg 1 has stayed in sync on one connection for 3 s. A site resumed after a
+/// SIGSTOP tears down its stale association when its own timers catch up, and on a loaded
+/// machine a keep-alive of the new one can miss its 1 s KATO: the link may flap once more
+/// (fault, reconnect, resync) after the resync the test waited for. A clean stop in that
+/// window cannot flush the leg and is, rightly, not clean.
+fn settle(a: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = a.wait_for(Duration::from_secs(60), "leg 1 in sync", |st| {
+            leg1(st)["state"] == "in_sync" && leg1(st)["link"]["connected"] == true
+        });
+        let reconnects = leg1(&st)["link"]["reconnects"].clone();
+        std::thread::sleep(Duration::from_secs(3));
+        let now = a.status();
+        if leg1(&now)["state"] == "in_sync" && leg1(&now)["link"]["reconnects"] == reconnects {
+            return;
+        }
+        assert!(Instant::now() < deadline, "leg 1 never settled: {now}");
+    }
+}
+
 #[test]
 fn a_remote_leg_reconnects_and_resyncs_only_what_it_missed_after_its_site_restarts_or_hangs() {
     let dir = scratch();
@@ -193,6 +214,7 @@ fn a_remote_leg_reconnects_and_resyncs_only_what_it_missed_after_its_site_restar
     // The legs are identical: A's local image and A's data area inside B's namespace.
     let a_data = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
     drop(host);
+    settle(&a);
     a.stop();
     b.stop();
     let nlb = 32 * REGION_BLOCKS;

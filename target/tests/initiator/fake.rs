@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nvmirror_nvme::spec::admin::{lba_format, IdentifyController, IdentifyNamespace, IDENTIFY_LEN};
@@ -166,6 +166,9 @@ impl FakeConn {
 /// Answers one I/O command; runs on the connection's thread.
 pub type Script = dyn Fn(&mut FakeConn, SubmissionQueueEntry, Vec<u8>) + Send + Sync;
 
+/// CDW10 of every Abort command the admin queues received, in order.
+pub type Aborts = Arc<Mutex<Vec<u32>>>;
+
 /// A running fake controller; `events` reports the termination requests hosts sent.
 pub struct Fake {
     pub addr: SocketAddr,
@@ -183,6 +186,12 @@ impl Fake {
 
 /// Starts a fake controller whose I/O queues run `script`.
 pub fn start(cfg: FakeConfig, script: Arc<Script>) -> Fake {
+    start_with_aborts(cfg, script, Aborts::default())
+}
+
+/// As [`start`]; Abort commands are recorded in `aborts` (and answered "aborted": the
+/// script completes the command it names).
+pub fn start_with_aborts(cfg: FakeConfig, script: Arc<Script>, aborts: Aborts) -> Fake {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, events) = mpsc::channel();
@@ -191,13 +200,20 @@ pub fn start(cfg: FakeConfig, script: Arc<Script>) -> Fake {
             let Ok(sock) = sock else { return };
             let script = Arc::clone(&script);
             let tx = tx.clone();
-            std::thread::spawn(move || serve(sock, cfg, &*script, &tx));
+            let aborts = Arc::clone(&aborts);
+            std::thread::spawn(move || serve(sock, cfg, &*script, &tx, &aborts));
         }
     });
     Fake { addr, events }
 }
 
-fn serve(sock: TcpStream, cfg: FakeConfig, script: &Script, events: &mpsc::Sender<u16>) {
+fn serve(
+    sock: TcpStream,
+    cfg: FakeConfig,
+    script: &Script,
+    events: &mpsc::Sender<u16>,
+    aborts: &Aborts,
+) {
     sock.set_nodelay(true).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -235,6 +251,9 @@ fn serve(sock: TcpStream, cfg: FakeConfig, script: &Script, events: &mpsc::Sende
             c.resp64(sqe.cid, Status::SUCCESS, value);
         } else if io_queue {
             script(&mut c, sqe, data);
+        } else if sqe.opcode == 0x08 {
+            aborts.lock().unwrap().push(sqe.cdw10);
+            c.resp(sqe.cid, Status::SUCCESS, 0);
         } else {
             admin(&mut c, &cfg, &sqe);
         }

@@ -1,8 +1,9 @@
 //! The admin queue after bring-up: a small thread owns its socket, sends Keep Alive every
-//! KATO/2 (Base §3.9 "Keep Alive") and, when the controller is dropped, the shutdown
-//! notification. The admin path is not the hot path; I/O queues only read [`Health`]. The
-//! first Keep Alive goes out at once, so the round trip is known from the start; an
-//! association lost elsewhere stops its keep-alive within 50 ms.
+//! KATO/2 (Base §3.9 "Keep Alive"), the Abort commands I/O queues ask for (Base §5.1 "Abort
+//! command") and, when the controller is dropped, the shutdown notification. The admin path
+//! is not the hot path; I/O queues only read [`Health`] and, to cancel a command, post a
+//! request. The first Keep Alive goes out at once, so the round trip is known from the
+//! start; an association lost elsewhere stops its keep-alive within 50 ms.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -56,11 +57,19 @@ impl Health {
     }
 }
 
+/// What an I/O queue asks of the admin queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Request {
+    /// Abort command `cid` of submission queue `sqid`.
+    Abort { sqid: u16, cid: u16 },
+}
+
 /// The thread that owns the admin connection. Dropping this stops it (after the shutdown
 /// notification) and joins it.
 #[derive(Debug)]
 pub(super) struct AdminQueue {
-    stop: Option<mpsc::Sender<()>>,
+    /// Requests to the thread; dropping it stops the thread.
+    requests: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -79,15 +88,24 @@ impl AdminQueue {
                 reason: e.to_string(),
             })?;
         Ok(Self {
-            stop: Some(tx),
+            requests: Some(tx),
             thread: Some(thread),
         })
+    }
+
+    /// Asks the controller to abort command `cid` of I/O queue `sqid`, without waiting: the
+    /// command still completes on its queue (aborted, or with its own result when it was
+    /// past stopping). False when the admin queue is gone.
+    pub fn abort(&self, sqid: u16, cid: u16) -> bool {
+        self.requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(Request::Abort { sqid, cid }).is_ok())
     }
 }
 
 impl Drop for AdminQueue {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.requests.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -99,7 +117,13 @@ impl Drop for AdminQueue {
 /// remote's keep-alive timer runs out and the fence (`reconnect`) holds.
 const LOST_CHECK: Duration = Duration::from_millis(50);
 
-fn run(mut conn: ControlConn, kato: Duration, cc: u32, stop: &mpsc::Receiver<()>, health: &Health) {
+fn run(
+    mut conn: ControlConn,
+    kato: Duration,
+    cc: u32,
+    requests: &mpsc::Receiver<Request>,
+    health: &Health,
+) {
     let interval = kato / 2;
     // The first Keep Alive goes out at once (it measures the round trip).
     let mut next = std::time::Instant::now();
@@ -110,9 +134,15 @@ fn run(mut conn: ControlConn, kato: Duration, cc: u32, stop: &mpsc::Receiver<()>
             next.saturating_duration_since(std::time::Instant::now())
                 .min(LOST_CHECK)
         };
-        match stop.recv_timeout(wait) {
+        match requests.recv_timeout(wait) {
             Err(RecvTimeoutError::Timeout) => {}
-            _ => {
+            Ok(Request::Abort { sqid, cid }) => {
+                if !health.is_lost() && !abort(&mut conn, sqid, cid, health) {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
                 if !health.is_lost() {
                     super::controller::shutdown(&mut conn, cc);
                 }
@@ -148,6 +178,36 @@ fn run(mut conn: ControlConn, kato: Duration, cc: u32, stop: &mpsc::Receiver<()>
                 health.lose(e.to_string());
                 return;
             }
+        }
+    }
+}
+
+/// How long an Abort may take before the association is given up (the controller must answer
+/// admin commands promptly; one that does not is as good as lost).
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one Abort (CDW10: SQID in bits 15:0, CID in bits 31:16). Completion DW0 bit 0 is 0
+/// when the command was aborted, 1 when it was not (it completes with its own result). False
+/// when the admin connection failed and the controller is marked lost.
+fn abort(conn: &mut ControlConn, sqid: u16, cid: u16, health: &Health) -> bool {
+    let sqe = SubmissionQueueEntry {
+        opcode: AdminOpcode::Abort as u8,
+        cdw10: u32::from(sqid) | (u32::from(cid) << 16),
+        ..Default::default()
+    };
+    match conn.command("Abort", sqe, &[], 0, ABORT_TIMEOUT) {
+        Ok((c, _)) => {
+            tracing::debug!(
+                target = %conn.peer.label, sqid, cid, status = %c.status(),
+                aborted = c.status().is_success() && c.dw0 & 1 == 0,
+                "Abort of an abandoned command"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            health.lose(e.to_string());
+            false
         }
     }
 }

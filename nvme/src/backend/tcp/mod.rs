@@ -166,7 +166,7 @@ pub(super) struct Link {
     /// just-released ID is reused last.
     qids: Mutex<QidTable>,
     health: Arc<Health>,
-    _admin: AdminQueue,
+    admin: AdminQueue,
 }
 
 #[derive(Debug)]
@@ -266,7 +266,7 @@ fn connect_link(host_port: &str, opts: &NvmeTcpOptions) -> Result<Link> {
         geo,
         qids: Mutex::new(QidTable { used, next: 0 }),
         health,
-        _admin: admin_queue,
+        admin: admin_queue,
     })
 }
 

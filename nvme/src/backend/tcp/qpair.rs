@@ -236,6 +236,7 @@ impl TcpQueuePair {
         slot.fua = cmd.wants_fua();
         slot.done_blocks = 0;
         slot.status = Status::SUCCESS;
+        slot.cancelled = false;
         if cmd.op != IoOp::Flush && !(1..=65536).contains(&cmd.nlb) {
             return Err(Status::INVALID_FIELD);
         }
@@ -368,6 +369,10 @@ impl TcpQueuePair {
             self.complete(i, status);
             return;
         }
+        if slot.cancelled {
+            self.complete(i, Status::ABORT_REQUESTED);
+            return;
+        }
         slot.state = SlotState::Unsent;
         self.in_flight -= 1;
         self.prepare_piece(i);
@@ -480,9 +485,49 @@ impl TcpQueuePair {
     }
 }
 
+impl TcpQueuePair {
+    /// Cancels one command (see [`QueuePair::cancel`]): one not on the wire yet — held for a
+    /// reconnect, or queued behind a full send buffer — completes with Command Abort
+    /// Requested at the next poll; one the controller has gets an NVMe Abort on the admin
+    /// queue, sends no further piece, and completes when the controller answers it. False
+    /// when `tag` is not outstanding or the Abort could not be sent.
+    #[cold]
+    fn cancel_one(&mut self, tag: u64) -> bool {
+        if let Some(k) = self.held.iter().position(|c| c.tag == tag) {
+            self.held.remove(k);
+            let i = self.table.alloc().expect("held commands have free slots");
+            self.table.slots[usize::from(i)].tag = tag;
+            self.complete(i, Status::ABORT_REQUESTED);
+            return true;
+        }
+        let found = self.table.slots.iter().position(|s| {
+            s.tag == tag
+                && matches!(
+                    s.state,
+                    SlotState::Unsent | SlotState::Sent | SlotState::H2C
+                )
+        });
+        let Some(i) = found else {
+            return false;
+        };
+        let i = i as u16;
+        if self.table.slots[usize::from(i)].state == SlotState::Unsent {
+            self.unsent.retain(|&u| u != i);
+            self.complete(i, Status::ABORT_REQUESTED);
+            return true;
+        }
+        self.table.slots[usize::from(i)].cancelled = true;
+        self.link.admin.abort(self.p.qid, i)
+    }
+}
+
 impl QueuePair for TcpQueuePair {
     fn depth(&self) -> u32 {
         self.p.depth
+    }
+
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        tags.iter().filter(|&&t| self.cancel_one(t)).count()
     }
 
     fn outstanding(&self) -> u32 {

@@ -74,6 +74,9 @@ pub(super) struct Slot {
     pub h2c_end: u32,
     /// Failure noticed before the response (a data digest error), or the final status.
     pub status: Status,
+    /// The caller cancelled the command: no further piece goes out, and it completes with
+    /// Command Abort Requested once the piece on the wire is over.
+    pub cancelled: bool,
 }
 
 impl Slot {
@@ -115,6 +118,7 @@ impl Slot {
         h2c_off: 0,
         h2c_end: 0,
         status: Status::SUCCESS,
+        cancelled: false,
     };
 
     /// `len` bytes at `off` of the data the command sends.
