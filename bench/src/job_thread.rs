@@ -190,6 +190,10 @@ pub(crate) fn run_job(
     });
     let depth = spec.iodepth as usize;
     let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
+    // Slots whose command failed while a leg may still use their buffers
+    // (`QueuePair::buffer_lent`): out of use until the queue pair gives them back.
+    let mut lent = 0usize;
+    let mut released = [0u64; 16];
     let mut slots = vec![SlotState::default(); depth];
     let mut extra = vec![SlotExtra::default(); depth];
     let mut cpl = vec![Completion::default(); depth];
@@ -330,14 +334,21 @@ pub(crate) fn run_job(
             if let Some(v) = &mut verifier {
                 settle_verified(v, &q, &st, &extra[slot], slot, ok, &mut stats);
             }
-            free.push(slot as u32);
+            if !ok && q.qp.buffer_lent(c.tag) {
+                lent += 1;
+            } else {
+                free.push(slot as u32);
+            }
+        }
+        if lent > 0 {
+            lent -= reclaim(&mut *q.qp, &mut released, &mut free);
         }
         if counting {
             if let Some(iv) = &mut intervals {
                 iv.tick(now);
             }
         }
-        if now >= end || (exhausted && free.len() == depth) {
+        if now >= end || (exhausted && free.len() + lent == depth) {
             break now;
         }
     };
@@ -354,23 +365,35 @@ pub(crate) fn run_job(
     stats.trim = trim;
     stats.lat = lat;
 
-    // Drain: the buffers must outlive every command, so wait for the stragglers.
-    let mut inflight = depth - free.len();
+    // Drain: the buffers must outlive every command, so wait for the stragglers and for
+    // the lent buffers to come back.
+    let mut inflight = depth - free.len() - lent;
     let mut give_up = Instant::now() + DRAIN_TIMEOUT;
-    while inflight > 0 {
+    while inflight + lent > 0 {
         let n = q.qp.poll(&mut cpl);
         for c in &cpl[..n] {
             let ok = c.status.is_success();
             if !ok {
                 stats.fail(c.status);
             }
+            let slot = c.tag as usize;
             if let Some(v) = &mut verifier {
-                let slot = c.tag as usize;
                 settle_verified(v, &q, &slots[slot], &extra[slot], slot, ok, &mut stats);
+            }
+            if !ok && q.qp.buffer_lent(c.tag) {
+                lent += 1;
+            } else {
+                free.push(slot as u32);
             }
         }
         inflight -= n;
-        if n > 0 {
+        let back = if lent > 0 {
+            reclaim(&mut *q.qp, &mut released, &mut free)
+        } else {
+            0
+        };
+        lent -= back;
+        if n + back > 0 {
             give_up = Instant::now() + DRAIN_TIMEOUT;
         } else if Instant::now() >= give_up {
             break;
@@ -378,7 +401,9 @@ pub(crate) fn run_job(
             std::hint::spin_loop();
         }
     }
-    if inflight > 0 {
+    if inflight + lent > 0 {
+        // Lent buffers that never came back completed (their failure is counted) but are
+        // still the back end's.
         stats.unfinished = inflight as u64;
         stats.errors += inflight as u64;
         // The device may still write into the buffers: never free them.
@@ -395,6 +420,14 @@ pub(crate) fn run_job(
         q.pool.put(b);
     }
     Ok(Some(stats))
+}
+
+/// Slots whose lent buffers the queue pair gave back go back to `free`; returns how many.
+#[cold]
+fn reclaim(qp: &mut dyn QueuePair, tags: &mut [u64], free: &mut Vec<u32>) -> usize {
+    let n = qp.poll_released(tags);
+    free.extend(tags[..n].iter().map(|&t| t as u32));
+    n
 }
 
 /// The first `bytes` of a slot's buffer; the whole view when every I/O has one size.
