@@ -86,7 +86,8 @@ impl NvmeTcpConfig {
         for (i, l) in self.listeners.iter().enumerate() {
             parse_addr(&format!("nvme_tcp.listener[{i}].listen"), &l.listen)?;
             parse_state(&format!("nvme_tcp.listener[{i}].ana_state"), &l.ana_state)?;
-            if seen.contains(&l.listen.as_str()) {
+            // Port 0 (any free port) may appear more than once.
+            if !l.listen.ends_with(":0") && seen.contains(&l.listen.as_str()) {
                 return Err((
                     format!("nvme_tcp.listener[{i}].listen"),
                     format!("'{}' is used twice", l.listen),

@@ -503,8 +503,12 @@ impl Service {
             );
         }
         if let Some(t) = &self.nvme_tcp {
-            for sub in cfg.subsystems.iter().flat_map(|s| t.local_addrs().into_iter().map(move |a| (a, s))) {
-                let (a, sub) = sub;
+            let addrs = t.local_addrs();
+            for (sub, a) in cfg
+                .subsystems
+                .iter()
+                .flat_map(|s| addrs.iter().map(move |a| (s, a)))
+            {
                 s += &format!(
                     "NVMe/TCP {a} subsystem {}\n  connect: nvme connect -t tcp -a {} -s {} -n {}\n",
                     sub.nqn,

@@ -164,6 +164,24 @@ impl NvmeTcpTarget {
             .map_err(Error::Config)
     }
 
+    /// Tells every controller of subsystem `nqn` that namespace `nsid` changed its
+    /// attributes (Identify Namespace data): it joins their Changed Namespace List (log 04h)
+    /// and a Namespace Attribute notice is raised where the host enabled it.
+    pub fn namespace_changed(&self, nqn: &str, nsid: u32) -> Result<()> {
+        let i = self
+            .shared
+            .subsystems
+            .iter()
+            .position(|s| s.nqn == nqn)
+            .ok_or_else(|| Error::Config(format!("no subsystem '{nqn}'")))?;
+        if self.shared.subsystems[i].namespace(nsid).is_none() {
+            return Err(Error::Config(format!("{nqn} has no namespace {nsid}")));
+        }
+        self.shared
+            .namespace_changed(super::subsystem::SubsystemRef::Nvm(i), nsid);
+        Ok(())
+    }
+
     /// The ANA state of every group of every subsystem through every listener.
     pub fn ana_states(&self) -> Vec<AnaGroupState> {
         let mut out = Vec::new();
