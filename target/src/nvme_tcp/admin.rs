@@ -338,7 +338,9 @@ fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> Identif
 }
 
 /// The ANA fields of Identify Controller. A subsystem without namespaces reports no ANA (a
-/// host needs MNAN of at least 1 to use it).
+/// host needs MNAN of at least 1 to use it). ANACAP bit 6 (ANAGRPID never changes) stays
+/// clear although it holds: nvme-cli sizes its `ana-log` buffer without the NSID lists
+/// when it is set, and then prints NSIDs it never read.
 fn advertise_ana(id: &mut IdentifyController, s: &Subsystem) {
     let groups = s.ana.groups();
     if groups == 0 {
@@ -350,8 +352,7 @@ fn advertise_ana(id: &mut IdentifyController, s: &Subsystem) {
         | anacap::NON_OPTIMIZED
         | anacap::INACCESSIBLE
         | anacap::PERSISTENT_LOSS
-        | anacap::CHANGE
-        | anacap::GRPID_STATIC;
+        | anacap::CHANGE;
     id.anagrpmax = groups;
     id.nanagrpid = groups;
     id.mnan = id.nn;
