@@ -203,6 +203,14 @@ ana_test() {
     say "I/O continued on the other path: $done_rounds rounds, no errors, data intact"
     nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
     grep -q "inaccessible" /tmp/subsys || fail "list-subsys does not show the inaccessible path"
+    # With no I/O at all, only the asynchronous event can tell this host the path is back.
+    say "ANA-RESTORE"
+    for _ in $(seq 600); do
+        [ "$(ana_state "$P1")" = optimized ] && break
+        sleep 0.2
+    done
+    [ "$(ana_state "$P1")" = optimized ] || fail "no ANA change event: port $PORT never came back optimized"
+    say "path $(basename "$P1") optimized again without I/O (ANA change event)"
     nvme disconnect -n "$NQN" || fail "nvme disconnect"
     say "PASS"
     poweroff -f

@@ -188,19 +188,24 @@ timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -sm
     -display none -no-reboot -serial "file:$GUEST_LOG" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= &
 QEMU_PID=$!
-if [ "$TEST" = ana ]; then
-    # When the guest has both paths up and I/O running, take the optimized one away.
-    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: ANA-READY" "$GUEST_LOG" 2>/dev/null; do
+# Waits for the guest to print MARK, then sets port PORT's group 1 to STATE.
+ana_step() {
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: $1" "$GUEST_LOG" 2>/dev/null; do
         sleep 0.2
     done
-    if grep -q "NVMIRROR-GUEST: ANA-READY" "$GUEST_LOG" 2>/dev/null; then
-        log "setting 127.0.0.1:$PORT inaccessible"
-        "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" listener_set_ana_state \
-            "{\"listener\":\"127.0.0.1:$PORT\",\"group\":1,\"state\":\"inaccessible\"}" >&2 ||
-            fail "listener_set_ana_state over RPC"
-        "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
-            python3 -c 'import json, sys; print("kernel-host: ana", json.load(sys.stdin)["ana"])' >&2
-    fi
+    grep -q "NVMIRROR-GUEST: $1" "$GUEST_LOG" 2>/dev/null || return 0
+    log "setting 127.0.0.1:$PORT $2"
+    "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" listener_set_ana_state \
+        "{\"listener\":\"127.0.0.1:$PORT\",\"group\":1,\"state\":\"$2\"}" >/dev/null ||
+        fail "listener_set_ana_state over RPC"
+    "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
+        python3 -c 'import json, sys; print("kernel-host: ana", [(a["listener"], a["state"]) for a in json.load(sys.stdin)["ana"]])' >&2
+}
+if [ "$TEST" = ana ]; then
+    # With both paths up and I/O running, take the optimized one away; once the guest has
+    # stopped its I/O, give it back.
+    ana_step ANA-READY inaccessible
+    ana_step ANA-RESTORE optimized
 fi
 set +e
 wait "$QEMU_PID"
