@@ -133,9 +133,7 @@ fn parse_state(field: &str, s: &str) -> Result<AnaState, (String, String)> {
     AnaState::parse(s).ok_or_else(|| {
         (
             field.to_string(),
-            format!(
-                "'{s}': optimized, non-optimized, inaccessible, persistent-loss or change"
-            ),
+            format!("'{s}': optimized, non-optimized, inaccessible, persistent-loss or change"),
         )
     })
 }

@@ -147,7 +147,10 @@ fn assert_aer_still_held(admin: &mut Host, aer: u16) {
         0,
     );
     let c = next_completion(admin);
-    assert_eq!(c.cid, cid, "the AER (cid {aer}) completed although it should be held");
+    assert_eq!(
+        c.cid, cid,
+        "the AER (cid {aer}) completed although it should be held"
+    );
 }
 
 fn is(st: Status, sct: u8, sc: u8) -> bool {
@@ -174,15 +177,26 @@ fn listener_state_change_fires_the_ana_event_and_fences_io_on_that_port() {
     assert_eq!(id[343] & 0x1f, 0x1f, "ANACAP: all five states");
     assert_eq!(u32::from_le_bytes(id[344..348].try_into().unwrap()), 1);
     assert_eq!(u32::from_le_bytes(id[348..352].try_into().unwrap()), 1);
-    assert_eq!(u32::from_le_bytes(id[540..544].try_into().unwrap()), 1, "MNAN");
+    assert_eq!(
+        u32::from_le_bytes(id[540..544].try_into().unwrap()),
+        1,
+        "MNAN"
+    );
     let (st, ns) = admin_a.identify(cns::NAMESPACE, 1);
     assert!(st.is_success());
-    assert_eq!(u32::from_le_bytes(ns[92..96].try_into().unwrap()), 1, "ANAGRPID");
+    assert_eq!(
+        u32::from_le_bytes(ns[92..96].try_into().unwrap()),
+        1,
+        "ANAGRPID"
+    );
 
     // Each port reports its own state; nothing has changed yet.
     let (h, g, nsid) = ana_log(&mut admin_a);
     assert_eq!((h.chgcnt, h.ngrps), (0, 1));
-    assert_eq!((g.grpid, g.nnsids, g.chgcnt, g.state, nsid), (1, 1, 0, 0x01, 1));
+    assert_eq!(
+        (g.grpid, g.nnsids, g.chgcnt, g.state, nsid),
+        (1, 1, 0, 0x01, 1)
+    );
     let (_, g, _) = ana_log(&mut admin_b);
     assert_eq!(g.state, 0x02, "the second listener starts non-optimized");
     // A partial read at an offset is the same bytes; Return Groups Only drops the NSIDs.
@@ -263,11 +277,26 @@ fn bad_ana_requests_are_refused_and_change_nothing() {
     let ports = listeners(&server);
     let p = ports[0].to_string();
     for (params, want) in [
-        (json!({"listener": "127.0.0.1:1", "group": 1, "state": "inaccessible"}), "no listener"),
-        (json!({"listener": "nowhere", "group": 1, "state": "inaccessible"}), "'listener'"),
-        (json!({"listener": p, "group": 0, "state": "inaccessible"}), "'group'"),
-        (json!({"listener": p, "group": 2, "state": "inaccessible"}), "no ANA group 2"),
-        (json!({"listener": p, "group": 1, "state": "standby"}), "'state'"),
+        (
+            json!({"listener": "127.0.0.1:1", "group": 1, "state": "inaccessible"}),
+            "no listener",
+        ),
+        (
+            json!({"listener": "nowhere", "group": 1, "state": "inaccessible"}),
+            "'listener'",
+        ),
+        (
+            json!({"listener": p, "group": 0, "state": "inaccessible"}),
+            "'group'",
+        ),
+        (
+            json!({"listener": p, "group": 2, "state": "inaccessible"}),
+            "no ANA group 2",
+        ),
+        (
+            json!({"listener": p, "group": 1, "state": "standby"}),
+            "'state'",
+        ),
         (json!({"listener": p, "group": 1}), "'state'"),
         (
             json!({"listener": p, "group": 1, "state": "inaccessible", "nqn": "nqn.x:y"}),
@@ -289,7 +318,10 @@ fn bad_ana_requests_are_refused_and_change_nothing() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains(&format!("ana: {} optimized, {} non-optimized", ports[0], ports[1])),
+        text.contains(&format!(
+            "ana: {} optimized, {} non-optimized",
+            ports[0], ports[1]
+        )),
         "{text}"
     );
 }

@@ -267,7 +267,10 @@ mod tests {
             assert_eq!(AnaState::from_u8(s as u8), Some(s));
             assert_eq!(AnaState::parse(s.as_str()), Some(s));
         }
-        assert_eq!(AnaState::parse("non_optimized"), Some(AnaState::NonOptimized));
+        assert_eq!(
+            AnaState::parse("non_optimized"),
+            Some(AnaState::NonOptimized)
+        );
         assert_eq!(AnaState::parse("standby"), None);
         assert_eq!(AnaState::from_u8(0), None);
         assert!(AnaState::Optimized.io_status().is_ok());
@@ -278,6 +281,9 @@ mod tests {
         assert_eq!((e.sct() as u8, e.sc()), (3, 0x01));
         let e = AnaState::Change.io_status().unwrap_err();
         assert_eq!((e.sct() as u8, e.sc()), (3, 0x03));
-        assert_eq!(aer_dw0(AER_TYPE_NOTICE, NOTICE_ANA_CHANGE, LOG_ANA), 0x000c_0302);
+        assert_eq!(
+            aer_dw0(AER_TYPE_NOTICE, NOTICE_ANA_CHANGE, LOG_ANA),
+            0x000c_0302
+        );
     }
 }

@@ -17,9 +17,9 @@ use nvmirror_nvme::spec::ana::{
     anacap, CMIC_ANA_REPORTING, CMIC_MULTI_CONTROLLER, GET_LOG_RAE, GET_LOG_RGO, LOG_ANA,
 };
 use nvmirror_nvme::spec::reservation::{
-    ReservationNotificationLog, CTRATT_HOST_ID_128,
-    FEATURE_NOTIFICATION_MASK, FEATURE_PERSISTENCE, LOG_RESERVATION_NOTIFICATION,
-    NOTIFICATION_MASK_BITS, ONCS_RESERVATIONS, RESCAP_ALL, RESCAP_PTPL,
+    ReservationNotificationLog, CTRATT_HOST_ID_128, FEATURE_NOTIFICATION_MASK, FEATURE_PERSISTENCE,
+    LOG_RESERVATION_NOTIFICATION, NOTIFICATION_MASK_BITS, ONCS_RESERVATIONS, RESCAP_ALL,
+    RESCAP_PTPL,
 };
 use nvmirror_nvme::spec::wire::{put_ascii_padded, put_nul_padded};
 use nvmirror_nvme::spec::Status;
@@ -407,7 +407,11 @@ fn get_log_page(
             b
         }
         (log_page::CHANGED_NAMESPACES, false) => {
-            let ctrl = conn.queue.ctrl.as_ref().expect("admin queue has a controller");
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
             let mut b = vec![0; CHANGED_NS_LOG_LEN];
             ctrl.events
                 .lock()
@@ -416,7 +420,11 @@ fn get_log_page(
             b
         }
         (LOG_ANA, false) => {
-            let ctrl = conn.queue.ctrl.as_ref().expect("admin queue has a controller");
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
             let s = subsys.ok_or(astatus::INVALID_LOG_PAGE.with_dnr())?;
             s.ana.log_page(ctrl.port, sqe.cdw10 & GET_LOG_RGO != 0)
         }

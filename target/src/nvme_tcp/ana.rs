@@ -129,7 +129,11 @@ mod tests {
         assert_eq!(t.set(2, 1, AnaState::Inaccessible), None);
         assert_eq!(t.set(0, 3, AnaState::Inaccessible), None);
         assert_eq!(t.state(0, 2), AnaState::Inaccessible);
-        assert_eq!(t.state(1, 2), AnaState::NonOptimized, "other port untouched");
+        assert_eq!(
+            t.state(1, 2),
+            AnaState::NonOptimized,
+            "other port untouched"
+        );
 
         let p = t.log_page(0, false);
         let h = AnaLogHeader::read_from(&p);

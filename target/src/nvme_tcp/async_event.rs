@@ -188,9 +188,15 @@ mod tests {
         assert!(e.raise(AsyncEvent::ANA_CHANGE));
         assert!(!e.raise(AsyncEvent::ANA_CHANGE), "coalesced while queued");
         assert!(e.take().is_some());
-        assert!(!e.raise(AsyncEvent::ANA_CHANGE), "masked until the page is read");
+        assert!(
+            !e.raise(AsyncEvent::ANA_CHANGE),
+            "masked until the page is read"
+        );
         e.log_read(LOG_ANA, true);
-        assert!(!e.raise(AsyncEvent::ANA_CHANGE), "Retain Asynchronous Event keeps it");
+        assert!(
+            !e.raise(AsyncEvent::ANA_CHANGE),
+            "Retain Asynchronous Event keeps it"
+        );
         e.log_read(LOG_ANA, false);
         assert!(e.raise(AsyncEvent::ANA_CHANGE));
         assert!(e.is_pending());

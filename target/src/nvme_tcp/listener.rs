@@ -13,8 +13,8 @@ use nvmirror_poller::ReactorHandle;
 use super::connection::Connection;
 use super::subsystem::TargetShared;
 use super::TargetConfig;
-use nvmirror_nvme::spec::ana::AnaState;
 use crate::{Error, Result};
+use nvmirror_nvme::spec::ana::AnaState;
 
 /// How long the accept thread sleeps when no connection is pending.
 const ACCEPT_NAP: Duration = Duration::from_millis(2);

@@ -33,9 +33,9 @@ use nvmirror_nvme::BlockDevice;
 use nvmirror_poller::ReactorHandle;
 
 use crate::{Error, Result};
+pub(crate) use listener::RefusalLog;
 pub use listener::{AnaGroupState, NvmeTcpTarget};
 pub use nvmirror_nvme::spec::ana::AnaState;
-pub(crate) use listener::RefusalLog;
 
 /// One NVM subsystem to export.
 #[derive(Clone, Debug)]
