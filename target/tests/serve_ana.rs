@@ -377,3 +377,51 @@ fn two_serves_of_one_volume_share_namespace_identity_with_disjoint_cntlids() {
     let (_, _, c3) = identity(listeners(&node_b)[1]);
     assert!((100..=199).contains(&c3) && c3 != c2, "{c3}");
 }
+
+#[test]
+fn discovery_lists_every_port_and_a_controller_stays_on_its_own() {
+    use nvmirror_nvme::spec::admin::DiscoveryLogEntry;
+    use nvmirror_nvme::spec::fabrics::{connect_sqe, property, CNTLID_DYNAMIC, DISCOVERY_NQN};
+    use nvmirror_nvme::spec::wire::nul_padded_str;
+
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let server = serve(dir.path(), legs(dir.path()), (1, 0xffef));
+    let ports = listeners(&server);
+    let mut d = Host::connect(ports[1]);
+    d.icreq(false, false);
+    let c = d.fabrics_connect(0, 31, 0, DISCOVERY_NQN, HOSTNQN, CNTLID_DYNAMIC);
+    assert!(c.status().is_success());
+    assert!(d.prop_set(property::CC, 0x46_0001).is_success());
+    let (c, page) = d.admin(0x02, 0, 0x70 | ((3 * 1024 / 4 - 1) << 16), 0, 3 * 1024);
+    assert!(c.status().is_success());
+    assert_eq!(u64::from_le_bytes(page[8..16].try_into().unwrap()), 2);
+    for (k, port) in ports.iter().enumerate() {
+        let e = DiscoveryLogEntry::read_from(&page[1024 * (k + 1)..]);
+        assert_eq!(nul_padded_str(&e.subnqn), Some(NQN));
+        assert_eq!(e.portid as usize, k + 1);
+        assert_eq!(
+            nul_padded_str(&e.trsvcid),
+            Some(port.port().to_string().as_str())
+        );
+    }
+
+    // An I/O queue of the controller on port 0 cannot connect through port 1.
+    let (mut admin, _io, cntlid) = Host::bring_up_as(ports[0], NQN, HOSTNQN, HOSTID);
+    // Number of Queues: four I/O queues.
+    let (c, _) = admin.admin(0x09, 0, 0x07, 0x0003_0003, 0);
+    assert!(c.status().is_success());
+    let mut io = Host::connect(ports[1]);
+    io.icreq(false, false);
+    let cid = io.cid();
+    let data = Host::connect_data_as(NQN, HOSTNQN, HOSTID, cntlid);
+    let c = io.run(connect_sqe(cid, 2, 31, 0), &data, true, 0).0;
+    assert!(
+        !c.status().is_success(),
+        "I/O queue on another port accepted"
+    );
+    let mut io = Host::connect(ports[0]);
+    io.icreq(false, false);
+    let cid = io.cid();
+    let c = io.run(connect_sqe(cid, 2, 31, 0), &data, true, 0).0;
+    assert!(c.status().is_success(), "on its own port: {}", c.status());
+}
