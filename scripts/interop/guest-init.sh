@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # /init of the interop guest (see kernel-host.sh): bring up the network, connect to the
 # nvmirror target on the host as a Linux NVMe/TCP host, verify I/O (or, with
-# nvmirror.test=resv on the kernel command line, reservations), report, power off.
+# nvmirror.test=resv on the kernel command line, reservations; with nvmirror.test=ana,
+# multipath over two ports and an ANA failover), report, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -105,6 +106,117 @@ resv_test() {
     sleep 5
 }
 [ "$TEST" = resv ] && resv_test
+
+# The path (controller sysfs directory) connected to port $1.
+path_on() {
+    for c in /sys/class/nvme/nvme*; do
+        case "$(cat "$c/address" 2>/dev/null)" in
+            *trsvcid=$1,* | *trsvcid=$1) echo "$c"; return ;;
+        esac
+    done
+}
+# Writer rounds done so far (0 while the counter is being rewritten).
+rounds() {
+    n=$(cat /tmp/w.count 2>/dev/null)
+    echo "${n:-0}"
+}
+# The ANA state of namespace 1 through controller directory $1.
+ana_state() {
+    cat "$1"/nvme*c*n1/ana_state 2>/dev/null
+}
+
+# Native multipath over two ports of one subsystem: both paths and their ANA states, the
+# ANA log, then I/O that carries on while the host takes the optimized path away.
+ana_test() {
+    PORT2=$(sed -n 's/.*nvmirror\.port2=\([0-9]*\).*/\1/p' /proc/cmdline)
+    mp=$(cat /sys/module/nvme_core/parameters/multipath 2>/dev/null)
+    say "nvme_core.multipath=$mp"
+    [ "$mp" = Y ] || fail "native NVMe multipath is off in this kernel"
+    nvme connect -t tcp -a "$HOST" -s "$PORT2" -n "$NQN" || fail "nvme connect to the second port"
+    P1= P2= DEV=
+    for _ in $(seq 120); do
+        P1=$(path_on "$PORT")
+        P2=$(path_on "$PORT2")
+        for d in /sys/block/nvme*n*; do
+            case "$(basename "$d")" in
+                *c*) ;;
+                *) DEV=/dev/$(basename "$d") ;;
+            esac
+        done
+        [ -n "$P1" ] && [ -n "$P2" ] && [ -n "$(ana_state "$P1")" ] && [ -n "$(ana_state "$P2")" ] && break
+        sleep 0.25
+    done
+    [ -n "$P1" ] && [ -n "$P2" ] || fail "two controllers did not appear"
+    [ -b "$DEV" ] || fail "no multipath block device"
+    [ "$(ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | wc -l)" -ge 2 ] ||
+        fail "the two controllers are not in one subsystem"
+    say "paths $(basename "$P1") $(ana_state "$P1"), $(basename "$P2") $(ana_state "$P2"); head $DEV"
+    [ "$(ana_state "$P1")" = optimized ] || fail "port $PORT path not optimized"
+    [ "$(ana_state "$P2")" = non-optimized ] || fail "port $PORT2 path not non-optimized"
+    nvme list-subsys "$DEV" >/tmp/subsys 2>&1 || { cat /tmp/subsys; fail "nvme list-subsys"; }
+    cat /tmp/subsys
+    [ "$(grep -c "trsvcid=" /tmp/subsys)" -ge 2 ] || fail "list-subsys does not show two paths"
+    grep -q "non-optimized" /tmp/subsys || fail "list-subsys shows no non-optimized path"
+    grep -q " optimized" /tmp/subsys || fail "list-subsys shows no optimized path"
+    nvme ana-log "/dev/$(basename "$P1")" >/tmp/analog 2>&1 || { cat /tmp/analog; fail "nvme ana-log"; }
+    cat /tmp/analog
+    grep -q "grpid" /tmp/analog && grep -q "optimized" /tmp/analog || fail "nvme ana-log has no group"
+    grep -q "nsid.*:.*1$" /tmp/analog || fail "nvme ana-log does not list namespace 1 in its group"
+    say "list-subsys and ana-log ok"
+
+    dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
+    rm -f /tmp/stop /tmp/w.fail /tmp/w.count
+    (
+        i=0
+        while [ ! -f /tmp/stop ]; do
+            dd if=/tmp/pattern of="$DEV" bs=64k count=32 oflag=direct conv=fsync 2>>/tmp/w.err ||
+                echo "$i" >>/tmp/w.fail
+            i=$((i + 1))
+            echo "$i" >/tmp/w.count
+        done
+    ) &
+    W=$!
+    for _ in $(seq 200); do
+        [ -s /tmp/w.count ] && break
+        sleep 0.1
+    done
+    [ -s /tmp/w.count ] || fail "the writer made no progress"
+    say "ANA-READY"
+    for _ in $(seq 600); do
+        [ "$(ana_state "$P1")" = inaccessible ] && break
+        sleep 0.2
+    done
+    [ "$(ana_state "$P1")" = inaccessible ] || { touch /tmp/stop; fail "the path on port $PORT never went inaccessible"; }
+    at=$(rounds)
+    say "path $(basename "$P1") inaccessible after $at writer rounds; $(basename "$P2") $(ana_state "$P2")"
+    for _ in $(seq 600); do
+        [ "$(rounds)" -ge $((at + 3)) ] && break
+        sleep 0.2
+    done
+    touch /tmp/stop
+    wait "$W"
+    done_rounds=$(rounds)
+    [ "$done_rounds" -ge $((at + 3)) ] || fail "the writer stalled after the failover ($done_rounds rounds)"
+    [ ! -s /tmp/w.fail ] || { cat /tmp/w.err; fail "the writer saw errors in rounds $(tr '\n' ' ' </tmp/w.fail)"; }
+    dd if="$DEV" of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null || fail "read after the failover"
+    cmp /tmp/pattern /tmp/back || fail "data differs after the failover"
+    say "I/O continued on the other path: $done_rounds rounds, no errors, data intact"
+    nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
+    grep -q "inaccessible" /tmp/subsys || fail "list-subsys does not show the inaccessible path"
+    # With no I/O at all, only the asynchronous event can tell this host the path is back.
+    say "ANA-RESTORE"
+    for _ in $(seq 600); do
+        [ "$(ana_state "$P1")" = optimized ] && break
+        sleep 0.2
+    done
+    [ "$(ana_state "$P1")" = optimized ] || fail "no ANA change event: port $PORT never came back optimized"
+    say "path $(basename "$P1") optimized again without I/O (ANA change event)"
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    say "PASS"
+    poweroff -f
+    sleep 5
+}
+[ "$TEST" = ana ] && ana_test
 
 # 4 MiB of random data, written and read back with O_DIRECT in several block sizes.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null

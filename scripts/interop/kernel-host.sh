@@ -12,7 +12,14 @@
 # With --test resv the guest drives NVMe reservations with nvme-cli instead (resv-register,
 # resv-acquire, resv-report, resv-release; see docs/reservations.md).
 #
-# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv]
+# With --test ana the target listens on two ports (PORT optimized, PORT+1 non-optimized) and
+# the guest connects to both with native multipath: `nvme list-subsys` must show one
+# subsystem with two paths and their ANA states, `nvme ana-log` must parse; then, while the
+# guest writes, this script sets PORT inaccessible over RPC, and the guest must see the path
+# go inaccessible (the ANA event fired and the log page was read) and its I/O carry on
+# through the other path (see docs/ana.md).
+#
+# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
 set -euo pipefail
 
@@ -31,10 +38,11 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --test) TEST=$2; shift 2 ;;
-        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana]" >&2; exit 2 ;;
     esac
 done
-case "$TEST" in io|resv) ;; *) echo "--test: io or resv, not $TEST" >&2; exit 2 ;; esac
+case "$TEST" in io|resv|ana) ;; *) echo "--test: io, resv or ana, not $TEST" >&2; exit 2 ;; esac
+PORT2=$((PORT + 1))
 
 log() { echo "kernel-host: $*" >&2; }
 fail() {
@@ -129,7 +137,32 @@ rm -rf "$DATA"
 TARGET_LOG="$WORK/target.log"
 GUEST_LOG="$WORK/guest.log"
 rm -f "$GUEST_LOG"
-RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" \
+CONFIG=()
+if [ "$TEST" = ana ]; then
+    # The embedded default's volume and subsystem, with a second, non-optimized listener.
+    mkdir -p "$DATA"
+    cat >"$DATA/ana.toml" <<EOF
+[nvme_tcp]
+listen = "127.0.0.1:$PORT"
+
+[[nvme_tcp.listener]]
+listen = "127.0.0.1:$PORT2"
+ana_state = "non-optimized"
+
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+
+[[volume]]
+name = "vol0"
+legs = ["file://@DATA_DIR@/primary.img?create=1GiB", "file://@DATA_DIR@/mirror.img?create=1GiB"]
+
+[[subsystem]]
+nqn = "$NQN"
+namespaces = ["vol0"]
+EOF
+    CONFIG=(--config "$DATA/ana.toml")
+fi
+RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve "${CONFIG[@]}" --data-dir "$DATA" --listen "127.0.0.1:$PORT" \
     --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$TARGET_LOG" 2>&1 &
 TARGET_PID=$!
 QEMU_PID=
@@ -151,10 +184,29 @@ log "nvmirror serve listening on 127.0.0.1:$PORT"
 log "booting $KVER under qemu (timeout ${TIMEOUT}s)"
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -smp 2 \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.nqn=$NQN nvmirror.test=$TEST" \
+    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.port2=$PORT2 nvmirror.nqn=$NQN nvmirror.test=$TEST" \
     -display none -no-reboot -serial "file:$GUEST_LOG" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= &
 QEMU_PID=$!
+# Waits for the guest to print MARK, then sets port PORT's group 1 to STATE.
+ana_step() {
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: $1" "$GUEST_LOG" 2>/dev/null; do
+        sleep 0.2
+    done
+    grep -q "NVMIRROR-GUEST: $1" "$GUEST_LOG" 2>/dev/null || return 0
+    log "setting 127.0.0.1:$PORT $2"
+    "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" listener_set_ana_state \
+        "{\"listener\":\"127.0.0.1:$PORT\",\"group\":1,\"state\":\"$2\"}" >/dev/null ||
+        fail "listener_set_ana_state over RPC"
+    "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
+        python3 -c 'import json, sys; print("kernel-host: ana", [(a["listener"], a["state"]) for a in json.load(sys.stdin)["ana"]])' >&2
+}
+if [ "$TEST" = ana ]; then
+    # With both paths up and I/O running, take the optimized one away; once the guest has
+    # stopped its I/O, give it back.
+    ana_step ANA-READY inaccessible
+    ana_step ANA-RESTORE optimized
+fi
 set +e
 wait "$QEMU_PID"
 QEMU_RC=$?
@@ -164,7 +216,7 @@ QEMU_PID=
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
-    if [ "$TEST" = resv ]; then
+    if [ "$TEST" = resv ] || [ "$TEST" = ana ]; then
         kill -TERM "$TARGET_PID"
         wait "$TARGET_PID" 2>/dev/null || true
         TARGET_PID=

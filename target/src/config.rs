@@ -10,6 +10,8 @@ use serde::Deserialize;
 
 use nvmirror_nvme::uri::{parse_duration, parse_size, LegUri};
 
+pub use crate::nvme_tcp_config::{NvmeTcpConfig, NvmeTcpListener};
+
 /// The configuration `nvmirror serve` runs with no `--config`. `@DATA_DIR@` is replaced by the
 /// data directory.
 pub const DEFAULT_CONFIG: &str = r#"
@@ -74,7 +76,7 @@ pub struct Config {
     #[serde(default)]
     pub reactors: ReactorsConfig,
     #[serde(default)]
-    pub nvme_tcp: Option<ListenConfig>,
+    pub nvme_tcp: Option<NvmeTcpConfig>,
     #[serde(default)]
     pub nbd: Option<ListenConfig>,
     #[serde(default)]
@@ -387,11 +389,10 @@ impl Config {
             field,
             reason,
         };
-        for (key, l) in [
-            ("nvme_tcp", &self.nvme_tcp),
-            ("nbd", &self.nbd),
-            ("metrics", &self.metrics),
-        ] {
+        if let Some(n) = &self.nvme_tcp {
+            n.check().map_err(|(field, reason)| bad(field, reason))?;
+        }
+        for (key, l) in [("nbd", &self.nbd), ("metrics", &self.metrics)] {
             if let Some(l) = l {
                 l.listen
                     .parse::<SocketAddr>()

@@ -177,6 +177,7 @@ impl Registry {
             "lba_size": geo.lba_size,
             "primary": v.volume.primary(),
             "region_size": v.volume.region_size(),
+            "ana": crate::ana_rpc::volume_ana(self, v.volume.name()),
             "legs": legs,
             "overlap_waits": stats.overlap_waits,
             "resource_waits": stats.resource_waits,
@@ -647,6 +648,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             Ok(json!({"nqn": nqn, "allowed_hosts": hosts}))
         });
     }
+    crate::ana_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);
     }

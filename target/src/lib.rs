@@ -18,6 +18,7 @@
 //! println!("listening on {}", target.local_addr());
 //! ```
 
+mod ana_rpc;
 pub mod config;
 pub mod control;
 mod durable;
@@ -29,6 +30,7 @@ pub mod members;
 pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;
+pub mod nvme_tcp_config;
 pub mod rpc;
 pub mod serve;
 pub mod status;

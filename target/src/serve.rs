@@ -14,7 +14,7 @@ use nvmirror_nvme::uri::{parse_duration, parse_size};
 use nvmirror_nvme::{open_leg, BlockDevice};
 use nvmirror_poller::{IdlePolicy, ReactorConfig, ReactorPool};
 
-use crate::config::{Config, IdleConfig, ListenConfig, RpcConfig, DEFAULT_CONFIG};
+use crate::config::{Config, IdleConfig, ListenConfig, NvmeTcpConfig, RpcConfig, DEFAULT_CONFIG};
 use crate::control::{self, LegEntry, MembersFile, Registry, VolumeEntry};
 use crate::members::Membership;
 use crate::metrics::MetricsServer;
@@ -113,7 +113,10 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
         reason,
     };
     if let Some(l) = &args.listen {
-        cfg.nvme_tcp = Some(ListenConfig { listen: l.clone() });
+        match &mut cfg.nvme_tcp {
+            Some(n) => n.listen = l.clone(),
+            None => cfg.nvme_tcp = Some(NvmeTcpConfig::at(l.clone())),
+        }
     }
     if let Some(l) = &args.nbd_listen {
         cfg.nbd = Some(ListenConfig { listen: l.clone() });
@@ -375,8 +378,13 @@ impl Service {
                         sub
                     })
                     .collect();
+                let (listen, ana_state) = l.first().map_err(|(f, e)| start_err(f, e))?;
                 let tcfg = TargetConfig {
-                    listen: addr("nvme_tcp.listen", &l.listen)?,
+                    listen,
+                    ana_state,
+                    more_listeners: l.more().map_err(|(f, e)| start_err(f, e))?,
+                    cntlid_min: l.cntlid_min,
+                    cntlid_max: l.cntlid_max,
                     subsystems,
                     max_connections: cfg.limits.max_connections,
                     handshake_timeout: cfg.limits.handshake_timeout(),
@@ -495,8 +503,12 @@ impl Service {
             );
         }
         if let Some(t) = &self.nvme_tcp {
-            let a = t.local_addr();
-            for sub in &cfg.subsystems {
+            let addrs = t.local_addrs();
+            for (sub, a) in cfg
+                .subsystems
+                .iter()
+                .flat_map(|s| addrs.iter().map(move |a| (s, a)))
+            {
                 s += &format!(
                     "NVMe/TCP {a} subsystem {}\n  connect: nvme connect -t tcp -a {} -s {} -n {}\n",
                     sub.nqn,

@@ -58,6 +58,7 @@ pub fn render(volumes: &[Value], prev: Option<&[Value]>, interval: Duration) -> 
     }
     for vol in volumes {
         out.push_str(&volume_table(vol, prev, interval));
+        out.push_str(&ana_line(vol));
         match resync_progress(vol) {
             Some(r) => {
                 let _ = writeln!(
@@ -75,6 +76,23 @@ pub fn render(volumes: &[Value], prev: Option<&[Value]>, interval: Duration) -> 
         }
     }
     out
+}
+
+/// The volume's ANA state through each NVMe/TCP listener (nothing when it is not exported).
+pub fn ana_line(vol: &Value) -> String {
+    let states = vol
+        .get("ana")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if states.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = states
+        .iter()
+        .map(|a| format!("{} {}", text(a, "listener"), text(a, "state")))
+        .collect();
+    format!("  ana: {}\n", parts.join(", "))
 }
 
 /// The lines of one volume above its resync line: the header, one line per leg, the bitmap.

@@ -1,7 +1,9 @@
 //! Admin commands (Base §5): Identify, Get Log Page, Set/Get Features, Keep Alive,
 //! Asynchronous Event Request and Abort; and the admin side of reservations: the
 //! Reservation Notification log page, its mask and the persistence feature, and the
-//! asynchronous event that tells the host a notice is waiting.
+//! asynchronous event that tells the host a notice is waiting; and the ANA side: the
+//! Identify fields, the ANA log page and the events that complete held requests
+//! ([`deliver_async_event`]).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,14 +13,18 @@ use nvmirror_nvme::spec::admin::{
     AdminOpcode, FirmwareSlotLog, IdentifyController, IdentifyNamespace, NsIdDescriptorHeader,
     SmartLog, CHANGED_NS_LOG_LEN, ERROR_LOG_ENTRY_LEN, IDENTIFY_LEN,
 };
+use nvmirror_nvme::spec::ana::{
+    anacap, CMIC_ANA_REPORTING, CMIC_MULTI_CONTROLLER, GET_LOG_RAE, GET_LOG_RGO, LOG_ANA,
+};
 use nvmirror_nvme::spec::reservation::{
-    ReservationNotificationLog, AER_TYPE_IO_COMMAND_SET, CTRATT_HOST_ID_128,
-    FEATURE_NOTIFICATION_MASK, FEATURE_PERSISTENCE, LOG_RESERVATION_NOTIFICATION,
-    NOTIFICATION_MASK_BITS, ONCS_RESERVATIONS, RESCAP_ALL, RESCAP_PTPL,
+    ReservationNotificationLog, CTRATT_HOST_ID_128, FEATURE_NOTIFICATION_MASK, FEATURE_PERSISTENCE,
+    LOG_RESERVATION_NOTIFICATION, NOTIFICATION_MASK_BITS, ONCS_RESERVATIONS, RESCAP_ALL,
+    RESCAP_PTPL,
 };
 use nvmirror_nvme::spec::wire::{put_ascii_padded, put_nul_padded};
 use nvmirror_nvme::spec::Status;
 
+use super::async_event::SUPPORTED_NOTICES;
 use super::connection::Connection;
 use super::subsystem::{Namespace, Subsystem, SubsystemRef};
 
@@ -29,6 +35,9 @@ const NSID_ALL: u32 = 0xffff_ffff;
 const AER_LIMIT: u8 = 4;
 /// Firmware revision reported in Identify and the firmware slot log.
 const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
+/// ANA Transition Time (Identify ANATT), in seconds: the longest a group stays in the
+/// change state.
+const ANA_TRANSITION_TIME: u8 = 10;
 /// Composite temperature reported in the SMART / Health log, in kelvins (25 °C).
 const COMPOSITE_TEMPERATURE: u16 = 298;
 /// Warning composite temperature threshold (Identify WCTEMP) and the default over-temperature
@@ -78,7 +87,6 @@ pub(crate) struct AdminState {
     kato: Option<Duration>,
     /// When the keep-alive timer expires (None: disabled).
     pub keep_alive_deadline: Option<Instant>,
-    async_event_config: u32,
     write_cache: bool,
     aers_held: u8,
     /// Arbitration (feature 0x01) CDW11 as last set: AB 2:0, LPW, MPW, HPW.
@@ -99,7 +107,6 @@ impl AdminState {
             csts: 0,
             kato,
             keep_alive_deadline: kato.map(|k| now + k),
-            async_event_config: 0,
             write_cache: true,
             aers_held: 0,
             // Round robin, arbitration burst 1 (AB = 0); weights are unused without WRR.
@@ -235,6 +242,8 @@ fn identify(
             };
             id.lbaf[0] = lba_format(ns.geo.lba_size);
             id.nguid = ns.nguid;
+            // Every namespace is its own ANA group.
+            id.anagrpid = sqe.nsid;
             id.write_to(&mut page);
         }
         (cns::ACTIVE_NAMESPACES, Some(s)) => {
@@ -293,7 +302,7 @@ fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> Identif
     put_ascii_padded(&mut id.mn, model);
     put_ascii_padded(&mut id.fr, FIRMWARE_REVISION);
     id.rab = 6;
-    id.cmic = 1 << 1;
+    id.cmic = CMIC_MULTI_CONTROLLER;
     id.mdts = cfg.mdts;
     id.cntlid = ctrl.cntlid;
     id.ver = super::fabrics::VERSION;
@@ -322,8 +331,31 @@ fn identify_controller(conn: &Connection, subsys: Option<&Subsystem>) -> Identif
         id.vwc = 1;
         id.ioccsz = (64 + cfg.in_capsule_data_size) / 16;
         id.iorcsz = 1;
+        id.oaes = SUPPORTED_NOTICES;
+        advertise_ana(&mut id, s);
     }
     id
+}
+
+/// The ANA fields of Identify Controller. A subsystem without namespaces reports no ANA (a
+/// host needs MNAN of at least 1 to use it). ANACAP bit 6 (ANAGRPID never changes) stays
+/// clear although it holds: nvme-cli sizes its `ana-log` buffer without the NSID lists
+/// when it is set, and then prints NSIDs it never read.
+fn advertise_ana(id: &mut IdentifyController, s: &Subsystem) {
+    let groups = s.ana.groups();
+    if groups == 0 {
+        return;
+    }
+    id.cmic |= CMIC_ANA_REPORTING;
+    id.anatt = ANA_TRANSITION_TIME;
+    id.anacap = anacap::OPTIMIZED
+        | anacap::NON_OPTIMIZED
+        | anacap::INACCESSIBLE
+        | anacap::PERSISTENT_LOSS
+        | anacap::CHANGE;
+    id.anagrpmax = groups;
+    id.nanagrpid = groups;
+    id.mnan = id.nn;
 }
 
 fn get_log_page(
@@ -374,7 +406,28 @@ fn get_log_page(
             f.write_to(&mut b);
             b
         }
-        (log_page::CHANGED_NAMESPACES, false) => vec![0; CHANGED_NS_LOG_LEN],
+        (log_page::CHANGED_NAMESPACES, false) => {
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
+            let mut b = vec![0; CHANGED_NS_LOG_LEN];
+            ctrl.events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .changed_namespaces(&mut b);
+            b
+        }
+        (LOG_ANA, false) => {
+            let ctrl = conn
+                .queue
+                .ctrl
+                .as_ref()
+                .expect("admin queue has a controller");
+            let s = subsys.ok_or(astatus::INVALID_LOG_PAGE.with_dnr())?;
+            s.ana.log_page(ctrl.port, sqe.cdw10 & GET_LOG_RGO != 0)
+        }
         (LOG_RESERVATION_NOTIFICATION, false) => {
             let ctrl = conn
                 .queue
@@ -392,9 +445,14 @@ fn get_log_page(
         }
         _ => return Err(astatus::INVALID_LOG_PAGE.with_dnr()),
     };
-    let _ = subsys;
     if offset >= page.len() as u64 && offset != 0 {
         return Err(Status::INVALID_FIELD.with_dnr());
+    }
+    if let Some(ctrl) = conn.queue.ctrl.as_ref() {
+        ctrl.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .log_read(lid, sqe.cdw10 & GET_LOG_RAE != 0);
     }
     let slot = &mut conn.slots.slots[usize::from(i)];
     let n = (len.min(u64::from(slot.xfer_len)) as usize).min(slot.buf.len());
@@ -434,7 +492,10 @@ fn set_features(
             Ok(0)
         }
         feature::ASYNC_EVENT_CONFIG => {
-            a.async_event_config = sqe.cdw11;
+            ctrl.events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_config(sqe.cdw11);
             Ok(0)
         }
         feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {
@@ -512,7 +573,11 @@ fn get_features(
             Ok(n | (n << 16))
         }
         feature::KEEP_ALIVE_TIMER => Ok(a.kato.map_or(0, |k| k.as_millis() as u32)),
-        feature::ASYNC_EVENT_CONFIG => Ok(a.async_event_config),
+        feature::ASYNC_EVENT_CONFIG => Ok(ctrl
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()),
         feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {
             Ok(u32::from(a.write_cache))
         }
@@ -557,14 +622,13 @@ fn reservation_namespaces(s: Option<&Subsystem>, nsid: u32) -> Result<Vec<&Names
         .ok_or(Status::INVALID_NAMESPACE.with_dnr())
 }
 
-/// Completes a held Asynchronous Event Request when a reservation notice is waiting for
-/// this controller (admin queues only; one atomic load while none is). Returns whether one
-/// completed.
-pub(super) fn deliver_reservation_event(conn: &mut Connection) -> bool {
+/// Completes a held Asynchronous Event Request when an event waits for this controller
+/// (admin queues only; one atomic load while none does). Returns whether one completed.
+pub(super) fn deliver_async_event(conn: &mut Connection) -> bool {
     let (Some(a), Some(ctrl)) = (conn.admin.as_mut(), conn.queue.ctrl.as_ref()) else {
         return false;
     };
-    if a.aers_held == 0 || !ctrl.reservation_event.load(Ordering::Acquire) {
+    if a.aers_held == 0 || !ctrl.event_pending.load(Ordering::Acquire) {
         return false;
     }
     let Some(j) = conn
@@ -575,13 +639,19 @@ pub(super) fn deliver_reservation_event(conn: &mut Connection) -> bool {
     else {
         return false;
     };
-    ctrl.reservation_event.store(false, Ordering::Release);
+    let ev = {
+        let mut e = ctrl.events.lock().unwrap_or_else(|e| e.into_inner());
+        let ev = e.take();
+        ctrl.event_pending.store(e.is_pending(), Ordering::Release);
+        ev
+    };
+    let Some(ev) = ev else {
+        return false;
+    };
     a.aers_held -= 1;
     let slot = &mut conn.slots.slots[j];
     slot.state = super::request::RequestState::Executing;
-    // Asynchronous Event Type 6 (I/O command specific), information 0 (Reservation Log Page
-    // Available), log page 0x80.
-    slot.dw0 = u32::from(AER_TYPE_IO_COMMAND_SET) | (u32::from(LOG_RESERVATION_NOTIFICATION) << 16);
+    slot.dw0 = ev.dw0();
     slot.c2h_len = 0;
     conn.complete(j as u16);
     true

@@ -567,7 +567,7 @@ impl Connection {
         }
         busy |= self.recv(now);
         busy |= self.process_rx(now);
-        busy |= super::admin::deliver_reservation_event(self);
+        busy |= super::admin::deliver_async_event(self);
         busy |= self.reap();
         busy |= self.flush_pending();
         busy |= self.send(now);

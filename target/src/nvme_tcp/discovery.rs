@@ -1,5 +1,6 @@
 //! The discovery subsystem (`nqn.2014-08.org.nvmexpress.discovery`) and its log page
-//! (NVMe-oF §5.3): one entry per subsystem the asking host may connect to.
+//! (NVMe-oF §5.3): one entry per subsystem the asking host may connect to and per port
+//! (listener) it is reachable through.
 
 use std::net::SocketAddr;
 
@@ -16,18 +17,28 @@ pub(super) fn log_page(shared: &TargetShared, hostnqn: &str, local: SocketAddr) 
         .iter()
         .filter(|s| s.allows(hostnqn))
         .collect();
-    let addr = if shared.listen.ip().is_unspecified() {
-        SocketAddr::new(local.ip(), shared.listen.port())
-    } else {
-        shared.listen
-    };
-    let mut page = vec![0u8; DiscoveryLogHeader::SIZE * (1 + visible.len())];
+    let ports: Vec<SocketAddr> = shared
+        .ports
+        .iter()
+        .map(|p| {
+            if p.ip().is_unspecified() {
+                SocketAddr::new(local.ip(), p.port())
+            } else {
+                *p
+            }
+        })
+        .collect();
+    let records: Vec<_> = visible
+        .iter()
+        .flat_map(|s| ports.iter().enumerate().map(move |(i, a)| (s, i, *a)))
+        .collect();
+    let mut page = vec![0u8; DiscoveryLogHeader::SIZE * (1 + records.len())];
     let mut hdr = DiscoveryLogHeader::zeroed();
     // The set of subsystems is fixed for the target's lifetime: one generation.
     hdr.genctr = 1;
-    hdr.numrec = visible.len() as u64;
+    hdr.numrec = records.len() as u64;
     hdr.write_to(&mut page);
-    for (k, s) in visible.iter().enumerate() {
+    for (k, (s, port, addr)) in records.into_iter().enumerate() {
         let mut e = DiscoveryLogEntry::zeroed();
         e.trtype = discovery::TRTYPE_TCP;
         e.adrfam = if addr.is_ipv4() {
@@ -37,7 +48,7 @@ pub(super) fn log_page(shared: &TargetShared, hostnqn: &str, local: SocketAddr) 
         };
         e.subtype = discovery::SUBTYPE_NVME;
         e.treq = discovery::TREQ_NOT_REQUIRED | discovery::TREQ_DISABLE_SQFLOW;
-        e.portid = 1;
+        e.portid = port as u16 + 1;
         e.cntlid = nvmirror_nvme::spec::fabrics::CNTLID_DYNAMIC;
         e.asqsz = shared.cfg.effective_max_queue_size();
         put_nul_padded(&mut e.trsvcid, &addr.port().to_string());

@@ -191,7 +191,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
             "cannot allocate the admin queue's buffers",
         ))?;
         let ctrl = shared
-            .create_controller(subsys, &hostnqn, data.hostid)
+            .create_controller(subsys, &hostnqn, data.hostid, shared.port_of(conn.local))
             .ok_or(refused(
                 fstatus::CONTROLLER_BUSY,
                 0,
@@ -226,6 +226,12 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
         return Err(invalid(
             ConnectParam::HOSTNQN,
             "controller belongs to another host",
+        ));
+    }
+    if shared.port_of(conn.local) != ctrl.port {
+        return Err(invalid(
+            ConnectParam::CNTLID,
+            "controller belongs to another port",
         ));
     }
     if subsys == SubsystemRef::Discovery {

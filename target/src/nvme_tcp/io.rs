@@ -4,7 +4,10 @@
 //!
 //! Every read and write is first checked against the namespace's reservation through the
 //! queue's [`AccessCache`] (one atomic load while nothing changed): a host the reservation
-//! shuts out gets Reservation Conflict.
+//! shuts out gets Reservation Conflict. Before that, every command to a namespace whose
+//! ANA group is not usable through this queue's port (inaccessible, persistent loss,
+//! change) completes with the path-related ANA status, so a multipath host retries it on
+//! another path (one atomic load).
 //!
 //! A command becomes one or more sub-commands (a flush of all namespaces, one per
 //! Dataset Management range); they are submitted as the queue pair has room and joined in
@@ -86,6 +89,13 @@ pub(super) fn expected_h2c(conn: &Connection, slot: &CommandSlot) -> Result<u32,
 
 /// Starts the I/O command in slot `i` (its host data, if any, has arrived).
 pub(super) fn start(conn: &mut Connection, i: u16) {
+    if let Err(st) = check_ana(conn, conn.slots.slots[usize::from(i)].sqe.nsid) {
+        let slot = &mut conn.slots.slots[usize::from(i)];
+        slot.fail(st);
+        slot.c2h_len = 0;
+        conn.complete(i);
+        return;
+    }
     if matches!(
         conn.slots.slots[usize::from(i)].sqe.opcode,
         resv_op::REGISTER | resv_op::REPORT | resv_op::ACQUIRE | resv_op::RELEASE
@@ -152,6 +162,25 @@ fn reservation_command(conn: &mut Connection, i: u16) -> Result<(), Status> {
     } else {
         Err(out.status)
     }
+}
+
+/// The ANA status of namespace `nsid` (every namespace for FFFFFFFFh) through this queue's
+/// port; an unknown NSID passes (the command's own checks name it).
+#[inline]
+fn check_ana(conn: &Connection, nsid: u32) -> Result<(), Status> {
+    let Some(ctrl) = conn.queue.ctrl.as_ref() else {
+        return Ok(());
+    };
+    let Some(s) = conn.shared.subsystem(ctrl.subsys) else {
+        return Ok(());
+    };
+    if nsid == NSID_ALL {
+        for g in 1..=s.ana.groups() {
+            s.ana.state(ctrl.port, g).io_status()?;
+        }
+        return Ok(());
+    }
+    s.ana.state(ctrl.port, nsid).io_status()
 }
 
 /// Reservation Conflict unless this queue's host may read (or `write`) namespace `ns`.

@@ -1,5 +1,6 @@
-//! The listening socket: a small thread accepts connections and hands each one to a
-//! reactor, round robin, where it lives as a [`Connection`] poller until it closes.
+//! The listening sockets (one per NVM subsystem port): a small thread accepts connections
+//! on all of them and hands each one to a reactor, round robin, where it lives as a
+//! [`Connection`] poller until it closes.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use super::connection::Connection;
 use super::subsystem::TargetShared;
 use super::TargetConfig;
 use crate::{Error, Result};
+use nvmirror_nvme::spec::ana::AnaState;
 
 /// How long the accept thread sleeps when no connection is pending.
 const ACCEPT_NAP: Duration = Duration::from_millis(2);
@@ -98,35 +100,33 @@ impl NvmeTcpTarget {
         Ok(hosts.clone())
     }
 
-    /// Validates `cfg`, binds `cfg.listen` and starts accepting; connections are served by
-    /// the reactors behind `reactors`.
+    /// Validates `cfg`, binds `cfg.listen` and every `cfg.more_listeners` address and starts
+    /// accepting; connections are served by the reactors behind `reactors`.
     pub fn start(cfg: TargetConfig, reactors: &ReactorHandle) -> Result<Self> {
         cfg.validate()?;
-        let listener = TcpListener::bind(cfg.listen).map_err(|source| Error::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| Error::Sys {
-            op: "getsockname",
-            source,
-        })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| Error::Sys {
-                op: "set listener non-blocking",
-                source,
-            })?;
-        let shared = Arc::new(TargetShared::new(cfg, local).map_err(Error::Config)?);
+        let addrs: Vec<SocketAddr> = std::iter::once(cfg.listen)
+            .chain(cfg.more_listeners.iter().map(|l| l.listen))
+            .collect();
+        let mut listeners = Vec::with_capacity(addrs.len());
+        let mut ports = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let (l, local) = bind(addr)?;
+            listeners.push(l);
+            ports.push(local);
+        }
+        let shared = Arc::new(TargetShared::new(cfg, ports.clone()).map_err(Error::Config)?);
         let thread_shared = Arc::clone(&shared);
         let reactors = reactors.clone();
         let acceptor = std::thread::Builder::new()
             .name("nvmirror-accept".into())
-            .spawn(move || accept_loop(listener, thread_shared, reactors))
+            .spawn(move || accept_loop(listeners, thread_shared, reactors))
             .map_err(|source| Error::Sys {
                 op: "spawn accept thread",
                 source,
             })?;
-        tracing::info!(%local, "NVMe/TCP target listening");
+        for local in &ports {
+            tracing::info!(%local, "NVMe/TCP target listening");
+        }
         Ok(Self {
             shared,
             acceptor: Some(acceptor),
@@ -136,6 +136,69 @@ impl NvmeTcpTarget {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.listen
+    }
+
+    /// Every bound address, port 0 first.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.ports.clone()
+    }
+
+    /// Sets the ANA state of `group` through the listener bound to `listener`, in subsystem
+    /// `nqn` or in every subsystem that has the group; controllers on that listener get an
+    /// ANA Change notice. Returns the NQNs whose state changed.
+    pub fn set_ana_state(
+        &self,
+        listener: SocketAddr,
+        nqn: Option<&str>,
+        group: u32,
+        state: AnaState,
+    ) -> Result<Vec<String>> {
+        let port = self
+            .shared
+            .ports
+            .iter()
+            .position(|p| *p == listener)
+            .ok_or_else(|| Error::Config(format!("no listener on {listener}")))?;
+        self.shared
+            .set_ana_state(port, nqn, group, state)
+            .map_err(Error::Config)
+    }
+
+    /// Tells every controller of subsystem `nqn` that namespace `nsid` changed its
+    /// attributes (Identify Namespace data): it joins their Changed Namespace List (log 04h)
+    /// and a Namespace Attribute notice is raised where the host enabled it.
+    pub fn namespace_changed(&self, nqn: &str, nsid: u32) -> Result<()> {
+        let i = self
+            .shared
+            .subsystems
+            .iter()
+            .position(|s| s.nqn == nqn)
+            .ok_or_else(|| Error::Config(format!("no subsystem '{nqn}'")))?;
+        if self.shared.subsystems[i].namespace(nsid).is_none() {
+            return Err(Error::Config(format!("{nqn} has no namespace {nsid}")));
+        }
+        self.shared
+            .namespace_changed(super::subsystem::SubsystemRef::Nvm(i), nsid);
+        Ok(())
+    }
+
+    /// The ANA state of every group of every subsystem through every listener.
+    pub fn ana_states(&self) -> Vec<AnaGroupState> {
+        let mut out = Vec::new();
+        for s in &self.shared.subsystems {
+            for (port, listener) in self.shared.ports.iter().enumerate() {
+                for group in 1..=s.ana.groups() {
+                    out.push(AnaGroupState {
+                        nqn: s.nqn.clone(),
+                        namespace: s.namespaces[(group - 1) as usize].dev.name().to_string(),
+                        listener: *listener,
+                        group,
+                        state: s.ana.state(port, group),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Connections open now (handshaking or connected).
@@ -167,18 +230,55 @@ impl Drop for NvmeTcpTarget {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<TargetShared>, reactors: ReactorHandle) {
+/// The ANA state of one group through one listener, as the control plane reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnaGroupState {
+    pub nqn: String,
+    /// The device exported as the group's namespace (a volume's name).
+    pub namespace: String,
+    pub listener: SocketAddr,
+    /// ANA group ID (the NSID of its namespace).
+    pub group: u32,
+    pub state: AnaState,
+}
+
+/// A non-blocking listening socket on `addr` and the address it got.
+fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).map_err(|source| Error::Listen { addr, source })?;
+    let local = listener.local_addr().map_err(|source| Error::Sys {
+        op: "getsockname",
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| Error::Sys {
+            op: "set listener non-blocking",
+            source,
+        })?;
+    Ok((listener, local))
+}
+
+fn accept_loop(listeners: Vec<TcpListener>, shared: Arc<TargetShared>, reactors: ReactorHandle) {
     let mut next = 0usize;
     let mut refusals = RefusalLog::new("NVMe/TCP");
     let limit = shared.cfg.max_connections;
+    let (mut turn, mut idle) = (0usize, 0);
     while !shared.stopping.load(Ordering::Acquire) {
-        match listener.accept() {
+        let k = turn % listeners.len();
+        turn = turn.wrapping_add(1);
+        // After a full round of listeners with nothing pending, nap.
+        if idle >= listeners.len() {
+            idle = 0;
+            std::thread::sleep(ACCEPT_NAP);
+        }
+        match listeners[k].accept() {
             Ok((sock, peer)) => {
                 if shared.open_connections.load(Ordering::Acquire) >= limit {
                     refusals.refused(peer, limit);
                     drop(sock);
                     continue;
                 }
+                idle = 0;
                 let core = next % reactors.count().max(1);
                 next = next.wrapping_add(1);
                 let conn = match Connection::new(sock, peer, Arc::clone(&shared)) {
@@ -196,7 +296,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<TargetShared>, reactors: React
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_NAP);
+                idle += 1;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {

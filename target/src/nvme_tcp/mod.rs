@@ -12,6 +12,8 @@
 //! by controller ID and close with their controller.
 
 mod admin;
+mod ana;
+mod async_event;
 mod connection;
 mod discovery;
 mod dispatch;
@@ -31,8 +33,9 @@ use nvmirror_nvme::BlockDevice;
 use nvmirror_poller::ReactorHandle;
 
 use crate::{Error, Result};
-pub use listener::NvmeTcpTarget;
 pub(crate) use listener::RefusalLog;
+pub use listener::{AnaGroupState, NvmeTcpTarget};
+pub use nvmirror_nvme::spec::ana::AnaState;
 
 /// One NVM subsystem to export.
 #[derive(Clone, Debug)]
@@ -72,8 +75,17 @@ impl SubsystemConfig {
 /// Target-wide settings. Every limit is advertised to hosts and enforced.
 #[derive(Clone, Debug)]
 pub struct TargetConfig {
-    /// Address to listen on.
+    /// Address to listen on (NVM subsystem port 0).
     pub listen: SocketAddr,
+    /// The ANA state every namespace's group starts in through `listen`.
+    pub ana_state: AnaState,
+    /// More addresses to listen on: ports 1, 2, ... of every subsystem, each with its own
+    /// ANA states.
+    pub more_listeners: Vec<ListenerConfig>,
+    /// Dynamic controller IDs are taken from `cntlid_min..=cntlid_max`: two targets exporting
+    /// the same subsystem give disjoint ranges, so a host sees distinct controllers.
+    pub cntlid_min: u16,
+    pub cntlid_max: u16,
     pub subsystems: Vec<SubsystemConfig>,
     /// Largest queue (admin or I/O) a host may connect, in entries (CAP.MQES + 1).
     pub max_queue_size: u16,
@@ -98,6 +110,10 @@ impl Default for TargetConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4420)),
+            ana_state: AnaState::Optimized,
+            more_listeners: Vec::new(),
+            cntlid_min: 1,
+            cntlid_max: MAX_CNTLID,
             subsystems: Vec::new(),
             max_queue_size: 128,
             max_io_queues: 16,
@@ -110,6 +126,16 @@ impl Default for TargetConfig {
         }
     }
 }
+
+/// One more listening address of a target and the ANA state its groups start in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    pub ana_state: AnaState,
+}
+
+/// Highest dynamic controller ID (0xFFF0..=0xFFFF are reserved).
+pub const MAX_CNTLID: u16 = 0xffef;
 
 /// The admin queue always accepts 8 KiB of in-capsule data (the Linux host sends up to that).
 pub(crate) const ADMIN_IN_CAPSULE: u32 = 8192;
@@ -194,6 +220,13 @@ impl TargetConfig {
                 self.in_capsule_data_size
             ));
         }
+        if self.cntlid_min == 0 || self.cntlid_min > self.cntlid_max || self.cntlid_max > MAX_CNTLID
+        {
+            return bad(format!(
+                "cntlid range {}..={} not within 1..={MAX_CNTLID}",
+                self.cntlid_min, self.cntlid_max
+            ));
+        }
         for (i, s) in self.subsystems.iter().enumerate() {
             if s.nqn.is_empty() || s.nqn.len() > nvmirror_nvme::spec::fabrics::NQN_MAX_LEN {
                 return bad(format!("subsystem {i}: NQN must be 1..=223 bytes"));
@@ -227,7 +260,7 @@ pub(crate) mod fuzzing {
     pub(crate) fn shared(cfg: TargetConfig) -> Arc<TargetShared> {
         cfg.validate().expect("a valid fuzz target configuration");
         let listen = cfg.listen;
-        Arc::new(TargetShared::new(cfg, listen).expect("no saved reservation state"))
+        Arc::new(TargetShared::new(cfg, vec![listen]).expect("no saved reservation state"))
     }
 
     /// A connection as the listener sets it up for an accepted socket.

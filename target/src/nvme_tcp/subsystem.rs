@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nvmirror_nvme::spec::ana::AnaState;
 use nvmirror_nvme::spec::Geometry;
 use nvmirror_nvme::BlockDevice;
 
+use super::ana::AnaTable;
+use super::async_event::{AsyncEvent, AsyncEvents};
 use super::reservation::{HostId, NamespaceReservation, Notice, NotificationLog};
 use super::{SubsystemConfig, TargetConfig};
 
@@ -36,10 +39,12 @@ pub(crate) struct Subsystem {
     /// at run time by the control plane.
     pub allowed_hosts: std::sync::RwLock<Vec<String>>,
     pub namespaces: Vec<Namespace>,
+    /// ANA state of each namespace's group (ANAGRPID = NSID) through each port.
+    pub ana: AnaTable,
 }
 
 impl Subsystem {
-    fn new(cfg: &SubsystemConfig) -> Result<Self, String> {
+    fn new(cfg: &SubsystemConfig, ana_defaults: &[AnaState]) -> Result<Self, String> {
         let mut namespaces = Vec::with_capacity(cfg.namespaces.len());
         for (i, dev) in cfg.namespaces.iter().enumerate() {
             let nsid = i as u32 + 1;
@@ -71,6 +76,7 @@ impl Subsystem {
             serial: cfg.serial.clone(),
             model: cfg.model.clone(),
             allowed_hosts: std::sync::RwLock::new(cfg.allowed_hosts.clone()),
+            ana: AnaTable::new(namespaces.len() as u32, ana_defaults),
             namespaces,
         })
     }
@@ -127,10 +133,14 @@ pub(crate) struct Controller {
     pub hostnqn: String,
     /// Host Identifier from the Connect data: who this controller is to reservations.
     pub hostid: HostId,
+    /// The port (listener index) its admin queue connected through; its I/O queues use it.
+    pub port: usize,
     /// Reservation notices for this controller (log page 0x80) and its masks.
     pub reservation_log: Mutex<NotificationLog>,
-    /// A notice was queued since the last Asynchronous Event completed for it.
-    pub reservation_event: AtomicBool,
+    /// Asynchronous event configuration, waiting events, log pages awaiting a read.
+    pub events: Mutex<AsyncEvents>,
+    /// An event waits for an Asynchronous Event Request (one atomic load per admin poll).
+    pub event_pending: AtomicBool,
     /// CC.EN is set and CSTS.RDY reported: I/O queues may connect.
     pub enabled: AtomicBool,
     /// Torn down (admin queue gone, keep-alive expired, reset): every queue closes.
@@ -168,6 +178,14 @@ impl Controller {
     pub fn is_gone(&self) -> bool {
         self.gone.load(Ordering::Acquire)
     }
+
+    /// Raises an asynchronous event for this controller.
+    pub fn raise_event(&self, ev: AsyncEvent) {
+        let mut e = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if e.raise(ev) {
+            self.event_pending.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// State every connection of one target shares.
@@ -175,7 +193,10 @@ impl Controller {
 pub(crate) struct TargetShared {
     pub cfg: TargetConfig,
     pub subsystems: Vec<Subsystem>,
+    /// The first bound address (port 0).
     pub listen: SocketAddr,
+    /// Every bound address, by port index.
+    pub ports: Vec<SocketAddr>,
     pub stopping: AtomicBool,
     /// Connections alive now (counted from `Connection::new` to its drop).
     pub open_connections: AtomicUsize,
@@ -188,30 +209,47 @@ struct ControllerTable {
     live: HashMap<u16, Arc<Controller>>,
 }
 
-/// Highest dynamic controller ID (0xFFF0..=0xFFFF are reserved).
-const MAX_CNTLID: u16 = 0xffef;
-
 impl TargetShared {
     /// The shared state for `cfg`; fails when a namespace's saved reservation state cannot
     /// be read.
-    pub fn new(mut cfg: TargetConfig, listen: SocketAddr) -> Result<Self, String> {
+    /// `ports` are the bound addresses: `cfg.listen`'s, then `cfg.more_listeners`'.
+    pub fn new(mut cfg: TargetConfig, ports: Vec<SocketAddr>) -> Result<Self, String> {
+        let ana_defaults: Vec<AnaState> = std::iter::once(cfg.ana_state)
+            .chain(cfg.more_listeners.iter().map(|l| l.ana_state))
+            .collect();
         let subsystems = cfg
             .subsystems
             .iter()
-            .map(Subsystem::new)
+            .map(|s| Subsystem::new(s, &ana_defaults))
             .collect::<Result<_, _>>()?;
         cfg.subsystems.clear();
+        let listen = ports.first().copied().unwrap_or(cfg.listen);
         Ok(Self {
+            controllers: Mutex::new(ControllerTable {
+                next: cfg.cntlid_min,
+                live: HashMap::new(),
+            }),
             cfg,
             subsystems,
             listen,
+            ports,
             stopping: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
-            controllers: Mutex::new(ControllerTable {
-                next: 1,
-                live: HashMap::new(),
-            }),
         })
+    }
+
+    /// The port a connection accepted on `local` came through: the bound address itself,
+    /// or a wildcard one on the same port number.
+    pub fn port_of(&self, local: SocketAddr) -> usize {
+        self.ports
+            .iter()
+            .position(|p| *p == local)
+            .or_else(|| {
+                self.ports
+                    .iter()
+                    .position(|p| p.ip().is_unspecified() && p.port() == local.port())
+            })
+            .unwrap_or(0)
     }
 
     /// Finds a subsystem by NQN (the discovery NQN included).
@@ -238,23 +276,28 @@ impl TargetShared {
         subsys: SubsystemRef,
         hostnqn: &str,
         hostid: HostId,
+        port: usize,
     ) -> Option<Arc<Controller>> {
+        let (lo, hi) = (self.cfg.cntlid_min, self.cfg.cntlid_max);
         let mut t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        if t.live.len() >= usize::from(MAX_CNTLID) {
+        if t.live.len() > usize::from(hi - lo) {
             return None;
         }
+        let wrap = |id: u16| if id >= hi { lo } else { id + 1 };
         let mut id = t.next;
-        while id == 0 || id > MAX_CNTLID || t.live.contains_key(&id) {
-            id = if id >= MAX_CNTLID { 1 } else { id + 1 };
+        while !(lo..=hi).contains(&id) || t.live.contains_key(&id) {
+            id = wrap(id);
         }
-        t.next = if id >= MAX_CNTLID { 1 } else { id + 1 };
+        t.next = wrap(id);
         let ctrl = Arc::new(Controller {
             cntlid: id,
             subsys,
             hostnqn: hostnqn.to_string(),
             hostid,
+            port,
             reservation_log: Mutex::new(NotificationLog::default()),
-            reservation_event: AtomicBool::new(false),
+            events: Mutex::new(AsyncEvents::default()),
+            event_pending: AtomicBool::new(false),
             enabled: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             io_queues: AtomicU16::new(self.cfg.max_io_queues),
@@ -298,8 +341,72 @@ impl TargetShared {
             for n in notices.iter().filter(|n| n.host == ctrl.hostid) {
                 queued |= log.push(nsid, n.kind);
             }
+            drop(log);
             if queued {
-                ctrl.reservation_event.store(true, Ordering::Release);
+                ctrl.raise_event(AsyncEvent::RESERVATION);
+            }
+        }
+    }
+
+    /// Sets the ANA state of `group` through port `port` in subsystem `nqn` (every subsystem
+    /// that has the group when `None`) and raises an ANA Change notice on each controller
+    /// of that port whose page changed. Returns the NQNs whose state changed; an error when
+    /// no subsystem has the group.
+    pub fn set_ana_state(
+        &self,
+        port: usize,
+        nqn: Option<&str>,
+        group: u32,
+        state: AnaState,
+    ) -> Result<Vec<String>, String> {
+        let mut found = false;
+        let mut changed = Vec::new();
+        for (i, s) in self.subsystems.iter().enumerate() {
+            if nqn.is_some_and(|n| n != s.nqn) {
+                continue;
+            }
+            match s.ana.set(port, group, state) {
+                None => {}
+                Some(false) => found = true,
+                Some(true) => {
+                    found = true;
+                    changed.push(s.nqn.clone());
+                    self.raise_on_port(SubsystemRef::Nvm(i), port, AsyncEvent::ANA_CHANGE);
+                }
+            }
+        }
+        if !found {
+            return Err(match nqn {
+                Some(n) if self.subsystems.iter().all(|s| s.nqn != n) => {
+                    format!("no subsystem '{n}'")
+                }
+                _ => format!("no ANA group {group}"),
+            });
+        }
+        Ok(changed)
+    }
+
+    /// Raises `ev` on every controller of `subsys` connected through `port`.
+    fn raise_on_port(&self, subsys: SubsystemRef, port: usize, ev: AsyncEvent) {
+        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        for ctrl in t
+            .live
+            .values()
+            .filter(|c| c.subsys == subsys && c.port == port)
+        {
+            ctrl.raise_event(ev);
+        }
+    }
+
+    /// Records that namespace `nsid` of `subsys` changed its attributes: every controller of
+    /// the subsystem adds it to its Changed Namespace List and raises the Namespace
+    /// Attribute notice.
+    pub fn namespace_changed(&self, subsys: SubsystemRef, nsid: u32) {
+        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        for ctrl in t.live.values().filter(|c| c.subsys == subsys) {
+            let mut e = ctrl.events.lock().unwrap_or_else(|e| e.into_inner());
+            if e.namespace_changed(nsid) {
+                ctrl.event_pending.store(true, Ordering::Release);
             }
         }
     }
