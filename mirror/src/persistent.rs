@@ -321,7 +321,14 @@ impl Volume {
             );
         }
         for i in (0..removed.len()).filter(|&i| removed[i]) {
-            let _ = shared.states.remove(i);
+            // The slot starts in sync (and slot 0 as primary) in the assembled volume: take it
+            // out first, handing the primary to the freshest leg, so a placeholder device is
+            // never read, written or copied from.
+            shared
+                .states
+                .take_out(i, LegState::Faulted, Some(fresh))
+                .and_then(|_| shared.states.remove(i))
+                .map_err(|r| meta_err(i, format!("cannot retire the removed slot: {r:?}")))?;
             tracing::info!(volume = name, leg = i, "leg slot removed by the operator");
         }
         for (i, &is_stale) in stale.iter().enumerate() {

@@ -391,3 +391,60 @@ fn a_leg_failing_the_unclean_stop_copy_comes_up_stale() {
     assert_eq!(states[1].state, LegState::Faulted);
     assert!(vol.regions_to_resync(1).unwrap().contains(&3));
 }
+
+/// A slot the operator removed is opened with a placeholder device at the next start: it
+/// must come up removed, never as the in-sync primary that reads, and resyncs copy, from
+/// the placeholder (the chaos soak read zeros from a `null://` placeholder in slot 0).
+#[test]
+fn a_removed_primary_slot_stays_removed_after_a_restart() {
+    use nvmirror_nvme::dma::IoBuf;
+    use nvmirror_nvme::{Completion, IoCommand, IoOp, QueuePair};
+    let devs = legs(3, 16 << 20, "rm");
+    let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    let mut data = vec![0x6bu8; 4096];
+    // SAFETY: `data` outlives the command, reaped below.
+    unsafe {
+        qp.submit(IoCommand::with_buf(
+            IoOp::Write,
+            64,
+            8,
+            IoBuf::from_slice(&mut data),
+            1,
+        ))
+    }
+    .unwrap();
+    let mut cpl = [Completion::default()];
+    while qp.poll(&mut cpl) == 0 {}
+    assert!(cpl[0].status.is_success());
+    drop(qp);
+    vol.detach_leg(0).unwrap();
+    vol.remove_leg(0).unwrap();
+    drop(vol); // crash
+    let mut reopened = devs.clone();
+    reopened[0] = nvmirror_nvme::open_leg(&format!("null://{}", 16u64 << 20)).unwrap();
+    let vol = Volume::open_persistent("v", reopened, cfg()).unwrap();
+    assert_eq!(vol.leg_states()[0].state, LegState::Removed);
+    assert_ne!(vol.primary(), 0);
+    let mut qp = vol.open_volume_qpair(4).unwrap();
+    for tag in 0..8u64 {
+        let mut back = vec![0u8; 4096];
+        // SAFETY: `back` outlives the command, reaped below.
+        unsafe {
+            qp.submit(IoCommand::with_buf(
+                IoOp::Read,
+                64,
+                8,
+                IoBuf::from_slice(&mut back),
+                tag,
+            ))
+        }
+        .unwrap();
+        while qp.poll(&mut cpl) == 0 {}
+        assert!(cpl[0].status.is_success());
+        assert!(
+            back.iter().all(|&b| b == 0x6b),
+            "read {tag} came from the placeholder"
+        );
+    }
+}
