@@ -116,6 +116,13 @@ impl LegUri {
                     .ok_or_else(|| err(&format!("{key}={v}"), expected.into())),
             }
         };
+        // `nsid=N`: a namespace ID other than 0 and the broadcast value 0xffffffff.
+        let nsid = |params: &mut Vec<(&str, &str)>| -> Result<Option<u32>> {
+            Ok(
+                int(params, "nsid", 1, 0xffff_ffff - 1, "expected 1..4294967294")?
+                    .map(|n| n as u32),
+            )
+        };
         let flag = |params: &mut Vec<(&str, &str)>, key: &str| -> Result<bool> {
             match take(params, key).as_deref() {
                 None | Some("0") | Some("false") => Ok(false),
@@ -206,14 +213,8 @@ impl LegUri {
             let addr = parse_host_port(hostport, DEFAULT_PORT).map_err(|r| err(hostport, r))?;
             check_nqn(subnqn).map_err(|r| err(subnqn, format!("subsystem NQN {r}")))?;
             let mut opts = NvmeTcpOptions::new(subnqn);
-            if let Some(n) = int(
-                &mut params,
-                "nsid",
-                1,
-                0xffff_ffff - 1,
-                "expected 1..4294967294",
-            )? {
-                opts.nsid = n as u32;
+            if let Some(n) = nsid(&mut params)? {
+                opts.nsid = n;
             }
             opts.hdgst = flag(&mut params, "hdgst")?;
             opts.ddgst = flag(&mut params, "ddgst")?;
@@ -291,14 +292,8 @@ impl LegUri {
                 ));
             };
             let mut opts = PcieOptions::default();
-            if let Some(n) = int(
-                &mut params,
-                "nsid",
-                1,
-                0xffff_ffff - 1,
-                "expected 1..4294967294",
-            )? {
-                opts.nsid = n as u32;
+            if let Some(n) = nsid(&mut params)? {
+                opts.nsid = n;
             }
             if let Some(v) = take(&mut params, "timeout") {
                 let part = format!("timeout={v}");

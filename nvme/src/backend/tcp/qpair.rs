@@ -198,10 +198,16 @@ impl TcpQueuePair {
             return;
         }
         while let Some(cmd) = self.held.pop_front() {
-            let i = self.table.alloc().expect("held commands have free slots");
-            self.table.slots[usize::from(i)].tag = cmd.tag;
-            self.complete(i, Status::HOST_PATHING_ERROR);
+            self.complete_held(cmd.tag, Status::HOST_PATHING_ERROR);
         }
+    }
+
+    /// Completes a command held for the reconnect (it never had a slot) with `status`.
+    #[cold]
+    fn complete_held(&mut self, tag: u64, status: Status) {
+        let i = self.table.alloc().expect("held commands have free slots");
+        self.table.slots[usize::from(i)].tag = tag;
+        self.complete(i, status);
     }
 
     /// The queue ID on the controller.
@@ -495,9 +501,7 @@ impl TcpQueuePair {
     fn cancel_one(&mut self, tag: u64) -> bool {
         if let Some(k) = self.held.iter().position(|c| c.tag == tag) {
             self.held.remove(k);
-            let i = self.table.alloc().expect("held commands have free slots");
-            self.table.slots[usize::from(i)].tag = tag;
-            self.complete(i, Status::ABORT_REQUESTED);
+            self.complete_held(tag, Status::ABORT_REQUESTED);
             return true;
         }
         let found = self.table.slots.iter().position(|s| {
