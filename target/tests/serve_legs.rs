@@ -129,3 +129,53 @@ fn leg_add_refuses_a_device_of_another_volume_and_a_short_one() {
     assert_eq!(states(&server), ["in_sync"]);
     server.stop();
 }
+
+#[test]
+fn removing_the_primary_then_a_crash_keeps_it_removed_and_serves_the_other_legs_data() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let configured: Vec<String> = (0..3)
+        .map(|n| file_leg(d, &format!("leg{n}"), SIZE))
+        .collect();
+    let server = Server::with_legs(d, &configured, &[]);
+    server.wait_in_sync();
+    write_and_check(&server, 0x30);
+    let data_offset = server.status()["bitmap"]["data_offset"].as_u64().unwrap();
+
+    // Slot 0 is the primary, which `leg_remove` refuses; detaching it first hands the
+    // primary to another in-sync leg.
+    let (ok, err) = server.rpc("leg_remove", r#"{"volume":"vol0","leg":0}"#);
+    assert!(!ok && err.contains("is the primary"), "{err}");
+    let st = server.rpc_ok("leg_detach", r#"{"volume":"vol0","leg":0}"#);
+    assert_ne!(st["primary"], 0, "{st}");
+    let st = server.rpc_ok("leg_remove", r#"{"volume":"vol0","leg":0}"#);
+    assert_eq!(st["legs"][0]["state"], "removed", "{st}");
+    assert_ne!(st["primary"], 0, "{st}");
+    write_and_check(&server, 0x40);
+
+    // A crash, not a clean stop; the removed device is gone before the restart.
+    server.kill9();
+    std::fs::remove_file(d.join("leg0.img")).unwrap();
+    let server = Server::with_legs(d, &configured, &[]);
+    let st = server.wait_in_sync();
+    assert_eq!(states(&server), ["removed", "in_sync", "in_sync"], "{st}");
+    assert_ne!(
+        st["primary"], 0,
+        "the removed slot must never be primary: {st}"
+    );
+    // The data written before and after the removal is served from the remaining legs
+    // (a removed slot read as a placeholder would return zeros).
+    let (_dev, mut qp) = connect(&server);
+    let mut pool = DmaPool::new(1, 65536);
+    for (i, slba) in [0u64, 2048, 9000, 20000].into_iter().enumerate() {
+        let data = read(&mut *qp, &mut pool, slba, 64);
+        assert!(
+            data.iter().all(|&b| b == 0x40u8.wrapping_add(i as u8)),
+            "block {slba} lost its data after the restart"
+        );
+    }
+    drop(qp);
+    write_and_check(&server, 0x50);
+    server.stop();
+    assert_identical(d, data_offset, &["leg1", "leg2"]);
+}
