@@ -448,3 +448,31 @@ fn a_removed_primary_slot_stays_removed_after_a_restart() {
         );
     }
 }
+
+#[test]
+fn two_removed_slots_and_a_stale_leg_leave_the_freshest_leg_primary_after_a_crash() {
+    let devs = legs(4, 16 << 20, "rm2");
+    let vol = Volume::format("v", devs.clone(), cfg(), false).unwrap();
+    vol.detach_leg(0).unwrap();
+    vol.remove_leg(0).unwrap();
+    vol.detach_leg(1).unwrap();
+    vol.remove_leg(1).unwrap();
+    vol.detach_leg(3).unwrap();
+    drop(vol); // crash
+    let mut reopened = devs.clone();
+    for slot in reopened.iter_mut().take(2) {
+        *slot = nvmirror_nvme::open_leg(&format!("null://{}", 16u64 << 20)).unwrap();
+    }
+    let vol = Volume::open_persistent("v", reopened, cfg()).unwrap();
+    let states: Vec<_> = vol.leg_states().iter().map(|l| l.state).collect();
+    assert_eq!(
+        states,
+        [
+            LegState::Removed,
+            LegState::Removed,
+            LegState::InSync,
+            LegState::Detached
+        ]
+    );
+    assert_eq!(vol.primary(), 2);
+}
