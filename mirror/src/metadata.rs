@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nvmirror_nvme::dma::{DmaPool, IoBuf};
-use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
+use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
+use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair};
 
 use crate::bitmap::{MetadataLayout, BITMAP_PAGE};
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
@@ -28,6 +28,16 @@ pub(crate) struct ControlIo {
     page: DmaPool,
     chunk: DmaPool,
     timeout: Duration,
+    /// The end of a command given up at the timeout, while the buffer it was given may
+    /// still be read or filled by the leg: that buffer is parked on it, not reused.
+    abandoned: Option<Fence>,
+}
+
+/// Which of [`ControlIo`]'s pools a buffer came from.
+#[derive(Clone, Copy)]
+enum Pool {
+    Page,
+    Chunk,
 }
 
 impl ControlIo {
@@ -38,6 +48,34 @@ impl ControlIo {
             page: DmaPool::new(1, BITMAP_PAGE as usize),
             chunk: DmaPool::new(1, CHUNK),
             timeout,
+            abandoned: None,
+        }
+    }
+
+    /// Takes the buffer of pool `which`.
+    fn take(&mut self, which: Pool) -> std::result::Result<DmaBuf, String> {
+        match which {
+            Pool::Page => &mut self.page,
+            Pool::Chunk => &mut self.chunk,
+        }
+        .get()
+        .ok_or_else(|| "no control buffer".to_string())
+    }
+
+    /// Gives back a buffer taken with [`take`](Self::take). After a command was given up at
+    /// the timeout, the buffer stays with that command until its fence (the leg may still
+    /// read or fill it) and the pool is replaced by a fresh one.
+    fn give_back(&mut self, which: Pool, buf: DmaBuf) {
+        let (pool, len) = match which {
+            Pool::Page => (&mut self.page, BITMAP_PAGE as usize),
+            Pool::Chunk => (&mut self.chunk, CHUNK),
+        };
+        match self.abandoned.take() {
+            Some(fence) if !fence.is_done() => {
+                fence.then(move || drop(buf));
+                *pool = DmaPool::new(1, len);
+            }
+            _ => pool.put(buf),
         }
     }
 
@@ -95,8 +133,8 @@ impl ControlIo {
         let cmd = IoCommand::with_buf(op, lba, nlb.max(1), buf, 0);
         let cmd = if fua { cmd.with_fua() } else { cmd };
         // SAFETY: the caller keeps `buf` alive and untouched until this returns, and this
-        // returns only after the completion is reaped — or drops the queue pair (and with it
-        // the command) on a timeout.
+        // returns only after the completion is reaped — or, on a timeout, closes the queue
+        // pair and records its fence, on which the caller's `give_back` parks the buffer.
         unsafe { qp.submit(cmd) }.map_err(|e| format!("{e:?}"))?;
         let start = Instant::now();
         let mut cpl = [Completion::default()];
@@ -109,7 +147,8 @@ impl ControlIo {
                 };
             }
             if start.elapsed() > self.timeout {
-                self.qps[leg] = None;
+                let fence = self.qps[leg].take().expect("opened above").close();
+                self.abandoned = Some(fence);
                 return Err(format!("{op:?} at LBA {lba} timed out"));
             }
             // Control-plane threads share the cores with the reactors: give way while waiting.
@@ -127,7 +166,7 @@ impl ControlIo {
     ) -> std::result::Result<Vec<u8>, String> {
         let shift = dev.geometry().lba_shift();
         let mut out = Vec::with_capacity(len);
-        let buf = self.chunk.get().ok_or("no control buffer")?;
+        let buf = self.take(Pool::Chunk)?;
         let mut done = 0;
         let mut res = Ok(());
         while done < len {
@@ -140,7 +179,7 @@ impl ControlIo {
             out.extend_from_slice(&buf.as_slice()[..n]);
             done += n;
         }
-        self.chunk.put(buf);
+        self.give_back(Pool::Chunk, buf);
         res.map(|()| out)
     }
 
@@ -154,7 +193,7 @@ impl ControlIo {
         data: &[u8],
     ) -> std::result::Result<(), String> {
         let shift = dev.geometry().lba_shift();
-        let mut buf = self.chunk.get().ok_or("no control buffer")?;
+        let mut buf = self.take(Pool::Chunk)?;
         let mut res = Ok(());
         for (i, part) in data.chunks(CHUNK).enumerate() {
             buf.as_mut_slice()[..part.len()].copy_from_slice(part);
@@ -164,7 +203,7 @@ impl ControlIo {
                 break;
             }
         }
-        self.chunk.put(buf);
+        self.give_back(Pool::Chunk, buf);
         res
     }
 
@@ -177,7 +216,7 @@ impl ControlIo {
         len: u64,
     ) -> std::result::Result<(), String> {
         let shift = from.1.geometry().lba_shift();
-        let buf = self.chunk.get().ok_or("no control buffer")?;
+        let buf = self.take(Pool::Chunk)?;
         let mut done = 0u64;
         let mut res = Ok(());
         while done < len {
@@ -192,7 +231,7 @@ impl ControlIo {
             }
             done += n as u64;
         }
-        self.chunk.put(buf);
+        self.give_back(Pool::Chunk, buf);
         res
     }
 
@@ -205,13 +244,13 @@ impl ControlIo {
         offset: u64,
         bytes: &[u8],
     ) -> std::result::Result<(), String> {
-        let mut buf = self.page.get().ok_or("no control buffer")?;
+        let mut buf = self.take(Pool::Page)?;
         let page = buf.as_mut_slice();
         page.fill(0);
         page[..bytes.len()].copy_from_slice(bytes);
         let io = buf.io_buf();
         let res = self.write_durable(leg, dev, offset >> dev.geometry().lba_shift(), io);
-        self.page.put(buf);
+        self.give_back(Pool::Page, buf);
         res
     }
 }
@@ -365,5 +404,54 @@ impl PersistentMeta {
             self.recorder.mark_recorded(snap.events());
         }
         failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use nvmirror_nvme::backend::{Fault, FaultyDevice, LatencyModel, MemDevice, OpFilter};
+
+    use super::*;
+
+    fn leg() -> FaultyDevice {
+        let mem = MemDevice::new(4 << 20, 512, LatencyModel::None).unwrap();
+        let leg = FaultyDevice::wrap(Arc::new(mem));
+        // A back end that cannot cancel: a command given up stays with the leg.
+        leg.injector().refuse_cancels(true);
+        leg
+    }
+
+    #[test]
+    fn a_write_given_up_at_the_timeout_keeps_its_buffer_until_the_leg_answers() {
+        let (a, b) = (leg(), leg());
+        let mut io = ControlIo::new(Duration::from_millis(50));
+        let hang = a.injector().arm(Fault::Hang {
+            ops: OpFilter::Writes,
+        });
+        let err = io.write_bytes(0, &a, 8192, &[0x11; 4096]).unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        // The next command uses a buffer of its own, not the one the hung write holds.
+        io.write_bytes(1, &b, 8192, &[0xbb; 4096]).unwrap();
+        // The hung write goes through now, late: with the data it was given.
+        a.injector().clear(hang);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = io.read_bytes(0, &a, 8192, 4096).unwrap();
+            if got.iter().all(|&x| x == 0x11) {
+                break;
+            }
+            assert!(
+                !got.contains(&0xbb),
+                "the late write carried another command's data"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the late write never landed with its own data"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(io.read_bytes(1, &b, 8192, 4096).unwrap() == vec![0xbb; 4096]);
     }
 }
