@@ -123,7 +123,7 @@ impl NgDevice {
             } else {
                 ""
             };
-            step_err("namespace ID", format!("{e}{hint}"))
+            step_err("namespace ID", format!("ioctl(NVME_IOCTL_ID): {e}{hint}"))
         })?;
 
         let identify = |cns: u8, nsid: u32, step: &str| -> Result<Vec<u8>> {

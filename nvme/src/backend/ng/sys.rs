@@ -10,7 +10,8 @@ use super::cmd::{NvmePassthruCmd, NVME_IOCTL_ADMIN_CMD, NVME_IOCTL_ID};
 pub(super) use crate::backend::uring::sys::{flock_exclusive, named};
 use crate::spec::Status;
 
-/// The namespace ID of the namespace `file` is the generic char device of.
+/// The namespace ID of the namespace `file` is the generic char device of (`ENOTTY`: not
+/// an NVMe namespace device). The error is the bare errno.
 pub(super) fn namespace_id(file: &File) -> io::Result<u32> {
     // SAFETY: NVME_IOCTL_ID takes no argument and touches no memory of ours.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), NVME_IOCTL_ID as libc::Ioctl) };
@@ -20,7 +21,7 @@ pub(super) fn namespace_id(file: &File) -> io::Result<u32> {
         } else {
             io::Error::last_os_error()
         };
-        return Err(named("ioctl(NVME_IOCTL_ID)", err));
+        return Err(err);
     }
     Ok(rc as u32)
 }
