@@ -42,6 +42,8 @@ pub(super) type PassthroughRing = IoUring<squeue::Entry128, cqueue::Entry32>;
 
 /// The registered file's index.
 const FILE: types::Fixed = types::Fixed(0);
+/// How often one piece is sent again after `EAGAIN` before the command fails.
+const MAX_RETRIES: u16 = 1000;
 /// Most blocks one NVMe command covers (NLB is 16 bits, 0's based).
 const MAX_NLB: u64 = 65536;
 
@@ -79,6 +81,8 @@ struct Slot {
     busy: bool,
     /// A cancel was issued: no further piece is sent.
     cancelled: bool,
+    /// Times the piece in flight was refused with `EAGAIN` and sent again.
+    retries: u16,
 }
 
 impl Slot {
@@ -92,6 +96,7 @@ impl Slot {
         fua: false,
         busy: false,
         cancelled: false,
+        retries: 0,
     };
 }
 
@@ -148,7 +153,8 @@ impl NgQueuePair {
                 format!("depth {} (1..=32768)", cfg.depth),
             ));
         }
-        let ring = passthrough_ring(cfg.depth.next_power_of_two(), cfg.sqpoll)?;
+        // Room for a piece and a cancel per slot.
+        let ring = passthrough_ring((cfg.depth * 2).next_power_of_two(), cfg.sqpoll)?;
         ring.submitter()
             .register_files(&[cfg.fd])
             .map_err(|e| super::sys::named("io_uring register_files", e))?;
@@ -302,6 +308,7 @@ impl QueueState {
             fua: cmd.wants_fua(),
             busy: true,
             cancelled: false,
+            retries: 0,
         }
     }
 
@@ -360,9 +367,16 @@ impl QueueState {
     fn on_cqe(&mut self, index: u32, res: i32) -> Next {
         let shift = self.geo.lba_shift();
         let slot = &mut self.slots[index as usize];
+        if res == -libc::EAGAIN && !slot.cancelled && slot.retries < MAX_RETRIES {
+            // The driver could not get a request or map the buffer without blocking (the
+            // passthrough path asks it not to): send the same piece again.
+            slot.retries += 1;
+            return Next::Resubmit(self.entry(index));
+        }
         if res != 0 {
             return Next::Done(status_for_result(slot.op, res));
         }
+        slot.retries = 0;
         slot.remaining -= slot.piece;
         slot.slba += slot.piece;
         if slot.op.has_data() {
@@ -437,6 +451,8 @@ impl QueuePair for NgQueuePair {
         if !sq.is_empty() || sq.taskrun() || sq.cq_overflow() {
             // EAGAIN/EBUSY/EINTR leave the SQEs in the ring for the next poll.
             let _ = submitter.submit();
+            // Learn what the kernel consumed, so resubmitted pieces find the room.
+            sq.sync();
         }
         cq.sync();
         while n < out.len() {
@@ -455,8 +471,8 @@ impl QueuePair for NgQueuePair {
                 // promise, the range buffer is ours.
                 Next::Resubmit(entry) => match unsafe { sq.push(&entry) } {
                     Ok(()) => continue,
-                    // The SQ holds at most one entry per slot; unreachable, but never lose a
-                    // command.
+                    // The SQ has room for a piece and a cancel per slot; unreachable, but
+                    // never lose a command.
                     Err(_) => Status::INTERNAL_ERROR,
                 },
             };

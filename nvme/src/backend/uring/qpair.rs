@@ -568,6 +568,8 @@ impl QueuePair for UringQueuePair {
             // EAGAIN/EBUSY/EINTR leave the SQEs in the ring for the next poll; nothing else
             // can fail on a ring set up like ours.
             let _ = submitter.submit();
+            // Learn what the kernel consumed, so resubmitted steps find the room.
+            sq.sync();
         }
         cq.sync();
         while n < out.len() {
