@@ -72,6 +72,15 @@ pub enum Error {
         step: String,
         reason: String,
     },
+    /// A step of opening an NVMe generic char device for io_uring passthrough failed: `step`
+    /// names it (e.g. "Identify Namespace 1", "passthrough probe"), `reason` says why (the
+    /// errno, the NVMe status, what the kernel lacks).
+    #[error("nvme-ng {device}: {step} failed: {reason}")]
+    NvmeNg {
+        device: PathBuf,
+        step: String,
+        reason: String,
+    },
 }
 
 /// The crate's result type.

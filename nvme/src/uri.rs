@@ -6,6 +6,7 @@
 //! | `null://1TiB` | [`NullDevice`] |
 //! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
+//! | `nvme-ng:///dev/ng0n1?sqpoll=1&timeout=30s&max_transfer=256KiB` | [`NgDevice`] (io_uring NVMe passthrough) |
 //! | `nvme-tcp://HOST:PORT/SUBNQN?nsid=1&hdgst=1&ddgst=1&hostnqn=…&queue_size=128&kato=10s&reconnect_delay=2s&ctrl_loss_tmo=600s&fast_io_fail_tmo=0` | [`NvmeTcpDevice`] |
 //! | `nbd://HOST:PORT/EXPORT?connections=16&timeout=30s&lba=512` | [`NbdDevice`] |
 //! | `pcie://0000:01:00.0?nsid=1&timeout=30s&max_transfer=128KiB&queues=64&queue_size=1024&hugepages=1` | [`PcieDevice`] over VFIO |
@@ -20,7 +21,9 @@ use std::time::Duration;
 use crate::backend::nbd::{self, NbdDevice, NbdOptions};
 use crate::backend::pcie::{FakeConfig, FakeController, PcieDevice, PcieOptions};
 use crate::backend::tcp::{NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
-use crate::backend::{LatencyModel, MemDevice, NullDevice, UringDevice, UringOptions};
+use crate::backend::{
+    LatencyModel, MemDevice, NgDevice, NgOptions, NullDevice, UringDevice, UringOptions,
+};
 use crate::queue::BlockDevice;
 use crate::spec::fabrics::NQN_MAX_LEN;
 use crate::{Error, Result};
@@ -41,6 +44,11 @@ pub enum LegUri {
     Uring {
         path: PathBuf,
         opts: UringOptions,
+    },
+    /// An NVMe namespace's generic char device, through io_uring passthrough.
+    NvmeNg {
+        path: PathBuf,
+        opts: NgOptions,
     },
     /// A namespace of a remote NVMe/TCP controller.
     NvmeTcp {
@@ -206,6 +214,40 @@ impl LegUri {
                 path: PathBuf::from(path),
                 opts,
             }
+        } else if let Some(path) = base.strip_prefix("nvme-ng://") {
+            if !path.starts_with("/dev/") {
+                return Err(err(
+                    path,
+                    "expected the generic char device's path, nvme-ng:///dev/ngXnY".into(),
+                ));
+            }
+            let mut opts = NgOptions {
+                sqpoll: flag(&mut params, "sqpoll")?,
+                ..NgOptions::default()
+            };
+            if let Some(v) = take(&mut params, "timeout") {
+                let part = format!("timeout={v}");
+                let d = parse_duration(&v).map_err(|r| err(&part, r))?;
+                if d < Duration::from_millis(1) || d.as_millis() > u128::from(u32::MAX) {
+                    return Err(err(&part, "expected 1ms up to 49 days".into()));
+                }
+                opts.timeout = Some(d);
+            }
+            if let Some(v) = take(&mut params, "max_transfer") {
+                let part = format!("max_transfer={v}");
+                let n = parse_size(&v).map_err(|r| err(&part, r))?;
+                if !(4096..=(64 << 20)).contains(&n) || n % 4096 != 0 {
+                    return Err(err(
+                        &part,
+                        "expected 4KiB..=64MiB in whole 4 KiB pages".into(),
+                    ));
+                }
+                opts.max_transfer = Some(n as u32);
+            }
+            Self::NvmeNg {
+                path: PathBuf::from(path),
+                opts,
+            }
         } else if let Some(rest) = base.strip_prefix("nvme-tcp://") {
             let (hostport, subnqn) = rest
                 .split_once('/')
@@ -358,7 +400,7 @@ impl LegUri {
             let scheme = base.split_once("://").map_or(base, |(s, _)| s);
             return Err(err(
                 scheme,
-                "unknown scheme; expected mem://, null://, file://, /dev/…, nvme-tcp://, nbd:// or pcie://"
+                "unknown scheme; expected mem://, null://, file://, /dev/…, nvme-ng://, nvme-tcp://, nbd:// or pcie://"
                     .into(),
             ));
         };
@@ -380,6 +422,7 @@ impl LegUri {
                 Arc::new(NullDevice::new(*bytes, *lba_size)?.with_name(uri))
             }
             Self::Uring { path, opts } => Arc::new(UringDevice::open(path, opts)?),
+            Self::NvmeNg { path, opts } => Arc::new(NgDevice::open(path, opts)?),
             Self::NvmeTcp { addr, opts } => {
                 Arc::new(NvmeTcpDevice::connect(addr, opts)?.with_name(uri))
             }
@@ -618,6 +661,43 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn parses_nvme_ng() {
+        let u =
+            LegUri::parse("nvme-ng:///dev/ng0n1?sqpoll=1&timeout=5s&max_transfer=128KiB").unwrap();
+        assert_eq!(
+            u,
+            LegUri::NvmeNg {
+                path: PathBuf::from("/dev/ng0n1"),
+                opts: NgOptions {
+                    sqpoll: true,
+                    timeout: Some(Duration::from_secs(5)),
+                    max_transfer: Some(128 << 10),
+                },
+            }
+        );
+        assert_eq!(
+            LegUri::parse("nvme-ng:///dev/ng1n2").unwrap(),
+            LegUri::NvmeNg {
+                path: PathBuf::from("/dev/ng1n2"),
+                opts: NgOptions::default(),
+            }
+        );
+        let msg = |u: &str| LegUri::parse(u).unwrap_err().to_string();
+        for (uri, part) in [
+            ("nvme-ng://ng0n1", "'ng0n1'"),
+            ("nvme-ng:///dev/ng0n1?timeout=0s", "timeout=0s"),
+            (
+                "nvme-ng:///dev/ng0n1?max_transfer=1000",
+                "max_transfer=1000",
+            ),
+            ("nvme-ng:///dev/ng0n1?buffered=1", "buffered=1"),
+            ("nvme-ng:///dev/ng0n1?sqpoll=2", "sqpoll=2"),
+        ] {
+            assert!(msg(uri).contains(part), "{uri}: {}", msg(uri));
+        }
     }
 
     #[test]

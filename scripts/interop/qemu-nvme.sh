@@ -10,7 +10,15 @@
 # writes and reads (PRP lists and a split at the 128 KiB transfer limit). Prints PASS or
 # FAIL and exits 0 or 1. Downloads (the kernel package) are cached under build/interop-pcie/.
 #
-# Usage: scripts/interop/qemu-nvme.sh [--timeout SECONDS] [--keep]
+# With --test ng the guest instead keeps one emulated controller on the kernel's nvme driver
+# and tests the io_uring passthrough back end (`nvme-ng:///dev/ng0n1`): the nvmirror-nvme
+# unit-test binary runs its `backend::ng` tests on the namespace (NVMIRROR_NG_DEVICE, the
+# conformance model included), `nvmirror-bench` runs verifying workloads through it, and
+# 4 KiB random reads at queue depth 16 are timed through `nvme-ng:///dev/ng0n1` and through
+# the io_uring block back end (`file:///dev/nvme0n1`) on the same namespace; both IOPS
+# lines are printed (under TCG they compare the two paths, not the hardware).
+#
+# Usage: scripts/interop/qemu-nvme.sh [--test pcie|ng] [--timeout SECONDS] [--keep]
 #   KERNEL_DIR=DIR  use an unpacked linux-image-*-cloud-amd64 (boot/ and lib/modules/)
 #                   instead of downloading one.
 # Needs: qemu-system-x86_64, a static busybox, cpio, xz (and apt-get to fetch the kernel).
@@ -20,13 +28,16 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK="$ROOT/build/interop-pcie"
 TIMEOUT=900
 KEEP=0
+TEST=pcie
 while [ $# -gt 0 ]; do
     case "$1" in
         --timeout) TIMEOUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        *) echo "usage: $0 [--timeout SECONDS] [--keep]" >&2; exit 2 ;;
+        --test) TEST=$2; shift 2 ;;
+        *) echo "usage: $0 [--test pcie|ng] [--timeout SECONDS] [--keep]" >&2; exit 2 ;;
     esac
 done
+case "$TEST" in pcie | ng) ;; *) echo "--test takes pcie or ng" >&2; exit 2 ;; esac
 
 log() { echo "qemu-nvme: $*" >&2; }
 fail() {
@@ -64,9 +75,16 @@ MODDIR="$KERNEL_DIR/lib/modules/$KVER"
 log "building nvmirror-bench"
 (cd "$ROOT" && cargo build --release -q -p nvmirror-bench --bin nvmirror-bench) || fail "cargo build of nvmirror-bench"
 BENCH="$ROOT/build/release/nvmirror-bench"
+if [ "$TEST" = ng ]; then
+    log "building the nvmirror-nvme unit tests"
+    UNIT=$(cd "$ROOT" && cargo test --workspace --release --lib --no-run --message-format=json 2>/dev/null |
+        sed -n 's/.*"target":{[^}]*"name":"nvmirror_nvme".*"executable":"\([^"]*\)".*/\1/p' | sed -n 1p)
+    [ -x "$UNIT" ] || fail "cargo test --no-run of nvmirror-nvme"
+fi
 
 # ---- 3. the initramfs ----------------------------------------------------------------------
 MODULES="irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci"
+[ "$TEST" = ng ] && MODULES="" # nvme is built into the cloud kernel
 R="$WORK/initramfs"
 rm -rf "$R"
 mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib/modules,usr/bin}
@@ -82,10 +100,12 @@ for m in $MODULES; do
 done
 echo "$MODULES" >"$R/etc/modules-order"
 cp "$BENCH" "$R/usr/bin/nvmirror-bench"
-for lib in $(ldd "$BENCH" | grep -o '/[^ ]*'); do
+[ "$TEST" = ng ] && cp "$UNIT" "$R/usr/bin/nvmirror-nvme-tests"
+for lib in $(ldd "$BENCH" ${UNIT:-} | grep -v ':$' | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$R$(dirname "$lib")"
     cp -L "$lib" "$R$lib"
 done
+if [ "$TEST" = pcie ]; then
 cat >"$R/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -128,18 +148,68 @@ run --rw read --bs 256k --iodepth 4 --size 16MiB
 say "PASS"
 poweroff -f
 INIT
+else
+cat >"$R/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+say() { echo "NVMIRROR-GUEST: $*"; }
+fail() { say "FAIL: $*"; dmesg | tail -n 30; poweroff -f; sleep 5; }
+for i in $(seq 50); do [ -c /dev/ng0n1 ] && [ -b /dev/nvme0n1 ] && break; sleep 0.2; done
+[ -c /dev/ng0n1 ] || fail "no /dev/ng0n1 (devices: $(ls /dev | tr '\n' ' '))"
+say "kernel $(uname -r); $(ls -l /dev/ng0n1)"
+say "nvmirror-nvme-tests backend::ng on /dev/ng0n1"
+NVMIRROR_NG_DEVICE=/dev/ng0n1 nvmirror-nvme-tests backend::ng --test-threads=1 >/tmp/out 2>&1
+rc=$?
+cat /tmp/out
+[ $rc = 0 ] || fail "backend::ng tests exited $rc"
+grep -q "device_matches_a_model ... ok" /tmp/out || fail "the device model test did not run"
+run() {
+    uri=$1
+    shift
+    say "nvmirror-bench --target $uri $*"
+    RUST_LOG=warn nvmirror-bench --target "$uri" "$@" >/tmp/out 2>&1
+    rc=$?
+    cat /tmp/out
+    [ $rc = 0 ] || fail "nvmirror-bench --target $uri $* exited $rc"
+}
+NG=nvme-ng:///dev/ng0n1
+run $NG --rw randwrite --bs 4k --iodepth 16 --size 16MiB --io_size 4MiB --verify crc32c
+run $NG --rw write --bs 1MiB --iodepth 4 --size 16MiB --verify crc32c
+run $NG --rw read --bs 1MiB --iodepth 4 --size 16MiB
+for uri in $NG file:///dev/nvme0n1; do
+    run $uri --rw randread --bs 4k --iodepth 16 --size 16MiB --io_size 8MiB
+    say "IOPS $uri: $(grep -io 'iops[=: ]*[0-9.]*[kM]*' /tmp/out | sed -n 1p)"
+done
+say "PASS"
+poweroff -f
+INIT
+fi
 chmod +x "$R/init"
 INITRD="$WORK/initrd.gz"
 (cd "$R" && find . | cpio -o -H newc --quiet | gzip -1) >"$INITRD"
 
 # ---- 4. the guest ---------------------------------------------------------------------------
 for i in 0 1; do
+    rm -f "$WORK/nvme$i.img"
     truncate -s 64M "$WORK/nvme$i.img"
 done
-GUEST_LOG="$WORK/guest.log"
+GUEST_LOG="$WORK/guest-$TEST.log"
 rm -f "$GUEST_LOG"
-log "booting $KVER under qemu with an emulated IOMMU and two NVMe controllers (timeout ${TIMEOUT}s)"
 set +e
+if [ "$TEST" = ng ]; then
+log "booting $KVER under qemu with one NVMe controller on the kernel driver (timeout ${TIMEOUT}s)"
+timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -smp 2 \
+    -machine q35 -kernel "$VMLINUZ" -initrd "$INITRD" \
+    -append "console=ttyS0 quiet panic=-1" \
+    -display none -no-reboot -serial "file:$GUEST_LOG" -net none \
+    -drive "file=$WORK/nvme0.img,if=none,id=d0,format=raw,discard=unmap" -device nvme,serial=nvmirror0,drive=d0
+else
+log "booting $KVER under qemu with an emulated IOMMU and two NVMe controllers (timeout ${TIMEOUT}s)"
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -smp 2 \
     -machine q35 -device intel-iommu,aw-bits=48 \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
@@ -147,10 +217,12 @@ timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -m 1G -sm
     -display none -no-reboot -serial "file:$GUEST_LOG" -net none \
     -drive "file=$WORK/nvme0.img,if=none,id=d0,format=raw" -device nvme,serial=nvmirror0,drive=d0 \
     -drive "file=$WORK/nvme1.img,if=none,id=d1,format=raw" -device nvme,serial=nvmirror1,drive=d1
+fi
 QEMU_RC=$?
 set -e
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && cat "$GUEST_LOG" >&2
+    grep "NVMIRROR-GUEST: IOPS" "$GUEST_LOG" >&2 || true
     log "guest passed (log: $GUEST_LOG)"
     echo "PASS"
     exit 0

@@ -18,7 +18,7 @@ use super::region::DmaRegion;
 use super::regs::{self, csts, PAGE_SIZE};
 use crate::dma::DmaPool;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
-use crate::spec::opcode::DSM_ATTR_DEALLOCATE;
+use crate::spec::opcode::{dsm_range, DSM_ATTR_DEALLOCATE};
 use crate::spec::{CompletionQueueEntry, NvmOpcode, Status, SubmissionQueueEntry};
 use crate::{Error, Result};
 
@@ -247,9 +247,7 @@ impl PcieQueuePair {
                     _ => {
                         // One Dataset Management range (§3.2.3 of the NVM spec): context
                         // attributes, length in blocks, starting LBA; in the list page.
-                        let mut range = [0u8; 16];
-                        range[4..8].copy_from_slice(&cmd.nlb.to_le_bytes());
-                        range[8..16].copy_from_slice(&cmd.slba.to_le_bytes());
+                        let range = dsm_range(cmd.slba, cmd.nlb);
                         self.lists.write_bytes(list_off, &range);
                         sqe.opcode = NvmOpcode::DatasetManagement as u8;
                         sqe.dptr = [self.lists.iova() + list_off as u64, 0];

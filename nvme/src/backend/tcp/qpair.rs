@@ -32,13 +32,13 @@ use std::time::{Duration, Instant};
 
 use super::control::ControlConn;
 use super::reconnect::{Revival, Supervisor};
-use super::slot::{Direction, SlotState, SlotTable, DSM_RANGE_LEN};
+use super::slot::{Direction, SlotState, SlotTable};
 use super::stream::{RxBuf, TxBuf};
 use super::Link;
 use crate::dma::IoBuf;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
 use crate::spec::fabrics::{sgl_in_capsule, sgl_transport};
-use crate::spec::opcode::DSM_ATTR_DEALLOCATE;
+use crate::spec::opcode::{dsm_range, DSM_ATTR_DEALLOCATE, DSM_RANGE_LEN};
 use crate::spec::tcp::{self, flags, DataPdu, Digests, PduLimits, PduType, TERM_REQ_MAX_PLEN};
 use crate::spec::{NvmOpcode, Status, SubmissionQueueEntry};
 use crate::{Error, Result};
@@ -316,9 +316,7 @@ impl TcpQueuePair {
             IoOp::Deallocate => {
                 slot.piece_blocks = rest;
                 // One range (NR 0's based = 0): context attributes, length, starting LBA.
-                let mut range = [0u8; DSM_RANGE_LEN];
-                range[4..8].copy_from_slice(&rest.to_le_bytes());
-                range[8..16].copy_from_slice(&slba.to_le_bytes());
+                let range = dsm_range(slba, rest);
                 sqe.opcode = NvmOpcode::DatasetManagement as u8;
                 sqe.cdw11 = DSM_ATTR_DEALLOCATE;
                 slot.dsm = Some(range);

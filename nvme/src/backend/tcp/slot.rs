@@ -4,6 +4,7 @@
 
 use crate::dma::IoBuf;
 use crate::queue::IoOp;
+use crate::spec::opcode::DSM_RANGE_LEN;
 use crate::spec::{Status, SubmissionQueueEntry};
 
 /// Where a command is in its life.
@@ -30,9 +31,6 @@ pub(super) enum Direction {
     /// Controller to host in C2HData (reads).
     ControllerToHost,
 }
-
-/// Bytes per Dataset Management range (NVM §3.2.3).
-pub(super) const DSM_RANGE_LEN: usize = 16;
 
 /// One caller command. A read or write larger than the controller's MDTS travels as pieces
 /// of at most MDTS, one after another under the same command ID; the fields from `sqe` on

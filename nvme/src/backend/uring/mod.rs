@@ -9,7 +9,8 @@
 //! how commands map to SQEs.
 
 mod qpair;
-mod sys;
+pub(crate) mod ring;
+pub(crate) mod sys;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -17,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub(crate) use qpair::status_for_errno;
 pub use qpair::UringQueuePair;
 use qpair::{QueueConfig, SQPOLL_IDLE_MS};
 

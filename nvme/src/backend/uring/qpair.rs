@@ -32,10 +32,10 @@ use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use super::ring::{build_ring, push_cancel, retire_ring};
 use crate::dma::{DmaPool, IoBuf};
 use crate::fence::Fence;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
@@ -53,8 +53,6 @@ const ZERO_CHUNK: usize = 128 << 10;
 const FILE: types::Fixed = types::Fixed(0);
 /// io_uring's limit on registered buffers.
 const MAX_REGISTERED_BUFFERS: u32 = 1 << 14;
-/// User data of `ASYNC_CANCEL` SQEs: above every slot index, so `poll` skips their CQEs.
-const CANCEL_USER_DATA: u64 = u64::MAX;
 
 /// PRP Offset Invalid (Base §4.2.3.1, generic 0x13): a buffer that is not aligned the way
 /// the device needs, here for O_DIRECT.
@@ -207,7 +205,7 @@ impl UringQueuePair {
             ));
         }
         let entries = cfg.depth.next_power_of_two();
-        let ring = build_ring(entries, cfg.sqpoll)?;
+        let ring: IoUring = build_ring(entries, cfg.sqpoll)?;
         ring.submitter()
             .register_files(&[cfg.fd])
             .map_err(|e| super::sys::named("io_uring register_files", e))?;
@@ -322,11 +320,7 @@ fn queue_cancels(
         if !slot.busy || slot.cancelled || !want(slot.tag) {
             continue;
         }
-        let entry = opcode::AsyncCancel::new(index as u64)
-            .build()
-            .user_data(CANCEL_USER_DATA);
-        // SAFETY: a cancel SQE points at no memory.
-        if unsafe { sq.push(&entry) }.is_err() {
+        if !push_cancel(sq, index as u64) {
             break;
         }
         slot.cancelled = true;
@@ -335,117 +329,17 @@ fn queue_cancels(
     issued
 }
 
-/// A closed queue pair's ring with commands still in the kernel.
-struct Retired {
-    ring: IoUring,
-    state: QueueState,
-    /// Commands whose last CQE has not come yet.
-    in_kernel: usize,
-}
-
-impl Retired {
-    /// Waits for every command still in the kernel, then unregisters the file (ending the
-    /// device's claim). Blocks: runs on the reaper thread.
-    fn reap(&mut self) {
-        let depth = u64::from(self.state.depth);
-        while self.in_kernel > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, in_kernel = self.in_kernel, "io_uring reaper cannot wait; the commands' buffers are kept for good");
-                    return;
-                }
-            }
-            for cqe in self.ring.completion() {
-                if cqe.user_data() < depth {
-                    self.in_kernel -= 1;
-                }
-            }
-        }
-        let _ = self.ring.submitter().unregister_files();
-    }
-}
-
 /// Ends a queue pair without blocking the caller: cancels what is in the kernel and leaves
-/// the rest to a reaper thread (see the module docs).
+/// the rest to a reaper thread (see the module docs). `state` goes with the ring: it owns the
+/// zero buffer the commands may still use.
 fn retire(mut ring: IoUring, mut state: QueueState) -> Fence {
     let in_kernel = state.slots.iter().filter(|s| s.busy).count();
-    if in_kernel == 0 {
-        let _ = ring.submitter().unregister_files();
-        return Fence::done();
-    }
-    {
-        let (submitter, mut sq, _) = ring.split();
+    if in_kernel > 0 {
+        let mut sq = ring.submission();
         queue_cancels(&mut sq, &mut state, |_| true);
-        sq.sync();
-        // Sends the cancels (and any SQE not yet sent) from this thread; waits for nothing.
-        let _ = submitter.submit();
     }
-    tracing::debug!(
-        in_kernel,
-        "io_uring queue pair closed with commands in the kernel; a reaper waits for them"
-    );
-    let (fence, signal) = Fence::pending();
-    let retired = Arc::new(Mutex::new(Some(Retired {
-        ring,
-        state,
-        in_kernel,
-    })));
-    let theirs = Arc::clone(&retired);
-    let spawned = std::thread::Builder::new()
-        .name("uring-reaper".into())
-        .spawn(move || {
-            let taken = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(mut r) = taken {
-                r.reap();
-                if r.in_kernel == 0 {
-                    drop(r);
-                    signal.signal();
-                } else {
-                    // The kernel may still use the buffers: never let them be freed.
-                    std::mem::forget(r);
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        // No thread to hand it to (its signal went with it): the one safe answer left is to
-        // wait here.
-        tracing::error!(error = %e, "cannot start an io_uring reaper; waiting for the commands on this thread");
-        let taken = retired.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(mut r) = taken {
-            r.reap();
-            if r.in_kernel == 0 {
-                return Fence::done();
-            }
-            // The kernel may still use the buffers: never let them be freed.
-            std::mem::forget(r);
-        }
-    }
-    fence
-}
-
-/// A ring of `entries` SQEs (twice as many CQEs, so it never overflows: at most `depth`
-/// commands are in the kernel). Without SQPOLL, task work runs only when we enter the kernel
-/// and is flagged in the SQ ring (COOP_TASKRUN + TASKRUN_FLAG); kernels older than 5.19
-/// refuse those flags and get a plain ring.
-fn build_ring(entries: u32, sqpoll: Option<u32>) -> io::Result<IoUring> {
-    let mut builder = IoUring::builder();
-    match sqpoll {
-        Some(idle_ms) => {
-            builder.setup_sqpoll(idle_ms);
-        }
-        None => {
-            builder.setup_coop_taskrun().setup_taskrun_flag();
-        }
-    }
-    match builder.build(entries) {
-        Ok(ring) => Ok(ring),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && sqpoll.is_none() => {
-            IoUring::new(entries).map_err(|e| super::sys::named("io_uring_setup", e))
-        }
-        Err(e) => Err(super::sys::named("io_uring_setup", e)),
-    }
+    let depth = u64::from(state.depth);
+    retire_ring(ring, state, depth, in_kernel)
 }
 
 /// The NVMe status for a failed CQE (`errno` positive). All statuses are context-free: no DNR,
@@ -674,6 +568,8 @@ impl QueuePair for UringQueuePair {
             // EAGAIN/EBUSY/EINTR leave the SQEs in the ring for the next poll; nothing else
             // can fail on a ring set up like ours.
             let _ = submitter.submit();
+            // Learn what the kernel consumed, so resubmitted steps find the room.
+            sq.sync();
         }
         cq.sync();
         while n < out.len() {

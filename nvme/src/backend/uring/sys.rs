@@ -12,14 +12,14 @@ use crate::dma::DmaPool;
 const BLKGETSIZE64: libc::Ioctl = libc::_IOR::<u64>(0x12, 114);
 
 /// Wraps `err` so that its message names the failing call; the kind is kept.
-pub(super) fn named(call: &str, err: io::Error) -> io::Error {
+pub(crate) fn named(call: &str, err: io::Error) -> io::Error {
     io::Error::new(err.kind(), format!("{call}: {err}"))
 }
 
 /// Takes a non-blocking exclusive `flock` on `file`. It lasts as long as the open file
 /// description (this `File` and any duplicate of it, such as an io_uring registered file).
 /// Fails with `EWOULDBLOCK` when another open file description holds it.
-pub(super) fn flock_exclusive(file: &File) -> io::Result<()> {
+pub(crate) fn flock_exclusive(file: &File) -> io::Result<()> {
     // SAFETY: flock only reads its integer arguments; the descriptor is open for the call.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
