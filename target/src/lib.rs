@@ -34,6 +34,7 @@ pub mod nvme_tcp_config;
 pub mod rpc;
 pub mod serve;
 pub mod status;
+pub mod volume_metrics;
 pub mod watch;
 
 pub use error::{Error, Result};
