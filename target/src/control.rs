@@ -486,6 +486,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
     }
     crate::ana_rpc::add_methods(&mut m, &reg);
+    crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);
     }
@@ -495,7 +496,15 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         n.sort();
         n
     };
-    m.add("rpc_get_methods", move |_| Ok(json!(names)));
+    m.add("rpc_get_methods", move |p| {
+        if p.get("detail").and_then(Value::as_bool) == Some(true) {
+            Ok(Value::Array(
+                names.iter().map(|n| crate::rpc_docs::describe(n)).collect(),
+            ))
+        } else {
+            Ok(json!(names))
+        }
+    });
     m
 }
 

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 
 use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::open_leg;
+use serde_json::Value;
 
 use serve_rig::{write, Server, NQN};
 
@@ -115,4 +116,150 @@ fn promtool_accepts_the_exposition_with_histograms() {
         "promtool: {said}\n{body}"
     );
     srv.stop();
+}
+
+/// SPDK's `rpc.py` (`spdk-rpc`): on PATH, or in the venv `.ci/run` makes under `build/`.
+fn spdk_rpc() -> Option<PathBuf> {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/spdk-venv/bin/spdk-rpc");
+    tool("spdk-rpc", &[venv])
+}
+
+/// `spdk-rpc -s SOCKET -t 10 ARGS`: its JSON output.
+fn spdk(rpc: &PathBuf, socket: &str, args: &[&str]) -> Value {
+    let out = Command::new(rpc)
+        .args(["-s", socket, "-t", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "spdk-rpc {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("spdk-rpc {args:?}: {e}: {text}"))
+}
+
+#[test]
+fn spdk_rpc_py_lists_volumes_and_subsystems() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let srv = Server::start(dir.path());
+    // nvmirror's own client takes SPDK's -s and -t, and documents every method's params.
+    let out = Command::new(serve_rig::NVMIRROR)
+        .args([
+            "rpc",
+            "-s",
+            &srv.socket,
+            "-t",
+            "5",
+            "rpc_get_methods",
+            r#"{"detail":true}"#,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let methods: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let methods = methods.as_array().unwrap();
+    assert!(methods.len() > 20, "{methods:?}");
+    for m in methods {
+        assert!(
+            m["summary"].is_string() && m["params"].is_string(),
+            "undocumented: {m}"
+        );
+    }
+    let (ok, err) = srv.rpc("rpc_get_methods", "{}");
+    assert!(ok && err.contains("nvmf_get_subsystems"), "{err}");
+
+    let Some(rpc) = spdk_rpc() else {
+        return;
+    };
+    let version = spdk(&rpc, &srv.socket, &["spdk_get_version"]);
+    assert!(
+        version["version"].as_str().unwrap().starts_with("nvmirror"),
+        "{version}"
+    );
+    let subsystems = spdk(&rpc, &srv.socket, &["nvmf_get_subsystems"]);
+    let nqns: Vec<&str> = subsystems
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["nqn"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nqns,
+        ["nqn.2014-08.org.nvmexpress.discovery", NQN],
+        "{subsystems}"
+    );
+    let sub = &subsystems[1];
+    assert_eq!(sub["namespaces"][0]["nsid"], 1, "{sub}");
+    assert_eq!(sub["namespaces"][0]["bdev_name"], "vol0", "{sub}");
+    let port = srv.port().to_string();
+    assert_eq!(
+        sub["listen_addresses"][0]["trsvcid"],
+        port.as_str(),
+        "{sub}"
+    );
+    // One subsystem by NQN, as rpc.py passes it.
+    let one = spdk(&rpc, &srv.socket, &["nvmf_get_subsystems", NQN]);
+    assert_eq!(one.as_array().unwrap().len(), 1, "{one}");
+    let bdevs = spdk(&rpc, &srv.socket, &["bdev_get_bdevs"]);
+    assert_eq!(bdevs[0]["name"], "vol0", "{bdevs}");
+    assert_eq!(bdevs[0]["block_size"], 512, "{bdevs}");
+    let status = srv.status();
+    assert_eq!(bdevs[0]["num_blocks"], status["num_blocks"], "{bdevs}");
+    let one = spdk(&rpc, &srv.socket, &["bdev_get_bdevs", "-b", "vol0"]);
+    assert_eq!(one.as_array().unwrap().len(), 1, "{one}");
+    // An unknown bdev is an error rpc.py reports, not an empty success.
+    let out = Command::new(&rpc)
+        .args(["-s", &srv.socket, "bdev_get_bdevs", "-b", "nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    srv.stop();
+}
+
+#[test]
+fn version_man_pages_and_completions() {
+    let out = Command::new(serve_rig::NVMIRROR)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        v.starts_with(&format!("nvmirror {} (", env!("CARGO_PKG_VERSION")))
+            && v.trim_end().ends_with(')'),
+        "{v}"
+    );
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let st = Command::new(serve_rig::NVMIRROR)
+        .args(["gen", "man"])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for page in ["nvmirror.1", "nvmirror-serve.1", "nvmirror-rpc.1"] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+    let rpc = std::fs::read_to_string(dir.path().join("nvmirror-rpc.1")).unwrap();
+    assert!(rpc.contains("timeout"), "{rpc}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(serve_rig::NVMIRROR)
+            .args(["gen", "completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("serve") && text.contains("rpc"),
+            "{shell}: {text}"
+        );
+    }
 }
