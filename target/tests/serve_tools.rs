@@ -20,7 +20,7 @@ fn required() -> bool {
 }
 
 /// `name` on PATH or at one of `also`.
-fn tool(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
+fn find(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
@@ -28,10 +28,15 @@ fn tool(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default();
-    let found = on_path
+    on_path
         .into_iter()
         .chain(also.iter().cloned())
-        .find(|p| p.is_file());
+        .find(|p| p.is_file())
+}
+
+/// [`find`], which must succeed under `NVMIRROR_REQUIRE_TOOLS=1`.
+fn tool(name: &str, also: &[PathBuf]) -> Option<PathBuf> {
+    let found = find(name, also);
     if found.is_none() {
         assert!(
             !required(),
@@ -262,4 +267,54 @@ fn version_man_pages_and_completions() {
             "{shell}: {text}"
         );
     }
+}
+
+#[test]
+fn systemd_unit_verifies_with_the_man_page_it_names() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/nvmirror.service"
+    ))
+    .unwrap();
+    for want in [
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(want), "the unit lacks {want}");
+    }
+    // systemd-analyze is not in every container; a host with systemd has it.
+    let Some(analyze) = find("systemd-analyze", &[]) else {
+        eprintln!("skipping: systemd-analyze not found");
+        return;
+    };
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("nvmirror.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/nvmirror", serve_rig::NVMIRROR),
+    )
+    .unwrap();
+    let man = dir.path().join("man/man1");
+    let st = Command::new(serve_rig::NVMIRROR)
+        .args(["gen", "man"])
+        .arg(&man)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !said.contains("Unknown key"),
+        "{said}"
+    );
 }
