@@ -63,8 +63,37 @@ fn promtool_accepts_the_exposition_with_histograms() {
     let srv = Server::start(dir.path());
     srv.wait_in_sync();
     some_writes(&srv);
+    // A verify, so the job gauges are there too.
+    srv.rpc_ok("verify_start", r#"{"volume":"vol0"}"#);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while srv.rpc_ok("verify_status", r#"{"volume":"vol0"}"#)["state"] != "done" {
+        assert!(std::time::Instant::now() < deadline, "verify did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let resp = srv.scrape();
     let body = resp.split_once("\r\n\r\n").unwrap().1.to_string();
+    // Every family the Grafana dashboard queries is served.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana-nvmirror.json"
+    ))
+    .unwrap();
+    let _: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut missing = Vec::new();
+    for (at, _) in dashboard.match_indices("nvmirror_") {
+        let name: String = dashboard[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        if !body.contains(&format!("# TYPE {family} ")) {
+            missing.push(family.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "the dashboard queries {missing:?}, not served:\n{body}");
     // The histograms are there and consistent: per leg and per volume, +Inf equals _count.
     for family in [
         "nvmirror_leg_latency_seconds",
