@@ -49,7 +49,7 @@ fn bdevs(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
     let list: Vec<Value> = reg
         .volumes
         .iter()
-        .filter(|v| want.is_none_or(|n| n == v.volume.name()))
+        .filter(|v| want.map_or(true, |n| n == v.volume.name()))
         .map(|v| {
             let geo = v.volume.geometry();
             let legs = v.volume.leg_states();

@@ -63,11 +63,17 @@ fn promtool_accepts_the_exposition_with_histograms() {
     let srv = Server::start(dir.path());
     srv.wait_in_sync();
     some_writes(&srv);
-    // A verify, so the job gauges are there too.
+    // A resync and a verify, so the job gauges are there too.
+    srv.rpc_ok("leg_detach", r#"{"volume":"vol0","leg":1}"#);
+    srv.rpc_ok("leg_attach", r#"{"volume":"vol0","leg":1}"#);
+    srv.wait_in_sync();
     srv.rpc_ok("verify_start", r#"{"volume":"vol0"}"#);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while srv.rpc_ok("verify_status", r#"{"volume":"vol0"}"#)["state"] != "done" {
-        assert!(std::time::Instant::now() < deadline, "verify did not finish");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "verify did not finish"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let resp = srv.scrape();
@@ -93,7 +99,10 @@ fn promtool_accepts_the_exposition_with_histograms() {
             missing.push(family.to_string());
         }
     }
-    assert!(missing.is_empty(), "the dashboard queries {missing:?}, not served:\n{body}");
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, not served:\n{body}"
+    );
     // The histograms are there and consistent: per leg and per volume, +Inf equals _count.
     for family in [
         "nvmirror_leg_latency_seconds",
