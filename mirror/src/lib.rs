@@ -75,7 +75,7 @@ pub use read_repair::READ_ERROR_BUDGET;
 pub use resync::{
     JobState, RegionSource, ResyncConfig, ResyncJob, ResyncStatus, VerifyJob, VerifyStatus,
 };
-pub use stats::{LatencySummary, LegStats, VolumeStats};
+pub use stats::{LatencyHistogram, LatencySummary, LegStats, VolumeStats};
 pub use volume::Volume;
 
 #[doc(hidden)]

@@ -10,7 +10,6 @@ use nvmirror_nvme::backend::{Fault, FaultInjector, OpFilter};
 use nvmirror_nvme::{BlockDevice, Status};
 use nvmirror_poller::ReactorHandle;
 
-use crate::metrics::PromWriter;
 use crate::rpc::{Methods, RpcError};
 
 /// One leg slot of a served volume.
@@ -125,7 +124,11 @@ impl Registry {
     }
 
     /// Leg URI and fault switchboard of leg `leg`, including legs added at run time.
-    fn leg_meta(&self, v: &VolumeEntry, leg: usize) -> Option<(String, Arc<FaultInjector>)> {
+    pub(crate) fn leg_meta(
+        &self,
+        v: &VolumeEntry,
+        leg: usize,
+    ) -> Option<(String, Arc<FaultInjector>)> {
         lock(&v.legs)
             .get(leg)
             .map(|l| (l.uri.clone(), Arc::clone(&l.injector)))
@@ -214,172 +217,6 @@ impl Registry {
                 Err(_) => Value::Null,
             },
         })
-    }
-
-    /// Prometheus text for every volume, leg and reactor.
-    pub fn render_metrics(&self) -> String {
-        let mut w = PromWriter::new();
-        for v in &self.volumes {
-            let name = v.volume.name();
-            let stats = v.volume.stats();
-            let infos = v.volume.leg_states();
-            for (i, info) in infos.iter().enumerate() {
-                let s = stats.legs.get(i).cloned().unwrap_or_default();
-                let idx = i.to_string();
-                let uri = self.leg_meta(v, i).map(|m| m.0).unwrap_or_default();
-                let l = [
-                    ("volume", name),
-                    ("leg", idx.as_str()),
-                    ("uri", uri.as_str()),
-                ];
-                w.counter(
-                    "nvmirror_leg_ops_total",
-                    "Commands completed by the leg.",
-                    &l,
-                    s.ops as f64,
-                );
-                w.counter(
-                    "nvmirror_leg_bytes_total",
-                    "Bytes moved by the leg.",
-                    &l,
-                    s.bytes as f64,
-                );
-                w.counter(
-                    "nvmirror_leg_errors_total",
-                    "Commands the leg failed.",
-                    &l,
-                    s.errors as f64,
-                );
-                w.counter(
-                    "nvmirror_leg_timeouts_total",
-                    "Commands abandoned after the I/O timeout.",
-                    &l,
-                    s.timeouts as f64,
-                );
-                w.counter(
-                    "nvmirror_leg_completed_last_total",
-                    "Mirrored writes for which this leg completed last (held up the ack).",
-                    &l,
-                    s.completed_last as f64,
-                );
-                for (q, d) in [
-                    ("0.5", s.latency.p50),
-                    ("0.99", s.latency.p99),
-                    ("1", s.latency.max),
-                ] {
-                    let mut lq = l.to_vec();
-                    lq.push(("quantile", q));
-                    w.gauge(
-                        "nvmirror_leg_latency_seconds",
-                        "Leg completion latency quantiles.",
-                        &lq,
-                        d.as_secs_f64(),
-                    );
-                }
-                for state in ["in_sync", "faulted", "resyncing", "detached"] {
-                    let mut ls = l.to_vec();
-                    ls.push(("state", state));
-                    let on = if info.state.as_str() == state {
-                        1.0
-                    } else {
-                        0.0
-                    };
-                    w.gauge(
-                        "nvmirror_leg_state",
-                        "1 for the leg's current state.",
-                        &ls,
-                        on,
-                    );
-                }
-                w.gauge(
-                    "nvmirror_leg_missed_regions",
-                    "Regions the leg missed while out of sync.",
-                    &l,
-                    v.volume.missed_region_count(i).unwrap_or(0) as f64,
-                );
-            }
-            let lv = [("volume", name)];
-            if let Ok(r) = v.volume.resync_status() {
-                w.gauge(
-                    "nvmirror_resync_progress_ratio",
-                    "Progress of the volume's latest resync.",
-                    &lv,
-                    r.percent / 100.0,
-                );
-                w.gauge(
-                    "nvmirror_resync_rate_bytes_per_second",
-                    "Current resync copy rate.",
-                    &lv,
-                    r.rate as f64,
-                );
-                w.counter(
-                    "nvmirror_resync_bytes_copied_total",
-                    "Bytes copied by the volume's latest resync.",
-                    &lv,
-                    r.bytes_copied as f64,
-                );
-            }
-            if v.volume.metadata_layout().is_some() {
-                w.gauge(
-                    "nvmirror_bitmap_marked_regions",
-                    "Regions marked in the write-intent bitmap.",
-                    &lv,
-                    v.volume.marked_region_count() as f64,
-                );
-                w.counter(
-                    "nvmirror_bitmap_metadata_writes_total",
-                    "Bitmap page writes.",
-                    &lv,
-                    stats.metadata_writes as f64,
-                );
-                w.gauge(
-                    "nvmirror_bitmap_hit_rate",
-                    "Writes whose region was already durably marked.",
-                    &lv,
-                    stats.bitmap_hit_rate(),
-                );
-            }
-            w.counter(
-                "nvmirror_volume_overlap_waits_total",
-                "Writes that waited for an overlapping write.",
-                &lv,
-                stats.overlap_waits as f64,
-            );
-            w.counter(
-                "nvmirror_volume_read_retries_total",
-                "Reads retried on another leg.",
-                &lv,
-                stats.read_retries as f64,
-            );
-        }
-        for r in 0..self.reactors.count() {
-            if let Ok(s) = self.reactors.stats(r) {
-                let idx = r.to_string();
-                let l = [("reactor", idx.as_str())];
-                let load = |a: &std::sync::atomic::AtomicU64| {
-                    a.load(std::sync::atomic::Ordering::Relaxed) as f64
-                };
-                w.counter(
-                    "nvmirror_reactor_busy_seconds_total",
-                    "Time in loop iterations that did work.",
-                    &l,
-                    load(&s.busy_ns) / 1e9,
-                );
-                w.counter(
-                    "nvmirror_reactor_idle_seconds_total",
-                    "Time in loop iterations that found nothing.",
-                    &l,
-                    load(&s.idle_ns) / 1e9,
-                );
-                w.gauge(
-                    "nvmirror_reactor_busy_ratio",
-                    "Busy share since start.",
-                    &l,
-                    s.busy_ratio(),
-                );
-            }
-        }
-        w.finish()
     }
 }
 
@@ -649,6 +486,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
     }
     crate::ana_rpc::add_methods(&mut m, &reg);
+    crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);
     }
@@ -658,7 +496,15 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         n.sort();
         n
     };
-    m.add("rpc_get_methods", move |_| Ok(json!(names)));
+    m.add("rpc_get_methods", move |p| {
+        if p.get("detail").and_then(Value::as_bool) == Some(true) {
+            Ok(Value::Array(
+                names.iter().map(|n| crate::rpc_docs::describe(n)).collect(),
+            ))
+        } else {
+            Ok(json!(names))
+        }
+    });
     m
 }
 

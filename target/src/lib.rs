@@ -32,8 +32,14 @@ pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;
 pub mod rpc;
+pub mod rpc_docs;
 pub mod serve;
+pub mod spdk_rpc;
 pub mod status;
+pub mod volume_metrics;
+
+/// The git commit the binary was built from ("unknown" without git).
+pub const GIT_COMMIT: &str = env!("NVMIRROR_GIT_COMMIT");
 pub mod watch;
 
 pub use error::{Error, Result};

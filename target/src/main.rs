@@ -10,7 +10,7 @@ use serde_json::Value;
 use nvmirror_target::{rpc, serve, status, watch};
 
 #[derive(Parser, Debug)]
-#[command(name = "nvmirror", version, about = "NVMe mirror target")]
+#[command(name = "nvmirror", version = VERSION, about = "NVMe mirror target")]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -22,13 +22,21 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Call a JSON-RPC method and print its result.
     Rpc {
-        /// RPC socket.
-        #[arg(long, default_value = "./nvmirror-data/nvmirror.sock")]
+        /// RPC socket (SPDK's `-s`).
+        #[arg(short = 's', long, default_value = "./nvmirror-data/nvmirror.sock")]
         socket: PathBuf,
+        /// Seconds to wait for the reply (SPDK's `-t`).
+        #[arg(short = 't', long, default_value_t = 60.0)]
+        timeout: f64,
         /// Method name (`rpc_get_methods` lists them).
         method: String,
         /// Parameters as JSON.
         params: Option<String>,
+    },
+    /// Write man pages or shell completions.
+    Gen {
+        #[command(subcommand)]
+        what: Generate,
     },
     /// Show volumes, legs, rates, latency and resync progress.
     Status {
@@ -41,6 +49,41 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_interval)]
         interval: Duration,
     },
+}
+
+/// `--version`: the crate version and the git commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("NVMIRROR_GIT_COMMIT"),
+    ")"
+);
+
+#[derive(Subcommand, Debug)]
+enum Generate {
+    /// Man pages (nvmirror.1 and one per subcommand) into DIR.
+    Man {
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
+    /// A completion script for SHELL on stdout.
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Writes what `gen` asks for.
+fn generate(what: Generate) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    match what {
+        Generate::Man { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(cmd, &dir)
+        }
+        Generate::Completions { shell } => {
+            clap_complete::generate(shell, &mut cmd, "nvmirror", &mut std::io::stdout());
+            Ok(())
+        }
+    }
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -57,11 +100,26 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Gen { what } => match generate(what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nvmirror gen: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Rpc {
             socket,
+            timeout,
             method,
             params,
         } => {
+            let Some(timeout) = Some(timeout)
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map(Duration::from_secs_f64)
+            else {
+                eprintln!("nvmirror rpc: -t must be a positive number of seconds");
+                return ExitCode::FAILURE;
+            };
             let params = match params.as_deref().map(serde_json::from_str::<Value>) {
                 None => Value::Null,
                 Some(Ok(v)) => v,
@@ -70,7 +128,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rpc::call(&socket, &method, params) {
+            match rpc::call_with_timeout(&socket, &method, params, timeout) {
                 Ok(v) => {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                     ExitCode::SUCCESS

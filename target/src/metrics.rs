@@ -19,11 +19,15 @@ pub const MAX_REQUEST_BYTES: u64 = 16 * 1024;
 /// Renders the whole exposition on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Builds exposition text: one `# HELP`/`# TYPE` header per metric family.
+/// Builds exposition text: one `# HELP`/`# TYPE` header per metric family, and every sample
+/// of a family together under it (in the order families first appear), however the caller
+/// interleaves them.
 #[derive(Debug, Default)]
 pub struct PromWriter {
-    out: String,
-    families: std::collections::HashSet<String>,
+    /// Family name → its index in `families`.
+    index: std::collections::HashMap<String, usize>,
+    /// Each family's header and samples, in first-seen order.
+    families: Vec<String>,
 }
 
 impl PromWriter {
@@ -31,42 +35,49 @@ impl PromWriter {
         Self::default()
     }
 
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        if self.families.insert(name.to_string()) {
-            let _ = writeln!(self.out, "# HELP {name} {help}");
-            let _ = writeln!(self.out, "# TYPE {name} {kind}");
-        }
+    /// The text of family `name`, created with its header on first use.
+    fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut String {
+        let i = match self.index.get(name) {
+            Some(&i) => i,
+            None => {
+                let mut text = String::new();
+                let _ = writeln!(text, "# HELP {name} {help}");
+                let _ = writeln!(text, "# TYPE {name} {kind}");
+                self.families.push(text);
+                self.index.insert(name.to_string(), self.families.len() - 1);
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i]
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        self.out.push_str(name);
+    fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+        out.push_str(name);
         if !labels.is_empty() {
-            self.out.push('{');
+            out.push('{');
             for (i, (k, v)) in labels.iter().enumerate() {
                 if i > 0 {
-                    self.out.push(',');
+                    out.push(',');
                 }
                 let v = v
                     .replace('\\', "\\\\")
                     .replace('"', "\\\"")
                     .replace('\n', "\\n");
-                let _ = write!(self.out, "{k}=\"{v}\"");
+                let _ = write!(out, "{k}=\"{v}\"");
             }
-            self.out.push('}');
+            out.push('}');
         }
-        let _ = writeln!(self.out, " {value}");
+        let _ = writeln!(out, " {value}");
     }
 
     /// A monotonically increasing count.
     pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        self.header(name, "counter", help);
-        self.sample(name, labels, value);
+        Self::sample(self.family(name, "counter", help), name, labels, value);
     }
 
     /// A value that goes up and down.
     pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        self.header(name, "gauge", help);
-        self.sample(name, labels, value);
+        Self::sample(self.family(name, "gauge", help), name, labels, value);
     }
 
     /// A histogram from cumulative `(upper bound, count)` buckets, the sum and the count.
@@ -79,23 +90,23 @@ impl PromWriter {
         sum: f64,
         count: u64,
     ) {
-        self.header(name, "histogram", help);
+        let out = self.family(name, "histogram", help);
         let bucket = format!("{name}_bucket");
         for (le, c) in buckets {
             let le = le.to_string();
             let mut l = labels.to_vec();
             l.push(("le", &le));
-            self.sample(&bucket, &l, *c as f64);
+            Self::sample(out, &bucket, &l, *c as f64);
         }
         let mut l = labels.to_vec();
         l.push(("le", "+Inf"));
-        self.sample(&bucket, &l, count as f64);
-        self.sample(&format!("{name}_sum"), labels, sum);
-        self.sample(&format!("{name}_count"), labels, count as f64);
+        Self::sample(out, &bucket, &l, count as f64);
+        Self::sample(out, &format!("{name}_sum"), labels, sum);
+        Self::sample(out, &format!("{name}_count"), labels, count as f64);
     }
 
     pub fn finish(self) -> String {
-        self.out
+        self.families.concat()
     }
 }
 
@@ -263,7 +274,21 @@ mod tests {
             0.02,
             4,
         );
+        w.counter(
+            "nvmirror_leg_ops_total",
+            "Leg operations.",
+            &[("volume", "vol1"), ("leg", "0")],
+            9.0,
+        );
         let text = w.finish();
+        // Every sample of a family sits under its one header, before the next family.
+        let ops: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.starts_with("nvmirror_leg_ops_total"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(ops, vec![2, 3, 4], "{text}");
         assert_eq!(
             text.matches("# TYPE nvmirror_leg_ops_total counter")
                 .count(),

@@ -305,8 +305,18 @@ fn serve_connection(stream: UnixStream, methods: &Methods) {
     }
 }
 
-/// Calls `method` on the server at `path` and returns its result.
+/// Calls `method` on the server at `path` and returns its result (waiting 60 s at most).
 pub fn call(path: &Path, method: &str, params: Value) -> Result<Value, RpcError> {
+    call_with_timeout(path, method, params, Duration::from_secs(60))
+}
+
+/// [`call`], waiting at most `timeout` for the reply.
+pub fn call_with_timeout(
+    path: &Path,
+    method: &str,
+    params: Value,
+    timeout: Duration,
+) -> Result<Value, RpcError> {
     let stream = UnixStream::connect(path).map_err(|e| RpcError {
         code: INTERNAL_ERROR,
         message: format!(
@@ -314,7 +324,7 @@ pub fn call(path: &Path, method: &str, params: Value) -> Result<Value, RpcError>
             path.display()
         ),
     })?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+    let _ = stream.set_read_timeout(Some(timeout));
     let mut w = stream
         .try_clone()
         .map_err(|e| RpcError::failed(e.to_string()))?;

@@ -71,6 +71,7 @@ impl VolumeQueuePair {
         self.stats.legs[leg].record(bytes, latency, !cpl.status.is_success());
         self.reads.observe(leg, latency);
         if let LegOutcome::Last(result) = outcome {
+            self.stats.host_latency.record(latency);
             self.finish(slot, result, Some(leg));
         }
     }

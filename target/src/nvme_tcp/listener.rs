@@ -201,6 +201,35 @@ impl NvmeTcpTarget {
         out
     }
 
+    /// Every NVM subsystem as served: NQN, serial, model, allowed hosts and namespaces.
+    pub fn subsystems(&self) -> Vec<SubsystemInfo> {
+        self.shared
+            .subsystems
+            .iter()
+            .map(|s| SubsystemInfo {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone(),
+                model: s.model.clone(),
+                allowed_hosts: s
+                    .allowed_hosts
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+                namespaces: s
+                    .namespaces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| NamespaceInfo {
+                        nsid: i as u32 + 1,
+                        device: n.dev.name().to_string(),
+                        nguid: n.nguid,
+                        uuid: n.uuid,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// Connections open now (handshaking or connected).
     pub fn connection_count(&self) -> usize {
         self.shared.open_connections.load(Ordering::Acquire)
@@ -305,4 +334,25 @@ fn accept_loop(listeners: Vec<TcpListener>, shared: Arc<TargetShared>, reactors:
             }
         }
     }
+}
+
+/// One served subsystem, as the control plane lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubsystemInfo {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    /// Empty: any host.
+    pub allowed_hosts: Vec<String>,
+    pub namespaces: Vec<NamespaceInfo>,
+}
+
+/// One namespace of a served subsystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub nsid: u32,
+    /// The exported device's name (a volume's name).
+    pub device: String,
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
 }

@@ -34,7 +34,7 @@ use nvmirror_poller::ReactorHandle;
 
 use crate::{Error, Result};
 pub(crate) use listener::RefusalLog;
-pub use listener::{AnaGroupState, NvmeTcpTarget};
+pub use listener::{AnaGroupState, NamespaceInfo, NvmeTcpTarget, SubsystemInfo};
 pub use nvmirror_nvme::spec::ana::AnaState;
 
 /// One NVM subsystem to export.
