@@ -483,11 +483,11 @@ mod tests {
             Superblock::decode(&zeros),
             Err(SuperblockError::NoMagic { .. })
         ));
-        let mut v2 = b;
-        v2[8] = 2;
+        let mut v9 = b;
+        v9[8] = 9;
         assert_eq!(
-            Superblock::decode(&v2),
-            Err(SuperblockError::UnsupportedVersion(2))
+            Superblock::decode(&v9),
+            Err(SuperblockError::UnsupportedVersion(9))
         );
     }
 
