@@ -176,33 +176,6 @@ pub fn fence_leg(res: &dyn Reservations, volume: Uuid, epoch: u64, takeover: boo
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_key_is_the_uuid_crc_and_the_epoch() {
-        let u = Uuid([7; 16]);
-        let k = fence_key(u, 5);
-        assert_eq!(k >> 32, u64::from(crc32c::crc32c(&[7; 16])));
-        assert_eq!(k & 0xffff_ffff, 5);
-        assert_eq!(key_epoch(u, k), Some(5));
-        assert_ne!(fence_key(u, 6), k, "a promotion changes the key");
-        assert_eq!(key_epoch(Uuid([8; 16]), k), None, "another volume's key");
-        assert_ne!(fence_key(Uuid::default(), 0), 0);
-    }
-
-    #[test]
-    fn the_first_reason_is_kept() {
-        let f = FenceState::default();
-        assert!(!f.is_fenced());
-        assert!(f.fence("preempted"));
-        assert!(!f.fence("again"));
-        assert!(f.is_fenced());
-        assert_eq!(f.reason().as_deref(), Some("preempted"));
-    }
-}
-
 impl crate::Volume {
     /// The fencing epoch (0 for a volume without metadata).
     pub fn epoch(&self) -> u64 {
@@ -270,5 +243,32 @@ impl crate::Volume {
         }
         *sh.leg_fences.lock().unwrap_or_else(|e| e.into_inner()) = out.clone();
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_the_uuid_crc_and_the_epoch() {
+        let u = Uuid([7; 16]);
+        let k = fence_key(u, 5);
+        assert_eq!(k >> 32, u64::from(crc32c::crc32c(&[7; 16])));
+        assert_eq!(k & 0xffff_ffff, 5);
+        assert_eq!(key_epoch(u, k), Some(5));
+        assert_ne!(fence_key(u, 6), k, "a promotion changes the key");
+        assert_eq!(key_epoch(Uuid([8; 16]), k), None, "another volume's key");
+        assert_ne!(fence_key(Uuid::default(), 0), 0);
+    }
+
+    #[test]
+    fn the_first_reason_is_kept() {
+        let f = FenceState::default();
+        assert!(!f.is_fenced());
+        assert!(f.fence("preempted"));
+        assert!(!f.fence("again"));
+        assert!(f.is_fenced());
+        assert_eq!(f.reason().as_deref(), Some("preempted"));
     }
 }
