@@ -272,7 +272,7 @@ impl Volume {
         }
         let bitmap = WriteIntentBitmap::new(layout);
         bitmap.load(&union);
-        // The epoch this node serves under is its own (local) legs' oldest: a remote leg
+        // The epoch this node serves under is its own (local) legs' newest: a remote leg
         // with a newer one was promoted elsewhere, and this node must not write again
         // (docs/promotion.md). A volume of remote legs only takes the freshest leg's.
         let local_epochs = || {
@@ -281,10 +281,10 @@ impl Volume {
                 .filter(|(i, _)| legs[*i].link().is_none())
                 .filter_map(|(_, sb)| sb.as_ref().map(|s| s.epoch))
         };
-        let epoch = local_epochs().min().unwrap_or(f.epoch);
+        let epoch = local_epochs().max().unwrap_or(f.epoch);
         let newer = sbs.iter().enumerate().find_map(|(i, sb)| {
             sb.as_ref()
-                .filter(|s| s.epoch > epoch)
+                .filter(|s| s.epoch > epoch && legs[i].link().is_some())
                 .map(|s| (i, s.epoch))
         });
         let meta = PersistentMeta::new(
