@@ -355,6 +355,15 @@ impl Volume {
                 .map_err(|r| meta_err(i, format!("cannot retire the removed slot: {r:?}")))?;
             tracing::info!(volume = name, leg = i, "leg slot removed by the operator");
         }
+        if newer.is_some() {
+            // Fenced at start: the legs of the newer epoch belong to the new primary. They
+            // are taken out, so this start writes neither bitmap nor superblock there.
+            for (i, sb) in sbs.iter().enumerate() {
+                if sb.as_ref().is_some_and(|s| s.epoch > epoch) && shared.leg(i).is_some() {
+                    stale[i] = true;
+                }
+            }
+        }
         for (i, &is_stale) in stale.iter().enumerate() {
             if !is_stale {
                 continue;
