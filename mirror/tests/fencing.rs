@@ -77,6 +77,11 @@ fn a_remote_leg_at_a_newer_epoch_opens_the_volume_fenced() {
     // All legs local: the node's epoch is its legs' newest, nothing is fenced.
     let vol = Volume::open_persistent("vol0", legs.clone(), VolumeConfig::default()).unwrap();
     assert_eq!(vol.epoch(), 1);
+    let sb1 = {
+        let mut qp = legs[1].open_qpair(1).unwrap();
+        assert!(run(&mut *qp, IoOp::Read, 0, 8, &mut buf).is_success());
+        Superblock::decode(buf.as_slice()).unwrap()
+    };
     assert!(vol.fenced().is_none(), "{:?}", vol.fenced());
     drop(vol);
 
@@ -101,4 +106,15 @@ fn a_remote_leg_at_a_newer_epoch_opens_the_volume_fenced() {
             "{op:?}: {s}"
         );
     }
+    drop(qp);
+    drop(vol);
+    // The fenced start left the new primary's superblock at its epoch.
+    let mut qp = legs[1].open_qpair(1).unwrap();
+    assert!(run(&mut *qp, IoOp::Read, 0, 8, &mut buf).is_success());
+    let after = Superblock::decode(buf.as_slice()).unwrap();
+    assert_eq!(
+        after.epoch, 1,
+        "the fenced node rewrote the promoted leg's superblock"
+    );
+    assert_eq!(after.event_counter, sb1.event_counter, "{after:?}");
 }
