@@ -120,6 +120,7 @@ mod tests {
             leg_uuids,
             volume_name: "vol0".into(),
             member_states,
+            epoch: 0,
         };
         let mut input = vec![0];
         input.extend_from_slice(&sb.encode());

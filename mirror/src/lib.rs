@@ -45,6 +45,7 @@ pub mod bitmap;
 pub mod breakdown;
 mod config;
 mod error;
+pub mod fencing;
 #[doc(hidden)]
 pub mod fuzzing;
 mod guard;

@@ -263,6 +263,8 @@ pub(crate) struct PersistentMeta {
     pub(crate) layout: MetadataLayout,
     /// The event counter last written.
     pub(crate) events: AtomicU64,
+    /// The fencing epoch the superblocks carry (bumped by a promotion, `fence.rs`).
+    pub(crate) epoch: AtomicU64,
     /// Serialises the control plane's I/O: clearing flushes and pages, recovery copies,
     /// start-up reads. No reactor takes it.
     pub(crate) io: Mutex<ControlIo>,
@@ -279,6 +281,7 @@ impl PersistentMeta {
         leg_uuids: [Uuid; MAX_LEGS],
         layout: MetadataLayout,
         events: u64,
+        epoch: u64,
         timeout: Duration,
     ) -> Self {
         Self {
@@ -286,6 +289,7 @@ impl PersistentMeta {
             leg_uuids,
             layout,
             events: AtomicU64::new(events),
+            epoch: AtomicU64::new(epoch),
             io: Mutex::new(ControlIo::new(timeout)),
             sb_io: Mutex::new(ControlIo::new(timeout)),
             recorder: std::sync::Arc::default(),
@@ -356,6 +360,7 @@ impl PersistentMeta {
                     }
                 }
             }),
+            epoch: self.epoch.load(Ordering::Acquire),
         }
     }
 

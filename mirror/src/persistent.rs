@@ -111,7 +111,7 @@ impl Volume {
         for u in leg_uuids.iter_mut().take(legs.len()) {
             *u = Uuid::new_random();
         }
-        let meta = PersistentMeta::new(Uuid::new_random(), leg_uuids, layout, 1, cfg.io_timeout);
+        let meta = PersistentMeta::new(Uuid::new_random(), leg_uuids, layout, 1, 0, cfg.io_timeout);
         let snap = LegStates::new(legs.len()).snapshot();
         let zeros = vec![0u8; layout.bitmap_len as usize];
         for (i, dev) in legs.iter().enumerate() {
@@ -272,11 +272,27 @@ impl Volume {
         }
         let bitmap = WriteIntentBitmap::new(layout);
         bitmap.load(&union);
+        // The epoch this node serves under is its own (local) legs' newest: a remote leg
+        // with a newer one was promoted elsewhere, and this node must not write again
+        // (docs/promotion.md). A volume of remote legs only takes the freshest leg's.
+        let local_epochs = || {
+            sbs.iter()
+                .enumerate()
+                .filter(|(i, _)| legs[*i].link().is_none())
+                .filter_map(|(_, sb)| sb.as_ref().map(|s| s.epoch))
+        };
+        let epoch = local_epochs().max().unwrap_or(f.epoch);
+        let newer = sbs.iter().enumerate().find_map(|(i, sb)| {
+            sb.as_ref()
+                .filter(|s| s.epoch > epoch && legs[i].link().is_some())
+                .map(|s| (i, s.epoch))
+        });
         let meta = PersistentMeta::new(
             f.volume_uuid,
             f.leg_uuids,
             layout,
             f.event_counter,
+            epoch,
             cfg.io_timeout,
         );
         let geo = Geometry {
@@ -284,6 +300,14 @@ impl Volume {
             num_blocks: f.data_blocks,
         };
         let vol = Self::assemble(name, legs, cfg, geo, Some((bitmap, meta)));
+        if let Some((leg, e)) = newer {
+            let why = format!(
+                "leg {leg} ({}) was promoted elsewhere: its superblock is at epoch {e}, this node's legs at {epoch}",
+                names[leg]
+            );
+            tracing::error!(volume = name, "fenced: {why}");
+            vol.fence_out(why);
+        }
         let shared = Arc::clone(vol.shared());
         let bm = shared.bitmap.as_ref().expect("persistent");
         let meta = shared.meta.as_ref().expect("persistent");
@@ -330,6 +354,15 @@ impl Volume {
                 .and_then(|_| shared.states.remove(i))
                 .map_err(|r| meta_err(i, format!("cannot retire the removed slot: {r:?}")))?;
             tracing::info!(volume = name, leg = i, "leg slot removed by the operator");
+        }
+        if newer.is_some() {
+            // Fenced at start: the legs of the newer epoch belong to the new primary. They
+            // are taken out, so this start writes neither bitmap nor superblock there.
+            for (i, sb) in sbs.iter().enumerate() {
+                if sb.as_ref().is_some_and(|s| s.epoch > epoch) && shared.leg(i).is_some() {
+                    stale[i] = true;
+                }
+            }
         }
         for (i, &is_stale) in stale.iter().enumerate() {
             if !is_stale {
@@ -769,6 +802,7 @@ mod tests {
             [Uuid::new_random(); MAX_LEGS],
             layout,
             1,
+            0,
             std::time::Duration::from_secs(1),
         );
         let states = LegStates::new(3);

@@ -7,7 +7,7 @@
 //! | off | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `NVMIRROR` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2; version 1, without the epoch, is still read) |
 //! | 12 | 4 | size of this header (256) |
 //! | 16 | 16 | volume UUID |
 //! | 32 | 16 | leg UUID |
@@ -25,7 +25,8 @@
 //! | 104 | 64 | UUIDs of the volume's legs, by index (zero when unused) |
 //! | 168 | 64 | volume name, UTF-8, zero padded |
 //! | 232 | 4 | state of each member leg as this leg last knew it (0 unused, 1 in sync, 2 stale) |
-//! | 236 | 16 | reserved, zero |
+//! | 236 | 8 | fencing epoch (version 2; 0 in version 1): bumped by every promotion (docs/promotion.md) |
+//! | 244 | 8 | reserved, zero |
 //! | 252 | 4 | CRC32C of bytes 0..252 |
 
 use std::fmt;
@@ -34,8 +35,10 @@ use crate::MAX_LEGS;
 
 /// First bytes of every nvmirror leg.
 pub const MAGIC: [u8; 8] = *b"NVMIRROR";
-/// The on-disk format version this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format version this code writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code still reads (no fencing epoch: it reads as 0).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Bytes of the encoded header.
 pub const HEADER_LEN: usize = 256;
 /// Smallest and largest region size.
@@ -138,6 +141,9 @@ pub struct Superblock {
     pub volume_name: String,
     /// Member states by leg index, as this leg last knew them.
     pub member_states: [MemberState; MAX_LEGS],
+    /// Fencing epoch: which promotion of the volume this leg last served under. The
+    /// reservation key on remote legs is derived from it (`fence.rs`).
+    pub epoch: u64,
 }
 
 /// Why bytes are not a valid superblock. Each names what is wrong.
@@ -147,7 +153,7 @@ pub enum SuperblockError {
     Truncated { len: usize },
     #[error("no nvmirror superblock (magic {found:02x?})")]
     NoMagic { found: [u8; 8] },
-    #[error("superblock format version {0} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error("superblock format version {0} is not supported (this build reads {OLDEST_FORMAT_VERSION}..={FORMAT_VERSION})")]
     UnsupportedVersion(u32),
     #[error("superblock checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
@@ -200,6 +206,7 @@ impl Superblock {
         for (i, m) in self.member_states.iter().enumerate() {
             b[232 + i] = m.code();
         }
+        b[236..244].copy_from_slice(&self.epoch.to_le_bytes());
         let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -218,7 +225,7 @@ impl Superblock {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let uuid_at = |o: usize| Uuid(b[o..o + 16].try_into().expect("16 bytes"));
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(SuperblockError::UnsupportedVersion(version));
         }
         let stored = u32_at(CRC_OFFSET);
@@ -281,6 +288,7 @@ impl Superblock {
                     .map_err(|_| field("volume name", "not UTF-8".into()))?
             },
             member_states,
+            epoch: if version >= 2 { u64_at(236) } else { 0 },
         };
         sb.validate()?;
         Ok(sb)
@@ -395,6 +403,7 @@ mod tests {
                 MemberState::Unused,
                 MemberState::Unused,
             ],
+            epoch: 7,
         }
     }
 
@@ -402,6 +411,42 @@ mod tests {
     fn round_trip() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode()), Ok(sb));
+    }
+
+    /// A version-1 superblock (written before the fencing epoch) still opens, at epoch 0.
+    #[test]
+    fn version_1_reads_with_epoch_0() {
+        let sb = sample();
+        let mut b = sb.encode();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[236..244].fill(0);
+        let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
+        b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Superblock::decode(&b),
+            Ok(Superblock {
+                epoch: 0,
+                ..sb.clone()
+            })
+        );
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_OFFSET]);
+        b[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Superblock::decode(&b),
+            Err(SuperblockError::UnsupportedVersion(3))
+        );
+    }
+
+    #[test]
+    fn the_epoch_is_at_byte_236() {
+        let sb = Superblock {
+            epoch: 0x0102_0304_0506_0708,
+            ..sample()
+        };
+        let b = sb.encode();
+        assert_eq!(b[236..244], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(b[244..252], [0; 8]);
     }
 
     #[test]
@@ -438,11 +483,11 @@ mod tests {
             Superblock::decode(&zeros),
             Err(SuperblockError::NoMagic { .. })
         ));
-        let mut v2 = b;
-        v2[8] = 2;
+        let mut v9 = b;
+        v9[8] = 9;
         assert_eq!(
-            Superblock::decode(&v2),
-            Err(SuperblockError::UnsupportedVersion(2))
+            Superblock::decode(&v9),
+            Err(SuperblockError::UnsupportedVersion(9))
         );
     }
 

@@ -68,6 +68,10 @@ pub(crate) struct VolumeShared {
     pub(crate) cores: Mutex<Vec<Arc<CoreStats>>>,
     /// The resync and verify jobs started on this volume (control plane only).
     pub(crate) jobs: JobRegistry,
+    /// Fenced out by a newer primary (`fencing.rs`): every host command fails.
+    pub(crate) fence: crate::fencing::FenceState,
+    /// How each leg is fenced, by leg index (control plane only).
+    pub(crate) leg_fences: Mutex<Vec<crate::fencing::LegFence>>,
     /// Latency breakdown for queue pairs opened from now on (`None`: off).
     breakdown_cfg: Mutex<Option<BreakdownConfig>>,
     /// What queue pairs recorded and handed over (on drop), merged.
@@ -345,6 +349,8 @@ impl Volume {
             jobs: JobRegistry::default(),
             breakdown_cfg: Mutex::new(None),
             breakdowns: Mutex::new(None),
+            fence: Default::default(),
+            leg_fences: Mutex::new(Vec::new()),
         };
         tracing::info!(
             volume = name,

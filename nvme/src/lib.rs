@@ -25,6 +25,7 @@ mod error;
 pub mod fence;
 pub mod link;
 pub mod queue;
+pub mod reservations;
 pub mod spec;
 pub mod uri;
 
@@ -32,5 +33,6 @@ pub use error::{Error, Result};
 pub use fence::{Fence, FenceSignal};
 pub use link::LinkStatus;
 pub use queue::{read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
+pub use reservations::Reservations;
 pub use spec::{Geometry, Status};
 pub use uri::{open_leg, LegUri};

@@ -229,6 +229,12 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn link(&self) -> Option<crate::LinkStatus> {
         None
     }
+
+    /// The reservation commands of this namespace, where the back end can send them (a
+    /// volume fences such a leg, `docs/promotion.md`); `None` for devices without them.
+    fn reservations(&self) -> Option<&dyn crate::Reservations> {
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use nvmirror_mirror::fencing::LegFence;
 use nvmirror_mirror::{LegRole, Volume};
 use nvmirror_nvme::backend::{Fault, FaultInjector, OpFilter};
 use nvmirror_nvme::{BlockDevice, Status};
@@ -139,6 +140,7 @@ impl Registry {
         let geo = v.volume.geometry();
         let stats = v.volume.stats();
         let infos = v.volume.leg_states();
+        let fences = v.volume.leg_fences();
         let legs: Vec<Value> = infos
             .iter()
             .enumerate()
@@ -160,6 +162,15 @@ impl Registry {
                     "lat_max_us": s.latency.max.as_secs_f64() * 1e6,
                     "missed_regions": v.volume.missed_region_count(i).unwrap_or(0),
                     "faults_armed": self.leg_meta(v, i).map_or(0, |m| m.1.armed().len()),
+                    "fencing": fences.get(i).map(|f| json!({
+                        "state": f.name(),
+                        "detail": match f {
+                            LegFence::Held { key } => format!("key {key:#018x}"),
+                            LegFence::Unfenced { why } => format!("WARNING: unfenced: {why}"),
+                            LegFence::Lost { why } => why.clone(),
+                            LegFence::Local => String::new(),
+                        },
+                    })),
                     "link": v.volume.leg_device(i).ok().and_then(|d| d.link()).map(|l| json!({
                         "connected": l.connected,
                         "last_error": l.last_error,
@@ -181,6 +192,8 @@ impl Registry {
             "primary": v.volume.primary(),
             "region_size": v.volume.region_size(),
             "ana": crate::ana_rpc::volume_ana(self, v.volume.name()),
+            "epoch": v.volume.epoch(),
+            "fenced": v.volume.fenced(),
             "legs": legs,
             "overlap_waits": stats.overlap_waits,
             "resource_waits": stats.resource_waits,

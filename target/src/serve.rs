@@ -166,16 +166,22 @@ fn open_volume(
     if !v.bitmap {
         return Volume::new(&v.name, legs, cfg);
     }
-    match Volume::format(&v.name, legs.clone(), cfg.clone(), false) {
+    let vol = match Volume::format(&v.name, legs.clone(), cfg.clone(), false) {
         Ok(vol) => {
             tracing::info!(volume = v.name, "formatted blank legs");
-            Ok(vol)
+            vol
         }
         Err(nvmirror_mirror::Error::LegNotBlank { .. }) => {
-            Volume::open_persistent(&v.name, legs, cfg)
+            Volume::open_persistent(&v.name, legs, cfg)?
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    // Remote legs: register this volume's key and hold the reservation (docs/promotion.md).
+    // A start that was promoted away from is fenced already and sends nothing.
+    if vol.fenced().is_none() {
+        vol.fence_remote_legs(false);
     }
+    Ok(vol)
 }
 
 /// Opens leg `uri`; while its exclusive claim is held by someone else (a crashed

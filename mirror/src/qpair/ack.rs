@@ -199,6 +199,13 @@ impl VolumeQueuePair {
     #[cold]
     fn apply_ack_rule(&mut self, slot: u32, result: JoinResult) -> Status {
         let meta = *self.table.meta(slot);
+        if let Some(status) = self.fenced_by(&result) {
+            if meta.cmd.op.modifies() {
+                // The write may have reached the other legs: they may differ there.
+                self.vol.diverged.mark(meta.cmd.slba, meta.cmd.nlb);
+            }
+            return status;
+        }
         let in_sync = result.legs & !meta.resyncing;
         let ok = result.succeeded() & in_sync;
         let resync_out = if ok == 0 {
@@ -256,6 +263,25 @@ impl VolumeQueuePair {
         // Writes' regions are durably marked already; a failed flush marks every region.
         self.intent_mark_missed(&meta.cmd);
         status
+    }
+
+    /// A leg answered Reservation Conflict: a newer primary has taken the reservation over
+    /// (`fencing.rs`). The volume fences itself — this command and every later one fail, no
+    /// leg is faulted — and the host gets the conflict.
+    #[cold]
+    fn fenced_by(&mut self, result: &JoinResult) -> Option<Status> {
+        let leg = (0..self.leg_count).find(|&l| {
+            result.failed & (1 << l) != 0 && crate::fencing::is_conflict(result.status(l))
+        })?;
+        let status = result.status(leg);
+        let why = format!(
+            "leg {leg} ({}) answered Reservation Conflict: another node holds its reservation",
+            self.vol.leg_name(leg)
+        );
+        if self.vol.fence.fence(why.clone()) {
+            tracing::error!(volume = %self.vol.name, leg, "fenced: {why}; no write is acknowledged from now on");
+        }
+        Some(status)
     }
 
     /// A late completion from `leg` for slot `slot`'s generation `generation`: when that was a

@@ -343,6 +343,20 @@ impl VolumeQueuePair {
             return;
         };
         let mut complete = mw.legs & !mw.failed != 0;
+        if mw.failed != 0 && crate::fencing::is_conflict(mw.first_error) {
+            // A newer primary holds a leg's reservation (`fencing.rs`): the volume fences
+            // itself instead of faulting the leg, so the data writes waiting for this page
+            // meet the same conflict there and are never acknowledged.
+            let leg = mw.failed.trailing_zeros() as usize;
+            let why = format!(
+                "leg {leg} ({}) answered Reservation Conflict to a bitmap page write: another node holds its reservation",
+                self.vol.leg_name(leg)
+            );
+            if self.vol.fence.fence(why.clone()) {
+                tracing::error!(volume = %self.vol.name, leg, "fenced: {why}; no write is acknowledged from now on");
+            }
+            mw.failed = 0;
+        }
         for leg in 0..self.leg_count {
             if mw.failed & (1 << leg) != 0
                 && !self

@@ -592,6 +592,9 @@ impl QueuePair for VolumeQueuePair {
             return Err(SubmitError::QueueFull);
         }
         self.accepted += 1;
+        if self.vol.fence.is_fenced() {
+            return self.refuse_fenced(cmd);
+        }
         if let Err(status) = cmd.check(&self.geo) {
             self.push_ready(Completion {
                 tag: cmd.tag,

@@ -301,4 +301,17 @@ impl VolumeQueuePair {
             r.pass();
         }
     }
+
+    /// A host command on a fenced volume: Reservation Conflict, nothing sent to a leg.
+    #[cold]
+    pub(super) fn refuse_fenced(
+        &mut self,
+        cmd: nvmirror_nvme::IoCommand,
+    ) -> std::result::Result<(), nvmirror_nvme::SubmitError> {
+        self.push_ready(Completion {
+            tag: cmd.tag,
+            status: crate::fencing::FENCED_STATUS,
+        });
+        Ok(())
+    }
 }

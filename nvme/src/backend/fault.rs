@@ -245,6 +245,10 @@ impl BlockDevice for FaultyDevice {
     fn link(&self) -> Option<crate::LinkStatus> {
         self.inner.link()
     }
+
+    fn reservations(&self) -> Option<&dyn crate::Reservations> {
+        self.inner.reservations()
+    }
 }
 
 #[derive(Debug)]

@@ -26,6 +26,7 @@ mod controller;
 mod keep_alive;
 mod qpair;
 mod reconnect;
+mod reservation;
 mod slot;
 mod stream;
 
@@ -370,6 +371,10 @@ impl BlockDevice for NvmeTcpDevice {
 
     fn link(&self) -> Option<crate::LinkStatus> {
         Some(self.sup.status())
+    }
+
+    fn reservations(&self) -> Option<&dyn crate::Reservations> {
+        Some(self)
     }
 }
 

@@ -184,6 +184,11 @@ impl Supervisor {
         self.geo
     }
 
+    /// The namespace the device was opened for.
+    pub fn nsid(&self) -> u32 {
+        self.opts.nsid
+    }
+
     pub fn hostnqn(&self) -> String {
         self.hostnqn.clone()
     }
