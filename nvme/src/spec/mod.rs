@@ -4,6 +4,7 @@
 //! NVM Command Set Specification 1.0c ("NVM").
 
 pub mod admin;
+pub mod auth;
 pub mod ana;
 pub mod cqe;
 pub mod fabrics;
