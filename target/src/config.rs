@@ -346,9 +346,7 @@ pub struct HostConfig {
 
 impl HostConfig {
     /// The parsed secrets, or the field at fault and why.
-    pub fn secrets(
-        &self,
-    ) -> Result<Option<crate::nvme_tcp::HostSecrets>, (&'static str, String)> {
+    pub fn secrets(&self) -> Result<Option<crate::nvme_tcp::HostSecrets>, (&'static str, String)> {
         use nvmirror_nvme::dhchap::Secret;
         let parse = |field: &'static str, s: &Option<String>| {
             s.as_deref()

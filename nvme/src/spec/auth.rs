@@ -93,9 +93,8 @@ impl AuthCommand {
     }
 
     pub fn write_to(&self, sqe: &mut SubmissionQueueEntry) {
-        sqe.cdw10 = u32::from(self.secp) << 24
-            | u32::from(self.spsp1) << 16
-            | u32::from(self.spsp0) << 8;
+        sqe.cdw10 =
+            u32::from(self.secp) << 24 | u32::from(self.spsp1) << 16 | u32::from(self.spsp0) << 8;
         sqe.cdw11 = self.len;
     }
 
@@ -191,18 +190,19 @@ impl AuthMessage {
         let tid = le16(b, 4);
         match (b[0], b[1]) {
             (auth_type::COMMON, auth_id::NEGOTIATE) => Self::parse_negotiate(b, tid),
-            (auth_type::COMMON | auth_type::DHCHAP, id @ (auth_id::FAILURE1 | auth_id::FAILURE2)) => {
-                Ok(Self::Failure {
-                    from: if id == auth_id::FAILURE1 {
-                        FailureFrom::Controller
-                    } else {
-                        FailureFrom::Host
-                    },
-                    tid,
-                    reason: b[6],
-                    explanation: b[7],
-                })
-            }
+            (
+                auth_type::COMMON | auth_type::DHCHAP,
+                id @ (auth_id::FAILURE1 | auth_id::FAILURE2),
+            ) => Ok(Self::Failure {
+                from: if id == auth_id::FAILURE1 {
+                    FailureFrom::Controller
+                } else {
+                    FailureFrom::Host
+                },
+                tid,
+                reason: b[6],
+                explanation: b[7],
+            }),
             (auth_type::DHCHAP, id) => {
                 if b.len() < DHCHAP_HEADER {
                     return Err(payload("DH-HMAC-CHAP message shorter than 16 bytes"));
@@ -247,8 +247,7 @@ impl AuthMessage {
                         Ok(Self::Success1 {
                             tid,
                             hl: b[6],
-                            response: rvalid
-                                .then(|| b[DHCHAP_HEADER..DHCHAP_HEADER + hl].to_vec()),
+                            response: rvalid.then(|| b[DHCHAP_HEADER..DHCHAP_HEADER + hl].to_vec()),
                         })
                     }
                     auth_id::SUCCESS2 => Ok(Self::Success2 { tid }),
@@ -340,7 +339,13 @@ impl AuthMessage {
                 challenge,
                 dh_value,
             } => {
-                head(out, auth_type::DHCHAP, auth_id::CHALLENGE, *tid, DHCHAP_HEADER);
+                head(
+                    out,
+                    auth_type::DHCHAP,
+                    auth_id::CHALLENGE,
+                    *tid,
+                    DHCHAP_HEADER,
+                );
                 let o = &mut out[start..];
                 o[6] = challenge.len() as u8;
                 o[8] = *hash;
@@ -371,7 +376,13 @@ impl AuthMessage {
                 out.extend_from_slice(dh_value);
             }
             Self::Success1 { tid, hl, response } => {
-                head(out, auth_type::DHCHAP, auth_id::SUCCESS1, *tid, DHCHAP_HEADER);
+                head(
+                    out,
+                    auth_type::DHCHAP,
+                    auth_id::SUCCESS1,
+                    *tid,
+                    DHCHAP_HEADER,
+                );
                 out[start + 6] = *hl;
                 out[start + 8] = u8::from(response.is_some());
                 match response {
@@ -380,7 +391,13 @@ impl AuthMessage {
                 }
             }
             Self::Success2 { tid } => {
-                head(out, auth_type::DHCHAP, auth_id::SUCCESS2, *tid, DHCHAP_HEADER);
+                head(
+                    out,
+                    auth_type::DHCHAP,
+                    auth_id::SUCCESS2,
+                    *tid,
+                    DHCHAP_HEADER,
+                );
             }
             Self::Failure {
                 from,
@@ -415,12 +432,32 @@ mod tests {
     fn messages() -> impl Strategy<Value = AuthMessage> {
         let bytes = |n| prop::collection::vec(any::<u8>(), n);
         prop_oneof![
-            (any::<u16>(), bytes(0..30usize), bytes(0..30usize)).prop_map(|(tid, hashes, dhgroups)| {
-                AuthMessage::Negotiate { tid, sc_c: 0, hashes, dhgroups }
-            }),
-            (any::<u16>(), any::<u8>(), any::<u32>(), bytes(0..65usize), bytes(0..40usize))
-                .prop_map(|(tid, hash, seqnum, challenge, dh_value)| AuthMessage::Challenge {
-                    tid, hash, dhgid: 0, seqnum, challenge, dh_value
+            (any::<u16>(), bytes(0..30usize), bytes(0..30usize)).prop_map(
+                |(tid, hashes, dhgroups)| {
+                    AuthMessage::Negotiate {
+                        tid,
+                        sc_c: 0,
+                        hashes,
+                        dhgroups,
+                    }
+                }
+            ),
+            (
+                any::<u16>(),
+                any::<u8>(),
+                any::<u32>(),
+                bytes(0..65usize),
+                bytes(0..40usize)
+            )
+                .prop_map(|(tid, hash, seqnum, challenge, dh_value)| {
+                    AuthMessage::Challenge {
+                        tid,
+                        hash,
+                        dhgid: 0,
+                        seqnum,
+                        challenge,
+                        dh_value,
+                    }
                 }),
             (any::<u16>(), bytes(1..65usize), any::<bool>(), any::<u32>()).prop_map(
                 |(tid, response, bidi, seqnum)| AuthMessage::Reply {
@@ -432,12 +469,20 @@ mod tests {
                 }
             ),
             (any::<u16>(), bytes(1..65usize), any::<bool>()).prop_map(|(tid, r, valid)| {
-                AuthMessage::Success1 { tid, hl: r.len() as u8, response: valid.then_some(r) }
+                AuthMessage::Success1 {
+                    tid,
+                    hl: r.len() as u8,
+                    response: valid.then_some(r),
+                }
             }),
             any::<u16>().prop_map(|tid| AuthMessage::Success2 { tid }),
             (any::<u16>(), any::<bool>(), any::<u8>()).prop_map(|(tid, c, explanation)| {
                 AuthMessage::Failure {
-                    from: if c { FailureFrom::Controller } else { FailureFrom::Host },
+                    from: if c {
+                        FailureFrom::Controller
+                    } else {
+                        FailureFrom::Host
+                    },
                     tid,
                     reason: failure::REASON_FAILED,
                     explanation,

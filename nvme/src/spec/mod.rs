@@ -4,8 +4,8 @@
 //! NVM Command Set Specification 1.0c ("NVM").
 
 pub mod admin;
-pub mod auth;
 pub mod ana;
+pub mod auth;
 pub mod cqe;
 pub mod fabrics;
 pub mod namespace;

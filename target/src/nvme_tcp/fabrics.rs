@@ -3,11 +3,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use nvmirror_nvme::spec::auth::CONNECT_AUTHREQ_ATR;
 use nvmirror_nvme::spec::fabrics::{
     property, status as fstatus, ConnectCommand, ConnectData, ConnectParam, FabricsCommandType,
     PropertyGetCommand, PropertySetCommand, CNTLID_DYNAMIC, NQN_MAX_LEN,
 };
-use nvmirror_nvme::spec::auth::CONNECT_AUTHREQ_ATR;
 use nvmirror_nvme::spec::wire::nul_padded_str;
 use nvmirror_nvme::spec::Status;
 
@@ -315,7 +315,11 @@ fn require_auth(
     subnqn: &str,
     cntlid: u16,
 ) -> u64 {
-    let atr = if keys.is_some() { CONNECT_AUTHREQ_ATR } else { 0 };
+    let atr = if keys.is_some() {
+        CONNECT_AUTHREQ_ATR
+    } else {
+        0
+    };
     conn.auth = keys.map(|k| super::auth::QueueAuth::new(k, hostnqn, subnqn));
     u64::from(u32::from(cntlid) | atr)
 }

@@ -39,11 +39,26 @@ pub struct HostSecrets {
 #[derive(Debug)]
 enum Step {
     AwaitNegotiate,
-    ChallengeReady { tid: u16, hash: HashId },
-    AwaitReply { tid: u16, hash: HashId },
-    Success1Ready { tid: u16, hash: HashId, r2: Option<Vec<u8>> },
-    AwaitSuccess2 { tid: u16 },
-    Failure1Ready { tid: u16, explanation: u8 },
+    ChallengeReady {
+        tid: u16,
+        hash: HashId,
+    },
+    AwaitReply {
+        tid: u16,
+        hash: HashId,
+    },
+    Success1Ready {
+        tid: u16,
+        hash: HashId,
+        r2: Option<Vec<u8>>,
+    },
+    AwaitSuccess2 {
+        tid: u16,
+    },
+    Failure1Ready {
+        tid: u16,
+        explanation: u8,
+    },
     Failed,
 }
 
@@ -112,10 +127,18 @@ impl QueueAuth {
                 },
             ) => {
                 if t != tid {
-                    return self.fail(tid, failure::INCORRECT_PAYLOAD, "Reply for another transaction");
+                    return self.fail(
+                        tid,
+                        failure::INCORRECT_PAYLOAD,
+                        "Reply for another transaction",
+                    );
                 }
                 if response.len() != hash.len() || !dh_value.is_empty() {
-                    return self.fail(tid, failure::INCORRECT_PAYLOAD, "Reply with a wrong hash length or a DH value");
+                    return self.fail(
+                        tid,
+                        failure::INCORRECT_PAYLOAD,
+                        "Reply with a wrong hash length or a DH value",
+                    );
                 }
                 self.reply(tid, hash, &response, challenge.as_deref(), seqnum);
             }
@@ -124,7 +147,14 @@ impl QueueAuth {
                 self.authenticated = true;
                 self.step = Step::AwaitNegotiate;
             }
-            (_, AuthMessage::Failure { from: FailureFrom::Host, explanation, .. }) => {
+            (
+                _,
+                AuthMessage::Failure {
+                    from: FailureFrom::Host,
+                    explanation,
+                    ..
+                },
+            ) => {
                 tracing::warn!(host = %self.hostnqn, subsystem = %self.subnqn, explanation, "host refused the controller's response (AUTH_Failure2)");
                 self.authenticated = false;
                 self.step = Step::Failed;
@@ -135,13 +165,25 @@ impl QueueAuth {
 
     fn negotiate(&mut self, tid: u16, sc_c: u8, hashes: &[u8], dhgroups: &[u8]) {
         if sc_c != 0 {
-            return self.fail(tid, failure::CONCAT_MISMATCH, "secure channel concatenation requested");
+            return self.fail(
+                tid,
+                failure::CONCAT_MISMATCH,
+                "secure channel concatenation requested",
+            );
         }
         let Some(hash) = hashes.iter().find_map(|&h| HashId::from_u8(h)) else {
-            return self.fail(tid, failure::HASH_UNUSABLE, "no usable hash function offered");
+            return self.fail(
+                tid,
+                failure::HASH_UNUSABLE,
+                "no usable hash function offered",
+            );
         };
         if !dhgroups.contains(&DHGROUP_NULL) {
-            return self.fail(tid, failure::DHGROUP_UNUSABLE, "the NULL DH group is not offered");
+            return self.fail(
+                tid,
+                failure::DHGROUP_UNUSABLE,
+                "the NULL DH group is not offered",
+            );
         }
         let mut rng = rand::rngs::OsRng;
         self.c1 = vec![0; hash.len()];
@@ -163,26 +205,29 @@ impl QueueAuth {
         };
         let want = t.host_response(&self.keys.host.transformed(&self.hostnqn));
         if !responses_match(&want, r1) {
-            return self.fail(tid, failure::FAILED, "the host's response does not match its secret");
+            return self.fail(
+                tid,
+                failure::FAILED,
+                "the host's response does not match its secret",
+            );
         }
-        let r2 = match (c2, &self.keys.ctrl) {
-            (None, _) => None,
-            (Some(_), None) => {
-                return self.fail(
+        let r2 =
+            match (c2, &self.keys.ctrl) {
+                (None, _) => None,
+                (Some(_), None) => return self.fail(
                     tid,
                     failure::FAILED,
                     "host asked for bidirectional authentication, and no dhchap_ctrl_secret is set",
-                )
-            }
-            (Some(c2), Some(k)) => Some(
-                Transcript {
-                    challenge: c2,
-                    seqnum: s2,
-                    ..t
-                }
-                .controller_response(&k.transformed(&self.subnqn)),
-            ),
-        };
+                ),
+                (Some(c2), Some(k)) => Some(
+                    Transcript {
+                        challenge: c2,
+                        seqnum: s2,
+                        ..t
+                    }
+                    .controller_response(&k.transformed(&self.subnqn)),
+                ),
+            };
         self.step = Step::Success1Ready { tid, hash, r2 };
     }
 

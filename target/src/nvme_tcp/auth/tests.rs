@@ -115,7 +115,10 @@ fn bidirectional_checks_both_sides() {
     let mut q = queue(h.clone(), Some(c.clone()));
     assert!(exchange(&mut q, &h, Some(&c)).1);
     let mut q = queue(h.clone(), Some(c));
-    assert!(!exchange(&mut q, &h, Some(&secret(8, None))).1, "host refuses a wrong R2");
+    assert!(
+        !exchange(&mut q, &h, Some(&secret(8, None))).1,
+        "host refuses a wrong R2"
+    );
     let mut q = queue(h.clone(), None);
     let (last, ok) = exchange(&mut q, &h, Some(&secret(8, None)));
     assert!(matches!(last, AuthMessage::Failure { .. }) && !ok);
@@ -127,7 +130,9 @@ fn garbage_and_out_of_order_messages_fail_cleanly() {
     q.on_send(&[0xff; 3]);
     assert!(matches!(q.on_receive(), AuthMessage::Failure { .. }));
     let mut q = queue(secret(1, None), None);
-    assert!(matches!(q.on_receive(), AuthMessage::Failure { explanation, .. } if explanation == failure::INCORRECT_MESSAGE));
+    assert!(
+        matches!(q.on_receive(), AuthMessage::Failure { explanation, .. } if explanation == failure::INCORRECT_MESSAGE)
+    );
     let mut q = queue(secret(1, None), None);
     q.on_send(&AuthMessage::Success2 { tid: 1 }.to_bytes());
     assert!(matches!(q.on_receive(), AuthMessage::Failure { .. }));
@@ -136,6 +141,8 @@ fn garbage_and_out_of_order_messages_fail_cleanly() {
     n[8 + 4 + 30] = 5; // only ffdhe groups offered
     n[8 + 3] = 1;
     q.on_send(&n);
-    assert!(matches!(q.on_receive(), AuthMessage::Failure { explanation, .. } if explanation == failure::DHGROUP_UNUSABLE));
+    assert!(
+        matches!(q.on_receive(), AuthMessage::Failure { explanation, .. } if explanation == failure::DHGROUP_UNUSABLE)
+    );
     assert!(!q.authenticated());
 }
