@@ -39,7 +39,7 @@ impl HashId {
     }
 
     /// Digest length in bytes (HL in the messages).
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Self::Sha256 => 32,
             Self::Sha384 => 48,
@@ -150,7 +150,7 @@ impl Secret {
 #[derive(Clone, Copy, Debug)]
 pub struct Transcript<'a> {
     pub hash: HashId,
-    /// The challenge (C1 from the controller, C2 from the host), `hash.len()` bytes.
+    /// The challenge (C1 from the controller, C2 from the host), `hash.digest_len()` bytes.
     pub challenge: &'a [u8],
     /// The sequence number sent with the challenge (S1, S2).
     pub seqnum: u32,

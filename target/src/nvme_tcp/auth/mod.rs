@@ -133,7 +133,7 @@ impl QueueAuth {
                         "Reply for another transaction",
                     );
                 }
-                if response.len() != hash.len() || !dh_value.is_empty() {
+                if response.len() != hash.digest_len() || !dh_value.is_empty() {
                     return self.fail(
                         tid,
                         failure::INCORRECT_PAYLOAD,
@@ -186,7 +186,7 @@ impl QueueAuth {
             );
         }
         let mut rng = rand::rngs::OsRng;
-        self.c1 = vec![0; hash.len()];
+        self.c1 = vec![0; hash.digest_len()];
         rng.fill_bytes(&mut self.c1);
         self.s1 = rng.next_u32().max(1);
         self.step = Step::ChallengeReady { tid, hash };
@@ -255,7 +255,7 @@ impl QueueAuth {
                 }
                 AuthMessage::Success1 {
                     tid,
-                    hl: hash.len() as u8,
+                    hl: hash.digest_len() as u8,
                     response: r2,
                 }
             }

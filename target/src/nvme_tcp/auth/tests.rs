@@ -50,7 +50,7 @@ fn exchange(q: &mut QueueAuth, host: &Secret, ctrl: Option<&Secret>) -> (AuthMes
         hostnqn: HOST,
         subnqn: SUB,
     };
-    let c2 = vec![0x42; hash.len()];
+    let c2 = vec![0x42; hash.digest_len()];
     q.on_send(
         &AuthMessage::Reply {
             tid,
