@@ -20,6 +20,7 @@
 //! ```
 
 pub mod backend;
+pub mod dhchap;
 pub mod dma;
 mod error;
 pub mod fence;

@@ -325,6 +325,45 @@ pub struct SubsystemConfig {
     pub allowed_hosts: Vec<String>,
     /// Volume names, exported as namespaces 1, 2, …
     pub namespaces: Vec<String>,
+    /// `[[subsystem.host]]`: hosts with DH-HMAC-CHAP secrets (each is an allowed host too).
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostConfig>,
+}
+
+/// `[[subsystem.host]]`: one host NQN and its DH-HMAC-CHAP secrets (`DHHC-1:XX:…:`, as
+/// `nvme gen-dhchap-key` writes them).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub nqn: String,
+    /// The host's secret: set, the host must authenticate every queue.
+    #[serde(default)]
+    pub dhchap_secret: Option<String>,
+    /// The controller's secret, for hosts that ask for bidirectional authentication.
+    #[serde(default)]
+    pub dhchap_ctrl_secret: Option<String>,
+}
+
+impl HostConfig {
+    /// The parsed secrets, or the field at fault and why.
+    pub fn secrets(&self) -> Result<Option<crate::nvme_tcp::HostSecrets>, (&'static str, String)> {
+        use nvmirror_nvme::dhchap::Secret;
+        let parse = |field: &'static str, s: &Option<String>| {
+            s.as_deref()
+                .map(|t| Secret::parse(t).map_err(|e| (field, e.to_string())))
+                .transpose()
+        };
+        let host = parse("dhchap_secret", &self.dhchap_secret)?;
+        let ctrl = parse("dhchap_ctrl_secret", &self.dhchap_ctrl_secret)?;
+        match (host, ctrl) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err((
+                "dhchap_ctrl_secret",
+                "set without dhchap_secret (the host authenticates first)".into(),
+            )),
+            (Some(host), ctrl) => Ok(Some(crate::nvme_tcp::HostSecrets { host, ctrl })),
+        }
+    }
 }
 
 fn default_model() -> String {
@@ -529,6 +568,13 @@ impl Config {
             if !nqns.insert(s.nqn.clone()) {
                 return Err(bad(at("nqn"), format!("'{}' is used twice", s.nqn)));
             }
+            for (j, h) in s.hosts.iter().enumerate() {
+                let at = |k: &str| format!("subsystem[{i}].host[{j}].{k}");
+                if !h.nqn.starts_with("nqn.") || h.nqn.len() > 223 {
+                    return Err(bad(at("nqn"), format!("'{}' is not an NQN", h.nqn)));
+                }
+                h.secrets().map_err(|(f, e)| bad(at(f), e))?;
+            }
             if s.namespaces.is_empty() {
                 return Err(bad(
                     at("namespaces"),
@@ -660,6 +706,9 @@ legs = ["mem://64MiB", "mem://64MiB"]
             ("[nvme_tcp]\nlisten = \"localhost\"\n", "nvme_tcp.listen"),
             ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"nope\"]\n", "no volume named 'nope'"),
             ("[[subsystem]]\nnqn = \"vol0\"\nnamespaces = []\n", "subsystem[0].nqn"),
+            ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"vol0\"]\n[[subsystem.host]]\nnqn = \"nqn.h\"\ndhchap_secret = \"DHHC-1:00:abc:\"\n", "subsystem[0].host[0].dhchap_secret"),
+            ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"vol0\"]\n[[subsystem.host]]\nnqn = \"nqn.h\"\ndhchap_ctrl_secret = \"DHHC-1:00:qqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqqppAbGi:\"\n", "subsystem[0].host[0].dhchap_ctrl_secret"),
+            ("[[subsystem]]\nnqn = \"nqn.x:y\"\nnamespaces = [\"vol0\"]\n[[subsystem.host]]\nnqn = \"host\"\n", "subsystem[0].host[0].nqn"),
             ("[resync]\nmax_rate = \"fast\"\n", "resync.max_rate"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[limits]\nhandshake_timeout = \"0s\"\n", "limits.handshake_timeout"),

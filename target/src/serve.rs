@@ -379,6 +379,15 @@ impl Service {
                         }
                         sub.model = s.model.clone();
                         sub.allowed_hosts = s.allowed_hosts.clone();
+                        for h in &s.hosts {
+                            if !sub.allowed_hosts.contains(&h.nqn) {
+                                sub.allowed_hosts.push(h.nqn.clone());
+                            }
+                            // Validated with the config.
+                            if let Ok(Some(k)) = h.secrets() {
+                                sub.host_secrets.insert(h.nqn.clone(), k);
+                            }
+                        }
                         // Reservations set to persist through power loss are kept here.
                         sub.reservation_dir = Some(cfg.data_dir.clone());
                         sub

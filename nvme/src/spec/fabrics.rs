@@ -58,6 +58,8 @@ pub mod status {
     pub const RESTART_DISCOVERY: Status = Status::new(StatusCodeType::CommandSpecific, 0x83);
     pub const CONNECT_INVALID_HOST: Status = Status::new(StatusCodeType::CommandSpecific, 0x84);
     pub const INVALID_QUEUE_TYPE: Status = Status::new(StatusCodeType::CommandSpecific, 0x85);
+    /// The queue must authenticate first (Base §8.13.1).
+    pub const AUTHENTICATION_REQUIRED: Status = Status::new(StatusCodeType::CommandSpecific, 0x91);
 }
 
 wire_struct! {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod ana;
+pub mod auth;
 pub mod cqe;
 pub mod fabrics;
 pub mod namespace;

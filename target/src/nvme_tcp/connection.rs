@@ -88,6 +88,8 @@ pub(crate) struct Connection {
     pub(super) retry: VecDeque<u16>,
     pub(super) queue: QueueInfo,
     pub(super) admin: Option<AdminState>,
+    /// DH-HMAC-CHAP state where the host must authenticate this queue.
+    pub(super) auth: Option<super::auth::QueueAuth>,
     pub(super) qpairs: Vec<Box<dyn QueuePair>>,
     /// Per namespace (I/O queues): the host's reservation access as last computed.
     pub(super) resv_access: Vec<AccessCache>,
@@ -140,6 +142,12 @@ fn buffer_sizes(cfg: &TargetConfig) -> (usize, usize, usize) {
 }
 
 impl Connection {
+    /// Whether the queue may carry commands other than authentication: it needs none, or
+    /// its host has authenticated.
+    pub(super) fn authenticated(&self) -> bool {
+        self.auth.as_ref().map_or(true, |a| a.authenticated())
+    }
+
     pub fn new(
         sock: TcpStream,
         peer: SocketAddr,
@@ -189,6 +197,7 @@ impl Connection {
                 ctrl: None,
             },
             admin: None,
+            auth: None,
             qpairs: Vec::new(),
             resv_access: Vec::new(),
             cpl: vec![Completion::default(); MAX_COMPLETIONS_PER_POLL],

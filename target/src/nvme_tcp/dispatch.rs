@@ -97,7 +97,9 @@ impl Connection {
                 "more commands outstanding than the queue holds",
             ));
         };
-        let is_connect = sqe.opcode == FABRICS_OPCODE && (sqe.nsid as u8) == 0x01;
+        let fctype = (sqe.opcode == FABRICS_OPCODE).then_some(sqe.nsid as u8);
+        let is_connect = fctype == Some(0x01);
+        let is_auth_send = fctype == Some(0x05);
         let slot = &mut self.slots.slots[usize::from(i)];
         slot.start(sqe);
         if !ddgst_ok {
@@ -110,7 +112,7 @@ impl Connection {
             self.complete(i);
             return Ok(());
         }
-        let h2c = sqe.opcode & 3 == 1 || is_connect;
+        let h2c = sqe.opcode & 3 == 1 || is_connect || is_auth_send;
         let loc = match data_location(&sqe) {
             Ok(l) => l,
             Err(st) => {
@@ -175,6 +177,14 @@ impl Connection {
         let slot = &self.slots.slots[usize::from(i)];
         let want = match self.phase {
             Phase::Io if slot.sqe.opcode != FABRICS_OPCODE => super::io::expected_h2c(self, slot)?,
+            _ if slot.sqe.opcode == FABRICS_OPCODE && (slot.sqe.nsid as u8) == 0x05 => {
+                // Authentication Send: TL bytes, bounded before the R2T asks for them.
+                let tl = slot.sqe.cdw11;
+                if tl == 0 || tl > super::auth::MAX_SEND_LEN {
+                    return Err(Status::INVALID_FIELD.with_dnr());
+                }
+                tl
+            }
             _ if slot.sqe.opcode == FABRICS_OPCODE => 1024,
             _ => slot.xfer_len,
         };
@@ -253,6 +263,12 @@ impl Connection {
             super::fabrics::execute(self, i, now);
             self.complete(i);
             self.swap_slot_table();
+            return;
+        }
+        if !self.authenticated() {
+            self.slots.slots[usize::from(i)]
+                .fail(nvmirror_nvme::spec::fabrics::status::AUTHENTICATION_REQUIRED);
+            self.complete(i);
             return;
         }
         match self.phase {

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use nvmirror_nvme::spec::auth::CONNECT_AUTHREQ_ATR;
 use nvmirror_nvme::spec::fabrics::{
     property, status as fstatus, ConnectCommand, ConnectData, ConnectParam, FabricsCommandType,
     PropertyGetCommand, PropertySetCommand, CNTLID_DYNAMIC, NQN_MAX_LEN,
@@ -36,6 +37,17 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) {
                 "the queue is connected already",
             ),
         )),
+        (Some(FabricsCommandType::AuthenticationSend), Phase::Admin | Phase::Io) => {
+            super::auth::auth_send(conn, i)
+        }
+        (Some(FabricsCommandType::AuthenticationReceive), Phase::Admin | Phase::Io) => {
+            super::auth::auth_receive(conn, i)
+        }
+        (Some(FabricsCommandType::PropertyGet | FabricsCommandType::PropertySet), _)
+            if !conn.authenticated() =>
+        {
+            Err((fstatus::AUTHENTICATION_REQUIRED, 0))
+        }
         (Some(FabricsCommandType::PropertyGet), Phase::Admin) => {
             property_get(conn, &PropertyGetCommand::from_sqe(&sqe))
         }
@@ -153,7 +165,9 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
     let subsys = shared
         .find_subsystem(subnqn)
         .ok_or(invalid(ConnectParam::SUBNQN, "no such subsystem"))?;
+    let mut auth_keys = None;
     if let Some(s) = shared.subsystem(subsys) {
+        auth_keys = s.host_secrets.get(&hostnqn).cloned();
         if hostnqn.is_empty() && !s.allows_any_host() {
             return Err(invalid(
                 ConnectParam::HOSTNQN,
@@ -211,7 +225,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
         conn.queue.size = size;
         conn.queue.sq_head = 1 % size;
         conn.queue.sqflow_disabled = sqflow_disabled;
-        return Ok(u64::from(cntlid));
+        return Ok(require_auth(conn, auth_keys, &hostnqn, subnqn, cntlid));
     }
     let ctrl = shared
         .controller(data.cntlid)
@@ -290,7 +304,24 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
     conn.set_max_icdata(cfg.in_capsule_data_size);
     conn.next_slots = Some(io_slots);
     conn.reserve_lists(size);
-    Ok(u64::from(data.cntlid))
+    Ok(require_auth(conn, auth_keys, &hostnqn, subnqn, data.cntlid))
+}
+
+/// Sets up authentication for a host with secrets: the Connect response's DW0 gets ATR.
+fn require_auth(
+    conn: &mut Connection,
+    keys: Option<super::HostSecrets>,
+    hostnqn: &str,
+    subnqn: &str,
+    cntlid: u16,
+) -> u64 {
+    let atr = if keys.is_some() {
+        CONNECT_AUTHREQ_ATR
+    } else {
+        0
+    };
+    conn.auth = keys.map(|k| super::auth::QueueAuth::new(k, hostnqn, subnqn));
+    u64::from(u32::from(cntlid) | atr)
 }
 
 /// CAP (Base §3.1.3.1).

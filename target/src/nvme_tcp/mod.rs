@@ -14,6 +14,7 @@
 mod admin;
 mod ana;
 mod async_event;
+mod auth;
 mod connection;
 mod discovery;
 mod dispatch;
@@ -33,6 +34,7 @@ use nvmirror_nvme::BlockDevice;
 use nvmirror_poller::ReactorHandle;
 
 use crate::{Error, Result};
+pub use auth::HostSecrets;
 pub(crate) use listener::RefusalLog;
 pub use listener::{AnaGroupState, NamespaceInfo, NvmeTcpTarget, SubsystemInfo};
 pub use nvmirror_nvme::spec::ana::AnaState;
@@ -48,6 +50,8 @@ pub struct SubsystemConfig {
     pub model: String,
     /// Host NQNs allowed to connect; empty: any host.
     pub allowed_hosts: Vec<String>,
+    /// DH-HMAC-CHAP secrets per host NQN: a host listed here must authenticate every queue.
+    pub host_secrets: std::collections::HashMap<String, HostSecrets>,
     /// Namespaces, NSID 1.. in order.
     pub namespaces: Vec<Arc<dyn BlockDevice>>,
     /// Where each namespace's reservation state is kept while Persist Through Power Loss is
@@ -66,6 +70,7 @@ impl SubsystemConfig {
             serial,
             model: "nvmirror".into(),
             allowed_hosts: Vec::new(),
+            host_secrets: std::collections::HashMap::new(),
             namespaces,
             reservation_dir: None,
         }

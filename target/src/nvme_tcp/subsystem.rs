@@ -38,6 +38,8 @@ pub(crate) struct Subsystem {
     /// Host NQNs allowed to connect (empty: any). Read at Connect and discovery only; changed
     /// at run time by the control plane.
     pub allowed_hosts: std::sync::RwLock<Vec<String>>,
+    /// DH-HMAC-CHAP secrets per host NQN (fixed while the target runs).
+    pub host_secrets: HashMap<String, super::HostSecrets>,
     pub namespaces: Vec<Namespace>,
     /// ANA state of each namespace's group (ANAGRPID = NSID) through each port.
     pub ana: AnaTable,
@@ -76,6 +78,7 @@ impl Subsystem {
             serial: cfg.serial.clone(),
             model: cfg.model.clone(),
             allowed_hosts: std::sync::RwLock::new(cfg.allowed_hosts.clone()),
+            host_secrets: cfg.host_secrets.clone(),
             ana: AnaTable::new(namespaces.len() as u32, ana_defaults),
             namespaces,
         })
