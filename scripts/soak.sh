@@ -12,4 +12,9 @@ shift || true
 cd "$(dirname "$0")/.."
 
 cargo build --release -q -p nvmirror-target --bin nvmirror -p nvmirror-bench --bin nvmirror-soak
-exec build/release/nvmirror-soak --minutes "$minutes" --dir build/soak "$@"
+# The soak restarts serve from the binary next to nvmirror-soak: run private copies, so a build
+# during the soak cannot swap the binary under it.
+bin=build/soak-bin
+mkdir -p "$bin"
+cp build/release/nvmirror build/release/nvmirror-soak "$bin/"
+exec "$bin/nvmirror-soak" --minutes "$minutes" --dir build/soak "$@"
