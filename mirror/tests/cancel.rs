@@ -276,3 +276,41 @@ fn a_resync_window_that_times_out_keeps_its_leg_busy_until_reaped() {
     let status = vol.attach_leg(1).expect("free once reaped").run_blocking();
     assert_eq!(status.state, JobState::Done);
 }
+
+#[test]
+fn a_resync_whose_leg_faults_while_a_window_hangs_still_times_the_window_out() {
+    let (vol, stall) = stalled_pair(timeout(300));
+    vol.fault_leg(1).unwrap();
+    {
+        let mut qp = vol.open_qpair(8).unwrap();
+        let mut w = vec![7u8; 8 * LBA as usize];
+        let cmd = IoCommand::with_buf(IoOp::Write, 0, 8, IoBuf::from_slice(&mut w), 1);
+        // SAFETY: `w` outlives the command, which completes below.
+        unsafe { qp.submit(cmd) }.unwrap();
+        assert_eq!(
+            wait(&mut *qp, 1, Duration::from_secs(5)),
+            Some(Status::SUCCESS)
+        );
+    }
+    stall.stall.store(true, Ordering::Release);
+    let mut job = vol.attach_leg(1).unwrap();
+    // The copy window's write to leg 1 is in flight (and will never answer) when the leg
+    // faults: the job stops, and must still give the window up at the I/O timeout instead of
+    // waiting for it (holding its region's guard) until the device answers.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(50) {
+        job.poll(Instant::now());
+    }
+    vol.fault_leg(1).unwrap();
+    let done = std::thread::spawn(move || job.run_blocking());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the resync job waits for a hung window after its leg faulted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(done.join().unwrap().state, JobState::Failed);
+    assert_eq!(stall.reap_all(), 1);
+}

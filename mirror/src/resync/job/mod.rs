@@ -201,11 +201,13 @@ impl ResyncJob {
         }
         work |= self.reap(now);
         self.check_stop();
+        // Before winding down too: a stopping job waits for its windows in flight, and one
+        // its leg never answers must still be given up (releasing its region's guard).
+        self.check_timeouts(now);
         if self.stopping.is_some() {
             self.wind_down();
             return true;
         }
-        self.check_timeouts(now);
         self.pace.sample(&self.vol, now, self.shared.adaptive());
         self.measure_rate(now);
         if matches!(self.phase, Phase::Copying) && !self.shared.paused() {
