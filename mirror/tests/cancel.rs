@@ -149,6 +149,20 @@ fn stalled_pair(cfg: VolumeConfig) -> (Volume, Arc<Stall>) {
     (Volume::new("cancel", devs, cfg).unwrap(), stall)
 }
 
+/// Faults leg 1, then writes 8 blocks of `fill` at LBA 0 (a region for leg 1 to resync).
+fn fault_leg_1_and_write(vol: &Volume, fill: u8) {
+    vol.fault_leg(1).unwrap();
+    let mut qp = vol.open_qpair(8).unwrap();
+    let mut w = vec![fill; 8 * LBA as usize];
+    let cmd = IoCommand::with_buf(IoOp::Write, 0, 8, IoBuf::from_slice(&mut w), 1);
+    // SAFETY: `w` outlives the command, which completes below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    assert_eq!(
+        wait(&mut *qp, 1, Duration::from_secs(5)),
+        Some(Status::SUCCESS)
+    );
+}
+
 fn busy(r: Result<nvmirror_mirror::ResyncJob, Error>) -> bool {
     matches!(r, Err(Error::LegBusy { .. }))
 }
@@ -244,18 +258,7 @@ fn a_queue_pair_closed_with_commands_left_to_a_reaper_keeps_the_leg_busy_until_i
 #[test]
 fn a_resync_window_that_times_out_keeps_its_leg_busy_until_reaped() {
     let (vol, stall) = stalled_pair(timeout(50));
-    vol.fault_leg(1).unwrap();
-    {
-        let mut qp = vol.open_qpair(8).unwrap();
-        let mut w = vec![9u8; 8 * LBA as usize];
-        let cmd = IoCommand::with_buf(IoOp::Write, 0, 8, IoBuf::from_slice(&mut w), 1);
-        // SAFETY: `w` outlives the command, which completes below.
-        unsafe { qp.submit(cmd) }.unwrap();
-        assert_eq!(
-            wait(&mut *qp, 1, Duration::from_secs(5)),
-            Some(Status::SUCCESS)
-        );
-    }
+    fault_leg_1_and_write(&vol, 9);
     stall.stall.store(true, Ordering::Release);
     let mut job = vol.attach_leg(1).unwrap();
     let status = job.run_blocking();
@@ -280,18 +283,7 @@ fn a_resync_window_that_times_out_keeps_its_leg_busy_until_reaped() {
 #[test]
 fn a_resync_whose_leg_faults_while_a_window_hangs_still_times_the_window_out() {
     let (vol, stall) = stalled_pair(timeout(300));
-    vol.fault_leg(1).unwrap();
-    {
-        let mut qp = vol.open_qpair(8).unwrap();
-        let mut w = vec![7u8; 8 * LBA as usize];
-        let cmd = IoCommand::with_buf(IoOp::Write, 0, 8, IoBuf::from_slice(&mut w), 1);
-        // SAFETY: `w` outlives the command, which completes below.
-        unsafe { qp.submit(cmd) }.unwrap();
-        assert_eq!(
-            wait(&mut *qp, 1, Duration::from_secs(5)),
-            Some(Status::SUCCESS)
-        );
-    }
+    fault_leg_1_and_write(&vol, 7);
     stall.stall.store(true, Ordering::Release);
     let mut job = vol.attach_leg(1).unwrap();
     // The copy window's write to leg 1 is in flight (and will never answer) when the leg

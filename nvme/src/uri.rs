@@ -124,6 +124,21 @@ impl LegUri {
                     .ok_or_else(|| err(&format!("{key}={v}"), expected.into())),
             }
         };
+        // `max_transfer=SIZE`: whole 4 KiB pages from 4 KiB to 64 MiB.
+        let max_transfer = |params: &mut Vec<(&str, &str)>| -> Result<Option<u32>> {
+            let Some(v) = take(params, "max_transfer") else {
+                return Ok(None);
+            };
+            let part = format!("max_transfer={v}");
+            let n = parse_size(&v).map_err(|r| err(&part, r))?;
+            if !(4096..=(64 << 20)).contains(&n) || n % 4096 != 0 {
+                return Err(err(
+                    &part,
+                    "expected 4KiB..=64MiB in whole 4 KiB pages".into(),
+                ));
+            }
+            Ok(Some(n as u32))
+        };
         // `nsid=N`: a namespace ID other than 0 and the broadcast value 0xffffffff.
         let nsid = |params: &mut Vec<(&str, &str)>| -> Result<Option<u32>> {
             Ok(
@@ -233,16 +248,8 @@ impl LegUri {
                 }
                 opts.timeout = Some(d);
             }
-            if let Some(v) = take(&mut params, "max_transfer") {
-                let part = format!("max_transfer={v}");
-                let n = parse_size(&v).map_err(|r| err(&part, r))?;
-                if !(4096..=(64 << 20)).contains(&n) || n % 4096 != 0 {
-                    return Err(err(
-                        &part,
-                        "expected 4KiB..=64MiB in whole 4 KiB pages".into(),
-                    ));
-                }
-                opts.max_transfer = Some(n as u32);
+            if let Some(n) = max_transfer(&mut params)? {
+                opts.max_transfer = Some(n);
             }
             Self::NvmeNg {
                 path: PathBuf::from(path),
@@ -349,15 +356,7 @@ impl LegUri {
                         }
                     })?;
             }
-            if let Some(v) = take(&mut params, "max_transfer") {
-                let part = format!("max_transfer={v}");
-                let n = parse_size(&v).map_err(|r| err(&part, r))?;
-                if !(4096..=(64 << 20)).contains(&n) || n % 4096 != 0 {
-                    return Err(err(
-                        &part,
-                        "expected 4KiB..=64MiB in whole 4 KiB pages".into(),
-                    ));
-                }
+            if let Some(n) = max_transfer(&mut params)? {
                 opts.max_transfer = n as usize;
             }
             if let Some(n) = int(&mut params, "queues", 1, 1024, "expected 1..=1024")? {
