@@ -31,17 +31,9 @@ pub fn version() -> Value {
     })
 }
 
-/// A 16-byte identifier in the 8-4-4-4-12 form.
+/// A 16-byte identifier in the 8-4-4-4-12 form (the superblock's UUID text).
 fn uuid_text(b: &[u8; 16]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    nvmirror_mirror::superblock::Uuid(*b).to_string()
 }
 
 fn bdevs(reg: &Registry, p: &Value) -> Result<Value, RpcError> {

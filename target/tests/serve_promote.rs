@@ -17,23 +17,12 @@ use nvmirror_nvme::spec::reservation::ReservationType;
 use nvmirror_nvme::{open_leg, Reservations, Status};
 
 mod serve_rig;
-use serve_rig::{blocks, file_leg, try_write, write, Server, NQN};
+use serve_rig::{blocks, site_b, try_write, write, Server, NQN};
 
 const NLB: u32 = 16;
 /// The host ID of the "new primary" this test plays.
 const PROMOTED_HOSTNQN: &str =
     "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-4333-8444-555555555555";
-
-fn site_b(dir: &Path) -> Server {
-    let args: Vec<String> = [
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--leg".into(),
-        file_leg(dir, "b", "64MiB"),
-    ]
-    .into();
-    Server::spawn_at(&args, &[], "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn site_a(dir: &Path, bytes: u64, b_port: u16) -> Server {
     let legs = [
@@ -53,7 +42,7 @@ fn a_preempted_node_fences_itself_and_stays_fenced_after_a_restart() {
     let (db, da) = (dir.path().join("b"), dir.path().join("a"));
     std::fs::create_dir_all(&db).unwrap();
     std::fs::create_dir_all(&da).unwrap();
-    let b = site_b(&db);
+    let b = site_b(&db, "127.0.0.1:0");
     let b_st = b.status();
     let b_bytes = b_st["capacity_bytes"].as_u64().unwrap();
     let b_data = b_st["bitmap"]["data_offset"].as_u64().unwrap();

@@ -16,7 +16,7 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::{open_leg, BlockDevice, QueuePair};
 
 mod serve_rig;
-use serve_rig::{blocks, file_leg, read, write, Server, NQN};
+use serve_rig::{blocks, read, site_b, write, Server, NQN};
 
 /// Blocks per 1 MiB region.
 const REGION_BLOCKS: u64 = 2048;
@@ -33,18 +33,6 @@ fn scratch() -> tempfile::TempDir {
         tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
     };
     d.unwrap()
-}
-
-/// Site B: one 64 MiB file leg exported over NVMe/TCP on `listen`.
-fn site_b(dir: &Path, listen: &str) -> Server {
-    let args: Vec<String> = [
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--leg".into(),
-        file_leg(dir, "b", "64MiB"),
-    ]
-    .into();
-    Server::spawn_at(&args, &[], listen).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Site A: a local file leg of `bytes` and B's namespace as the mirror leg.

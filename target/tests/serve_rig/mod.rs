@@ -342,3 +342,16 @@ pub fn blocks(image: &Path, data_offset: u64, slba: u64, nlb: u64) -> Vec<u8> {
     let start = (data_offset + slba * 512) as usize;
     data[start..start + (nlb * 512) as usize].to_vec()
 }
+
+/// A site exporting one 64 MiB file leg (`b.img` in `dir`) over NVMe/TCP on `listen`: the
+/// far side of a remote leg.
+pub fn site_b(dir: &Path, listen: &str) -> Server {
+    let args: Vec<String> = [
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--leg".into(),
+        file_leg(dir, "b", "64MiB"),
+    ]
+    .into();
+    Server::spawn_at(&args, &[], listen).unwrap_or_else(|e| panic!("{e}"))
+}
