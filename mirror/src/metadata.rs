@@ -148,7 +148,8 @@ impl ControlIo {
             }
             if start.elapsed() > self.timeout {
                 let fence = self.qps[leg].take().expect("opened above").close();
-                self.abandoned = Some(fence);
+                // Only a command that was given a buffer leaves one to park.
+                self.abandoned = (!buf.is_empty()).then_some(fence);
                 return Err(format!("{op:?} at LBA {lba} timed out"));
             }
             // Control-plane threads share the cores with the reactors: give way while waiting.
