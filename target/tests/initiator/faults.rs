@@ -159,7 +159,16 @@ fn a_queue_pair_outlives_its_target_restarting_and_holds_commands_for_fast_io_fa
     let mut first = pattern(4096, 1);
     assert!(write(&mut qp, 0, &mut first, 512).is_success());
     assert_eq!(dev.link_status().generation, 1);
-    assert!(dev.link_status().rtt.is_some());
+    // The first Keep Alive goes out as the admin thread starts; its round trip is known soon
+    // after, not necessarily before the first write completes.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dev.link_status().rtt.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no Keep Alive round trip measured"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 
     // The target goes away: the queue dies, and a write submitted now is held, not failed.
     t.stop();
