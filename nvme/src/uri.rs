@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use crate::backend::nbd::{self, NbdDevice, NbdOptions};
 use crate::backend::pcie::{FakeConfig, FakeController, PcieDevice, PcieOptions};
-use crate::backend::tcp::{NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
+use crate::backend::tcp::{DhchapKeys, NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
 use crate::backend::{
     LatencyModel, MemDevice, NgDevice, NgOptions, NullDevice, UringDevice, UringOptions,
 };
+use crate::dhchap::Secret;
 use crate::queue::BlockDevice;
 use crate::spec::fabrics::NQN_MAX_LEN;
 use crate::{Error, Result};
@@ -309,6 +310,32 @@ impl LegUri {
                 let part = format!("fast_io_fail_tmo={v}");
                 opts.fast_io_fail_tmo = parse_duration(&v).map_err(|r| err(&part, r))?;
             }
+            // Secrets come from files, so they never appear in a URI, a log line or status.
+            let mut secret = |key: &str| -> Result<Option<Secret>> {
+                let Some(path) = take(&mut params, key) else {
+                    return Ok(None);
+                };
+                let part = format!("{key}={path}");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| err(&part, format!("cannot read the secret: {e}")))?;
+                Secret::parse(text.trim())
+                    .map(Some)
+                    .map_err(|e| err(&part, format!("not a DHHC-1 secret: {e}")))
+            };
+            let host = secret("dhchap_secret_file")?;
+            let ctrl = secret("dhchap_ctrl_secret_file")?;
+            opts.dhchap = match (host, ctrl) {
+                (None, None) => None,
+                (Some(host), ctrl) => Some(DhchapKeys { host, ctrl }),
+                (None, Some(_)) => {
+                    return Err(err(
+                        "dhchap_ctrl_secret_file",
+                        "checking the controller needs the host's secret too \
+                         (dhchap_secret_file)"
+                            .into(),
+                    ))
+                }
+            };
             Self::NvmeTcp { addr, opts }
         } else if let Some(rest) = base.strip_prefix("nbd://") {
             let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
@@ -790,6 +817,42 @@ mod tests {
         }
         let long = format!("nvme-tcp://h:1/nqn.{}", "a".repeat(230));
         assert!(msg(&long).contains("1..=223"), "{}", msg(&long));
+    }
+
+    #[test]
+    fn dhchap_secrets_come_from_files_and_never_show_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = crate::dhchap::Secret {
+            transform: Some(crate::dhchap::HashId::Sha256),
+            key: vec![7; 32],
+        };
+        let host = dir.path().join("host.key");
+        std::fs::write(&host, format!("{}\n", good.encode())).unwrap();
+        let bad = dir.path().join("bad.key");
+        let mut text = good.encode();
+        text.replace_range(12..13, if &text[12..13] == "A" { "B" } else { "A" });
+        std::fs::write(&bad, &text).unwrap();
+        let uri = |q: String| format!("nvme-tcp://h:1/nqn.a?{q}");
+
+        let LegUri::NvmeTcp { opts, .. } =
+            LegUri::parse(&uri(format!("dhchap_secret_file={}", host.display()))).unwrap()
+        else {
+            panic!("not nvme-tcp");
+        };
+        let keys = opts.dhchap.unwrap();
+        assert_eq!(keys.host, good);
+        assert!(keys.ctrl.is_none());
+
+        let msg = |u: String| LegUri::parse(&u).unwrap_err().to_string();
+        let m = msg(uri(format!("dhchap_secret_file={}", bad.display())));
+        assert!(
+            m.contains("not a DHHC-1 secret") && !m.contains(&text),
+            "{m}"
+        );
+        let m = msg(uri("dhchap_secret_file=/nonexistent/key".into()));
+        assert!(m.contains("cannot read the secret"), "{m}");
+        let m = msg(uri(format!("dhchap_ctrl_secret_file={}", host.display())));
+        assert!(m.contains("needs the host's secret too"), "{m}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 # /init of the interop guest (see kernel-host.sh): bring up the network, connect to the
 # nvmirror target on the host as a Linux NVMe/TCP host, verify I/O (or, with
 # nvmirror.test=resv on the kernel command line, reservations; with nvmirror.test=ana,
-# multipath over two ports and an ANA failover), report, power off.
+# multipath over two ports and an ANA failover; with nvmirror.test=auth, DH-HMAC-CHAP),
+# report, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -40,6 +41,71 @@ say "discover $HOST:$PORT"
 nvme discover -t tcp -a "$HOST" -s "$PORT" >/tmp/discover 2>&1 || { cat /tmp/discover; fail "nvme discover"; }
 cat /tmp/discover
 grep -q "subnqn: *$NQN" /tmp/discover || fail "$NQN not in the discovery log"
+
+# The value of nvmirror.$1= on the kernel command line.
+param() {
+    sed -n "s/.*nvmirror\.$1=\([^ ]*\).*/\1/p" /proc/cmdline
+}
+# Waits for the namespace's block device; sets DEV.
+wait_dev() {
+    DEV=
+    for _ in $(seq 40); do
+        for d in /sys/block/nvme*n*; do
+            [ -e "$d" ] && DEV=/dev/$(basename "$d")
+        done
+        [ -n "$DEV" ] && [ -b "$DEV" ] && return 0
+        sleep 0.25
+    done
+    return 1
+}
+# A connect that must be refused ($1 says why it must), leaving no controller behind.
+refused() {
+    why=$1
+    shift
+    if nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" "$@" >/tmp/c 2>&1; then
+        cat /tmp/c
+        fail "connect $why succeeded"
+    fi
+    cat /tmp/c
+    for d in /sys/block/nvme*n*; do
+        [ -e "$d" ] && fail "a namespace appeared after the connect $why"
+    done
+    say "connect $why refused"
+}
+
+# DH-HMAC-CHAP as the Linux host runs it: refused with no secret and with a wrong one,
+# connected with the right one (host only, then bidirectional), and the host itself refuses a
+# controller that cannot prove the controller secret. Exits the guest.
+auth_test() {
+    SECRET=$(param secret)
+    CTRL=$(param ctrl)
+    WRONG=$(param wrong)
+    [ -n "$SECRET" ] && [ -n "$CTRL" ] && [ -n "$WRONG" ] || fail "no secrets on the kernel command line"
+    refused "without a secret"
+    refused "with a wrong secret" --dhchap-secret="$WRONG"
+    nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" --dhchap-secret="$SECRET" || fail "connect with the host's secret"
+    wait_dev || fail "no namespace after the authenticated connect"
+    dd if=/dev/urandom of=/tmp/pattern bs=64k count=16 2>/dev/null
+    dd if=/tmp/pattern of="$DEV" bs=64k oflag=direct conv=fsync 2>/dev/null || fail "write after authenticating"
+    dd if="$DEV" of=/tmp/back bs=64k count=16 iflag=direct 2>/dev/null || fail "read after authenticating"
+    cmp /tmp/pattern /tmp/back || fail "data differs after authenticating"
+    say "host-only authentication: connected, 1 MiB written and read back"
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    sleep 1
+    nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" --dhchap-secret="$SECRET" --dhchap-ctrl-secret="$CTRL" ||
+        fail "connect with both secrets"
+    wait_dev || fail "no namespace after the bidirectional connect"
+    dd if="$DEV" of=/tmp/back bs=64k count=16 iflag=direct 2>/dev/null || fail "read after bidirectional authentication"
+    cmp /tmp/pattern /tmp/back || fail "data differs after bidirectional authentication"
+    say "bidirectional authentication: connected, data intact"
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    sleep 1
+    refused "with a wrong controller secret" --dhchap-secret="$SECRET" --dhchap-ctrl-secret="$WRONG"
+    say "PASS"
+    poweroff -f
+    sleep 5
+}
+[ "$TEST" = auth ] && auth_test
 
 say "connect $NQN"
 nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" || fail "nvme connect"

@@ -4,11 +4,13 @@
 
 use std::time::{Duration, Instant};
 
+use super::auth;
 use super::control::{ControlConn, Peer, COMMAND_TIMEOUT};
 use super::NvmeTcpOptions;
 use crate::spec::admin::{
     cns, cntrltype, feature, AdminOpcode, IdentifyController, IdentifyNamespace, IDENTIFY_LEN,
 };
+use crate::spec::auth::{CONNECT_AUTHREQ_ASCR, CONNECT_AUTHREQ_ATR};
 use crate::spec::fabrics::{
     connect_sqe, property, property_get_sqe, property_set_sqe, ConnectData, CNTLID_DYNAMIC,
 };
@@ -183,6 +185,7 @@ pub(super) fn bring_up(
         return Err(conn.peer.err(step, why));
     }
     let cntlid = c.dw0 as u16;
+    authenticate_if_asked(&mut conn, opts, hostnqn, "admin queue", 0, c.dw0)?;
 
     let cap = prop_get(&mut conn, "Property Get CAP", property::CAP, 8)?;
     let version = prop_get(&mut conn, "Property Get VS", property::VS, 4)? as u32;
@@ -352,7 +355,45 @@ pub(super) fn connect_io_queue(
         }
         return Err(err);
     }
+    authenticate_if_asked(&mut conn, opts, hostnqn, &what, qid, c.dw0)?;
     Ok(IoQueueConnect::Connected(conn))
+}
+
+/// Authenticates the queue when its Connect response set ATR (Connect DW0 bit 17). A host
+/// that must check the controller (a controller secret is set) refuses a controller that does
+/// not ask, and secure channel concatenation (ASCR) is refused: it needs TLS.
+fn authenticate_if_asked(
+    conn: &mut ControlConn,
+    opts: &NvmeTcpOptions,
+    hostnqn: &str,
+    what: &str,
+    qid: u16,
+    dw0: u32,
+) -> Result<()> {
+    let step = format!("{what} DH-HMAC-CHAP");
+    if dw0 & CONNECT_AUTHREQ_ASCR != 0 {
+        return Err(conn.peer.err(
+            &step,
+            "the target requires secure channel concatenation (TLS), which is not supported",
+        ));
+    }
+    if dw0 & CONNECT_AUTHREQ_ATR == 0 {
+        if opts.dhchap.as_ref().is_some_and(|k| k.ctrl.is_some()) {
+            return Err(conn.peer.err(
+                &step,
+                "dhchap_ctrl_secret_file is set but the target did not ask to authenticate, \
+                 so it cannot prove the controller secret",
+            ));
+        }
+        return Ok(());
+    }
+    let q = auth::Queue {
+        what,
+        hostnqn,
+        subnqn: &opts.subnqn,
+        tid: qid,
+    };
+    auth::authenticate(conn, &q, opts.dhchap.as_ref())
 }
 
 /// Tells the controller the host is going away (CC.SHN = normal) and waits briefly for

@@ -21,6 +21,7 @@
 //! # Ok::<(), nvmirror_nvme::Error>(())
 //! ```
 
+mod auth;
 mod control;
 mod controller;
 mod keep_alive;
@@ -33,6 +34,7 @@ mod stream;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+pub use auth::DhchapKeys;
 use control::{ControlConn, Peer};
 pub use controller::ControllerInfo;
 use controller::IoQueueConnect;
@@ -88,6 +90,9 @@ pub struct NvmeTcpOptions {
     /// reconnect, before it fails them with a path error (default 0: at once, which lets a
     /// mirror fail over to its other legs without waiting).
     pub fast_io_fail_tmo: Duration,
+    /// DH-HMAC-CHAP secrets, for a target that asks this host to authenticate
+    /// (`dhchap_secret_file=`, `dhchap_ctrl_secret_file=`).
+    pub dhchap: Option<DhchapKeys>,
 }
 
 impl NvmeTcpOptions {
@@ -104,6 +109,7 @@ impl NvmeTcpOptions {
             reconnect_delay: DEFAULT_RECONNECT_DELAY,
             ctrl_loss_tmo: Some(DEFAULT_CTRL_LOSS_TMO),
             fast_io_fail_tmo: Duration::ZERO,
+            dhchap: None,
         }
     }
 }
