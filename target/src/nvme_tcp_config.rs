@@ -8,6 +8,7 @@
 //! ana_state = "optimized"        # the default
 //! cntlid_min = 1                 # 1..=65519 by default
 //! cntlid_max = 32767
+//! max_admin_queue_size = 256     # ASQSZ; the default (32..=4096)
 //!
 //! [[nvme_tcp.listener]]
 //! listen = "0.0.0.0:4421"
@@ -18,7 +19,9 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use crate::nvme_tcp::{AnaState, ListenerConfig, MAX_CNTLID};
+use crate::nvme_tcp::{
+    AnaState, ListenerConfig, DEFAULT_MAX_ADMIN_QUEUE_SIZE, MAX_CNTLID, MIN_ADMIN_QUEUE_SIZE,
+};
 
 /// `[nvme_tcp]`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -32,6 +35,9 @@ pub struct NvmeTcpConfig {
     pub cntlid_min: u16,
     #[serde(default = "max_cntlid")]
     pub cntlid_max: u16,
+    /// Largest admin queue a host may connect (ASQSZ in the discovery log).
+    #[serde(default = "max_admin_queue_size")]
+    pub max_admin_queue_size: u16,
     /// More listeners.
     #[serde(default, rename = "listener")]
     pub listeners: Vec<NvmeTcpListener>,
@@ -55,6 +61,9 @@ fn one() -> u16 {
 fn max_cntlid() -> u16 {
     MAX_CNTLID
 }
+fn max_admin_queue_size() -> u16 {
+    DEFAULT_MAX_ADMIN_QUEUE_SIZE
+}
 
 impl NvmeTcpConfig {
     /// One listener on `listen`, every other field at its default.
@@ -64,6 +73,7 @@ impl NvmeTcpConfig {
             ana_state: optimized(),
             cntlid_min: 1,
             cntlid_max: MAX_CNTLID,
+            max_admin_queue_size: DEFAULT_MAX_ADMIN_QUEUE_SIZE,
             listeners: Vec::new(),
         }
     }
@@ -79,6 +89,15 @@ impl NvmeTcpConfig {
                 format!(
                     "{}..={} is not a range within 1..={MAX_CNTLID}",
                     self.cntlid_min, self.cntlid_max
+                ),
+            ));
+        }
+        if !(MIN_ADMIN_QUEUE_SIZE..=4096).contains(&self.max_admin_queue_size) {
+            return Err((
+                "nvme_tcp.max_admin_queue_size".into(),
+                format!(
+                    "{} is not in {MIN_ADMIN_QUEUE_SIZE}..=4096 entries",
+                    self.max_admin_queue_size
                 ),
             ));
         }
@@ -170,6 +189,10 @@ mod tests {
             ("listen = \"x\"\n", "nvme_tcp.listen"),
             ("listen = \"127.0.0.1:1\"\nana_state = \"standby\"\n", "nvme_tcp.ana_state"),
             ("listen = \"127.0.0.1:1\"\ncntlid_min = 0\n", "nvme_tcp.cntlid_min"),
+            (
+                "listen = \"127.0.0.1:1\"\nmax_admin_queue_size = 31\n",
+                "nvme_tcp.max_admin_queue_size",
+            ),
             ("listen = \"127.0.0.1:1\"\ncntlid_min = 9\ncntlid_max = 8\n", "nvme_tcp.cntlid_min"),
             ("listen = \"127.0.0.1:1\"\ncntlid_max = 65520\n", "nvme_tcp.cntlid_min"),
             ("listen = \"127.0.0.1:1\"\n[[listener]]\nlisten = \"127.0.0.1:1\"\n", "nvme_tcp.listener[0].listen"),

@@ -400,6 +400,7 @@ impl Service {
                     more_listeners: l.more().map_err(|(f, e)| start_err(f, e))?,
                     cntlid_min: l.cntlid_min,
                     cntlid_max: l.cntlid_max,
+                    max_admin_queue_size: l.max_admin_queue_size,
                     subsystems,
                     max_connections: cfg.limits.max_connections,
                     handshake_timeout: cfg.limits.handshake_timeout(),

@@ -10,7 +10,7 @@ use nvmirror_nvme::spec::fabrics::{
     property, status as fstatus, ConnectParam, CNTLID_DYNAMIC, DISCOVERY_NQN,
 };
 use nvmirror_nvme::spec::wire::nul_padded_str;
-use nvmirror_nvme::spec::Status;
+use nvmirror_nvme::spec::{Status, SubmissionQueueEntry};
 
 #[test]
 fn linux_style_bring_up_and_identify() {
@@ -288,6 +288,7 @@ fn discovery_lists_the_subsystems_the_host_may_see() {
     assert!(c.status().is_success());
     let e = DiscoveryLogEntry::read_from(&page[1024..]);
     assert_eq!((e.trtype, e.adrfam, e.subtype), (3, 1, 2));
+    assert_eq!(e.asqsz, 256, "ASQSZ: the admin queue limit");
     assert_eq!(nul_padded_str(&e.subnqn), Some(SUBNQN));
     assert_eq!(nul_padded_str(&e.traddr), Some("127.0.0.1"));
     assert_eq!(
@@ -359,4 +360,79 @@ fn disconnect_and_reset_close_queues() {
     assert!(admin.prop_set(property::CC, 0x46_0000).is_success());
     assert_eq!(admin.prop_get(property::CSTS, 4) & 1, 0);
     assert!(io.wait_closed(Duration::from_secs(3)));
+}
+
+/// SPDK's abort example sizes its admin queue to hold an Abort for every command it keeps in
+/// flight (queue depth + 8: 136 entries at its defaults) and aborts every I/O it submits. The
+/// admin queue's limit is ASQSZ from the discovery log, not CAP.MQES (which bounds I/O
+/// queues): such a queue connects, and its Aborts — best effort (Base §5.1), each completing
+/// with DW0 bit 0 set when the command was not aborted — leave every aborted-at command to
+/// complete with its own result.
+#[test]
+fn an_admin_queue_deep_enough_for_an_abort_per_command_connects_and_aborts_are_best_effort() {
+    let t = start(|_| {});
+    let mut admin = Host::connect(t.addr);
+    admin.icreq(false, false);
+    let c = admin.fabrics_connect(0, 135, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
+    assert!(c.status().is_success(), "admin SQSIZE 135: {}", c.status());
+    let cntlid = c.dw0 as u16;
+    assert!(admin.prop_set(property::CC, 0x46_0001).is_success());
+    let (c, _) = admin.admin(0x09, 0, u32::from(feature::NUMBER_OF_QUEUES), 0, 0);
+    assert!(c.status().is_success());
+    // CAP.MQES still bounds I/O queues: 135 is above the 128 entries advertised.
+    let mut big = Host::connect(t.addr);
+    big.icreq(false, false);
+    let c = big.fabrics_connect(1, 135, 0, SUBNQN, HOSTNQN, cntlid);
+    assert_eq!((c.status().sc(), c.dw0), (0x82, ConnectParam::SQSIZE.dw0()));
+    // And ASQSZ bounds admin queues: 256 entries by default.
+    let mut over = Host::connect(t.addr);
+    over.icreq(false, false);
+    let c = over.fabrics_connect(0, 256, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
+    assert_eq!((c.status().sc(), c.dw0), (0x82, ConnectParam::SQSIZE.dw0()));
+
+    let mut io = Host::bring_up_io(t.addr, cntlid, 1, false, false);
+    let data = common::pattern(64 * 512, 9);
+    assert!(io.write(1, 0, &data, 512, false).is_success());
+    // 32 reads in flight on the I/O queue, an Abort for each on the admin queue, all sent
+    // before any answer is read.
+    let cids: Vec<u16> = (0..32)
+        .map(|k| {
+            let mut sqe = SubmissionQueueEntry {
+                opcode: 0x02,
+                cid: io.cid(),
+                nsid: 1,
+                ..Default::default()
+            };
+            sqe.set_lba_range(2 * k, 2);
+            io.send_cmd(sqe, &[], true, 1024);
+            sqe.cid
+        })
+        .collect();
+    let aborts: Vec<u16> = cids
+        .iter()
+        .map(|&cid| {
+            let sqe = SubmissionQueueEntry {
+                opcode: 0x08,
+                cid: admin.cid(),
+                cdw10: 1 | (u32::from(cid) << 16),
+                ..Default::default()
+            };
+            admin.send_cmd(sqe, &[], true, 0);
+            sqe.cid
+        })
+        .collect();
+    for &a in &aborts {
+        let (c, _) = admin.finish(a, &[]);
+        assert!(c.status().is_success(), "Abort: {}", c.status());
+        assert_eq!(
+            c.dw0 & 1,
+            1,
+            "an I/O command is not aborted: it runs to completion"
+        );
+    }
+    for (k, &cid) in cids.iter().enumerate() {
+        let (c, got) = io.finish(cid, &[]);
+        assert!(c.status().is_success(), "read {k}: {}", c.status());
+        assert_eq!(got, data[k * 1024..(k + 1) * 1024], "read {k}");
+    }
 }

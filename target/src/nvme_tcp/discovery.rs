@@ -50,7 +50,7 @@ pub(super) fn log_page(shared: &TargetShared, hostnqn: &str, local: SocketAddr) 
         e.treq = discovery::TREQ_NOT_REQUIRED | discovery::TREQ_DISABLE_SQFLOW;
         e.portid = port as u16 + 1;
         e.cntlid = nvmirror_nvme::spec::fabrics::CNTLID_DYNAMIC;
-        e.asqsz = shared.cfg.effective_max_queue_size();
+        e.asqsz = shared.cfg.effective_max_admin_queue_size();
         put_nul_padded(&mut e.trsvcid, &addr.port().to_string());
         put_nul_padded(&mut e.subnqn, &s.nqn);
         put_nul_padded(&mut e.traddr, &addr.ip().to_string());

@@ -183,12 +183,20 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
         }
     }
     let cfg = &shared.cfg;
-    let max_queue_size = cfg.effective_max_queue_size();
-    if cmd.sqsize == 0 || u32::from(cmd.sqsize) >= u32::from(max_queue_size) {
-        return Err(invalid(
-            ConnectParam::SQSIZE,
+    // An admin queue is bounded by ASQSZ (discovery log), an I/O queue by CAP.MQES.
+    let (max_queue_size, limit) = if cmd.qid == 0 {
+        (
+            cfg.effective_max_admin_queue_size(),
+            "admin queue size 1 or above the advertised maximum (ASQSZ)",
+        )
+    } else {
+        (
+            cfg.effective_max_queue_size(),
             "queue size 1 or above the advertised maximum (CAP.MQES)",
-        ));
+        )
+    };
+    if cmd.sqsize == 0 || u32::from(cmd.sqsize) >= u32::from(max_queue_size) {
+        return Err(invalid(ConnectParam::SQSIZE, limit));
     }
     let size = cmd.sqsize + 1;
     let sqflow_disabled = cmd.cattr & ConnectCommand::CATTR_DISABLE_SQFLOW != 0;

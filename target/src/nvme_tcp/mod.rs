@@ -92,8 +92,12 @@ pub struct TargetConfig {
     pub cntlid_min: u16,
     pub cntlid_max: u16,
     pub subsystems: Vec<SubsystemConfig>,
-    /// Largest queue (admin or I/O) a host may connect, in entries (CAP.MQES + 1).
+    /// Largest I/O queue a host may connect, in entries (CAP.MQES + 1).
     pub max_queue_size: u16,
+    /// Largest admin queue a host may connect, in entries (ASQSZ in the discovery log; at
+    /// least 32). SPDK's abort example asks for its queue depth + 8 to hold an Abort per
+    /// outstanding command.
+    pub max_admin_queue_size: u16,
     /// I/O queues per controller.
     pub max_io_queues: u16,
     /// In-capsule data an I/O command may carry (ICCSZ minus the SQE).
@@ -121,6 +125,7 @@ impl Default for TargetConfig {
             cntlid_max: MAX_CNTLID,
             subsystems: Vec::new(),
             max_queue_size: 128,
+            max_admin_queue_size: DEFAULT_MAX_ADMIN_QUEUE_SIZE,
             max_io_queues: 16,
             in_capsule_data_size: 8192,
             maxh2cdata: 128 * 1024,
@@ -147,6 +152,12 @@ pub(crate) const ADMIN_IN_CAPSULE: u32 = 8192;
 /// Buffer per admin command: an Identify page, a log page of up to 32 KiB (the discovery
 /// log of 31 subsystems), 8 KiB of in-capsule data. The admin queue never moves I/O data.
 pub(crate) const ADMIN_MAX_TRANSFER: u32 = 32 * 1024;
+
+/// Smallest admin queue a fabrics controller must take (NVMe-oF: ASQSZ is at least 32).
+pub const MIN_ADMIN_QUEUE_SIZE: u16 = 32;
+/// Default largest admin queue: room for an Abort per command of a 128-deep I/O queue and
+/// then some (SPDK's abort example at its defaults asks for 136).
+pub const DEFAULT_MAX_ADMIN_QUEUE_SIZE: u16 = 256;
 
 /// Default connections per front end.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -183,6 +194,15 @@ impl TargetConfig {
             .max(2)
     }
 
+    /// The largest admin queue a host may connect (ASQSZ): `max_admin_queue_size`, less
+    /// where the buffer budget does not cover that many admin entries, never below 32.
+    pub fn effective_max_admin_queue_size(&self) -> u16 {
+        let fits = self.connection_buffer_budget / u64::from(self.admin_transfer());
+        self.max_admin_queue_size
+            .min(u16::try_from(fits).unwrap_or(u16::MAX))
+            .max(MIN_ADMIN_QUEUE_SIZE)
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Config(s));
         if self.max_connections == 0 {
@@ -202,6 +222,12 @@ impl TargetConfig {
             return bad(format!(
                 "max_queue_size {} not in 2..=4096",
                 self.max_queue_size
+            ));
+        }
+        if !(MIN_ADMIN_QUEUE_SIZE..=4096).contains(&self.max_admin_queue_size) {
+            return bad(format!(
+                "max_admin_queue_size {} not in {MIN_ADMIN_QUEUE_SIZE}..=4096",
+                self.max_admin_queue_size
             ));
         }
         if !(1..=256).contains(&self.max_io_queues) {
