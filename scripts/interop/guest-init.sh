@@ -2,8 +2,9 @@
 # /init of the interop guest (see kernel-host.sh): bring up the network, connect to the
 # nvmirror target on the host as a Linux NVMe/TCP host, verify I/O (or, with
 # nvmirror.test=resv on the kernel command line, reservations; with nvmirror.test=ana,
-# multipath over two ports and an ANA failover; with nvmirror.test=auth, DH-HMAC-CHAP),
-# report, power off.
+# multipath over two ports and an ANA failover; with nvmirror.test=auth, DH-HMAC-CHAP; with
+# nvmirror.test=rpc, a namespace built by RPC across save_config and a restart), report,
+# power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -106,6 +107,46 @@ auth_test() {
     sleep 5
 }
 [ "$TEST" = auth ] && auth_test
+
+# A namespace built by RPC, across a save_config and a restart of the target: writes a
+# pattern, then waits for the target to go away and come back (the host restarts it from the
+# saved configuration meanwhile) and reads the pattern back. Exits the guest.
+rpc_test() {
+    nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" || fail "connect to the RPC-built subsystem"
+    wait_dev || fail "no namespace from the RPC-built subsystem"
+    say "RPC-built namespace at $DEV: $(cat /sys/block/$(basename $DEV)/size) sectors"
+    dd if=/dev/urandom of=/tmp/pattern bs=64k count=64 2>/dev/null
+    dd if=/tmp/pattern of="$DEV" bs=64k oflag=direct conv=fsync 2>/dev/null || fail "write to the RPC-built namespace"
+    dd if="$DEV" of=/tmp/back bs=64k count=64 iflag=direct 2>/dev/null || fail "read from the RPC-built namespace"
+    cmp /tmp/pattern /tmp/back || fail "data differs on the RPC-built namespace"
+    echo "NVMIRROR-GUEST: PATTERN-SHA256 $(sha256sum /tmp/pattern | cut -d' ' -f1)"
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    say "RPC-WRITTEN"
+    # The host now saves the configuration and restarts the target: see it go, then come back.
+    gone=0
+    for _ in $(seq 240); do
+        if nvme discover -t tcp -a "$HOST" -s "$PORT" >/dev/null 2>&1; then
+            [ "$gone" = 1 ] && break
+        else
+            gone=1
+        fi
+        sleep 0.5
+    done
+    [ "$gone" = 1 ] || fail "the target never went away"
+    nvme discover -t tcp -a "$HOST" -s "$PORT" >/tmp/discover 2>&1 || fail "the target did not come back"
+    grep -q "subnqn: *$NQN" /tmp/discover || { cat /tmp/discover; fail "$NQN not in the discovery log after the restart"; }
+    say "target back after the restart; $NQN listed"
+    nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" || fail "connect after the restart"
+    wait_dev || fail "no namespace after the restart"
+    dd if="$DEV" of=/tmp/back bs=64k count=64 iflag=direct 2>/dev/null || fail "read after the restart"
+    cmp /tmp/pattern /tmp/back || fail "the pattern did not survive save_config and the restart"
+    say "pattern read back after save_config and the restart"
+    nvme disconnect -n "$NQN" || fail "nvme disconnect after the restart"
+    say "PASS"
+    poweroff -f
+    sleep 5
+}
+[ "$TEST" = rpc ] && rpc_test
 
 say "connect $NQN"
 nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$NQN" || fail "nvme connect"

@@ -27,7 +27,13 @@
 # this test boots the bookworm-backports cloud kernel, fetched through a private apt
 # configuration under build/interop/bpo/ (the system's sources are not touched).
 #
-# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth]
+# With --test rpc the volume, subsystem, namespace and listener the guest uses are built by
+# RPC on a running target (volume_create, subsystem_create, namespace_add, listener_add);
+# the guest writes a pattern, the script calls save_config, stops the target and starts it
+# again from the saved file, and the guest must find the same namespace with its data; at
+# the end both of that volume's legs must hold the pattern (docs/operations.md).
+#
+# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
 set -euo pipefail
 
@@ -46,10 +52,10 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --test) TEST=$2; shift 2 ;;
-        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc]" >&2; exit 2 ;;
     esac
 done
-case "$TEST" in io|resv|ana|auth) ;; *) echo "--test: io, resv, ana or auth, not $TEST" >&2; exit 2 ;; esac
+case "$TEST" in io|resv|ana|auth|rpc) ;; *) echo "--test: io, resv, ana, auth or rpc, not $TEST" >&2; exit 2 ;; esac
 PORT2=$((PORT + 1))
 
 log() { echo "kernel-host: $*" >&2; }
@@ -221,23 +227,59 @@ EOF
     CONFIG=(--config "$DATA/auth.toml")
     APPEND_AUTH="nvmirror.secret=$SECRET nvmirror.ctrl=$CTRL_SECRET nvmirror.wrong=$WRONG_SECRET"
 fi
-RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve "${CONFIG[@]}" --data-dir "$DATA" --listen "127.0.0.1:$PORT" \
-    --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$TARGET_LOG" 2>&1 &
-TARGET_PID=$!
+# start_target CONFIG-ARGS...: serve in the background, waits until it serves.
+start_target() {
+    RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve "$@" --data-dir "$DATA" --listen "127.0.0.1:$PORT" \
+        --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >>"$TARGET_LOG" 2>&1 &
+    TARGET_PID=$!
+    for _ in $(seq 100); do
+        [ "$(grep -c "serving" "$TARGET_LOG" 2>/dev/null)" -gt "$STARTS" ] && break
+        kill -0 "$TARGET_PID" 2>/dev/null || { cat "$TARGET_LOG" >&2; fail "target exited at start"; }
+        sleep 0.1
+    done
+    [ "$(grep -c "serving" "$TARGET_LOG" 2>/dev/null)" -gt "$STARTS" ] || fail "target did not start listening"
+    STARTS=$((STARTS + 1))
+}
+# stop_target: SIGTERM, and the stop must be clean.
+stop_target() {
+    kill -TERM "$TARGET_PID"
+    wait "$TARGET_PID" 2>/dev/null || true
+    TARGET_PID=
+    [ "$(grep -c "stopped cleanly" "$TARGET_LOG")" -ge "$STARTS" ] ||
+        { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
+}
+rpc() {
+    "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" "$@"
+}
+rm -f "$TARGET_LOG"
+STARTS=0
 QEMU_PID=
+TARGET_PID=
 cleanup() {
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
     [ -n "$TARGET_PID" ] && kill "$TARGET_PID" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-    grep -q "serving" "$TARGET_LOG" 2>/dev/null && break
-    kill -0 "$TARGET_PID" 2>/dev/null || { cat "$TARGET_LOG" >&2; fail "target exited at start"; }
-    sleep 0.1
-done
-grep -q "serving" "$TARGET_LOG" || fail "target did not start listening"
+start_target "${CONFIG[@]}"
 log "nvmirror serve listening on 127.0.0.1:$PORT"
+GUEST_PORT=$PORT
+GUEST_NQN=$NQN
+VOL=vol0
+LEGS="primary mirror"
+if [ "$TEST" = rpc ]; then
+    # Everything the guest will use, built by RPC on the running target.
+    GUEST_PORT=$PORT2
+    GUEST_NQN="nqn.2026-12.io.nvmirror:rpc"
+    VOL=vol1
+    LEGS="rpc0 rpc1"
+    rpc volume_create "{\"name\":\"$VOL\",\"legs\":[\"file://$DATA/rpc0.img?create=256MiB\",\"file://$DATA/rpc1.img?create=256MiB\"]}" \
+        >/dev/null || fail "volume_create"
+    rpc subsystem_create "{\"nqn\":\"$GUEST_NQN\"}" >/dev/null || fail "subsystem_create"
+    rpc namespace_add "{\"nqn\":\"$GUEST_NQN\",\"volume\":\"$VOL\"}" >/dev/null || fail "namespace_add"
+    rpc listener_add "{\"listen\":\"127.0.0.1:$PORT2\"}" >/dev/null || fail "listener_add"
+    log "built by RPC: $VOL on $LEGS, $GUEST_NQN, listener 127.0.0.1:$PORT2"
+fi
 
 # ---- 5. the guest ---------------------------------------------------------------------------
 log "booting $KVER under qemu (timeout ${TIMEOUT}s)"
@@ -247,7 +289,7 @@ CPU=max
 [ "$TEST" = auth ] && CPU=max,-cx16
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg,thread=multi -cpu "$CPU" -m 1G -smp 2 \
     -kernel "$VMLINUZ" -initrd "$INITRD" \
-    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$PORT nvmirror.port2=$PORT2 nvmirror.nqn=$NQN nvmirror.test=$TEST $APPEND_AUTH" \
+    -append "console=ttyS0 quiet panic=-1 nvmirror.port=$GUEST_PORT nvmirror.port2=$PORT2 nvmirror.nqn=$GUEST_NQN nvmirror.test=$TEST $APPEND_AUTH" \
     -display none -no-reboot -serial "file:$GUEST_LOG" \
     -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= &
 QEMU_PID=$!
@@ -264,6 +306,28 @@ ana_step() {
     "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
         python3 -c 'import json, sys; print("kernel-host: ana", [(a["listener"], a["state"]) for a in json.load(sys.stdin)["ana"]])' >&2
 }
+if [ "$TEST" = rpc ]; then
+    # Once the guest has written its pattern: save the configuration, stop, start again from
+    # the saved file; the volume must come back on the same legs.
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: RPC-WRITTEN" "$GUEST_LOG" 2>/dev/null; do
+        sleep 0.2
+    done
+    if grep -q "NVMIRROR-GUEST: RPC-WRITTEN" "$GUEST_LOG" 2>/dev/null; then
+        rpc save_config "{\"path\":\"$DATA/saved.toml\"}" >/dev/null || fail "save_config"
+        log "save_config wrote $DATA/saved.toml; restarting the target from it"
+        stop_target
+        sleep 4
+        start_target --config "$DATA/saved.toml"
+        rpc volume_status "{\"name\":\"$VOL\"}" | python3 -c '
+import json, sys
+st = json.load(sys.stdin)
+names = [l["name"] for l in st["legs"]]
+want = [sys.argv[1] + "/rpc0.img", sys.argv[1] + "/rpc1.img"]
+assert all(any(n.startswith("file://" + w) for n in names) for w in want), names
+print("kernel-host: after the restart", st["name"], "serves", names)' "$DATA" >&2 ||
+            fail "$VOL did not come back on its legs after the restart"
+    fi
+fi
 if [ "$TEST" = ana ]; then
     # With both paths up and I/O running, take the optimized one away; once the guest has
     # stopped its I/O, give it back.
@@ -279,11 +343,8 @@ QEMU_PID=
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
-    if [ "$TEST" != io ]; then
-        kill -TERM "$TARGET_PID"
-        wait "$TARGET_PID" 2>/dev/null || true
-        TARGET_PID=
-        grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
+    if [ "$TEST" != io ] && [ "$TEST" != rpc ]; then
+        stop_target
         echo "PASS"
         exit 0
     fi
@@ -291,14 +352,11 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     want=$(sed -n 's/.*NVMIRROR-GUEST: PATTERN-SHA256 \([0-9a-f]*\).*/\1/p' "$GUEST_LOG" | sed -n 1p)
     [ -n "$want" ] || fail "the guest did not report its pattern's checksum"
     # The exported namespace starts after each leg's metadata area (superblock + bitmap).
-    offset=$("$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
+    offset=$(rpc volume_status "{\"name\":\"$VOL\"}" |
         python3 -c 'import json, sys; b = json.load(sys.stdin)["bitmap"]; print(b["data_offset"] if b else 0)') ||
         fail "volume_status over RPC"
-    kill -TERM "$TARGET_PID"
-    wait "$TARGET_PID" 2>/dev/null || true
-    TARGET_PID=
-    grep -q "stopped cleanly" "$TARGET_LOG" || { tail -n 20 "$TARGET_LOG" >&2; fail "target did not stop cleanly"; }
-    for leg in primary mirror; do
+    stop_target
+    for leg in $LEGS; do
         got=$(dd if="$DATA/$leg.img" iflag=skip_bytes,count_bytes skip="$offset" count=4194304 \
             status=none | sha256sum | cut -d' ' -f1)
         [ "$got" = "$want" ] || fail "leg $leg.img does not hold the guest's pattern ($got != $want)"
