@@ -122,16 +122,17 @@ fn handshake_timeout_closes_silent_and_unconnected_sockets_but_not_queues() {
 
 #[test]
 fn buffer_budget_caps_the_advertised_queue_size() {
-    // 1 MiB of 128 KiB commands: eight entries per queue.
+    // 1 MiB of 128 KiB commands: eight entries per I/O queue; of 32 KiB admin entries: 32
+    // entries per admin queue (ASQSZ), the least a fabrics controller may offer.
     let t = start(|c| c.connection_buffer_budget = 1 << 20);
     let mut h = Host::connect(t.addr);
     h.icreq(false, false);
-    let c = h.fabrics_connect(0, 31, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
+    let c = h.fabrics_connect(0, 32, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
     assert_eq!(c.status(), fstatus::CONNECT_INVALID_PARAMETERS.with_dnr());
     assert_eq!(c.dw0, ConnectParam::SQSIZE.dw0());
     let mut h = Host::connect(t.addr);
     h.icreq(false, false);
-    let c = h.fabrics_connect(0, 7, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
+    let c = h.fabrics_connect(0, 31, 0, SUBNQN, HOSTNQN, CNTLID_DYNAMIC);
     assert!(c.status().is_success(), "{}", c.status());
     let cntlid = c.dw0 as u16;
     assert_eq!(h.prop_get(property::CAP, 8) & 0xffff, 7, "CAP.MQES");
