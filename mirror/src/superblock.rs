@@ -29,7 +29,6 @@
 //! | 244 | 8 | reserved, zero |
 //! | 252 | 4 | CRC32C of bytes 0..252 |
 
-use std::fmt;
 
 use crate::MAX_LEGS;
 
@@ -46,41 +45,7 @@ pub const REGION_SIZE_RANGE: (u64, u64) = (64 << 10, 64 << 20);
 const CRC_OFFSET: usize = 252;
 const FLAG_CLEAN: u8 = 1;
 
-/// A 128-bit identifier, printed in the usual 8-4-4-4-12 form.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Uuid(pub [u8; 16]);
-
-impl Uuid {
-    /// A random (version 4) UUID.
-    pub fn new_random() -> Self {
-        let mut b: [u8; 16] = rand::random();
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        Self(b)
-    }
-
-    pub fn is_nil(&self) -> bool {
-        self.0 == [0; 16]
-    }
-}
-
-impl fmt::Display for Uuid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                f.write_str("-")?;
-            }
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Uuid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
+pub use nvmirror_nvme::Uuid;
 
 /// A leg's role in its volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

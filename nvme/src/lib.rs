@@ -29,6 +29,7 @@ pub mod queue;
 pub mod reservations;
 pub mod spec;
 pub mod uri;
+pub mod uuid;
 
 pub use error::{Error, Result};
 pub use fence::{Fence, FenceSignal};
@@ -37,3 +38,4 @@ pub use queue::{read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, S
 pub use reservations::Reservations;
 pub use spec::{Geometry, Status};
 pub use uri::{open_leg, LegUri};
+pub use uuid::Uuid;

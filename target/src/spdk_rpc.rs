@@ -33,7 +33,7 @@ pub fn version() -> Value {
 
 /// A 16-byte identifier in the 8-4-4-4-12 form (the superblock's UUID text).
 fn uuid_text(b: &[u8; 16]) -> String {
-    nvmirror_mirror::superblock::Uuid(*b).to_string()
+    nvmirror_nvme::Uuid(*b).to_string()
 }
 
 fn bdevs(reg: &Registry, p: &Value) -> Result<Value, RpcError> {

@@ -45,7 +45,7 @@ use reconnect::{Supervisor, SupervisorThread};
 
 use crate::queue::{BlockDevice, QueuePair};
 use crate::spec::Geometry;
-use crate::Result;
+use crate::{Result, Uuid};
 
 /// The IANA port for NVMe/TCP I/O controllers.
 pub const DEFAULT_PORT: u16 = 4420;
@@ -118,43 +118,17 @@ impl NvmeTcpOptions {
 fn host_identity() -> &'static (String, [u8; 16]) {
     static ID: OnceLock<(String, [u8; 16])> = OnceLock::new();
     ID.get_or_init(|| {
-        let mut b: [u8; 16] = rand::random();
-        b[6] = (b[6] & 0x0f) | 0x40;
-        b[8] = (b[8] & 0x3f) | 0x80;
-        (
-            format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_string(&b)),
-            b,
-        )
+        let id = Uuid::new_random();
+        (format!("nqn.2014-08.org.nvmexpress:uuid:{id}"), id.0)
     })
-}
-
-/// The canonical 8-4-4-4-12 form.
-fn uuid_string(b: &[u8; 16]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// The host ID for `hostnqn`: the UUID it ends with, if any, else this process's.
 fn host_id_for(hostnqn: &str) -> [u8; 16] {
-    let parsed = hostnqn.rsplit_once("uuid:").and_then(|(_, u)| {
-        let hex: String = u.chars().filter(|c| *c != '-').collect();
-        if hex.len() != 32 {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        for (i, out) in b.iter_mut().enumerate() {
-            *out = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(b)
-    });
-    parsed.unwrap_or(host_identity().1)
+    hostnqn
+        .rsplit_once("uuid:")
+        .and_then(|(_, u)| Uuid::parse(u))
+        .map_or(host_identity().1, |u| u.0)
 }
 
 /// What the device and its queue pairs share: the controller's identity and limits, the
