@@ -401,6 +401,17 @@ pub(crate) fn run_job(
             std::hint::spin_loop();
         }
     }
+    if let (Some(v), Some(path)) = (&verifier, &spec.verify_ledger) {
+        if v.writer() {
+            let path = match job {
+                0 => path.clone(),
+                n => std::path::PathBuf::from(format!("{}.{n}", path.display())),
+            };
+            if let Err(e) = v.write_ledger(&path) {
+                eprintln!("--verify-ledger {}: {e}", path.display());
+            }
+        }
+    }
     if inflight + lent > 0 {
         // Lent buffers that never came back completed (their failure is counted) but are
         // still the back end's.

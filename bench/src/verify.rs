@@ -361,6 +361,20 @@ impl BlockVerifier {
         }
     }
 
+    /// Writes the ledger to `path` for a checker outside this process: a `# lba generation
+    /// seed` header, then one line per block whose last write was acknowledged, in LBA
+    /// order: its LBA, the generation of that write and this thread's seed (decimal). A block
+    /// of a write that failed is not listed (its content is unknown).
+    pub fn write_ledger(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(out, "# lba generation seed")?;
+        for (b, g) in self.ledger.written() {
+            writeln!(out, "{} {g} {}", self.lba(b), self.ledger.seed)?;
+        }
+        out.flush()
+    }
+
     /// The blocks this thread wrote whose last write is known, as runs of at most
     /// `max_blocks` consecutive blocks: `(first block, count)`.
     pub fn written_runs(&self, max_blocks: u64) -> Vec<(u64, u64)> {
