@@ -485,6 +485,7 @@ fn drill_d_old_primary_fenced_then_rejoins() {
         p.acked.len(),
         b_acked.len()
     );
-    mirror.stop();
+    // The primary first: it marks the volume clean on both legs.
     p.b.stop();
+    mirror.stop();
 }
