@@ -175,9 +175,11 @@ impl BlockLedger {
     /// the generation of the last one, in order. A block may hold a later generation whose
     /// write was never acknowledged.
     pub fn acked(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.acked.iter().flatten().enumerate().filter_map(|(i, &g)| {
-            (g != 0).then_some((self.first + i as u64, g))
-        })
+        self.acked
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, &g)| (g != 0).then_some((self.first + i as u64, g)))
     }
 
     fn idx(&self, block: u64) -> usize {
@@ -493,7 +495,10 @@ mod tests {
         let path = dir.path().join("ledger");
         v.write_ledger(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text, format!("# lba generation seed\n100 {g} 7\n101 {g} 7\n"));
+        assert_eq!(
+            text,
+            format!("# lba generation seed\n100 {g} 7\n101 {g} 7\n")
+        );
     }
 
     #[test]

@@ -103,7 +103,12 @@ impl Volume {
         }
         let area = meta
             .lock_io()
-            .read_bytes(leg, &*l.dev, layout.bitmap_offset, layout.bitmap_len as usize)
+            .read_bytes(
+                leg,
+                &*l.dev,
+                layout.bitmap_offset,
+                layout.bitmap_len as usize,
+            )
             .map_err(|r| meta_err(format!("cannot read its bitmap: {r}")))?;
         let theirs = WriteIntentBitmap::new(layout);
         theirs.load(&area);

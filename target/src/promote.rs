@@ -181,7 +181,12 @@ fn preempt_at_own_export(
         .map_err(|e| RpcError::failed(format!("cannot reach this node's export {nqn}: {e}")))?;
     match fence_leg(&dev, volume, epoch, true) {
         LegFence::Held { key } => {
-            tracing::warn!(nqn, key = format!("{key:#018x}"), epoch, "the old primary is preempted on this node's export");
+            tracing::warn!(
+                nqn,
+                key = format!("{key:#018x}"),
+                epoch,
+                "the old primary is preempted on this node's export"
+            );
             Ok(dev)
         }
         other => Err(RpcError::failed(format!(
@@ -288,9 +293,7 @@ pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {
             .standby
             .iter()
             .find(|s| s.cfg.name == name)
-            .ok_or_else(|| {
-                RpcError::invalid_params(format!("no standby volume named '{name}'"))
-            })?;
+            .ok_or_else(|| RpcError::invalid_params(format!("no standby volume named '{name}'")))?;
         promote(&r, slot)?;
         let v = slot.entry.get().expect("promoted");
         Ok(json!({"promoted": name, "status": r.volume_status(v)}))

@@ -374,7 +374,12 @@ impl Service {
         let mut volumes = Vec::new();
         let no_local: LocalLegs<'_> = &|_| None;
         for v in cfg.volumes.iter().filter(|v| !v.standby) {
-            volumes.push(open_entry(&cfg.data_dir, cfg.service.claim_timeout(), v, no_local)?);
+            volumes.push(open_entry(
+                &cfg.data_dir,
+                cfg.service.claim_timeout(),
+                v,
+                no_local,
+            )?);
         }
         let standby = crate::promote::standby_slots(cfg, &volumes)?;
         let device = |name: &str| -> Option<Arc<dyn BlockDevice>> {

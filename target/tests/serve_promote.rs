@@ -292,8 +292,12 @@ fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
     // Every write A acknowledged while B was in sync is at B; A's lone writes are not.
     let host = open_leg(&format!("nvme-tcp://{}/{NQN}", b.nvme_tcp)).unwrap();
     let mut qp = host.open_qpair(4).unwrap();
-    assert!(read_at(&mut *qp, &mut pool, synced).iter().all(|&x| x == 0x11));
-    assert!(read_at(&mut *qp, &mut pool, synced2).iter().all(|&x| x == 0x12));
+    assert!(read_at(&mut *qp, &mut pool, synced)
+        .iter()
+        .all(|&x| x == 0x11));
+    assert!(read_at(&mut *qp, &mut pool, synced2)
+        .iter()
+        .all(|&x| x == 0x12));
     assert!(read_at(&mut *qp, &mut pool, alone2).iter().all(|&x| x == 0));
     let at_b = 20 * region_blocks;
     write(&mut *qp, &mut pool, at_b, NLB, 0x55);
@@ -317,7 +321,9 @@ fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
     drop(raw_qp);
     drop(raw);
     a.kill9();
-    assert!(read_at(&mut *qp, &mut pool, synced).iter().all(|&x| x == 0x11));
+    assert!(read_at(&mut *qp, &mut pool, synced)
+        .iter()
+        .all(|&x| x == 0x11));
 
     // A rejoins as a mirror of B: its leg exported raw where B's leg 0 points. B resyncs
     // the regions either side wrote since the split, then the two copies are identical.
@@ -325,12 +331,18 @@ fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
     let st = b.wait_in_sync();
     assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
     let copied = st["resync"]["regions_copied"].as_u64().unwrap();
-    assert!(copied >= 3, "regions 10, 15 (A's bitmap) and 20 (B's): {st}");
+    assert!(
+        copied >= 3,
+        "regions 10, 15 (A's bitmap) and 20 (B's): {st}"
+    );
     write(&mut *qp, &mut pool, at_b + NLB as u64, NLB, 0x56);
     let image = |p: &Path| std::fs::read(p).unwrap()[data as usize..].to_vec();
     let (ia, ib) = (image(&da.join("a.img")), image(&db.join("b.img")));
     let diff = ia.iter().zip(&ib).position(|(x, y)| x != y);
-    assert_eq!(diff, None, "the sites differ at byte {diff:?} of the data area");
+    assert_eq!(
+        diff, None,
+        "the sites differ at byte {diff:?} of the data area"
+    );
     for (slba, fill) in [(synced, 0x11), (alone, 0), (alone2, 0), (at_b, 0x55)] {
         let at = (slba * 512) as usize;
         assert!(

@@ -6,6 +6,10 @@
 //! - (a) `drill_a_link_cut_under_load`: the A↔B link goes down under the load.
 //! - (e) `drill_e_blackhole_then_heal`: A↔B packets are dropped silently (no reset) for
 //!   `NVMIRROR_BLACKHOLE_SECS` (default 30), then the drop rule goes.
+//! - (c) `drill_c_kill_a_mid_write_then_promote_b`: A is killed mid-write, B is promoted and
+//!   holds every acknowledged write.
+//! - (d) `drill_d_old_primary_fenced_then_rejoins`: the old A restarts fenced, then rejoins
+//!   as B's mirror until both sites are identical.
 //!
 //! In both the host's writes continue, the remote leg is faulted at the I/O timeout, the
 //! host's p99 while the link is bad stays within the I/O timeout, no acknowledged write is
@@ -319,9 +323,7 @@ struct Promoted {
 fn kill_a_and_promote_b(sites: &Sites, name: &str) -> Promoted {
     let timeout = format!("{}ms", IO_TIMEOUT.as_millis());
     let b = sites.start_b_promotable(LEG_SIZE, &timeout);
-    let raw = b
-        .call("volume_status", json!({"name": "siteb"}))
-        .unwrap();
+    let raw = b.call("volume_status", json!({"name": "siteb"})).unwrap();
     let bytes = raw["capacity_bytes"].as_u64().unwrap();
     let a = sites.start_a_sized(bytes, &sites.b_uri(None, ""), &timeout);
     let st = a.wait_in_sync();
@@ -392,7 +394,12 @@ fn drill_c_kill_a_mid_write_then_promote_b() {
     w.wait_connected_at(&sites, sites::Site::B, sites::HOST_B_ADDR);
     let r = w.finish(Duration::from_secs(120));
     let (acked, failed) = r.writes();
-    assert!(r.success && failed == 0 && acked > 0, "{}\n{}", r.job, r.stderr);
+    assert!(
+        r.success && failed == 0 && acked > 0,
+        "{}\n{}",
+        r.job,
+        r.stderr
+    );
     assert_eq!(r.verified().1, 0, "{}", r.job);
     p.b.stop();
 }
@@ -430,7 +437,9 @@ fn drill_d_old_primary_fenced_then_rejoins() {
     // The old primary restarts with its old configuration: fenced.
     let a = sites.start_a_sized(p.bytes, &sites.b_uri(None, ""), &timeout);
     let st = status(&a);
-    let why = st["fenced"].as_str().unwrap_or_else(|| panic!("A not fenced: {st}"));
+    let why = st["fenced"]
+        .as_str()
+        .unwrap_or_else(|| panic!("A not fenced: {st}"));
     eprintln!("drill-d: the restarted A is fenced: {why}");
     let w = HostWriter::start_to(
         &sites,
@@ -472,11 +481,20 @@ fn drill_d_old_primary_fenced_then_rejoins() {
         st["resync"]["bytes_copied"]
     );
     let (checked, mismatched) = scrub(&p.b);
-    assert!(checked > 0 && mismatched == 0, "scrub: {checked} checked, {mismatched} differ");
+    assert!(
+        checked > 0 && mismatched == 0,
+        "scrub: {checked} checked, {mismatched} differ"
+    );
     let off = p.data_offset as usize;
-    let (ia, ib) = (std::fs::read(&a_img).unwrap(), std::fs::read(&b_img).unwrap());
+    let (ia, ib) = (
+        std::fs::read(&a_img).unwrap(),
+        std::fs::read(&b_img).unwrap(),
+    );
     let diff = ia[off..].iter().zip(&ib[off..]).position(|(x, y)| x != y);
-    assert_eq!(diff, None, "the sites differ at byte {diff:?} of the data area");
+    assert_eq!(
+        diff, None,
+        "the sites differ at byte {diff:?} of the data area"
+    );
     for acked in [&p.acked, &b_acked] {
         sites::ledger::check_image(&a_img, p.data_offset, acked).unwrap();
     }

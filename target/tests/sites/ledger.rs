@@ -13,8 +13,8 @@ pub struct Acked {
 
 /// Reads a ledger file (`# lba generation seed`, then one line per block).
 pub fn read(path: &Path) -> Vec<Acked> {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("ledger {}: {e}", path.display()));
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("ledger {}: {e}", path.display()));
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
