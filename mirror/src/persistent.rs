@@ -185,7 +185,7 @@ impl Volume {
             .enumerate()
             .map(|(i, sb)| {
                 sb.clone().filter(|s| {
-                    legs[i].link().is_none() || local_top.is_none_or(|top| s.epoch <= top)
+                    legs[i].link().is_none() || local_top.map_or(true, |top| s.epoch <= top)
                 })
             })
             .collect();
