@@ -754,6 +754,34 @@ legs = ["mem://64MiB", "mem://64MiB"]
     }
 
     #[test]
+    fn a_standby_volume_names_a_local_raw_volume() {
+        let raw = "[[volume]]\nname = \"siteb\"\nbitmap = false\nlegs = [\"mem://64MiB\"]\n";
+        let standby = |extra: &str| {
+            format!("{raw}[[volume]]\nname = \"vol0\"\n{extra}legs = [\"nvme-tcp://10.0.0.1:4420/nqn.x:a\", \"volume://siteb\"]\n")
+        };
+        let cfg = Config::parse_str(&standby("standby = true\n"), "t").unwrap();
+        assert!(cfg.volumes[1].standby && !cfg.volumes[0].standby);
+        for (text, want) in [
+            (standby(""), "a leg of a standby volume only"),
+            (
+                standby("standby = true\nbitmap = false\n"),
+                "(vol0).standby",
+            ),
+            (
+                standby("standby = true\n").replace("bitmap = false\n", ""),
+                "raw (bitmap = false) one-leg volume",
+            ),
+            (
+                standby("standby = true\n").replace("volume://siteb", "volume://nope"),
+                "legs[1]",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(want), "want '{want}' in: {e}");
+        }
+    }
+
+    #[test]
     fn limits_have_defaults_and_parse() {
         let cfg = Config::parse_str("", "test.toml").unwrap();
         assert_eq!(cfg.limits, LimitsConfig::default());
