@@ -762,6 +762,20 @@ fn watch_volume(reg: &Registry, e: &VolumeEntry, auto: bool, seen: &mut Vec<u64>
                 if !link.ready_for_resync() {
                     continue;
                 }
+                // A leg this volume holds no reservation on (unreachable when the volume
+                // opened: the old primary's leg of a promoted volume) is fenced with this
+                // volume's key before it takes writes; a newer holder there fences the
+                // volume instead.
+                let held = matches!(
+                    e.volume.leg_fences().get(i),
+                    Some(nvmirror_mirror::fencing::LegFence::Held { .. })
+                );
+                if !held {
+                    e.volume.fence_remote_legs(false);
+                    if e.volume.fenced().is_some() {
+                        return;
+                    }
+                }
                 match e.volume.attach_leg(i) {
                     Ok(job) => {
                         tracing::info!(

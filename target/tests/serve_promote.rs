@@ -222,6 +222,12 @@ namespaces = ["sitea"]
     serve_config(dir, &toml, &format!("127.0.0.1:{port}"))
 }
 
+/// The volume UUID in the superblock of `dir/b.img`.
+fn sb_uuid(dir: &Path) -> nvmirror_mirror::superblock::Uuid {
+    let head = std::fs::read(dir.join("b.img")).unwrap();
+    Superblock::decode(&head[..256]).unwrap().volume_uuid
+}
+
 fn read_at(qp: &mut dyn nvmirror_nvme::QueuePair, pool: &mut DmaPool, slba: u64) -> Vec<u8> {
     serve_rig::read(qp, pool, slba, NLB)
 }
@@ -330,6 +336,11 @@ fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
     let a = a_as_mirror(&da, a_port);
     let st = b.wait_in_sync();
     assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
+    assert_eq!(
+        st["legs"][0]["fencing"]["detail"],
+        format!("key {:#018x}", fence_key(sb_uuid(&db), 1)),
+        "B holds the rejoined leg with its epoch-1 key: {st}"
+    );
     let copied = st["resync"]["regions_copied"].as_u64().unwrap();
     assert!(
         copied >= 3,
