@@ -234,6 +234,9 @@ fn fault_drill(
 enum Rejoin {
     /// `leg_attach` of the same leg: a resync of its missed regions.
     Attached,
+    /// The leg's device reconnected by itself and `auto_resync` resynced its missed regions
+    /// before the drill asked (docs/operations.md, "Auto-resync").
+    Reconnected,
     /// Site B had dropped A's controller (no keep-alive for its KATO), so the leg's device
     /// could not open a queue again: `leg_remove`, then `leg_add` of the same URI (a new
     /// connection and a full copy).
@@ -251,6 +254,10 @@ fn rejoin(a: &Server, leg: usize) -> Rejoin {
             Ok(_) => return Rejoin::Attached,
             Err(e) => e,
         };
+        let state = status(a)["legs"][leg]["state"].clone();
+        if state == "in_sync" || state == "resyncing" {
+            return Rejoin::Reconnected;
+        }
         if text.contains("cannot open a queue pair") {
             let uri = status(a)["legs"][leg]["uri"].as_str().unwrap().to_string();
             a.call("leg_remove", json!({"volume": "vol0", "leg": leg}))
