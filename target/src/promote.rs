@@ -11,7 +11,8 @@
 //! 2. preempts the old primary on this node's own export of the leg: it registers the key
 //!    of the next epoch from a host of its own and takes the Write Exclusive reservation with
 //!    Preempt and Abort, so every later write of the old primary meets Reservation Conflict;
-//! 3. opens the volume from its legs (the old primary's leg, unreachable, comes up faulted
+//! 3. takes the reservation over with the same key on every remote leg it can reach, then
+//!    opens the volume from its legs (the old primary's leg, unreachable, comes up faulted
 //!    and keeps a record of every region written from now on: its missed regions);
 //! 4. raises the epoch by one in every in-sync leg's superblock;
 //! 5. fences its remote legs with takeover, and serves.
@@ -39,6 +40,9 @@ use crate::serve::{open_entry, ServeError};
 pub struct StandbyDevice {
     name: String,
     geo: Geometry,
+    /// The volume's UUID when the local copy already held its superblock at start: the
+    /// namespace then has the identity the primary's export has (multipath).
+    identity: Option<[u8; 16]>,
     volume: OnceLock<Arc<Volume>>,
 }
 
@@ -59,6 +63,10 @@ impl BlockDevice for StandbyDevice {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn identity(&self) -> Option<[u8; 16]> {
+        self.identity
     }
 }
 
@@ -119,6 +127,11 @@ pub(crate) fn standby_slots(
         let region = nvmirror_nvme::uri::parse_size(&v.region_size).map_err(err)?;
         let layout = MetadataLayout::compute(g.bytes(), g.lba_size, region)
             .ok_or_else(|| err("the leg is too small for the metadata".into()))?;
+        let identity = read_superblock(&**first, Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .filter(|sb| sb.volume_name == v.name)
+            .map(|sb| sb.volume_uuid.0);
         out.push(StandbySlot {
             cfg: v.clone(),
             device: Arc::new(StandbyDevice {
@@ -127,6 +140,7 @@ pub(crate) fn standby_slots(
                     lba_size: g.lba_size,
                     num_blocks: layout.data_blocks,
                 },
+                identity,
                 volume: OnceLock::new(),
             }),
             entry: OnceLock::new(),
@@ -248,8 +262,31 @@ fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
             .find(|(i, _)| *i == at)
             .map(|(_, d)| Arc::clone(d))
     };
-    let entry = open_entry(&slot.data_dir, slot.claim_wait, &slot.cfg, &locals)
-        .map_err(|e| RpcError::failed(e.to_string()))?;
+    // Remote legs it can reach (an old primary that rejoined as a mirror, fenced by this
+    // node's previous run at an older epoch) are taken over with the new key before the
+    // open writes their bitmap and superblock.
+    let fence_first = |legs: &[Arc<dyn BlockDevice>]| -> Result<(), String> {
+        for (i, leg) in legs.iter().enumerate() {
+            let Some(res) = leg.reservations() else {
+                continue;
+            };
+            if !leg.link().is_some_and(|l| l.connected) {
+                continue;
+            }
+            if let LegFence::Lost { why } = fence_leg(res, uuid, epoch, true) {
+                return Err(format!("leg {i}: reservation {why}"));
+            }
+        }
+        Ok(())
+    };
+    let entry = open_entry(
+        &slot.data_dir,
+        slot.claim_wait,
+        &slot.cfg,
+        &locals,
+        Some(&fence_first),
+    )
+    .map_err(|e| RpcError::failed(e.to_string()))?;
     let vol = Arc::clone(&entry.volume);
     if let Some(why) = vol.fenced() {
         return Err(RpcError::failed(format!(

@@ -230,11 +230,16 @@ pub(crate) type LocalLegs<'a> = &'a dyn Fn(&str) -> Option<Arc<dyn BlockDevice>>
 /// Opens one configured volume: its legs as the run-time leg list says (see `members`), a
 /// placeholder for each removed slot, then the volume itself. `local` resolves
 /// `volume://NAME` legs.
+/// What runs on the opened legs before the volume reads or writes them (a promotion fences
+/// them there); its error fails the open.
+pub(crate) type BeforeOpen<'a> = &'a dyn Fn(&[Arc<dyn BlockDevice>]) -> Result<(), String>;
+
 pub(crate) fn open_entry(
     data_dir: &std::path::Path,
     claim_wait: Duration,
     v: &crate::config::VolumeConfig,
     local: LocalLegs<'_>,
+    before_open: Option<BeforeOpen<'_>>,
 ) -> Result<VolumeEntry, ServeError> {
     let vol_err = |e: String| start_err(format!("volume {}", v.name), e);
     let members_path = Membership::path(data_dir, &v.name);
@@ -318,6 +323,9 @@ pub(crate) fn open_entry(
             list.join(", ")
         )));
     }
+    if let Some(f) = before_open {
+        f(&legs).map_err(vol_err)?;
+    }
     let volume = open_volume(v, legs).map_err(|e| vol_err(e.to_string()))?;
     Ok(VolumeEntry {
         volume: Arc::new(volume),
@@ -379,6 +387,7 @@ impl Service {
                 cfg.service.claim_timeout(),
                 v,
                 no_local,
+                None,
             )?);
         }
         let standby = crate::promote::standby_slots(cfg, &volumes)?;

@@ -372,5 +372,29 @@ fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
     };
     assert_eq!(v["state"], "done", "{v}");
     assert_eq!(v["mismatched_regions"], serde_json::json!([]), "{v}");
+
+    // B restarts: standby again; promoted once more it opens both legs at the next epoch and
+    // holds A's leg with the new key.
+    drop(qp);
+    drop(host);
+    b.kill9();
+    let b = promotable_b(&db, a_port);
+    let (ok, text) = b.rpc("volume_status", r#"{"name":"vol0"}"#);
+    assert!(!ok && text.contains("standby"), "{text}");
+    let out = b.rpc_ok("volume_promote", r#"{"name":"vol0"}"#);
+    let st = &out["status"];
+    assert_eq!(st["epoch"], 2, "{out}");
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{out}");
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{out}");
+    assert_eq!(
+        st["legs"][0]["fencing"]["detail"],
+        format!("key {:#018x}", fence_key(sb_uuid(&db), 2)),
+        "{out}"
+    );
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", b.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    assert!(read_at(&mut *qp, &mut pool, at_b)
+        .iter()
+        .all(|&x| x == 0x55));
     drop(a);
 }
