@@ -6,6 +6,7 @@
 //!  nvmirror-bench --verify  ──►  nvmirror serve  vol0 = file leg  ──►  nvmirror serve
 //!  10.77.1.1            veth     10.77.1.2       + nvme-tcp leg  veth  10.77.2.2
 //!                       ha/ah    10.77.2.1 ─────────────────────  ab/ba exports its file leg
+//!  10.77.3.1 ──────────────────── veth hb/bh ──────────────────────── 10.77.3.2 (a promoted B)
 //! ```
 //!
 //! Each [`Sites`] creates its own three namespaces (named after this process and a counter, so
