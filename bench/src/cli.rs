@@ -115,6 +115,11 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub rate_iops: Option<u64>,
 
+    /// With --verify: write every acknowledged write (LBA, generation, seed) to FILE once the
+    /// run has drained, before the read-back pass (`.N` appended for job thread N > 0)
+    #[arg(long = "verify-ledger", value_name = "FILE")]
+    pub verify_ledger: Option<PathBuf>,
+
     /// Write HdrHistogram interval logs, one per job and direction, into DIR
     #[arg(long = "hdr-log", value_name = "DIR")]
     pub hdr_log: Option<PathBuf>,
@@ -244,6 +249,9 @@ impl Cli {
             spec.rate_iops = self.rate_iops;
         }
         spec.log_interval = self.hdr_log.as_ref().map(|_| self.log_interval);
+        if self.verify_ledger.is_some() {
+            spec.verify_ledger = self.verify_ledger.clone();
+        }
     }
 }
 

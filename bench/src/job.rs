@@ -195,6 +195,9 @@ pub struct JobSpec {
     pub rate_iops: Option<u64>,
     /// Length of one interval of the latency log; `None` keeps no log.
     pub log_interval: Option<Duration>,
+    /// With `verify`: where each writing thread records every acknowledged write once the run
+    /// has drained (`verify.rs`, [`BlockVerifier::write_ledger`](crate::verify::BlockVerifier::write_ledger)).
+    pub verify_ledger: Option<std::path::PathBuf>,
 }
 
 impl Default for JobSpec {
@@ -218,6 +221,7 @@ impl Default for JobSpec {
             verify: VerifyMode::None,
             rate_iops: None,
             log_interval: None,
+            verify_ledger: None,
         }
     }
 }

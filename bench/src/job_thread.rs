@@ -176,7 +176,7 @@ pub(crate) fn run_job(
     let lba_size = target.geometry().lba_size;
     let unit_bytes = layout.unit_bytes(lba_size);
     let mut verifier = (spec.verify != VerifyMode::None).then(|| {
-        BlockVerifier::new(
+        let mut v = BlockVerifier::new(
             q.pattern.range(),
             layout.first_lba,
             layout.nlb,
@@ -186,7 +186,11 @@ pub(crate) fn run_job(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
-        )
+        );
+        if spec.verify_ledger.is_some() {
+            v.record_acked();
+        }
+        v
     });
     let depth = spec.iodepth as usize;
     let mut free: Vec<u32> = (0..spec.iodepth).rev().collect();
@@ -399,6 +403,17 @@ pub(crate) fn run_job(
             break;
         } else {
             std::hint::spin_loop();
+        }
+    }
+    if let (Some(v), Some(path)) = (&verifier, &spec.verify_ledger) {
+        if v.writer() {
+            let path = match job {
+                0 => path.clone(),
+                n => std::path::PathBuf::from(format!("{}.{n}", path.display())),
+            };
+            if let Err(e) = v.write_ledger(&path) {
+                eprintln!("--verify-ledger {}: {e}", path.display());
+            }
         }
     }
     if inflight + lent > 0 {

@@ -144,6 +144,9 @@ pub struct BlockLedger {
     /// Per block: the last acknowledged generation (0: not written by this thread,
     /// `UNKNOWN`: contents unknown), with `BUSY` set while an I/O is in flight to it.
     blocks: Vec<u64>,
+    /// With [`record_acked`](Self::record_acked): per block, the last acknowledged
+    /// generation, kept when a later write fails (for `--verify-ledger`).
+    acked: Option<Vec<u64>>,
     next_generation: u64,
     /// The seed this thread stamps its writes with.
     pub seed: u64,
@@ -156,9 +159,27 @@ impl BlockLedger {
         Self {
             first,
             blocks: vec![0; len as usize],
+            acked: None,
             next_generation: first_generation.clamp(1, UNKNOWN >> 1),
             seed,
         }
+    }
+
+    /// Keeps the last acknowledged generation of every block as well, whatever later writes
+    /// to it do ([`acked`](Self::acked)).
+    pub fn record_acked(&mut self) {
+        self.acked = Some(vec![0; self.blocks.len()]);
+    }
+
+    /// With [`record_acked`](Self::record_acked): every block with an acknowledged write and
+    /// the generation of the last one, in order. A block may hold a later generation whose
+    /// write was never acknowledged.
+    pub fn acked(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.acked
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, &g)| (g != 0).then_some((self.first + i as u64, g)))
     }
 
     fn idx(&self, block: u64) -> usize {
@@ -200,6 +221,9 @@ impl BlockLedger {
     #[inline]
     pub fn release(&mut self, unit: u64, units: u32, write: Option<u64>) {
         let i = self.idx(unit);
+        if let (Some(acked), Some(g @ 1..)) = (&mut self.acked, write) {
+            acked[i..i + units as usize].fill(g);
+        }
         for b in &mut self.blocks[i..i + units as usize] {
             *b = match write {
                 Some(0) => *b & !BUSY,
@@ -361,6 +385,27 @@ impl BlockVerifier {
         }
     }
 
+    /// Keeps every block's last acknowledged generation for [`write_ledger`](Self::write_ledger).
+    pub fn record_acked(&mut self) {
+        self.ledger.record_acked();
+    }
+
+    /// Writes the acknowledged writes to `path` for a checker outside this process (after
+    /// [`record_acked`](Self::record_acked)): a `# lba generation seed` header, then one
+    /// line per block with an acknowledged write, in LBA order: its LBA, the generation of
+    /// the last acknowledged write to it and this thread's seed (decimal). The block holds
+    /// that generation or a later one whose write was not acknowledged (it failed, or was
+    /// in flight when the target went away).
+    pub fn write_ledger(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(out, "# lba generation seed")?;
+        for (b, g) in self.ledger.acked() {
+            writeln!(out, "{} {g} {}", self.lba(b), self.ledger.seed)?;
+        }
+        out.flush()
+    }
+
     /// The blocks this thread wrote whose last write is known, as runs of at most
     /// `max_blocks` consecutive blocks: `(first block, count)`.
     pub fn written_runs(&self, max_blocks: u64) -> Vec<(u64, u64)> {
@@ -429,6 +474,31 @@ mod tests {
         assert_eq!(l.expected(16), None, "16 was never written");
         let written: Vec<_> = l.written().collect();
         assert_eq!(written, [(10, 1), (11, 1), (12, 1), (13, 1)]);
+    }
+
+    #[test]
+    fn the_acked_record_keeps_the_last_acknowledged_write_through_a_failed_one() {
+        let range = ThreadRange { first: 0, len: 4 };
+        let mut v = BlockVerifier::new(range, 100, 1, 512, true, 7, 50);
+        v.record_acked();
+        assert!(v.claim(0, 2));
+        let g = v.next_generation();
+        v.release(0, 2, Some(g));
+        // A later write to block 1 fails: its content is unknown to the read-back, but it
+        // holds generation g or the failed one, never less.
+        assert!(v.claim(1, 1));
+        let _ = v.next_generation();
+        v.release(1, 1, None);
+        assert!(v.claim(3, 1));
+        v.release(3, 1, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger");
+        v.write_ledger(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            format!("# lba generation seed\n100 {g} 7\n101 {g} 7\n")
+        );
     }
 
     #[test]

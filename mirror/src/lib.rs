@@ -54,6 +54,7 @@ mod legs;
 mod metadata;
 mod missed;
 mod persistent;
+pub mod promotion;
 mod qpair;
 mod read_policy;
 mod read_repair;

@@ -171,7 +171,25 @@ impl Volume {
                 Err(e) => return Err(e),
             });
         }
-        let Some(fresh) = elect_freshest(&sbs) else {
+        // A remote leg at a newer epoch than every local leg was promoted elsewhere: it
+        // has no say in which of this node's legs is freshest (its superblock names this
+        // node's legs stale), so a fenced start keeps its own view of its own legs.
+        let local_top = sbs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| legs[*i].link().is_none())
+            .filter_map(|(_, sb)| sb.as_ref().map(|s| s.epoch))
+            .max();
+        let electable: Vec<Option<Box<Superblock>>> = sbs
+            .iter()
+            .enumerate()
+            .map(|(i, sb)| {
+                sb.clone().filter(|s| {
+                    legs[i].link().is_none() || local_top.map_or(true, |top| s.epoch <= top)
+                })
+            })
+            .collect();
+        let Some(fresh) = elect_freshest(&electable) else {
             return Err(Error::Metadata {
                 volume: name.to_string(),
                 leg: 0,

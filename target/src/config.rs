@@ -296,7 +296,16 @@ pub struct VolumeConfig {
     /// after it was faulted, copying only the regions it missed (persistent volumes).
     #[serde(default = "yes")]
     pub auto_resync: bool,
+    /// Promotable copy of a volume another site serves (`docs/promotion.md`): not opened at
+    /// start; its export refuses I/O until `volume_promote` opens it from its legs. A leg
+    /// `volume://NAME` is the leg of this node's raw (`bitmap = false`) one-leg volume NAME,
+    /// which the other site mirrors onto.
+    #[serde(default)]
+    pub standby: bool,
 }
+
+/// The scheme of a standby volume's leg that is a local raw volume's leg.
+pub const LOCAL_VOLUME_SCHEME: &str = "volume://";
 
 fn default_region_size() -> String {
     "1MiB".into()
@@ -510,7 +519,26 @@ impl Config {
                     format!("{} legs given; a volume has 1 to 4", v.legs.len()),
                 ));
             }
+            if v.standby && !v.bitmap {
+                return Err(bad(
+                    at("standby"),
+                    "a standby volume keeps a bitmap (bitmap = true)".into(),
+                ));
+            }
             for (j, leg) in v.legs.iter().enumerate() {
+                if let Some(local) = leg.strip_prefix(LOCAL_VOLUME_SCHEME) {
+                    let raw = self
+                        .volumes
+                        .iter()
+                        .find(|o| o.name == local && !o.standby && !o.bitmap && o.legs.len() == 1);
+                    if !v.standby || raw.is_none() {
+                        return Err(bad(
+                            format!("{}[{j}]", at("legs")),
+                            format!("'{leg}': {LOCAL_VOLUME_SCHEME}NAME is a leg of a standby volume only, naming a raw (bitmap = false) one-leg volume of this node"),
+                        ));
+                    }
+                    continue;
+                }
                 LegUri::parse(leg)
                     .map_err(|e| bad(format!("{}[{j}]", at("legs")), e.to_string()))?;
                 let key = leg.split('?').next().unwrap_or(leg).to_string();
@@ -722,6 +750,34 @@ legs = ["mem://64MiB", "mem://64MiB"]
                 e.starts_with("test.toml: ") && e.contains(want),
                 "want '{want}' in: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn a_standby_volume_names_a_local_raw_volume() {
+        let raw = "[[volume]]\nname = \"siteb\"\nbitmap = false\nlegs = [\"mem://64MiB\"]\n";
+        let standby = |extra: &str| {
+            format!("{raw}[[volume]]\nname = \"vol0\"\n{extra}legs = [\"nvme-tcp://10.0.0.1:4420/nqn.x:a\", \"volume://siteb\"]\n")
+        };
+        let cfg = Config::parse_str(&standby("standby = true\n"), "t").unwrap();
+        assert!(cfg.volumes[1].standby && !cfg.volumes[0].standby);
+        for (text, want) in [
+            (standby(""), "a leg of a standby volume only"),
+            (
+                standby("standby = true\nbitmap = false\n"),
+                "(vol0).standby",
+            ),
+            (
+                standby("standby = true\n").replace("bitmap = false\n", ""),
+                "raw (bitmap = false) one-leg volume",
+            ),
+            (
+                standby("standby = true\n").replace("volume://siteb", "volume://nope"),
+                "legs[1]",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(want), "want '{want}' in: {e}");
         }
     }
 

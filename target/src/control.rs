@@ -83,22 +83,35 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Registry {
     pub volumes: Vec<VolumeEntry>,
+    /// Standby volumes (`promote.rs`); a promoted one serves as the volumes do.
+    pub standby: Vec<crate::promote::StandbySlot>,
     pub reactors: ReactorHandle,
     /// The NVMe/TCP front end, while it runs (host access lists).
     pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
 }
 
 impl Registry {
-    fn volume(&self, params: &Value) -> Result<&VolumeEntry, RpcError> {
+    /// Every volume served: the configured ones, then the standby volumes promoted so far.
+    pub fn entries(&self) -> impl Iterator<Item = &VolumeEntry> {
+        self.volumes
+            .iter()
+            .chain(self.standby.iter().filter_map(|s| s.entry.get()))
+    }
+
+    pub(crate) fn volume(&self, params: &Value) -> Result<&VolumeEntry, RpcError> {
         let name = params
             .get("volume")
             .or_else(|| params.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'volume'"))?;
-        self.volumes
-            .iter()
+        self.entries()
             .find(|v| v.volume.name() == name)
-            .ok_or_else(|| RpcError::invalid_params(format!("no volume named '{name}'")))
+            .ok_or_else(|| match self.standby.iter().any(|s| s.cfg.name == name) {
+                true => RpcError::failed(format!(
+                    "volume '{name}' is a standby: not served until volume_promote"
+                )),
+                false => RpcError::invalid_params(format!("no volume named '{name}'")),
+            })
     }
 
     fn leg(&self, params: &Value) -> Result<(&VolumeEntry, usize), RpcError> {
@@ -299,8 +312,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     let r = Arc::clone(&reg);
     m.add("volume_list", move |_| {
         Ok(Value::Array(
-            r.volumes
-                .iter()
+            r.entries()
                 .map(|v| {
                     let states = v.volume.leg_states();
                     let in_sync = states
@@ -349,7 +361,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     });
     let r = Arc::clone(&reg);
     m.add("stats", move |_| {
-        let vols: Vec<Value> = r.volumes.iter().map(|v| r.volume_status(v)).collect();
+        let vols: Vec<Value> = r.entries().map(|v| r.volume_status(v)).collect();
         let reactors: Vec<Value> = (0..r.reactors.count())
             .filter_map(|i| r.reactors.stats(i).ok().map(|s| (i, s)))
             .map(|(i, s)| {
@@ -498,6 +510,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             Ok(json!({"nqn": nqn, "allowed_hosts": hosts}))
         });
     }
+    crate::promote::add_methods(&mut m, &reg);
     crate::ana_rpc::add_methods(&mut m, &reg);
     crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {

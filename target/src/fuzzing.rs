@@ -295,6 +295,7 @@ fn rpc_registry() -> Arc<Registry> {
             legs: Mutex::new(legs),
             members: None,
         }],
+        standby: Vec::new(),
         reactors: pool.handle(),
         nvme_tcp: Weak::new(),
     })

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;
+pub mod promote;
 pub mod rpc;
 pub mod rpc_docs;
 pub mod serve;

@@ -29,6 +29,7 @@ pub const METHOD_DOCS: &[(&str, &str, &str)] = &[
     ("verify_start", "volume: string, repair?: bool", "Scrub the in-sync legs"),
     ("verify_status", "volume: string", "Progress of the latest verify"),
     ("volume_list", "", "Volumes, capacity and legs in sync"),
+    ("volume_promote", "name: string", "Opens a standby volume from this site's legs, raises its epoch, preempts the old primary and serves it"),
     ("volume_status", "volume: string", "One volume's legs, bitmap and resync"),
 ];
 

@@ -158,6 +158,9 @@ fn engine_config(v: &crate::config::VolumeConfig) -> EngineVolumeConfig {
 /// A persistent volume (superblock and write-intent bitmap on every leg) is formatted when
 /// every leg is blank and opened otherwise; a leg of another volume or with foreign data is
 /// refused, never overwritten. With `bitmap = false` the legs are exported raw.
+///
+/// A standby volume being promoted is opened, never formatted, and not fenced here: the
+/// promotion raises the epoch first (`promote.rs`).
 fn open_volume(
     v: &crate::config::VolumeConfig,
     legs: Vec<Arc<dyn BlockDevice>>,
@@ -165,6 +168,9 @@ fn open_volume(
     let cfg = engine_config(v);
     if !v.bitmap {
         return Volume::new(&v.name, legs, cfg);
+    }
+    if v.standby {
+        return Volume::open_persistent(&v.name, legs, cfg);
     }
     let vol = match Volume::format(&v.name, legs.clone(), cfg.clone(), false) {
         Ok(vol) => {
@@ -218,17 +224,30 @@ fn open_leg_waiting(
     }
 }
 
+/// The device of a `volume://NAME` leg: `NAME`'s leg among `volumes` (a standby volume's).
+pub(crate) type LocalLegs<'a> = &'a dyn Fn(&str) -> Option<Arc<dyn BlockDevice>>;
+
 /// Opens one configured volume: its legs as the run-time leg list says (see `members`), a
-/// placeholder for each removed slot, then the volume itself.
-fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEntry, ServeError> {
+/// placeholder for each removed slot, then the volume itself. `local` resolves
+/// `volume://NAME` legs.
+/// What runs on the opened legs before the volume reads or writes them (a promotion fences
+/// them there); its error fails the open.
+pub(crate) type BeforeOpen<'a> = &'a dyn Fn(&[Arc<dyn BlockDevice>]) -> Result<(), String>;
+
+pub(crate) fn open_entry(
+    data_dir: &std::path::Path,
+    claim_wait: Duration,
+    v: &crate::config::VolumeConfig,
+    local: LocalLegs<'_>,
+    before_open: Option<BeforeOpen<'_>>,
+) -> Result<VolumeEntry, ServeError> {
     let vol_err = |e: String| start_err(format!("volume {}", v.name), e);
-    let members_path = Membership::path(&cfg.data_dir, &v.name);
+    let members_path = Membership::path(data_dir, &v.name);
     let members = if v.bitmap {
         Membership::resolve(&members_path, &v.name, &v.legs).map_err(vol_err)?
     } else {
         Membership::from_config(&v.name, &v.legs)
     };
-    let claim_wait = cfg.service.claim_timeout();
     let mut opened: Vec<Option<Arc<dyn BlockDevice>>> = Vec::new();
     // Remote legs whose site cannot be reached: opened once the local legs say what size
     // they are, to connect in the background (persistent volumes, which know what they miss).
@@ -239,6 +258,12 @@ fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEnt
             continue;
         }
         let what = format!("volume {} leg {i}", v.name);
+        if let Some(name) = m.uri.strip_prefix(crate::config::LOCAL_VOLUME_SCHEME) {
+            let dev = local(name)
+                .ok_or_else(|| start_err(&what, format!("no local raw volume '{name}'")))?;
+            opened.push(Some(dev));
+            continue;
+        }
         match open_leg_waiting(&m.uri, claim_wait, &what) {
             Ok(dev) => opened.push(Some(dev)),
             Err(e @ nvmirror_nvme::Error::NvmeTcp { .. }) if v.bitmap => {
@@ -298,6 +323,9 @@ fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEnt
             list.join(", ")
         )));
     }
+    if let Some(f) = before_open {
+        f(&legs).map_err(vol_err)?;
+    }
     let volume = open_volume(v, legs).map_err(|e| vol_err(e.to_string()))?;
     Ok(VolumeEntry {
         volume: Arc::new(volume),
@@ -352,14 +380,28 @@ impl Service {
         keep_off_reactor_cores(&cfg.reactors.cores);
 
         let mut volumes = Vec::new();
-        for v in &cfg.volumes {
-            volumes.push(open_entry(cfg, v)?);
+        let no_local: LocalLegs<'_> = &|_| None;
+        for v in cfg.volumes.iter().filter(|v| !v.standby) {
+            volumes.push(open_entry(
+                &cfg.data_dir,
+                cfg.service.claim_timeout(),
+                v,
+                no_local,
+                None,
+            )?);
         }
+        let standby = crate::promote::standby_slots(cfg, &volumes)?;
         let device = |name: &str| -> Option<Arc<dyn BlockDevice>> {
             volumes
                 .iter()
                 .find(|e| e.volume.name() == name)
                 .map(|e| Arc::clone(&e.volume) as Arc<dyn BlockDevice>)
+                .or_else(|| {
+                    standby
+                        .iter()
+                        .find(|s| s.cfg.name == name)
+                        .map(|s| Arc::clone(&s.device) as Arc<dyn BlockDevice>)
+                })
         };
         let handle = pool.handle();
 
@@ -423,6 +465,12 @@ impl Service {
                             Arc::clone(&e.volume) as Arc<dyn BlockDevice>,
                         )
                     })
+                    .chain(standby.iter().map(|s| {
+                        (
+                            s.cfg.name.clone(),
+                            Arc::clone(&s.device) as Arc<dyn BlockDevice>,
+                        )
+                    }))
                     .collect();
                 let ncfg = NbdConfig {
                     listen: addr("nbd.listen", &l.listen)?,
@@ -441,6 +489,7 @@ impl Service {
         };
         let registry = Arc::new(Registry {
             volumes,
+            standby,
             reactors: handle,
             nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
         });
@@ -588,6 +637,7 @@ impl Service {
             &mut self.registry,
             Arc::new(Registry {
                 volumes: Vec::new(),
+                standby: Vec::new(),
                 reactors,
                 nvme_tcp: std::sync::Weak::new(),
             }),
@@ -598,7 +648,13 @@ impl Service {
                 "the control plane still holds the volumes".into(),
             )];
         };
-        for entry in registry.volumes {
+        let promoted = registry.standby.into_iter().filter_map(|s| {
+            // The export's device holds the volume too: let it go first.
+            let crate::promote::StandbySlot { device, entry, .. } = s;
+            drop(device);
+            entry.into_inner()
+        });
+        for entry in registry.volumes.into_iter().chain(promoted) {
             let name = entry.volume.name().to_string();
             match Arc::try_unwrap(entry.volume) {
                 Ok(vol) if vol.metadata_layout().is_some() => {
@@ -629,7 +685,7 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
         .name("nvmirror-bitmap".into())
         .spawn(move || {
             while !stop2.load(Ordering::Acquire) {
-                for e in &reg.volumes {
+                for e in reg.entries() {
                     if let Err(err) = e.volume.repair_read_errors() {
                         tracing::warn!(volume = e.volume.name(), "read-repair: {err}");
                     }
@@ -670,17 +726,19 @@ fn start_leg_watcher(
         .spawn(move || {
             // Per volume and leg: the link generation the leg was last seen in sync with
             // (or resynchronised for).
-            let mut seen: Vec<Vec<u64>> = reg
-                .volumes
-                .iter()
-                .map(|e| {
-                    (0..e.volume.leg_count())
-                        .map(|i| leg_generation(e, i).unwrap_or(0))
-                        .collect()
-                })
-                .collect();
+            let first_seen = |e: &VolumeEntry| -> Vec<u64> {
+                (0..e.volume.leg_count())
+                    .map(|i| leg_generation(e, i).unwrap_or(0))
+                    .collect()
+            };
+            let mut seen: Vec<Vec<u64>> = reg.entries().map(first_seen).collect();
             while !stop2.load(Ordering::Acquire) {
-                for (vi, e) in reg.volumes.iter().enumerate() {
+                for (vi, e) in reg.entries().enumerate() {
+                    // A volume promoted since: any connection its remote legs make counts
+                    // (the old primary's leg comes back as a mirror).
+                    if vi >= seen.len() {
+                        seen.push(vec![0; e.volume.leg_count()]);
+                    }
                     let on = auto
                         .iter()
                         .any(|(n, on)| *on && n.as_str() == e.volume.name());
@@ -713,6 +771,20 @@ fn watch_volume(reg: &Registry, e: &VolumeEntry, auto: bool, seen: &mut Vec<u64>
             "faulted" if auto && !resyncing && link.generation > seen[i] => {
                 if !link.ready_for_resync() {
                     continue;
+                }
+                // A leg this volume holds no reservation on (unreachable when the volume
+                // opened: the old primary's leg of a promoted volume) is fenced with this
+                // volume's key before it takes writes; a newer holder there fences the
+                // volume instead.
+                let held = matches!(
+                    e.volume.leg_fences().get(i),
+                    Some(nvmirror_mirror::fencing::LegFence::Held { .. })
+                );
+                if !held {
+                    e.volume.fence_remote_legs(false);
+                    if e.volume.fenced().is_some() {
+                        return;
+                    }
                 }
                 match e.volume.attach_leg(i) {
                     Ok(job) => {

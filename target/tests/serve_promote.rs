@@ -150,3 +150,251 @@ fn a_preempted_node_fences_itself_and_stays_fenced_after_a_restart() {
     let holder = report.registrants.iter().find(|r| r.holds).unwrap();
     assert_eq!(holder.rkey, fence_key(sb.volume_uuid, 1), "{report:?}");
 }
+
+const SITEA_NQN: &str = "nqn.2026-11.io.nvmirror:sitea";
+const SITEB_NQN: &str = "nqn.2026-11.io.nvmirror:siteb";
+
+/// A free loopback port (where the old primary will later export its leg).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `serve --config` with `toml` written to `dir/nvmirror.toml`, NVMe/TCP on `listen`.
+fn serve_config(dir: &Path, toml: &str, listen: &str) -> Server {
+    let path = dir.join("nvmirror.toml");
+    std::fs::write(&path, toml).unwrap();
+    let args = vec!["--config".to_string(), path.display().to_string()];
+    Server::spawn_at(&args, &[], listen).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Promotable site B: its 64 MiB leg exported raw as `siteb` (site A mirrors onto it) and
+/// `vol0` declared standby over it, leg 0 being where A exports its leg once it rejoins.
+fn promotable_b(dir: &Path, a_mirror_port: u16) -> Server {
+    let d = dir.display();
+    let toml = format!(
+        r#"data_dir = "{d}"
+[nvme_tcp]
+listen = "127.0.0.1:0"
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+[[volume]]
+name = "siteb"
+legs = ["file://{d}/b.img?create=64MiB"]
+bitmap = false
+[[volume]]
+name = "vol0"
+legs = ["nvme-tcp://127.0.0.1:{a_mirror_port}/{SITEA_NQN}?kato=2s&reconnect_delay=100ms", "volume://siteb"]
+standby = true
+io_timeout = "2s"
+[[subsystem]]
+nqn = "{SITEB_NQN}"
+namespaces = ["siteb"]
+[[subsystem]]
+nqn = "{NQN}"
+namespaces = ["vol0"]
+"#
+    );
+    serve_config(dir, &toml, "127.0.0.1:0")
+}
+
+/// The old primary back as a mirror: its leg exported raw as `sitea` on `port`.
+fn a_as_mirror(dir: &Path, port: u16) -> Server {
+    let d = dir.display();
+    let toml = format!(
+        r#"data_dir = "{d}"
+[nvme_tcp]
+listen = "127.0.0.1:0"
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+[[volume]]
+name = "sitea"
+legs = ["file://{d}/a.img"]
+bitmap = false
+[[subsystem]]
+nqn = "{SITEA_NQN}"
+namespaces = ["sitea"]
+"#
+    );
+    serve_config(dir, &toml, &format!("127.0.0.1:{port}"))
+}
+
+/// The volume UUID in the superblock of `dir/b.img`.
+fn sb_uuid(dir: &Path) -> nvmirror_mirror::superblock::Uuid {
+    let head = std::fs::read(dir.join("b.img")).unwrap();
+    Superblock::decode(&head[..256]).unwrap().volume_uuid
+}
+
+fn read_at(qp: &mut dyn nvmirror_nvme::QueuePair, pool: &mut DmaPool, slba: u64) -> Vec<u8> {
+    serve_rig::read(qp, pool, slba, NLB)
+}
+
+#[test]
+fn promote_at_b_then_the_old_primary_rejoins_by_the_union_of_both_bitmaps() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::create_dir_all(&da).unwrap();
+    let a_port = free_port();
+    let b = promotable_b(&db, a_port);
+    let siteb = b.rpc_ok("volume_status", r#"{"name":"siteb"}"#);
+    let b_bytes = siteb["capacity_bytes"].as_u64().unwrap();
+    assert!(siteb["bitmap"].is_null(), "B exports its leg raw: {siteb}");
+    let (ok, text) = b.rpc("volume_status", r#"{"name":"vol0"}"#);
+    assert!(!ok && text.contains("standby"), "{text}");
+
+    let legs = [
+        format!("file://{}/a.img?create={b_bytes}", da.display()),
+        format!(
+            "nvme-tcp://127.0.0.1:{}/{SITEB_NQN}?kato=2s&reconnect_delay=100ms",
+            b.port()
+        ),
+    ];
+    let a = Server::with_legs(&da, &legs, &[]);
+    let st = a.status();
+    assert_eq!(st["legs"][1]["fencing"]["state"], "held", "{st}");
+    let data = st["bitmap"]["data_offset"].as_u64().unwrap();
+    let region_blocks = st["region_size"].as_u64().unwrap() / 512;
+
+    // Acknowledged with both legs in sync: on B.
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(1, NLB as usize * 512);
+    let (synced, synced2) = (0, 4 * region_blocks);
+    write(&mut *qp, &mut pool, synced, NLB, 0x11);
+    write(&mut *qp, &mut pool, synced2, NLB, 0x12);
+    // Then B's leg fails: A goes on alone (split-brain rule 3). The second local-only write
+    // is marked in A's bitmap only.
+    a.rpc_ok(
+        "leg_fault_inject",
+        r#"{"volume":"vol0","leg":1,"fault":"fail_writes"}"#,
+    );
+    let (alone, alone2) = (10 * region_blocks, 15 * region_blocks);
+    write(&mut *qp, &mut pool, alone, NLB, 0x33);
+    a.wait_for(Duration::from_secs(10), "B's leg faulted", |s| {
+        s["legs"][1]["state"] == "faulted"
+    });
+    write(&mut *qp, &mut pool, alone2, NLB, 0x34);
+    drop(qp);
+    drop(host);
+    a.kill9();
+
+    // B is promoted: epoch 1, its own leg in sync, A's leg faulted and recording.
+    let out = b.rpc_ok("volume_promote", r#"{"name":"vol0"}"#);
+    let st = &out["status"];
+    assert_eq!(st["epoch"], 1, "{out}");
+    assert!(st["fenced"].is_null(), "{out}");
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{out}");
+    assert_eq!(st["legs"][0]["state"], "faulted", "{out}");
+    assert_eq!(st["bitmap"]["data_offset"], data, "{out}");
+    let (ok, text) = b.rpc("volume_promote", r#"{"name":"vol0"}"#);
+    assert!(!ok && text.contains("promoted already"), "{text}");
+    let head = std::fs::read(db.join("b.img")).unwrap();
+    assert_eq!(Superblock::decode(&head[..256]).unwrap().epoch, 1);
+
+    // Every write A acknowledged while B was in sync is at B; A's lone writes are not.
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", b.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    assert!(read_at(&mut *qp, &mut pool, synced)
+        .iter()
+        .all(|&x| x == 0x11));
+    assert!(read_at(&mut *qp, &mut pool, synced2)
+        .iter()
+        .all(|&x| x == 0x12));
+    assert!(read_at(&mut *qp, &mut pool, alone2).iter().all(|&x| x == 0));
+    let at_b = 20 * region_blocks;
+    write(&mut *qp, &mut pool, at_b, NLB, 0x55);
+
+    // The old primary restarts as it was: fenced, every write refused, nothing reaches B.
+    let a = Server::with_legs(&da, &legs, &[]);
+    let st = a.status();
+    assert!(st["fenced"].is_string(), "{st}");
+    let a_host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut a_qp = a_host.open_qpair(4).unwrap();
+    let s = try_write(&mut *a_qp, &mut pool, synced, NLB, 0x66);
+    assert!(is_conflict(s), "the old primary acknowledged a write: {s}");
+    drop(a_qp);
+    drop(a_host);
+    // B's export of its leg is held by the promoted epoch: a write from anyone else there
+    // meets Reservation Conflict.
+    let raw = open_leg(&format!("nvme-tcp://{}/{SITEB_NQN}", b.nvme_tcp)).unwrap();
+    let mut raw_qp = raw.open_qpair(4).unwrap();
+    let s = try_write(&mut *raw_qp, &mut pool, data / 512 + synced, NLB, 0x77);
+    assert!(is_conflict(s), "a write to B's raw export: {s}");
+    drop(raw_qp);
+    drop(raw);
+    a.kill9();
+    assert!(read_at(&mut *qp, &mut pool, synced)
+        .iter()
+        .all(|&x| x == 0x11));
+
+    // A rejoins as a mirror of B: its leg exported raw where B's leg 0 points. B resyncs
+    // the regions either side wrote since the split, then the two copies are identical.
+    let a = a_as_mirror(&da, a_port);
+    let st = b.wait_in_sync();
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
+    assert_eq!(
+        st["legs"][0]["fencing"]["detail"],
+        format!("key {:#018x}", fence_key(sb_uuid(&db), 1)),
+        "B holds the rejoined leg with its epoch-1 key: {st}"
+    );
+    let copied = st["resync"]["regions_copied"].as_u64().unwrap();
+    assert!(
+        copied >= 3,
+        "regions 10, 15 (A's bitmap) and 20 (B's): {st}"
+    );
+    write(&mut *qp, &mut pool, at_b + NLB as u64, NLB, 0x56);
+    let image = |p: &Path| std::fs::read(p).unwrap()[data as usize..].to_vec();
+    let (ia, ib) = (image(&da.join("a.img")), image(&db.join("b.img")));
+    let diff = ia.iter().zip(&ib).position(|(x, y)| x != y);
+    assert_eq!(
+        diff, None,
+        "the sites differ at byte {diff:?} of the data area"
+    );
+    for (slba, fill) in [(synced, 0x11), (alone, 0), (alone2, 0), (at_b, 0x55)] {
+        let at = (slba * 512) as usize;
+        assert!(
+            ia[at..at + 512].iter().all(|&x| x == fill),
+            "A's copy of LBA {slba}: {:?}",
+            &ia[at..at + 8]
+        );
+    }
+    b.rpc_ok("verify_start", r#"{"volume":"vol0","repair":false}"#);
+    let v = loop {
+        let v = b.rpc_ok("verify_status", r#"{"volume":"vol0"}"#);
+        if v["state"] != "running" {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(v["mismatched_regions"], serde_json::json!([]), "{v}");
+
+    // B restarts: standby again; promoted once more it opens both legs at the next epoch and
+    // holds A's leg with the new key.
+    drop(qp);
+    drop(host);
+    b.kill9();
+    let b = promotable_b(&db, a_port);
+    let (ok, text) = b.rpc("volume_status", r#"{"name":"vol0"}"#);
+    assert!(!ok && text.contains("standby"), "{text}");
+    let out = b.rpc_ok("volume_promote", r#"{"name":"vol0"}"#);
+    let st = &out["status"];
+    assert_eq!(st["epoch"], 2, "{out}");
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{out}");
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{out}");
+    assert_eq!(
+        st["legs"][0]["fencing"]["detail"],
+        format!("key {:#018x}", fence_key(sb_uuid(&db), 2)),
+        "{out}"
+    );
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", b.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    assert!(read_at(&mut *qp, &mut pool, at_b)
+        .iter()
+        .all(|&x| x == 0x55));
+    drop(a);
+}

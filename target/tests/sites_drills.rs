@@ -6,6 +6,10 @@
 //! - (a) `drill_a_link_cut_under_load`: the A↔B link goes down under the load.
 //! - (e) `drill_e_blackhole_then_heal`: A↔B packets are dropped silently (no reset) for
 //!   `NVMIRROR_BLACKHOLE_SECS` (default 30), then the drop rule goes.
+//! - (c) `drill_c_kill_a_mid_write_then_promote_b`: A is killed mid-write, B is promoted and
+//!   holds every acknowledged write.
+//! - (d) `drill_d_old_primary_fenced_then_rejoins`: the old A restarts fenced, then rejoins
+//!   as B's mirror until both sites are identical.
 //!
 //! In both the host's writes continue, the remote leg is faulted at the I/O timeout, the
 //! host's p99 while the link is bad stays within the I/O timeout, no acknowledged write is
@@ -230,6 +234,9 @@ fn fault_drill(
 enum Rejoin {
     /// `leg_attach` of the same leg: a resync of its missed regions.
     Attached,
+    /// The leg's device reconnected by itself and `auto_resync` resynced its missed regions
+    /// before the drill asked (docs/operations.md, "Auto-resync").
+    Reconnected,
     /// Site B had dropped A's controller (no keep-alive for its KATO), so the leg's device
     /// could not open a queue again: `leg_remove`, then `leg_add` of the same URI (a new
     /// connection and a full copy).
@@ -247,6 +254,10 @@ fn rejoin(a: &Server, leg: usize) -> Rejoin {
             Ok(_) => return Rejoin::Attached,
             Err(e) => e,
         };
+        let state = status(a)["legs"][leg]["state"].clone();
+        if state == "in_sync" || state == "resyncing" {
+            return Rejoin::Reconnected;
+        }
         if text.contains("cannot open a queue pair") {
             let uri = status(a)["legs"][leg]["uri"].as_str().unwrap().to_string();
             a.call("leg_remove", json!({"volume": "vol0", "leg": leg}))
@@ -303,4 +314,203 @@ fn drill_e_blackhole_then_heal() {
         || sites.heal(),
     );
     assert!(cut.writes_in_window > 0 && cut.max_ns > 0, "{cut:?}");
+}
+
+/// What drill (c) leaves for drill (d): the promoted B and the first writer's ledger.
+struct Promoted {
+    b: Server,
+    acked: Vec<sites::ledger::Acked>,
+    data_offset: u64,
+    bytes: u64,
+}
+
+/// Drill (c)'s steps: A mirrors onto a promotable B; the verifying writer runs against A and
+/// A is killed (SIGKILL) mid-write; `volume_promote` at B; every write the writer saw
+/// acknowledged is in B's copy.
+fn kill_a_and_promote_b(sites: &Sites, name: &str) -> Promoted {
+    let timeout = format!("{}ms", IO_TIMEOUT.as_millis());
+    let b = sites.start_b_promotable(LEG_SIZE, &timeout);
+    let raw = b.call("volume_status", json!({"name": "siteb"})).unwrap();
+    let bytes = raw["capacity_bytes"].as_u64().unwrap();
+    let a = sites.start_a_sized(bytes, &sites.b_uri(None, ""), &timeout);
+    let st = a.wait_in_sync();
+    assert_eq!(st["legs"][REMOTE]["fencing"]["state"], "held", "{st}");
+    let data_offset = st["bitmap"]["data_offset"].as_u64().unwrap();
+    eprintln!(
+        "{name}: logs {} and {}",
+        sites.log(sites::Site::A).display(),
+        sites.log(sites::Site::B).display()
+    );
+    let ledger = sites.path(name).join("ledger");
+    let extra = ["--verify-ledger".to_string(), ledger.display().to_string()];
+    let runtime = SETTLE * 3;
+    let mut writer =
+        HostWriter::start_to(sites, name, &sites.a_uri(), WRITE_SPAN, 32, runtime, &extra);
+    writer.wait_connected(sites);
+    std::thread::sleep(SETTLE);
+    let killed_at = writer.started.elapsed();
+    a.kill9();
+    let report = writer.finish(runtime + Duration::from_secs(120));
+    let (acked_ios, failed) = report.writes();
+    eprintln!(
+        "{name}: A killed at {killed_at:?}; the writer saw {acked_ios} writes acknowledged, {failed} failed"
+    );
+    assert!(acked_ios > 0, "the writer ran: {}", report.job);
+
+    let t = Instant::now();
+    let out = b
+        .call("volume_promote", json!({"name": "vol0"}))
+        .unwrap_or_else(|e| panic!("volume_promote: {e}"));
+    let st = &out["status"];
+    eprintln!("{name}: volume_promote took {:?}", t.elapsed());
+    assert_eq!(st["epoch"], 1, "{out}");
+    assert!(st["fenced"].is_null(), "{out}");
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{out}");
+    assert_eq!(st["bitmap"]["data_offset"], data_offset, "{out}");
+
+    let acked = sites::ledger::read(&ledger);
+    assert!(!acked.is_empty(), "the ledger is empty");
+    let (_, b_img) = sites::promotion::images(sites);
+    let checked = sites::ledger::check_image(&b_img, data_offset, &acked)
+        .unwrap_or_else(|e| panic!("an acknowledged write is missing at B: {e}"));
+    eprintln!("{name}: all {checked} acknowledged blocks are at B");
+    Promoted {
+        b,
+        acked,
+        data_offset,
+        bytes,
+    }
+}
+
+/// Drill (c): SIGKILL of site A mid-write, `volume_promote` at B: every acknowledged write is
+/// at B, and B serves the volume to the host.
+#[test]
+fn drill_c_kill_a_mid_write_then_promote_b() {
+    let Some(sites) = Sites::up() else { return };
+    let p = kill_a_and_promote_b(&sites, "drill-c");
+    // The host writes and reads back through the promoted B.
+    let mut w = HostWriter::start_to(
+        &sites,
+        "drill-c-b",
+        &sites.b_volume_uri(),
+        WRITE_SPAN,
+        8,
+        Duration::from_secs(1),
+        &["--offset".into(), WRITE_SPAN.into()],
+    );
+    w.wait_connected_at(&sites, sites::Site::B, sites::HOST_B_ADDR);
+    let r = w.finish(Duration::from_secs(120));
+    let (acked, failed) = r.writes();
+    assert!(
+        r.success && failed == 0 && acked > 0,
+        "{}\n{}",
+        r.job,
+        r.stderr
+    );
+    assert_eq!(r.verified().1, 0, "{}", r.job);
+    p.b.stop();
+}
+
+/// Drill (d): after (c), the old A restarts as it was: it is fenced and every write it is
+/// sent fails with Reservation Conflict. It then rejoins as B's mirror; B resyncs it by the
+/// union of both bitmaps and the two sites are byte-identical.
+#[test]
+fn drill_d_old_primary_fenced_then_rejoins() {
+    let Some(sites) = Sites::up() else { return };
+    let p = kill_a_and_promote_b(&sites, "drill-d");
+    let timeout = format!("{}ms", IO_TIMEOUT.as_millis());
+    // B takes writes of its own since the promotion: the second half of the span.
+    let b_ledger = sites.path("drill-d-b").join("ledger");
+    std::fs::create_dir_all(b_ledger.parent().unwrap()).unwrap();
+    let mut w = HostWriter::start_to(
+        &sites,
+        "drill-d-b",
+        &sites.b_volume_uri(),
+        WRITE_SPAN,
+        8,
+        Duration::from_secs(2),
+        &[
+            "--offset".into(),
+            WRITE_SPAN.into(),
+            "--verify-ledger".into(),
+            b_ledger.display().to_string(),
+        ],
+    );
+    w.wait_connected_at(&sites, sites::Site::B, sites::HOST_B_ADDR);
+    let r = w.finish(Duration::from_secs(120));
+    assert!(r.success && r.writes().0 > 0, "{}\n{}", r.job, r.stderr);
+    let b_acked = sites::ledger::read(&b_ledger);
+
+    // The old primary restarts with its old configuration: fenced.
+    let a = sites.start_a_sized(p.bytes, &sites.b_uri(None, ""), &timeout);
+    let st = status(&a);
+    let why = st["fenced"]
+        .as_str()
+        .unwrap_or_else(|| panic!("A not fenced: {st}"));
+    eprintln!("drill-d: the restarted A is fenced: {why}");
+    let w = HostWriter::start_to(
+        &sites,
+        "drill-d-a",
+        &sites.a_uri(),
+        WRITE_SPAN,
+        4,
+        Duration::from_millis(500),
+        &[],
+    );
+    let r = w.finish(Duration::from_secs(120));
+    let (acked, failed) = r.writes();
+    assert!(
+        !r.success && failed > 0,
+        "the fenced A acknowledged writes ({acked}): {}",
+        r.job
+    );
+    let text = format!("{}{}", r.job, r.stderr);
+    assert!(
+        text.contains("Reservation Conflict") || text.contains("0x83"),
+        "the fenced A's writes failed otherwise: {text}"
+    );
+    let log = std::fs::read_to_string(sites.log(sites::Site::A)).unwrap();
+    assert!(log.contains("fenced"), "A's log does not say it is fenced");
+    // Nothing of that reached B.
+    let (a_img, b_img) = sites::promotion::images(&sites);
+    sites::ledger::check_image(&b_img, p.data_offset, &p.acked).unwrap();
+    a.kill9();
+
+    // A rejoins as B's mirror; B resyncs it.
+    let mirror = sites.start_a_mirror();
+    let t = Instant::now();
+    let st = p.b.wait_in_sync();
+    assert_eq!(st["legs"][0]["state"], "in_sync", "{st}");
+    eprintln!(
+        "drill-d: A rejoined and was resynced in {:?}: {} regions, {} bytes",
+        t.elapsed(),
+        st["resync"]["regions_copied"],
+        st["resync"]["bytes_copied"]
+    );
+    let (checked, mismatched) = scrub(&p.b);
+    assert!(
+        checked > 0 && mismatched == 0,
+        "scrub: {checked} checked, {mismatched} differ"
+    );
+    let off = p.data_offset as usize;
+    let (ia, ib) = (
+        std::fs::read(&a_img).unwrap(),
+        std::fs::read(&b_img).unwrap(),
+    );
+    let diff = ia[off..].iter().zip(&ib[off..]).position(|(x, y)| x != y);
+    assert_eq!(
+        diff, None,
+        "the sites differ at byte {diff:?} of the data area"
+    );
+    for acked in [&p.acked, &b_acked] {
+        sites::ledger::check_image(&a_img, p.data_offset, acked).unwrap();
+    }
+    eprintln!(
+        "drill-d: both sites byte-identical; {} + {} acknowledged blocks on both",
+        p.acked.len(),
+        b_acked.len()
+    );
+    // The primary first: it marks the volume clean on both legs.
+    p.b.stop();
+    mirror.stop();
 }

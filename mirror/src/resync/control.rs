@@ -31,7 +31,11 @@ impl Volume {
     }
 
     /// [`attach_leg`](Self::attach_leg) with a job configuration.
+    /// A leg written under an older epoch (an old primary rejoining after a promotion)
+    /// first gets the regions of its own bitmap added to those it missed
+    /// ([`absorb_older_epoch_bitmap`](Self::absorb_older_epoch_bitmap)).
     pub fn attach_leg_with(&self, leg: usize, cfg: ResyncConfig) -> Result<ResyncJob> {
+        self.absorb_older_epoch_bitmap(leg)?;
         let source = MissedRegionSource::new(self.leg_arc(leg)?);
         self.attach_leg_from(leg, Box::new(source), cfg)
     }

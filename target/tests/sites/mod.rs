@@ -6,6 +6,7 @@
 //!  nvmirror-bench --verify  ──►  nvmirror serve  vol0 = file leg  ──►  nvmirror serve
 //!  10.77.1.1            veth     10.77.1.2       + nvme-tcp leg  veth  10.77.2.2
 //!                       ha/ah    10.77.2.1 ─────────────────────  ab/ba exports its file leg
+//!  10.77.3.1 ──────────────────── veth hb/bh ──────────────────────── 10.77.3.2 (a promoted B)
 //! ```
 //!
 //! Each [`Sites`] creates its own three namespaces (named after this process and a counter, so
@@ -33,6 +34,8 @@ use serde_json::Value;
 
 use crate::serve_rig::Server;
 
+pub mod ledger;
+pub mod promotion;
 pub mod writer;
 pub use writer::HostWriter;
 
@@ -50,6 +53,9 @@ pub const PORT: u16 = 4420;
 pub const NQN_A: &str = crate::serve_rig::NQN;
 /// The subsystem site B exports to site A.
 pub const NQN_B: &str = "nqn.2026-11.io.nvmirror:siteb";
+/// The host's address on its link to site B, and B's end of it.
+pub const HOST_B_ADDR: &str = "10.77.3.1";
+pub const B_HOST_ADDR: &str = "10.77.3.2";
 /// Site A's interface towards site B (inside A's namespace).
 pub const A_TO_B_IF: &str = "ab";
 /// The nftables table of [`Sites::blackhole`] (inside A's namespace).
@@ -194,6 +200,7 @@ impl Sites {
         let pairs = [
             (Site::Host, "ha", HOST_ADDR, Site::A, "ah", A_HOST_ADDR),
             (Site::A, A_TO_B_IF, A_REPL_ADDR, Site::B, "ba", B_ADDR),
+            (Site::Host, "hb", HOST_B_ADDR, Site::B, "bh", B_HOST_ADDR),
         ];
         for (s1, if1, addr1, s2, if2, addr2) in pairs {
             let (ns1, ns2) = (self.ns(s1), self.ns(s2));
@@ -209,6 +216,12 @@ impl Sites {
                 self.ip(s, &["link", "set", ifname, "up"])?;
             }
         }
+        // The host reaches B's address through its own link to B (a promoted B serves the
+        // host), never through A.
+        self.ip(
+            Site::Host,
+            &["route", "add", &format!("{B_ADDR}/32"), "via", B_HOST_ADDR],
+        )?;
         Ok(())
     }
 
@@ -313,10 +326,15 @@ impl Sites {
     /// site `b`'s export and `remote` (B's export, directly or through a proxy), the volume's
     /// `io_timeout`, exported as [`NQN_A`] on `A_HOST_ADDR:PORT`.
     pub fn start_a(&self, b: &Server, remote: &str, io_timeout: &str) -> Server {
-        let d = self.dir.path().join("a");
-        std::fs::create_dir_all(&d).unwrap();
         let st = b.status();
         let bytes = st["capacity_bytes"].as_u64().expect("site B's capacity");
+        self.start_a_sized(bytes, remote, io_timeout)
+    }
+
+    /// [`start_a`](Self::start_a) with a local leg of `bytes` (B's export's size).
+    pub fn start_a_sized(&self, bytes: u64, remote: &str, io_timeout: &str) -> Server {
+        let d = self.dir.path().join("a");
+        std::fs::create_dir_all(&d).unwrap();
         let img = self.legs.path().join("a-local.img");
         let cfg = format!(
             "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\

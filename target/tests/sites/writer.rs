@@ -52,12 +52,26 @@ pub struct WriterReport {
 impl HostWriter {
     /// 4 KiB random writes at `iodepth` over the first `size` bytes for `runtime`, verified.
     pub fn start(sites: &Sites, name: &str, size: &str, iodepth: u32, runtime: Duration) -> Self {
+        Self::start_to(sites, name, &sites.a_uri(), size, iodepth, runtime, &[])
+    }
+
+    /// [`start`](Self::start) against `target`, with `extra` arguments (`--offset`,
+    /// `--verify-ledger`).
+    pub fn start_to(
+        sites: &Sites,
+        name: &str,
+        target: &str,
+        size: &str,
+        iodepth: u32,
+        runtime: Duration,
+        extra: &[String],
+    ) -> Self {
         let log_dir = sites.path(name);
         std::fs::create_dir_all(&log_dir).unwrap();
         let interval = Duration::from_millis(250);
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--target",
-            &sites.a_uri(),
+            target,
             "--rw",
             "randwrite",
             "--bs",
@@ -81,6 +95,7 @@ impl HostWriter {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend_from_slice(extra);
         let started = Instant::now();
         let child = sites.spawn_in(Site::Host, &sibling_binary("nvmirror-bench"), &args);
         Self {
@@ -97,8 +112,13 @@ impl HostWriter {
     /// (Polling `volume_status` instead would both lag, its counters being published in
     /// batches, and load a small machine.)
     pub fn wait_connected(&mut self, sites: &Sites) {
-        let log = sites.log(Site::A);
-        let line = format!("admin queue connected peer={HOST_ADDR}:");
+        self.wait_connected_at(sites, Site::A, HOST_ADDR);
+    }
+
+    /// [`wait_connected`](Self::wait_connected) to `site`, which sees the host as `peer`.
+    pub fn wait_connected_at(&mut self, sites: &Sites, site: Site, peer: &str) {
+        let log = sites.log(site);
+        let line = format!("admin queue connected peer={peer}:");
         let deadline = Instant::now() + Duration::from_secs(60);
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -106,7 +126,7 @@ impl HostWriter {
         {
             assert!(
                 Instant::now() < deadline,
-                "the writer did not connect to site A in 60 s ({})",
+                "the writer did not connect to site {site:?} in 60 s ({})",
                 log.display()
             );
             std::thread::sleep(Duration::from_millis(5));

@@ -1,0 +1,338 @@
+//! Standby volumes and `volume_promote` (`docs/promotion.md`).
+//!
+//! A site that another site mirrors onto exports its leg raw (a one-leg volume with
+//! `bitmap = false`): the leg holds the other site's volume, superblock and bitmap included.
+//! The same site declares that volume with `standby = true` and its legs in the volume's
+//! order, its own leg as `volume://RAW`. A standby volume is not opened at start; its
+//! export is there (with the geometry its metadata layout gives the leg) but opens no queue
+//! pair. `volume_promote` then, step by step:
+//!
+//! 1. reads the local leg's superblock: the volume's UUID and the epoch it was written at;
+//! 2. preempts the old primary on this node's own export of the leg: it registers the key
+//!    of the next epoch from a host of its own and takes the Write Exclusive reservation with
+//!    Preempt and Abort, so every later write of the old primary meets Reservation Conflict;
+//! 3. takes the reservation over with the same key on every remote leg it can reach, then
+//!    opens the volume from its legs (the old primary's leg, unreachable, comes up faulted
+//!    and keeps a record of every region written from now on: its missed regions);
+//! 4. raises the epoch by one in every in-sync leg's superblock;
+//! 5. fences its remote legs with takeover, and serves.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use nvmirror_mirror::bitmap::MetadataLayout;
+use nvmirror_mirror::fencing::{fence_leg, LegFence};
+use nvmirror_mirror::promotion::read_superblock;
+use nvmirror_mirror::Volume;
+use nvmirror_nvme::backend::{NvmeTcpDevice, NvmeTcpOptions};
+use nvmirror_nvme::spec::Geometry;
+use nvmirror_nvme::{BlockDevice, QueuePair};
+
+use crate::config::{Config, VolumeConfig, LOCAL_VOLUME_SCHEME};
+use crate::control::{Registry, VolumeEntry};
+use crate::rpc::{Methods, RpcError};
+use crate::serve::{open_entry, ServeError};
+
+/// The export of a standby volume: the promoted volume once there is one.
+#[derive(Debug)]
+pub struct StandbyDevice {
+    name: String,
+    geo: Geometry,
+    /// The volume's UUID when the local copy already held its superblock at start: the
+    /// namespace then has the identity the primary's export has (multipath).
+    identity: Option<[u8; 16]>,
+    volume: OnceLock<Arc<Volume>>,
+}
+
+impl BlockDevice for StandbyDevice {
+    fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
+        match self.volume.get() {
+            Some(v) => v.open_qpair(depth),
+            None => Err(nvmirror_nvme::Error::QueuePair(format!(
+                "volume '{}' is a standby: it serves once promoted (volume_promote)",
+                self.name
+            ))),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn identity(&self) -> Option<[u8; 16]> {
+        self.identity
+    }
+}
+
+/// A standby volume of this node.
+#[derive(Debug)]
+pub struct StandbySlot {
+    pub cfg: VolumeConfig,
+    pub device: Arc<StandbyDevice>,
+    /// The promoted volume, once `volume_promote` has opened it.
+    pub entry: OnceLock<VolumeEntry>,
+    /// Its `volume://` legs: leg index and the local raw volume's leg.
+    local: Vec<(usize, Arc<dyn BlockDevice>)>,
+    /// NQNs of the subsystems exporting those local raw volumes: where the old primary
+    /// holds its reservation.
+    fence_at: Vec<String>,
+    data_dir: std::path::PathBuf,
+    claim_wait: Duration,
+    /// Serialises promotions; keeps the connections the reservations were taken over with.
+    promoter: Mutex<Vec<NvmeTcpDevice>>,
+}
+
+/// The standby volumes `cfg` declares, over the raw volumes opened already.
+pub(crate) fn standby_slots(
+    cfg: &Config,
+    volumes: &[VolumeEntry],
+) -> Result<Vec<StandbySlot>, ServeError> {
+    let mut out = Vec::new();
+    for v in cfg.volumes.iter().filter(|v| v.standby) {
+        let err = |reason: String| ServeError::Start {
+            what: format!("standby volume {}", v.name),
+            reason,
+        };
+        let mut local = Vec::new();
+        let mut fence_at = Vec::new();
+        for (i, uri) in v.legs.iter().enumerate() {
+            let Some(raw) = uri.strip_prefix(LOCAL_VOLUME_SCHEME) else {
+                continue;
+            };
+            let e = volumes
+                .iter()
+                .find(|e| e.volume.name() == raw)
+                .ok_or_else(|| err(format!("no raw volume '{raw}'")))?;
+            let dev = e.volume.leg_device(0).map_err(|e| err(e.to_string()))?;
+            local.push((i, dev));
+            fence_at.extend(
+                cfg.subsystems
+                    .iter()
+                    .filter(|s| s.namespaces.iter().any(|n| n == raw))
+                    .map(|s| s.nqn.clone()),
+            );
+        }
+        let Some((_, first)) = local.first() else {
+            return Err(err(format!(
+                "a standby volume has a {LOCAL_VOLUME_SCHEME}NAME leg: its copy on this node"
+            )));
+        };
+        let g = first.geometry();
+        let region = nvmirror_nvme::uri::parse_size(&v.region_size).map_err(err)?;
+        let layout = MetadataLayout::compute(g.bytes(), g.lba_size, region)
+            .ok_or_else(|| err("the leg is too small for the metadata".into()))?;
+        let identity = read_superblock(&**first, Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .filter(|sb| sb.volume_name == v.name)
+            .map(|sb| sb.volume_uuid.0);
+        out.push(StandbySlot {
+            cfg: v.clone(),
+            device: Arc::new(StandbyDevice {
+                name: v.name.clone(),
+                geo: Geometry {
+                    lba_size: g.lba_size,
+                    num_blocks: layout.data_blocks,
+                },
+                identity,
+                volume: OnceLock::new(),
+            }),
+            entry: OnceLock::new(),
+            local,
+            fence_at,
+            data_dir: cfg.data_dir.clone(),
+            claim_wait: cfg.service.claim_timeout(),
+            promoter: Mutex::new(Vec::new()),
+        });
+    }
+    Ok(out)
+}
+
+/// The host NQN a promotion registers with on this node's own exports.
+fn promoter_hostnqn(volume: &nvmirror_mirror::superblock::Uuid, epoch: u64) -> String {
+    let mut b = volume.0;
+    b[..8]
+        .iter_mut()
+        .zip(epoch.to_be_bytes())
+        .for_each(|(x, e)| *x ^= e ^ 0x5a);
+    format!(
+        "nqn.2014-08.org.nvmexpress:uuid:{}",
+        nvmirror_mirror::superblock::Uuid(b)
+    )
+}
+
+/// Takes the reservation of `nqn` (an export of this node) over for `volume` at `epoch`,
+/// through this node's own NVMe/TCP listener.
+fn preempt_at_own_export(
+    reg: &Registry,
+    nqn: &str,
+    volume: nvmirror_mirror::superblock::Uuid,
+    epoch: u64,
+) -> Result<NvmeTcpDevice, RpcError> {
+    let target = reg
+        .nvme_tcp
+        .upgrade()
+        .ok_or_else(|| RpcError::failed("the NVMe/TCP front end is not running"))?;
+    let mut addr = *target
+        .local_addrs()
+        .first()
+        .ok_or_else(|| RpcError::failed("the NVMe/TCP front end has no listener"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut opts = NvmeTcpOptions::new(nqn);
+    opts.hostnqn = Some(promoter_hostnqn(&volume, epoch));
+    let dev = NvmeTcpDevice::connect(&addr.to_string(), &opts)
+        .map_err(|e| RpcError::failed(format!("cannot reach this node's export {nqn}: {e}")))?;
+    match fence_leg(&dev, volume, epoch, true) {
+        LegFence::Held { key } => {
+            tracing::warn!(
+                nqn,
+                key = format!("{key:#018x}"),
+                epoch,
+                "the old primary is preempted on this node's export"
+            );
+            Ok(dev)
+        }
+        other => Err(RpcError::failed(format!(
+            "cannot take the reservation of {nqn} over at epoch {epoch}: {other:?}"
+        ))),
+    }
+}
+
+/// `volume_promote {"name": VOLUME}`: see the module documentation.
+fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
+    let mut promoter = slot.promoter.lock().unwrap_or_else(|e| e.into_inner());
+    let name = &slot.cfg.name;
+    if slot.entry.get().is_some() {
+        return Err(RpcError::failed(format!(
+            "volume '{name}' is promoted already"
+        )));
+    }
+    // 1. Which volume the local copy holds, and at which epoch.
+    let mut found = None;
+    for (i, dev) in &slot.local {
+        let sb = read_superblock(&**dev, Duration::from_secs(10))
+            .map_err(|e| RpcError::failed(e.to_string()))?
+            .ok_or_else(|| {
+                RpcError::failed(format!(
+                    "leg {i} of '{name}' is blank: this site holds no copy to promote"
+                ))
+            })?;
+        if sb.volume_name != *name {
+            return Err(RpcError::failed(format!(
+                "leg {i} holds volume '{}', not '{name}'",
+                sb.volume_name
+            )));
+        }
+        found = Some(match found {
+            Some((u, _)) if u != sb.volume_uuid => {
+                return Err(RpcError::failed(format!(
+                    "the local legs hold two volumes ({u}, {})",
+                    sb.volume_uuid
+                )))
+            }
+            Some((u, e)) => (u, std::cmp::max(e, sb.epoch)),
+            None => (sb.volume_uuid, sb.epoch),
+        });
+    }
+    let (uuid, old) = found.expect("a standby volume has a local leg");
+    let epoch = old + 1;
+    // 2. The old primary writes the local copy no more.
+    for nqn in &slot.fence_at {
+        promoter.push(preempt_at_own_export(reg, nqn, uuid, epoch)?);
+    }
+    // 3. Open the volume from its legs.
+    let locals = |n: &str| -> Option<Arc<dyn BlockDevice>> {
+        let at = slot.cfg.legs.iter().position(|l| {
+            l.strip_prefix(LOCAL_VOLUME_SCHEME)
+                .is_some_and(|raw| raw == n)
+        })?;
+        slot.local
+            .iter()
+            .find(|(i, _)| *i == at)
+            .map(|(_, d)| Arc::clone(d))
+    };
+    // Remote legs it can reach (an old primary that rejoined as a mirror, fenced by this
+    // node's previous run at an older epoch) are taken over with the new key before the
+    // open writes their bitmap and superblock.
+    let fence_first = |legs: &[Arc<dyn BlockDevice>]| -> Result<(), String> {
+        for (i, leg) in legs.iter().enumerate() {
+            let Some(res) = leg.reservations() else {
+                continue;
+            };
+            if !leg.link().is_some_and(|l| l.connected) {
+                continue;
+            }
+            if let LegFence::Lost { why } = fence_leg(res, uuid, epoch, true) {
+                return Err(format!("leg {i}: reservation {why}"));
+            }
+        }
+        Ok(())
+    };
+    let entry = open_entry(
+        &slot.data_dir,
+        slot.claim_wait,
+        &slot.cfg,
+        &locals,
+        Some(&fence_first),
+    )
+    .map_err(|e| RpcError::failed(e.to_string()))?;
+    let vol = Arc::clone(&entry.volume);
+    if let Some(why) = vol.fenced() {
+        return Err(RpcError::failed(format!(
+            "volume '{name}' opened fenced ({why}): a newer epoch holds it elsewhere"
+        )));
+    }
+    if vol.geometry() != slot.device.geo {
+        return Err(RpcError::failed(format!(
+            "volume '{name}' has {:?}, its standby export was started with {:?} (region_size differs from the primary's?)",
+            vol.geometry(),
+            slot.device.geo
+        )));
+    }
+    // 4. The new epoch, on disk before anything is served.
+    let now = vol
+        .bump_epoch()
+        .map_err(|e| RpcError::failed(e.to_string()))?;
+    if now != epoch {
+        return Err(RpcError::failed(format!(
+            "the volume opened at epoch {}, the local legs said {old}",
+            now - 1
+        )));
+    }
+    // 5. Remote legs this node can reach are fenced with the new key; then serve.
+    vol.fence_remote_legs(true);
+    let _ = slot.device.volume.set(vol);
+    let _ = slot.entry.set(entry);
+    tracing::warn!(volume = %name, epoch, "promoted: serving");
+    Ok(())
+}
+
+pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {
+    let r = Arc::clone(reg);
+    m.add("volume_promote", move |p| {
+        let name = p
+            .get("name")
+            .or_else(|| p.get("volume"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| RpcError::invalid_params("missing string parameter 'name'"))?;
+        let slot = r
+            .standby
+            .iter()
+            .find(|s| s.cfg.name == name)
+            .ok_or_else(|| RpcError::invalid_params(format!("no standby volume named '{name}'")))?;
+        promote(&r, slot)?;
+        let v = slot.entry.get().expect("promoted");
+        Ok(json!({"promoted": name, "status": r.volume_status(v)}))
+    });
+}
