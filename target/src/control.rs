@@ -35,8 +35,9 @@ pub struct VolumeEntry {
 #[derive(Debug)]
 pub struct MembersFile {
     pub path: std::path::PathBuf,
-    /// The configured legs the list derives from.
-    pub configured: Vec<String>,
+    /// The configured legs the list derives from: after a run-time change, the legs the
+    /// live configuration lists (see `live_config`).
+    pub configured: std::sync::Mutex<Vec<String>>,
 }
 
 impl VolumeEntry {
@@ -45,16 +46,34 @@ impl VolumeEntry {
         lock(&self.legs).iter().map(|l| l.uri.clone()).collect()
     }
 
-    /// Saves the leg list as it is now: every slot's URI, and which slots are removed.
-    fn persist_members(&self) -> Result<(), RpcError> {
+    /// The URIs of the legs that are members now (removed slots left out): what the live
+    /// configuration lists.
+    pub fn member_uris(&self) -> Vec<String> {
+        let states = self.volume.leg_states();
+        lock(&self.legs)
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                !states
+                    .get(*i)
+                    .is_some_and(|s| s.state == nvmirror_mirror::LegState::Removed)
+            })
+            .map(|(_, l)| l.uri.clone())
+            .collect()
+    }
+
+    /// Saves the leg list as it is now: every slot's URI, and which slots are removed,
+    /// derived from `configured` (the legs the live configuration lists from now on).
+    fn persist_members(&self, configured: Vec<String>) -> Result<(), RpcError> {
         let Some(f) = &self.members else {
             return Ok(());
         };
+        *lock(&f.configured) = configured.clone();
         let legs = lock(&self.legs);
         let states = self.volume.leg_states();
         let list = crate::members::Membership {
             volume: self.volume.name().to_string(),
-            configured: f.configured.clone(),
+            configured,
             legs: legs
                 .iter()
                 .enumerate()
@@ -82,26 +101,103 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Everything the control plane can see.
 #[derive(Debug)]
 pub struct Registry {
-    pub volumes: Vec<VolumeEntry>,
+    /// The served volumes; `volume_create` and `volume_delete` change the list (control
+    /// path only: the I/O path holds its volumes itself).
+    volumes: std::sync::RwLock<Vec<Arc<VolumeEntry>>>,
     pub reactors: ReactorHandle,
     /// The NVMe/TCP front end, while it runs (host access lists).
     pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
+    /// The live configuration (`serve` only): the object RPCs change it.
+    pub live: Option<Arc<crate::live_config::LiveConfig>>,
+    /// Volumes the NBD front end exports (fixed while it runs).
+    pub nbd_exports: Vec<String>,
 }
 
 impl Registry {
-    fn volume(&self, params: &Value) -> Result<&VolumeEntry, RpcError> {
+    /// A registry over `volumes`.
+    pub fn new(
+        volumes: Vec<VolumeEntry>,
+        reactors: ReactorHandle,
+        nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
+        live: Option<Arc<crate::live_config::LiveConfig>>,
+    ) -> Self {
+        Self {
+            volumes: std::sync::RwLock::new(volumes.into_iter().map(Arc::new).collect()),
+            reactors,
+            nvme_tcp,
+            live,
+            nbd_exports: Vec::new(),
+        }
+    }
+
+    /// The volumes served now.
+    pub fn volumes(&self) -> Vec<Arc<VolumeEntry>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts serving `entry` (its name is checked free by the caller's validation).
+    pub(crate) fn add_volume(&self, entry: VolumeEntry) -> Arc<VolumeEntry> {
+        let e = Arc::new(entry);
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::clone(&e));
+        e
+    }
+
+    /// Stops serving volume `name`; returns it.
+    pub(crate) fn take_volume(&self, name: &str) -> Option<Arc<VolumeEntry>> {
+        let mut v = self.volumes.write().unwrap_or_else(|e| e.into_inner());
+        let i = v.iter().position(|e| e.volume.name() == name)?;
+        Some(v.remove(i))
+    }
+
+    /// Takes every volume out (shutdown).
+    pub(crate) fn take_all(&self) -> Vec<Arc<VolumeEntry>> {
+        std::mem::take(&mut *self.volumes.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The volume named `name`.
+    pub fn find_volume(&self, name: &str) -> Option<Arc<VolumeEntry>> {
+        self.volumes().into_iter().find(|v| v.volume.name() == name)
+    }
+
+    fn volume(&self, params: &Value) -> Result<Arc<VolumeEntry>, RpcError> {
         let name = params
             .get("volume")
             .or_else(|| params.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'volume'"))?;
-        self.volumes
-            .iter()
-            .find(|v| v.volume.name() == name)
+        self.find_volume(name)
             .ok_or_else(|| RpcError::invalid_params(format!("no volume named '{name}'")))
     }
 
-    fn leg(&self, params: &Value) -> Result<(&VolumeEntry, usize), RpcError> {
+    /// After `leg_add`/`leg_remove` on `v`: the live configuration lists its member legs,
+    /// and the run-time leg list is recorded as derived from them.
+    fn legs_changed(&self, v: &VolumeEntry) -> Result<(), RpcError> {
+        let uris = v.member_uris();
+        if let Some(live) = &self.live {
+            let name = v.volume.name().to_string();
+            let set = uris.clone();
+            live.change(
+                "leg change",
+                move |c| {
+                    if let Some(vc) = c.volumes.iter_mut().find(|vc| vc.name == name) {
+                        vc.legs = set;
+                    }
+                    Ok(())
+                },
+                |_| Ok(()),
+            )
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        }
+        v.persist_members(uris)
+    }
+
+    fn leg(&self, params: &Value) -> Result<(Arc<VolumeEntry>, usize), RpcError> {
         let v = self.volume(params)?;
         let leg = params.get("leg").and_then(Value::as_u64).ok_or_else(|| {
             RpcError::invalid_params("missing integer parameter 'leg' (0 = primary)")
@@ -299,7 +395,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     let r = Arc::clone(&reg);
     m.add("volume_list", move |_| {
         Ok(Value::Array(
-            r.volumes
+            r.volumes()
                 .iter()
                 .map(|v| {
                     let states = v.volume.leg_states();
@@ -314,21 +410,24 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         ))
     });
     let r = Arc::clone(&reg);
-    m.add("volume_status", move |p| Ok(r.volume_status(r.volume(p)?)));
+    m.add("volume_status", move |p| {
+        let v = r.volume(p)?;
+        Ok(r.volume_status(&v))
+    });
     let r = Arc::clone(&reg);
     m.add("leg_detach", move |p| {
         let (v, leg) = r.leg(p)?;
         v.volume
             .detach_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        Ok(r.volume_status(v))
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_fault_inject", move |p| {
         let (v, leg) = r.leg(p)?;
         let fault = parse_fault(p)?;
         let (_, injector) = r
-            .leg_meta(v, leg)
+            .leg_meta(&v, leg)
             .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
         let id = injector.arm(fault);
         Ok(json!({"id": id, "fault": format!("{fault:?}")}))
@@ -337,7 +436,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     m.add("leg_fault_clear", move |p| {
         let (v, leg) = r.leg(p)?;
         let (_, injector) = r
-            .leg_meta(v, leg)
+            .leg_meta(&v, leg)
             .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
         match p.get("id").and_then(Value::as_u64) {
             Some(id) => Ok(json!({"cleared": injector.clear(id)})),
@@ -349,7 +448,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     });
     let r = Arc::clone(&reg);
     m.add("stats", move |_| {
-        let vols: Vec<Value> = r.volumes.iter().map(|v| r.volume_status(v)).collect();
+        let vols: Vec<Value> = r.volumes().iter().map(|v| r.volume_status(v)).collect();
         let reactors: Vec<Value> = (0..r.reactors.count())
             .filter_map(|i| r.reactors.stats(i).ok().map(|s| (i, s)))
             .map(|(i, s)| {
@@ -368,7 +467,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .attach_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
         r.run_job(Box::new(job))?;
-        Ok(r.volume_status(v))
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_add", move |p| {
@@ -392,8 +491,8 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
         drop(legs);
         r.run_job(Box::new(job))?;
-        v.persist_members()?;
-        Ok(r.volume_status(v))
+        r.legs_changed(&v)?;
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_remove", move |p| {
@@ -401,8 +500,8 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .remove_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        v.persist_members()?;
-        Ok(r.volume_status(v))
+        r.legs_changed(&v)?;
+        Ok(r.volume_status(&v))
     });
     type Control = fn(&Volume) -> nvmirror_mirror::Result<()>;
     let controls: [(&str, Control); 3] = [
@@ -415,7 +514,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         m.add(name, move |p| {
             let v = r.volume(p)?;
             f(&v.volume).map_err(|e| RpcError::failed(e.to_string()))?;
-            Ok(r.volume_status(v)["resync"].clone())
+            Ok(r.volume_status(&v)["resync"].clone())
         });
     }
     let r = Arc::clone(&reg);
@@ -440,7 +539,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .resync_set_rate(rate, adaptive)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        Ok(r.volume_status(v)["resync"].clone())
+        Ok(r.volume_status(&v)["resync"].clone())
     });
     let r = Arc::clone(&reg);
     m.add("verify_start", move |p| {
@@ -499,6 +598,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
     }
     crate::ana_rpc::add_methods(&mut m, &reg);
+    crate::objects_rpc::add_methods(&mut m, &reg);
     crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);

@@ -24,6 +24,7 @@ pub mod control;
 mod durable;
 mod error;
 pub mod failstop;
+pub mod live_config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod members;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;
+mod objects_rpc;
 pub mod rpc;
 pub mod rpc_docs;
 pub mod serve;

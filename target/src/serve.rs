@@ -93,7 +93,26 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 
 /// Loads the configuration and applies the flags.
 pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
-    let (text, file) = match &args.config {
+    resolve_live(args).map(|(cfg, _)| cfg)
+}
+
+/// Loads the configuration, or the live configuration derived from it (see
+/// `live_config` for the rule), applies the flags, and returns it with the base of the
+/// configuration text.
+pub fn resolve_live(args: &ServeArgs) -> Result<(Config, String), ServeError> {
+    let (text, file) = configuration_text(args)?;
+    let base = crate::live_config::base_of(&text);
+    let mut cfg = with_flags(Config::parse_raw(&text, &file)?, args, &file)?;
+    let live = crate::live_config::path_in(&cfg.data_dir);
+    if let Some(live_text) = crate::live_config::choose(&live, &base, &file)? {
+        let name = live.display().to_string();
+        cfg = with_flags(Config::parse_raw(&live_text, &name)?, args, &name)?;
+    }
+    Ok((cfg, base))
+}
+
+fn configuration_text(args: &ServeArgs) -> Result<(String, String), ServeError> {
+    Ok(match &args.config {
         Some(path) => (
             std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
                 path: path.clone(),
@@ -102,8 +121,11 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
             path.display().to_string(),
         ),
         None => (DEFAULT_CONFIG.to_string(), "<embedded default>".to_string()),
-    };
-    let mut cfg = Config::parse_raw(&text, &file)?;
+    })
+}
+
+/// `cfg` with the command-line flags applied, expanded and validated.
+fn with_flags(mut cfg: Config, args: &ServeArgs, file: &str) -> Result<Config, ServeError> {
     if let Some(d) = &args.data_dir {
         cfg.data_dir = d.clone();
     }
@@ -138,7 +160,7 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
         v.legs = args.legs.clone();
     }
     cfg.expand_data_dir();
-    cfg.validate(&file)?;
+    cfg.validate(file)?;
     Ok(cfg)
 }
 
@@ -220,7 +242,10 @@ fn open_leg_waiting(
 
 /// Opens one configured volume: its legs as the run-time leg list says (see `members`), a
 /// placeholder for each removed slot, then the volume itself.
-fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEntry, ServeError> {
+pub(crate) fn open_entry(
+    cfg: &Config,
+    v: &crate::config::VolumeConfig,
+) -> Result<VolumeEntry, ServeError> {
     let vol_err = |e: String| start_err(format!("volume {}", v.name), e);
     let members_path = Membership::path(&cfg.data_dir, &v.name);
     let members = if v.bitmap {
@@ -304,9 +329,38 @@ fn open_entry(cfg: &Config, v: &crate::config::VolumeConfig) -> Result<VolumeEnt
         legs: std::sync::Mutex::new(entries),
         members: v.bitmap.then(|| MembersFile {
             path: members_path,
-            configured: v.legs.clone(),
+            configured: std::sync::Mutex::new(v.legs.clone()),
         }),
     })
+}
+
+/// The target's view of configured subsystem `s`; `device` finds a volume by name.
+pub(crate) fn subsystem_config(
+    cfg: &Config,
+    s: &crate::config::SubsystemConfig,
+    device: &dyn Fn(&str) -> Option<Arc<dyn BlockDevice>>,
+) -> SubsystemConfig {
+    let mut sub = SubsystemConfig::new(
+        s.nqn.clone(),
+        s.namespaces.iter().filter_map(|n| device(n)).collect(),
+    );
+    if let Some(serial) = &s.serial {
+        sub.serial = serial.clone();
+    }
+    sub.model = s.model.clone();
+    sub.allowed_hosts = s.allowed_hosts.clone();
+    for h in &s.hosts {
+        if !sub.allowed_hosts.contains(&h.nqn) {
+            sub.allowed_hosts.push(h.nqn.clone());
+        }
+        // Validated with the config.
+        if let Ok(Some(k)) = h.secrets() {
+            sub.host_secrets.insert(h.nqn.clone(), k);
+        }
+    }
+    // Reservations set to persist through power loss are kept here.
+    sub.reservation_dir = Some(cfg.data_dir.clone());
+    sub
 }
 
 fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
@@ -328,8 +382,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Opens everything `cfg` describes.
+    /// Opens everything `cfg` describes; run-time changes are kept in the live
+    /// configuration with an empty base (see [`start_live`](Self::start_live)).
     pub fn start(cfg: &Config) -> Result<Self, ServeError> {
+        Self::start_live(cfg, String::new())
+    }
+
+    /// Opens everything `cfg` describes; `cfg` derives from configuration text with
+    /// `base`, which the live configuration file records.
+    pub fn start_live(cfg: &Config, base: String) -> Result<Self, ServeError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| start_err(format!("data directory {}", cfg.data_dir.display()), e))?;
         let idle = match cfg.reactors.idle {
@@ -369,29 +430,7 @@ impl Service {
                 let subsystems = cfg
                     .subsystems
                     .iter()
-                    .map(|s| {
-                        let mut sub = SubsystemConfig::new(
-                            s.nqn.clone(),
-                            s.namespaces.iter().filter_map(|n| device(n)).collect(),
-                        );
-                        if let Some(serial) = &s.serial {
-                            sub.serial = serial.clone();
-                        }
-                        sub.model = s.model.clone();
-                        sub.allowed_hosts = s.allowed_hosts.clone();
-                        for h in &s.hosts {
-                            if !sub.allowed_hosts.contains(&h.nqn) {
-                                sub.allowed_hosts.push(h.nqn.clone());
-                            }
-                            // Validated with the config.
-                            if let Ok(Some(k)) = h.secrets() {
-                                sub.host_secrets.insert(h.nqn.clone(), k);
-                            }
-                        }
-                        // Reservations set to persist through power loss are kept here.
-                        sub.reservation_dir = Some(cfg.data_dir.clone());
-                        sub
-                    })
+                    .map(|s| subsystem_config(cfg, s, &device))
                     .collect();
                 let (listen, ana_state) = l.first().map_err(|(f, e)| start_err(f, e))?;
                 let tcfg = TargetConfig {
@@ -439,14 +478,28 @@ impl Service {
                 )
             }
         };
-        let registry = Arc::new(Registry {
+        let live = Arc::new(crate::live_config::LiveConfig::new(cfg.clone(), base));
+        live.persist().map_err(|e| {
+            start_err(format!("live configuration {}", live.path().display()), e)
+        })?;
+        let nbd_exports = match &nbd {
+            Some(_) => volumes
+                .iter()
+                .map(|e| e.volume.name().to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut registry = Registry::new(
             volumes,
-            reactors: handle,
-            nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
-        });
+            handle,
+            nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            Some(live),
+        );
+        registry.nbd_exports = nbd_exports;
+        let registry = Arc::new(registry);
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
-        for e in &registry.volumes {
+        for e in &registry.volumes() {
             for (i, info) in e.volume.leg_states().iter().enumerate() {
                 if info.state.as_str() != "faulted" {
                     continue;
@@ -486,12 +539,7 @@ impl Service {
             }
         };
         let clearer = Some(start_clearer(Arc::clone(&registry)));
-        let auto: Vec<(String, bool)> = cfg
-            .volumes
-            .iter()
-            .map(|v| (v.name.clone(), v.auto_resync && v.bitmap))
-            .collect();
-        let legs_watch = Some(start_leg_watcher(Arc::clone(&registry), auto));
+        let legs_watch = Some(start_leg_watcher(Arc::clone(&registry)));
         Ok(Self {
             registry,
             nvme_tcp,
@@ -507,7 +555,7 @@ impl Service {
     /// What is served and how to connect, for the start-up banner.
     pub fn banner(&self, cfg: &Config) -> String {
         let mut s = String::new();
-        for e in &self.registry.volumes {
+        for e in &self.registry.volumes() {
             let geo = e.volume.geometry();
             s += &format!(
                 "volume {}: {} bytes ({} x {} B blocks), legs: {}\n",
@@ -533,10 +581,15 @@ impl Service {
                     sub.nqn
                 );
             }
+            if cfg.subsystems.is_empty() {
+                for a in &addrs {
+                    s += &format!("NVMe/TCP {a} (no subsystem yet: subsystem_create adds one)\n");
+                }
+            }
         }
         if let Some(n) = &self.nbd {
             let a = n.local_addr();
-            for e in &self.registry.volumes {
+            for e in &self.registry.volumes() {
                 s += &format!(
                     "NBD {a} export {name}\n  fio:     fio --name=t --ioengine=nbd --uri=nbd://{a}/{name} --rw=randwrite --bs=4k --iodepth=32 --size=64m\n  qemu:    qemu-img info nbd://{a}/{name}\n",
                     name = e.volume.name()
@@ -586,11 +639,12 @@ impl Service {
         let reactors = self.registry.reactors.clone();
         let registry = std::mem::replace(
             &mut self.registry,
-            Arc::new(Registry {
-                volumes: Vec::new(),
+            Arc::new(Registry::new(
+                Vec::new(),
                 reactors,
-                nvme_tcp: std::sync::Weak::new(),
-            }),
+                std::sync::Weak::new(),
+                None,
+            )),
         );
         let Ok(registry) = Arc::try_unwrap(registry) else {
             return vec![(
@@ -598,8 +652,12 @@ impl Service {
                 "the control plane still holds the volumes".into(),
             )];
         };
-        for entry in registry.volumes {
+        for entry in registry.take_all() {
             let name = entry.volume.name().to_string();
+            let Ok(entry) = Arc::try_unwrap(entry) else {
+                failed.push((name, "still in use".into()));
+                continue;
+            };
             match Arc::try_unwrap(entry.volume) {
                 Ok(vol) if vol.metadata_layout().is_some() => {
                     if let Err(e) = vol.shutdown_clean() {
@@ -629,7 +687,7 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
         .name("nvmirror-bitmap".into())
         .spawn(move || {
             while !stop2.load(Ordering::Acquire) {
-                for e in &reg.volumes {
+                for e in &reg.volumes() {
                     if let Err(err) = e.volume.repair_read_errors() {
                         tracing::warn!(volume = e.volume.name(), "read-repair: {err}");
                     }
@@ -656,13 +714,11 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
 
 /// Every 100 ms: a remote leg that was faulted and whose device has reconnected since (a
 /// newer link generation) and is past its fence is resynchronised from the write-intent
-/// bitmap — only the regions it missed — on volumes with `auto_resync`. A leg faulted
+/// bitmap — only the regions it missed — on volumes with `auto_resync` (as the live
+/// configuration says, so volumes created at run time are watched too). A leg faulted
 /// without losing its connection (an I/O error the remote reported, an operator's
 /// `leg_detach`) is left to the operator.
-fn start_leg_watcher(
-    reg: Arc<Registry>,
-    auto: Vec<(String, bool)>,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+fn start_leg_watcher(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let t = std::thread::Builder::new()
@@ -670,21 +726,24 @@ fn start_leg_watcher(
         .spawn(move || {
             // Per volume and leg: the link generation the leg was last seen in sync with
             // (or resynchronised for).
-            let mut seen: Vec<Vec<u64>> = reg
-                .volumes
-                .iter()
-                .map(|e| {
-                    (0..e.volume.leg_count())
-                        .map(|i| leg_generation(e, i).unwrap_or(0))
-                        .collect()
-                })
-                .collect();
+            let mut seen: std::collections::HashMap<String, Vec<u64>> =
+                std::collections::HashMap::new();
             while !stop2.load(Ordering::Acquire) {
-                for (vi, e) in reg.volumes.iter().enumerate() {
-                    let on = auto
-                        .iter()
-                        .any(|(n, on)| *on && n.as_str() == e.volume.name());
-                    watch_volume(&reg, e, on, &mut seen[vi]);
+                let cfg = reg.live.as_ref().map(|l| l.current());
+                let volumes = reg.volumes();
+                seen.retain(|name, _| volumes.iter().any(|e| e.volume.name() == name));
+                for e in &volumes {
+                    let on = cfg.as_ref().is_some_and(|c| {
+                        c.volumes
+                            .iter()
+                            .any(|v| v.name == e.volume.name() && v.auto_resync && v.bitmap)
+                    });
+                    let s = seen.entry(e.volume.name().to_string()).or_insert_with(|| {
+                        (0..e.volume.leg_count())
+                            .map(|i| leg_generation(e, i).unwrap_or(0))
+                            .collect()
+                    });
+                    watch_volume(&reg, e, on, s);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -803,7 +862,7 @@ pub fn init_logging(json: bool) {
 pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     init_logging(args.log_json);
     crate::failstop::install_panic_hook();
-    let cfg = resolve_config(&args)?;
+    let (cfg, base) = resolve_live(&args)?;
     // Before anything starts (and before the banner tells anyone we are up): a signal that
     // comes during start-up stops the service once it is up.
     let stop = Arc::new(AtomicBool::new(false));
@@ -817,7 +876,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
         .map_err(|e| start_err("signal handler", e))?;
     }
-    let service = Service::start(&cfg)?;
+    let service = Service::start_live(&cfg, base)?;
     print!(
         "nvmirror {} serving\n{}",
         env!("CARGO_PKG_VERSION"),
