@@ -583,10 +583,7 @@ impl Config {
                     return Err(bad(at("namespaces"), format!("no volume named '{ns}'")));
                 }
                 if !exported.insert(ns) {
-                    return Err(bad(
-                        at("namespaces"),
-                        format!("'{ns}' is listed twice"),
-                    ));
+                    return Err(bad(at("namespaces"), format!("'{ns}' is listed twice")));
                 }
             }
             if let Some(serial) = &s.serial {

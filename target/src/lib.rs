@@ -24,9 +24,9 @@ pub mod control;
 mod durable;
 mod error;
 pub mod failstop;
-pub mod live_config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod live_config;
 pub mod members;
 pub mod metrics;
 pub mod nbd;

@@ -44,7 +44,10 @@ pub fn choose(live: &Path, base: &str, config_name: &str) -> Result<Option<Strin
     let text = match std::fs::read_to_string(live) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::info!(config = config_name, "no live configuration yet; using the configuration");
+            tracing::info!(
+                config = config_name,
+                "no live configuration yet; using the configuration"
+            );
             return Ok(None);
         }
         Err(source) => {
@@ -189,8 +192,12 @@ mod tests {
         live.persist().unwrap();
         let back = choose(live.path(), &base_of(&text), "t").unwrap().unwrap();
         assert_eq!(Config::parse_str(&back, "live").unwrap(), cfg);
-        assert!(choose(live.path(), &base_of("edited"), "t").unwrap().is_none());
-        assert!(choose(&dir.path().join("none"), "x", "t").unwrap().is_none());
+        assert!(choose(live.path(), &base_of("edited"), "t")
+            .unwrap()
+            .is_none());
+        assert!(choose(&dir.path().join("none"), "x", "t")
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -49,7 +49,8 @@ fn string<'a>(p: &'a Value, k: &str) -> Result<&'a str, RpcError> {
 
 /// `p` as a configuration section, serde's message naming the field at fault.
 fn section<T: serde::de::DeserializeOwned>(method: &str, p: &Value) -> Result<T, RpcError> {
-    serde_json::from_value(p.clone()).map_err(|e| RpcError::invalid_params(format!("{method}: {e}")))
+    serde_json::from_value(p.clone())
+        .map_err(|e| RpcError::invalid_params(format!("{method}: {e}")))
 }
 
 fn device(reg: &Registry, name: &str) -> Option<Arc<dyn BlockDevice>> {
@@ -102,7 +103,9 @@ fn volume_create(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
 }
 
 fn volume_delete(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
-    let name = string(p, "name").or_else(|_| string(p, "volume"))?.to_string();
+    let name = string(p, "name")
+        .or_else(|_| string(p, "volume"))?
+        .to_string();
     if reg.nbd_exports.iter().any(|n| *n == name) {
         return Err(RpcError::invalid_params(format!(
             "volume '{name}' is exported over NBD, whose exports are fixed while serve runs; \
@@ -170,7 +173,10 @@ fn close_volume(name: &str, mut entry: Arc<crate::control::VolumeEntry>) {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    tracing::warn!(volume = name, "volume deleted; still in use, it closes when released");
+    tracing::warn!(
+        volume = name,
+        "volume deleted; still in use, it closes when released"
+    );
 }
 
 fn subsystem_create(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
@@ -267,7 +273,10 @@ fn namespace_remove(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
         .into_iter()
         .find(|s| s.nqn == nqn)
         .ok_or_else(|| RpcError::invalid_params(format!("no subsystem '{nqn}'")))?;
-    let ns = match (p.get("nsid").and_then(Value::as_u64), p.get("volume").and_then(Value::as_str)) {
+    let ns = match (
+        p.get("nsid").and_then(Value::as_u64),
+        p.get("volume").and_then(Value::as_str),
+    ) {
         (Some(nsid), _) => served.namespaces.iter().find(|n| u64::from(n.nsid) == nsid),
         (None, Some(v)) => served.namespaces.iter().find(|n| n.device == v),
         (None, None) => {
@@ -318,7 +327,9 @@ fn listener_add(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
             Ok(bound)
         },
     )?;
-    Ok(json!({"listen": bound.to_string(), "listeners": t.local_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>()}))
+    Ok(
+        json!({"listen": bound.to_string(), "listeners": t.local_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>()}),
+    )
 }
 
 fn listener_remove(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
@@ -330,7 +341,10 @@ fn listener_remove(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
     live(reg)?.change(
         "listener_remove",
         |c| {
-            let n = c.nvme_tcp.as_mut().ok_or("the configuration has no [nvme_tcp]")?;
+            let n = c
+                .nvme_tcp
+                .as_mut()
+                .ok_or("the configuration has no [nvme_tcp]")?;
             // A listener configured on port 0 is known by the port it got.
             let any = SocketAddr::new(addr.ip(), 0).to_string();
             let i = n
@@ -345,7 +359,9 @@ fn listener_remove(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
         },
         |_| t.remove_listener(addr).map_err(|e| e.to_string()),
     )?;
-    Ok(json!({"removed": addr.to_string(), "listeners": t.local_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>()}))
+    Ok(
+        json!({"removed": addr.to_string(), "listeners": t.local_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>()}),
+    )
 }
 
 fn save_config(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
@@ -354,7 +370,10 @@ fn save_config(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
         None | Some(Value::Null) => Ok(json!({"config": text})),
         Some(Value::String(path)) => {
             let path = std::path::Path::new(path);
-            if path.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+            if path
+                .parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+            {
                 return Err(RpcError::invalid_params(format!(
                     "path: the directory of {} does not exist",
                     path.display()

@@ -453,6 +453,11 @@ impl Service {
         };
         let nbd = match &cfg.nbd {
             None => None,
+            // NBD exports are fixed while it runs; with none there is nothing to serve.
+            Some(l) if volumes.is_empty() => {
+                tracing::info!(listen = l.listen, "NBD not started: no volume to export (volumes created by RPC are exported over NBD from the next start)");
+                None
+            }
             Some(l) => {
                 let exports = volumes
                     .iter()
@@ -479,9 +484,8 @@ impl Service {
             }
         };
         let live = Arc::new(crate::live_config::LiveConfig::new(cfg.clone(), base));
-        live.persist().map_err(|e| {
-            start_err(format!("live configuration {}", live.path().display()), e)
-        })?;
+        live.persist()
+            .map_err(|e| start_err(format!("live configuration {}", live.path().display()), e))?;
         let nbd_exports = match &nbd {
             Some(_) => volumes
                 .iter()
