@@ -8,15 +8,17 @@
 //! atomically (write, fsync, rename, fsync the directory).
 //!
 //! The file's first line records the *base*: a CRC-32C of the configuration text `serve`
-//! was started with (`--config`, or the embedded default). At start-up (one rule):
+//! was started with (`--config`, or the embedded default) and of its command-line flags.
+//! At start-up (one rule):
 //!
-//! - no live file: the configuration is used;
-//! - a live file with the same base: the live file is used (the configuration has not been
-//!   edited since the RPC changes were made);
-//! - a live file with another base: the configuration was edited (or another one given, e.g.
-//!   one `save_config` wrote): it is used, and the live file is rewritten from it.
+//! - no live file: the configuration (with the flags applied) is used;
+//! - a live file with the same base: the live file is used as it is (the configuration and
+//!   the flags have not changed since the RPC changes were made; the flags are in it);
+//! - a live file with another base: the configuration was edited, other flags were given,
+//!   or another file (e.g. one `save_config` wrote): the configuration with the flags is
+//!   used, and the live file is rewritten from it.
 //!
-//! Either way a log line says which, and the command-line flags apply on top.
+//! Either way a log line says which.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -101,12 +101,18 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
 /// configuration text.
 pub fn resolve_live(args: &ServeArgs) -> Result<(Config, String), ServeError> {
     let (text, file) = configuration_text(args)?;
-    let base = crate::live_config::base_of(&text);
+    // The flags are part of what the operator configured: the same text with other flags
+    // is another configuration.
+    let base = crate::live_config::base_of(&format!("{text}\n# flags: {args:?}"));
     let mut cfg = with_flags(Config::parse_raw(&text, &file)?, args, &file)?;
     let live = crate::live_config::path_in(&cfg.data_dir);
     if let Some(live_text) = crate::live_config::choose(&live, &base, &file)? {
+        // Derived from this very text and these flags: the flags are in it already (and
+        // applying `--leg` again would undo a leg_add).
         let name = live.display().to_string();
-        cfg = with_flags(Config::parse_raw(&live_text, &name)?, args, &name)?;
+        cfg = Config::parse_raw(&live_text, &name)?;
+        cfg.expand_data_dir();
+        cfg.validate(&name)?;
     }
     Ok((cfg, base))
 }
