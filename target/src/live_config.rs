@@ -203,6 +203,15 @@ mod tests {
     }
 
     #[test]
+    fn the_default_and_the_shipped_example_round_trip_through_toml() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/nvmirror.toml");
+        for cfg in [Config::embedded_default(), Config::load(&example).unwrap()] {
+            let text = to_toml(&cfg);
+            assert_eq!(Config::parse_str(&text, "saved").unwrap(), cfg, "{text}");
+        }
+    }
+
+    #[test]
     fn a_change_is_validated_before_it_is_applied() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::parse_str("", "t").unwrap();
