@@ -106,7 +106,7 @@ fn volume_delete(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
     let name = string(p, "name")
         .or_else(|_| string(p, "volume"))?
         .to_string();
-    if reg.nbd_exports.iter().any(|n| *n == name) {
+    if reg.nbd_exports.contains(&name) {
         return Err(RpcError::invalid_params(format!(
             "volume '{name}' is exported over NBD, whose exports are fixed while serve runs; \
              remove it from the configuration and restart"

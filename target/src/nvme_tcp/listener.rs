@@ -249,7 +249,7 @@ impl NvmeTcpTarget {
         if self
             .shared
             .subsystem(r)
-            .is_none_or(|s| s.namespace(nsid).is_none())
+            .map_or(true, |s| s.namespace(nsid).is_none())
         {
             return Err(Error::Config(format!("{nqn} has no namespace {nsid}")));
         }
