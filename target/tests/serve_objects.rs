@@ -11,9 +11,14 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use nvmirror_nvme::dma::DmaPool;
+use nvmirror_nvme::spec::admin::{cns, log_page};
+use nvmirror_nvme::spec::ana::{aen, aer_dw0, AER_TYPE_NOTICE, NOTICE_NAMESPACE_ATTRIBUTE};
+use nvmirror_nvme::spec::SubmissionQueueEntry;
 use nvmirror_nvme::{open_leg, BlockDevice, QueuePair, Status};
 
+mod common;
 mod serve_rig;
+use common::{Host, Received};
 use serve_rig::{file_leg, read, try_write, write, Server};
 
 const NQN1: &str = "nqn.2026-11.io.nvmirror:built";
@@ -297,5 +302,104 @@ fn changes_the_file_would_refuse_are_refused_with_the_field_named() {
     );
     let live = std::fs::read_to_string(d.join("nvmirror.live.toml")).unwrap();
     assert!(!live.contains("built"), "{live}");
+    server.stop();
+}
+
+/// The NSIDs an Identify Active Namespace List returns.
+fn active(admin: &mut Host) -> Vec<u32> {
+    let (st, page) = admin.identify(cns::ACTIVE_NAMESPACES, 0);
+    assert!(st.is_success(), "{st}");
+    page.chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .take_while(|&id| id != 0)
+        .collect()
+}
+
+#[test]
+fn a_namespace_removed_under_a_connected_host_raises_the_notice_and_fails_its_io() {
+    const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:d4d4d4d4-d4d4-d4d4-d4d4-d4d4d4d4d4d4";
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let d = dir.path();
+    let server = serve(&empty_config(d));
+    let (addr, _) = build(&server, d);
+    let second = [file_leg(d, "s0", SIZE)];
+    call(
+        &server,
+        "volume_create",
+        json!({"name": "second", "legs": second}),
+    );
+    let ns = call(
+        &server,
+        "namespace_add",
+        json!({"nqn": NQN1, "volume": "second"}),
+    );
+    assert_eq!(ns["nsid"], 2, "{ns}");
+
+    let (mut admin, mut io, _) =
+        Host::bring_up_as(addr.parse().unwrap(), NQN1, HOSTNQN, [0xd4; 16]);
+    assert_eq!(active(&mut admin), [1, 2]);
+    assert!(io.write(2, 0, &[7u8; 512], 512, true).is_success());
+    // Namespace Attribute notices on, one AER outstanding.
+    let (c, _) = admin.admin(0x09, 0, 0x0b, aen::NAMESPACE_ATTRIBUTE, 0);
+    assert!(c.status().is_success(), "{}", c.status());
+    let aer = admin.cid();
+    admin.send_cmd(
+        SubmissionQueueEntry {
+            opcode: 0x0c,
+            cid: aer,
+            ..Default::default()
+        },
+        &[],
+        true,
+        0,
+    );
+
+    call(
+        &server,
+        "namespace_remove",
+        json!({"nqn": NQN1, "volume": "second"}),
+    );
+    let c = match admin.recv() {
+        Received::Resp(c) => c,
+        other => panic!("expected the AER completion, got {other:?}"),
+    };
+    assert_eq!(c.cid, aer);
+    assert_eq!(
+        c.dw0,
+        aer_dw0(
+            AER_TYPE_NOTICE,
+            NOTICE_NAMESPACE_ATTRIBUTE,
+            log_page::CHANGED_NAMESPACES
+        )
+    );
+    // The Changed Namespace List names it; it left the active list; its I/O is refused
+    // while namespace 1 keeps working on the same queue.
+    let (c, page) = admin.admin(
+        0x02,
+        0xffff_ffff,
+        u32::from(log_page::CHANGED_NAMESPACES) | (1023 << 16),
+        0,
+        4096,
+    );
+    assert!(c.status().is_success(), "{}", c.status());
+    assert_eq!(
+        u32::from_le_bytes(page[0..4].try_into().unwrap()),
+        2,
+        "changed list"
+    );
+    assert_eq!(active(&mut admin), [1]);
+    let st = io.write(2, 0, &[8u8; 512], 512, true);
+    assert_eq!(
+        (st.sc(), st.dnr()),
+        (Status::INVALID_NAMESPACE.sc(), true),
+        "{st}"
+    );
+    assert!(io.write(1, 0, &[9u8; 512], 512, true).is_success());
+    let (st, _) = admin.identify(cns::NAMESPACE, 2);
+    assert!(!st.is_success(), "Identify Namespace 2 after removal: {st}");
+    // The removed namespace is gone from the configuration.
+    let saved = call(&server, "save_config", json!({}));
+    let text = saved["config"].as_str().unwrap();
+    assert!(text.contains("namespaces = [\"built\"]"), "{text}");
     server.stop();
 }
