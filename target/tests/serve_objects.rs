@@ -66,10 +66,12 @@ fn connect(addr: &str, nqn: &str) -> (std::sync::Arc<dyn BlockDevice>, Box<dyn Q
 /// the legs.
 fn build(server: &Server, dir: &Path) -> (String, Vec<String>) {
     let legs = vec![file_leg(dir, "a", SIZE), file_leg(dir, "b", SIZE)];
+    // A generous I/O timeout: the first write's bitmap update waits on fsync, which a loaded
+    // machine can hold for seconds.
     let st = call(
         server,
         "volume_create",
-        json!({"name": "built", "legs": legs}),
+        json!({"name": "built", "legs": legs, "io_timeout": "60s"}),
     );
     assert_eq!(st["legs"].as_array().unwrap().len(), 2, "{st}");
     call(server, "subsystem_create", json!({"nqn": NQN1}));
