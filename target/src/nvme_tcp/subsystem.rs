@@ -34,11 +34,11 @@ pub(crate) struct Namespace {
     pub reservation: NamespaceReservation,
     /// Removed by the control plane: controllers that still hold it fail its commands
     /// with Invalid Namespace.
-    removed: AtomicBool,
+    pub(super) removed: AtomicBool,
 }
 
 impl Namespace {
-    fn open(
+    pub(super) fn open(
         dev: &Arc<dyn BlockDevice>,
         nqn: &str,
         nsid: u32,
@@ -89,11 +89,11 @@ pub(crate) struct Subsystem {
     /// ANA state of each namespace's group (ANAGRPID = NSID) through each port.
     pub ana: AnaTable,
     /// Where PTPL reservation state is kept (see [`SubsystemConfig::reservation_dir`]).
-    reservation_dir: Option<std::path::PathBuf>,
+    pub(super) reservation_dir: Option<std::path::PathBuf>,
 }
 
 impl Subsystem {
-    fn new(cfg: &SubsystemConfig, ana_defaults: &[AnaState]) -> Result<Self, String> {
+    pub(super) fn new(cfg: &SubsystemConfig, ana_defaults: &[AnaState]) -> Result<Self, String> {
         let mut namespaces = Vec::with_capacity(cfg.namespaces.len());
         for (i, dev) in cfg.namespaces.iter().enumerate() {
             let ns = Namespace::open(dev, &cfg.nqn, i as u32 + 1, cfg.reservation_dir.as_deref())?;
@@ -113,7 +113,7 @@ impl Subsystem {
 
     /// The next generation with `namespaces`: the same identity and hosts, and the ANA states
     /// of the groups both have.
-    fn with_namespaces(
+    pub(super) fn with_namespaces(
         &self,
         namespaces: Vec<Option<Arc<Namespace>>>,
         ana_defaults: &[AnaState],
@@ -280,32 +280,32 @@ pub(crate) struct TargetShared {
     pub cfg: TargetConfig,
     /// Subsystem slots; `SubsystemRef::Nvm(i)` names slot `i`, which a deleted subsystem
     /// leaves empty (never reused). Control path only.
-    subsystems: RwLock<Vec<Option<Arc<Subsystem>>>>,
+    pub(super) subsystems: RwLock<Vec<Option<Arc<Subsystem>>>>,
     /// The first bound address (port 0).
     pub listen: SocketAddr,
     /// Every bound address by port index; `None`: a listener removed at run time.
-    ports: RwLock<Vec<Option<SocketAddr>>>,
+    pub(super) ports: RwLock<Vec<Option<SocketAddr>>>,
     /// The ANA state a port's groups start in, by port index.
-    port_states: RwLock<Vec<AnaState>>,
+    pub(super) port_states: RwLock<Vec<AnaState>>,
     pub stopping: AtomicBool,
     /// Connections alive now (counted from `Connection::new` to its drop).
     pub open_connections: AtomicUsize,
-    controllers: Mutex<ControllerTable>,
+    pub(super) controllers: Mutex<ControllerTable>,
     /// Bumped by every change of subsystems, namespaces or listeners (discovery GENCTR).
     pub generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
-struct ControllerTable {
+pub(super) struct ControllerTable {
     next: u16,
-    live: HashMap<u16, Arc<Controller>>,
+    pub(super) live: HashMap<u16, Arc<Controller>>,
 }
 
-fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+pub(super) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+pub(super) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -341,7 +341,7 @@ impl TargetShared {
         })
     }
 
-    fn bump_generation(&self) {
+    pub(super) fn bump_generation(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -363,42 +363,6 @@ impl TargetShared {
                 })
             })
             .unwrap_or(0)
-    }
-
-    /// Records a new bound listener whose groups start in `state`; its port index, or an
-    /// error when the target has had [`MAX_PORTS`] listeners.
-    pub fn add_port(&self, addr: SocketAddr, state: AnaState) -> Result<usize, String> {
-        let mut ports = write(&self.ports);
-        if ports.len() >= MAX_PORTS {
-            return Err(format!(
-                "a target has at most {MAX_PORTS} listeners over its life"
-            ));
-        }
-        let port = ports.len();
-        for s in self.subsystems().iter() {
-            for g in 1..=s.ana.groups() {
-                s.ana.set(port, g, state);
-            }
-        }
-        ports.push(Some(addr));
-        write(&self.port_states).push(state);
-        drop(ports);
-        self.bump_generation();
-        Ok(port)
-    }
-
-    /// Forgets the listener of port `port` and tears down the controllers connected
-    /// through it (their hosts reconnect through another port).
-    pub fn remove_port(&self, port: usize) {
-        if let Some(p) = write(&self.ports).get_mut(port) {
-            *p = None;
-        }
-        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        for ctrl in t.live.values().filter(|c| c.port == port) {
-            ctrl.tear_down();
-        }
-        drop(t);
-        self.bump_generation();
     }
 
     /// The NVM subsystems served now, with their slot.
@@ -431,100 +395,6 @@ impl TargetShared {
             SubsystemRef::Discovery => None,
             SubsystemRef::Nvm(i) => read(&self.subsystems).get(i).cloned().flatten(),
         }
-    }
-
-    /// Starts serving a new subsystem.
-    pub fn add_subsystem(&self, cfg: &SubsystemConfig) -> Result<(), String> {
-        let defaults = padded(&read(&self.port_states));
-        let mut subs = write(&self.subsystems);
-        if subs.iter().flatten().any(|s| s.nqn == cfg.nqn) {
-            return Err(format!("subsystem '{}' exists", cfg.nqn));
-        }
-        subs.push(Some(Arc::new(Subsystem::new(cfg, &defaults)?)));
-        drop(subs);
-        self.bump_generation();
-        Ok(())
-    }
-
-    /// Controllers of `r` alive now.
-    pub fn controllers_of(&self, r: SubsystemRef) -> usize {
-        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        t.live.values().filter(|c| c.subsys == r).count()
-    }
-
-    /// Stops serving subsystem `nqn`; its controllers are torn down.
-    pub fn remove_subsystem(&self, nqn: &str) -> Result<(), String> {
-        let r = self
-            .find_subsystem(nqn)
-            .filter(|r| *r != SubsystemRef::Discovery)
-            .ok_or_else(|| format!("no subsystem '{nqn}'"))?;
-        if let SubsystemRef::Nvm(i) = r {
-            write(&self.subsystems)[i] = None;
-        }
-        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
-        for ctrl in t.live.values().filter(|c| c.subsys == r) {
-            ctrl.tear_down();
-        }
-        drop(t);
-        self.bump_generation();
-        Ok(())
-    }
-
-    /// Adds `dev` to subsystem `nqn` as its next NSID (returned). Controllers connected now
-    /// are told (Namespace Attribute notice) and see it once they reconnect.
-    pub fn add_namespace(&self, nqn: &str, dev: Arc<dyn BlockDevice>) -> Result<u32, String> {
-        let defaults = padded(&read(&self.port_states));
-        let mut subs = write(&self.subsystems);
-        let (i, cur) = subs
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| {
-                s.as_ref()
-                    .filter(|s| s.nqn == nqn)
-                    .map(|s| (i, Arc::clone(s)))
-            })
-            .ok_or_else(|| format!("no subsystem '{nqn}'"))?;
-        let nsid = cur.namespaces.len() as u32 + 1;
-        if dev.geometry().lba_size > self.cfg.max_transfer() {
-            return Err(format!("{}: block larger than MDTS", dev.name()));
-        }
-        let ns = Namespace::open(&dev, nqn, nsid, cur.reservation_dir.as_deref())?;
-        let mut namespaces = cur.namespaces.clone();
-        namespaces.push(Some(Arc::new(ns)));
-        subs[i] = Some(Arc::new(cur.with_namespaces(namespaces, &defaults)));
-        drop(subs);
-        self.bump_generation();
-        self.namespace_changed(SubsystemRef::Nvm(i), nsid);
-        Ok(nsid)
-    }
-
-    /// Removes namespace `nsid` of subsystem `nqn`: from now on its commands fail with
-    /// Invalid Namespace on every controller, which are told (Namespace Attribute notice).
-    /// Returns the device it exported.
-    pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<Arc<dyn BlockDevice>, String> {
-        let defaults = padded(&read(&self.port_states));
-        let mut subs = write(&self.subsystems);
-        let (i, cur) = subs
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| {
-                s.as_ref()
-                    .filter(|s| s.nqn == nqn)
-                    .map(|s| (i, Arc::clone(s)))
-            })
-            .ok_or_else(|| format!("no subsystem '{nqn}'"))?;
-        let k = (nsid as usize)
-            .checked_sub(1)
-            .filter(|&k| cur.namespace_at(k).is_some())
-            .ok_or_else(|| format!("{nqn} has no namespace {nsid}"))?;
-        let mut namespaces = cur.namespaces.clone();
-        let ns = namespaces[k].take().expect("checked above");
-        ns.removed.store(true, Ordering::Release);
-        subs[i] = Some(Arc::new(cur.with_namespaces(namespaces, &defaults)));
-        drop(subs);
-        self.bump_generation();
-        self.namespace_changed(SubsystemRef::Nvm(i), nsid);
-        Ok(Arc::clone(&ns.dev))
     }
 
     /// Creates a controller with a fresh dynamic ID; `None` when all IDs are taken.
@@ -703,7 +573,7 @@ impl TargetShared {
 
 /// `defaults` (one state per bound port) extended to [`MAX_PORTS`] with Optimized, so a
 /// listener added later has a column in every ANA table.
-fn padded(defaults: &[AnaState]) -> Vec<AnaState> {
+pub(super) fn padded(defaults: &[AnaState]) -> Vec<AnaState> {
     let mut d = defaults.to_vec();
     d.resize(MAX_PORTS.max(d.len()), AnaState::Optimized);
     d
