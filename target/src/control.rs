@@ -175,6 +175,23 @@ impl Registry {
             .ok_or_else(|| RpcError::invalid_params(format!("no volume named '{name}'")))
     }
 
+    /// Refuses `leg_add` of `uri` to `v` where the configuration file would refuse the
+    /// volume with that leg (a URI that does not parse, a leg another volume uses, a fifth
+    /// leg); the error names the field.
+    fn check_legs(&self, v: &VolumeEntry, uri: &str) -> Result<(), RpcError> {
+        let Some(live) = &self.live else {
+            return Ok(());
+        };
+        let mut cfg = live.current();
+        let name = v.volume.name();
+        if let Some(vc) = cfg.volumes.iter_mut().find(|vc| vc.name == name) {
+            vc.legs = v.member_uris();
+            vc.legs.push(uri.to_string());
+        }
+        cfg.validate("leg_add")
+            .map_err(|e| RpcError::invalid_params(e.to_string()))
+    }
+
     /// After `leg_add`/`leg_remove` on `v`: the live configuration lists its member legs,
     /// and the run-time leg list is recorded as derived from them.
     fn legs_changed(&self, v: &VolumeEntry) -> Result<(), RpcError> {
@@ -476,6 +493,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .get("uri")
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'uri'"))?;
+        r.check_legs(&v, uri)?;
         let dev =
             nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let faulty = nvmirror_nvme::backend::FaultyDevice::wrap(dev);

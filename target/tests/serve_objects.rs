@@ -266,6 +266,15 @@ fn changes_the_file_would_refuse_are_refused_with_the_field_named() {
     );
     let e = refused(&server, "listener_add", json!({"listen": "localhost"}));
     assert!(e.contains("nvme_tcp.listener[1].listen"), "{e}");
+    let e = refused(
+        &server,
+        "leg_add",
+        json!({"volume": "built", "uri": file_leg(d, "b", SIZE)}),
+    );
+    assert!(
+        e.contains("volume[0] (built).legs[2]") && e.contains("used twice"),
+        "{e}"
+    );
     let e = refused(&server, "volume_delete", json!({"name": "built"}));
     assert!(
         e.contains("exported by subsystem") && e.contains(NQN1),
