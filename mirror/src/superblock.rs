@@ -29,7 +29,6 @@
 //! | 244 | 8 | reserved, zero |
 //! | 252 | 4 | CRC32C of bytes 0..252 |
 
-
 use crate::MAX_LEGS;
 
 /// First bytes of every nvmirror leg.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use nvmirror_nvme::uri::{parse_duration, parse_size, LegUri};
 
@@ -68,20 +68,20 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// The whole file.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     #[serde(default)]
     pub reactors: ReactorsConfig,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme_tcp: Option<NvmeTcpConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<ListenConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpc: Option<RpcConfig>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<ListenConfig>,
     #[serde(default)]
     pub resync: ResyncConfig,
@@ -96,7 +96,7 @@ pub struct Config {
 }
 
 /// `[reactors]`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ReactorsConfig {
     /// CPUs to pin one reactor each to; empty = one unpinned reactor.
@@ -108,7 +108,7 @@ pub struct ReactorsConfig {
     pub idle: IdleConfig,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleConfig {
     Spin,
@@ -117,21 +117,21 @@ pub enum IdleConfig {
 }
 
 /// A listener (`[nvme_tcp]`, `[nbd]`, `[metrics]`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
     pub listen: String,
 }
 
 /// `[rpc]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RpcConfig {
     pub socket: PathBuf,
 }
 
 /// `[service]`: bounds on the process's own life cycle.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// SIGTERM/SIGINT: how long draining hosts and legs may take before the process gives
@@ -184,7 +184,7 @@ impl ServiceConfig {
 }
 
 /// `[limits]`: what one host, or a flood of connections, can hold of the target.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Connections open at once per front end (NVMe/TCP, NBD); more are closed at accept.
@@ -231,7 +231,7 @@ impl LimitsConfig {
 }
 
 /// `[resync]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ResyncConfig {
     /// Upper bound in bytes per second (`"200MiB"`); `"0"` = no bound.
@@ -272,7 +272,7 @@ impl Default for ResyncConfig {
 }
 
 /// `[[volume]]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
     pub name: String,
@@ -321,18 +321,19 @@ fn default_mode() -> String {
 }
 
 /// `[[subsystem]]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SubsystemConfig {
     pub nqn: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
     #[serde(default = "default_model")]
     pub model: String,
     /// Host NQNs allowed to connect; empty = any host.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
-    /// Volume names, exported as namespaces 1, 2, …
+    /// Volume names, exported as namespaces 1, 2, … (may be empty).
+    #[serde(default)]
     pub namespaces: Vec<String>,
     /// `[[subsystem.host]]`: hosts with DH-HMAC-CHAP secrets (each is an allowed host too).
     #[serde(default, rename = "host")]
@@ -341,15 +342,15 @@ pub struct SubsystemConfig {
 
 /// `[[subsystem.host]]`: one host NQN and its DH-HMAC-CHAP secrets (`DHHC-1:XX:…:`, as
 /// `nvme gen-dhchap-key` writes them).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     pub nqn: String,
     /// The host's secret: set, the host must authenticate every queue.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_secret: Option<String>,
     /// The controller's secret, for hosts that ask for bidirectional authentication.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhchap_ctrl_secret: Option<String>,
 }
 
@@ -603,15 +604,14 @@ impl Config {
                 }
                 h.secrets().map_err(|(f, e)| bad(at(f), e))?;
             }
-            if s.namespaces.is_empty() {
-                return Err(bad(
-                    at("namespaces"),
-                    "a subsystem needs at least one namespace".into(),
-                ));
-            }
+            // A subsystem may start empty: namespace_add fills it at run time.
+            let mut exported = HashSet::new();
             for ns in &s.namespaces {
                 if !names.contains(ns) {
                     return Err(bad(at("namespaces"), format!("no volume named '{ns}'")));
+                }
+                if !exported.insert(ns) {
+                    return Err(bad(at("namespaces"), format!("'{ns}' is listed twice")));
                 }
             }
             if let Some(serial) = &s.serial {

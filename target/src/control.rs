@@ -35,8 +35,9 @@ pub struct VolumeEntry {
 #[derive(Debug)]
 pub struct MembersFile {
     pub path: std::path::PathBuf,
-    /// The configured legs the list derives from.
-    pub configured: Vec<String>,
+    /// The configured legs the list derives from: after a run-time change, the legs the
+    /// live configuration lists (see `live_config`).
+    pub configured: std::sync::Mutex<Vec<String>>,
 }
 
 impl VolumeEntry {
@@ -45,16 +46,34 @@ impl VolumeEntry {
         lock(&self.legs).iter().map(|l| l.uri.clone()).collect()
     }
 
-    /// Saves the leg list as it is now: every slot's URI, and which slots are removed.
-    fn persist_members(&self) -> Result<(), RpcError> {
+    /// The URIs of the legs that are members now (removed slots left out): what the live
+    /// configuration lists.
+    pub fn member_uris(&self) -> Vec<String> {
+        let states = self.volume.leg_states();
+        lock(&self.legs)
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                !states
+                    .get(*i)
+                    .is_some_and(|s| s.state == nvmirror_mirror::LegState::Removed)
+            })
+            .map(|(_, l)| l.uri.clone())
+            .collect()
+    }
+
+    /// Saves the leg list as it is now: every slot's URI, and which slots are removed,
+    /// derived from `configured` (the legs the live configuration lists from now on).
+    fn persist_members(&self, configured: Vec<String>) -> Result<(), RpcError> {
         let Some(f) = &self.members else {
             return Ok(());
         };
+        *lock(&f.configured) = configured.clone();
         let legs = lock(&self.legs);
         let states = self.volume.leg_states();
         let list = crate::members::Membership {
             volume: self.volume.name().to_string(),
-            configured: f.configured.clone(),
+            configured,
             legs: legs
                 .iter()
                 .enumerate()
@@ -82,39 +101,140 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Everything the control plane can see.
 #[derive(Debug)]
 pub struct Registry {
-    pub volumes: Vec<VolumeEntry>,
+    /// The served volumes; `volume_create` and `volume_delete` change the list (control
+    /// path only: the I/O path holds its volumes itself).
+    volumes: std::sync::RwLock<Vec<Arc<VolumeEntry>>>,
     /// Standby volumes (`promote.rs`); a promoted one serves as the volumes do.
     pub standby: Vec<crate::promote::StandbySlot>,
     pub reactors: ReactorHandle,
     /// The NVMe/TCP front end, while it runs (host access lists).
     pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
+    /// The live configuration (`serve` only): the object RPCs change it.
+    pub live: Option<Arc<crate::live_config::LiveConfig>>,
+    /// Volumes the NBD front end exports (fixed while it runs).
+    pub nbd_exports: Vec<String>,
 }
 
 impl Registry {
-    /// Every volume served: the configured ones, then the standby volumes promoted so far.
-    pub fn entries(&self) -> impl Iterator<Item = &VolumeEntry> {
-        self.volumes
-            .iter()
-            .chain(self.standby.iter().filter_map(|s| s.entry.get()))
+    /// A registry over `volumes`.
+    pub fn new(
+        volumes: Vec<VolumeEntry>,
+        reactors: ReactorHandle,
+        nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
+        live: Option<Arc<crate::live_config::LiveConfig>>,
+    ) -> Self {
+        Self {
+            volumes: std::sync::RwLock::new(volumes.into_iter().map(Arc::new).collect()),
+            standby: Vec::new(),
+            reactors,
+            nvme_tcp,
+            live,
+            nbd_exports: Vec::new(),
+        }
     }
 
-    pub(crate) fn volume(&self, params: &Value) -> Result<&VolumeEntry, RpcError> {
+    /// The same registry with standby volumes (`promote.rs`).
+    pub fn with_standby(mut self, standby: Vec<crate::promote::StandbySlot>) -> Self {
+        self.standby = standby;
+        self
+    }
+
+    /// The volumes served now: the configured and RPC-created ones, then the standby
+    /// volumes promoted so far.
+    pub fn volumes(&self) -> Vec<Arc<VolumeEntry>> {
+        let mut v = self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        v.extend(self.standby.iter().filter_map(|s| s.entry.get().cloned()));
+        v
+    }
+
+    /// Starts serving `entry` (its name is checked free by the caller's validation).
+    pub(crate) fn add_volume(&self, entry: VolumeEntry) -> Arc<VolumeEntry> {
+        let e = Arc::new(entry);
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::clone(&e));
+        e
+    }
+
+    /// Stops serving volume `name`; returns it.
+    pub(crate) fn take_volume(&self, name: &str) -> Option<Arc<VolumeEntry>> {
+        let mut v = self.volumes.write().unwrap_or_else(|e| e.into_inner());
+        let i = v.iter().position(|e| e.volume.name() == name)?;
+        Some(v.remove(i))
+    }
+
+    /// Takes every configured and RPC-created volume out (shutdown; promoted standby
+    /// volumes are let go with their slots).
+    pub(crate) fn take_all(&self) -> Vec<Arc<VolumeEntry>> {
+        std::mem::take(&mut *self.volumes.write().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The volume named `name`.
+    pub fn find_volume(&self, name: &str) -> Option<Arc<VolumeEntry>> {
+        self.volumes().into_iter().find(|v| v.volume.name() == name)
+    }
+
+    fn volume(&self, params: &Value) -> Result<Arc<VolumeEntry>, RpcError> {
         let name = params
             .get("volume")
             .or_else(|| params.get("name"))
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'volume'"))?;
-        self.entries()
-            .find(|v| v.volume.name() == name)
-            .ok_or_else(|| match self.standby.iter().any(|s| s.cfg.name == name) {
+        self.find_volume(name).ok_or_else(|| {
+            match self.standby.iter().any(|s| s.cfg.name == name) {
                 true => RpcError::failed(format!(
                     "volume '{name}' is a standby: not served until volume_promote"
                 )),
                 false => RpcError::invalid_params(format!("no volume named '{name}'")),
-            })
+            }
+        })
     }
 
-    fn leg(&self, params: &Value) -> Result<(&VolumeEntry, usize), RpcError> {
+    /// Refuses `leg_add` of `uri` to `v` where the configuration file would refuse the
+    /// volume with that leg (a URI that does not parse, a leg another volume uses, a fifth
+    /// leg); the error names the field.
+    fn check_legs(&self, v: &VolumeEntry, uri: &str) -> Result<(), RpcError> {
+        let Some(live) = &self.live else {
+            return Ok(());
+        };
+        let mut cfg = live.current();
+        let name = v.volume.name();
+        if let Some(vc) = cfg.volumes.iter_mut().find(|vc| vc.name == name) {
+            vc.legs = v.member_uris();
+            vc.legs.push(uri.to_string());
+        }
+        cfg.validate("leg_add")
+            .map_err(|e| RpcError::invalid_params(e.to_string()))
+    }
+
+    /// After `leg_add`/`leg_remove` on `v`: the live configuration lists its member legs,
+    /// and the run-time leg list is recorded as derived from them.
+    fn legs_changed(&self, v: &VolumeEntry) -> Result<(), RpcError> {
+        let uris = v.member_uris();
+        if let Some(live) = &self.live {
+            let name = v.volume.name().to_string();
+            let set = uris.clone();
+            live.change(
+                "leg change",
+                move |c| {
+                    if let Some(vc) = c.volumes.iter_mut().find(|vc| vc.name == name) {
+                        vc.legs = set;
+                    }
+                    Ok(())
+                },
+                |_| Ok(()),
+            )
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        }
+        v.persist_members(uris)
+    }
+
+    fn leg(&self, params: &Value) -> Result<(Arc<VolumeEntry>, usize), RpcError> {
         let v = self.volume(params)?;
         let leg = params.get("leg").and_then(Value::as_u64).ok_or_else(|| {
             RpcError::invalid_params("missing integer parameter 'leg' (0 = primary)")
@@ -312,7 +432,8 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     let r = Arc::clone(&reg);
     m.add("volume_list", move |_| {
         Ok(Value::Array(
-            r.entries()
+            r.volumes()
+                .iter()
                 .map(|v| {
                     let states = v.volume.leg_states();
                     let in_sync = states
@@ -326,21 +447,24 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         ))
     });
     let r = Arc::clone(&reg);
-    m.add("volume_status", move |p| Ok(r.volume_status(r.volume(p)?)));
+    m.add("volume_status", move |p| {
+        let v = r.volume(p)?;
+        Ok(r.volume_status(&v))
+    });
     let r = Arc::clone(&reg);
     m.add("leg_detach", move |p| {
         let (v, leg) = r.leg(p)?;
         v.volume
             .detach_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        Ok(r.volume_status(v))
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_fault_inject", move |p| {
         let (v, leg) = r.leg(p)?;
         let fault = parse_fault(p)?;
         let (_, injector) = r
-            .leg_meta(v, leg)
+            .leg_meta(&v, leg)
             .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
         let id = injector.arm(fault);
         Ok(json!({"id": id, "fault": format!("{fault:?}")}))
@@ -349,7 +473,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     m.add("leg_fault_clear", move |p| {
         let (v, leg) = r.leg(p)?;
         let (_, injector) = r
-            .leg_meta(v, leg)
+            .leg_meta(&v, leg)
             .ok_or_else(|| RpcError::invalid_params("no such leg"))?;
         match p.get("id").and_then(Value::as_u64) {
             Some(id) => Ok(json!({"cleared": injector.clear(id)})),
@@ -361,7 +485,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     });
     let r = Arc::clone(&reg);
     m.add("stats", move |_| {
-        let vols: Vec<Value> = r.entries().map(|v| r.volume_status(v)).collect();
+        let vols: Vec<Value> = r.volumes().iter().map(|v| r.volume_status(v)).collect();
         let reactors: Vec<Value> = (0..r.reactors.count())
             .filter_map(|i| r.reactors.stats(i).ok().map(|s| (i, s)))
             .map(|(i, s)| {
@@ -380,7 +504,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .attach_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
         r.run_job(Box::new(job))?;
-        Ok(r.volume_status(v))
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_add", move |p| {
@@ -389,6 +513,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .get("uri")
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'uri'"))?;
+        r.check_legs(&v, uri)?;
         let dev =
             nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let faulty = nvmirror_nvme::backend::FaultyDevice::wrap(dev);
@@ -404,8 +529,8 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         });
         drop(legs);
         r.run_job(Box::new(job))?;
-        v.persist_members()?;
-        Ok(r.volume_status(v))
+        r.legs_changed(&v)?;
+        Ok(r.volume_status(&v))
     });
     let r = Arc::clone(&reg);
     m.add("leg_remove", move |p| {
@@ -413,8 +538,8 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .remove_leg(leg)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        v.persist_members()?;
-        Ok(r.volume_status(v))
+        r.legs_changed(&v)?;
+        Ok(r.volume_status(&v))
     });
     type Control = fn(&Volume) -> nvmirror_mirror::Result<()>;
     let controls: [(&str, Control); 3] = [
@@ -427,7 +552,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         m.add(name, move |p| {
             let v = r.volume(p)?;
             f(&v.volume).map_err(|e| RpcError::failed(e.to_string()))?;
-            Ok(r.volume_status(v)["resync"].clone())
+            Ok(r.volume_status(&v)["resync"].clone())
         });
     }
     let r = Arc::clone(&reg);
@@ -452,7 +577,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         v.volume
             .resync_set_rate(rate, adaptive)
             .map_err(|e| RpcError::failed(e.to_string()))?;
-        Ok(r.volume_status(v)["resync"].clone())
+        Ok(r.volume_status(&v)["resync"].clone())
     });
     let r = Arc::clone(&reg);
     m.add("verify_start", move |p| {
@@ -512,6 +637,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     }
     crate::promote::add_methods(&mut m, &reg);
     crate::ana_rpc::add_methods(&mut m, &reg);
+    crate::objects_rpc::add_methods(&mut m, &reg);
     crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);

@@ -289,16 +289,16 @@ fn rpc_registry() -> Arc<Registry> {
         devs.push(Arc::new(faulty));
     }
     let volume = Volume::new("vol0", devs, VolumeConfig::default()).expect("a RAM volume");
-    Arc::new(Registry {
-        volumes: vec![VolumeEntry {
+    Arc::new(Registry::new(
+        vec![VolumeEntry {
             volume: Arc::new(volume),
             legs: Mutex::new(legs),
             members: None,
         }],
-        standby: Vec::new(),
-        reactors: pool.handle(),
-        nvme_tcp: Weak::new(),
-    })
+        pool.handle(),
+        Weak::new(),
+        None,
+    ))
 }
 
 /// Feeds `data` to the JSON-RPC methods `serve` offers, as its socket does: a stream of

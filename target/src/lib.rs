@@ -26,11 +26,13 @@ mod error;
 pub mod failstop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod live_config;
 pub mod members;
 pub mod metrics;
 pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;
+mod objects_rpc;
 pub mod promote;
 pub mod rpc;
 pub mod rpc_docs;

@@ -17,14 +17,14 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::nvme_tcp::{
     AnaState, ListenerConfig, DEFAULT_MAX_ADMIN_QUEUE_SIZE, MAX_CNTLID, MIN_ADMIN_QUEUE_SIZE,
 };
 
 /// `[nvme_tcp]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NvmeTcpConfig {
     pub listen: String,
@@ -44,7 +44,7 @@ pub struct NvmeTcpConfig {
 }
 
 /// `[[nvme_tcp.listener]]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NvmeTcpListener {
     pub listen: String,

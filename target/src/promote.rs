@@ -76,7 +76,7 @@ pub struct StandbySlot {
     pub cfg: VolumeConfig,
     pub device: Arc<StandbyDevice>,
     /// The promoted volume, once `volume_promote` has opened it.
-    pub entry: OnceLock<VolumeEntry>,
+    pub entry: OnceLock<Arc<VolumeEntry>>,
     /// Its `volume://` legs: leg index and the local raw volume's leg.
     local: Vec<(usize, Arc<dyn BlockDevice>)>,
     /// NQNs of the subsystems exporting those local raw volumes: where the old primary
@@ -313,7 +313,7 @@ fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
     // 5. Remote legs this node can reach are fenced with the new key; then serve.
     vol.fence_remote_legs(true);
     let _ = slot.device.volume.set(vol);
-    let _ = slot.entry.set(entry);
+    let _ = slot.entry.set(Arc::new(entry));
     tracing::warn!(volume = %name, epoch, "promoted: serving");
     Ok(())
 }

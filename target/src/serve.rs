@@ -93,7 +93,32 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 
 /// Loads the configuration and applies the flags.
 pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
-    let (text, file) = match &args.config {
+    resolve_live(args).map(|(cfg, _)| cfg)
+}
+
+/// Loads the configuration, or the live configuration derived from it (see
+/// `live_config` for the rule), applies the flags, and returns it with the base of the
+/// configuration text.
+pub fn resolve_live(args: &ServeArgs) -> Result<(Config, String), ServeError> {
+    let (text, file) = configuration_text(args)?;
+    // The flags are part of what the operator configured: the same text with other flags
+    // is another configuration.
+    let base = crate::live_config::base_of(&format!("{text}\n# flags: {args:?}"));
+    let mut cfg = with_flags(Config::parse_raw(&text, &file)?, args, &file)?;
+    let live = crate::live_config::path_in(&cfg.data_dir);
+    if let Some(live_text) = crate::live_config::choose(&live, &base, &file)? {
+        // Derived from this very text and these flags: the flags are in it already (and
+        // applying `--leg` again would undo a leg_add).
+        let name = live.display().to_string();
+        cfg = Config::parse_raw(&live_text, &name)?;
+        cfg.expand_data_dir();
+        cfg.validate(&name)?;
+    }
+    Ok((cfg, base))
+}
+
+fn configuration_text(args: &ServeArgs) -> Result<(String, String), ServeError> {
+    Ok(match &args.config {
         Some(path) => (
             std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Read {
                 path: path.clone(),
@@ -102,8 +127,11 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
             path.display().to_string(),
         ),
         None => (DEFAULT_CONFIG.to_string(), "<embedded default>".to_string()),
-    };
-    let mut cfg = Config::parse_raw(&text, &file)?;
+    })
+}
+
+/// `cfg` with the command-line flags applied, expanded and validated.
+fn with_flags(mut cfg: Config, args: &ServeArgs, file: &str) -> Result<Config, ServeError> {
     if let Some(d) = &args.data_dir {
         cfg.data_dir = d.clone();
     }
@@ -138,7 +166,7 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
         v.legs = args.legs.clone();
     }
     cfg.expand_data_dir();
-    cfg.validate(&file)?;
+    cfg.validate(file)?;
     Ok(cfg)
 }
 
@@ -332,9 +360,38 @@ pub(crate) fn open_entry(
         legs: std::sync::Mutex::new(entries),
         members: v.bitmap.then(|| MembersFile {
             path: members_path,
-            configured: v.legs.clone(),
+            configured: std::sync::Mutex::new(v.legs.clone()),
         }),
     })
+}
+
+/// The target's view of configured subsystem `s`; `device` finds a volume by name.
+pub(crate) fn subsystem_config(
+    cfg: &Config,
+    s: &crate::config::SubsystemConfig,
+    device: &dyn Fn(&str) -> Option<Arc<dyn BlockDevice>>,
+) -> SubsystemConfig {
+    let mut sub = SubsystemConfig::new(
+        s.nqn.clone(),
+        s.namespaces.iter().filter_map(|n| device(n)).collect(),
+    );
+    if let Some(serial) = &s.serial {
+        sub.serial = serial.clone();
+    }
+    sub.model = s.model.clone();
+    sub.allowed_hosts = s.allowed_hosts.clone();
+    for h in &s.hosts {
+        if !sub.allowed_hosts.contains(&h.nqn) {
+            sub.allowed_hosts.push(h.nqn.clone());
+        }
+        // Validated with the config.
+        if let Ok(Some(k)) = h.secrets() {
+            sub.host_secrets.insert(h.nqn.clone(), k);
+        }
+    }
+    // Reservations set to persist through power loss are kept here.
+    sub.reservation_dir = Some(cfg.data_dir.clone());
+    sub
 }
 
 fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
@@ -356,8 +413,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Opens everything `cfg` describes.
+    /// Opens everything `cfg` describes; run-time changes are kept in the live
+    /// configuration with an empty base (see [`start_live`](Self::start_live)).
     pub fn start(cfg: &Config) -> Result<Self, ServeError> {
+        Self::start_live(cfg, String::new())
+    }
+
+    /// Opens everything `cfg` describes; `cfg` derives from configuration text with
+    /// `base`, which the live configuration file records.
+    pub fn start_live(cfg: &Config, base: String) -> Result<Self, ServeError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| start_err(format!("data directory {}", cfg.data_dir.display()), e))?;
         let idle = match cfg.reactors.idle {
@@ -411,29 +475,7 @@ impl Service {
                 let subsystems = cfg
                     .subsystems
                     .iter()
-                    .map(|s| {
-                        let mut sub = SubsystemConfig::new(
-                            s.nqn.clone(),
-                            s.namespaces.iter().filter_map(|n| device(n)).collect(),
-                        );
-                        if let Some(serial) = &s.serial {
-                            sub.serial = serial.clone();
-                        }
-                        sub.model = s.model.clone();
-                        sub.allowed_hosts = s.allowed_hosts.clone();
-                        for h in &s.hosts {
-                            if !sub.allowed_hosts.contains(&h.nqn) {
-                                sub.allowed_hosts.push(h.nqn.clone());
-                            }
-                            // Validated with the config.
-                            if let Ok(Some(k)) = h.secrets() {
-                                sub.host_secrets.insert(h.nqn.clone(), k);
-                            }
-                        }
-                        // Reservations set to persist through power loss are kept here.
-                        sub.reservation_dir = Some(cfg.data_dir.clone());
-                        sub
-                    })
+                    .map(|s| subsystem_config(cfg, s, &device))
                     .collect();
                 let (listen, ana_state) = l.first().map_err(|(f, e)| start_err(f, e))?;
                 let tcfg = TargetConfig {
@@ -456,6 +498,11 @@ impl Service {
         };
         let nbd = match &cfg.nbd {
             None => None,
+            // NBD exports are fixed while it runs; with none there is nothing to serve.
+            Some(l) if volumes.is_empty() => {
+                tracing::info!(listen = l.listen, "NBD not started: no volume to export (volumes created by RPC are exported over NBD from the next start)");
+                None
+            }
             Some(l) => {
                 let exports = volumes
                     .iter()
@@ -487,15 +534,28 @@ impl Service {
                 )
             }
         };
-        let registry = Arc::new(Registry {
+        let live = Arc::new(crate::live_config::LiveConfig::new(cfg.clone(), base));
+        live.persist()
+            .map_err(|e| start_err(format!("live configuration {}", live.path().display()), e))?;
+        let nbd_exports = match &nbd {
+            Some(_) => volumes
+                .iter()
+                .map(|e| e.volume.name().to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut registry = Registry::new(
             volumes,
-            standby,
-            reactors: handle,
-            nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
-        });
+            handle,
+            nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            Some(live),
+        )
+        .with_standby(standby);
+        registry.nbd_exports = nbd_exports;
+        let registry = Arc::new(registry);
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
-        for e in &registry.volumes {
+        for e in &registry.volumes() {
             for (i, info) in e.volume.leg_states().iter().enumerate() {
                 if info.state.as_str() != "faulted" {
                     continue;
@@ -535,12 +595,7 @@ impl Service {
             }
         };
         let clearer = Some(start_clearer(Arc::clone(&registry)));
-        let auto: Vec<(String, bool)> = cfg
-            .volumes
-            .iter()
-            .map(|v| (v.name.clone(), v.auto_resync && v.bitmap))
-            .collect();
-        let legs_watch = Some(start_leg_watcher(Arc::clone(&registry), auto));
+        let legs_watch = Some(start_leg_watcher(Arc::clone(&registry)));
         Ok(Self {
             registry,
             nvme_tcp,
@@ -556,7 +611,7 @@ impl Service {
     /// What is served and how to connect, for the start-up banner.
     pub fn banner(&self, cfg: &Config) -> String {
         let mut s = String::new();
-        for e in &self.registry.volumes {
+        for e in &self.registry.volumes() {
             let geo = e.volume.geometry();
             s += &format!(
                 "volume {}: {} bytes ({} x {} B blocks), legs: {}\n",
@@ -582,10 +637,15 @@ impl Service {
                     sub.nqn
                 );
             }
+            if cfg.subsystems.is_empty() {
+                for a in &addrs {
+                    s += &format!("NVMe/TCP {a} (no subsystem yet: subsystem_create adds one)\n");
+                }
+            }
         }
         if let Some(n) = &self.nbd {
             let a = n.local_addr();
-            for e in &self.registry.volumes {
+            for e in &self.registry.volumes() {
                 s += &format!(
                     "NBD {a} export {name}\n  fio:     fio --name=t --ioengine=nbd --uri=nbd://{a}/{name} --rw=randwrite --bs=4k --iodepth=32 --size=64m\n  qemu:    qemu-img info nbd://{a}/{name}\n",
                     name = e.volume.name()
@@ -635,12 +695,12 @@ impl Service {
         let reactors = self.registry.reactors.clone();
         let registry = std::mem::replace(
             &mut self.registry,
-            Arc::new(Registry {
-                volumes: Vec::new(),
-                standby: Vec::new(),
+            Arc::new(Registry::new(
+                Vec::new(),
                 reactors,
-                nvme_tcp: std::sync::Weak::new(),
-            }),
+                std::sync::Weak::new(),
+                None,
+            )),
         );
         let Ok(registry) = Arc::try_unwrap(registry) else {
             return vec![(
@@ -648,14 +708,22 @@ impl Service {
                 "the control plane still holds the volumes".into(),
             )];
         };
-        let promoted = registry.standby.into_iter().filter_map(|s| {
-            // The export's device holds the volume too: let it go first.
-            let crate::promote::StandbySlot { device, entry, .. } = s;
-            drop(device);
-            entry.into_inner()
-        });
-        for entry in registry.volumes.into_iter().chain(promoted) {
+        let mut registry = registry;
+        let promoted: Vec<Arc<VolumeEntry>> = std::mem::take(&mut registry.standby)
+            .into_iter()
+            .filter_map(|s| {
+                // The export's device holds the volume too: let it go first.
+                let crate::promote::StandbySlot { device, entry, .. } = s;
+                drop(device);
+                entry.into_inner()
+            })
+            .collect();
+        for entry in registry.take_all().into_iter().chain(promoted) {
             let name = entry.volume.name().to_string();
+            let Ok(entry) = Arc::try_unwrap(entry) else {
+                failed.push((name, "still in use".into()));
+                continue;
+            };
             match Arc::try_unwrap(entry.volume) {
                 Ok(vol) if vol.metadata_layout().is_some() => {
                     if let Err(e) = vol.shutdown_clean() {
@@ -685,7 +753,7 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
         .name("nvmirror-bitmap".into())
         .spawn(move || {
             while !stop2.load(Ordering::Acquire) {
-                for e in reg.entries() {
+                for e in &reg.volumes() {
                     if let Err(err) = e.volume.repair_read_errors() {
                         tracing::warn!(volume = e.volume.name(), "read-repair: {err}");
                     }
@@ -712,13 +780,11 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
 
 /// Every 100 ms: a remote leg that was faulted and whose device has reconnected since (a
 /// newer link generation) and is past its fence is resynchronised from the write-intent
-/// bitmap — only the regions it missed — on volumes with `auto_resync`. A leg faulted
+/// bitmap — only the regions it missed — on volumes with `auto_resync` (as the live
+/// configuration says, so volumes created at run time are watched too). A leg faulted
 /// without losing its connection (an I/O error the remote reported, an operator's
 /// `leg_detach`) is left to the operator.
-fn start_leg_watcher(
-    reg: Arc<Registry>,
-    auto: Vec<(String, bool)>,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+fn start_leg_watcher(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let t = std::thread::Builder::new()
@@ -726,23 +792,30 @@ fn start_leg_watcher(
         .spawn(move || {
             // Per volume and leg: the link generation the leg was last seen in sync with
             // (or resynchronised for).
-            let first_seen = |e: &VolumeEntry| -> Vec<u64> {
-                (0..e.volume.leg_count())
-                    .map(|i| leg_generation(e, i).unwrap_or(0))
-                    .collect()
-            };
-            let mut seen: Vec<Vec<u64>> = reg.entries().map(first_seen).collect();
+            let mut seen: std::collections::HashMap<String, Vec<u64>> =
+                std::collections::HashMap::new();
             while !stop2.load(Ordering::Acquire) {
-                for (vi, e) in reg.entries().enumerate() {
-                    // A volume promoted since: any connection its remote legs make counts
-                    // (the old primary's leg comes back as a mirror).
-                    if vi >= seen.len() {
-                        seen.push(vec![0; e.volume.leg_count()]);
-                    }
-                    let on = auto
-                        .iter()
-                        .any(|(n, on)| *on && n.as_str() == e.volume.name());
-                    watch_volume(&reg, e, on, &mut seen[vi]);
+                let cfg = reg.live.as_ref().map(|l| l.current());
+                let volumes = reg.volumes();
+                seen.retain(|name, _| volumes.iter().any(|e| e.volume.name() == name));
+                for e in &volumes {
+                    let on = cfg.as_ref().is_some_and(|c| {
+                        c.volumes
+                            .iter()
+                            .any(|v| v.name == e.volume.name() && v.auto_resync && v.bitmap)
+                    });
+                    // A volume promoted from standby: any connection its remote legs make
+                    // counts (the old primary's leg comes back as a mirror).
+                    let promoted = reg.standby.iter().any(|s| s.cfg.name == e.volume.name());
+                    let s = seen.entry(e.volume.name().to_string()).or_insert_with(|| {
+                        (0..e.volume.leg_count())
+                            .map(|i| match promoted {
+                                true => 0,
+                                false => leg_generation(e, i).unwrap_or(0),
+                            })
+                            .collect()
+                    });
+                    watch_volume(&reg, e, on, s);
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -875,7 +948,7 @@ pub fn init_logging(json: bool) {
 pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     init_logging(args.log_json);
     crate::failstop::install_panic_hook();
-    let cfg = resolve_config(&args)?;
+    let (cfg, base) = resolve_live(&args)?;
     // Before anything starts (and before the banner tells anyone we are up): a signal that
     // comes during start-up stops the service once it is up.
     let stop = Arc::new(AtomicBool::new(false));
@@ -889,7 +962,7 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
         .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)))
         .map_err(|e| start_err("signal handler", e))?;
     }
-    let service = Service::start(&cfg)?;
+    let service = Service::start_live(&cfg, base)?;
     print!(
         "nvmirror {} serving\n{}",
         env!("CARGO_PKG_VERSION"),

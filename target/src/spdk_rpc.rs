@@ -39,7 +39,8 @@ fn uuid_text(b: &[u8; 16]) -> String {
 fn bdevs(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
     let want = p.get("name").and_then(Value::as_str);
     let list: Vec<Value> = reg
-        .entries()
+        .volumes()
+        .iter()
         .filter(|v| want.map_or(true, |n| n == v.volume.name()))
         .map(|v| {
             let geo = v.volume.geometry();

@@ -79,7 +79,7 @@ impl Registry {
     /// Prometheus text for every volume, leg, job and reactor.
     pub fn render_metrics(&self) -> String {
         let mut w = PromWriter::new();
-        for v in self.entries() {
+        for v in &self.volumes() {
             self.volume_metrics(&mut w, v);
         }
         self.reactor_metrics(&mut w);

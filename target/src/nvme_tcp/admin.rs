@@ -131,7 +131,6 @@ impl AdminState {
 /// Runs the admin command in slot `i`. Returns false if the command is held (AER).
 pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) -> bool {
     let sqe = conn.slots.slots[usize::from(i)].sqe;
-    let shared = std::sync::Arc::clone(&conn.shared);
     let ctrl = conn
         .queue
         .ctrl
@@ -143,7 +142,7 @@ pub(super) fn execute(conn: &mut Connection, i: u16, now: Instant) -> bool {
         conn.slots.slots[usize::from(i)].fail(Status::COMMAND_SEQUENCE_ERROR);
         return true;
     }
-    let subsys = shared.subsystem(ctrl.subsys);
+    let subsys = ctrl.subsystem();
     let discovery = ctrl.subsys == SubsystemRef::Discovery;
     let op = AdminOpcode::from_u8(sqe.opcode);
     let result: Result<u32, Status> = match op {
@@ -250,7 +249,7 @@ fn identify(
             if sqe.nsid >= 0xffff_fffe {
                 return Err(Status::INVALID_NAMESPACE.with_dnr());
             }
-            let ids = (1..=s.namespaces.len() as u32).filter(|&id| id > sqe.nsid);
+            let ids = s.active().map(|(id, _)| id).filter(|&id| id > sqe.nsid);
             for (slot, id) in page.chunks_mut(4).zip(ids) {
                 slot.copy_from_slice(&id.to_le_bytes());
             }
@@ -526,7 +525,7 @@ fn set_features(
             Ok(0)
         }
         FEATURE_NOTIFICATION_MASK => {
-            let s = conn.shared.subsystem(ctrl.subsys);
+            let s = ctrl.subsystem();
             reservation_namespaces(s, sqe.nsid)?;
             if sqe.cdw11 & !NOTIFICATION_MASK_BITS != 0 {
                 return Err(Status::INVALID_FIELD.with_dnr());
@@ -538,7 +537,7 @@ fn set_features(
             Ok(0)
         }
         FEATURE_PERSISTENCE => {
-            let s = conn.shared.subsystem(ctrl.subsys);
+            let s = ctrl.subsystem();
             let on = sqe.cdw11 & 1 != 0;
             let targets = reservation_namespaces(s, sqe.nsid)?;
             if on && targets.iter().any(|n| !n.reservation.persistent()) {
@@ -595,7 +594,7 @@ fn get_features(
         }
         mandatory_feature::ERROR_RECOVERY => Ok(a.error_recovery),
         FEATURE_NOTIFICATION_MASK => {
-            reservation_namespaces(conn.shared.subsystem(ctrl.subsys), sqe.nsid)?;
+            reservation_namespaces(ctrl.subsystem(), sqe.nsid)?;
             Ok(ctrl
                 .reservation_log
                 .lock()
@@ -603,7 +602,7 @@ fn get_features(
                 .mask(sqe.nsid))
         }
         FEATURE_PERSISTENCE if sqe.nsid != NSID_ALL => {
-            let ns = reservation_namespaces(conn.shared.subsystem(ctrl.subsys), sqe.nsid)?;
+            let ns = reservation_namespaces(ctrl.subsystem(), sqe.nsid)?;
             Ok(u32::from(ns[0].reservation.ptpl()))
         }
         _ => Err(Status::INVALID_FIELD.with_dnr()),
@@ -615,7 +614,7 @@ fn get_features(
 fn reservation_namespaces(s: Option<&Subsystem>, nsid: u32) -> Result<Vec<&Namespace>, Status> {
     let s = s.ok_or(Status::INVALID_FIELD.with_dnr())?;
     if nsid == NSID_ALL {
-        return Ok(s.namespaces.iter().collect());
+        return Ok(s.active().map(|(_, n)| n).collect());
     }
     s.namespace(nsid)
         .map(|n| vec![n])

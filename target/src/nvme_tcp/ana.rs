@@ -49,6 +49,24 @@ impl AnaTable {
         }
     }
 
+    /// Takes the states and change counts of every (port, group) cell `old` also has (a
+    /// subsystem's next generation keeps its groups' states).
+    pub fn copy_states(&self, old: &AnaTable) {
+        for port in 0..self.ports.min(old.ports) {
+            for g in 1..=self.groups.min(old.groups) {
+                if let (Some(c), Some(o)) = (self.cell(port, g), old.cell(port, g)) {
+                    let v = old.state[o].load(Ordering::Acquire);
+                    self.state[c].store(v, Ordering::Release);
+                    let n = old.group_chgcnt[o].load(Ordering::Acquire);
+                    self.group_chgcnt[c].store(n, Ordering::Release);
+                }
+            }
+            let n = old.page_chgcnt[port].load(Ordering::Acquire);
+            // The page changed (groups came or went): a host reading it sees a new count.
+            self.page_chgcnt[port].store(n.wrapping_add(1).max(1), Ordering::Release);
+        }
+    }
+
     /// Number of groups (ANAGRPMAX and NANAGRPID).
     pub fn groups(&self) -> u32 {
         self.groups

@@ -12,30 +12,30 @@ use super::subsystem::TargetShared;
 /// The whole discovery log page for `hostnqn`; `local` is the address the host reached us
 /// on (reported when the target listens on a wildcard address).
 pub(super) fn log_page(shared: &TargetShared, hostnqn: &str, local: SocketAddr) -> Vec<u8> {
-    let visible: Vec<_> = shared
-        .subsystems
-        .iter()
-        .filter(|s| s.allows(hostnqn))
-        .collect();
-    let ports: Vec<SocketAddr> = shared
-        .ports
-        .iter()
-        .map(|p| {
+    let subsystems = shared.subsystems();
+    let visible: Vec<_> = subsystems.iter().filter(|s| s.allows(hostnqn)).collect();
+    // Port IDs stay those of the port index; a removed listener has no record.
+    let ports: Vec<(usize, SocketAddr)> = shared
+        .ports()
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.map(|p| (i, p)))
+        .map(|(i, p)| {
             if p.ip().is_unspecified() {
-                SocketAddr::new(local.ip(), p.port())
+                (i, SocketAddr::new(local.ip(), p.port()))
             } else {
-                *p
+                (i, p)
             }
         })
         .collect();
     let records: Vec<_> = visible
         .iter()
-        .flat_map(|s| ports.iter().enumerate().map(move |(i, a)| (s, i, *a)))
+        .flat_map(|s| ports.iter().map(move |(i, a)| (s, *i, *a)))
         .collect();
     let mut page = vec![0u8; DiscoveryLogHeader::SIZE * (1 + records.len())];
     let mut hdr = DiscoveryLogHeader::zeroed();
-    // The set of subsystems is fixed for the target's lifetime: one generation.
-    hdr.genctr = 1;
+    // Moves with every change of subsystems, namespaces or listeners.
+    hdr.genctr = shared.generation.load(std::sync::atomic::Ordering::Acquire);
     hdr.numrec = records.len() as u64;
     hdr.write_to(&mut page);
     for (k, (s, port, addr)) in records.into_iter().enumerate() {

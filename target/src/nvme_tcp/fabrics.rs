@@ -166,7 +166,7 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
         .find_subsystem(subnqn)
         .ok_or(invalid(ConnectParam::SUBNQN, "no such subsystem"))?;
     let mut auth_keys = None;
-    if let Some(s) = shared.subsystem(subsys) {
+    if let Some(s) = shared.subsystem(subsys).as_deref() {
         auth_keys = s.host_secrets.get(&hostnqn).cloned();
         if hostnqn.is_empty() && !s.allows_any_host() {
             return Err(invalid(
@@ -284,9 +284,28 @@ fn connect(conn: &mut Connection, i: u16, now: Instant) -> Result<u64, Refusal> 
             "cannot allocate the I/O queue's buffers",
         ));
     };
-    let namespaces = &shared.subsystem(subsys).expect("NVM subsystem").namespaces;
+    let namespaces = &ctrl.subsystem().expect("NVM subsystem").namespaces;
     let mut qpairs = Vec::with_capacity(namespaces.len());
     for ns in namespaces {
+        // A removed namespace's slot keeps its index with a queue pair that is never used
+        // (its commands fail with Invalid Namespace before they reach it).
+        let Some(ns) = ns.as_ref().filter(|n| !n.is_removed()) else {
+            match nvmirror_nvme::backend::NullDevice::new(4096, 512)
+                .and_then(|d| nvmirror_nvme::BlockDevice::open_qpair(&d, 2))
+            {
+                Ok(q) => qpairs.push(q),
+                Err(e) => {
+                    tracing::error!("cannot open a placeholder queue pair: {e}");
+                    ctrl.release_queue(cmd.qid);
+                    return Err(refused(
+                        Status::INTERNAL_ERROR,
+                        0,
+                        "cannot open a placeholder queue pair",
+                    ));
+                }
+            }
+            continue;
+        };
         match ns.dev.open_qpair(u32::from(size)) {
             Ok(q) => qpairs.push(q),
             Err(e) => {

@@ -34,8 +34,7 @@ const DSM_RANGE_LEN: usize = 16;
 
 fn geometry(conn: &Connection, ns: usize) -> Option<Geometry> {
     let ctrl = conn.queue.ctrl.as_ref()?;
-    let s = conn.shared.subsystem(ctrl.subsys)?;
-    s.namespaces.get(ns).map(|n| n.geo)
+    ctrl.subsystem()?.namespace_at(ns).map(|n| n.geo)
 }
 
 /// The namespace index an NSID names, for this queue.
@@ -128,10 +127,10 @@ fn reservation_command(conn: &mut Connection, i: u16) -> Result<(), Status> {
         .clone()
         .ok_or(Status::COMMAND_SEQUENCE_ERROR)?;
     let shared = Arc::clone(&conn.shared);
-    let resv = &shared
-        .subsystem(ctrl.subsys)
+    let resv = &ctrl
+        .subsystem()
+        .and_then(|s| s.namespace_at(ns))
         .ok_or(Status::INVALID_NAMESPACE.with_dnr())?
-        .namespaces[ns]
         .reservation;
     let slot = &mut conn.slots.slots[usize::from(i)];
     let data = &slot.buf.as_slice()[..slot.received as usize];
@@ -171,7 +170,7 @@ fn check_ana(conn: &Connection, nsid: u32) -> Result<(), Status> {
     let Some(ctrl) = conn.queue.ctrl.as_ref() else {
         return Ok(());
     };
-    let Some(s) = conn.shared.subsystem(ctrl.subsys) else {
+    let Some(s) = ctrl.subsystem() else {
         return Ok(());
     };
     if nsid == NSID_ALL {
@@ -189,11 +188,7 @@ fn check_reservation(conn: &mut Connection, ns: usize, write: bool) -> Result<()
     let (Some(ctrl), Some(cache)) = (conn.queue.ctrl.as_ref(), conn.resv_access.get_mut(ns)) else {
         return Ok(());
     };
-    let Some(n) = conn
-        .shared
-        .subsystem(ctrl.subsys)
-        .and_then(|s| s.namespaces.get(ns))
-    else {
+    let Some(n) = ctrl.subsystem().and_then(|s| s.namespace_at(ns)) else {
         return Ok(());
     };
     let a = n.reservation.check(cache, &ctrl.hostid);

@@ -1,10 +1,11 @@
 //! The listening sockets (one per NVM subsystem port): a small thread accepts connections
 //! on all of them and hands each one to a reactor, round robin, where it lives as a
-//! [`Connection`] poller until it closes.
+//! [`Connection`] poller until it closes. The control plane adds and removes listeners,
+//! subsystems and namespaces while the target runs (see `subsystem`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,8 @@ impl RefusalLog {
 #[derive(Debug)]
 pub struct NvmeTcpTarget {
     shared: Arc<TargetShared>,
+    /// The sockets the accept thread polls, with their port index.
+    listeners: Arc<Mutex<Vec<(usize, TcpListener)>>>,
     acceptor: Option<JoinHandle<()>>,
 }
 
@@ -91,8 +94,8 @@ impl NvmeTcpTarget {
     fn edit_hosts(&self, nqn: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<Vec<String>> {
         let sub = self
             .shared
-            .subsystems
-            .iter()
+            .subsystems()
+            .into_iter()
             .find(|s| s.nqn == nqn)
             .ok_or_else(|| Error::Config(format!("no subsystem '{nqn}'")))?;
         let mut hosts = sub.allowed_hosts.write().unwrap_or_else(|e| e.into_inner());
@@ -109,17 +112,19 @@ impl NvmeTcpTarget {
             .collect();
         let mut listeners = Vec::with_capacity(addrs.len());
         let mut ports = Vec::with_capacity(addrs.len());
-        for addr in addrs {
+        for (i, addr) in addrs.into_iter().enumerate() {
             let (l, local) = bind(addr)?;
-            listeners.push(l);
+            listeners.push((i, l));
             ports.push(local);
         }
+        let listeners = Arc::new(Mutex::new(listeners));
         let shared = Arc::new(TargetShared::new(cfg, ports.clone()).map_err(Error::Config)?);
         let thread_shared = Arc::clone(&shared);
+        let thread_listeners = Arc::clone(&listeners);
         let reactors = reactors.clone();
         let acceptor = std::thread::Builder::new()
             .name("nvmirror-accept".into())
-            .spawn(move || accept_loop(listeners, thread_shared, reactors))
+            .spawn(move || accept_loop(thread_listeners, thread_shared, reactors))
             .map_err(|source| Error::Sys {
                 op: "spawn accept thread",
                 source,
@@ -129,8 +134,76 @@ impl NvmeTcpTarget {
         }
         Ok(Self {
             shared,
+            listeners,
             acceptor: Some(acceptor),
         })
+    }
+
+    /// Binds one more listener (a new NVM subsystem port of every subsystem) whose groups
+    /// start in `state`; returns the address bound.
+    pub fn add_listener(&self, addr: SocketAddr, state: AnaState) -> Result<SocketAddr> {
+        if self.local_addrs().contains(&addr) {
+            return Err(Error::Config(format!("already listening on {addr}")));
+        }
+        let (l, local) = bind(addr)?;
+        let port = self.shared.add_port(local, state).map_err(Error::Config)?;
+        lock(&self.listeners).push((port, l));
+        tracing::info!(%local, port, "NVMe/TCP listener added");
+        Ok(local)
+    }
+
+    /// Closes the listener bound to `addr` and tears down the controllers connected through
+    /// it. The first listener (port 0) stays.
+    pub fn remove_listener(&self, addr: SocketAddr) -> Result<()> {
+        let ports = self.shared.ports();
+        let port = ports
+            .iter()
+            .position(|p| *p == Some(addr))
+            .ok_or_else(|| Error::Config(format!("no listener on {addr}")))?;
+        if port == 0 {
+            return Err(Error::Config(format!(
+                "{addr} is the first listener (nvme_tcp.listen); it stays while the target runs"
+            )));
+        }
+        lock(&self.listeners).retain(|(p, _)| *p != port);
+        self.shared.remove_port(port);
+        tracing::info!(%addr, port, "NVMe/TCP listener removed");
+        Ok(())
+    }
+
+    /// Starts serving a new subsystem on every listener.
+    pub fn add_subsystem(&self, cfg: &super::SubsystemConfig) -> Result<()> {
+        self.shared.add_subsystem(cfg).map_err(Error::Config)
+    }
+
+    /// Controllers of subsystem `nqn` alive now (`None`: no such subsystem).
+    pub fn subsystem_controllers(&self, nqn: &str) -> Option<usize> {
+        self.shared
+            .find_subsystem(nqn)
+            .map(|r| self.shared.controllers_of(r))
+    }
+
+    /// Stops serving subsystem `nqn`, tearing down its controllers.
+    pub fn remove_subsystem(&self, nqn: &str) -> Result<()> {
+        self.shared.remove_subsystem(nqn).map_err(Error::Config)
+    }
+
+    /// Exports `dev` as the next namespace of `nqn`; returns its NSID.
+    pub fn add_namespace(
+        &self,
+        nqn: &str,
+        dev: Arc<dyn nvmirror_nvme::BlockDevice>,
+    ) -> Result<u32> {
+        self.shared.add_namespace(nqn, dev).map_err(Error::Config)
+    }
+
+    /// Stops exporting namespace `nsid` of `nqn`; its commands fail with Invalid Namespace
+    /// from now on.
+    pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<()> {
+        self.shared
+            .remove_namespace(nqn, nsid)
+            .map(drop)
+            .map_err(Error::Config)
     }
 
     /// The address actually bound (useful with port 0).
@@ -138,9 +211,9 @@ impl NvmeTcpTarget {
         self.shared.listen
     }
 
-    /// Every bound address, port 0 first.
+    /// Every bound address, port 0 first (removed listeners left out).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.shared.ports.clone()
+        self.shared.ports().into_iter().flatten().collect()
     }
 
     /// Sets the ANA state of `group` through the listener bound to `listener`, in subsystem
@@ -155,9 +228,9 @@ impl NvmeTcpTarget {
     ) -> Result<Vec<String>> {
         let port = self
             .shared
-            .ports
+            .ports()
             .iter()
-            .position(|p| *p == listener)
+            .position(|p| *p == Some(listener))
             .ok_or_else(|| Error::Config(format!("no listener on {listener}")))?;
         self.shared
             .set_ana_state(port, nqn, group, state)
@@ -168,29 +241,33 @@ impl NvmeTcpTarget {
     /// attributes (Identify Namespace data): it joins their Changed Namespace List (log 04h)
     /// and a Namespace Attribute notice is raised where the host enabled it.
     pub fn namespace_changed(&self, nqn: &str, nsid: u32) -> Result<()> {
-        let i = self
+        let r = self
             .shared
-            .subsystems
-            .iter()
-            .position(|s| s.nqn == nqn)
+            .find_subsystem(nqn)
+            .filter(|r| *r != super::subsystem::SubsystemRef::Discovery)
             .ok_or_else(|| Error::Config(format!("no subsystem '{nqn}'")))?;
-        if self.shared.subsystems[i].namespace(nsid).is_none() {
+        if self
+            .shared
+            .subsystem(r)
+            .map_or(true, |s| s.namespace(nsid).is_none())
+        {
             return Err(Error::Config(format!("{nqn} has no namespace {nsid}")));
         }
-        self.shared
-            .namespace_changed(super::subsystem::SubsystemRef::Nvm(i), nsid);
+        self.shared.namespace_changed(r, nsid);
         Ok(())
     }
 
     /// The ANA state of every group of every subsystem through every listener.
     pub fn ana_states(&self) -> Vec<AnaGroupState> {
         let mut out = Vec::new();
-        for s in &self.shared.subsystems {
-            for (port, listener) in self.shared.ports.iter().enumerate() {
-                for group in 1..=s.ana.groups() {
+        let ports = self.shared.ports();
+        for s in self.shared.subsystems() {
+            for (port, listener) in ports.iter().enumerate() {
+                let Some(listener) = listener else { continue };
+                for (group, ns) in s.active() {
                     out.push(AnaGroupState {
                         nqn: s.nqn.clone(),
-                        namespace: s.namespaces[(group - 1) as usize].dev.name().to_string(),
+                        namespace: ns.dev.name().to_string(),
                         listener: *listener,
                         group,
                         state: s.ana.state(port, group),
@@ -204,7 +281,7 @@ impl NvmeTcpTarget {
     /// Every NVM subsystem as served: NQN, serial, model, allowed hosts and namespaces.
     pub fn subsystems(&self) -> Vec<SubsystemInfo> {
         self.shared
-            .subsystems
+            .subsystems()
             .iter()
             .map(|s| SubsystemInfo {
                 nqn: s.nqn.clone(),
@@ -216,11 +293,9 @@ impl NvmeTcpTarget {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone(),
                 namespaces: s
-                    .namespaces
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| NamespaceInfo {
-                        nsid: i as u32 + 1,
+                    .active()
+                    .map(|(nsid, n)| NamespaceInfo {
+                        nsid,
                         device: n.dev.name().to_string(),
                         nguid: n.nguid,
                         uuid: n.uuid,
@@ -287,20 +362,39 @@ fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
     Ok((listener, local))
 }
 
-fn accept_loop(listeners: Vec<TcpListener>, shared: Arc<TargetShared>, reactors: ReactorHandle) {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn accept_loop(
+    listeners: Arc<Mutex<Vec<(usize, TcpListener)>>>,
+    shared: Arc<TargetShared>,
+    reactors: ReactorHandle,
+) {
     let mut next = 0usize;
     let mut refusals = RefusalLog::new("NVMe/TCP");
     let limit = shared.cfg.max_connections;
     let (mut turn, mut idle) = (0usize, 0);
     while !shared.stopping.load(Ordering::Acquire) {
-        let k = turn % listeners.len();
-        turn = turn.wrapping_add(1);
-        // After a full round of listeners with nothing pending, nap.
-        if idle >= listeners.len() {
-            idle = 0;
-            std::thread::sleep(ACCEPT_NAP);
-        }
-        match listeners[k].accept() {
+        // The list changes only through the control plane (listener_add/remove).
+        let accepted = {
+            let ls = lock(&listeners);
+            let n = ls.len().max(1);
+            // After a full round of listeners with nothing pending, nap.
+            if idle >= n {
+                idle = 0;
+                drop(ls);
+                std::thread::sleep(ACCEPT_NAP);
+                continue;
+            }
+            let k = turn % n;
+            turn = turn.wrapping_add(1);
+            match ls.get(k) {
+                Some((_, l)) => l.accept(),
+                None => Err(std::io::ErrorKind::WouldBlock.into()),
+            }
+        };
+        match accepted {
             Ok((sock, peer)) => {
                 if shared.open_connections.load(Ordering::Acquire) >= limit {
                     refusals.refused(peer, limit);

@@ -21,6 +21,7 @@ mod dispatch;
 mod fabrics;
 mod io;
 mod listener;
+mod reconfigure;
 mod request;
 mod reservation;
 mod subsystem;

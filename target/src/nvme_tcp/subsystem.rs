@@ -1,13 +1,18 @@
 //! Subsystems, their namespaces, and the controllers hosts create on them.
 //!
-//! Everything here is shared by all reactors. Subsystems are immutable once the target
-//! runs; the controller table is touched only by Connect and teardown (control path), and a
-//! controller's liveness is an atomic the I/O queues read once per poll.
+//! Everything here is shared by all reactors. A [`Subsystem`] value is immutable: the control
+//! plane changes the set of subsystems, their namespaces and the listeners at run time by
+//! putting a new value (a new *generation*) into the target's table, under a lock only the
+//! control path takes (Connect, discovery, RPC). A controller keeps the generation it
+//! connected to, so the I/O path reads it without a lock; a namespace removed later is
+//! flagged on the shared [`Namespace`] itself (one atomic load per command) and its I/O
+//! fails with Invalid Namespace. The controller table is touched only by Connect and
+//! teardown, and a controller's liveness is an atomic the I/O queues read once per poll.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use nvmirror_nvme::spec::ana::AnaState;
 use nvmirror_nvme::spec::Geometry;
@@ -27,6 +32,44 @@ pub(crate) struct Namespace {
     pub uuid: [u8; 16],
     /// Registrants and reservation, shared by every controller of the subsystem.
     pub reservation: NamespaceReservation,
+    /// Removed by the control plane: controllers that still hold it fail its commands
+    /// with Invalid Namespace.
+    pub(super) removed: AtomicBool,
+}
+
+impl Namespace {
+    pub(super) fn open(
+        dev: &Arc<dyn BlockDevice>,
+        nqn: &str,
+        nsid: u32,
+        reservation_dir: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let store =
+            reservation_dir.map(|d| d.join(format!("{}.ns{nsid}.reservations.json", dev.name())));
+        // The device's own identity (a volume's UUID) where it has one: a re-created
+        // volume under the same NQN is then a different disk to the host, and every node
+        // exporting the same volume reports the same one (multipath). Otherwise an
+        // identity stable for the NQN and NSID.
+        let (nguid, uuid) = match dev.identity() {
+            Some(id) => (id, uuid_v4_shape(id)),
+            None => (
+                stable_id(nqn, nsid, 0),
+                uuid_v4_shape(stable_id(nqn, nsid, 1)),
+            ),
+        };
+        Ok(Self {
+            dev: Arc::clone(dev),
+            geo: dev.geometry(),
+            nguid,
+            uuid,
+            reservation: NamespaceReservation::open(store, nqn, nsid)?,
+            removed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
 }
 
 /// An NVM subsystem as served.
@@ -40,38 +83,21 @@ pub(crate) struct Subsystem {
     pub allowed_hosts: std::sync::RwLock<Vec<String>>,
     /// DH-HMAC-CHAP secrets per host NQN (fixed while the target runs).
     pub host_secrets: HashMap<String, super::HostSecrets>,
-    pub namespaces: Vec<Namespace>,
+    /// By NSID - 1; `None`: a namespace removed at run time (its NSID is not reused while
+    /// the target runs).
+    pub namespaces: Vec<Option<Arc<Namespace>>>,
     /// ANA state of each namespace's group (ANAGRPID = NSID) through each port.
     pub ana: AnaTable,
+    /// Where PTPL reservation state is kept (see [`SubsystemConfig::reservation_dir`]).
+    pub(super) reservation_dir: Option<std::path::PathBuf>,
 }
 
 impl Subsystem {
-    fn new(cfg: &SubsystemConfig, ana_defaults: &[AnaState]) -> Result<Self, String> {
+    pub(super) fn new(cfg: &SubsystemConfig, ana_defaults: &[AnaState]) -> Result<Self, String> {
         let mut namespaces = Vec::with_capacity(cfg.namespaces.len());
         for (i, dev) in cfg.namespaces.iter().enumerate() {
-            let nsid = i as u32 + 1;
-            let store = cfg
-                .reservation_dir
-                .as_ref()
-                .map(|d| d.join(format!("{}.ns{nsid}.reservations.json", dev.name())));
-            // The device's own identity (a volume's UUID) where it has one: a re-created
-            // volume under the same NQN is then a different disk to the host, and every node
-            // exporting the same volume reports the same one (multipath). Otherwise an
-            // identity stable for the NQN and NSID.
-            let (nguid, uuid) = match dev.identity() {
-                Some(id) => (id, uuid_v4_shape(id)),
-                None => (
-                    stable_id(&cfg.nqn, nsid, 0),
-                    uuid_v4_shape(stable_id(&cfg.nqn, nsid, 1)),
-                ),
-            };
-            namespaces.push(Namespace {
-                dev: Arc::clone(dev),
-                geo: dev.geometry(),
-                nguid,
-                uuid,
-                reservation: NamespaceReservation::open(store, &cfg.nqn, nsid)?,
-            });
+            let ns = Namespace::open(dev, &cfg.nqn, i as u32 + 1, cfg.reservation_dir.as_deref())?;
+            namespaces.push(Some(Arc::new(ns)));
         }
         Ok(Self {
             nqn: cfg.nqn.clone(),
@@ -81,7 +107,52 @@ impl Subsystem {
             host_secrets: cfg.host_secrets.clone(),
             ana: AnaTable::new(namespaces.len() as u32, ana_defaults),
             namespaces,
+            reservation_dir: cfg.reservation_dir.clone(),
         })
+    }
+
+    /// The next generation with `namespaces`: the same identity and hosts, and the ANA states
+    /// of the groups both have.
+    pub(super) fn with_namespaces(
+        &self,
+        namespaces: Vec<Option<Arc<Namespace>>>,
+        ana_defaults: &[AnaState],
+    ) -> Self {
+        let ana = AnaTable::new(namespaces.len() as u32, ana_defaults);
+        ana.copy_states(&self.ana);
+        Self {
+            nqn: self.nqn.clone(),
+            serial: self.serial.clone(),
+            model: self.model.clone(),
+            allowed_hosts: RwLock::new(
+                self.allowed_hosts
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            ),
+            host_secrets: self.host_secrets.clone(),
+            ana,
+            namespaces,
+            reservation_dir: self.reservation_dir.clone(),
+        }
+    }
+
+    /// The namespaces served now, with their NSIDs.
+    pub fn active(&self) -> impl Iterator<Item = (u32, &Namespace)> {
+        self.namespaces.iter().enumerate().filter_map(|(i, n)| {
+            n.as_deref()
+                .filter(|n| !n.is_removed())
+                .map(|n| (i as u32 + 1, n))
+        })
+    }
+
+    /// The namespace at index `ns` (NSID - 1) while it is served.
+    #[inline]
+    pub fn namespace_at(&self, ns: usize) -> Option<&Namespace> {
+        self.namespaces
+            .get(ns)
+            .and_then(Option::as_deref)
+            .filter(|n| !n.is_removed())
     }
 
     /// Whether the subsystem admits every host (its allowed-hosts list is empty).
@@ -96,11 +167,11 @@ impl Subsystem {
         hosts.is_empty() || hosts.iter().any(|h| h == hostnqn)
     }
 
-    /// The namespace with this NSID (1-based).
+    /// The namespace with this NSID (1-based) while it is served.
     pub fn namespace(&self, nsid: u32) -> Option<&Namespace> {
         (nsid as usize)
             .checked_sub(1)
-            .and_then(|i| self.namespaces.get(i))
+            .and_then(|i| self.namespace_at(i))
     }
 }
 
@@ -133,6 +204,8 @@ pub(crate) enum SubsystemRef {
 pub(crate) struct Controller {
     pub cntlid: u16,
     pub subsys: SubsystemRef,
+    /// The subsystem's generation this controller connected to (`None`: discovery).
+    subsystem: Option<Arc<Subsystem>>,
     pub hostnqn: String,
     /// Host Identifier from the Connect data: who this controller is to reservations.
     pub hostid: HostId,
@@ -155,6 +228,12 @@ pub(crate) struct Controller {
 }
 
 impl Controller {
+    /// The NVM subsystem as this controller sees it (`None`: a discovery controller).
+    #[inline]
+    pub fn subsystem(&self) -> Option<&Subsystem> {
+        self.subsystem.as_deref()
+    }
+
     /// Claims I/O queue `qid`; false if it is connected already.
     pub fn claim_queue(&self, qid: u16) -> bool {
         let mut c = self.connected.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,25 +270,43 @@ impl Controller {
     }
 }
 
+/// Most listeners (NVM subsystem ports) one target has over its life, removed ones
+/// included: the ANA tables are sized for them.
+pub(crate) const MAX_PORTS: usize = 16;
+
 /// State every connection of one target shares.
 #[derive(Debug)]
 pub(crate) struct TargetShared {
     pub cfg: TargetConfig,
-    pub subsystems: Vec<Subsystem>,
+    /// Subsystem slots; `SubsystemRef::Nvm(i)` names slot `i`, which a deleted subsystem
+    /// leaves empty (never reused). Control path only.
+    pub(super) subsystems: RwLock<Vec<Option<Arc<Subsystem>>>>,
     /// The first bound address (port 0).
     pub listen: SocketAddr,
-    /// Every bound address, by port index.
-    pub ports: Vec<SocketAddr>,
+    /// Every bound address by port index; `None`: a listener removed at run time.
+    pub(super) ports: RwLock<Vec<Option<SocketAddr>>>,
+    /// The ANA state a port's groups start in, by port index.
+    pub(super) port_states: RwLock<Vec<AnaState>>,
     pub stopping: AtomicBool,
     /// Connections alive now (counted from `Connection::new` to its drop).
     pub open_connections: AtomicUsize,
-    controllers: Mutex<ControllerTable>,
+    pub(super) controllers: Mutex<ControllerTable>,
+    /// Bumped by every change of subsystems, namespaces or listeners (discovery GENCTR).
+    pub generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
-struct ControllerTable {
+pub(super) struct ControllerTable {
     next: u16,
-    live: HashMap<u16, Arc<Controller>>,
+    pub(super) live: HashMap<u16, Arc<Controller>>,
+}
+
+pub(super) fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
 }
 
 impl TargetShared {
@@ -217,13 +314,14 @@ impl TargetShared {
     /// be read.
     /// `ports` are the bound addresses: `cfg.listen`'s, then `cfg.more_listeners`'.
     pub fn new(mut cfg: TargetConfig, ports: Vec<SocketAddr>) -> Result<Self, String> {
-        let ana_defaults: Vec<AnaState> = std::iter::once(cfg.ana_state)
+        let port_states: Vec<AnaState> = std::iter::once(cfg.ana_state)
             .chain(cfg.more_listeners.iter().map(|l| l.ana_state))
             .collect();
+        let ana_defaults = padded(&port_states);
         let subsystems = cfg
             .subsystems
             .iter()
-            .map(|s| Subsystem::new(s, &ana_defaults))
+            .map(|s| Subsystem::new(s, &ana_defaults).map(|s| Some(Arc::new(s))))
             .collect::<Result<_, _>>()?;
         cfg.subsystems.clear();
         let listen = ports.first().copied().unwrap_or(cfg.listen);
@@ -233,26 +331,51 @@ impl TargetShared {
                 live: HashMap::new(),
             }),
             cfg,
-            subsystems,
+            subsystems: RwLock::new(subsystems),
             listen,
-            ports,
+            ports: RwLock::new(ports.into_iter().map(Some).collect()),
+            port_states: RwLock::new(port_states),
             stopping: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),
+            generation: std::sync::atomic::AtomicU64::new(1),
         })
+    }
+
+    pub(super) fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The bound addresses by port index (`None`: removed).
+    pub fn ports(&self) -> Vec<Option<SocketAddr>> {
+        read(&self.ports).clone()
     }
 
     /// The port a connection accepted on `local` came through: the bound address itself,
     /// or a wildcard one on the same port number.
     pub fn port_of(&self, local: SocketAddr) -> usize {
-        self.ports
+        let ports = read(&self.ports);
+        ports
             .iter()
-            .position(|p| *p == local)
+            .position(|p| *p == Some(local))
             .or_else(|| {
-                self.ports
-                    .iter()
-                    .position(|p| p.ip().is_unspecified() && p.port() == local.port())
+                ports.iter().position(|p| {
+                    p.is_some_and(|p| p.ip().is_unspecified() && p.port() == local.port())
+                })
             })
             .unwrap_or(0)
+    }
+
+    /// The NVM subsystems served now, with their slot.
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        read(&self.subsystems).iter().flatten().cloned().collect()
+    }
+
+    fn slots(&self) -> Vec<(usize, Arc<Subsystem>)> {
+        read(&self.subsystems)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.clone().map(|s| (i, s)))
+            .collect()
     }
 
     /// Finds a subsystem by NQN (the discovery NQN included).
@@ -260,16 +383,17 @@ impl TargetShared {
         if nqn == nvmirror_nvme::spec::fabrics::DISCOVERY_NQN {
             return Some(SubsystemRef::Discovery);
         }
-        self.subsystems
+        read(&self.subsystems)
             .iter()
-            .position(|s| s.nqn == nqn)
+            .position(|s| s.as_ref().is_some_and(|s| s.nqn == nqn))
             .map(SubsystemRef::Nvm)
     }
 
-    pub fn subsystem(&self, r: SubsystemRef) -> Option<&Subsystem> {
+    /// The current generation of a subsystem.
+    pub fn subsystem(&self, r: SubsystemRef) -> Option<Arc<Subsystem>> {
         match r {
             SubsystemRef::Discovery => None,
-            SubsystemRef::Nvm(i) => self.subsystems.get(i),
+            SubsystemRef::Nvm(i) => read(&self.subsystems).get(i).cloned().flatten(),
         }
     }
 
@@ -295,6 +419,7 @@ impl TargetShared {
         let ctrl = Arc::new(Controller {
             cntlid: id,
             subsys,
+            subsystem: self.subsystem(subsys),
             hostnqn: hostnqn.to_string(),
             hostid,
             port,
@@ -364,7 +489,9 @@ impl TargetShared {
     ) -> Result<Vec<String>, String> {
         let mut found = false;
         let mut changed = Vec::new();
-        for (i, s) in self.subsystems.iter().enumerate() {
+        let slots = self.slots();
+        for (i, s) in slots.iter() {
+            let i = *i;
             if nqn.is_some_and(|n| n != s.nqn) {
                 continue;
             }
@@ -378,9 +505,29 @@ impl TargetShared {
                 }
             }
         }
+        // Controllers that connected to an earlier generation (before a namespace was added
+        // or removed) read that generation's table: it follows too.
+        let t = self.controllers.lock().unwrap_or_else(|e| e.into_inner());
+        for ctrl in t.live.values() {
+            let Some(snap) = ctrl.subsystem() else {
+                continue;
+            };
+            let current = slots
+                .iter()
+                .find(|(i, _)| ctrl.subsys == SubsystemRef::Nvm(*i));
+            if nqn.is_some_and(|n| n != snap.nqn)
+                || current.is_some_and(|(_, c)| std::ptr::eq(&**c, snap))
+            {
+                continue;
+            }
+            if snap.ana.set(port, group, state) == Some(true) && ctrl.port == port {
+                ctrl.raise_event(AsyncEvent::ANA_CHANGE);
+            }
+        }
+        drop(t);
         if !found {
             return Err(match nqn {
-                Some(n) if self.subsystems.iter().all(|s| s.nqn != n) => {
+                Some(n) if slots.iter().all(|(_, s)| s.nqn != n) => {
                     format!("no subsystem '{n}'")
                 }
                 _ => format!("no ANA group {group}"),
@@ -422,4 +569,12 @@ impl TargetShared {
             .live
             .len()
     }
+}
+
+/// `defaults` (one state per bound port) extended to [`MAX_PORTS`] with Optimized, so a
+/// listener added later has a column in every ANA table.
+pub(super) fn padded(defaults: &[AnaState]) -> Vec<AnaState> {
+    let mut d = defaults.to_vec();
+    d.resize(MAX_PORTS.max(d.len()), AnaState::Optimized);
+    d
 }
