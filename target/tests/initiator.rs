@@ -3,6 +3,8 @@
 
 #[path = "initiator/abort.rs"]
 mod abort;
+#[path = "initiator/close.rs"]
+mod close;
 mod common;
 #[path = "initiator/fake.rs"]
 mod fake;
