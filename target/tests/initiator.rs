@@ -18,3 +18,5 @@ mod io;
 mod model;
 #[path = "initiator/violations.rs"]
 mod violations;
+#[path = "initiator/volume_close.rs"]
+mod volume_close;

@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nvmirror_nvme::backend::{LatencyModel, MemDevice};
 use nvmirror_nvme::dma::IoBuf;
 use nvmirror_nvme::spec::{NvmOpcode, Status};
 use nvmirror_nvme::{open_leg, BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair};
 
 use super::fake::{self, Aborts, FakeConfig};
+use super::harness::{backing, pattern, start_with};
 
 /// What the holding controller does with the write it holds.
 const HOLD: u8 = 0;
@@ -219,4 +221,41 @@ fn closing_with_nothing_on_the_wire_is_done_at_once() {
     let (_dev, qp) = open(&f, "");
     assert!(qp.close().is_done());
     assert!(aborts.lock().unwrap().is_empty());
+}
+
+/// nvmirror's own target cannot abort an I/O command its back end has: the close fence ends
+/// when the write completes there with its own result, and the data is on the namespace.
+#[test]
+fn a_write_nvmirrors_target_is_running_ends_the_close_fence_when_it_completes() {
+    let slow: Arc<dyn BlockDevice> = Arc::new(
+        MemDevice::new(
+            4 << 20,
+            512,
+            LatencyModel::Fixed(Duration::from_millis(700)),
+        )
+        .unwrap(),
+    );
+    let t = start_with(vec![Arc::clone(&slow)], |_| {});
+    let dev = t.connect("").unwrap();
+    let mut qp = dev.open_qpair(4).unwrap();
+    let mut buf = pattern(4096, 3);
+    let cmd = IoCommand::with_buf(IoOp::Write, 64, 8, IoBuf::from_slice(&mut buf), 1);
+    // SAFETY: `buf` is kept until the close fence is done.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut c = [Completion::default()];
+    let submitted = Instant::now();
+    while submitted.elapsed() < Duration::from_millis(100) {
+        assert_eq!(qp.poll(&mut c), 0);
+        std::thread::yield_now();
+    }
+    let fence = qp.close();
+    assert!(
+        !fence.is_done(),
+        "the target's back end still has the write"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!fence.is_done());
+    assert!(eventually(Duration::from_secs(5), || fence.is_done()));
+    assert!(submitted.elapsed() >= Duration::from_millis(700));
+    assert_eq!(backing(&*slow, 64 * 512, 4096), buf, "the write landed");
 }
