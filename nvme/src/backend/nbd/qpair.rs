@@ -12,7 +12,9 @@
 //! A closed socket, a failed `send`/`recv`, a reply that breaks the protocol or a server
 //! silent for longer than the timeout kills the connection: every outstanding command
 //! completes with [`Status::HOST_PATHING_ERROR`], and so does every later one; the device
-//! reports itself gone.
+//! reports itself gone. NBD cannot abort a request; [`close`](QueuePair::close) sends
+//! `NBD_CMD_DISC` and leaves the connection to a reaper thread until the server has answered
+//! or closed it (`close`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};

@@ -21,6 +21,9 @@
 //! new one is up the queue pair takes the replacement I/O queue the reconnect thread opened
 //! for it, at its next `submit` or `poll`. With `fast_io_fail_tmo` set, commands submitted
 //! while dead are held (not sent) for that long waiting for the reconnect.
+//!
+//! [`close`](QueuePair::close) aborts what the controller has and leaves the queue to a reaper
+//! thread until every command is answered or the link-loss fence covers it (`close`).
 
 mod close;
 mod receive;
