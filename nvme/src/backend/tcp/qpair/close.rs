@@ -45,7 +45,9 @@ impl TcpQueuePair {
         if self.dead.is_none() {
             self.abort_in_flight();
         }
-        if self.in_flight == 0 && !self.link_fence_pending() {
+        if self.in_flight == 0 {
+            // Nothing on the wire. Commands that were when the queue died before the close
+            // completed with a path error then; the device's link-loss fence covers them.
             return Fence::done();
         }
         let (fence, signal) = Fence::pending();
@@ -95,7 +97,8 @@ impl TcpQueuePair {
         }
     }
 
-    /// The queue died with commands on the wire and the link-loss fence has not ended.
+    /// The queue died (while closing) with commands on the wire and the link-loss fence has
+    /// not ended.
     fn link_fence_pending(&self) -> bool {
         self.fenced_until().is_some_and(|t| Instant::now() < t)
     }
