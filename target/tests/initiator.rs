@@ -3,6 +3,8 @@
 
 #[path = "initiator/abort.rs"]
 mod abort;
+#[path = "initiator/close.rs"]
+mod close;
 mod common;
 #[path = "initiator/fake.rs"]
 mod fake;
@@ -16,3 +18,5 @@ mod io;
 mod model;
 #[path = "initiator/violations.rs"]
 mod violations;
+#[path = "initiator/volume_close.rs"]
+mod volume_close;

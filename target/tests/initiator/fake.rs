@@ -60,6 +60,11 @@ impl FakeConn {
         let _ = self.sock.write_all(b);
     }
 
+    /// Closes the connection both ways (a controller that goes away).
+    pub fn hang_up(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
     pub fn recv(&mut self) -> Got {
         loop {
             let lim = PduLimits {

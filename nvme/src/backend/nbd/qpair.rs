@@ -12,13 +12,17 @@
 //! A closed socket, a failed `send`/`recv`, a reply that breaks the protocol or a server
 //! silent for longer than the timeout kills the connection: every outstanding command
 //! completes with [`Status::HOST_PATHING_ERROR`], and so does every later one; the device
-//! reports itself gone.
+//! reports itself gone. NBD cannot abort a request; [`close`](QueuePair::close) sends
+//! `NBD_CMD_DISC` and leaves the connection to a reaper thread until the server has answered
+//! or closed it (`close`).
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod close;
 
 use super::receive::RxState;
 use super::Link;
@@ -130,6 +134,12 @@ pub struct NbdQueuePair {
     /// When the server was first found silent while commands waited on it.
     idle_since: Option<Instant>,
     idle_polls: u32,
+    /// Closed: a reaper drives the connection until its commands are over (`close`).
+    closing: bool,
+    /// Bytes of the `NBD_CMD_DISC` request written (`REQUEST_LEN`: all of it).
+    disc_off: usize,
+    /// The server closed the connection (end of stream, not an error).
+    pub(super) server_closed: bool,
 }
 
 impl NbdQueuePair {
@@ -161,6 +171,9 @@ impl NbdQueuePair {
             dead: None,
             idle_since: None,
             idle_polls: 0,
+            closing: false,
+            disc_off: 0,
+            server_closed: false,
         })
     }
 
@@ -255,9 +268,13 @@ impl NbdQueuePair {
         if self.dead.is_some() {
             return;
         }
-        tracing::warn!(target = %self.link.peer.label, "NBD connection lost: {reason}");
         let _ = self.sock.shutdown(Shutdown::Both);
-        self.link.lose(reason.clone());
+        if self.closed_cleanly() {
+            tracing::debug!(target = %self.link.peer.label, "closed NBD connection: the server ended it after NBD_CMD_DISC");
+        } else {
+            tracing::warn!(target = %self.link.peer.label, "NBD connection lost: {reason}");
+            self.link.lose(reason.clone());
+        }
         for i in 0..self.slots.len() {
             if self.slots[i].state == SlotState::Active {
                 self.complete(i as u32, Status::HOST_PATHING_ERROR);
@@ -380,6 +397,21 @@ impl QueuePair for NbdQueuePair {
         self.outstanding
     }
 
+    /// NBD has no abort: a request on the wire cannot be cancelled, so this issues nothing
+    /// and returns 0; the commands complete with their real results (or a path error if the
+    /// connection dies). [`close`](QueuePair::close) fences them with `NBD_CMD_DISC`.
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        let _ = tags;
+        0
+    }
+
+    /// Sends `NBD_CMD_DISC` and leaves the connection to a reaper thread; the fence is done
+    /// once the server answered every request or closed the connection after the DISC
+    /// (`close`).
+    fn close(self: Box<Self>) -> crate::Fence {
+        (*self).close_fenced()
+    }
+
     #[inline]
     unsafe fn submit(&mut self, cmd: IoCommand) -> std::result::Result<(), SubmitError> {
         let Some(i) = self.free.pop() else {
@@ -458,7 +490,7 @@ impl QueuePair for NbdQueuePair {
 
 impl Drop for NbdQueuePair {
     fn drop(&mut self) {
-        if self.dead.is_none() && self.txq.is_empty() {
+        if self.dead.is_none() && self.txq.is_empty() && self.disc_off == 0 {
             let _ = self.sock.set_nonblocking(false);
             let _ = self
                 .sock

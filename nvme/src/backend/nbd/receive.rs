@@ -43,6 +43,11 @@ impl RxState {
         }
     }
 
+    /// A read's data is still arriving.
+    pub fn mid_data(&self) -> bool {
+        self.data.is_some()
+    }
+
     pub fn reset(&mut self) {
         self.start = 0;
         self.end = 0;
@@ -90,6 +95,7 @@ impl NbdQueuePair {
             };
             match r {
                 Ok(0) => {
+                    self.server_closed = true;
                     self.die("the server closed the connection".into());
                     break;
                 }

@@ -107,6 +107,8 @@ fn wait(qp: &mut NbdQueuePair, n: usize) -> Vec<Completion> {
     got
 }
 
+mod close;
+
 const FLAGS: u16 = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_TRIM | tf::SEND_WRITE_ZEROES;
 
 #[test]

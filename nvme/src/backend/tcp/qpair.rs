@@ -21,7 +21,11 @@
 //! new one is up the queue pair takes the replacement I/O queue the reconnect thread opened
 //! for it, at its next `submit` or `poll`. With `fast_io_fail_tmo` set, commands submitted
 //! while dead are held (not sent) for that long waiting for the reconnect.
+//!
+//! [`close`](QueuePair::close) aborts what the controller has and leaves the queue to a reaper
+//! thread until every command is answered or the link-loss fence covers it (`close`).
 
+mod close;
 mod receive;
 
 use std::collections::VecDeque;
@@ -94,6 +98,11 @@ pub struct TcpQueuePair {
     /// count in `outstanding` but hold no slot).
     held: VecDeque<IoCommand>,
     fast_io_fail: Duration,
+    /// Commands that were on the wire when the queue died (the link-loss fence covers them).
+    lost_in_flight: u32,
+    /// Closed: a reaper drives the queue until its commands are over (`close`); it takes no
+    /// replacement I/O queue.
+    closing: bool,
 }
 
 impl TcpQueuePair {
@@ -143,6 +152,8 @@ impl TcpQueuePair {
             revival,
             held: VecDeque::with_capacity(depth),
             fast_io_fail,
+            lost_in_flight: 0,
+            closing: false,
         })
     }
 
@@ -394,12 +405,13 @@ impl TcpQueuePair {
         self.revival
             .fenced
             .fetch_add(self.in_flight, Ordering::Relaxed);
+        self.lost_in_flight = self.in_flight;
         // One dead queue takes the association down (as Linux's error recovery does); the
         // reconnect thread then opens this queue pair a replacement.
         self.link
             .health
             .lose(format!("I/O queue {}: {reason}", self.p.qid));
-        if !self.revival.ready.load(Ordering::Acquire) {
+        if !self.closing && !self.revival.ready.load(Ordering::Acquire) {
             self.revival.wanted.store(true, Ordering::Release);
         }
         self.dead_at = Some(Instant::now());
@@ -534,6 +546,13 @@ impl QueuePair for TcpQueuePair {
 
     fn outstanding(&self) -> u32 {
         self.outstanding
+    }
+
+    /// Aborts what the controller has and leaves it to a reaper thread; the fence is done
+    /// once the controller answered every command, or once the link-loss fence covers them
+    /// (`close`).
+    fn close(self: Box<Self>) -> crate::Fence {
+        (*self).close_fenced()
     }
 
     #[inline]
