@@ -321,7 +321,7 @@ if [ "$TEST" = rpc ]; then
         rpc volume_status "{\"name\":\"$VOL\"}" | python3 -c '
 import json, sys
 st = json.load(sys.stdin)
-names = [l["name"] for l in st["legs"]]
+names = [l["uri"] for l in st["legs"]]
 want = [sys.argv[1] + "/rpc0.img", sys.argv[1] + "/rpc1.img"]
 assert all(any(n.startswith("file://" + w) for n in names) for w in want), names
 print("kernel-host: after the restart", st["name"], "serves", names)' "$DATA" >&2 ||
