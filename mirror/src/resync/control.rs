@@ -35,6 +35,8 @@ impl Volume {
     /// first gets the regions of its own bitmap added to those it missed
     /// ([`absorb_older_epoch_bitmap`](Self::absorb_older_epoch_bitmap)).
     pub fn attach_leg_with(&self, leg: usize, cfg: ResyncConfig) -> Result<ResyncJob> {
+        // A leg still holding a timed-out command is refused before anything reads it.
+        self.refuse_if_busy(leg)?;
         self.absorb_older_epoch_bitmap(leg)?;
         let source = MissedRegionSource::new(self.leg_arc(leg)?);
         self.attach_leg_from(leg, Box::new(source), cfg)
