@@ -140,6 +140,7 @@ impl Transmission {
     pub(crate) fn new(device: &Arc<dyn BlockDevice>, max_payload: u32) -> Result<Self> {
         let chunks = (max_payload / CHUNK as u32).clamp(1, CHUNKS);
         let depth = chunks + SLOTS as u32;
+        let pool = payload_pool(chunks, CHUNK)?;
         let qpair = device.open_qpair(depth).map_err(|source| Error::Device {
             device: device.name().to_string(),
             source,
@@ -147,7 +148,7 @@ impl Transmission {
         let geo = device.geometry();
         Ok(Self {
             qpair,
-            pool: DmaPool::new(chunks, CHUNK),
+            pool,
             max_payload: chunks * CHUNK as u32,
             geo,
             size: geo.bytes(),
@@ -539,6 +540,16 @@ impl Transmission {
     }
 }
 
+/// A connection's payload buffers: `count` of `size` bytes, or an error (never an abort)
+/// when they cannot be allocated.
+fn payload_pool(count: u32, size: usize) -> Result<DmaPool> {
+    DmaPool::try_new(count, size).ok_or(Error::BufferAlloc {
+        bytes: u64::from(count).saturating_mul(size as u64),
+        count,
+        size,
+    })
+}
+
 impl Drop for Transmission {
     fn drop(&mut self) {
         let quiet = self.quiesce(QUIESCE_TIMEOUT);
@@ -595,6 +606,17 @@ fn errno_for(status: Status) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn payload_buffers_that_cannot_be_allocated_are_an_error_not_an_abort() {
+        let err = super::payload_pool(u32::MAX, usize::MAX / 2).unwrap_err();
+        assert!(
+            matches!(err, super::Error::BufferAlloc { count: u32::MAX, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("payload buffers"), "{err}");
+        assert!(super::payload_pool(2, super::CHUNK).is_ok());
+    }
+
     use super::*;
 
     #[test]
