@@ -407,10 +407,12 @@ impl Config {
         })
     }
 
-    /// Replaces `@DATA_DIR@` in paths and leg URIs with the data directory, made absolute.
+    /// Makes the data directory absolute (a relative one, like the default, is resolved
+    /// against the working directory once, at start) and replaces `@DATA_DIR@` in paths and
+    /// leg URIs with it.
     pub fn expand_data_dir(&mut self) {
-        let dir = absolute(&self.data_dir);
-        let dir = dir.to_string_lossy().into_owned();
+        self.data_dir = absolute(&self.data_dir);
+        let dir = self.data_dir.to_string_lossy().into_owned();
         for v in &mut self.volumes {
             for leg in &mut v.legs {
                 *leg = leg.replace("@DATA_DIR@", &dir);

@@ -86,6 +86,8 @@ pub struct Registry {
     pub reactors: ReactorHandle,
     /// The NVMe/TCP front end, while it runs (host access lists).
     pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
+    /// The data directory, absolute (shown in `volume_status`).
+    pub data_dir: std::path::PathBuf,
 }
 
 impl Registry {
@@ -186,6 +188,7 @@ impl Registry {
             .collect();
         json!({
             "name": v.volume.name(),
+            "data_dir": self.data_dir.display().to_string(),
             "capacity_bytes": geo.bytes(),
             "num_blocks": geo.num_blocks,
             "lba_size": geo.lba_size,

@@ -296,6 +296,7 @@ fn rpc_registry() -> Arc<Registry> {
             members: None,
         }],
         reactors: pool.handle(),
+        data_dir: std::path::PathBuf::new(),
         nvme_tcp: Weak::new(),
     })
 }

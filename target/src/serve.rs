@@ -332,6 +332,7 @@ impl Service {
     pub fn start(cfg: &Config) -> Result<Self, ServeError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| start_err(format!("data directory {}", cfg.data_dir.display()), e))?;
+        tracing::info!(data_dir = %cfg.data_dir.display(), "data directory");
         let idle = match cfg.reactors.idle {
             IdleConfig::Spin => IdlePolicy::Spin,
             IdleConfig::Sleep => IdlePolicy::SpinThenSleep {
@@ -442,6 +443,7 @@ impl Service {
             volumes,
             reactors: handle,
             nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
+            data_dir: cfg.data_dir.clone(),
         });
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
@@ -589,6 +591,7 @@ impl Service {
                 volumes: Vec::new(),
                 reactors,
                 nvme_tcp: std::sync::Weak::new(),
+                data_dir: PathBuf::new(),
             }),
         );
         let Ok(registry) = Arc::try_unwrap(registry) else {
