@@ -128,6 +128,10 @@ pub struct ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct RpcConfig {
     pub socket: PathBuf,
+    /// Directories `leg_add` may open or create `file://` legs in (`leg_dirs.rs`); unset:
+    /// the data directory and the directories of the configured legs.
+    #[serde(default)]
+    pub leg_dirs: Option<Vec<PathBuf>>,
 }
 
 /// `[service]`: bounds on the process's own life cycle.
@@ -420,6 +424,9 @@ impl Config {
         }
         if let Some(rpc) = &mut self.rpc {
             rpc.socket = PathBuf::from(rpc.socket.to_string_lossy().replace("@DATA_DIR@", &dir));
+            for d in rpc.leg_dirs.iter_mut().flatten() {
+                *d = absolute(Path::new(&d.to_string_lossy().replace("@DATA_DIR@", &dir)));
+            }
         }
     }
 

@@ -88,6 +88,8 @@ pub struct Registry {
     pub nvme_tcp: std::sync::Weak<crate::NvmeTcpTarget>,
     /// The data directory, absolute (shown in `volume_status`).
     pub data_dir: std::path::PathBuf,
+    /// Where `leg_add` may open or create `file://` legs, canonical (`leg_dirs.rs`).
+    pub leg_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Registry {
@@ -380,6 +382,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .get("uri")
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'uri'"))?;
+        crate::leg_dirs::check(uri, &r.leg_dirs).map_err(RpcError::invalid_params)?;
         let dev =
             nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let faulty = nvmirror_nvme::backend::FaultyDevice::wrap(dev);

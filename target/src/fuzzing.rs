@@ -297,6 +297,7 @@ fn rpc_registry() -> Arc<Registry> {
         }],
         reactors: pool.handle(),
         data_dir: std::path::PathBuf::new(),
+        leg_dirs: Vec::new(),
         nvme_tcp: Weak::new(),
     })
 }

@@ -26,6 +26,7 @@ mod error;
 pub mod failstop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod leg_dirs;
 pub mod members;
 pub mod metrics;
 pub mod nbd;

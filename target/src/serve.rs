@@ -125,7 +125,11 @@ pub fn resolve_config(args: &ServeArgs) -> Result<Config, ServeError> {
         cfg.metrics = Some(ListenConfig { listen: l.clone() });
     }
     if let Some(s) = &args.rpc_socket {
-        cfg.rpc = Some(RpcConfig { socket: s.clone() });
+        let leg_dirs = cfg.rpc.take().and_then(|r| r.leg_dirs);
+        cfg.rpc = Some(RpcConfig {
+            socket: s.clone(),
+            leg_dirs,
+        });
     }
     if let Some(c) = &args.cores {
         cfg.reactors.cores = parse_cores(c).map_err(|e| flag("--cores", e))?;
@@ -444,6 +448,7 @@ impl Service {
             reactors: handle,
             nvme_tcp: nvme_tcp.as_ref().map(Arc::downgrade).unwrap_or_default(),
             data_dir: cfg.data_dir.clone(),
+            leg_dirs: crate::leg_dirs::allowed(cfg),
         });
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
@@ -592,6 +597,7 @@ impl Service {
                 reactors,
                 nvme_tcp: std::sync::Weak::new(),
                 data_dir: PathBuf::new(),
+                leg_dirs: Vec::new(),
             }),
         );
         let Ok(registry) = Arc::try_unwrap(registry) else {
