@@ -21,6 +21,7 @@
 mod ana_rpc;
 pub mod config;
 pub mod control;
+mod drain;
 mod durable;
 mod error;
 pub mod failstop;

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
 use nvmirror_nvme::{BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair, Status};
@@ -22,6 +22,7 @@ use super::proto::{
     REQUEST_LEN, REQUEST_MAGIC,
 };
 use super::{Error, Result};
+use crate::drain::Drain;
 
 /// Bytes per buffer chunk, and per device command of a read or write.
 pub(crate) const CHUNK: usize = 128 << 10;
@@ -530,13 +531,15 @@ impl Transmission {
 
     /// Spins until the queue pair has nothing outstanding or `timeout` passes.
     fn quiesce(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.qpair.outstanding() > 0 {
-            if self.reap() == 0 && Instant::now() > deadline {
-                return false;
+        crate::drain::wait(crate::drain::deadline(timeout), || {
+            if self.qpair.outstanding() == 0 {
+                Drain::Done
+            } else if self.reap() > 0 {
+                Drain::Progress
+            } else {
+                Drain::Idle
             }
-        }
-        true
+        })
     }
 }
 
