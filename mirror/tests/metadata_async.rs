@@ -407,7 +407,10 @@ fn a_timed_out_superblock_write_counts_in_the_legs_timeouts_and_holds_back_its_r
         match vol.attach_leg(1) {
             Ok(job) => break job,
             Err(nvmirror_mirror::Error::LegBusy { .. }) => {
-                assert!(start.elapsed() < Duration::from_secs(20), "leg 1 stayed busy");
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "leg 1 stayed busy"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("{e}"),

@@ -104,7 +104,10 @@ mod tests {
     #[test]
     fn the_shutdown_deadline_caps_a_longer_own_limit() {
         let now = Instant::now();
-        let (own, shutdown) = (now + Duration::from_secs(5), now + Duration::from_millis(50));
+        let (own, shutdown) = (
+            now + Duration::from_secs(5),
+            now + Duration::from_millis(50),
+        );
         assert_eq!(capped(own, Some(shutdown)), shutdown);
         assert_eq!(capped(shutdown, Some(own)), shutdown);
         assert_eq!(capped(own, None), own);

@@ -110,7 +110,10 @@ mod tests {
         assert_eq!(check(&uri(&ok.join("new.img")), &allowed), Ok(()));
         // `..` out of the allowed directory, a link pointing out, a missing directory.
         let err = check(&uri(&ok.join("../other/x.img")), &allowed).unwrap_err();
-        assert!(err.starts_with("uri: ") && err.contains("leg_dirs"), "{err}");
+        assert!(
+            err.starts_with("uri: ") && err.contains("leg_dirs"),
+            "{err}"
+        );
         assert!(err.contains(&ok.display().to_string()), "{err}");
         std::os::unix::fs::symlink(other.join("t.img"), ok.join("link.img")).unwrap();
         std::fs::write(other.join("t.img"), b"").unwrap();

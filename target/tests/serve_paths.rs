@@ -7,10 +7,7 @@ mod serve_rig;
 use serve_rig::{file_leg, Server};
 
 fn leg_add(server: &Server, uri: &str) -> (bool, String) {
-    server.rpc(
-        "leg_add",
-        &format!(r#"{{"volume":"vol0","uri":"{uri}"}}"#),
-    )
+    server.rpc("leg_add", &format!(r#"{{"volume":"vol0","uri":"{uri}"}}"#))
 }
 
 #[test]
@@ -40,13 +37,19 @@ fn leg_add_creates_file_legs_only_inside_the_default_leg_dirs() {
     // Beside the configured leg, and in the data directory: accepted.
     let st = server.rpc_ok(
         "leg_add",
-        &format!(r#"{{"volume":"vol0","uri":"{}"}}"#, file_leg(&legs, "leg1", "16MiB")),
+        &format!(
+            r#"{{"volume":"vol0","uri":"{}"}}"#,
+            file_leg(&legs, "leg1", "16MiB")
+        ),
     );
     assert_eq!(st["legs"].as_array().unwrap().len(), 2, "{st}");
     server.wait_in_sync();
     let st = server.rpc_ok(
         "leg_add",
-        &format!(r#"{{"volume":"vol0","uri":"{}"}}"#, file_leg(&data, "leg2", "16MiB")),
+        &format!(
+            r#"{{"volume":"vol0","uri":"{}"}}"#,
+            file_leg(&data, "leg2", "16MiB")
+        ),
     );
     assert_eq!(st["legs"].as_array().unwrap().len(), 3, "{st}");
     server.wait_in_sync();
@@ -85,10 +88,16 @@ namespaces = ["vol0"]
     let args = vec!["--config".to_string(), config.display().to_string()];
     let server = Server::spawn(&args, &[]).unwrap();
     let (ok, err) = leg_add(&server, &file_leg(&data, "leg1", "16MiB"));
-    assert!(!ok && err.contains("leg_dirs") && err.contains(&extra.display().to_string()), "{err}");
+    assert!(
+        !ok && err.contains("leg_dirs") && err.contains(&extra.display().to_string()),
+        "{err}"
+    );
     let st = server.rpc_ok(
         "leg_add",
-        &format!(r#"{{"volume":"vol0","uri":"{}"}}"#, file_leg(&extra, "leg1", "16MiB")),
+        &format!(
+            r#"{{"volume":"vol0","uri":"{}"}}"#,
+            file_leg(&extra, "leg1", "16MiB")
+        ),
     );
     assert_eq!(st["legs"].as_array().unwrap().len(), 2, "{st}");
     server.wait_in_sync();

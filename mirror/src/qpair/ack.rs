@@ -193,7 +193,7 @@ impl VolumeQueuePair {
     /// requested go out at the start of each `poll`).
     #[cold]
     fn whole_bitmap_durable(&self) -> bool {
-        self.vol.bitmap.as_ref().is_none_or(|bm| {
+        self.vol.bitmap.as_ref().map_or(true, |bm| {
             bm.is_durable(RegionRange {
                 first: 0,
                 last: bm.regions() - 1,

@@ -613,7 +613,13 @@ mod tests {
     fn payload_buffers_that_cannot_be_allocated_are_an_error_not_an_abort() {
         let err = super::payload_pool(u32::MAX, usize::MAX / 2).unwrap_err();
         assert!(
-            matches!(err, super::Error::BufferAlloc { count: u32::MAX, .. }),
+            matches!(
+                err,
+                super::Error::BufferAlloc {
+                    count: u32::MAX,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("payload buffers"), "{err}");
