@@ -322,27 +322,6 @@ impl LegStates {
             }
         }
     }
-
-    /// Brings `leg` back in sync (after its missed regions were copied to it). Returns false
-    /// when it already was in sync.
-    pub(crate) fn bring_in(&self, leg: usize) -> bool {
-        let mut cur = self.snapshot();
-        loop {
-            if cur.state(leg) == LegState::InSync {
-                return false;
-            }
-            let next = cur.with_state(leg, LegState::InSync).with_next_event();
-            match self.word.compare_exchange_weak(
-                cur.0,
-                next.0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return true,
-                Err(actual) => cur = LegSnapshot(actual),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -401,17 +380,36 @@ mod tests {
     }
 
     #[test]
-    fn bring_in_returns_a_leg_to_sync_once() {
-        let s = LegStates::new(2);
-        s.take_out(0, LegState::Faulted, None).unwrap();
-        assert_eq!(s.snapshot().primary(), 1);
-        let events = s.snapshot().events();
-        assert!(s.bring_in(0));
-        assert_eq!(s.snapshot().in_sync_mask(2), 0b11);
-        assert_eq!(s.snapshot().events(), events + 1);
-        assert_eq!(s.snapshot().primary(), 1, "the primary stays where it is");
-        assert!(!s.bring_in(0));
-        assert_eq!(s.snapshot().events(), events + 1);
+    fn only_a_resyncing_leg_comes_back_in_sync_and_never_a_removed_one() {
+        let s = LegStates::new(3);
+        s.take_out(1, LegState::Faulted, None).unwrap();
+        // A faulted leg goes back in sync through a resync only.
+        assert_eq!(
+            s.finish_resync(1),
+            Err(Refusal::WrongState(LegState::Faulted))
+        );
+        s.begin_resync(1).unwrap();
+        s.finish_resync(1).unwrap();
+        assert_eq!(s.snapshot().state(1), LegState::InSync);
+        // A removed leg cannot start a resync, and one removed while resyncing does not
+        // finish it.
+        s.remove(2).unwrap();
+        assert_eq!(
+            s.begin_resync(2),
+            Err(Refusal::WrongState(LegState::Removed))
+        );
+        assert_eq!(
+            s.finish_resync(2),
+            Err(Refusal::WrongState(LegState::Removed))
+        );
+        s.take_out(1, LegState::Faulted, None).unwrap();
+        s.begin_resync(1).unwrap();
+        s.remove(1).unwrap();
+        assert_eq!(
+            s.finish_resync(1),
+            Err(Refusal::WrongState(LegState::Removed))
+        );
+        assert_eq!(s.snapshot().state(1), LegState::Removed);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! a reactor: state changes go to the metadata thread (`recorder`), and the write path's
 //! bitmap pages go through the per-core queue pairs (`qpair/intent.rs`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
@@ -20,6 +20,42 @@ use crate::volume::VolumeShared;
 /// Bytes moved per control-plane command (recovery copies, bitmap reads).
 pub(crate) const CHUNK: usize = 1 << 20;
 
+/// Control-plane commands given up at the timeout, per leg: counted in the leg's timeouts
+/// (status, metrics) and, until the leg can no longer act on them, in its busy count (a
+/// resync of the leg waits, as for the data path's abandoned commands).
+#[derive(Debug, Default)]
+pub(crate) struct ControlTimeouts {
+    /// Commands given up since the volume started.
+    total: [AtomicU64; MAX_LEGS],
+    /// Of those, the ones whose closed queue pair's fence is not done yet.
+    unreaped: [Arc<AtomicU32>; MAX_LEGS],
+}
+
+impl ControlTimeouts {
+    /// Commands given up on leg `leg` so far.
+    pub(crate) fn total(&self, leg: usize) -> u64 {
+        self.total[leg].load(Ordering::Relaxed)
+    }
+
+    /// Commands given up on leg `leg` that its device may still act on.
+    pub(crate) fn unreaped(&self, leg: usize) -> u32 {
+        self.unreaped[leg].load(Ordering::Acquire)
+    }
+
+    /// A command on `leg` was given up; `fence` is done once the leg cannot act on it.
+    fn record(&self, leg: usize, fence: &Fence) {
+        self.total[leg].fetch_add(1, Ordering::Relaxed);
+        if fence.is_done() {
+            return;
+        }
+        let unreaped = Arc::clone(&self.unreaped[leg]);
+        unreaped.fetch_add(1, Ordering::Relaxed);
+        fence.then(move || {
+            unreaped.fetch_sub(1, Ordering::Release);
+        });
+    }
+}
+
 /// Synchronous queue pairs on the legs, for the control plane.
 #[derive(Debug)]
 pub(crate) struct ControlIo {
@@ -31,6 +67,8 @@ pub(crate) struct ControlIo {
     /// The end of a command given up at the timeout, while the buffer it was given may
     /// still be read or filled by the leg: that buffer is parked on it, not reused.
     abandoned: Option<Fence>,
+    /// Where commands given up at the timeout are counted.
+    timeouts: Arc<ControlTimeouts>,
 }
 
 /// Which of [`ControlIo`]'s pools a buffer came from.
@@ -43,12 +81,18 @@ enum Pool {
 impl ControlIo {
     /// One queue-pair slot per possible leg, so legs added at run time have one too.
     pub(crate) fn new(timeout: Duration) -> Self {
+        Self::counted(timeout, Arc::default())
+    }
+
+    /// As [`new`](Self::new), counting commands given up at the timeout in `timeouts`.
+    pub(crate) fn counted(timeout: Duration, timeouts: Arc<ControlTimeouts>) -> Self {
         Self {
             qps: (0..MAX_LEGS).map(|_| None).collect(),
             page: DmaPool::new(1, BITMAP_PAGE as usize),
             chunk: DmaPool::new(1, CHUNK),
             timeout,
             abandoned: None,
+            timeouts,
         }
     }
 
@@ -148,6 +192,7 @@ impl ControlIo {
             }
             if start.elapsed() > self.timeout {
                 let fence = self.qps[leg].take().expect("opened above").close();
+                self.timeouts.record(leg, &fence);
                 // Only a command that was given a buffer leaves one to park.
                 self.abandoned = (!buf.is_empty()).then_some(fence);
                 return Err(format!("{op:?} at LBA {lba} timed out"));
@@ -272,6 +317,8 @@ pub(crate) struct PersistentMeta {
     /// The metadata thread's queue pairs: superblock writes and whole-bitmap writes
     /// (`recorder`). No reactor takes it either.
     pub(crate) sb_io: Mutex<ControlIo>,
+    /// Commands `io` and `sb_io` gave up at the timeout.
+    pub(crate) timeouts: Arc<ControlTimeouts>,
     /// Hands leg-state changes to the metadata thread and their durability back.
     pub(crate) recorder: std::sync::Arc<StateRecorder>,
 }
@@ -285,14 +332,16 @@ impl PersistentMeta {
         epoch: u64,
         timeout: Duration,
     ) -> Self {
+        let timeouts = Arc::<ControlTimeouts>::default();
         Self {
             volume_uuid,
             leg_uuids,
             layout,
             events: AtomicU64::new(events),
             epoch: AtomicU64::new(epoch),
-            io: Mutex::new(ControlIo::new(timeout)),
-            sb_io: Mutex::new(ControlIo::new(timeout)),
+            io: Mutex::new(ControlIo::counted(timeout, Arc::clone(&timeouts))),
+            sb_io: Mutex::new(ControlIo::counted(timeout, Arc::clone(&timeouts))),
+            timeouts,
             recorder: std::sync::Arc::default(),
         }
     }

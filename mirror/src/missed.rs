@@ -68,13 +68,6 @@ impl MissedRegions {
         }
     }
 
-    /// Forgets every mark (the leg has been brought back in sync).
-    pub(crate) fn clear_all(&self) {
-        for w in self.words.iter() {
-            w.store(0, Ordering::Release);
-        }
-    }
-
     /// Whether `region` is marked.
     pub(crate) fn contains(&self, region: u64) -> bool {
         region < self.regions
@@ -184,7 +177,8 @@ mod tests {
         m.mark_region(99);
         m.mark_region(100); // past the end: ignored
         assert_eq!(m.regions(), vec![5, 99]);
-        m.clear_all();
+        m.clear(5);
+        m.clear(99);
         assert_eq!(m.count(), 0);
     }
 

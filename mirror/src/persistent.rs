@@ -450,68 +450,6 @@ impl Volume {
         self.missed_regions(leg)
     }
 
-    /// Copies leg `leg`'s regions to resync from the primary, gives it the whole bitmap,
-    /// brings it back in sync and records that in the superblocks. Synchronous; the volume
-    /// must have no I/O in flight meanwhile (the resync engine replaces this). Returns the
-    /// number of regions copied.
-    pub fn recover_sync(&self, leg: usize) -> Result<u64> {
-        let shared = self.shared();
-        let meta = self.persistent()?;
-        let dev = Arc::clone(&self.leg(leg)?.dev);
-        let snap = shared.states.snapshot();
-        if snap.state(leg) == LegState::InSync {
-            return Ok(0);
-        }
-        self.refuse_if_busy(leg)?;
-        let bm = shared.bitmap.as_ref().expect("persistent");
-        let from = snap.primary();
-        let layout = meta.layout;
-        let err = |reason: String| Error::Metadata {
-            volume: shared.name.clone(),
-            leg,
-            name: dev.name().to_string(),
-            reason,
-        };
-        // Writes that failed on every in-sync leg may have left them different: make them
-        // agree first, so the copy below hands the recovered leg what the others all hold.
-        if !shared.diverged.regions().is_empty() {
-            self.reconcile_failed_writes()?;
-        }
-        let regions = shared.leg(leg).expect("a leg in use").missed.regions();
-        {
-            let mut io = meta.lock_io();
-            for &r in &regions {
-                let (off, len) = region_bytes(&layout, r);
-                io.copy(
-                    (from, &*shared.leg(from).expect("a leg in use").dev),
-                    (leg, &*dev),
-                    off,
-                    len,
-                )
-                .map_err(|e| err(format!("copying region {r}: {e}")))?;
-            }
-            // The leg takes writes again: it needs every bit the others have.
-            let mut page = vec![0u8; BITMAP_PAGE as usize];
-            for p in 0..bm.pages() as u32 {
-                bm.snapshot(p, &mut page);
-                io.write_page(
-                    leg,
-                    &*dev,
-                    layout.bitmap_offset + u64::from(p) * BITMAP_PAGE,
-                    &page,
-                )
-                .map_err(|e| err(format!("writing bitmap page {p}: {e}")))?;
-            }
-            io.flush(leg, &*dev)
-                .map_err(|e| err(format!("flush: {e}")))?;
-        }
-        shared.states.bring_in(leg);
-        shared.leg(leg).expect("a leg in use").missed.clear_all();
-        shared.record_states(|| format!("leg {leg} is back in sync"))?;
-        tracing::info!(volume = %shared.name, leg, regions = regions.len(), "leg recovered");
-        Ok(regions.len() as u64)
-    }
-
     /// Clears the marked regions that are idle (nothing written for
     /// [`BitmapConfig::idle_delay`](crate::BitmapConfig::idle_delay), nothing in flight, not
     /// missed by an out-of-sync leg) — and, over

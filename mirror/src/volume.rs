@@ -425,10 +425,17 @@ impl Volume {
     /// Refuses with [`Error::LegBusy`] while `leg` holds timed-out commands its device has
     /// not answered: one could still land after a copy of its region and undo it.
     pub(crate) fn refuse_if_busy(&self, leg: usize) -> Result<()> {
+        // Data-path commands and control-plane ones (superblocks, bitmap pages) alike.
+        let control = self
+            .shared
+            .meta
+            .as_ref()
+            .map_or(0, |m| m.timeouts.unreaped(leg));
         let abandoned = self
             .leg(leg)?
             .abandoned
-            .load(std::sync::atomic::Ordering::Acquire);
+            .load(std::sync::atomic::Ordering::Acquire)
+            + control;
         if abandoned > 0 {
             return Err(Error::LegBusy {
                 volume: self.shared.name.clone(),
@@ -513,7 +520,15 @@ impl Volume {
         // Summed under the lock: a queue pair retiring meanwhile is counted exactly once.
         let names = self.shared.leg_names();
         let cores = self.shared.cores.lock().unwrap_or_else(|e| e.into_inner());
-        VolumeStats::collect(&names, &cores)
+        let mut stats = VolumeStats::collect(&names, &cores);
+        drop(cores);
+        // The control plane's commands (superblocks, bitmap pages, flushes) time out too.
+        if let Some(meta) = &self.shared.meta {
+            for (leg, s) in stats.legs.iter_mut().enumerate() {
+                s.timeouts += meta.timeouts.total(leg);
+            }
+        }
+        stats
     }
 
     /// Turns the per-stage latency breakdown on (or off, with `None`) for the queue pairs

@@ -54,6 +54,24 @@ fn assert_identical(vol: &Volume) {
     }
 }
 
+/// Brings leg `leg` back through the resync engine, to the end.
+fn resync(vol: &Volume, leg: usize) -> nvmirror_mirror::ResyncStatus {
+    let status = vol.attach_leg(leg).unwrap().run_blocking();
+    assert_eq!(vol.leg_states()[leg].state, LegState::InSync, "{status:?}");
+    status
+}
+
+#[test]
+fn a_removed_leg_is_never_brought_back_in_sync() {
+    let devs = legs(3, 16 << 20, "r");
+    let vol = Volume::format("v", devs, cfg(), false).unwrap();
+    vol.fault_leg(2).unwrap();
+    vol.remove_leg(2).unwrap();
+    let err = vol.attach_leg(2).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("removed"), "{err}");
+    assert_eq!(vol.leg_states()[2].state, LegState::Removed);
+}
+
 #[test]
 fn format_lays_out_and_translates_by_the_data_offset() {
     let devs = legs(2, 16 << 20, "a");
@@ -206,7 +224,7 @@ fn a_faulted_leg_comes_back_stale_with_exactly_its_missed_regions() {
     assert_eq!(vol.leg_states()[0].state, LegState::Faulted);
     let expect: Vec<u64> = [1u64, 4].into_iter().chain(6..14).collect();
     assert_eq!(vol.regions_to_resync(0).unwrap(), expect);
-    assert_eq!(vol.recover_sync(0).unwrap(), expect.len() as u64);
+    assert_eq!(resync(&vol, 0).regions_copied, expect.len() as u64);
     assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
     assert_identical(&vol);
     let events = vol.event_counter().unwrap();
@@ -248,8 +266,8 @@ fn a_detached_leg_stays_detached_across_a_restart() {
     );
     // Every region still marked in the bitmap (written since the last clearing) is resynced.
     assert_eq!(vol.regions_to_resync(2).unwrap(), [1, 3]);
-    assert_eq!(vol.recover_sync(2).unwrap(), 2);
-    assert_eq!(vol.recover_sync(1).unwrap(), 2);
+    assert_eq!(resync(&vol, 2).regions_copied, 2);
+    assert_eq!(resync(&vol, 1).regions_copied, 2);
     assert!(vol.leg_states().iter().all(|l| l.state == LegState::InSync));
     assert_identical(&vol);
 }

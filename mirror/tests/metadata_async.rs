@@ -370,3 +370,52 @@ fn a_persistent_resync_ends_with_the_whole_bitmap_and_the_superblocks_on_the_reb
     assert_eq!(area(&f[0]), area(&f[1]));
     assert_eq!(host.read(3 * BPR, 8), stamp(3 * BPR, 8, 0x03));
 }
+
+#[test]
+fn a_timed_out_superblock_write_counts_in_the_legs_timeouts_and_holds_back_its_resync() {
+    let f = legs(3, "ctlto");
+    let vol = Volume::format("ctlto", devs(&f), cfg(Duration::from_millis(300)), false).unwrap();
+    let (sb, sb_len) = superblock_range();
+    // Leg 1's superblock writes hang, and its back end keeps what it was given once closed.
+    f[1].injector().refuse_cancels(true);
+    let hang = f[1].injector().arm(Fault::HangRange {
+        ops: OpFilter::Writes,
+        slba: sb,
+        nlb: sb_len,
+    });
+    let before = vol.stats().legs[1].timeouts;
+    // Faulting leg 0 records it on legs 1 and 2: leg 1's write is given up at the timeout.
+    vol.fault_leg(0).unwrap();
+    let start = Instant::now();
+    while vol.stats().legs[1].timeouts == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the timed-out superblock write was never counted in leg 1's timeouts"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(vol.leg_states()[1].state, LegState::Faulted);
+    // The hung write may still land on leg 1: it is busy until its back end lets it go.
+    let busy = vol.attach_leg(1).map(|_| ()).unwrap_err();
+    assert!(
+        matches!(busy, nvmirror_mirror::Error::LegBusy { leg: 1, .. }),
+        "{busy}"
+    );
+    f[1].injector().clear(hang);
+    let start = Instant::now();
+    let mut job = loop {
+        match vol.attach_leg(1) {
+            Ok(job) => break job,
+            Err(nvmirror_mirror::Error::LegBusy { .. }) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "leg 1 stayed busy"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    job.run_blocking();
+    assert_eq!(vol.leg_states()[1].state, LegState::InSync);
+}

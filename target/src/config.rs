@@ -128,6 +128,10 @@ pub struct ListenConfig {
 #[serde(deny_unknown_fields)]
 pub struct RpcConfig {
     pub socket: PathBuf,
+    /// Directories `leg_add` may open or create `file://` legs in (`leg_dirs.rs`); unset:
+    /// the data directory and the directories of the configured legs.
+    #[serde(default)]
+    pub leg_dirs: Option<Vec<PathBuf>>,
 }
 
 /// `[service]`: bounds on the process's own life cycle.
@@ -417,10 +421,12 @@ impl Config {
         })
     }
 
-    /// Replaces `@DATA_DIR@` in paths and leg URIs with the data directory, made absolute.
+    /// Makes the data directory absolute (a relative one, like the default, is resolved
+    /// against the working directory once, at start) and replaces `@DATA_DIR@` in paths and
+    /// leg URIs with it.
     pub fn expand_data_dir(&mut self) {
-        let dir = absolute(&self.data_dir);
-        let dir = dir.to_string_lossy().into_owned();
+        self.data_dir = absolute(&self.data_dir);
+        let dir = self.data_dir.to_string_lossy().into_owned();
         for v in &mut self.volumes {
             for leg in &mut v.legs {
                 *leg = leg.replace("@DATA_DIR@", &dir);
@@ -428,6 +434,9 @@ impl Config {
         }
         if let Some(rpc) = &mut self.rpc {
             rpc.socket = PathBuf::from(rpc.socket.to_string_lossy().replace("@DATA_DIR@", &dir));
+            for d in rpc.leg_dirs.iter_mut().flatten() {
+                *d = absolute(Path::new(&d.to_string_lossy().replace("@DATA_DIR@", &dir)));
+            }
         }
     }
 

@@ -113,6 +113,11 @@ pub struct Registry {
     pub live: Option<Arc<crate::live_config::LiveConfig>>,
     /// Volumes the NBD front end exports (fixed while it runs).
     pub nbd_exports: Vec<String>,
+    /// The data directory, absolute (shown in `volume_status`).
+    pub data_dir: std::path::PathBuf,
+    /// Where `leg_add` and `volume_create` may open or create `file://` legs, canonical
+    /// (`leg_dirs.rs`).
+    pub leg_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Registry {
@@ -130,6 +135,8 @@ impl Registry {
             nvme_tcp,
             live,
             nbd_exports: Vec::new(),
+            data_dir: std::path::PathBuf::new(),
+            leg_dirs: Vec::new(),
         }
     }
 
@@ -319,6 +326,7 @@ impl Registry {
             .collect();
         json!({
             "name": v.volume.name(),
+            "data_dir": self.data_dir.display().to_string(),
             "capacity_bytes": geo.bytes(),
             "num_blocks": geo.num_blocks,
             "lba_size": geo.lba_size,
@@ -513,6 +521,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
             .get("uri")
             .and_then(Value::as_str)
             .ok_or_else(|| RpcError::invalid_params("missing string parameter 'uri'"))?;
+        crate::leg_dirs::check(uri, &r.leg_dirs).map_err(RpcError::invalid_params)?;
         r.check_legs(&v, uri)?;
         let dev =
             nvmirror_nvme::open_leg(uri).map_err(|e| RpcError::invalid_params(e.to_string()))?;

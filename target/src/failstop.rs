@@ -85,6 +85,8 @@ pub fn start_watchdog(reactors: ReactorHandle, limit: Duration, stop: Arc<Atomic
 /// Bounds the shutdown that starts now: after `limit` the process exits with
 /// [`EXIT_SHUTDOWN_TIMEOUT`], whatever is still draining.
 pub fn start_shutdown_deadline(limit: Duration) {
+    // Front ends waiting for their back ends at teardown stop waiting by then (`drain`).
+    crate::drain::set_shutdown_deadline(Instant::now() + limit);
     let spawned = std::thread::Builder::new()
         .name("nvmirror-deadline".into())
         .spawn(move || {

@@ -21,11 +21,13 @@
 mod ana_rpc;
 pub mod config;
 pub mod control;
+mod drain;
 mod durable;
 mod error;
 pub mod failstop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod leg_dirs;
 pub mod live_config;
 pub mod members;
 pub mod metrics;

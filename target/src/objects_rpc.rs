@@ -82,6 +82,10 @@ pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {
 
 fn volume_create(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
     let v: VolumeConfig = section("volume_create", p)?;
+    for (i, uri) in v.legs.iter().enumerate() {
+        crate::leg_dirs::check(uri, &reg.leg_dirs)
+            .map_err(|e| RpcError::invalid_params(format!("volume_create: legs[{i}]: {e}")))?;
+    }
     let name = v.name.clone();
     live(reg)?.change(
         "volume_create",

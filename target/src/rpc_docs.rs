@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 /// `(method, parameters, what it does)`; parameters as `name: type` (`?` optional).
 pub const METHOD_DOCS: &[(&str, &str, &str)] = &[
     ("bdev_get_bdevs", "name?: string, timeout?: ms (ignored)", "SPDK shape: every volume as a bdev"),
-    ("leg_add", "volume: string, uri: string", "Add a leg and resync it"),
+    ("leg_add", "volume: string, uri: string", "Add a leg and resync it (file:// legs only inside [rpc] leg_dirs)"),
     ("leg_attach", "volume: string, leg: int", "Resync a faulted or detached leg back in"),
     ("leg_detach", "volume: string, leg: int", "Take a leg out (never the last in sync)"),
     ("leg_fault_clear", "volume: string, leg: int, id?: int", "Clear one injected fault, or all"),

@@ -153,7 +153,11 @@ fn with_flags(mut cfg: Config, args: &ServeArgs, file: &str) -> Result<Config, S
         cfg.metrics = Some(ListenConfig { listen: l.clone() });
     }
     if let Some(s) = &args.rpc_socket {
-        cfg.rpc = Some(RpcConfig { socket: s.clone() });
+        let leg_dirs = cfg.rpc.take().and_then(|r| r.leg_dirs);
+        cfg.rpc = Some(RpcConfig {
+            socket: s.clone(),
+            leg_dirs,
+        });
     }
     if let Some(c) = &args.cores {
         cfg.reactors.cores = parse_cores(c).map_err(|e| flag("--cores", e))?;
@@ -424,6 +428,7 @@ impl Service {
     pub fn start_live(cfg: &Config, base: String) -> Result<Self, ServeError> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| start_err(format!("data directory {}", cfg.data_dir.display()), e))?;
+        tracing::info!(data_dir = %cfg.data_dir.display(), "data directory");
         let idle = match cfg.reactors.idle {
             IdleConfig::Spin => IdlePolicy::Spin,
             IdleConfig::Sleep => IdlePolicy::SpinThenSleep {
@@ -552,6 +557,8 @@ impl Service {
         )
         .with_standby(standby);
         registry.nbd_exports = nbd_exports;
+        registry.data_dir = cfg.data_dir.clone();
+        registry.leg_dirs = crate::leg_dirs::allowed(cfg);
         let registry = Arc::new(registry);
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.

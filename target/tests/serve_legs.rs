@@ -108,8 +108,8 @@ fn leg_add_refuses_a_device_of_another_volume_and_a_short_one() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    // A leg of another volume (formatted by another serve).
-    let other = file_leg(&b, "other", SIZE);
+    // A leg of another volume (formatted by another serve), in a directory `leg_add` may use.
+    let other = file_leg(&a, "other", SIZE);
     Server::with_legs(&b, std::slice::from_ref(&other), &[]).stop();
 
     let server = Server::with_legs(&a, &[file_leg(&a, "leg0", SIZE)], &[]);

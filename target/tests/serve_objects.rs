@@ -233,6 +233,16 @@ fn changes_the_file_would_refuse_are_refused_with_the_field_named() {
         json!({"name": "v2", "legs": ["ftp://nowhere"]}),
     );
     assert!(e.contains("volume[1] (v2).legs[0]"), "{e}");
+    // A file leg outside `[rpc] leg_dirs` (by default the data directory and the configured
+    // legs' directories) is refused before anything is created.
+    let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let e = refused(
+        &server,
+        "volume_create",
+        json!({"name": "v2", "legs": [file_leg(outside.path(), "x", SIZE)]}),
+    );
+    assert!(e.contains("legs[0]") && e.contains("leg_dirs"), "{e}");
+    assert!(!outside.path().join("x.img").exists(), "nothing created");
     let e = refused(
         &server,
         "volume_create",

@@ -16,10 +16,22 @@ use nvmirror_nvme::{Completion, IoOp, Status};
 
 use super::intent::META_SLOT_BASE;
 use super::{Parked, VolumeQueuePair, Waiting};
+use crate::bitmap::RegionRange;
 use crate::breakdown::PathKind;
 use crate::join::{split_tag, JoinResult, LegOutcome};
 use crate::recorder::AckStatus;
 use crate::stats::bump;
+
+/// A successful write or flush completion held until what it depends on is durable.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Held {
+    cpl: Completion,
+    /// The state word's event count it completed under: the superblocks must record it.
+    events: u32,
+    /// A flush that failed on a leg: the whole-volume marks for that leg must be on the
+    /// surviving legs' bitmaps too.
+    whole_bitmap: bool,
+}
 
 impl VolumeQueuePair {
     /// One completion reaped from leg `leg`'s queue pair; `STAMP`: stamp it for the breakdown.
@@ -117,11 +129,19 @@ impl VolumeQueuePair {
             // data here.
             self.lend(slot, meta.abandoned);
         }
+        // A flush that failed on a leg marked every region for it (`apply_ack_rule`): the
+        // host may count on that flush, so a crash after the ack must still resync the whole
+        // leg — the ack waits for those marks on the survivors' bitmaps too.
+        let whole_bitmap =
+            meta.cmd.op == IoOp::Flush && result.failed != 0 && self.vol.bitmap.is_some();
         self.table.release(slot);
-        self.ack_modifying(Completion {
-            tag: meta.cmd.tag,
-            status,
-        });
+        self.ack_modifying(
+            Completion {
+                tag: meta.cmd.tag,
+                status,
+            },
+            whole_bitmap,
+        );
         if let Some(r) = self.stages.as_deref_mut() {
             r.join(slot, PathKind::Write, &result, last);
         }
@@ -131,8 +151,9 @@ impl VolumeQueuePair {
     /// never blocking) until the superblocks record the leg states it completed under: a leg
     /// taken out must be named stale on stable storage before anything it missed is
     /// acknowledged; with no in-sync leg able to record that, the write fails instead.
+    /// `whole_bitmap`: it also waits until every region's bit is durable (a failed flush).
     #[inline]
-    fn ack_modifying(&mut self, cpl: Completion) {
+    fn ack_modifying(&mut self, cpl: Completion, whole_bitmap: bool) {
         let Some(rec) = self.vol.recorder() else {
             self.ready.push_back(cpl);
             return;
@@ -143,21 +164,41 @@ impl VolumeQueuePair {
         }
         let events = self.vol.states.snapshot().events();
         match rec.ack_status(events) {
-            AckStatus::Backed if self.held.is_empty() => self.ready.push_back(cpl),
+            AckStatus::Backed
+                if self.held.is_empty() && (!whole_bitmap || self.whole_bitmap_durable()) =>
+            {
+                self.ready.push_back(cpl)
+            }
             AckStatus::Unbacked => self.ready.push_back(Completion {
                 tag: cpl.tag,
                 status: Status::WRITE_FAULT,
             }),
-            _ => self.hold(cpl, events),
+            _ => self.hold(Held {
+                cpl,
+                events,
+                whole_bitmap,
+            }),
         }
     }
 
     #[cold]
-    fn hold(&mut self, cpl: Completion, events: u32) {
+    fn hold(&mut self, held: Held) {
         if let Some(rec) = self.vol.recorder() {
             rec.wake();
         }
-        self.held.push_back((cpl, events));
+        self.held.push_back(held);
+    }
+
+    /// Whether every region's bit is on the in-sync legs' bitmaps (the pages a failed flush
+    /// requested go out at the start of each `poll`).
+    #[cold]
+    fn whole_bitmap_durable(&self) -> bool {
+        self.vol.bitmap.as_ref().map_or(true, |bm| {
+            bm.is_durable(RegionRange {
+                first: 0,
+                last: bm.regions() - 1,
+            })
+        })
     }
 
     /// Hands out the held completions whose leg states are recorded now (in order).
@@ -167,12 +208,18 @@ impl VolumeQueuePair {
         let Some(rec) = self.vol.recorder() else {
             return;
         };
-        while let Some(&(cpl, events)) = self.held.front() {
+        while let Some(&Held {
+            cpl,
+            events,
+            whole_bitmap,
+        }) = self.held.front()
+        {
             let status = match rec.ack_status(events) {
                 AckStatus::Pending => {
                     rec.wake();
                     return;
                 }
+                AckStatus::Backed if whole_bitmap && !self.whole_bitmap_durable() => return,
                 AckStatus::Backed => cpl.status,
                 AckStatus::Unbacked => Status::WRITE_FAULT,
             };

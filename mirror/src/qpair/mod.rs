@@ -118,7 +118,7 @@ pub struct VolumeQueuePair {
     /// Persistent volumes: successful write and flush completions waiting until the
     /// superblocks record the leg states (the state word's event count) they completed
     /// under (capacity = depth; `ack`).
-    held: VecDeque<(Completion, u32)>,
+    held: VecDeque<ack::Held>,
     /// Scratch for reaping a leg queue pair.
     reaped: Box<[Completion]>,
     reads: ReadSelector,

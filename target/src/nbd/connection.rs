@@ -173,7 +173,7 @@ impl Connection {
                             next = Some(Phase::Transmitting(Box::new(t)));
                         }
                         Err(e) => {
-                            tracing::warn!(peer = %self.peer, error = %e, "NBD export unavailable");
+                            tracing::warn!(peer = %self.peer, export = %export.name, error = %e, "NBD connection refused: export unavailable");
                             return false;
                         }
                     }

@@ -30,6 +30,12 @@ pub enum Error {
         #[source]
         source: nvmirror_nvme::Error,
     },
+    /// A connection's payload buffers could not be allocated (memory exhausted, or a limit
+    /// such as `vm.overcommit_memory=2`): the connection is refused, the process goes on.
+    #[error(
+        "cannot allocate the connection's {bytes}-byte payload buffers ({count} of {size} bytes)"
+    )]
+    BufferAlloc { bytes: u64, count: u32, size: usize },
     /// The reactors could not be reached.
     #[error("reactor: {0}")]
     Reactor(#[from] nvmirror_poller::Error),

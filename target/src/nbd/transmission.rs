@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
 use nvmirror_nvme::{BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair, Status};
@@ -22,6 +22,7 @@ use super::proto::{
     REQUEST_LEN, REQUEST_MAGIC,
 };
 use super::{Error, Result};
+use crate::drain::Drain;
 
 /// Bytes per buffer chunk, and per device command of a read or write.
 pub(crate) const CHUNK: usize = 128 << 10;
@@ -140,6 +141,7 @@ impl Transmission {
     pub(crate) fn new(device: &Arc<dyn BlockDevice>, max_payload: u32) -> Result<Self> {
         let chunks = (max_payload / CHUNK as u32).clamp(1, CHUNKS);
         let depth = chunks + SLOTS as u32;
+        let pool = payload_pool(chunks, CHUNK)?;
         let qpair = device.open_qpair(depth).map_err(|source| Error::Device {
             device: device.name().to_string(),
             source,
@@ -147,7 +149,7 @@ impl Transmission {
         let geo = device.geometry();
         Ok(Self {
             qpair,
-            pool: DmaPool::new(chunks, CHUNK),
+            pool,
             max_payload: chunks * CHUNK as u32,
             geo,
             size: geo.bytes(),
@@ -529,14 +531,26 @@ impl Transmission {
 
     /// Spins until the queue pair has nothing outstanding or `timeout` passes.
     fn quiesce(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.qpair.outstanding() > 0 {
-            if self.reap() == 0 && Instant::now() > deadline {
-                return false;
+        crate::drain::wait(crate::drain::deadline(timeout), || {
+            if self.qpair.outstanding() == 0 {
+                Drain::Done
+            } else if self.reap() > 0 {
+                Drain::Progress
+            } else {
+                Drain::Idle
             }
-        }
-        true
+        })
     }
+}
+
+/// A connection's payload buffers: `count` of `size` bytes, or an error (never an abort)
+/// when they cannot be allocated.
+fn payload_pool(count: u32, size: usize) -> Result<DmaPool> {
+    DmaPool::try_new(count, size).ok_or(Error::BufferAlloc {
+        bytes: u64::from(count).saturating_mul(size as u64),
+        count,
+        size,
+    })
 }
 
 impl Drop for Transmission {
@@ -595,6 +609,23 @@ fn errno_for(status: Status) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn payload_buffers_that_cannot_be_allocated_are_an_error_not_an_abort() {
+        let err = super::payload_pool(u32::MAX, usize::MAX / 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                super::Error::BufferAlloc {
+                    count: u32::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("payload buffers"), "{err}");
+        assert!(super::payload_pool(2, super::CHUNK).is_ok());
+    }
+
     use super::*;
 
     #[test]

@@ -19,6 +19,8 @@ use nvmirror_nvme::spec::CompletionQueueEntry;
 use nvmirror_nvme::{Completion, Fence, QueuePair};
 use nvmirror_poller::{PollStatus, Poller, ReactorContext};
 
+use crate::drain::Drain;
+
 use super::admin::AdminState;
 use super::request::{RequestState, SlotTable};
 use super::reservation::AccessCache;
@@ -34,6 +36,9 @@ const MAX_COMPLETIONS_PER_POLL: usize = 128;
 const TX_RESERVE: usize = 256;
 /// How long a closing connection may take to flush its send buffer.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// At most this long (and never past the shutdown deadline, `drain`) a closing connection
+/// waits for the back end to give up its commands before it leaks their buffers.
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Where the connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -595,13 +600,21 @@ impl Connection {
         self.tear_down();
         self.shut_socket();
         // Buffers must outlive every command the back end still holds.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.outstanding() > 0 && Instant::now() < deadline {
-            for q in 0..self.qpairs.len() {
-                self.qpairs[q].poll(&mut self.cpl);
+        let until = crate::drain::deadline(CLOSE_DRAIN);
+        crate::drain::wait(until, || {
+            if self.outstanding() == 0 {
+                return Drain::Done;
             }
-            std::hint::spin_loop();
-        }
+            let mut reaped = 0;
+            for q in 0..self.qpairs.len() {
+                reaped += self.qpairs[q].poll(&mut self.cpl);
+            }
+            if reaped > 0 {
+                Drain::Progress
+            } else {
+                Drain::Idle
+            }
+        });
         if self.outstanding() > 0 {
             tracing::error!(peer = %self.peer, "back end still holds commands at close; leaking their buffers");
             std::mem::forget(std::mem::replace(&mut self.slots, SlotTable::new(1, 4096)));

@@ -86,6 +86,22 @@ impl Server {
         args: &[String],
         env: &[(&str, &str)],
     ) -> Result<Self, String> {
+        Self::launch(prefix, None, listen, args, env)
+    }
+
+    /// `serve ARGS` on free ports, run in the working directory `cwd` (relative paths in
+    /// ARGS are relative to it).
+    pub fn spawn_in(cwd: &Path, args: &[String], env: &[(&str, &str)]) -> Result<Self, String> {
+        Self::launch(&[], Some(cwd), "127.0.0.1:0", args, env)
+    }
+
+    fn launch(
+        prefix: &[&str],
+        cwd: Option<&Path>,
+        listen: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let mut cmd = match prefix.split_first() {
             Some((program, rest)) => {
                 let mut c = Command::new(program);
@@ -94,6 +110,9 @@ impl Server {
             }
             None => Command::new(NVMIRROR),
         };
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         let mut child = cmd
             .arg("serve")
             .args(args)
