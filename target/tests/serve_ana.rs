@@ -28,10 +28,9 @@ const AEC_ANA: u32 = 1 << 11;
 /// A serve of `vol0` on `legs` with its first listener optimized and a second one
 /// non-optimized, controller IDs `cntlid`.
 fn serve(dir: &Path, legs: [String; 2], cntlid: (u16, u16)) -> Server {
-    let cfg = dir.join("nvmirror.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    Server::with_config(
+        dir,
+        &format!(
             "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\ncntlid_min = {}\ncntlid_max = {}\n\n\
              [[nvme_tcp.listener]]\nlisten = \"127.0.0.1:0\"\nana_state = \"non-optimized\"\n\n\
              [rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
@@ -40,14 +39,6 @@ fn serve(dir: &Path, legs: [String; 2], cntlid: (u16, u16)) -> Server {
             cntlid.0, cntlid.1, legs[0], legs[1]
         ),
     )
-    .unwrap();
-    let args = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-    ];
-    Server::spawn(&args, &[]).unwrap()
 }
 
 fn legs(dir: &Path) -> [String; 2] {

@@ -37,10 +37,9 @@ fn secret_file(dir: &Path, name: &str, s: &Secret) -> PathBuf {
 /// A serve of `vol0` on two file legs whose subsystem admits only `HOST`, with `host` as its
 /// secret and `ctrl` as the controller's.
 fn serve(dir: &Path, host: &Secret, ctrl: &Secret) -> Server {
-    let cfg = dir.join("nvmirror.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    Server::with_config(
+        dir,
+        &format!(
             "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
              [[volume]]\nname = \"vol0\"\nlegs = [\"{}\", \"{}\"]\n\n\
              [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n\n\
@@ -52,14 +51,6 @@ fn serve(dir: &Path, host: &Secret, ctrl: &Secret) -> Server {
             ctrl.encode(),
         ),
     )
-    .unwrap();
-    let args = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-    ];
-    Server::spawn(&args, &[]).unwrap()
 }
 
 /// The error text of connecting with `query`, which must fail.

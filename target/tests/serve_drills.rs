@@ -106,24 +106,12 @@ fn load(addr: String, stop: Arc<AtomicBool>, wrong: Arc<AtomicU64>) -> (u64, u64
 fn drill(legs: [String; 2]) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
-    let cfg = d.join("nvmirror.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let server = Server::with_config(d, &format!(
             "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
              [[volume]]\nname = \"vol0\"\nio_timeout = \"300ms\"\nlegs = [\"{}\", \"{}\"]\n\n\
              [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
             legs[0], legs[1]
-        ),
-    )
-    .unwrap();
-    let args = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        d.display().to_string(),
-    ];
-    let server = Server::spawn(&args, &[]).unwrap();
+        ));
     let stop = Arc::new(AtomicBool::new(false));
     let wrong = Arc::new(AtomicU64::new(0));
     let (addr, s2, w2) = (

@@ -17,25 +17,16 @@ use serve_rig::{blocks, write, Server, NQN};
 
 /// `serve --config` with one volume `vol0` of `legs` and I/O timeout `io_timeout`.
 fn serve(dir: &Path, io_timeout: &str, legs: &[String]) -> Server {
-    let cfg = dir.join("nvmirror.toml");
     let legs: Vec<String> = legs.iter().map(|l| format!("\"{l}\"")).collect();
-    std::fs::write(
-        &cfg,
-        format!(
+    Server::with_config(
+        dir,
+        &format!(
             "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
              [[volume]]\nname = \"vol0\"\nio_timeout = \"{io_timeout}\"\nlegs = [{}]\n\n\
              [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
             legs.join(", ")
         ),
     )
-    .unwrap();
-    let args = vec![
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        dir.display().to_string(),
-    ];
-    Server::spawn(&args, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn attach(a: &Server) -> (bool, String) {

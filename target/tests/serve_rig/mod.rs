@@ -46,6 +46,25 @@ impl Server {
         Self::with_legs(dir, &legs, &[])
     }
 
+    /// `serve --config DIR/nvmirror.toml --data-dir DIR` on free ports, `toml` written as that
+    /// file; what serve printed when it did not start.
+    pub fn try_with_config(dir: &Path, toml: &str) -> Result<Self, String> {
+        let cfg = dir.join("nvmirror.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let args = vec![
+            "--config".into(),
+            cfg.display().to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+        ];
+        Self::spawn(&args, &[])
+    }
+
+    /// [`try_with_config`](Self::try_with_config), panicking with serve's output.
+    pub fn with_config(dir: &Path, toml: &str) -> Self {
+        Self::try_with_config(dir, toml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// `serve --data-dir DIR` on free ports with `legs` and the environment `env`.
     pub fn with_legs(dir: &Path, legs: &[String], env: &[(&str, &str)]) -> Self {
         Self::try_with_legs(dir, legs, env).unwrap_or_else(|e| panic!("{e}"))
