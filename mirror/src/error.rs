@@ -3,6 +3,13 @@
 /// Errors of the mirror engine. Variants are named after the failing operation.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An `async-journal` leg's journal cannot be opened or used.
+    #[error("leg '{leg}': journal '{journal}': {reason}")]
+    Journal {
+        leg: String,
+        journal: String,
+        reason: String,
+    },
     /// A volume needs between 1 and [`MAX_LEGS`](crate::MAX_LEGS) legs.
     #[error("volume '{volume}': {count} legs given, a volume has 1 to {max}")]
     LegCount {

@@ -235,6 +235,12 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn reservations(&self) -> Option<&dyn crate::Reservations> {
         None
     }
+
+    /// Where an asynchronously mirrored leg stands (`async-journal`); `None` for devices
+    /// written synchronously.
+    fn replication(&self) -> Option<crate::ReplicationStatus> {
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

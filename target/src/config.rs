@@ -306,6 +306,38 @@ pub struct VolumeConfig {
     /// which the other site mirrors onto.
     #[serde(default)]
     pub standby: bool,
+    /// Legs mirrored asynchronously through a local journal (`docs/journal.md`); the others
+    /// stay synchronous.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub async_legs: Vec<AsyncLegConfig>,
+}
+
+/// `[[volume.async_legs]]`: one leg of the volume mirrored asynchronously.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncLegConfig {
+    /// Index of the leg in `legs` (not 0, the primary).
+    pub leg: usize,
+    /// `async-journal`.
+    #[serde(default = "default_async_mode")]
+    pub mode: String,
+    /// The journal's device: a leg URI (`file:///var/lib/nvmirror/vol0.journal?create=1GiB`).
+    /// Blank devices are formatted; anything else that is not this leg's journal is refused.
+    pub journal: String,
+    /// Journal bytes in use beyond which the leg steps down to bitmap tracking (default: the
+    /// whole journal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<String>,
+    /// Age of the oldest write not yet applied beyond which the leg steps down.
+    #[serde(default = "default_max_lag")]
+    pub max_lag: String,
+}
+
+fn default_async_mode() -> String {
+    "async-journal".into()
+}
+fn default_max_lag() -> String {
+    "30s".into()
 }
 
 /// The scheme of a standby volume's leg that is a local raw volume's leg.
@@ -587,8 +619,48 @@ impl Config {
             if v.mode != "sync" {
                 return Err(bad(
                     at("mode"),
-                    format!("'{}': only 'sync' is available", v.mode),
+                    format!(
+                        "'{}': only 'sync' is available for a volume (a leg is made asynchronous with [[volume.async_legs]])",
+                        v.mode
+                    ),
                 ));
+            }
+            let mut async_seen = HashSet::new();
+            for (j, a) in v.async_legs.iter().enumerate() {
+                let at = |k: &str| format!("volume[{i}].async_legs[{j}].{k}");
+                if a.leg == 0 || a.leg >= v.legs.len() {
+                    return Err(bad(
+                        at("leg"),
+                        format!(
+                            "{}: the index of a leg in 'legs' other than 0 (the primary), 1 to {}",
+                            a.leg,
+                            v.legs.len().saturating_sub(1)
+                        ),
+                    ));
+                }
+                if !async_seen.insert(a.leg) {
+                    return Err(bad(at("leg"), format!("leg {} is listed twice", a.leg)));
+                }
+                if a.mode != "async-journal" {
+                    return Err(bad(
+                        at("mode"),
+                        format!("'{}': only 'async-journal' is available", a.mode),
+                    ));
+                }
+                nvmirror_nvme::LegUri::parse(&a.journal)
+                    .map_err(|e| bad(at("journal"), e.to_string()))?;
+                if let Some(m) = &a.max_bytes {
+                    parse_size(m).map_err(|e| bad(at("max_bytes"), e))?;
+                }
+                parse_duration(&a.max_lag)
+                    .ok()
+                    .filter(|d| *d >= Duration::from_millis(1))
+                    .ok_or_else(|| {
+                        bad(
+                            at("max_lag"),
+                            format!("'{}' is not a duration of at least 1ms", a.max_lag),
+                        )
+                    })?;
             }
         }
         let mut nqns = HashSet::new();

@@ -187,6 +187,15 @@ fn engine_config(v: &crate::config::VolumeConfig) -> EngineVolumeConfig {
     }
 }
 
+/// The journal settings of an `async-journal` leg (validated with the configuration).
+fn journal_config(a: &crate::config::AsyncLegConfig) -> nvmirror_mirror::JournalConfig {
+    nvmirror_mirror::JournalConfig {
+        max_bytes: a.max_bytes.as_deref().and_then(|m| parse_size(m).ok()),
+        max_lag: parse_duration(&a.max_lag).unwrap_or(Duration::from_secs(30)),
+        ..nvmirror_mirror::JournalConfig::default()
+    }
+}
+
 /// A persistent volume (superblock and write-intent bitmap on every leg) is formatted when
 /// every leg is blank and opened otherwise; a leg of another volume or with foreign data is
 /// refused, never overwritten. With `bitmap = false` the legs are exported raw.
@@ -323,6 +332,43 @@ pub(crate) fn open_entry(
             .map_err(|e| start_err(what, e))?
             .with_name(uri.clone());
         opened[i] = Some(Arc::new(dev));
+    }
+    for a in &v.async_legs {
+        let Some(Some(far)) = opened.get(a.leg).cloned() else {
+            continue;
+        };
+        let what = format!("volume {} leg {} journal", v.name, a.leg);
+        // A restart finds the far side still reserved by the process before it: take the
+        // reservation back (the volume's key, read from a synchronous leg) before the
+        // journal ships what it holds. A far side taken over by a promotion elsewhere is not
+        // shipped to: the volume's own fencing then fences this node.
+        let sync_leg = opened
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !v.async_legs.iter().any(|x| x.leg == *i))
+            .find_map(|(_, d)| d.clone());
+        if let (Some(res), Some(local)) = (far.reservations(), sync_leg) {
+            if let Ok(Some(sb)) =
+                nvmirror_mirror::promotion::read_superblock(&*local, Duration::from_secs(5))
+            {
+                let f = nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
+                if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
+                    tracing::error!(volume = v.name, leg = a.leg, why, "the far side of the asynchronous leg is reserved by a newer epoch: its journal is not shipped");
+                    continue;
+                }
+            }
+        }
+        let journal =
+            open_leg_waiting(&a.journal, claim_wait, &what).map_err(|e| start_err(&what, e))?;
+        let leg = nvmirror_mirror::JournaledLeg::open(far, journal, journal_config(a))
+            .map_err(|e| start_err(&what, e))?;
+        tracing::info!(
+            volume = v.name,
+            leg = a.leg,
+            journal = a.journal,
+            "leg mirrored asynchronously (async-journal)"
+        );
+        opened[a.leg] = Some(Arc::new(leg));
     }
     let mut legs: Vec<Arc<dyn BlockDevice>> = Vec::new();
     let mut entries = Vec::new();

@@ -151,6 +151,21 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
             num(leg, "completed_last"),
             text(leg, "uri")
         );
+        if let Some(r) = leg.get("replication").filter(|r| !r.is_null()) {
+            let _ = writeln!(
+                out,
+                "      {}: {}, rpo {:.3} s, lag {} write(s) / {} bytes, consistent at #{}, journal {} of {} bytes, {} step-down(s)",
+                text(r, "mode"),
+                text(r, "state"),
+                num(r, "rpo_seconds"),
+                num(r, "lag_writes"),
+                num(r, "lag_bytes"),
+                r.get("consistent_point").map_or(0.0, |c| num(c, "seq")),
+                num(r, "journal_used"),
+                num(r, "journal_capacity"),
+                num(r, "step_downs"),
+            );
+        }
         if let Some(link) = leg.get("link").filter(|l| !l.is_null()) {
             let connected = link.get("connected").and_then(Value::as_bool) == Some(true);
             let rtt = link

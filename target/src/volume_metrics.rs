@@ -143,6 +143,56 @@ impl Registry {
                 &LEG_STATES,
                 info.state.as_str(),
             );
+            if let Some(r) = v.volume.leg_device(i).ok().and_then(|d| d.replication()) {
+                for (metric, help, value) in [
+                    (
+                        "nvmirror_leg_rpo_seconds",
+                        "Async leg: age of the oldest acknowledged write not yet applied on the far side.",
+                        r.rpo_seconds,
+                    ),
+                    (
+                        "nvmirror_leg_lag_bytes",
+                        "Async leg: payload bytes acknowledged and not yet applied.",
+                        r.lag_bytes as f64,
+                    ),
+                    (
+                        "nvmirror_leg_lag_writes",
+                        "Async leg: writes acknowledged and not yet applied.",
+                        r.lag_writes as f64,
+                    ),
+                    (
+                        "nvmirror_leg_consistent_seq",
+                        "Async leg: the far side holds every write up to this journal sequence number.",
+                        r.consistent_seq as f64,
+                    ),
+                    (
+                        "nvmirror_leg_journal_used_bytes",
+                        "Async leg: journal bytes written and not yet trimmed.",
+                        r.journal_used as f64,
+                    ),
+                ] {
+                    w.gauge(metric, help, &l, value);
+                }
+                for (metric, help, value) in [
+                    (
+                        "nvmirror_leg_journal_host_bytes_total",
+                        "Async leg: payload bytes taken into the journal.",
+                        r.host_bytes,
+                    ),
+                    (
+                        "nvmirror_leg_journal_written_bytes_total",
+                        "Async leg: bytes written to the journal device (headers and padding included).",
+                        r.journal_bytes,
+                    ),
+                    (
+                        "nvmirror_leg_step_downs_total",
+                        "Async leg: times the journal hit its bound and the leg stepped down to bitmap tracking.",
+                        r.step_downs,
+                    ),
+                ] {
+                    w.counter(metric, help, &l, value as f64);
+                }
+            }
             w.gauge(
                 "nvmirror_leg_missed_regions",
                 "Regions the leg missed while out of sync.",

@@ -54,6 +54,17 @@ fn overlaps((a0, a1): (u64, u64), (b0, b1): (u64, u64)) -> bool {
     a0 < b1 && b0 < a1
 }
 
+/// Bit `i` set for every leg among the first `legs` mirrored asynchronously.
+fn async_mask(vol: &VolumeShared, legs: usize) -> u8 {
+    let mut mask = 0;
+    for i in 0..legs {
+        if vol.leg(i).is_some_and(|l| l.dev.replication().is_some()) {
+            mask |= 1 << i;
+        }
+    }
+    mask
+}
+
 /// A finished write whose command was abandoned on a leg that is still in sync: it holds
 /// its overlap-guard entries (and its bitmap in-flight count) until every such leg command is
 /// reaped, or fenced by closing the queue pair.
@@ -122,6 +133,9 @@ pub struct VolumeQueuePair {
     /// Scratch for reaping a leg queue pair.
     reaped: Box<[Completion]>,
     reads: ReadSelector,
+    /// Legs mirrored asynchronously (`async-journal`): they serve reads only when no other
+    /// in-sync leg can (theirs wait for the journal to drain).
+    async_legs: u8,
     clock: TimeoutClock,
     stats: Arc<CoreStats>,
     /// The latency breakdown's stamps and histograms, when it is on (`crate::breakdown`).
@@ -210,6 +224,7 @@ impl VolumeQueuePair {
             held: VecDeque::with_capacity(depth as usize),
             reaped: vec![Completion::default(); depth.min(256) as usize].into_boxed_slice(),
             reads: ReadSelector::new(vol.cfg.read_policy),
+            async_legs: async_mask(&vol, snap.leg_count()),
             clock: TimeoutClock::new(vol.cfg.io_timeout, now),
             stats,
             stages,
@@ -357,6 +372,7 @@ impl VolumeQueuePair {
                 }
             }
             self.seen_events = snap.events();
+            self.async_legs = async_mask(&self.vol, self.leg_count);
             if !faulted {
                 break;
             }
@@ -369,7 +385,10 @@ impl VolumeQueuePair {
     #[inline]
     fn start_read(&mut self, cmd: IoCommand) -> bool {
         let snap = self.vol.states.snapshot();
-        let candidates = snap.in_sync_mask(self.leg_count) & self.open_legs();
+        let mut candidates = snap.in_sync_mask(self.leg_count) & self.open_legs();
+        if candidates & !self.async_legs != 0 {
+            candidates &= !self.async_legs;
+        }
         if candidates == 0 {
             self.push_ready(Completion {
                 tag: cmd.tag,

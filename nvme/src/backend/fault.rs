@@ -249,6 +249,10 @@ impl BlockDevice for FaultyDevice {
     fn reservations(&self) -> Option<&dyn crate::Reservations> {
         self.inner.reservations()
     }
+
+    fn replication(&self) -> Option<crate::ReplicationStatus> {
+        self.inner.replication()
+    }
 }
 
 #[derive(Debug)]

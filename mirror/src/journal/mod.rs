@@ -1,0 +1,430 @@
+//! Asynchronous mirroring by ordered journal shipping (`async-journal`, `docs/journal.md`).
+//!
+//! A [`JournaledLeg`] wraps the far leg's device. The volume sees an ordinary leg: a write
+//! sent to it completes once it is durable in a local *journal* (group-committed: one device
+//! write holds every record that arrived while the previous one was being written), so the
+//! host is acknowledged at local speed. A shipper thread reads the journal back segment by
+//! segment and applies each one to the far device, in sequence order; the next segment goes
+//! out only once the previous one is applied and its commit position is durable, so the far
+//! device always holds a prefix of the acknowledged writes (a crash-consistent image).
+//!
+//! Records of one segment are all in flight at once at the host (each was submitted and none
+//! acknowledged when the segment was written) and never overlap (an overlapping record starts
+//! the next segment), so they are applied in parallel. Reads wait until every write
+//! completed before them is applied. When the journal would exceed its bound (bytes or
+//! `max_lag`), writes fail instead of blocking: the volume faults the leg and tracks what it
+//! misses in its write-intent bitmap, as for any failed leg.
+
+mod format;
+mod qpair;
+mod recover;
+mod shipper;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nvmirror_nvme::{
+    BlockDevice, Completion, FenceSignal, Geometry, IoCommand, QueuePair, ReplicationStatus, Uuid,
+};
+use nvmirror_poller::Ring;
+
+use crate::{Error, Result};
+
+/// How a journal is sized and bounded.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    /// Most records in one segment.
+    pub max_records: usize,
+    /// Most payload bytes in one segment; a larger write is split across segments.
+    pub max_segment_bytes: usize,
+    /// Journal bytes in use (written, not yet applied) beyond which writes are refused and
+    /// the leg steps down to bitmap tracking; `None`: the whole ring.
+    pub max_bytes: Option<u64>,
+    /// Age of the oldest unapplied write beyond which the leg steps down.
+    pub max_lag: Duration,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            max_records: 256,
+            max_segment_bytes: 1 << 20,
+            max_bytes: None,
+            max_lag: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Replication states (`ReplicationStatus::state`).
+pub(crate) const REPLICATING: u8 = 0;
+pub(crate) const STEPPED_DOWN: u8 = 2;
+pub(crate) const FAILED: u8 = 3;
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        REPLICATING => "replicating",
+        STEPPED_DOWN => "stepped-down",
+        _ => "failed",
+    }
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One write (or flush, write zeroes, deallocate) on its way into the journal.
+#[derive(Debug)]
+pub(crate) struct Req {
+    pub cmd: IoCommand,
+    pub chan: Arc<Channel>,
+}
+
+/// A queue pair's link to the writer: its completions, and the fence of its close.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    /// Completions of journaled commands (capacity = the queue pair's depth, so a push
+    /// never fails).
+    pub cpl: Ring<Completion>,
+    /// Requests handed to the writer and not yet completed.
+    pub inflight: AtomicU32,
+    pub closed: AtomicBool,
+    /// Signalled by whoever sees the channel closed with nothing in flight.
+    pub signal: Mutex<Option<FenceSignal>>,
+}
+
+impl Channel {
+    /// The writer's side: `cpl` is the completion of one request.
+    pub(crate) fn complete(&self, cpl: Completion) {
+        let mut c = cpl;
+        while let Err(back) = self.cpl.push(c) {
+            // Cannot happen (capacity = depth); never drop a completion.
+            c = back;
+            std::hint::spin_loop();
+        }
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
+            self.end_fence();
+        }
+    }
+
+    pub(crate) fn end_fence(&self) {
+        let signal = self
+            .signal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(s) = signal {
+            s.signal();
+        }
+    }
+}
+
+/// What the writer, the shipper and the queue pairs share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub name: String,
+    pub uuid: Uuid,
+    pub cfg: JournalConfig,
+    /// The far device's geometry (the leg's).
+    pub geo: Geometry,
+    /// The journal device's block size and its ring's end (block index).
+    pub lba_size: u32,
+    pub ring_end: u64,
+    /// Journaled commands on their way to the writer, from every queue pair.
+    pub sub: Ring<Req>,
+    /// Last record durable in the journal, its payload bytes so far, and the block after its
+    /// segment (the writer's; published before the records' completions).
+    pub written_seq: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub written_unix_ms: AtomicU64,
+    /// Last record applied on the far device, durable in a commit block (the shipper's).
+    pub applied_seq: AtomicU64,
+    pub applied_bytes: AtomicU64,
+    pub applied_unix_ms: AtomicU64,
+    /// When the first unapplied segment was written (Unix ms; the shipper's).
+    pub next_unix_ms: AtomicU64,
+    /// The block where the oldest segment still needed starts: the ring is free from the
+    /// writer's tail up to here.
+    pub commit_offset: AtomicU64,
+    pub tail_offset: AtomicU64,
+    pub host_bytes: AtomicU64,
+    pub journal_bytes: AtomicU64,
+    pub step_downs: AtomicU64,
+    pub state: AtomicU8,
+    /// The far side refuses (or does not answer) a segment; the shipper sends it again.
+    pub retrying: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// Journal blocks in use between the commit position and the writer's tail.
+    pub(crate) fn used_blocks(&self) -> u64 {
+        let tail = self.tail_offset.load(Ordering::Acquire);
+        let commit = self.commit_offset.load(Ordering::Acquire);
+        let ring = self.ring_end - format::RING_START;
+        if tail >= commit {
+            tail - commit
+        } else {
+            ring - (commit - tail)
+        }
+    }
+
+    /// Age of the oldest acknowledged write not yet applied, in seconds.
+    pub(crate) fn rpo_seconds(&self) -> f64 {
+        let applied = self.applied_seq.load(Ordering::Acquire);
+        let written = self.written_seq.load(Ordering::Acquire);
+        if applied >= written {
+            return 0.0;
+        }
+        let mut since = self.next_unix_ms.load(Ordering::Acquire);
+        if since == 0 {
+            since = self.written_unix_ms.load(Ordering::Acquire);
+        }
+        unix_ms().saturating_sub(since) as f64 / 1000.0
+    }
+
+    fn status(&self) -> ReplicationStatus {
+        let written = self.written_seq.load(Ordering::Acquire);
+        let applied = self.applied_seq.load(Ordering::Acquire);
+        ReplicationStatus {
+            mode: "async-journal",
+            state: match self.state.load(Ordering::Relaxed) {
+                REPLICATING if self.retrying.load(Ordering::Relaxed) => "retrying",
+                s => state_name(s),
+            },
+            rpo_seconds: self.rpo_seconds(),
+            lag_bytes: self
+                .written_bytes
+                .load(Ordering::Acquire)
+                .saturating_sub(self.applied_bytes.load(Ordering::Acquire)),
+            lag_writes: written.saturating_sub(applied),
+            consistent_seq: applied,
+            consistent_unix_ms: self.applied_unix_ms.load(Ordering::Acquire),
+            host_bytes: self.host_bytes.load(Ordering::Relaxed),
+            journal_bytes: self.journal_bytes.load(Ordering::Relaxed),
+            journal_used: self.used_blocks() * u64::from(self.lba_size),
+            journal_capacity: (self.ring_end - format::RING_START) * u64::from(self.lba_size),
+            step_downs: self.step_downs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Idle waiting for the journal threads: spin briefly after work, then sleep in short steps.
+pub(crate) struct Idle {
+    since_work: u32,
+}
+
+impl Idle {
+    pub(crate) fn new() -> Self {
+        Self { since_work: 0 }
+    }
+
+    pub(crate) fn worked(&mut self) {
+        self.since_work = 0;
+    }
+
+    pub(crate) fn wait(&mut self) {
+        self.since_work = self.since_work.saturating_add(1);
+        if self.since_work < 2000 {
+            std::hint::spin_loop();
+        } else if self.since_work < 4000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+/// Runs `cmd` on `qp` and waits for it (journal threads only, never a reactor). `None` when
+/// `stop` is set first.
+pub(crate) fn run_one(
+    qp: &mut dyn QueuePair,
+    cmd: IoCommand,
+    stop: &AtomicBool,
+) -> Option<Completion> {
+    // SAFETY: every caller passes a buffer it owns and does not touch until this returns,
+    // and this waits for the completion (or, on stop, closes nothing: the caller drops the
+    // queue pair, whose close fences the command, after the buffer's owner).
+    if unsafe { qp.submit(cmd) }.is_err() {
+        return Some(Completion {
+            tag: cmd.tag,
+            status: nvmirror_nvme::Status::INTERNAL_ERROR,
+        });
+    }
+    let mut out = [Completion::default()];
+    let mut idle = Idle::new();
+    loop {
+        if qp.poll(&mut out) == 1 {
+            return Some(out[0]);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        idle.wait();
+    }
+}
+
+/// The far leg of an `async-journal` mirror: see the module documentation.
+pub struct JournaledLeg {
+    inner: Arc<dyn BlockDevice>,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for JournaledLeg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JournaledLeg")
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl JournaledLeg {
+    /// Opens the journal on `journal` (formatting it when blank), finds how far the far side
+    /// `inner` has applied it, and starts the writer and the shipper. A journal of another
+    /// block size or device size, or a damaged header, is refused.
+    pub fn open(
+        inner: Arc<dyn BlockDevice>,
+        journal: Arc<dyn BlockDevice>,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
+        let name = inner.name().to_string();
+        let err = |reason: String| Error::Journal {
+            leg: name.clone(),
+            journal: journal.name().to_string(),
+            reason,
+        };
+        if cfg.max_records == 0 || cfg.max_segment_bytes < inner.geometry().lba_size as usize {
+            return Err(err(format!(
+                "max_records {} and max_segment_bytes {} must hold at least one block",
+                cfg.max_records, cfg.max_segment_bytes
+            )));
+        }
+        let found = recover::recover(&*journal, &cfg).map_err(err)?;
+        let geo = inner.geometry();
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            uuid: found.uuid,
+            geo,
+            lba_size: found.lba_size,
+            ring_end: found.ring_end,
+            sub: Ring::new(4096),
+            written_seq: AtomicU64::new(found.next_seq - 1),
+            written_bytes: AtomicU64::new(found.bytes),
+            written_unix_ms: AtomicU64::new(found.last_unix_ms),
+            applied_seq: AtomicU64::new(found.commit.seq),
+            applied_bytes: AtomicU64::new(found.commit.bytes),
+            applied_unix_ms: AtomicU64::new(found.commit.unix_ms),
+            next_unix_ms: AtomicU64::new(0),
+            commit_offset: AtomicU64::new(found.commit.offset),
+            tail_offset: AtomicU64::new(found.tail),
+            host_bytes: AtomicU64::new(0),
+            journal_bytes: AtomicU64::new(0),
+            step_downs: AtomicU64::new(0),
+            state: AtomicU8::new(REPLICATING),
+            retrying: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            cfg,
+        });
+        if found.next_seq - 1 > found.commit.seq {
+            tracing::info!(leg = %name, records = found.next_seq - 1 - found.commit.seq, "journal holds writes the far side does not have yet; shipping resumes");
+        }
+        let w = writer::Writer::new(Arc::clone(&shared), &*journal, found.next_seq, found.tail)
+            .map_err(|e| err(e.to_string()))?;
+        let s = shipper::Shipper::new(
+            Arc::clone(&shared),
+            &*journal,
+            Arc::clone(&inner),
+            found.commit,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let spawn = |what: &str| std::thread::Builder::new().name(format!("nvm-{what}"));
+        let threads = vec![
+            spawn("journal")
+                .spawn(move || w.run())
+                .map_err(|e| err(e.to_string()))?,
+            spawn("shipper")
+                .spawn(move || s.run())
+                .map_err(|e| err(e.to_string()))?,
+        ];
+        Ok(Self {
+            inner,
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// The far device.
+    pub fn inner(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner
+    }
+
+    /// Waits until the far side holds every write journaled so far, up to `limit`; whether
+    /// it does.
+    pub fn wait_applied(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let target = self.shared.written_seq.load(Ordering::Acquire);
+        while self.shared.applied_seq.load(Ordering::Acquire) < target {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Stops the writer and the shipper (what is journaled stays in the journal and ships at
+    /// the next open). Commands not yet journaled fail.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let threads = std::mem::take(
+            &mut *self
+                .threads
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for JournaledLeg {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl BlockDevice for JournaledLeg {
+    fn geometry(&self) -> Geometry {
+        self.shared.geo
+    }
+
+    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
+        Ok(Box::new(qpair::JournalQueuePair::new(
+            Arc::clone(&self.shared),
+            self.inner.open_qpair(depth)?,
+            depth,
+        )))
+    }
+
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn link(&self) -> Option<nvmirror_nvme::LinkStatus> {
+        self.inner.link()
+    }
+
+    fn reservations(&self) -> Option<&dyn nvmirror_nvme::Reservations> {
+        self.inner.reservations()
+    }
+
+    fn replication(&self) -> Option<ReplicationStatus> {
+        Some(self.shared.status())
+    }
+}

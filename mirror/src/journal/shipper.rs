@@ -1,0 +1,306 @@
+//! The shipper: applies the journal to the far device in sequence order (`docs/journal.md`,
+//! "Shipping").
+//!
+//! Segment by segment: read it back from the journal, send all its records to the far device
+//! at once (they never overlap and were all in flight together at the host), then a Flush
+//! when the segment holds a barrier (a host Flush or FUA write), then the commit block with
+//! FUA. Only then does the next segment go out, so at every instant the far device holds the
+//! writes up to one segment boundary plus some of the next segment's: a crash-consistent
+//! image. A segment the far side refuses is sent again (idempotent) until it takes it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, Status, SubmitError};
+
+use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
+use super::recover::{read_segment, write_blocks, Journal, SegBuf};
+use super::{Idle, Shared, FAILED};
+
+/// Commands sent to the far device at once.
+const DEPTH: u32 = 64;
+
+pub(crate) struct Shipper {
+    sh: Arc<Shared>,
+    journal: Box<dyn QueuePair>,
+    far_dev: Arc<dyn BlockDevice>,
+    /// Opened when first needed, so a far side unreachable at start is retried like one
+    /// lost later.
+    far: Option<Box<dyn QueuePair>>,
+    j: Journal,
+    buf: SegBuf,
+    cbuf: SegBuf,
+    iocbs: Vec<Iocb>,
+    commit: Commit,
+    cpl: Vec<Completion>,
+}
+
+impl Shipper {
+    pub(crate) fn new(
+        sh: Arc<Shared>,
+        journal: &dyn BlockDevice,
+        far: Arc<dyn BlockDevice>,
+        commit: Commit,
+    ) -> nvmirror_nvme::Result<Self> {
+        let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
+        Ok(Self {
+            journal: journal.open_qpair(2)?,
+            far: far.open_qpair(DEPTH).ok(),
+            far_dev: far,
+            j: Journal {
+                uuid: sh.uuid,
+                lba_size: sh.lba_size,
+                ring_end: sh.ring_end,
+            },
+            buf: SegBuf::new(len),
+            cbuf: SegBuf::new(sh.lba_size as usize),
+            iocbs: Vec::with_capacity(sh.cfg.max_records),
+            commit,
+            cpl: vec![Completion::default(); DEPTH as usize],
+            sh,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut idle = Idle::new();
+        let mut said_damage = false;
+        loop {
+            if self.sh.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let next = self.commit.seq + 1;
+            if self.sh.written_seq.load(Ordering::Acquire) < next {
+                idle.wait();
+                continue;
+            }
+            idle.worked();
+            let found = read_segment(
+                &mut *self.journal,
+                &self.j,
+                self.commit.offset,
+                next,
+                &mut self.buf,
+                &mut self.iocbs,
+                &self.sh.stop,
+            );
+            let (start, h) = match found {
+                Ok(Some(s)) => s,
+                other => {
+                    if self.sh.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    if !said_damage {
+                        let why = match other {
+                            Err(e) => e,
+                            _ => format!(
+                                "no valid segment with record {next} at block {}",
+                                self.commit.offset
+                            ),
+                        };
+                        tracing::error!(leg = %self.sh.name, error = %why, "cannot read the journal back: shipping stops");
+                        said_damage = true;
+                    }
+                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            self.sh.next_unix_ms.store(h.unix_ms, Ordering::Release);
+            if !self.apply_until_taken(&h) {
+                return;
+            }
+            let payload: u64 = self
+                .iocbs
+                .iter()
+                .map(|r| r.payload_len(h.data_lba_size) as u64)
+                .sum();
+            let commit = Commit {
+                counter: self.commit.counter + 1,
+                seq: h.seq_first + u64::from(h.count) - 1,
+                offset: start + u64::from(h.total_blocks),
+                bytes: h.bytes_before + payload,
+                unix_ms: h.unix_ms,
+            };
+            if !self.write_commit(commit) {
+                return;
+            }
+            self.commit = commit;
+            self.sh
+                .commit_offset
+                .store(commit.offset, Ordering::Release);
+            self.sh.applied_bytes.store(commit.bytes, Ordering::Release);
+            self.sh
+                .applied_unix_ms
+                .store(commit.unix_ms, Ordering::Release);
+            self.sh.applied_seq.store(commit.seq, Ordering::Release);
+            self.sh.next_unix_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// Applies the segment in the buffer until the far side takes it; false on stop.
+    fn apply_until_taken(&mut self, h: &SegmentHeader) -> bool {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.apply(h) {
+                Ok(()) => {
+                    if self.sh.retrying.swap(false, Ordering::Relaxed) {
+                        tracing::info!(leg = %self.sh.name, "the far side takes the journal again");
+                    }
+                    return true;
+                }
+                Err(None) => return false,
+                Err(Some(status)) => {
+                    if !self.sh.retrying.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(leg = %self.sh.name, %status, seq = h.seq_first, "the far side refused a journal segment; it is sent again until taken");
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until {
+                        if self.sh.stop.load(Ordering::Acquire) {
+                            return false;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Sends every record of the segment, then a Flush if it holds a barrier. `Err(None)` on
+    /// stop, `Err(Some(status))` when a command failed.
+    fn apply(&mut self, h: &SegmentHeader) -> Result<(), Option<Status>> {
+        if self.far.is_none() {
+            self.far = Some(
+                self.far_dev
+                    .open_qpair(DEPTH)
+                    .map_err(|_| Some(Status::HOST_PATHING_ERROR))?,
+            );
+        }
+        let res = self.apply_on_far(h);
+        if matches!(res, Err(Some(s)) if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated)
+        {
+            // A path error may leave the queue pair dead: open a new one for the next try.
+            if let Some(qp) = self.far.take() {
+                drop(qp.close());
+            }
+        }
+        res
+    }
+
+    fn apply_on_far(&mut self, h: &SegmentHeader) -> Result<(), Option<Status>> {
+        let Some(far) = self.far.as_mut() else {
+            return Err(Some(Status::HOST_PATHING_ERROR));
+        };
+        let hlen = h.header_blocks as usize * self.sh.lba_size as usize;
+        let mut off = hlen;
+        let mut failed = None;
+        let mut outstanding = 0u32;
+        let mut barrier = false;
+        let started = Instant::now();
+        for i in 0..self.iocbs.len() {
+            let r = self.iocbs[i];
+            if r.op == RecordOp::Flush || r.fua {
+                barrier = true;
+            }
+            if r.op == RecordOp::Flush {
+                continue;
+            }
+            let n = r.payload_len(h.data_lba_size);
+            let cmd = if n > 0 {
+                IoCommand::with_buf(IoOp::Write, r.lba, r.nlb, self.buf.io(off, n), i as u64)
+            } else {
+                IoCommand::new(r.op.io_op(), r.lba, r.nlb, i as u64)
+            };
+            off += n;
+            loop {
+                // SAFETY: the segment buffer is this thread's and is neither touched nor freed
+                // until every command on it is reaped below (or the queue pair, dropped
+                // before the buffer on stop, fences them).
+                match unsafe { far.submit(cmd) } {
+                    Ok(()) => {
+                        outstanding += 1;
+                        break;
+                    }
+                    Err(SubmitError::QueueFull) => {
+                        outstanding -=
+                            reap(&mut **far, &self.sh, &mut self.cpl, &mut failed, started)?;
+                    }
+                }
+            }
+        }
+        while outstanding > 0 {
+            outstanding -= reap(&mut **far, &self.sh, &mut self.cpl, &mut failed, started)?;
+        }
+        if let Some(s) = failed {
+            return Err(Some(s));
+        }
+        if barrier {
+            let stop = &self.sh.stop;
+            match super::run_one(&mut **far, IoCommand::new(IoOp::Flush, 0, 0, 0), stop) {
+                Some(c) if c.status.is_success() => {}
+                Some(c) => return Err(Some(c.status)),
+                None => return Err(None),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `c` durable in its commit block; false on stop.
+    fn write_commit(&mut self, c: Commit) -> bool {
+        let bs = self.sh.lba_size as usize;
+        loop {
+            c.encode(self.sh.uuid, &mut self.cbuf.bytes()[..bs]);
+            self.cbuf.bytes()[Commit::LEN..bs].fill(0);
+            match write_blocks(
+                &mut *self.journal,
+                c.block(),
+                &mut self.cbuf,
+                0,
+                bs,
+                self.sh.lba_size,
+                &self.sh.stop,
+            ) {
+                Ok(()) => return true,
+                Err(e) => {
+                    if self.sh.stop.load(Ordering::Acquire) {
+                        return false;
+                    }
+                    tracing::error!(leg = %self.sh.name, error = %e, "cannot write the journal's commit block; retrying");
+                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// Polls the far device once (waiting a little when nothing came); returns how many commands
+/// completed and notes the first failure.
+fn reap(
+    far: &mut dyn QueuePair,
+    sh: &Shared,
+    cpl: &mut [Completion],
+    failed: &mut Option<Status>,
+    started: Instant,
+) -> Result<u32, Option<Status>> {
+    let mut idle = Idle::new();
+    loop {
+        let n = far.poll(cpl);
+        if n > 0 {
+            for c in &cpl[..n] {
+                if !c.status.is_success() && failed.is_none() {
+                    *failed = Some(c.status);
+                }
+            }
+            return Ok(n as u32);
+        }
+        if sh.stop.load(Ordering::Acquire) {
+            return Err(None);
+        }
+        if started.elapsed() > Duration::from_secs(1) {
+            sh.retrying.store(true, Ordering::Relaxed);
+        }
+        idle.wait();
+    }
+}

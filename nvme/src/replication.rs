@@ -1,0 +1,36 @@
+//! The replication state of a leg that is mirrored asynchronously (an `async-journal` leg):
+//! [`BlockDevice::replication`](crate::BlockDevice::replication).
+
+/// Where an asynchronous leg stands, for status pages and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicationStatus {
+    /// `async-journal`.
+    pub mode: &'static str,
+    /// `replicating` (shipping keeps up or catches up), `retrying` (the far side refuses
+    /// writes; the journal holds them), `stepped-down` (the journal hit its bound: writes are
+    /// refused and the volume tracks them in its bitmap instead), `failed` (the journal
+    /// itself cannot be read or written).
+    pub state: &'static str,
+    /// Age of the oldest acknowledged write the far side does not have yet; 0 when it has
+    /// them all.
+    pub rpo_seconds: f64,
+    /// Payload bytes acknowledged and not yet applied on the far side.
+    pub lag_bytes: u64,
+    /// Writes (journal records) acknowledged and not yet applied.
+    pub lag_writes: u64,
+    /// The far side holds exactly the writes up to this sequence number (a crash-consistent
+    /// point in time).
+    pub consistent_seq: u64,
+    /// When the record at `consistent_seq` was made durable in the journal (Unix time, ms);
+    /// 0 before the first record.
+    pub consistent_unix_ms: u64,
+    /// Bytes of payload taken into the journal since it was opened.
+    pub host_bytes: u64,
+    /// Bytes written to the journal device for them (headers and padding included).
+    pub journal_bytes: u64,
+    /// Journal bytes in use (written and not yet trimmed) and the ring's capacity.
+    pub journal_used: u64,
+    pub journal_capacity: u64,
+    /// Times the journal refused writes because of its bound.
+    pub step_downs: u64,
+}
