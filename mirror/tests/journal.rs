@@ -89,7 +89,8 @@ fn far_mem() -> Arc<FaultyDevice> {
 fn rig(cfg: JournalConfig) -> Rig {
     let local = open_leg("mem://4MiB?lba=4096&latency=100us").unwrap();
     let far = far_mem();
-    let journal = open_leg("mem://64MiB?lba=4096").unwrap();
+    // Sparse: room for every write the tests make, however far the far leg lags.
+    let journal = open_leg("mem://256MiB?lba=4096").unwrap();
     let leg = Arc::new(
         JournaledLeg::open(
             Arc::clone(&far) as Arc<dyn BlockDevice>,
@@ -332,7 +333,9 @@ fn a_lost_link_is_retried_and_every_sample_stays_consistent() {
         r.far.injector().clear(id);
     }
     assert!(r.leg.wait_applied(Duration::from_secs(30)));
-    assert_eq!(r.leg.replication().unwrap().state, "replicating");
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.state, "replicating", "{st:?}");
+    assert_eq!(st.step_downs, 0, "{st:?}");
     drop(qp);
     assert_eq!(
         read_all(&*r.local).unwrap(),
