@@ -2,7 +2,10 @@
 //! device or of a volume mirrored over several.
 //!
 //!     cargo run --release -p nvmirror-mirror --example mirror_iops -- [--secs S] [--qd N]
-//!         [--bs BYTES] [--read] [--no-prefill] [--raw] URI [URI ...]
+//!         [--bs BYTES] [--read] [--no-prefill] [--raw] [--journal URI] URI [URI ...]
+//!
+//! `--journal URI` mirrors the last leg asynchronously through a journal on `URI`
+//! (`async-journal`, docs/journal.md).
 //!
 //! The namespace is written once sequentially before the timed run (so a mem leg's memory is
 //! allocated up front) unless `--no-prefill` is given.
@@ -31,6 +34,7 @@ struct Args {
     op: IoOp,
     prefill: bool,
     raw: bool,
+    journal: Option<String>,
     uris: Vec<String>,
 }
 
@@ -42,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
         op: IoOp::Write,
         prefill: true,
         raw: false,
+        journal: None,
         uris: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
             "--read" => args.op = IoOp::Read,
             "--no-prefill" => args.prefill = false,
             "--raw" => args.raw = true,
+            "--journal" => args.journal = Some(value("--journal")?),
             "-h" | "--help" => return Err(String::new()),
             _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
             _ => args.uris.push(a),
@@ -73,11 +79,24 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let legs = args
+    let mut legs = args
         .uris
         .iter()
         .map(|u| open_leg(u).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut journaled = None;
+    if let Some(j) = &args.journal {
+        let far = legs
+            .pop()
+            .ok_or("--journal needs a leg to mirror asynchronously")?;
+        let journal = open_leg(j).map_err(|e| e.to_string())?;
+        let leg = Arc::new(
+            nvmirror_mirror::JournaledLeg::open(far, journal, Default::default())
+                .map_err(|e| e.to_string())?,
+        );
+        legs.push(Arc::clone(&leg) as Arc<dyn BlockDevice>);
+        journaled = Some(leg);
+    }
     let n = legs.len();
     let mut volume = None;
     let (mut qp, geo, what): (Box<dyn QueuePair>, Geometry, String) = if n == 1 {
@@ -190,6 +209,18 @@ fn run(args: &Args) -> Result<(), String> {
             "  waits: overlap {}  slot/queue {}",
             st.overlap_waits, st.resource_waits
         );
+    }
+    if let Some(leg) = journaled {
+        if let Some(r) = leg.replication() {
+            println!(
+                "  async leg: {}  rpo {:.3} s  lag {} writes  journal bytes per host byte {:.3}  step-downs {}",
+                r.state,
+                r.rpo_seconds,
+                r.lag_writes,
+                r.journal_bytes as f64 / r.host_bytes.max(1) as f64,
+                r.step_downs
+            );
+        }
     }
     for b in bufs {
         pool.put(b);
