@@ -461,3 +461,45 @@ fn the_checker_catches_an_image_that_is_no_crash_state() {
     image[BS..BS + 8].fill(0);
     assert_crash_consistent(&image, &recs, "first only");
 }
+
+#[test]
+fn a_leg_switched_to_sync_drains_its_journal_first_and_back_to_async_journals_again() {
+    let r = rig(JournalConfig::default());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    let hang = r.far.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    write_stamped(&mut *qp, &mut recs, &mut clock, 300, 5, |_| {}, 100);
+    // The journal holds writes the far side has not taken: the switch cannot drain.
+    let err = r
+        .leg
+        .set_mode("sync", Duration::from_millis(100))
+        .unwrap_err();
+    assert!(err.contains("did not drain"), "{err}");
+    assert_eq!(r.leg.replication().unwrap().mode, "async-journal");
+    r.far.injector().clear(hang);
+    r.leg.set_mode("sync", Duration::from_secs(20)).unwrap();
+    let st = r.leg.replication().unwrap();
+    assert_eq!((st.mode, st.lag_writes), ("sync", 0), "{st:?}");
+    let journaled = st.host_bytes;
+    // In sync mode writes go straight to the far device: none enters the journal, and the
+    // far image is the local one as soon as the writes are acknowledged.
+    write_stamped(&mut *qp, &mut recs, &mut clock, 300, 6, |_| {}, 100);
+    assert_eq!(r.leg.replication().unwrap().host_bytes, journaled);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap()
+    );
+    // And back: the journal takes the writes again.
+    r.leg.set_mode("async-journal", Duration::ZERO).unwrap();
+    write_stamped(&mut *qp, &mut recs, &mut clock, 300, 7, |_| {}, 100);
+    assert!(r.leg.replication().unwrap().host_bytes > journaled);
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap()
+    );
+    assert!(r.leg.set_mode("async-cycle", Duration::ZERO).is_err());
+}

@@ -241,6 +241,18 @@ pub trait BlockDevice: Send + Sync + Debug {
     fn replication(&self) -> Option<crate::ReplicationStatus> {
         None
     }
+
+    /// Switches an asynchronously mirrorable leg between `"sync"` (writes go straight to the
+    /// device) and `"async-journal"` (through its journal). Switching to `sync` drains the
+    /// journal first, waiting up to `limit`. `None` for devices that have no journal.
+    fn set_replication_mode(
+        &self,
+        mode: &str,
+        limit: std::time::Duration,
+    ) -> Option<std::result::Result<(), String>> {
+        let _ = (mode, limit);
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

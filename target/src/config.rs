@@ -318,7 +318,8 @@ pub struct VolumeConfig {
 pub struct AsyncLegConfig {
     /// Index of the leg in `legs` (not 0, the primary).
     pub leg: usize,
-    /// `async-journal`.
+    /// `async-journal`, or `sync`: the journal is ready but writes go straight to the leg
+    /// until `leg_set_mode` makes it asynchronous.
     #[serde(default = "default_async_mode")]
     pub mode: String,
     /// The journal's device: a leg URI (`file:///var/lib/nvmirror/vol0.journal?create=1GiB`).
@@ -641,10 +642,13 @@ impl Config {
                 if !async_seen.insert(a.leg) {
                     return Err(bad(at("leg"), format!("leg {} is listed twice", a.leg)));
                 }
-                if a.mode != "async-journal" {
+                if a.mode != "async-journal" && a.mode != "sync" {
                     return Err(bad(
                         at("mode"),
-                        format!("'{}': only 'async-journal' is available", a.mode),
+                        format!(
+                            "'{}': async-journal, or sync (journal ready, writes synchronous until leg_set_mode)",
+                            a.mode
+                        ),
                     ));
                 }
                 nvmirror_nvme::LegUri::parse(&a.journal)

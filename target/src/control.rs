@@ -660,6 +660,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     crate::promote::add_methods(&mut m, &reg);
     crate::ana_rpc::add_methods(&mut m, &reg);
     crate::objects_rpc::add_methods(&mut m, &reg);
+    crate::mode_rpc::add_methods(&mut m, &reg);
     crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);

@@ -31,6 +31,7 @@ pub mod leg_dirs;
 pub mod live_config;
 pub mod members;
 pub mod metrics;
+mod mode_rpc;
 pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;

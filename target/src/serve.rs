@@ -192,6 +192,7 @@ fn journal_config(a: &crate::config::AsyncLegConfig) -> nvmirror_mirror::Journal
     nvmirror_mirror::JournalConfig {
         max_bytes: a.max_bytes.as_deref().and_then(|m| parse_size(m).ok()),
         max_lag: parse_duration(&a.max_lag).unwrap_or(Duration::from_secs(30)),
+        start_sync: a.mode == "sync",
         ..nvmirror_mirror::JournalConfig::default()
     }
 }

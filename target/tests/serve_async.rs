@@ -201,3 +201,90 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
         assert!(err.contains(field), "{entry}: {err}");
     }
 }
+
+#[test]
+fn leg_set_mode_switches_a_journaled_leg_and_a_restart_keeps_the_mode() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::create_dir_all(&da).unwrap();
+    let b = site_b(&db);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let cfg = config(&da, b_bytes, b.port(), "mode = \"sync\"\n");
+    let a = Server::with_config(&da, &cfg);
+    assert_eq!(a.status()["legs"][1]["replication"]["mode"], "sync");
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(8).unwrap();
+    let mut pool = DmaPool::new(2, 64 << 10);
+    // Synchronous: B refusing writes fails the leg at once (the journal takes nothing).
+    let armed = b.rpc_ok(
+        "leg_fault_inject",
+        r#"{"volume":"vol0","leg":0,"fault":"fail_writes"}"#,
+    );
+    write(&mut *qp, &mut pool, 0, 128, 1);
+    let st = a.status();
+    assert_eq!(st["legs"][1]["state"], "faulted", "{st}");
+    assert_eq!(st["legs"][1]["replication"]["host_bytes"], 0, "{st}");
+    b.rpc_ok(
+        "leg_fault_clear",
+        &format!(r#"{{"volume":"vol0","leg":0,"id":{}}}"#, armed["id"]),
+    );
+    a.rpc_ok("leg_attach", r#"{"volume":"vol0","leg":1}"#);
+    a.wait_in_sync();
+
+    // Asynchronous: B refusing writes leaves the leg in sync, the journal holds them.
+    let r = a.rpc_ok(
+        "leg_set_mode",
+        r#"{"volume":"vol0","leg":1,"mode":"async-journal"}"#,
+    );
+    assert_eq!(r["replication"]["mode"], "async-journal", "{r}");
+    let armed = b.rpc_ok(
+        "leg_fault_inject",
+        r#"{"volume":"vol0","leg":0,"fault":"fail_writes"}"#,
+    );
+    for i in 0..8 {
+        write(&mut *qp, &mut pool, i * 128, 128, 2);
+    }
+    let st = a.status();
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{st}");
+    assert!(
+        st["legs"][1]["replication"]["lag_writes"].as_u64() > Some(0),
+        "{st}"
+    );
+    // Back to sync cannot drain while B refuses: refused, and the leg stays asynchronous.
+    let (ok, text) = a.rpc(
+        "leg_set_mode",
+        r#"{"volume":"vol0","leg":1,"mode":"sync","timeout_s":0.2}"#,
+    );
+    assert!(!ok && text.contains("did not drain"), "{text}");
+    assert_eq!(
+        a.status()["legs"][1]["replication"]["mode"],
+        "async-journal"
+    );
+    b.rpc_ok(
+        "leg_fault_clear",
+        &format!(r#"{{"volume":"vol0","leg":0,"id":{}}}"#, armed["id"]),
+    );
+    a.rpc_ok("leg_set_mode", r#"{"volume":"vol0","leg":1,"mode":"sync"}"#);
+    assert_eq!(a.status()["legs"][1]["replication"]["mode"], "sync");
+    // A leg without a journal cannot switch.
+    let (ok, text) = a.rpc(
+        "leg_set_mode",
+        r#"{"volume":"vol0","leg":0,"mode":"async-journal"}"#,
+    );
+    assert!(!ok && text.contains("has no journal"), "{text}");
+    // The mode set last is kept across a restart.
+    a.rpc_ok(
+        "leg_set_mode",
+        r#"{"volume":"vol0","leg":1,"mode":"async-journal"}"#,
+    );
+    drop(qp);
+    a.stop();
+    let a = Server::with_config(&da, &cfg);
+    assert_eq!(
+        a.status()["legs"][1]["replication"]["mode"],
+        "async-journal"
+    );
+    a.stop();
+    b.stop();
+}

@@ -45,6 +45,9 @@ pub struct JournalConfig {
     pub max_bytes: Option<u64>,
     /// Age of the oldest unapplied write beyond which the leg steps down.
     pub max_lag: Duration,
+    /// Start in `sync` mode (writes straight to the far device, the journal idle until
+    /// [`JournaledLeg::set_mode`] makes the leg asynchronous).
+    pub start_sync: bool,
 }
 
 impl Default for JournalConfig {
@@ -54,9 +57,16 @@ impl Default for JournalConfig {
             max_segment_bytes: 1 << 20,
             max_bytes: None,
             max_lag: Duration::from_secs(30),
+            start_sync: false,
         }
     }
 }
+
+/// Modes of a journaled leg: writes through the journal, straight to the far device, or
+/// held while the journal drains on the way from the first to the second.
+pub(crate) const MODE_ASYNC: u8 = 0;
+pub(crate) const MODE_SYNC: u8 = 1;
+pub(crate) const MODE_DRAINING: u8 = 2;
 
 /// Replication states (`ReplicationStatus::state`).
 pub(crate) const REPLICATING: u8 = 0;
@@ -155,6 +165,10 @@ pub(crate) struct Shared {
     pub journal_bytes: AtomicU64,
     pub step_downs: AtomicU64,
     pub state: AtomicU8,
+    /// `MODE_*`.
+    pub mode: AtomicU8,
+    /// Commands handed to the writer and not completed yet, over every queue pair.
+    pub journaled_inflight: AtomicU64,
     /// The far side refuses (or does not answer) a segment; the shipper sends it again.
     pub retrying: AtomicBool,
     pub stop: AtomicBool,
@@ -191,7 +205,11 @@ impl Shared {
         let written = self.written_seq.load(Ordering::Acquire);
         let applied = self.applied_seq.load(Ordering::Acquire);
         ReplicationStatus {
-            mode: "async-journal",
+            mode: match self.mode.load(Ordering::Acquire) {
+                MODE_ASYNC => "async-journal",
+                MODE_SYNC => "sync",
+                _ => "draining",
+            },
             state: match self.state.load(Ordering::Relaxed) {
                 REPLICATING if self.retrying.load(Ordering::Relaxed) => "retrying",
                 s => state_name(s),
@@ -213,25 +231,32 @@ impl Shared {
     }
 }
 
-/// Idle waiting for the journal threads: spin briefly after work, then sleep in short steps.
+/// Idle waiting for the journal threads: spin for a moment after work (the next batch of a
+/// busy host is microseconds away), then yield for a while, then sleep in short steps.
 pub(crate) struct Idle {
-    since_work: u32,
+    since: Option<std::time::Instant>,
 }
 
 impl Idle {
+    /// Spinning this long after the last work.
+    const SPIN: Duration = Duration::from_micros(50);
+    /// Yielding until this long after it; sleeping after that.
+    const YIELD: Duration = Duration::from_millis(2);
+
     pub(crate) fn new() -> Self {
-        Self { since_work: 0 }
+        Self { since: None }
     }
 
     pub(crate) fn worked(&mut self) {
-        self.since_work = 0;
+        self.since = None;
     }
 
     pub(crate) fn wait(&mut self) {
-        self.since_work = self.since_work.saturating_add(1);
-        if self.since_work < 2000 {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        let idle = since.elapsed();
+        if idle < Self::SPIN {
             std::hint::spin_loop();
-        } else if self.since_work < 4000 {
+        } else if idle < Self::YIELD {
             std::thread::yield_now();
         } else {
             std::thread::sleep(Duration::from_micros(50));
@@ -326,6 +351,12 @@ impl JournaledLeg {
             journal_bytes: AtomicU64::new(0),
             step_downs: AtomicU64::new(0),
             state: AtomicU8::new(REPLICATING),
+            mode: AtomicU8::new(if cfg.start_sync {
+                MODE_SYNC
+            } else {
+                MODE_ASYNC
+            }),
+            journaled_inflight: AtomicU64::new(0),
             retrying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cfg,
@@ -377,6 +408,53 @@ impl JournaledLeg {
         true
     }
 
+    /// Switches the leg between `sync` and `async-journal`. To `sync`: new writes are held
+    /// while the journal drains (up to `limit`; past it the leg stays asynchronous and the
+    /// error says how far behind it is), then go straight to the far device.
+    pub fn set_mode(&self, mode: &str, limit: Duration) -> std::result::Result<(), String> {
+        let sh = &self.shared;
+        match mode {
+            "async-journal" => {
+                sh.mode.store(MODE_ASYNC, Ordering::Release);
+                tracing::info!(leg = %sh.name, "leg mirrored asynchronously (async-journal)");
+                Ok(())
+            }
+            "sync" => {
+                if sh.mode.load(Ordering::Acquire) == MODE_SYNC {
+                    return Ok(());
+                }
+                if sh.state.load(Ordering::Relaxed) != REPLICATING {
+                    return Err(format!(
+                        "the journal is {}: it cannot drain",
+                        state_name(sh.state.load(Ordering::Relaxed))
+                    ));
+                }
+                sh.mode.store(MODE_DRAINING, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + limit;
+                loop {
+                    let drained = sh.journaled_inflight.load(Ordering::SeqCst) == 0
+                        && sh.applied_seq.load(Ordering::Acquire)
+                            >= sh.written_seq.load(Ordering::Acquire);
+                    if drained {
+                        sh.mode.store(MODE_SYNC, Ordering::Release);
+                        tracing::info!(leg = %sh.name, "leg mirrored synchronously (the journal drained)");
+                        return Ok(());
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        sh.mode.store(MODE_ASYNC, Ordering::Release);
+                        let st = sh.status();
+                        return Err(format!(
+                            "the journal did not drain within {limit:?} ({} writes, {} bytes behind); the leg stays asynchronous",
+                            st.lag_writes, st.lag_bytes
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            other => Err(format!("mode '{other}': sync or async-journal")),
+        }
+    }
+
     /// Stops the writer and the shipper (what is journaled stays in the journal and ships at
     /// the next open). Commands not yet journaled fail.
     pub fn stop(&self) {
@@ -426,5 +504,13 @@ impl BlockDevice for JournaledLeg {
 
     fn replication(&self) -> Option<ReplicationStatus> {
         Some(self.shared.status())
+    }
+
+    fn set_replication_mode(
+        &self,
+        mode: &str,
+        limit: Duration,
+    ) -> Option<std::result::Result<(), String>> {
+        Some(self.set_mode(mode, limit))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use nvmirror_nvme::{Completion, Fence, IoCommand, IoOp, QueuePair, SubmitError};
 use nvmirror_poller::Ring;
 
-use super::{Channel, Req, Shared};
+use super::{Channel, Req, Shared, MODE_ASYNC, MODE_SYNC};
 
 #[derive(Debug)]
 pub(crate) struct JournalQueuePair {
@@ -49,17 +49,42 @@ impl JournalQueuePair {
         }
     }
 
+    /// Sends a write on its way by the leg's mode: to the journal writer, or straight to
+    /// the far device; false when it has to wait (no room, or the journal is draining).
     fn hand_over(&mut self, cmd: IoCommand) -> bool {
-        self.chan.inflight.fetch_add(1, Ordering::SeqCst);
-        match self.sh.sub.push(Req {
-            cmd,
-            chan: Arc::clone(&self.chan),
-        }) {
-            Ok(()) => true,
-            Err(_) => {
-                self.chan.inflight.fetch_sub(1, Ordering::SeqCst);
-                false
+        // Counted before the mode is read, so that a switch to `sync` (which sets the mode,
+        // then waits for the count to reach zero) sees every write that can still enter the
+        // journal.
+        self.sh.journaled_inflight.fetch_add(1, Ordering::SeqCst);
+        let mode = self.sh.mode.load(Ordering::SeqCst);
+        if mode != MODE_ASYNC {
+            self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+        match mode {
+            MODE_SYNC => {
+                let Some(far) = self.far.as_mut() else {
+                    return false;
+                };
+                // SAFETY: the caller's promise for `cmd.buf` (our own `submit` contract)
+                // carries over: the write completes to the caller only once the far device
+                // completed it.
+                unsafe { far.submit(cmd) }.is_ok()
             }
+            MODE_ASYNC => {
+                self.chan.inflight.fetch_add(1, Ordering::SeqCst);
+                match self.sh.sub.push(Req {
+                    cmd,
+                    chan: Arc::clone(&self.chan),
+                }) {
+                    Ok(()) => true,
+                    Err(_) => {
+                        self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
+                        self.chan.inflight.fetch_sub(1, Ordering::SeqCst);
+                        false
+                    }
+                }
+            }
+            _ => false,
         }
     }
 

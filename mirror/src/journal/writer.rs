@@ -95,6 +95,7 @@ impl Writer {
             };
             let Some(op) = RecordOp::of(req.cmd.op) else {
                 // Reads never reach the writer; answer one that did rather than lose it.
+                self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
                 req.chan.complete(Completion {
                     tag: req.cmd.tag,
                     status: Status::INTERNAL_ERROR,
@@ -293,6 +294,7 @@ impl Writer {
         // A split write whose piece failed fails whole: its rest is not journaled either.
         if !status.is_success() && self.pieces.last().is_some_and(|p| p.done.is_none()) {
             if let Some((req, _)) = self.carry.take() {
+                self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
                 req.chan.complete(Completion {
                     tag: req.cmd.tag,
                     status,
@@ -301,6 +303,7 @@ impl Writer {
         }
         for p in self.pieces.drain(..) {
             if let Some((chan, tag)) = p.done {
+                self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
                 chan.complete(Completion { tag, status });
             }
         }
@@ -310,6 +313,7 @@ impl Writer {
     fn fail_all(&mut self, status: Status) {
         self.complete(status);
         if let Some((req, _)) = self.carry.take() {
+            self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
             req.chan.complete(Completion {
                 tag: req.cmd.tag,
                 status,
@@ -317,6 +321,7 @@ impl Writer {
         }
         // SAFETY: the writer is the ring's only consumer.
         while let Some(req) = unsafe { self.sh.sub.pop() } {
+            self.sh.journaled_inflight.fetch_sub(1, Ordering::SeqCst);
             req.chan.complete(Completion {
                 tag: req.cmd.tag,
                 status,

@@ -253,6 +253,14 @@ impl BlockDevice for FaultyDevice {
     fn replication(&self) -> Option<crate::ReplicationStatus> {
         self.inner.replication()
     }
+
+    fn set_replication_mode(
+        &self,
+        mode: &str,
+        limit: std::time::Duration,
+    ) -> Option<std::result::Result<(), String>> {
+        self.inner.set_replication_mode(mode, limit)
+    }
 }
 
 #[derive(Debug)]
