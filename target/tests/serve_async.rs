@@ -27,15 +27,30 @@ fn config(da: &Path, a_bytes: u64, b_port: u16, extra: &str) -> String {
 }
 
 fn site_b(db: &Path) -> Server {
-    Server::with_config(
-        db,
-        &format!(
-            "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+    site_b_at(db, 0)
+}
+
+/// Site B with its NVMe/TCP listener on `port` (0: a free one); a restart at the same port
+/// is the same site to A.
+fn site_b_at(db: &Path, port: u16) -> Server {
+    let cfg = db.join("nvmirror.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
              [[volume]]\nname = \"vol0\"\nlegs = [\"file://{}/b.img?create=64MiB\"]\n\n\
              [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
             db.display()
         ),
     )
+    .unwrap();
+    let args = [
+        "--config".into(),
+        cfg.display().to_string(),
+        "--data-dir".into(),
+        db.display().to_string(),
+    ];
+    Server::spawn_at(&args, &[], &format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn wait_drained(a: &Server) -> serde_json::Value {
@@ -287,4 +302,130 @@ fn leg_set_mode_switches_a_journaled_leg_and_a_restart_keeps_the_mode() {
     );
     a.stop();
     b.stop();
+}
+
+/// Blocks of 512 bytes stamped with the id of the write that wrote them.
+fn stamped_write(
+    qp: &mut dyn nvmirror_nvme::QueuePair,
+    pool: &mut DmaPool,
+    slba: u64,
+    nlb: u32,
+    id: u64,
+) {
+    let mut buf = pool.get().unwrap();
+    for blk in buf.as_mut_slice()[..nlb as usize * 512].chunks_mut(512) {
+        blk.fill(id as u8);
+        blk[..8].copy_from_slice(&id.to_le_bytes());
+    }
+    let cmd =
+        nvmirror_nvme::IoCommand::with_buf(nvmirror_nvme::IoOp::Write, slba, nlb, buf.io_buf(), id);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut cpl = [nvmirror_nvme::Completion::default()];
+    let t = std::time::Instant::now();
+    while qp.poll(&mut cpl) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "write {id} timed out"
+        );
+    }
+    assert!(cpl[0].status.is_success(), "write {id}: {}", cpl[0].status);
+    pool.put(buf);
+}
+
+/// With writes issued one at a time (`writes[i]` is write `i + 1`), checks that the data area
+/// `image` holds exactly the state after writes `1..=k` for some `k`; returns `k`.
+fn assert_prefix(image: &[u8], writes: &[(u64, u32)]) -> u64 {
+    let stamp = |b: u64| u64::from_le_bytes(image[b as usize * 512..][..8].try_into().unwrap());
+    let k = writes
+        .iter()
+        .flat_map(|&(s, n)| s..s + u64::from(n))
+        .map(stamp)
+        .max()
+        .unwrap_or(0);
+    let mut expect = std::collections::HashMap::new();
+    for (i, &(s, n)) in writes.iter().enumerate().take(k as usize) {
+        for b in s..s + u64::from(n) {
+            expect.insert(b, i as u64 + 1);
+        }
+    }
+    for &(s, n) in writes {
+        for b in s..s + u64::from(n) {
+            let want = expect.get(&b).copied().unwrap_or(0);
+            assert_eq!(
+                stamp(b),
+                want,
+                "block {b}: the far image is not the state after writes 1..={k}"
+            );
+        }
+    }
+    k
+}
+
+#[test]
+fn a_killed_receiver_leaves_a_consistent_prefix_and_catches_up_after_its_restart() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::create_dir_all(&da).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b = site_b_at(&db, port);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let b_meta = 64 * 1024 * 1024 - b_bytes;
+    let a = Server::with_config(&da, &config(&da, b_bytes, port, ""));
+    let data_offset = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(2, 64 << 10);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
+    let mut writes = Vec::new();
+    let mut issue =
+        |qp: &mut dyn nvmirror_nvme::QueuePair, n: usize, writes: &mut Vec<(u64, u32)>| {
+            for _ in 0..n {
+                let nlb = rng.gen_range(1..=16u32);
+                let slba = rng.gen_range(0..=512 - u64::from(nlb));
+                writes.push((slba, nlb));
+                stamped_write(qp, &mut pool, slba, nlb, writes.len() as u64);
+            }
+        };
+    issue(&mut *qp, 150, &mut writes);
+    b.kill9();
+    // A acknowledges from the journal while B is gone.
+    issue(&mut *qp, 150, &mut writes);
+    let st = a.status();
+    assert_eq!(st["legs"][1]["state"], "in_sync", "{st}");
+    assert!(
+        st["legs"][1]["replication"]["lag_writes"].as_u64() > Some(0),
+        "{st}"
+    );
+    let far_data = |db: &Path| {
+        let img = std::fs::read(db.join("b.img")).unwrap();
+        let at = (b_meta + data_offset) as usize;
+        img[at..at + 512 * 512].to_vec()
+    };
+    let k = assert_prefix(&far_data(&db), &writes);
+    assert!(
+        k < 300,
+        "B was killed before every write reached it (k = {k})"
+    );
+    // B comes back at the same address: A reconnects and the journal drains.
+    let b = site_b_at(&db, port);
+    issue(&mut *qp, 50, &mut writes);
+    a.wait_for(
+        Duration::from_secs(60),
+        "journal drained after B's restart",
+        |st| st["legs"][1]["replication"]["lag_writes"] == 0,
+    );
+    drop(qp);
+    a.stop();
+    b.stop();
+    assert_eq!(assert_prefix(&far_data(&db), &writes), 350);
+    let a_img = std::fs::read(da.join("a.img")).unwrap();
+    let at = data_offset as usize;
+    assert_eq!(far_data(&db), a_img[at..at + 512 * 512].to_vec());
 }
