@@ -39,6 +39,11 @@ pub struct Cli {
           required_unless_present_any = ["target", "jobfile"], conflicts_with = "target")]
     pub legs: Vec<String>,
 
+    /// Mirror the last --leg asynchronously through a journal on this device
+    /// (`async-journal`, docs/journal.md); the run's end prints the leg's replication state
+    #[arg(long, value_name = "URI", conflicts_with = "target")]
+    pub journal: Option<String>,
+
     /// A running target to drive instead of in-process legs
     /// (nvme-tcp://HOST:PORT/NQN, nbd://HOST:PORT/EXPORT); each job thread opens its own queue
     #[arg(long, value_name = "URI")]

@@ -49,7 +49,12 @@ use jobfile::JobConfig;
 
 /// Opens the legs and builds the target (see [`build_volume`]).
 pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
-    let legs = uris
+    open_target_with(uris, bitmap, None)
+}
+
+/// [`open_target`], the last leg mirrored asynchronously through a journal on `journal`.
+pub fn open_target_with(uris: &[String], bitmap: bool, journal: Option<&str>) -> Result<Target> {
+    let mut legs = uris
         .iter()
         .map(|uri| {
             nvmirror_nvme::open_leg(uri).map_err(|source| Error::OpenLeg {
@@ -58,7 +63,29 @@ pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    build_volume(legs, bitmap)
+    let mut journaled = None;
+    if let Some(j) = journal {
+        let flag = |reason: String| Error::Flag {
+            flag: "--journal",
+            reason,
+        };
+        if legs.len() < 2 {
+            return Err(flag(
+                "needs two or more --leg (the last is mirrored asynchronously)".into(),
+            ));
+        }
+        let far = legs.pop().expect("two or more legs");
+        let dev = nvmirror_nvme::open_leg(j).map_err(|e| flag(e.to_string()))?;
+        let leg = Arc::new(
+            nvmirror_mirror::JournaledLeg::open(far, dev, Default::default())
+                .map_err(|e| flag(e.to_string()))?,
+        );
+        legs.push(Arc::clone(&leg) as Arc<dyn BlockDevice>);
+        journaled = Some(leg);
+    }
+    let mut target = build_volume(legs, bitmap)?;
+    target.journaled = journaled;
+    Ok(target)
 }
 
 /// What a run drives: the device, and the volume when there is one (for its statistics).
@@ -66,6 +93,8 @@ pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
 pub struct Target {
     pub device: Arc<dyn BlockDevice>,
     pub volume: Option<Arc<nvmirror_mirror::Volume>>,
+    /// The asynchronous leg (`--journal`).
+    pub journaled: Option<Arc<nvmirror_mirror::JournaledLeg>>,
 }
 
 /// One leg is benchmarked as itself; several are joined into a mirrored volume.
@@ -94,6 +123,7 @@ pub fn build_volume(mut legs: Vec<Arc<dyn BlockDevice>>, bitmap: bool) -> Result
             return Ok(Target {
                 device: legs.swap_remove(0),
                 volume: None,
+                journaled: None,
             })
         }
         (_, false) => nvmirror_mirror::Volume::new("bench", legs, cfg).map_err(flag)?,
@@ -103,12 +133,18 @@ pub fn build_volume(mut legs: Vec<Arc<dyn BlockDevice>>, bitmap: bool) -> Result
     Ok(Target {
         device: Arc::clone(&volume) as Arc<dyn BlockDevice>,
         volume: Some(volume),
+        journaled: None,
     })
 }
 
 /// Opens what a job runs against: a running target (`--target`, one device opened with
 /// `open_leg`) or in-process legs (see [`open_target`]).
-pub fn open_job_target(target: Option<&str>, legs: &[String], bitmap: bool) -> Result<Target> {
+pub fn open_job_target(
+    target: Option<&str>,
+    legs: &[String],
+    bitmap: bool,
+    journal: Option<&str>,
+) -> Result<Target> {
     match target {
         Some(_) if bitmap => Err(Error::Flag {
             flag: "--bitmap",
@@ -120,8 +156,9 @@ pub fn open_job_target(target: Option<&str>, legs: &[String], bitmap: bool) -> R
                 source,
             })?,
             volume: None,
+            journaled: None,
         }),
-        None => open_target(legs, bitmap),
+        None => open_target_with(legs, bitmap, journal),
     }
 }
 
@@ -167,7 +204,12 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
         let at = match opened.iter().position(|(k, _)| *k == key) {
             Some(at) => at,
             None => {
-                let target = open_job_target(cfg.target.as_deref(), &cfg.legs, bitmap)?;
+                let target = open_job_target(
+                    cfg.target.as_deref(),
+                    &cfg.legs,
+                    bitmap,
+                    cli.journal.as_deref(),
+                )?;
                 opened.push((key, target));
                 opened.len() - 1
             }
@@ -194,6 +236,19 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
         }
         (OutputFormat::Json, [Some(st)]) => breakdown::write_json(&runs[0], st, out)?,
         (OutputFormat::Json, _) => report::write_json_runs(&runs, out)?,
+    }
+    for leg in opened.iter().filter_map(|(_, t)| t.journaled.as_ref()) {
+        if let Some(r) = leg.replication() {
+            eprintln!(
+                "async leg: {}, rpo {:.3} s, lag {} writes / {} bytes, journal bytes per host byte {:.3}, {} step-down(s)",
+                r.state,
+                r.rpo_seconds,
+                r.lag_writes,
+                r.lag_bytes,
+                r.journal_bytes as f64 / r.host_bytes.max(1) as f64,
+                r.step_downs
+            );
+        }
     }
     if bitmap {
         for vol in opened.iter().filter_map(|(_, t)| t.volume.as_ref()) {
