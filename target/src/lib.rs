@@ -36,6 +36,7 @@ pub mod nbd;
 pub mod nvme_tcp;
 pub mod nvme_tcp_config;
 mod objects_rpc;
+pub mod pair;
 pub mod promote;
 pub mod rpc;
 pub mod rpc_docs;
