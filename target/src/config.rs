@@ -93,6 +93,61 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
     #[serde(default, rename = "subsystem")]
     pub subsystems: Vec<SubsystemConfig>,
+    /// This node is one of an active/standby pair coordinated through etcd
+    /// (`docs/pair.md`; needs the `cluster` build feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://10.0.0.9:2379`).
+    pub endpoints: Vec<String>,
+    /// This node's name, stored in the volume's key while it is active.
+    pub node: String,
+    /// The volume the pair serves (a `[[volume]]` of this configuration: the preferred
+    /// active node's, or a standby's).
+    pub volume: String,
+    /// Lease time to live (whole seconds).
+    #[serde(default = "default_cluster_ttl")]
+    pub ttl: String,
+    /// How long before its lease could expire an active node that cannot renew it stops.
+    #[serde(default = "default_cluster_margin")]
+    pub margin: String,
+    /// Key prefix: the volume's key is `PREFIX/VOLUME/active`.
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+}
+
+impl ClusterConfig {
+    pub fn ttl(&self) -> Duration {
+        parse_duration(&self.ttl).unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn margin(&self) -> Duration {
+        parse_duration(&self.margin).unwrap_or(Duration::from_secs(3))
+    }
+
+    /// The key that says which node is active.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}/active",
+            self.prefix.trim_end_matches('/'),
+            self.volume
+        )
+    }
+}
+
+fn default_cluster_ttl() -> String {
+    "10s".into()
+}
+fn default_cluster_margin() -> String {
+    "3s".into()
+}
+fn default_cluster_prefix() -> String {
+    "/nvmirror".into()
 }
 
 /// `[reactors]`.
@@ -665,6 +720,56 @@ impl Config {
                             format!("'{}' is not a duration of at least 1ms", a.max_lag),
                         )
                     })?;
+            }
+        }
+        if let Some(c) = &self.cluster {
+            let at = |k: &str| format!("cluster.{k}");
+            if c.endpoints.is_empty() {
+                return Err(bad(at("endpoints"), "at least one etcd URL".into()));
+            }
+            for (i, e) in c.endpoints.iter().enumerate() {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(bad(
+                        format!("cluster.endpoints[{i}]"),
+                        format!("'{e}': an etcd client URL (http://HOST:PORT)"),
+                    ));
+                }
+            }
+            if c.node.is_empty() || c.node.contains('/') || c.node.len() > 64 {
+                return Err(bad(
+                    at("node"),
+                    format!("'{}': 1 to 64 characters, no '/'", c.node),
+                ));
+            }
+            if !self.volumes.iter().any(|v| v.name == c.volume) {
+                return Err(bad(
+                    at("volume"),
+                    format!("no [[volume]] named '{}'", c.volume),
+                ));
+            }
+            let ttl = parse_duration(&c.ttl)
+                .ok()
+                .filter(|d| d.subsec_nanos() == 0 && (2..=3600).contains(&d.as_secs()))
+                .ok_or_else(|| {
+                    bad(
+                        at("ttl"),
+                        format!("'{}': whole seconds, 2s to 3600s", c.ttl),
+                    )
+                })?;
+            parse_duration(&c.margin)
+                .ok()
+                .filter(|m| !m.is_zero() && *m <= ttl / 2)
+                .ok_or_else(|| {
+                    bad(
+                        at("margin"),
+                        format!("'{}': more than 0 and at most half the ttl", c.margin),
+                    )
+                })?;
+            if !c.prefix.starts_with('/') {
+                return Err(bad(
+                    at("prefix"),
+                    format!("'{}': starts with '/'", c.prefix),
+                ));
             }
         }
         let mut nqns = HashSet::new();

@@ -19,6 +19,8 @@
 //! ```
 
 mod ana_rpc;
+#[cfg(feature = "cluster")]
+mod cluster;
 pub mod config;
 pub mod control;
 mod drain;

@@ -210,7 +210,7 @@ fn preempt_at_own_export(
 }
 
 /// `volume_promote {"name": VOLUME}`: see the module documentation.
-fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
+pub(crate) fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
     let mut promoter = slot.promoter.lock().unwrap_or_else(|e| e.into_inner());
     let name = &slot.cfg.name;
     if slot.entry.get().is_some() {

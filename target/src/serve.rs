@@ -461,6 +461,9 @@ pub struct Service {
     pool: Option<ReactorPool>,
     clearer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
     legs_watch: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// The pair controller (`[cluster]`).
+    #[cfg(feature = "cluster")]
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Service {
@@ -650,6 +653,21 @@ impl Service {
         };
         let clearer = Some(start_clearer(Arc::clone(&registry)));
         let legs_watch = Some(start_leg_watcher(Arc::clone(&registry)));
+        #[cfg(feature = "cluster")]
+        let cluster = match &cfg.cluster {
+            None => None,
+            Some(c) => Some(
+                crate::cluster::Cluster::start(Arc::clone(&registry), c.clone())
+                    .map_err(|e| start_err("cluster controller", e))?,
+            ),
+        };
+        #[cfg(not(feature = "cluster"))]
+        if cfg.cluster.is_some() {
+            return Err(start_err(
+                "cluster",
+                "this nvmirror was built without the pair controller: build it with `--features cluster` (needs protoc)",
+            ));
+        }
         Ok(Self {
             registry,
             nvme_tcp,
@@ -659,6 +677,8 @@ impl Service {
             pool: Some(pool),
             clearer,
             legs_watch,
+            #[cfg(feature = "cluster")]
+            cluster,
         })
     }
 
@@ -725,6 +745,12 @@ impl Service {
     }
 
     fn stop(&mut self) {
+        // The pair controller first: a node holding the key fences itself and revokes its
+        // lease (the peer takes over at once) before the front ends go.
+        #[cfg(feature = "cluster")]
+        if let Some(mut c) = self.cluster.take() {
+            c.stop();
+        }
         for (stop, t) in [self.legs_watch.take(), self.clearer.take()]
             .into_iter()
             .flatten()
