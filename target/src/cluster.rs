@@ -103,6 +103,7 @@ struct Node {
     client: Option<Client>,
     lease: Option<i64>,
     keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    said_no_copy: bool,
 }
 
 impl Node {
@@ -116,6 +117,7 @@ impl Node {
             client: None,
             lease: None,
             keeper: None,
+            said_no_copy: false,
         }
     }
 
@@ -298,6 +300,25 @@ impl Node {
         }
     }
 
+    /// Why this node must not campaign: it is a standby whose local copy holds no superblock
+    /// of the volume yet (the primary has not mirrored onto it). Said once per change.
+    fn no_copy(&mut self) -> Option<String> {
+        let slot = self
+            .reg
+            .standby
+            .iter()
+            .find(|s| s.cfg.name == self.cfg.volume)?;
+        if slot.entry.get().is_some() || slot.device.copy_identity().is_some() {
+            self.said_no_copy = false;
+            return None;
+        }
+        if !self.said_no_copy {
+            tracing::warn!(node = self.cfg.node, volume = self.cfg.volume, "cluster: the key is free but this standby holds no copy of the volume yet: not campaigning");
+            self.said_no_copy = true;
+        }
+        Some("nobody: this standby has no copy".into())
+    }
+
     /// Makes the volume servable here: a standby is promoted (fence the old primary with the
     /// next epoch, bump it, open the volume); a volume already open must not be fenced.
     fn promote(&self) -> Event {
@@ -336,7 +357,10 @@ impl Node {
                     fence(&self.reg, &self.cfg.volume, &why);
                     None
                 }
-                Action::Campaign => self.campaign().await,
+                Action::Campaign => match self.no_copy() {
+                    Some(why) => Some(Event::Lost { holder: why }),
+                    None => self.campaign().await,
+                },
                 Action::Promote { epoch } => {
                     tracing::warn!(
                         node = self.cfg.node,

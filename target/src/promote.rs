@@ -40,10 +40,29 @@ use crate::serve::{open_entry, ServeError};
 pub struct StandbyDevice {
     name: String,
     geo: Geometry,
-    /// The volume's UUID when the local copy already held its superblock at start: the
-    /// namespace then has the identity the primary's export has (multipath).
-    identity: Option<[u8; 16]>,
+    /// The volume's UUID, from the local copy's superblock: the namespace then has the
+    /// identity the primary's export has (multipath). Read again while unknown (a copy the
+    /// primary formats after this node started).
+    identity: OnceLock<[u8; 16]>,
+    /// The local copy, for that.
+    copy: Arc<dyn BlockDevice>,
     volume: OnceLock<Arc<Volume>>,
+}
+
+impl StandbyDevice {
+    /// The volume's UUID as the local copy's superblock holds it (`None`: blank, or another
+    /// volume's). Control plane: one read of the copy's first block while unknown.
+    pub(crate) fn copy_identity(&self) -> Option<[u8; 16]> {
+        if let Some(id) = self.identity.get() {
+            return Some(*id);
+        }
+        let id = read_superblock(&*self.copy, Duration::from_secs(10))
+            .ok()
+            .flatten()
+            .filter(|sb| sb.volume_name == self.name)
+            .map(|sb| sb.volume_uuid.0)?;
+        Some(*self.identity.get_or_init(|| id))
+    }
 }
 
 impl BlockDevice for StandbyDevice {
@@ -66,7 +85,7 @@ impl BlockDevice for StandbyDevice {
     }
 
     fn identity(&self) -> Option<[u8; 16]> {
-        self.identity
+        self.copy_identity()
     }
 }
 
@@ -127,22 +146,20 @@ pub(crate) fn standby_slots(
         let region = nvmirror_nvme::uri::parse_size(&v.region_size).map_err(err)?;
         let layout = MetadataLayout::compute(g.bytes(), g.lba_size, region)
             .ok_or_else(|| err("the leg is too small for the metadata".into()))?;
-        let identity = read_superblock(&**first, Duration::from_secs(10))
-            .ok()
-            .flatten()
-            .filter(|sb| sb.volume_name == v.name)
-            .map(|sb| sb.volume_uuid.0);
+        let device = Arc::new(StandbyDevice {
+            name: v.name.clone(),
+            geo: Geometry {
+                lba_size: g.lba_size,
+                num_blocks: layout.data_blocks,
+            },
+            identity: OnceLock::new(),
+            copy: Arc::clone(first),
+            volume: OnceLock::new(),
+        });
+        device.copy_identity();
         out.push(StandbySlot {
             cfg: v.clone(),
-            device: Arc::new(StandbyDevice {
-                name: v.name.clone(),
-                geo: Geometry {
-                    lba_size: g.lba_size,
-                    num_blocks: layout.data_blocks,
-                },
-                identity,
-                volume: OnceLock::new(),
-            }),
+            device,
             entry: OnceLock::new(),
             local,
             fence_at,

@@ -237,10 +237,14 @@ fn pair() -> Option<Pair> {
     std::fs::create_dir_all(&db).unwrap();
     let (a_port, b_port) = (free_port(), free_port());
     let (a_proxy, b_proxy) = (proxy(e.port), proxy(e.port));
-    // B cannot reach etcd until A holds the key (it would campaign for a volume it has no
-    // copy of yet).
-    b_proxy.cut.store(true, Ordering::Release);
+    // B starts first, with the key free: it holds no copy yet, so it must not campaign.
     let b = site_b(&db, b_port, a_port, b_proxy.port);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        ana(&b),
+        "inaccessible",
+        "a standby without a copy took the key"
+    );
     let bytes = b.rpc_ok("volume_status", r#"{"name":"siteb"}"#)["capacity_bytes"]
         .as_u64()
         .unwrap();
@@ -249,7 +253,6 @@ fn pair() -> Option<Pair> {
         ana(&a) == "optimized"
     });
     a.wait_in_sync();
-    b_proxy.cut.store(false, Ordering::Release);
     std::mem::forget(b_proxy);
     Some(Pair {
         _dir: dir,
