@@ -104,6 +104,8 @@ struct Node {
     lease: Option<i64>,
     keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
     said_no_copy: bool,
+    /// The key has been seen held by another node since this one started.
+    seen_active: bool,
 }
 
 impl Node {
@@ -118,6 +120,7 @@ impl Node {
             lease: None,
             keeper: None,
             said_no_copy: false,
+            seen_active: false,
         }
     }
 
@@ -148,6 +151,9 @@ impl Node {
             if self.client.is_some() && now >= next_poll {
                 next_poll = now + POLL;
                 if let Some(ev) = self.read_key().await {
+                    if matches!(&ev, Event::Key { holder: Some(h), .. } if *h != self.cfg.node) {
+                        self.seen_active = true;
+                    }
                     let acts = self.pc.on(ev, Instant::now());
                     self.execute(acts).await;
                 }

@@ -46,7 +46,8 @@ pub struct StandbyDevice {
     identity: OnceLock<[u8; 16]>,
     /// The local copy, for that.
     copy: Arc<dyn BlockDevice>,
-    volume: OnceLock<Arc<Volume>>,
+    /// The promoted volume (shared with the queue pairs opened before the promotion).
+    volume: Arc<OnceLock<Arc<Volume>>>,
 }
 
 impl StandbyDevice {
@@ -70,14 +71,16 @@ impl BlockDevice for StandbyDevice {
         self.geo
     }
 
+    /// Before the promotion a host may connect (a multipath host keeps this path ready):
+    /// its queue pair answers every command with ANA Inaccessible, a path error it retries
+    /// on the other node, and forwards to the volume once it is promoted.
     fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
-        match self.volume.get() {
-            Some(v) => v.open_qpair(depth),
-            None => Err(nvmirror_nvme::Error::QueuePair(format!(
-                "volume '{}' is a standby: it serves once promoted (volume_promote)",
-                self.name
-            ))),
-        }
+        Ok(Box::new(StandbyQueuePair {
+            volume: Arc::clone(&self.volume),
+            inner: None,
+            depth,
+            ready: std::collections::VecDeque::with_capacity(depth as usize),
+        }))
     }
 
     fn name(&self) -> &str {
@@ -86,6 +89,98 @@ impl BlockDevice for StandbyDevice {
 
     fn identity(&self) -> Option<[u8; 16]> {
         self.copy_identity()
+    }
+}
+
+/// A queue pair on a standby export: see [`StandbyDevice::open_qpair`].
+#[derive(Debug)]
+struct StandbyQueuePair {
+    volume: Arc<OnceLock<Arc<Volume>>>,
+    /// The promoted volume's queue pair, opened at the first command after the promotion.
+    inner: Option<Box<dyn QueuePair>>,
+    depth: u32,
+    /// Commands answered here before the promotion (capacity = depth).
+    ready: std::collections::VecDeque<nvmirror_nvme::Completion>,
+}
+
+impl StandbyQueuePair {
+    fn inner(&mut self) -> Option<&mut Box<dyn QueuePair>> {
+        if self.inner.is_none() {
+            let vol = self.volume.get()?;
+            match vol.open_qpair(self.depth) {
+                Ok(qp) => self.inner = Some(qp),
+                Err(e) => {
+                    tracing::warn!(volume = vol.name(), error = %e, "promoted volume: cannot open a queue pair");
+                    return None;
+                }
+            }
+        }
+        self.inner.as_mut()
+    }
+}
+
+impl QueuePair for StandbyQueuePair {
+    fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    fn outstanding(&self) -> u32 {
+        self.ready.len() as u32 + self.inner.as_ref().map_or(0, |q| q.outstanding())
+    }
+
+    unsafe fn submit(
+        &mut self,
+        cmd: nvmirror_nvme::IoCommand,
+    ) -> std::result::Result<(), nvmirror_nvme::SubmitError> {
+        if self.outstanding() >= self.depth {
+            return Err(nvmirror_nvme::SubmitError::QueueFull);
+        }
+        match self.inner() {
+            // SAFETY: the caller's promise for `cmd.buf` carries over to the volume's queue
+            // pair, which completes the command before this one reports it.
+            Some(q) => unsafe { q.submit(cmd) },
+            None => {
+                self.ready.push_back(nvmirror_nvme::Completion {
+                    tag: cmd.tag,
+                    status: nvmirror_nvme::spec::ana::status::ANA_INACCESSIBLE,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut [nvmirror_nvme::Completion]) -> usize {
+        let mut n = 0;
+        while n < out.len() {
+            let Some(c) = self.ready.pop_front() else {
+                break;
+            };
+            out[n] = c;
+            n += 1;
+        }
+        if let Some(q) = self.inner.as_mut() {
+            n += q.poll(&mut out[n..]);
+        }
+        n
+    }
+
+    fn buffer_lent(&self, tag: u64) -> bool {
+        self.inner.as_ref().is_some_and(|q| q.buffer_lent(tag))
+    }
+
+    fn poll_released(&mut self, out: &mut [u64]) -> usize {
+        self.inner.as_mut().map_or(0, |q| q.poll_released(out))
+    }
+
+    fn cancel(&mut self, tags: &[u64]) -> usize {
+        self.inner.as_mut().map_or(0, |q| q.cancel(tags))
+    }
+
+    fn close(self: Box<Self>) -> nvmirror_nvme::Fence {
+        match self.inner {
+            Some(q) => q.close(),
+            None => nvmirror_nvme::Fence::done(),
+        }
     }
 }
 
@@ -154,7 +249,7 @@ pub(crate) fn standby_slots(
             },
             identity: OnceLock::new(),
             copy: Arc::clone(first),
-            volume: OnceLock::new(),
+            volume: Arc::new(OnceLock::new()),
         });
         device.copy_identity();
         out.push(StandbySlot {
