@@ -306,23 +306,37 @@ impl Node {
         }
     }
 
-    /// Why this node must not campaign: it is a standby whose local copy holds no superblock
-    /// of the volume yet (the primary has not mirrored onto it). Said once per change.
+    /// Why this node must not campaign: it is a standby that has not yet seen an active
+    /// node hold the key since it started (it takes over from an active node, never races
+    /// the primary at bring-up), or whose local copy holds no superblock of the volume yet.
+    /// Said once per change.
     fn no_copy(&mut self) -> Option<String> {
         let slot = self
             .reg
             .standby
             .iter()
             .find(|s| s.cfg.name == self.cfg.volume)?;
-        if slot.entry.get().is_some() || slot.device.copy_identity().is_some() {
-            self.said_no_copy = false;
+        if slot.entry.get().is_some() {
             return None;
         }
+        let why = if !self.seen_active {
+            "this standby has not seen an active node yet"
+        } else if slot.device.copy_identity().is_none() {
+            "this standby holds no copy of the volume yet"
+        } else {
+            self.said_no_copy = false;
+            return None;
+        };
         if !self.said_no_copy {
-            tracing::warn!(node = self.cfg.node, volume = self.cfg.volume, "cluster: the key is free but this standby holds no copy of the volume yet: not campaigning");
+            tracing::warn!(
+                node = self.cfg.node,
+                volume = self.cfg.volume,
+                why,
+                "cluster: the key is free; not campaigning"
+            );
             self.said_no_copy = true;
         }
-        Some("nobody: this standby has no copy".into())
+        Some(format!("nobody: {why}"))
     }
 
     /// Makes the volume servable here: a standby is promoted (fence the old primary with the
