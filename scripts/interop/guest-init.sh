@@ -3,8 +3,8 @@
 # nvmirror target on the host as a Linux NVMe/TCP host, verify I/O (or, with
 # nvmirror.test=resv on the kernel command line, reservations; with nvmirror.test=ana,
 # multipath over two ports and an ANA failover; with nvmirror.test=auth, DH-HMAC-CHAP; with
-# nvmirror.test=rpc, a namespace built by RPC across save_config and a restart), report,
-# power off.
+# nvmirror.test=rpc, a namespace built by RPC across save_config and a restart; with
+# nvmirror.test=pair, failover of an active/standby pair of nodes), report, power off.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/sbin:/usr/bin
 mount -t proc proc /proc
@@ -324,6 +324,94 @@ ana_test() {
     sleep 5
 }
 [ "$TEST" = ana ] && ana_test
+
+# An active/standby pair of nvmirror nodes coordinated through etcd: A on $PORT (active,
+# optimized), B on $PORT2 (standby, inaccessible), one subsystem, one namespace. While this
+# guest writes, the host kills A with SIGKILL; B's controller takes over the key, promotes
+# itself and goes optimized, and the writes must carry on through B with no error and every
+# block intact. Reports the longest writer round (the pause the application saw).
+pair_test() {
+    PORT2=$(param port2)
+    mp=$(cat /sys/module/nvme_core/parameters/multipath 2>/dev/null)
+    [ "$mp" = Y ] || fail "native NVMe multipath is off in this kernel"
+    nvme connect -t tcp -a "$HOST" -s "$PORT2" -n "$NQN" || fail "nvme connect to the standby"
+    P1= P2= DEV=
+    for _ in $(seq 240); do
+        P1=$(path_on "$PORT")
+        P2=$(path_on "$PORT2")
+        for d in /sys/block/nvme*n*; do
+            case "$(basename "$d")" in
+                *c*) ;;
+                *) DEV=/dev/$(basename "$d") ;;
+            esac
+        done
+        [ -n "$P1" ] && [ -n "$P2" ] && [ "$(ana_state "$P1")" = optimized ] &&
+            [ "$(ana_state "$P2")" = inaccessible ] && break
+        sleep 0.25
+    done
+    [ -n "$P1" ] && [ -n "$P2" ] || fail "two controllers did not appear"
+    [ -b "$DEV" ] || fail "no multipath block device"
+    [ "$(ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | wc -l)" -ge 2 ] ||
+        fail "the two nodes' controllers are not in one subsystem"
+    say "paths $(basename "$P1") $(ana_state "$P1") (active), $(basename "$P2") $(ana_state "$P2") (standby); head $DEV"
+    [ "$(ana_state "$P1")" = optimized ] || fail "the active node's path is not optimized"
+    [ "$(ana_state "$P2")" = inaccessible ] || fail "the standby's path is not inaccessible"
+    nvme list-subsys "$DEV" >/tmp/subsys 2>&1 || { cat /tmp/subsys; fail "nvme list-subsys"; }
+    cat /tmp/subsys
+    [ "$(grep -c "trsvcid=" /tmp/subsys)" -ge 2 ] || fail "list-subsys does not show two paths"
+    nvme ana-log "/dev/$(basename "$P2")" >/tmp/analog 2>&1 || { cat /tmp/analog; fail "nvme ana-log on the standby"; }
+    grep -q "inaccessible" /tmp/analog || { cat /tmp/analog; fail "the standby's ANA log does not say inaccessible"; }
+    say "list-subsys: two paths; ana-log ok"
+
+    dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
+    rm -f /tmp/stop /tmp/w.fail /tmp/w.count /tmp/w.times
+    (
+        i=0
+        while [ ! -f /tmp/stop ]; do
+            t0=$(cut -d' ' -f1 /proc/uptime)
+            dd if=/tmp/pattern of="$DEV" bs=64k count=32 oflag=direct conv=fsync 2>>/tmp/w.err ||
+                echo "$i" >>/tmp/w.fail
+            echo "$t0 $(cut -d' ' -f1 /proc/uptime)" >>/tmp/w.times
+            i=$((i + 1))
+            echo "$i" >/tmp/w.count
+        done
+    ) &
+    W=$!
+    for _ in $(seq 200); do
+        [ -s /tmp/w.count ] && break
+        sleep 0.1
+    done
+    [ -s /tmp/w.count ] || fail "the writer made no progress"
+    say "PAIR-READY"
+    for _ in $(seq 900); do
+        [ "$(ana_state "$P2")" = optimized ] && break
+        sleep 0.2
+    done
+    [ "$(ana_state "$P2")" = optimized ] || { touch /tmp/stop; fail "the standby never became optimized"; }
+    at=$(rounds)
+    say "path $(basename "$P2") optimized after $at writer rounds"
+    for _ in $(seq 900); do
+        [ "$(rounds)" -ge $((at + 3)) ] && break
+        sleep 0.2
+    done
+    touch /tmp/stop
+    wait "$W"
+    done_rounds=$(rounds)
+    [ "$done_rounds" -ge $((at + 3)) ] || fail "the writer stalled after the failover ($done_rounds rounds)"
+    errors=0
+    [ -f /tmp/w.fail ] && errors=$(wc -l </tmp/w.fail)
+    [ ! -s /tmp/w.fail ] || { cat /tmp/w.err; fail "the application saw I/O errors in rounds $(tr '\n' ' ' </tmp/w.fail)"; }
+    dd if="$DEV" of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null || fail "read after the failover"
+    cmp /tmp/pattern /tmp/back || fail "data differs after the failover"
+    pause=$(awk '{ d = $2 - $1; if (d > m) m = d } END { print m }' /tmp/w.times)
+    say "FAILOVER: $done_rounds writer rounds, $errors I/O errors, longest round ${pause}s, data intact"
+    nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
+    nvme disconnect -n "$NQN" || fail "nvme disconnect"
+    say "PASS"
+    poweroff -f
+    sleep 5
+}
+[ "$TEST" = pair ] && pair_test
 
 # 4 MiB of random data, written and read back with O_DIRECT in several block sizes.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=4 2>/dev/null

@@ -33,7 +33,15 @@
 # again from the saved file, and the guest must find the same namespace with its data; at
 # the end both of that volume's legs must hold the pattern (docs/operations.md).
 #
-# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc]
+# With --test pair two nvmirror nodes serve one volume as an active/standby pair coordinated
+# through etcd (started here; Debian etcd-server): A on PORT mirrors onto B's raw leg and holds
+# the volume's key, B on PORT+1 is a standby (`[cluster]`, docs/pair.md; the binary is built
+# with `--features cluster`, which needs protoc). The guest connects to both with native
+# multipath (`nvme list-subsys`: two paths, optimized and inaccessible); while it writes, this
+# script kills A with SIGKILL, and the guest's writes must carry on through B, once B has
+# taken the key and promoted itself, with no I/O error and the data intact.
+#
+# Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc|pair]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
 set -euo pipefail
 
@@ -52,10 +60,10 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --test) TEST=$2; shift 2 ;;
-        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc|pair]" >&2; exit 2 ;;
     esac
 done
-case "$TEST" in io|resv|ana|auth|rpc) ;; *) echo "--test: io, resv, ana, auth or rpc, not $TEST" >&2; exit 2 ;; esac
+case "$TEST" in io|resv|ana|auth|rpc|pair) ;; *) echo "--test: io, resv, ana, auth, rpc or pair, not $TEST" >&2; exit 2 ;; esac
 PORT2=$((PORT + 1))
 
 log() { echo "kernel-host: $*" >&2; }
@@ -162,8 +170,18 @@ if [ ! -f "$INITRD" ] || [ "$0" -nt "$INITRD" ] || [ "$ROOT/scripts/interop/gues
 fi
 
 # ---- 4. the target --------------------------------------------------------------------------
-log "building nvmirror"
-(cd "$ROOT" && cargo build --release -q -p nvmirror-target --bin nvmirror) || fail "cargo build of nvmirror"
+FEATURES=()
+if [ "$TEST" = pair ]; then
+    if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null; then
+        log "installing etcd-server protobuf-compiler"
+        apt-get update -qq || fail "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server protobuf-compiler \
+            >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install etcd-server protobuf-compiler"; }
+    fi
+    FEATURES=(--features cluster)
+fi
+log "building nvmirror ${FEATURES[*]}"
+(cd "$ROOT" && cargo build --release -q -p nvmirror-target --bin nvmirror "${FEATURES[@]}") || fail "cargo build of nvmirror"
 NVMIRROR="$ROOT/build/release/nvmirror"
 DATA="$WORK/data"
 rm -rf "$DATA"
@@ -194,6 +212,95 @@ nqn = "$NQN"
 namespaces = ["vol0"]
 EOF
     CONFIG=(--config "$DATA/ana.toml")
+fi
+B_PID=
+ETCD_PID=
+if [ "$TEST" = pair ]; then
+    # etcd, then B (its raw leg and the standby volume over it), then A (below, as the target).
+    ETCD_PORT=$((PORT + 2))
+    ETCD_PEER=$((PORT + 3))
+    mkdir -p "$DATA/a" "$DATA/b"
+    etcd --name pair --data-dir "$DATA/etcd" \
+        --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+        --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
+        --initial-cluster "pair=http://127.0.0.1:$ETCD_PEER" >"$WORK/etcd.log" 2>&1 &
+    ETCD_PID=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$ETCD_PORT") 2>/dev/null && break
+        sleep 0.1
+    done
+    (exec 3<>"/dev/tcp/127.0.0.1/$ETCD_PORT") 2>/dev/null || { cat "$WORK/etcd.log" >&2; fail "etcd did not start"; }
+    CLUSTER="endpoints = [\"http://127.0.0.1:$ETCD_PORT\"]
+volume = \"vol0\"
+ttl = \"3s\"
+margin = \"1s\""
+    cat >"$DATA/b/b.toml" <<EOF
+[nvme_tcp]
+listen = "127.0.0.1:$PORT2"
+cntlid_min = 32768
+cntlid_max = 65519
+
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+
+[cluster]
+node = "b"
+$CLUSTER
+
+[[volume]]
+name = "siteb"
+bitmap = false
+legs = ["file://@DATA_DIR@/b.img?create=1GiB"]
+
+[[volume]]
+name = "vol0"
+standby = true
+legs = ["nvme-tcp://127.0.0.1:$((PORT + 4))/nqn.2026-11.io.nvmirror:sitea", "volume://siteb"]
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmirror:siteb"
+namespaces = ["siteb"]
+
+[[subsystem]]
+nqn = "$NQN"
+namespaces = ["vol0"]
+EOF
+    B_LOG="$WORK/target-b.log"
+    rm -f "$B_LOG"
+    RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve --config "$DATA/b/b.toml" --data-dir "$DATA/b" \
+        --listen "127.0.0.1:$PORT2" --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$B_LOG" 2>&1 &
+    B_PID=$!
+    for _ in $(seq 100); do
+        grep -q "serving" "$B_LOG" 2>/dev/null && break
+        kill -0 "$B_PID" 2>/dev/null || { cat "$B_LOG" >&2; fail "node B exited at start"; }
+        sleep 0.1
+    done
+    grep -q "serving" "$B_LOG" || fail "node B did not start"
+    B_BYTES=$("$NVMIRROR" rpc --socket "$DATA/b/nvmirror.sock" volume_status '{"name":"siteb"}' |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["capacity_bytes"])') || fail "volume_status of B's raw leg"
+    cat >"$DATA/a/a.toml" <<EOF
+[nvme_tcp]
+listen = "127.0.0.1:$PORT"
+cntlid_min = 1
+cntlid_max = 32767
+
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+
+[cluster]
+node = "a"
+$CLUSTER
+
+[[volume]]
+name = "vol0"
+legs = ["file://@DATA_DIR@/a.img?create=$B_BYTES", "nvme-tcp://127.0.0.1:$PORT2/nqn.2026-11.io.nvmirror:siteb?kato=2s&reconnect_delay=100ms"]
+
+[[subsystem]]
+nqn = "$NQN"
+namespaces = ["vol0"]
+EOF
+    DATA="$DATA/a"
+    CONFIG=(--config "$DATA/a.toml")
 fi
 APPEND_AUTH=
 if [ "$TEST" = auth ]; then
@@ -258,6 +365,8 @@ TARGET_PID=
 cleanup() {
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
     [ -n "$TARGET_PID" ] && kill "$TARGET_PID" 2>/dev/null || true
+    [ -n "$B_PID" ] && kill "$B_PID" 2>/dev/null || true
+    [ -n "$ETCD_PID" ] && kill "$ETCD_PID" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -334,6 +443,28 @@ if [ "$TEST" = ana ]; then
     ana_step ANA-READY inaccessible
     ana_step ANA-RESTORE optimized
 fi
+if [ "$TEST" = pair ]; then
+    # With both paths up and I/O running, kill the active node.
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: PAIR-READY" "$GUEST_LOG" 2>/dev/null; do
+        sleep 0.2
+    done
+    if grep -q "NVMIRROR-GUEST: PAIR-READY" "$GUEST_LOG" 2>/dev/null; then
+        log "killing the active node A (SIGKILL)"
+        kill -KILL "$TARGET_PID"
+        wait "$TARGET_PID" 2>/dev/null || true
+        TARGET_PID=
+        KILLED=$(date +%s.%N)
+        for _ in $(seq 600); do
+            grep -q "promoted: serving" "$B_LOG" && break
+            sleep 0.1
+        done
+        if grep -q "promoted: serving" "$B_LOG"; then
+            log "node B promoted itself $(python3 -c "import time; print(round(time.time() - $KILLED, 2))") s after the kill"
+        else
+            log "node B has not promoted itself"
+        fi
+    fi
+fi
 set +e
 wait "$QEMU_PID"
 QEMU_RC=$?
@@ -343,6 +474,18 @@ QEMU_PID=
 if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
+    if [ "$TEST" = pair ]; then
+        grep "NVMIRROR-GUEST: FAILOVER" "$GUEST_LOG" >&2 || true
+        st=$("$NVMIRROR" rpc --socket "$WORK/data/b/nvmirror.sock" volume_status '{"name":"vol0"}') ||
+            fail "volume_status on B after the failover"
+        echo "$st" | python3 -c 'import json, sys; s = json.load(sys.stdin); print("kernel-host: B serves vol0 at epoch", s["epoch"], "fenced:", s["fenced"]); assert s["epoch"] >= 1 and s["fenced"] is None' >&2 ||
+            fail "B does not serve the volume at a new epoch"
+        kill -TERM "$B_PID"
+        wait "$B_PID" 2>/dev/null || true
+        B_PID=
+        echo "PASS"
+        exit 0
+    fi
     if [ "$TEST" != io ] && [ "$TEST" != rpc ]; then
         stop_target
         echo "PASS"

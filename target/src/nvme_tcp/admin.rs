@@ -240,7 +240,7 @@ fn identify(
                 RESCAP_ALL & !RESCAP_PTPL
             };
             id.lbaf[0] = lba_format(ns.geo.lba_size);
-            id.nguid = ns.nguid;
+            id.nguid = ns.ids().0;
             // Every namespace is its own ANA group.
             id.anagrpid = sqe.nsid;
             id.write_to(&mut page);
@@ -259,9 +259,10 @@ fn identify(
                 .namespace(sqe.nsid)
                 .ok_or(Status::INVALID_NAMESPACE.with_dnr())?;
             let mut o = 0;
+            let (nguid, uuid) = ns.ids();
             for (t, id) in [
-                (nidt::NGUID, &ns.nguid[..]),
-                (nidt::UUID, &ns.uuid[..]),
+                (nidt::NGUID, &nguid[..]),
+                (nidt::UUID, &uuid[..]),
                 (nidt::CSI, &[0u8][..]),
             ] {
                 let h = NsIdDescriptorHeader {

@@ -297,8 +297,8 @@ impl NvmeTcpTarget {
                     .map(|(nsid, n)| NamespaceInfo {
                         nsid,
                         device: n.dev.name().to_string(),
-                        nguid: n.nguid,
-                        uuid: n.uuid,
+                        nguid: n.ids().0,
+                        uuid: n.ids().1,
                     })
                     .collect(),
             })

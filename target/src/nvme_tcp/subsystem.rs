@@ -70,6 +70,16 @@ impl Namespace {
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
     }
+
+    /// The NGUID and UUID as hosts see them now: the device's identity once it has one
+    /// (a standby's copy the primary formats after this node started), else the ones made
+    /// at open.
+    pub fn ids(&self) -> ([u8; 16], [u8; 16]) {
+        match self.dev.identity() {
+            Some(id) => (id, uuid_v4_shape(id)),
+            None => (self.nguid, self.uuid),
+        }
+    }
 }
 
 /// An NVM subsystem as served.
