@@ -232,6 +232,47 @@ ana_state() {
     cat "$1"/nvme*c*n1/ana_state 2>/dev/null
 }
 
+# Starts a writer of 2 MiB rounds (O_DIRECT, fsync) of one random pattern to $DEV in the
+# background (pid in W), recording failed rounds and each round's start and end; returns once
+# it has made progress.
+start_writer() {
+    dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
+    rm -f /tmp/stop /tmp/w.fail /tmp/w.count /tmp/w.times
+    (
+        i=0
+        while [ ! -f /tmp/stop ]; do
+            t0=$(cut -d' ' -f1 /proc/uptime)
+            dd if=/tmp/pattern of="$DEV" bs=64k count=32 oflag=direct conv=fsync 2>>/tmp/w.err ||
+                echo "$i" >>/tmp/w.fail
+            echo "$t0 $(cut -d' ' -f1 /proc/uptime)" >>/tmp/w.times
+            i=$((i + 1))
+            echo "$i" >/tmp/w.count
+        done
+    ) &
+    W=$!
+    for _ in $(seq 200); do
+        [ -s /tmp/w.count ] && break
+        sleep 0.1
+    done
+    [ -s /tmp/w.count ] || fail "the writer made no progress"
+}
+# Lets the writer do three more rounds after round $1, stops it, and fails on any I/O error or
+# on data that does not read back; sets ROUNDS and PAUSE (the longest round, in seconds).
+finish_writer() {
+    for _ in $(seq 900); do
+        [ "$(rounds)" -ge $(($1 + 3)) ] && break
+        sleep 0.2
+    done
+    touch /tmp/stop
+    wait "$W"
+    ROUNDS=$(rounds)
+    [ "$ROUNDS" -ge $(($1 + 3)) ] || fail "the writer stalled after the failover ($ROUNDS rounds)"
+    [ ! -s /tmp/w.fail ] || { cat /tmp/w.err; fail "the writer saw I/O errors in rounds $(tr '\n' ' ' </tmp/w.fail)"; }
+    dd if="$DEV" of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null || fail "read after the failover"
+    cmp /tmp/pattern /tmp/back || fail "data differs after the failover"
+    PAUSE=$(awk '{ d = $2 - $1; if (d > m) m = d } END { print m }' /tmp/w.times)
+}
+
 # Native multipath over two ports of one subsystem: both paths and their ANA states, the
 # ANA log, then I/O that carries on while the host takes the optimized path away.
 ana_test() {
@@ -271,23 +312,7 @@ ana_test() {
     grep -q "nsid.*:.*1$" /tmp/analog || fail "nvme ana-log does not list namespace 1 in its group"
     say "list-subsys and ana-log ok"
 
-    dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
-    rm -f /tmp/stop /tmp/w.fail /tmp/w.count
-    (
-        i=0
-        while [ ! -f /tmp/stop ]; do
-            dd if=/tmp/pattern of="$DEV" bs=64k count=32 oflag=direct conv=fsync 2>>/tmp/w.err ||
-                echo "$i" >>/tmp/w.fail
-            i=$((i + 1))
-            echo "$i" >/tmp/w.count
-        done
-    ) &
-    W=$!
-    for _ in $(seq 200); do
-        [ -s /tmp/w.count ] && break
-        sleep 0.1
-    done
-    [ -s /tmp/w.count ] || fail "the writer made no progress"
+    start_writer
     say "ANA-READY"
     for _ in $(seq 600); do
         [ "$(ana_state "$P1")" = inaccessible ] && break
@@ -296,18 +321,8 @@ ana_test() {
     [ "$(ana_state "$P1")" = inaccessible ] || { touch /tmp/stop; fail "the path on port $PORT never went inaccessible"; }
     at=$(rounds)
     say "path $(basename "$P1") inaccessible after $at writer rounds; $(basename "$P2") $(ana_state "$P2")"
-    for _ in $(seq 600); do
-        [ "$(rounds)" -ge $((at + 3)) ] && break
-        sleep 0.2
-    done
-    touch /tmp/stop
-    wait "$W"
-    done_rounds=$(rounds)
-    [ "$done_rounds" -ge $((at + 3)) ] || fail "the writer stalled after the failover ($done_rounds rounds)"
-    [ ! -s /tmp/w.fail ] || { cat /tmp/w.err; fail "the writer saw errors in rounds $(tr '\n' ' ' </tmp/w.fail)"; }
-    dd if="$DEV" of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null || fail "read after the failover"
-    cmp /tmp/pattern /tmp/back || fail "data differs after the failover"
-    say "I/O continued on the other path: $done_rounds rounds, no errors, data intact"
+    finish_writer "$at"
+    say "I/O continued on the other path: $ROUNDS rounds, no errors, data intact"
     nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
     grep -q "inaccessible" /tmp/subsys || fail "list-subsys does not show the inaccessible path"
     # With no I/O at all, only the asynchronous event can tell this host the path is back.
@@ -363,25 +378,7 @@ pair_test() {
     grep -q "inaccessible" /tmp/analog || { cat /tmp/analog; fail "the standby's ANA log does not say inaccessible"; }
     say "list-subsys: two paths; ana-log ok"
 
-    dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
-    rm -f /tmp/stop /tmp/w.fail /tmp/w.count /tmp/w.times
-    (
-        i=0
-        while [ ! -f /tmp/stop ]; do
-            t0=$(cut -d' ' -f1 /proc/uptime)
-            dd if=/tmp/pattern of="$DEV" bs=64k count=32 oflag=direct conv=fsync 2>>/tmp/w.err ||
-                echo "$i" >>/tmp/w.fail
-            echo "$t0 $(cut -d' ' -f1 /proc/uptime)" >>/tmp/w.times
-            i=$((i + 1))
-            echo "$i" >/tmp/w.count
-        done
-    ) &
-    W=$!
-    for _ in $(seq 200); do
-        [ -s /tmp/w.count ] && break
-        sleep 0.1
-    done
-    [ -s /tmp/w.count ] || fail "the writer made no progress"
+    start_writer
     say "PAIR-READY"
     for _ in $(seq 900); do
         [ "$(ana_state "$P2")" = optimized ] && break
@@ -390,21 +387,8 @@ pair_test() {
     [ "$(ana_state "$P2")" = optimized ] || { touch /tmp/stop; fail "the standby never became optimized"; }
     at=$(rounds)
     say "path $(basename "$P2") optimized after $at writer rounds"
-    for _ in $(seq 900); do
-        [ "$(rounds)" -ge $((at + 3)) ] && break
-        sleep 0.2
-    done
-    touch /tmp/stop
-    wait "$W"
-    done_rounds=$(rounds)
-    [ "$done_rounds" -ge $((at + 3)) ] || fail "the writer stalled after the failover ($done_rounds rounds)"
-    errors=0
-    [ -f /tmp/w.fail ] && errors=$(wc -l </tmp/w.fail)
-    [ ! -s /tmp/w.fail ] || { cat /tmp/w.err; fail "the application saw I/O errors in rounds $(tr '\n' ' ' </tmp/w.fail)"; }
-    dd if="$DEV" of=/tmp/back bs=64k count=32 iflag=direct 2>/dev/null || fail "read after the failover"
-    cmp /tmp/pattern /tmp/back || fail "data differs after the failover"
-    pause=$(awk '{ d = $2 - $1; if (d > m) m = d } END { print m }' /tmp/w.times)
-    say "FAILOVER: $done_rounds writer rounds, $errors I/O errors, longest round ${pause}s, data intact"
+    finish_writer "$at"
+    say "FAILOVER: $ROUNDS writer rounds, 0 I/O errors, longest round ${PAUSE}s, data intact"
     nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
     nvme disconnect -n "$NQN" || fail "nvme disconnect"
     say "PASS"

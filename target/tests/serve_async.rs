@@ -26,10 +26,6 @@ fn config(da: &Path, a_bytes: u64, b_port: u16, extra: &str) -> String {
     )
 }
 
-fn site_b(db: &Path) -> Server {
-    site_b_at(db, 0)
-}
-
 /// Site B with its NVMe/TCP listener on `port` (0: a free one); a restart at the same port
 /// is the same site to A.
 fn site_b_at(db: &Path, port: u16) -> Server {
@@ -53,6 +49,35 @@ fn site_b_at(db: &Path, port: u16) -> Server {
     Server::spawn_at(&args, &[], &format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The two sites of a test: B started (on `b_port`, 0 for a free one) in `dir/b`, and A's
+/// configuration (its async leg entry extended by `extra`) for `dir/a`.
+struct Sites {
+    _dir: tempfile::TempDir,
+    da: std::path::PathBuf,
+    db: std::path::PathBuf,
+    b: Server,
+    b_bytes: u64,
+    a_cfg: String,
+}
+
+fn sites(b_port: u16, extra: &str) -> Sites {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::create_dir_all(&da).unwrap();
+    let b = site_b_at(&db, b_port);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let a_cfg = config(&da, b_bytes, b.port(), extra);
+    Sites {
+        _dir: dir,
+        da,
+        db,
+        b,
+        b_bytes,
+        a_cfg,
+    }
+}
+
 fn wait_drained(a: &Server) -> serde_json::Value {
     a.wait_for(Duration::from_secs(30), "journal drained", |st| {
         st["legs"][1]["replication"]["lag_writes"] == 0
@@ -61,13 +86,15 @@ fn wait_drained(a: &Server) -> serde_json::Value {
 
 #[test]
 fn an_async_leg_lags_behind_the_host_and_catches_up_to_an_identical_image() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
-    std::fs::create_dir_all(&db).unwrap();
-    std::fs::create_dir_all(&da).unwrap();
-    let b = site_b(&db);
-    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
-    let a = Server::with_config(&da, &config(&da, b_bytes, b.port(), ""));
+    let Sites {
+        da,
+        db,
+        b,
+        b_bytes,
+        a_cfg,
+        _dir: _tmp,
+    } = sites(0, "");
+    let a = Server::with_config(&da, &a_cfg);
     let st = a.status();
     assert_eq!(
         st["legs"][1]["replication"]["mode"], "async-journal",
@@ -139,13 +166,14 @@ fn an_async_leg_lags_behind_the_host_and_catches_up_to_an_identical_image() {
 
 #[test]
 fn a_restart_ships_what_the_journal_still_holds() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
-    std::fs::create_dir_all(&db).unwrap();
-    std::fs::create_dir_all(&da).unwrap();
-    let b = site_b(&db);
-    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
-    let cfg = config(&da, b_bytes, b.port(), "");
+    let Sites {
+        da,
+        db,
+        b,
+        b_bytes,
+        a_cfg: cfg,
+        _dir: _tmp,
+    } = sites(0, "");
     let a = Server::with_config(&da, &cfg);
     let armed = b.rpc_ok(
         "leg_fault_inject",
@@ -219,13 +247,13 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
 
 #[test]
 fn leg_set_mode_switches_a_journaled_leg_and_a_restart_keeps_the_mode() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
-    std::fs::create_dir_all(&db).unwrap();
-    std::fs::create_dir_all(&da).unwrap();
-    let b = site_b(&db);
-    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
-    let cfg = config(&da, b_bytes, b.port(), "mode = \"sync\"\n");
+    let Sites {
+        da,
+        b,
+        a_cfg: cfg,
+        _dir: _tmp,
+        ..
+    } = sites(0, "mode = \"sync\"\n");
     let a = Server::with_config(&da, &cfg);
     assert_eq!(a.status()["legs"][1]["replication"]["mode"], "sync");
     let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
@@ -365,19 +393,21 @@ fn assert_prefix(image: &[u8], writes: &[(u64, u32)]) -> u64 {
 #[test]
 fn a_killed_receiver_leaves_a_consistent_prefix_and_catches_up_after_its_restart() {
     use rand::{Rng, SeedableRng};
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (db, da) = (dir.path().join("b"), dir.path().join("a"));
-    std::fs::create_dir_all(&db).unwrap();
-    std::fs::create_dir_all(&da).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let b = site_b_at(&db, port);
-    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let Sites {
+        da,
+        db,
+        b,
+        b_bytes,
+        a_cfg,
+        _dir: _tmp,
+    } = sites(port, "");
     let b_meta = 64 * 1024 * 1024 - b_bytes;
-    let a = Server::with_config(&da, &config(&da, b_bytes, port, ""));
+    let a = Server::with_config(&da, &a_cfg);
     let data_offset = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
     let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
     let mut qp = host.open_qpair(4).unwrap();
