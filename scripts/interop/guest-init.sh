@@ -232,6 +232,37 @@ ana_state() {
     cat "$1"/nvme*c*n1/ana_state 2>/dev/null
 }
 
+# Connects to the second port ($PORT2, from nvmirror.port2) of the subsystem (native
+# multipath must be on) and waits until both paths are up with ANA states $1 and $2 (any
+# state when empty); sets P1 and P2 (the paths through $PORT and $PORT2) and DEV (the
+# multipath block device).
+connect_second_path() {
+    PORT2=$(param port2)
+    mp=$(cat /sys/module/nvme_core/parameters/multipath 2>/dev/null)
+    say "nvme_core.multipath=$mp"
+    [ "$mp" = Y ] || fail "native NVMe multipath is off in this kernel"
+    nvme connect -t tcp -a "$HOST" -s "$PORT2" -n "$NQN" || fail "nvme connect to port $PORT2"
+    P1= P2= DEV=
+    for _ in $(seq 240); do
+        P1=$(path_on "$PORT")
+        P2=$(path_on "$PORT2")
+        for d in /sys/block/nvme*n*; do
+            case "$(basename "$d")" in
+                *c*) ;;
+                *) DEV=/dev/$(basename "$d") ;;
+            esac
+        done
+        s1=$(ana_state "$P1")
+        s2=$(ana_state "$P2")
+        [ -n "$P1" ] && [ -n "$P2" ] && [ -n "$s1" ] && [ -n "$s2" ] &&
+            { [ -z "$1" ] || [ "$s1" = "$1" ]; } && { [ -z "$2" ] || [ "$s2" = "$2" ]; } && break
+        sleep 0.25
+    done
+    [ -n "$P1" ] && [ -n "$P2" ] || fail "two controllers did not appear"
+    [ -b "$DEV" ] || fail "no multipath block device"
+    [ "$(ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | wc -l)" -ge 2 ] ||
+        fail "the two controllers are not in one subsystem"
+}
 # Starts a writer of 2 MiB rounds (O_DIRECT, fsync) of one random pattern to $DEV in the
 # background (pid in W), recording failed rounds and each round's start and end; returns once
 # it has made progress.
@@ -276,28 +307,7 @@ finish_writer() {
 # Native multipath over two ports of one subsystem: both paths and their ANA states, the
 # ANA log, then I/O that carries on while the host takes the optimized path away.
 ana_test() {
-    PORT2=$(sed -n 's/.*nvmirror\.port2=\([0-9]*\).*/\1/p' /proc/cmdline)
-    mp=$(cat /sys/module/nvme_core/parameters/multipath 2>/dev/null)
-    say "nvme_core.multipath=$mp"
-    [ "$mp" = Y ] || fail "native NVMe multipath is off in this kernel"
-    nvme connect -t tcp -a "$HOST" -s "$PORT2" -n "$NQN" || fail "nvme connect to the second port"
-    P1= P2= DEV=
-    for _ in $(seq 120); do
-        P1=$(path_on "$PORT")
-        P2=$(path_on "$PORT2")
-        for d in /sys/block/nvme*n*; do
-            case "$(basename "$d")" in
-                *c*) ;;
-                *) DEV=/dev/$(basename "$d") ;;
-            esac
-        done
-        [ -n "$P1" ] && [ -n "$P2" ] && [ -n "$(ana_state "$P1")" ] && [ -n "$(ana_state "$P2")" ] && break
-        sleep 0.25
-    done
-    [ -n "$P1" ] && [ -n "$P2" ] || fail "two controllers did not appear"
-    [ -b "$DEV" ] || fail "no multipath block device"
-    [ "$(ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | wc -l)" -ge 2 ] ||
-        fail "the two controllers are not in one subsystem"
+    connect_second_path "" ""
     say "paths $(basename "$P1") $(ana_state "$P1"), $(basename "$P2") $(ana_state "$P2"); head $DEV"
     [ "$(ana_state "$P1")" = optimized ] || fail "port $PORT path not optimized"
     [ "$(ana_state "$P2")" = non-optimized ] || fail "port $PORT2 path not non-optimized"
@@ -346,28 +356,7 @@ ana_test() {
 # itself and goes optimized, and the writes must carry on through B with no error and every
 # block intact. Reports the longest writer round (the pause the application saw).
 pair_test() {
-    PORT2=$(param port2)
-    mp=$(cat /sys/module/nvme_core/parameters/multipath 2>/dev/null)
-    [ "$mp" = Y ] || fail "native NVMe multipath is off in this kernel"
-    nvme connect -t tcp -a "$HOST" -s "$PORT2" -n "$NQN" || fail "nvme connect to the standby"
-    P1= P2= DEV=
-    for _ in $(seq 240); do
-        P1=$(path_on "$PORT")
-        P2=$(path_on "$PORT2")
-        for d in /sys/block/nvme*n*; do
-            case "$(basename "$d")" in
-                *c*) ;;
-                *) DEV=/dev/$(basename "$d") ;;
-            esac
-        done
-        [ -n "$P1" ] && [ -n "$P2" ] && [ "$(ana_state "$P1")" = optimized ] &&
-            [ "$(ana_state "$P2")" = inaccessible ] && break
-        sleep 0.25
-    done
-    [ -n "$P1" ] && [ -n "$P2" ] || fail "two controllers did not appear"
-    [ -b "$DEV" ] || fail "no multipath block device"
-    [ "$(ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | wc -l)" -ge 2 ] ||
-        fail "the two nodes' controllers are not in one subsystem"
+    connect_second_path optimized inaccessible
     say "paths $(basename "$P1") $(ana_state "$P1") (active), $(basename "$P2") $(ana_state "$P2") (standby); head $DEV"
     [ "$(ana_state "$P1")" = optimized ] || fail "the active node's path is not optimized"
     [ "$(ana_state "$P2")" = inaccessible ] || fail "the standby's path is not inaccessible"
