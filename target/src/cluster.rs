@@ -144,6 +144,11 @@ impl Node {
         while !self.stop.load(Ordering::Acquire) {
             let acts = self.pc.tick(Instant::now());
             self.execute(acts).await;
+            if self.reg.resign.swap(false, Ordering::AcqRel) {
+                tracing::warn!(node = self.cfg.node, volume = self.cfg.volume, role = ?self.pc.role(), "cluster: handing the volume to the peer (cluster_resign)");
+                let acts = self.pc.on(Event::Resign, Instant::now());
+                self.execute(acts).await;
+            }
             if self.client.is_none() {
                 self.connect().await;
             }

@@ -118,6 +118,10 @@ pub struct Registry {
     /// Where `leg_add` and `volume_create` may open or create `file://` legs, canonical
     /// (`leg_dirs.rs`).
     pub leg_dirs: Vec<std::path::PathBuf>,
+    /// The volume of this node's `[cluster]` section, and the operator's request that it hand
+    /// the volume to its peer (`cluster_resign`), read by the pair controller.
+    pub cluster_volume: Option<String>,
+    pub resign: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -137,6 +141,8 @@ impl Registry {
             nbd_exports: Vec::new(),
             data_dir: std::path::PathBuf::new(),
             leg_dirs: Vec::new(),
+            cluster_volume: None,
+            resign: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -661,6 +667,16 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     crate::ana_rpc::add_methods(&mut m, &reg);
     crate::objects_rpc::add_methods(&mut m, &reg);
     crate::mode_rpc::add_methods(&mut m, &reg);
+    let r = Arc::clone(&reg);
+    m.add("cluster_resign", move |_| {
+        let Some(volume) = r.cluster_volume.clone() else {
+            return Err(RpcError::invalid_params(
+                "this node has no [cluster] section: nothing to hand over",
+            ));
+        };
+        r.resign.store(true, std::sync::atomic::Ordering::Release);
+        Ok(json!({"volume": volume, "resigning": true}))
+    });
     crate::spdk_rpc::add_methods(&mut m, &reg);
     if std::env::var_os(TEST_HOOKS_ENV).is_some_and(|v| v == "1") {
         add_test_hooks(&mut m, &reg);

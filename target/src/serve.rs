@@ -609,6 +609,7 @@ impl Service {
         registry.nbd_exports = nbd_exports;
         registry.data_dir = cfg.data_dir.clone();
         registry.leg_dirs = crate::leg_dirs::allowed(cfg);
+        registry.cluster_volume = cfg.cluster.as_ref().map(|c| c.volume.clone());
         let registry = Arc::new(registry);
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.

@@ -3,7 +3,8 @@
 //! holds the volume's key; B is a standby. Killing A lets B's lease watch see the key expire,
 //! take it, promote (fencing A's reservation with the next epoch) and serve, with every write A
 //! acknowledged intact. Cutting A off from etcd only (the host still reaches it) makes A stop
-//! acknowledging before B can take the key: never two writers.
+//! acknowledging before B can take the key: never two writers. `cluster_resign` on A hands
+//! the volume to B at once.
 //!
 //! Built only with the `cluster` feature; skipped (with a message) when `etcd` is missing,
 //! unless `NVMIRROR_REQUIRE_TOOLS=1`.
@@ -397,4 +398,38 @@ fn an_active_node_cut_off_from_etcd_stops_before_the_standby_takes_over() {
         );
     }
     drop(a);
+}
+
+#[test]
+fn a_planned_handover_moves_the_volume_to_the_standby_without_waiting_for_the_lease() {
+    let Some(mut p) = pair() else { return };
+    let a = p.a.take().unwrap();
+    let (_d, mut qp) = host(&a.nvme_tcp);
+    let mut pool = DmaPool::new(1, NLB as usize * 512);
+    for i in 0..16u64 {
+        assert!(try_write(&mut *qp, &mut pool, i * 64, NLB, 0x60 + i as u8).is_success());
+    }
+    let asked = Instant::now();
+    let r = a.rpc_ok("cluster_resign", "{}");
+    assert_eq!(r["resigning"], true, "{r}");
+    wait(
+        Duration::from_secs(20),
+        "B optimized after the handover",
+        || ana(&p.b) == "optimized",
+    );
+    let took = asked.elapsed();
+    eprintln!("handover (cluster_resign to B optimized): {took:?}");
+    // A revoked its lease: B did not wait for the 2 s TTL to run out.
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(ana(&a), "inaccessible");
+    assert!(!try_write(&mut *qp, &mut pool, 0, NLB, 0x99).is_success());
+    let (_d, mut bqp) = host(&p.b.nvme_tcp);
+    for i in 0..16u64 {
+        let got = read(&mut *bqp, &mut pool, i * 64, NLB);
+        assert!(
+            got.iter().all(|&x| x == 0x60 + i as u8),
+            "write {i} lost at B"
+        );
+    }
+    assert!(try_write(&mut *bqp, &mut pool, 4000, NLB, 0x77).is_success());
 }
