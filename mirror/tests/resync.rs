@@ -401,8 +401,12 @@ fn a_hung_target_is_faulted_after_the_io_timeout_and_host_writes_go_on() {
     );
     let status = handle.join().unwrap();
     assert_eq!(status.state, JobState::Failed);
+    // The copy's own command times out, or (on a loaded machine) the host write's command to
+    // the hung leg times out first and faults the leg under the job: either way the job ends
+    // failed because of the hang.
+    let error = status.error.as_deref().unwrap_or("");
     assert!(
-        status.error.as_deref().unwrap_or("").contains("timed out"),
+        error.contains("timed out") || error.contains("is faulted"),
         "{status:?}"
     );
     assert_eq!(rig.states()[1], LegState::Faulted);
