@@ -453,6 +453,26 @@ fn parse_fault(p: &Value) -> Result<Fault, RpcError> {
     })
 }
 
+/// Why the active node must not hand `v` to its peer yet: a leg that is not in sync (the
+/// peer's own copy, as a rule, while it is resynced) may lack acknowledged writes, and the
+/// peer would serve from it. `force` in `cluster_resign` skips this.
+fn resign_refusal(v: &VolumeEntry) -> Result<(), RpcError> {
+    use nvmirror_mirror::LegState;
+    let uris = v.uris();
+    for (i, s) in v.volume.leg_states().iter().enumerate() {
+        if !matches!(s.state, LegState::InSync | LegState::Removed) {
+            let uri = uris.get(i).map(String::as_str).unwrap_or("?");
+            return Err(RpcError::failed(format!(
+                "cluster_resign refused: leg {i} ({uri}) is {}, not in sync, so the peer may \
+                 not hold every acknowledged write; wait until volume_status shows every leg \
+                 in sync, or pass \"force\": true",
+                s.state
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The JSON-RPC methods over `reg`.
 pub fn methods(reg: Arc<Registry>) -> Methods {
     let mut m = Methods::new();
@@ -668,12 +688,16 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
     crate::objects_rpc::add_methods(&mut m, &reg);
     crate::mode_rpc::add_methods(&mut m, &reg);
     let r = Arc::clone(&reg);
-    m.add("cluster_resign", move |_| {
+    m.add("cluster_resign", move |p| {
         let Some(volume) = r.cluster_volume.clone() else {
             return Err(RpcError::invalid_params(
                 "this node has no [cluster] section: nothing to hand over",
             ));
         };
+        let force = p.get("force").and_then(Value::as_bool).unwrap_or(false);
+        if let Some(v) = r.find_volume(&volume).filter(|_| !force) {
+            resign_refusal(&v)?;
+        }
         r.resign.store(true, std::sync::atomic::Ordering::Release);
         Ok(json!({"volume": volume, "resigning": true}))
     });

@@ -8,7 +8,7 @@ pub const METHOD_DOCS: &[(&str, &str, &str)] = &[
     ("bdev_get_bdevs", "name?: string, timeout?: ms (ignored)", "SPDK shape: every volume as a bdev"),
     ("leg_add", "volume: string, uri: string", "Add a leg and resync it (file:// legs only inside [rpc] leg_dirs)"),
     ("leg_attach", "volume: string, leg: int", "Resync a faulted or detached leg back in"),
-    ("cluster_resign", "", "The active node of a [cluster] pair hands the volume to its peer: it stops serving (ANA inaccessible, no more acknowledgements) and releases the key, which the standby takes"),
+    ("cluster_resign", "force?: bool", "The active node of a [cluster] pair hands the volume to its peer: it stops serving (ANA inaccessible, no more acknowledgements) and releases the key, which the standby takes; refused while a leg is not in sync unless force"),
     ("leg_set_mode", "volume: string, leg: int, mode: sync|async-journal, timeout_s?: number", "Switch a leg with a journal between sync and async-journal (to sync: drains the journal first, 30 s by default)"),
     ("leg_detach", "volume: string, leg: int", "Take a leg out (never the last in sync)"),
     ("leg_fault_clear", "volume: string, leg: int, id?: int", "Clear one injected fault, or all"),

@@ -433,3 +433,98 @@ fn a_planned_handover_moves_the_volume_to_the_standby_without_waiting_for_the_le
     }
     assert!(try_write(&mut *bqp, &mut pool, 4000, NLB, 0x77).is_success());
 }
+
+/// Site A restarted in the pair's standby shape (as B is configured): its leg exported raw
+/// where B's leg 0 points, `vol0` standby over it and B's raw export.
+fn site_a_standby(dir: &Path, port: u16, b_port: u16, etcd_port: u16) -> Server {
+    serve_at(
+        dir,
+        &format!(
+            "{}[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+             [[volume]]\nname = \"sitea\"\nbitmap = false\nlegs = [\"file://{d}/a.img\"]\n\n\
+             [[volume]]\nname = \"vol0\"\nstandby = true\nio_timeout = \"2s\"\n\
+             legs = [\"volume://sitea\", \"nvme-tcp://127.0.0.1:{b_port}/{NQN_B}?kato=2s&reconnect_delay=100ms\"]\n\n\
+             [[subsystem]]\nnqn = \"{NQN_A_MIRROR}\"\nnamespaces = [\"sitea\"]\n\n\
+             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
+            cluster("a", etcd_port),
+            d = dir.display()
+        ),
+        port,
+    )
+}
+
+#[test]
+fn after_a_failover_the_old_active_rejoins_as_mirror_and_takes_the_volume_back() {
+    let Some(mut p) = pair() else { return };
+    let a = p.a.take().unwrap();
+    let a_port = a.port();
+    let data_offset = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
+    let (_d, mut qp) = host(&a.nvme_tcp);
+    let mut pool = DmaPool::new(1, NLB as usize * 512);
+    // What each written block should hold at the end: A's writes, then B's (some over A's).
+    let mut expect = std::collections::BTreeMap::new();
+    for i in 0..32u64 {
+        assert!(try_write(&mut *qp, &mut pool, i * 64, NLB, 0x10 + i as u8).is_success());
+        expect.insert(i * 64, 0x10 + i as u8);
+    }
+    drop(qp);
+    a.kill9();
+    wait(Duration::from_secs(30), "B promoted and optimized", || {
+        ana(&p.b) == "optimized"
+    });
+    let (_d, mut bqp) = host(&p.b.nvme_tcp);
+    for i in 0..32u64 {
+        let slba = if i % 4 == 0 { i * 64 } else { 4096 + i * 64 };
+        assert!(try_write(&mut *bqp, &mut pool, slba, NLB, 0x80 + i as u8).is_success());
+        expect.insert(slba, 0x80 + i as u8);
+    }
+    // B's only other copy is A's leg, faulted since the kill: B must not hand the volume
+    // back while that copy lacks what B acknowledged.
+    let (ok, text) = p.b.rpc("cluster_resign", "{}");
+    assert!(!ok && text.contains("not in sync"), "{text}");
+    assert_eq!(ana(&p.b), "optimized", "a refused resign changed nothing");
+
+    // A comes back in the standby shape: B's leg 0 reconnects to A's raw export and is
+    // resynced (B's record of the regions it wrote, and A's own bitmap).
+    let a = site_a_standby(
+        &p._dir.path().join("a"),
+        a_port,
+        p.b_port,
+        p.a_proxy.port,
+    );
+    let st = p.b.wait_in_sync();
+    assert!(
+        st["resync"]["regions_copied"].as_u64().unwrap() >= 1,
+        "B resynced A's leg: {st}"
+    );
+    assert_eq!(ana(&a), "inaccessible", "A is a standby while B holds the key");
+
+    // Failback: B hands the volume back; A takes the key, promotes (epoch 2) and serves.
+    let asked = Instant::now();
+    let r = p.b.rpc_ok("cluster_resign", "{}");
+    assert_eq!(r["resigning"], true, "{r}");
+    wait(Duration::from_secs(20), "A optimized after the failback", || {
+        ana(&a) == "optimized"
+    });
+    eprintln!("failback (cluster_resign at B to A optimized): {:?}", asked.elapsed());
+    assert!(!try_write(&mut *bqp, &mut pool, 0, NLB, 0x99).is_success());
+    let (_d, mut qp) = host(&a.nvme_tcp);
+    for (&slba, &fill) in &expect {
+        let got = read(&mut *qp, &mut pool, slba, NLB);
+        assert!(got.iter().all(|&x| x == fill), "LBA {slba} at A after failback");
+    }
+    for i in 0..8u64 {
+        let slba = 8192 + i * 64;
+        assert!(try_write(&mut *qp, &mut pool, slba, NLB, 0xd0 + i as u8).is_success());
+    }
+    let st = a.wait_in_sync();
+    assert_eq!(st["epoch"], 2, "each promotion is a new epoch: {st}");
+    // Both sites' copies are byte-identical.
+    let image = |p: &Path| std::fs::read(p).unwrap()[data_offset as usize..].to_vec();
+    let (ia, ib) = (
+        image(&p._dir.path().join("a/a.img")),
+        image(&p._dir.path().join("b/b.img")),
+    );
+    let diff = ia.iter().zip(&ib).position(|(x, y)| x != y);
+    assert_eq!(diff, None, "the sites differ at byte {diff:?} of the data area");
+}
