@@ -39,7 +39,11 @@
 # with `--features cluster`, which needs protoc). The guest connects to both with native
 # multipath (`nvme list-subsys`: two paths, optimized and inaccessible); while it writes, this
 # script kills A with SIGKILL, and the guest's writes must carry on through B, once B has
-# taken the key and promoted itself, with no I/O error and the data intact.
+# taken the key and promoted itself, with no I/O error and the data intact. Then failback,
+# still under the guest's writes: A restarts in the standby shape (its leg exported raw), B
+# resyncs it, `cluster_resign` at B hands the volume back, A promotes itself, the guest's
+# writes carry on through A with no I/O error, and at the end both sites' copies are
+# byte-identical.
 #
 # Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc|pair]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
@@ -255,7 +259,7 @@ legs = ["file://@DATA_DIR@/b.img?create=1GiB"]
 [[volume]]
 name = "vol0"
 standby = true
-legs = ["nvme-tcp://127.0.0.1:$((PORT + 4))/nqn.2026-11.io.nvmirror:sitea", "volume://siteb"]
+legs = ["nvme-tcp://127.0.0.1:$PORT/nqn.2026-11.io.nvmirror:sitea?kato=2s&reconnect_delay=100ms", "volume://siteb"]
 
 [[subsystem]]
 nqn = "nqn.2026-11.io.nvmirror:siteb"
@@ -294,6 +298,39 @@ $CLUSTER
 [[volume]]
 name = "vol0"
 legs = ["file://@DATA_DIR@/a.img?create=$B_BYTES", "nvme-tcp://127.0.0.1:$PORT2/nqn.2026-11.io.nvmirror:siteb?kato=2s&reconnect_delay=100ms"]
+
+[[subsystem]]
+nqn = "$NQN"
+namespaces = ["vol0"]
+EOF
+    # A after the failover: the pair's standby shape, as B is configured (its leg exported
+    # raw where B's leg 0 points, vol0 standby over it and B's raw export).
+    cat >"$DATA/a/a-standby.toml" <<EOF
+[nvme_tcp]
+listen = "127.0.0.1:$PORT"
+cntlid_min = 1
+cntlid_max = 32767
+
+[rpc]
+socket = "@DATA_DIR@/nvmirror.sock"
+
+[cluster]
+node = "a"
+$CLUSTER
+
+[[volume]]
+name = "sitea"
+bitmap = false
+legs = ["file://@DATA_DIR@/a.img"]
+
+[[volume]]
+name = "vol0"
+standby = true
+legs = ["volume://sitea", "nvme-tcp://127.0.0.1:$PORT2/nqn.2026-11.io.nvmirror:siteb?kato=2s&reconnect_delay=100ms"]
+
+[[subsystem]]
+nqn = "nqn.2026-11.io.nvmirror:sitea"
+namespaces = ["sitea"]
 
 [[subsystem]]
 nqn = "$NQN"
@@ -464,6 +501,35 @@ if [ "$TEST" = pair ]; then
             log "node B has not promoted itself"
         fi
     fi
+    # Failback, while the guest writes through B: A comes back in the standby shape, B
+    # resyncs A's leg, then B hands the volume back and A promotes itself.
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: FAILBACK-READY" "$GUEST_LOG" 2>/dev/null; do
+        sleep 0.2
+    done
+    if grep -q "NVMIRROR-GUEST: FAILBACK-READY" "$GUEST_LOG" 2>/dev/null; then
+        log "restarting A in the standby shape"
+        start_target --config "$DATA/a-standby.toml"
+        b_rpc() { "$NVMIRROR" rpc --socket "$WORK/data/b/nvmirror.sock" "$@"; }
+        for _ in $(seq 600); do
+            b_rpc volume_status '{"name":"vol0"}' | python3 -c 'import json, sys
+s = json.load(sys.stdin)
+sys.exit(0 if all(l["state"] in ("in_sync", "removed") for l in s["legs"]) and s["resync"]["state"] != "running" else 1)' && break
+            sleep 0.2
+        done
+        synced=$(b_rpc volume_status '{"name":"vol0"}' | python3 -c 'import json, sys
+s = json.load(sys.stdin)
+assert all(l["state"] == "in_sync" for l in s["legs"]), [l["state"] for l in s["legs"]]
+print(s["resync"]["regions_copied"])') || fail "B did not resync A's leg"
+        log "B resynced A's leg ($synced regions copied); cluster_resign at B"
+        ASKED=$(date +%s.%N)
+        b_rpc cluster_resign '{}' >/dev/null || fail "cluster_resign at B"
+        for _ in $(seq 300); do
+            grep -q "promoted: serving" "$TARGET_LOG" && break
+            sleep 0.1
+        done
+        grep -q "promoted: serving" "$TARGET_LOG" || fail "A did not take the volume back"
+        log "node A promoted itself $(python3 -c "import time; print(round(time.time() - $ASKED, 2))") s after cluster_resign at B"
+    fi
 fi
 set +e
 wait "$QEMU_PID"
@@ -475,11 +541,17 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
     if [ "$TEST" = pair ]; then
-        grep "NVMIRROR-GUEST: FAILOVER" "$GUEST_LOG" >&2 || true
-        st=$("$NVMIRROR" rpc --socket "$WORK/data/b/nvmirror.sock" volume_status '{"name":"vol0"}') ||
-            fail "volume_status on B after the failover"
-        echo "$st" | python3 -c 'import json, sys; s = json.load(sys.stdin); print("kernel-host: B serves vol0 at epoch", s["epoch"], "fenced:", s["fenced"]); assert s["epoch"] >= 1 and s["fenced"] is None' >&2 ||
-            fail "B does not serve the volume at a new epoch"
+        grep -E "NVMIRROR-GUEST: (FAILOVER|FAILBACK)" "$GUEST_LOG" >&2 || true
+        st=$(rpc volume_status '{"name":"vol0"}') || fail "volume_status on A after the failback"
+        offset=$(echo "$st" | python3 -c 'import json, sys
+s = json.load(sys.stdin)
+print("kernel-host: A serves vol0 again at epoch", s["epoch"], "fenced:", s["fenced"], file=sys.stderr)
+assert s["epoch"] >= 2 and s["fenced"] is None
+assert all(l["state"] == "in_sync" for l in s["legs"]), s["legs"]
+print(s["bitmap"]["data_offset"])') || fail "A does not serve the volume at a new epoch with both legs in sync"
+        # The guest is gone: nothing writes. Both sites' data areas must be byte-identical.
+        cmp -i "$offset" "$DATA/a.img" "$WORK/data/b/b.img" >&2 || fail "the two sites' copies differ after the failback"
+        log "a.img and b.img are byte-identical past byte $offset"
         kill -TERM "$B_PID"
         wait "$B_PID" 2>/dev/null || true
         B_PID=

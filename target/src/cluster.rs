@@ -21,6 +21,9 @@ use crate::pair::{Action, Event, PairController, Role};
 const REQUEST: Duration = Duration::from_millis(800);
 /// How often the key is read.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a node that hands the volume over (resign, stop) lets host commands already past
+/// the ANA check finish between going inaccessible and fencing the volume.
+const DRAIN: Duration = Duration::from_millis(100);
 
 /// The running controller.
 #[derive(Debug)]
@@ -181,7 +184,7 @@ impl Node {
             // elsewhere); then nothing more is acknowledged here, and only then may the peer
             // take the key.
             set_ana(&self.reg, &self.cfg.volume, AnaState::Inaccessible);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(DRAIN).await;
             fence(&self.reg, &self.cfg.volume, "this node is stopping");
             self.revoke().await;
             tracing::warn!(
@@ -379,6 +382,13 @@ impl Node {
                         why,
                         "cluster: not serving"
                     );
+                    if *self.pc.role() == Role::Resigning {
+                        // A planned handover: hosts move off this path first (ANA
+                        // inaccessible is a path error they retry on the peer), so that no
+                        // command of theirs meets the fence's Reservation Conflict.
+                        set_ana(&self.reg, &self.cfg.volume, AnaState::Inaccessible);
+                        tokio::time::sleep(DRAIN).await;
+                    }
                     fence(&self.reg, &self.cfg.volume, &why);
                     None
                 }

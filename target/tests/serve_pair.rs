@@ -486,32 +486,39 @@ fn after_a_failover_the_old_active_rejoins_as_mirror_and_takes_the_volume_back()
 
     // A comes back in the standby shape: B's leg 0 reconnects to A's raw export and is
     // resynced (B's record of the regions it wrote, and A's own bitmap).
-    let a = site_a_standby(
-        &p._dir.path().join("a"),
-        a_port,
-        p.b_port,
-        p.a_proxy.port,
-    );
+    let a = site_a_standby(&p._dir.path().join("a"), a_port, p.b_port, p.a_proxy.port);
     let st = p.b.wait_in_sync();
     assert!(
         st["resync"]["regions_copied"].as_u64().unwrap() >= 1,
         "B resynced A's leg: {st}"
     );
-    assert_eq!(ana(&a), "inaccessible", "A is a standby while B holds the key");
+    assert_eq!(
+        ana(&a),
+        "inaccessible",
+        "A is a standby while B holds the key"
+    );
 
     // Failback: B hands the volume back; A takes the key, promotes (epoch 2) and serves.
     let asked = Instant::now();
     let r = p.b.rpc_ok("cluster_resign", "{}");
     assert_eq!(r["resigning"], true, "{r}");
-    wait(Duration::from_secs(20), "A optimized after the failback", || {
-        ana(&a) == "optimized"
-    });
-    eprintln!("failback (cluster_resign at B to A optimized): {:?}", asked.elapsed());
+    wait(
+        Duration::from_secs(20),
+        "A optimized after the failback",
+        || ana(&a) == "optimized",
+    );
+    eprintln!(
+        "failback (cluster_resign at B to A optimized): {:?}",
+        asked.elapsed()
+    );
     assert!(!try_write(&mut *bqp, &mut pool, 0, NLB, 0x99).is_success());
     let (_d, mut qp) = host(&a.nvme_tcp);
     for (&slba, &fill) in &expect {
         let got = read(&mut *qp, &mut pool, slba, NLB);
-        assert!(got.iter().all(|&x| x == fill), "LBA {slba} at A after failback");
+        assert!(
+            got.iter().all(|&x| x == fill),
+            "LBA {slba} at A after failback"
+        );
     }
     for i in 0..8u64 {
         let slba = 8192 + i * 64;
@@ -526,5 +533,8 @@ fn after_a_failover_the_old_active_rejoins_as_mirror_and_takes_the_volume_back()
         image(&p._dir.path().join("b/b.img")),
     );
     let diff = ia.iter().zip(&ib).position(|(x, y)| x != y);
-    assert_eq!(diff, None, "the sites differ at byte {diff:?} of the data area");
+    assert_eq!(
+        diff, None,
+        "the sites differ at byte {diff:?} of the data area"
+    );
 }
