@@ -67,6 +67,7 @@ pub mod superblock;
 mod sync;
 mod table;
 mod volume;
+mod wait;
 
 pub use breakdown::{Breakdown, BreakdownConfig};
 pub use config::{BitmapConfig, ReadPolicy, VolumeConfig};

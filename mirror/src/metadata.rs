@@ -6,16 +6,17 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nvmirror_nvme::dma::{DmaBuf, DmaPool, IoBuf};
-use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair};
+use nvmirror_nvme::{BlockDevice, Fence, IoCommand, IoOp, QueuePair};
 
 use crate::bitmap::{MetadataLayout, BITMAP_PAGE};
 use crate::legs::{LegSnapshot, LegState, MAX_LEGS};
 use crate::recorder::StateRecorder;
 use crate::superblock::{MemberState, Role, Superblock, Uuid, HEADER_LEN};
 use crate::volume::VolumeShared;
+use crate::wait::Waited;
 
 /// Bytes moved per control-plane command (recovery copies, bitmap reads).
 pub(crate) const CHUNK: usize = 1 << 20;
@@ -179,26 +180,17 @@ impl ControlIo {
         // SAFETY: the caller keeps `buf` alive and untouched until this returns, and this
         // returns only after the completion is reaped — or, on a timeout, closes the queue
         // pair and records its fence, on which the caller's `give_back` parks the buffer.
-        unsafe { qp.submit(cmd) }.map_err(|e| format!("{e:?}"))?;
-        let start = Instant::now();
-        let mut cpl = [Completion::default()];
-        loop {
-            if qp.poll(&mut cpl) == 1 {
-                return if cpl[0].status.is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("{op:?} at LBA {lba}: {}", cpl[0].status))
-                };
-            }
-            if start.elapsed() > self.timeout {
+        match unsafe { crate::wait::run_one(&mut **qp, cmd, self.timeout, None) } {
+            Waited::Done(c) if c.status.is_success() => Ok(()),
+            Waited::Done(c) => Err(format!("{op:?} at LBA {lba}: {}", c.status)),
+            Waited::Refused(e) => Err(format!("{e:?}")),
+            Waited::TimedOut | Waited::Stopped => {
                 let fence = self.qps[leg].take().expect("opened above").close();
                 self.timeouts.record(leg, &fence);
                 // Only a command that was given a buffer leaves one to park.
                 self.abandoned = (!buf.is_empty()).then_some(fence);
-                return Err(format!("{op:?} at LBA {lba} timed out"));
+                Err(format!("{op:?} at LBA {lba} timed out"))
             }
-            // Control-plane threads share the cores with the reactors: give way while waiting.
-            std::thread::yield_now();
         }
     }
 
@@ -465,6 +457,7 @@ impl PersistentMeta {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Instant;
 
     use nvmirror_nvme::backend::{Fault, FaultyDevice, LatencyModel, MemDevice, OpFilter};
 

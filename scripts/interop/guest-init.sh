@@ -358,8 +358,9 @@ ana_test() {
 # guest writes, the host kills A with SIGKILL; B's controller takes over the key, promotes
 # itself and goes optimized, and the writes must carry on through B with no error and every
 # block intact. Then, still writing, the host restarts A as B's mirror and B hands the volume
-# back (cluster_resign): the writes must carry on through A, again with no error. Reports the
-# longest writer round of each (the pause the application saw).
+# back (cluster_resign): the writes must carry on through A, again with no error. Last, the
+# host cuts A off from etcd only: A stops by its lease and B takes over, with no error either.
+# Reports the longest writer round of each (the pause the application saw).
 pair_test() {
     connect_second_path optimized inaccessible
     say "paths $(basename "$P1") $(ana_state "$P1") (active), $(basename "$P2") $(ana_state "$P2") (standby); head $DEV"
@@ -397,6 +398,21 @@ pair_test() {
     say "path $(basename "$P1") optimized again after $at writer rounds"
     finish_writer "$at"
     say "FAILBACK: $ROUNDS writer rounds, 0 I/O errors, longest round ${PAUSE}s, data intact"
+    nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
+    # Partition while writing through A: the host restarts B as a standby, waits for A to
+    # resync it, then cuts A off from etcd only. A must go inaccessible by its lease and B take
+    # over; the writes carry on through B.
+    start_writer
+    say "PARTITION-READY"
+    for _ in $(seq 1500); do
+        [ "$(ana_state "$P2")" = optimized ] && [ "$(ana_state "$P1")" = inaccessible ] && break
+        sleep 0.2
+    done
+    [ "$(ana_state "$P2")" = optimized ] || { touch /tmp/stop; fail "B never took over after the partition"; }
+    at=$(rounds)
+    say "path $(basename "$P2") optimized after $at writer rounds, $(basename "$P1") $(ana_state "$P1")"
+    finish_writer "$at"
+    say "PARTITION: $ROUNDS writer rounds, 0 I/O errors, longest round ${PAUSE}s, data intact"
     nvme list-subsys "$DEV" 2>&1 | tee /tmp/subsys
     nvme disconnect -n "$NQN" || fail "nvme disconnect"
     say "PASS"

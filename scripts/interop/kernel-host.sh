@@ -42,8 +42,10 @@
 # taken the key and promoted itself, with no I/O error and the data intact. Then failback,
 # still under the guest's writes: A restarts in the standby shape (its leg exported raw), B
 # resyncs it, `cluster_resign` at B hands the volume back, A promotes itself, the guest's
-# writes carry on through A with no I/O error, and at the end both sites' copies are
-# byte-identical.
+# writes carry on through A with no I/O error. Last, B (fenced since it resigned) restarts as
+# a standby, A resyncs it, and nftables drops A's traffic to etcd (A reaches etcd at 127.0.0.2,
+# B at 127.0.0.1): A must go inaccessible by its lease before B is optimized, and the guest's
+# writes carry on through B. At the end both sites' copies are byte-identical.
 #
 # Usage: scripts/interop/kernel-host.sh [--port PORT] [--timeout SECONDS] [--keep] [--test io|resv|ana|auth|rpc|pair]
 # Needs root for apt-get (packages: qemu-system-x86 nvme-cli busybox-static cpio).
@@ -52,7 +54,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK="$ROOT/build/interop"
 PORT=$((20000 + RANDOM % 20000))
-TIMEOUT=420
+TIMEOUT=
 KEEP=0
 TEST=io
 NQN="nqn.2026-11.io.nvmirror:vol0"
@@ -68,6 +70,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$TEST" in io|resv|ana|auth|rpc|pair) ;; *) echo "--test: io, resv, ana, auth, rpc or pair, not $TEST" >&2; exit 2 ;; esac
+# The pair drill runs three takeovers under the guest's writes.
+[ -n "$TIMEOUT" ] || { [ "$TEST" = pair ] && TIMEOUT=720 || TIMEOUT=420; }
 PORT2=$((PORT + 1))
 
 log() { echo "kernel-host: $*" >&2; }
@@ -219,13 +223,15 @@ EOF
 fi
 B_PID=
 ETCD_PID=
+NFT_TABLE=
 if [ "$TEST" = pair ]; then
     # etcd, then B (its raw leg and the standby volume over it), then A (below, as the target).
     ETCD_PORT=$((PORT + 2))
     ETCD_PEER=$((PORT + 3))
     mkdir -p "$DATA/a" "$DATA/b"
     etcd --name pair --data-dir "$DATA/etcd" \
-        --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+        --listen-client-urls "http://127.0.0.1:$ETCD_PORT,http://127.0.0.2:$ETCD_PORT" \
+        --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
         --listen-peer-urls "http://127.0.0.1:$ETCD_PEER" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER" \
         --initial-cluster "pair=http://127.0.0.1:$ETCD_PEER" >"$WORK/etcd.log" 2>&1 &
     ETCD_PID=$!
@@ -234,10 +240,15 @@ if [ "$TEST" = pair ]; then
         sleep 0.1
     done
     (exec 3<>"/dev/tcp/127.0.0.1/$ETCD_PORT") 2>/dev/null || { cat "$WORK/etcd.log" >&2; fail "etcd did not start"; }
-    CLUSTER="endpoints = [\"http://127.0.0.1:$ETCD_PORT\"]
-volume = \"vol0\"
+    CLUSTER="volume = \"vol0\"
 ttl = \"3s\"
 margin = \"1s\""
+    # A reaches etcd at 127.0.0.2, B at 127.0.0.1: the partition drill drops A's traffic to
+    # etcd only (nftables), while the host still reaches A.
+    CLUSTER_A="endpoints = [\"http://127.0.0.2:$ETCD_PORT\"]
+$CLUSTER"
+    CLUSTER="endpoints = [\"http://127.0.0.1:$ETCD_PORT\"]
+$CLUSTER"
     cat >"$DATA/b/b.toml" <<EOF
 [nvme_tcp]
 listen = "127.0.0.1:$PORT2"
@@ -271,15 +282,21 @@ namespaces = ["vol0"]
 EOF
     B_LOG="$WORK/target-b.log"
     rm -f "$B_LOG"
-    RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve --config "$DATA/b/b.toml" --data-dir "$DATA/b" \
-        --listen "127.0.0.1:$PORT2" --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$B_LOG" 2>&1 &
-    B_PID=$!
-    for _ in $(seq 100); do
-        grep -q "serving" "$B_LOG" 2>/dev/null && break
-        kill -0 "$B_PID" 2>/dev/null || { cat "$B_LOG" >&2; fail "node B exited at start"; }
-        sleep 0.1
-    done
-    grep -q "serving" "$B_LOG" || fail "node B did not start"
+    B_STARTS=0
+    # start_b: node B in the background, waits until it serves.
+    start_b() {
+        RUST_LOG=${RUST_LOG:-info} "$NVMIRROR" serve --config "$WORK/data/b/b.toml" --data-dir "$WORK/data/b" \
+            --listen "127.0.0.1:$PORT2" --nbd-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >>"$B_LOG" 2>&1 &
+        B_PID=$!
+        for _ in $(seq 100); do
+            [ "$(grep -c "serving" "$B_LOG" 2>/dev/null)" -gt "$B_STARTS" ] && break
+            kill -0 "$B_PID" 2>/dev/null || { cat "$B_LOG" >&2; fail "node B exited at start"; }
+            sleep 0.1
+        done
+        [ "$(grep -c "serving" "$B_LOG" 2>/dev/null)" -gt "$B_STARTS" ] || fail "node B did not start"
+        B_STARTS=$(grep -c "serving" "$B_LOG")
+    }
+    start_b
     B_BYTES=$("$NVMIRROR" rpc --socket "$DATA/b/nvmirror.sock" volume_status '{"name":"siteb"}' |
         python3 -c 'import json, sys; print(json.load(sys.stdin)["capacity_bytes"])') || fail "volume_status of B's raw leg"
     cat >"$DATA/a/a.toml" <<EOF
@@ -293,7 +310,7 @@ socket = "@DATA_DIR@/nvmirror.sock"
 
 [cluster]
 node = "a"
-$CLUSTER
+$CLUSTER_A
 
 [[volume]]
 name = "vol0"
@@ -316,7 +333,7 @@ socket = "@DATA_DIR@/nvmirror.sock"
 
 [cluster]
 node = "a"
-$CLUSTER
+$CLUSTER_A
 
 [[volume]]
 name = "sitea"
@@ -404,6 +421,7 @@ cleanup() {
     [ -n "$TARGET_PID" ] && kill "$TARGET_PID" 2>/dev/null || true
     [ -n "$B_PID" ] && kill "$B_PID" 2>/dev/null || true
     [ -n "$ETCD_PID" ] && kill "$ETCD_PID" 2>/dev/null || true
+    [ -n "$NFT_TABLE" ] && nft delete table inet "$NFT_TABLE" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -530,6 +548,55 @@ print(s["resync"]["regions_copied"])') || fail "B did not resync A's leg"
         grep -q "promoted: serving" "$TARGET_LOG" || fail "A did not take the volume back"
         log "node A promoted itself $(python3 -c "import time; print(round(time.time() - $ASKED, 2))") s after cluster_resign at B"
     fi
+    # Partition, while the guest writes through A: B (fenced since it resigned) restarts as a
+    # standby; once A has resynced B's copy, A's traffic to etcd is dropped (a black hole, no
+    # RST). A must go inaccessible by its lease before B serves: never two writers.
+    while kill -0 "$QEMU_PID" 2>/dev/null && ! grep -q "NVMIRROR-GUEST: PARTITION-READY" "$GUEST_LOG" 2>/dev/null; do
+        sleep 0.2
+    done
+    if grep -q "NVMIRROR-GUEST: PARTITION-READY" "$GUEST_LOG" 2>/dev/null; then
+        log "restarting B as a standby"
+        kill -TERM "$B_PID"
+        wait "$B_PID" 2>/dev/null || true
+        start_b
+        in_sync() {
+            "$NVMIRROR" rpc --socket "$1" volume_status '{"name":"vol0"}' | python3 -c 'import json, sys
+s = json.load(sys.stdin)
+sys.exit(0 if all(l["state"] == "in_sync" for l in s["legs"]) and s["resync"]["state"] != "running" else 1)'
+        }
+        for _ in $(seq 600); do
+            in_sync "$DATA/nvmirror.sock" && break
+            sleep 0.2
+        done
+        in_sync "$DATA/nvmirror.sock" || fail "A did not resync B's copy after B's restart"
+        ana_of() {
+            "$NVMIRROR" rpc --socket "$1" listener_list '{}' | python3 -c 'import json, sys
+l = json.load(sys.stdin)
+print(next((a["state"] for a in l["ana"] if a["nqn"] == sys.argv[1]), "none"))' "$NQN"
+        }
+        [ "$(ana_of "$WORK/data/b/nvmirror.sock")" = inaccessible ] || fail "B is not a standby after its restart"
+        nft add table inet nvmirror_pair &&
+            nft add chain inet nvmirror_pair out '{ type filter hook output priority 0; }' &&
+            nft add rule inet nvmirror_pair out ip daddr 127.0.0.2 tcp dport "$ETCD_PORT" drop ||
+            fail "nft: cannot cut A from etcd"
+        NFT_TABLE=nvmirror_pair
+        CUT=$(date +%s.%N)
+        log "A cut off from etcd (nftables drop to 127.0.0.2:$ETCD_PORT)"
+        A_OFF= B_ON=
+        for _ in $(seq 600); do
+            now=$(date +%s.%N)
+            [ -z "$A_OFF" ] && [ "$(ana_of "$DATA/nvmirror.sock")" = inaccessible ] && A_OFF=$now
+            [ "$(ana_of "$WORK/data/b/nvmirror.sock")" = optimized ] && { B_ON=$(date +%s.%N); break; }
+            sleep 0.05
+        done
+        [ -n "$B_ON" ] || fail "B did not take over after A was cut off from etcd"
+        [ -n "$A_OFF" ] || fail "B serves while A's path is not inaccessible: two writers"
+        log "partition: A inaccessible $(python3 -c "print(round($A_OFF - $CUT, 2))") s after the cut, B optimized $(python3 -c "print(round($B_ON - $CUT, 2))") s after it"
+        python3 -c "import sys; sys.exit(0 if $A_OFF < $B_ON else 1)" || fail "A went inaccessible only after B served"
+        "$NVMIRROR" rpc --socket "$DATA/nvmirror.sock" volume_status '{"name":"vol0"}' |
+            python3 -c 'import json, sys; s = json.load(sys.stdin); print("kernel-host: A fenced:", s["fenced"], file=sys.stderr); assert "lease" in (s["fenced"] or "")' ||
+            fail "A was not stopped by its lease"
+    fi
 fi
 set +e
 wait "$QEMU_PID"
@@ -541,16 +608,17 @@ if grep -q "NVMIRROR-GUEST: PASS" "$GUEST_LOG" 2>/dev/null; then
     [ "$KEEP" = 1 ] && { log "guest log:"; cat "$GUEST_LOG" >&2; }
     log "guest passed (target log: $TARGET_LOG)"
     if [ "$TEST" = pair ]; then
-        grep -E "NVMIRROR-GUEST: (FAILOVER|FAILBACK)" "$GUEST_LOG" >&2 || true
-        st=$(rpc volume_status '{"name":"vol0"}') || fail "volume_status on A after the failback"
+        grep -E "NVMIRROR-GUEST: (FAILOVER|FAILBACK|PARTITION)" "$GUEST_LOG" >&2 || true
+        st=$("$NVMIRROR" rpc --socket "$WORK/data/b/nvmirror.sock" volume_status '{"name":"vol0"}') ||
+            fail "volume_status on B after the partition"
         offset=$(echo "$st" | python3 -c 'import json, sys
 s = json.load(sys.stdin)
-print("kernel-host: A serves vol0 again at epoch", s["epoch"], "fenced:", s["fenced"], file=sys.stderr)
-assert s["epoch"] >= 2 and s["fenced"] is None
+print("kernel-host: B serves vol0 at epoch", s["epoch"], "fenced:", s["fenced"], "legs:", [l["state"] for l in s["legs"]], file=sys.stderr)
+assert s["epoch"] >= 3 and s["fenced"] is None
 assert all(l["state"] == "in_sync" for l in s["legs"]), s["legs"]
-print(s["bitmap"]["data_offset"])') || fail "A does not serve the volume at a new epoch with both legs in sync"
+print(s["bitmap"]["data_offset"])') || fail "B does not serve the volume at a new epoch with both legs in sync"
         # The guest is gone: nothing writes. Both sites' data areas must be byte-identical.
-        cmp -i "$offset" "$DATA/a.img" "$WORK/data/b/b.img" >&2 || fail "the two sites' copies differ after the failback"
+        cmp -i "$offset" "$DATA/a.img" "$WORK/data/b/b.img" >&2 || fail "the two sites' copies differ"
         log "a.img and b.img are byte-identical past byte $offset"
         kill -TERM "$B_PID"
         wait "$B_PID" 2>/dev/null || true

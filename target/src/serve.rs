@@ -188,8 +188,12 @@ fn engine_config(v: &crate::config::VolumeConfig) -> EngineVolumeConfig {
 }
 
 /// The journal settings of an `async-journal` leg (validated with the configuration).
-fn journal_config(a: &crate::config::AsyncLegConfig) -> nvmirror_mirror::JournalConfig {
+fn journal_config(
+    v: &crate::config::VolumeConfig,
+    a: &crate::config::AsyncLegConfig,
+) -> nvmirror_mirror::JournalConfig {
     nvmirror_mirror::JournalConfig {
+        io_timeout: parse_duration(&v.io_timeout).unwrap_or(Duration::from_secs(5)),
         max_bytes: a.max_bytes.as_deref().and_then(|m| parse_size(m).ok()),
         max_lag: parse_duration(&a.max_lag).unwrap_or(Duration::from_secs(30)),
         start_sync: a.mode == "sync",
@@ -361,7 +365,7 @@ pub(crate) fn open_entry(
         }
         let journal =
             open_leg_waiting(&a.journal, claim_wait, &what).map_err(|e| start_err(&what, e))?;
-        let leg = nvmirror_mirror::JournaledLeg::open(far, journal, journal_config(a))
+        let leg = nvmirror_mirror::JournaledLeg::open(far, journal, journal_config(v, a))
             .map_err(|e| start_err(&what, e))?;
         tracing::info!(
             volume = v.name,

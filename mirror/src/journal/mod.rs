@@ -15,6 +15,7 @@
 //! `max_lag`), writes fail instead of blocking: the volume faults the leg and tracks what it
 //! misses in its write-intent bitmap, as for any failed leg.
 
+mod dev_io;
 mod format;
 mod qpair;
 mod recover;
@@ -48,6 +49,10 @@ pub struct JournalConfig {
     /// Start in `sync` mode (writes straight to the far device, the journal idle until
     /// [`JournaledLeg::set_mode`] makes the leg asynchronous).
     pub start_sync: bool,
+    /// The time one command of the journal threads may take (the volume's I/O timeout, as a
+    /// rule). A journal write given up fails the writes it held, as a failed one does; a far
+    /// command given up is sent again on a new queue pair, as a refused one is.
+    pub io_timeout: Duration,
 }
 
 impl Default for JournalConfig {
@@ -58,6 +63,7 @@ impl Default for JournalConfig {
             max_bytes: None,
             max_lag: Duration::from_secs(30),
             start_sync: false,
+            io_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -231,68 +237,6 @@ impl Shared {
     }
 }
 
-/// Idle waiting for the journal threads: spin for a moment after work (the next batch of a
-/// busy host is microseconds away), then yield for a while, then sleep in short steps.
-pub(crate) struct Idle {
-    since: Option<std::time::Instant>,
-}
-
-impl Idle {
-    /// Spinning this long after the last work.
-    const SPIN: Duration = Duration::from_micros(50);
-    /// Yielding until this long after it; sleeping after that.
-    const YIELD: Duration = Duration::from_millis(2);
-
-    pub(crate) fn new() -> Self {
-        Self { since: None }
-    }
-
-    pub(crate) fn worked(&mut self) {
-        self.since = None;
-    }
-
-    pub(crate) fn wait(&mut self) {
-        let since = *self.since.get_or_insert_with(std::time::Instant::now);
-        let idle = since.elapsed();
-        if idle < Self::SPIN {
-            std::hint::spin_loop();
-        } else if idle < Self::YIELD {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
-/// Runs `cmd` on `qp` and waits for it (journal threads only, never a reactor). `None` when
-/// `stop` is set first.
-pub(crate) fn run_one(
-    qp: &mut dyn QueuePair,
-    cmd: IoCommand,
-    stop: &AtomicBool,
-) -> Option<Completion> {
-    // SAFETY: every caller passes a buffer it owns and does not touch until this returns,
-    // and this waits for the completion (or, on stop, closes nothing: the caller drops the
-    // queue pair, whose close fences the command, after the buffer's owner).
-    if unsafe { qp.submit(cmd) }.is_err() {
-        return Some(Completion {
-            tag: cmd.tag,
-            status: nvmirror_nvme::Status::INTERNAL_ERROR,
-        });
-    }
-    let mut out = [Completion::default()];
-    let mut idle = Idle::new();
-    loop {
-        if qp.poll(&mut out) == 1 {
-            return Some(out[0]);
-        }
-        if stop.load(Ordering::Relaxed) {
-            return None;
-        }
-        idle.wait();
-    }
-}
-
 /// The far leg of an `async-journal` mirror: see the module documentation.
 pub struct JournaledLeg {
     inner: Arc<dyn BlockDevice>,
@@ -329,7 +273,7 @@ impl JournaledLeg {
                 cfg.max_records, cfg.max_segment_bytes
             )));
         }
-        let found = recover::recover(&*journal, &cfg).map_err(err)?;
+        let found = recover::recover(&journal, &cfg).map_err(err)?;
         let geo = inner.geometry();
         let shared = Arc::new(Shared {
             name: name.clone(),
@@ -364,11 +308,16 @@ impl JournaledLeg {
         if found.next_seq - 1 > found.commit.seq {
             tracing::info!(leg = %name, records = found.next_seq - 1 - found.commit.seq, "journal holds writes the far side does not have yet; shipping resumes");
         }
-        let w = writer::Writer::new(Arc::clone(&shared), &*journal, found.next_seq, found.tail)
-            .map_err(|e| err(e.to_string()))?;
+        let w = writer::Writer::new(
+            Arc::clone(&shared),
+            Arc::clone(&journal),
+            found.next_seq,
+            found.tail,
+        )
+        .map_err(|e| err(e.to_string()))?;
         let s = shipper::Shipper::new(
             Arc::clone(&shared),
-            &*journal,
+            Arc::clone(&journal),
             Arc::clone(&inner),
             found.commit,
         )

@@ -2,15 +2,22 @@
 //! (`docs/journal.md`, "Recovery"). Reading one segment back is shared with the shipper.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
 use nvmirror_nvme::dma::IoBuf;
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
-use nvmirror_nvme::{BlockDevice, IoCommand, IoOp, QueuePair, Uuid};
+use nvmirror_nvme::{BlockDevice, Fence, IoCommand, IoOp, Uuid};
 
+use super::dev_io::DevIo;
 use super::format::{
     segment_buffer_len, Commit, Header, Iocb, SegmentHeader, COMMIT_BLOCK, RING_START,
 };
-use super::{run_one, JournalConfig};
+use super::JournalConfig;
+
+/// The least time one command may take while a journal is opened (as for a volume's
+/// start-up metadata I/O: a device busy after a crash is not yet a failed one).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A buffer for whole segments, grown (off the data path) when a segment is larger than
 /// the configured maximum (one written under an older configuration).
@@ -35,6 +42,16 @@ impl SegBuf {
         self.buf.as_mut_slice()
     }
 
+    /// Leaves the buffer to a command given up on until `fence` is done (the device may
+    /// still read or fill it), and takes a fresh one of the same size.
+    pub(crate) fn park_on(&mut self, fence: Fence) {
+        if fence.is_done() {
+            return;
+        }
+        let old = std::mem::replace(self, Self::new(self.buf.len()));
+        fence.then(move || drop(old));
+    }
+
     /// `len` bytes at `off` as a command buffer.
     pub(crate) fn io(&mut self, off: usize, len: usize) -> IoBuf {
         let s = &mut self.buf.as_mut_slice()[off..off + len];
@@ -44,7 +61,7 @@ impl SegBuf {
 
 /// Reads blocks `[lba, lba + nlb)` of the journal into `buf` at `off`.
 pub(crate) fn read_blocks(
-    qp: &mut dyn QueuePair,
+    io: &mut DevIo,
     lba: u64,
     nlb: u32,
     buf: &mut SegBuf,
@@ -54,16 +71,16 @@ pub(crate) fn read_blocks(
 ) -> Result<(), String> {
     let len = nlb as usize * lba_size as usize;
     let cmd = IoCommand::with_buf(IoOp::Read, lba, nlb, buf.io(off, len), 0);
-    match run_one(qp, cmd, stop) {
-        Some(c) if c.status.is_success() => Ok(()),
-        Some(c) => Err(format!("reading journal blocks {lba}+{nlb}: {}", c.status)),
-        None => Err("stopped".into()),
+    match io.run(cmd, Some(buf), stop) {
+        Ok(c) if c.status.is_success() => Ok(()),
+        Ok(c) => Err(format!("reading journal blocks {lba}+{nlb}: {}", c.status)),
+        Err(e) => Err(format!("reading journal blocks {lba}+{nlb}: {e}")),
     }
 }
 
 /// Writes `len` bytes of `buf` at `off` to journal block `lba`, with FUA.
 pub(crate) fn write_blocks(
-    qp: &mut dyn QueuePair,
+    io: &mut DevIo,
     lba: u64,
     buf: &mut SegBuf,
     off: usize,
@@ -73,10 +90,10 @@ pub(crate) fn write_blocks(
 ) -> Result<(), String> {
     let nlb = (len / lba_size as usize) as u32;
     let cmd = IoCommand::with_buf(IoOp::Write, lba, nlb, buf.io(off, len), 0).with_fua();
-    match run_one(qp, cmd, stop) {
-        Some(c) if c.status.is_success() => Ok(()),
-        Some(c) => Err(format!("writing journal blocks {lba}+{nlb}: {}", c.status)),
-        None => Err("stopped".into()),
+    match io.run(cmd, Some(buf), stop) {
+        Ok(c) if c.status.is_success() => Ok(()),
+        Ok(c) => Err(format!("writing journal blocks {lba}+{nlb}: {}", c.status)),
+        Err(e) => Err(format!("writing journal blocks {lba}+{nlb}: {e}")),
     }
 }
 
@@ -93,7 +110,7 @@ pub(crate) struct Journal {
 /// whose table or payload is damaged (a torn last write, never acknowledged). On success the
 /// segment is in `buf` and its records in `iocbs`; returns its start block and header.
 pub(crate) fn read_segment(
-    qp: &mut dyn QueuePair,
+    qp: &mut DevIo,
     j: &Journal,
     at: u64,
     seq: u64,
@@ -161,11 +178,12 @@ pub(crate) struct Found {
 }
 
 /// Opens (or formats, when blank) the journal on `dev` and walks its chain of segments.
-pub(crate) fn recover(dev: &dyn BlockDevice, cfg: &JournalConfig) -> Result<Found, String> {
+pub(crate) fn recover(dev: &Arc<dyn BlockDevice>, cfg: &JournalConfig) -> Result<Found, String> {
     let geo = dev.geometry();
     let bs = geo.lba_size;
     let stop = AtomicBool::new(false);
-    let mut qp = dev.open_qpair(1).map_err(|e| e.to_string())?;
+    let mut qp = DevIo::new(Arc::clone(dev), 1, cfg.io_timeout.max(OPEN_TIMEOUT));
+    qp.qp().map_err(|e| e.to_string())?;
     let seg_len = segment_buffer_len(cfg.max_records, cfg.max_segment_bytes, bs);
     let min_blocks = RING_START + 2 * (seg_len as u64).div_ceil(u64::from(bs));
     if geo.num_blocks < min_blocks {
@@ -175,7 +193,7 @@ pub(crate) fn recover(dev: &dyn BlockDevice, cfg: &JournalConfig) -> Result<Foun
         ));
     }
     let mut buf = SegBuf::new(seg_len.max(3 * bs as usize));
-    read_blocks(&mut *qp, 0, 3, &mut buf, 0, bs, &stop)?;
+    read_blocks(&mut qp, 0, 3, &mut buf, 0, bs, &stop)?;
     let bsz = bs as usize;
     let header = match Header::decode(&buf.bytes()[..bsz])? {
         Some(h) => h,
@@ -196,7 +214,7 @@ pub(crate) fn recover(dev: &dyn BlockDevice, cfg: &JournalConfig) -> Result<Foun
             b[..3 * bsz].fill(0);
             h.encode(&mut b[..bsz]);
             first.encode(h.uuid, &mut b[bsz..2 * bsz]);
-            write_blocks(&mut *qp, 0, &mut buf, 0, 3 * bsz, bs, &stop)?;
+            write_blocks(&mut qp, 0, &mut buf, 0, 3 * bsz, bs, &stop)?;
             tracing::info!(journal = dev.name(), uuid = %h.uuid, "formatted a blank journal");
             h
         }
@@ -234,7 +252,7 @@ pub(crate) fn recover(dev: &dyn BlockDevice, cfg: &JournalConfig) -> Result<Foun
     let (mut seq, mut at, mut bytes, mut last_ms) =
         (commit.seq + 1, commit.offset, commit.bytes, commit.unix_ms);
     let mut iocbs = Vec::new();
-    while let Some((start, h)) = read_segment(&mut *qp, &j, at, seq, &mut buf, &mut iocbs, &stop)? {
+    while let Some((start, h)) = read_segment(&mut qp, &j, at, seq, &mut buf, &mut iocbs, &stop)? {
         seq += u64::from(h.count);
         bytes = h.bytes_before
             + iocbs

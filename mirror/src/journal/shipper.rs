@@ -12,22 +12,23 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, Status, SubmitError};
+use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, Status, SubmitError};
 
+use super::dev_io::{DevIo, IoError};
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_segment, write_blocks, Journal, SegBuf};
-use super::{Idle, Shared, FAILED};
+use super::{Shared, FAILED};
+use crate::wait::{poll_until, Backoff, Polled};
 
 /// Commands sent to the far device at once.
 const DEPTH: u32 = 64;
 
 pub(crate) struct Shipper {
     sh: Arc<Shared>,
-    journal: Box<dyn QueuePair>,
-    far_dev: Arc<dyn BlockDevice>,
+    journal: DevIo,
     /// Opened when first needed, so a far side unreachable at start is retried like one
     /// lost later.
-    far: Option<Box<dyn QueuePair>>,
+    far: DevIo,
     j: Journal,
     buf: SegBuf,
     cbuf: SegBuf,
@@ -39,15 +40,19 @@ pub(crate) struct Shipper {
 impl Shipper {
     pub(crate) fn new(
         sh: Arc<Shared>,
-        journal: &dyn BlockDevice,
+        journal: Arc<dyn BlockDevice>,
         far: Arc<dyn BlockDevice>,
         commit: Commit,
-    ) -> nvmirror_nvme::Result<Self> {
+    ) -> Result<Self, String> {
         let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
+        let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
+        journal.qp().map_err(|e| e.to_string())?;
+        let mut far = DevIo::new(far, DEPTH, sh.cfg.io_timeout);
+        // Unreachable now is retried like lost later.
+        let _ = far.qp();
         Ok(Self {
-            journal: journal.open_qpair(2)?,
-            far: far.open_qpair(DEPTH).ok(),
-            far_dev: far,
+            journal,
+            far,
             j: Journal {
                 uuid: sh.uuid,
                 lba_size: sh.lba_size,
@@ -63,7 +68,7 @@ impl Shipper {
     }
 
     pub(crate) fn run(mut self) {
-        let mut idle = Idle::new();
+        let mut idle = Backoff::new();
         let mut said_damage = false;
         loop {
             if self.sh.stop.load(Ordering::Acquire) {
@@ -76,7 +81,7 @@ impl Shipper {
             }
             idle.worked();
             let found = read_segment(
-                &mut *self.journal,
+                &mut self.journal,
                 &self.j,
                 self.commit.offset,
                 next,
@@ -149,10 +154,10 @@ impl Shipper {
                     }
                     return true;
                 }
-                Err(None) => return false,
-                Err(Some(status)) => {
+                Err(NotApplied::Stopped) => return false,
+                Err(why) => {
                     if !self.sh.retrying.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(leg = %self.sh.name, %status, seq = h.seq_first, "the far side refused a journal segment; it is sent again until taken");
+                        tracing::warn!(leg = %self.sh.name, %why, seq = h.seq_first, "the far side did not take a journal segment; it is sent again until taken");
                     }
                     let until = Instant::now() + backoff;
                     while Instant::now() < until {
@@ -167,37 +172,38 @@ impl Shipper {
         }
     }
 
-    /// Sends every record of the segment, then a Flush if it holds a barrier. `Err(None)` on
-    /// stop, `Err(Some(status))` when a command failed.
-    fn apply(&mut self, h: &SegmentHeader) -> Result<(), Option<Status>> {
-        if self.far.is_none() {
-            self.far = Some(
-                self.far_dev
-                    .open_qpair(DEPTH)
-                    .map_err(|_| Some(Status::HOST_PATHING_ERROR))?,
-            );
-        }
+    /// Sends every record of the segment, then a Flush if it holds a barrier.
+    fn apply(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
         let res = self.apply_on_far(h);
-        if matches!(res, Err(Some(s)) if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated)
-        {
+        match &res {
             // A path error may leave the queue pair dead: open a new one for the next try.
-            if let Some(qp) = self.far.take() {
-                drop(qp.close());
+            // Every command was reaped: nothing holds the buffer.
+            Err(NotApplied::Refused(s))
+                if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated =>
+            {
+                drop(self.far.give_up());
             }
+            // Commands given up: the far device may still read the segment buffer.
+            Err(NotApplied::TimedOut(_) | NotApplied::Stopped) => {
+                let fence = self.far.give_up();
+                self.buf.park_on(fence);
+            }
+            _ => {}
         }
         res
     }
 
-    fn apply_on_far(&mut self, h: &SegmentHeader) -> Result<(), Option<Status>> {
-        let Some(far) = self.far.as_mut() else {
-            return Err(Some(Status::HOST_PATHING_ERROR));
-        };
+    fn apply_on_far(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
+        let timeout = self.far.timeout;
+        let far = self
+            .far
+            .qp()
+            .map_err(|e| NotApplied::Unreachable(e.to_string()))?;
         let hlen = h.header_blocks as usize * self.sh.lba_size as usize;
         let mut off = hlen;
         let mut failed = None;
         let mut outstanding = 0u32;
         let mut barrier = false;
-        let started = Instant::now();
         for i in 0..self.iocbs.len() {
             let r = self.iocbs[i];
             if r.op == RecordOp::Flush || r.fua {
@@ -215,32 +221,33 @@ impl Shipper {
             off += n;
             loop {
                 // SAFETY: the segment buffer is this thread's and is neither touched nor freed
-                // until every command on it is reaped below (or the queue pair, dropped
-                // before the buffer on stop, fences them).
+                // until every command on it is reaped below, or, when they are given up,
+                // parked on the queue pair's fence (`apply`).
                 match unsafe { far.submit(cmd) } {
                     Ok(()) => {
                         outstanding += 1;
                         break;
                     }
                     Err(SubmitError::QueueFull) => {
-                        outstanding -=
-                            reap(&mut **far, &self.sh, &mut self.cpl, &mut failed, started)?;
+                        outstanding -= reap(far, &self.sh, &mut self.cpl, &mut failed, timeout)?;
                     }
                 }
             }
         }
         while outstanding > 0 {
-            outstanding -= reap(&mut **far, &self.sh, &mut self.cpl, &mut failed, started)?;
+            outstanding -= reap(far, &self.sh, &mut self.cpl, &mut failed, timeout)?;
         }
         if let Some(s) = failed {
-            return Err(Some(s));
+            return Err(NotApplied::Refused(s));
         }
         if barrier {
-            let stop = &self.sh.stop;
-            match super::run_one(&mut **far, IoCommand::new(IoOp::Flush, 0, 0, 0), stop) {
-                Some(c) if c.status.is_success() => {}
-                Some(c) => return Err(Some(c.status)),
-                None => return Err(None),
+            let flush = IoCommand::new(IoOp::Flush, 0, 0, 0);
+            match self.far.run(flush, None, &self.sh.stop) {
+                Ok(c) if c.status.is_success() => {}
+                Ok(c) => return Err(NotApplied::Refused(c.status)),
+                Err(IoError::Stopped) => return Err(NotApplied::Stopped),
+                Err(IoError::TimedOut(t)) => return Err(NotApplied::TimedOut(t)),
+                Err(IoError::Open(e)) => return Err(NotApplied::Unreachable(e)),
             }
         }
         Ok(())
@@ -253,7 +260,7 @@ impl Shipper {
             c.encode(self.sh.uuid, &mut self.cbuf.bytes()[..bs]);
             self.cbuf.bytes()[Commit::LEN..bs].fill(0);
             match write_blocks(
-                &mut *self.journal,
+                &mut self.journal,
                 c.block(),
                 &mut self.cbuf,
                 0,
@@ -275,32 +282,64 @@ impl Shipper {
     }
 }
 
-/// Polls the far device once (waiting a little when nothing came); returns how many commands
-/// completed and notes the first failure.
+/// Why a segment was not applied.
+#[derive(Debug)]
+enum NotApplied {
+    /// The shipper is stopping.
+    Stopped,
+    /// The far device failed a command.
+    Refused(Status),
+    /// The far device did not answer within the timeout; its commands were given up.
+    TimedOut(Duration),
+    /// No queue pair could be opened on the far device.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for NotApplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stopped => f.write_str("stopped"),
+            Self::Refused(s) => write!(f, "refused: {s}"),
+            Self::TimedOut(t) => write!(f, "no answer within {t:?}"),
+            Self::Unreachable(e) => write!(f, "unreachable: {e}"),
+        }
+    }
+}
+
+/// Waiting this long for the far device shows the leg as `retrying` while it waits on.
+const SLOW: Duration = Duration::from_secs(1);
+
+/// Waits for completions from the far device, at most `timeout`; returns how many came and
+/// notes the first failure.
 fn reap(
-    far: &mut dyn QueuePair,
+    far: &mut dyn nvmirror_nvme::QueuePair,
     sh: &Shared,
     cpl: &mut [Completion],
     failed: &mut Option<Status>,
-    started: Instant,
-) -> Result<u32, Option<Status>> {
-    let mut idle = Idle::new();
+    timeout: Duration,
+) -> Result<u32, NotApplied> {
+    let start = Instant::now();
+    let deadline = start + timeout;
     loop {
-        let n = far.poll(cpl);
-        if n > 0 {
-            for c in &cpl[..n] {
-                if !c.status.is_success() && failed.is_none() {
-                    *failed = Some(c.status);
+        let until = if sh.retrying.load(Ordering::Relaxed) {
+            deadline
+        } else {
+            (start + SLOW).min(deadline)
+        };
+        match poll_until(far, cpl, until, Some(&sh.stop)) {
+            Polled::Got(n) => {
+                for c in &cpl[..n] {
+                    if !c.status.is_success() && failed.is_none() {
+                        *failed = Some(c.status);
+                    }
                 }
+                return Ok(n as u32);
             }
-            return Ok(n as u32);
+            Polled::Stopped => return Err(NotApplied::Stopped),
+            Polled::TimedOut if Instant::now() >= deadline => {
+                return Err(NotApplied::TimedOut(timeout))
+            }
+            Polled::TimedOut => sh.retrying.store(true, Ordering::Relaxed),
         }
-        if sh.stop.load(Ordering::Acquire) {
-            return Err(None);
-        }
-        if started.elapsed() > Duration::from_secs(1) {
-            sh.retrying.store(true, Ordering::Relaxed);
-        }
-        idle.wait();
     }
 }

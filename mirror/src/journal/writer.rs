@@ -11,11 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use nvmirror_nvme::dma::IoBuf;
-use nvmirror_nvme::{BlockDevice, Completion, QueuePair, Status};
+use nvmirror_nvme::{BlockDevice, Completion, Status};
 
+use super::dev_io::DevIo;
 use super::format::{segment_buffer_len, Iocb, RecordOp, SegmentHeader, RING_START};
 use super::recover::{write_blocks, SegBuf};
-use super::{unix_ms, Channel, Idle, Req, Shared, FAILED, REPLICATING, STEPPED_DOWN};
+use super::{unix_ms, Channel, Req, Shared, FAILED, REPLICATING, STEPPED_DOWN};
+use crate::wait::Backoff;
 
 /// One record of the segment being built.
 struct Piece {
@@ -29,7 +31,7 @@ struct Piece {
 
 pub(crate) struct Writer {
     sh: Arc<Shared>,
-    qp: Box<dyn QueuePair>,
+    io: DevIo,
     buf: SegBuf,
     pieces: Vec<Piece>,
     iocbs: Vec<Iocb>,
@@ -43,14 +45,15 @@ pub(crate) struct Writer {
 impl Writer {
     pub(crate) fn new(
         sh: Arc<Shared>,
-        journal: &dyn BlockDevice,
+        journal: Arc<dyn BlockDevice>,
         next_seq: u64,
         tail: u64,
-    ) -> nvmirror_nvme::Result<Self> {
-        let qp = journal.open_qpair(2)?;
+    ) -> Result<Self, String> {
+        let mut io = DevIo::new(journal, 2, sh.cfg.io_timeout);
+        io.qp().map_err(|e| e.to_string())?;
         let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
         Ok(Self {
-            qp,
+            io,
             buf: SegBuf::new(len),
             pieces: Vec::with_capacity(sh.cfg.max_records),
             iocbs: Vec::with_capacity(sh.cfg.max_records),
@@ -63,7 +66,7 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self) {
-        let mut idle = Idle::new();
+        let mut idle = Backoff::new();
         loop {
             if self.sh.stop.load(Ordering::Acquire) {
                 self.fail_all(Status::ABORTED_SQ_DELETION);
@@ -252,7 +255,7 @@ impl Writer {
             .encode(&self.iocbs, &mut out[..hlen]);
         }
         let res = write_blocks(
-            &mut *self.qp,
+            &mut self.io,
             start,
             &mut self.buf,
             0,
