@@ -2,18 +2,26 @@
 //! `iodepth` DMA buffers, each keeping up to `iodepth` I/Os in flight (submit, poll a batch,
 //! resubmit every slot the batch freed). The loop itself is in `job_thread.rs`.
 //!
-//! Timing. Completion latency (`clat`) is the time from submission to the poll that reaped the
-//! completion, recorded in nanoseconds in an HDR histogram (3 significant digits). Every
-//! command is stamped just before its own `submit` (so its latency includes its own submission
-//! work, as in fio, but not that of the commands ahead of it in the batch), and every
-//! completion of a poll gets the stamp taken *after* the poll returned, so a latency is never
-//! under-stated. The clock is `quanta`'s TSC clock (about 8 ns a read here, against 18 ns for
-//! a vDSO `clock_gettime`): one read per I/O and one per poll.
+//! Timing: three clocks per I/O, as fio defines them, each recorded in nanoseconds in an HDR
+//! histogram per direction (3 significant digits).
 //!
-//! Open loop (`rate_iops`). I/O *i* of a thread is due at `t0 + i / rate_iops`. A due I/O is
-//! sent as soon as a slot is free; its total latency (`lat`) runs from the time it was *due*,
-//! not from the time it was sent, so time spent waiting for a slot is counted instead of
-//! hidden (coordinated omission). Closed-loop jobs have `lat == clat`.
+//! - `slat`, submission latency: from the moment the I/O became ready to issue to the moment
+//!   its `submit` returned. In a closed loop an I/O is ready when its slot was freed, that is
+//!   at the stamp of the poll that reaped the previous I/O of the slot (the first I/O of each
+//!   slot: when the loop started), so `slat` holds the submission work of the commands ahead
+//!   of it in the batch, the offset draw and its own submission (for an in-process `mem://`
+//!   leg, the copy). In an open loop (`rate_iops`) it is ready when it is due, so `slat` also
+//!   holds the wait for a free slot (coordinated omission is counted, not hidden).
+//! - `clat`, completion latency: from the return of its `submit` to the poll that reaped its
+//!   completion (the stamp taken after that poll returned).
+//! - `lat`, total latency: `slat + clat`, from ready to reaped. In a closed loop every slot's
+//!   time is cut into such cycles with no gap between them, so IOPS × mean(`lat`) is `iodepth`
+//!   (Little's law), up to the I/Os still in flight at the window's edges.
+//!
+//! The clock is `quanta`'s TSC clock (about 8 ns a read here, against 18 ns for a vDSO
+//! `clock_gettime`): one read per I/O, just after its `submit` returned, and one per poll,
+//! just after it returned; the same poll stamp ends the `clat` of what it reaped and starts
+//! the `slat` of the I/Os that reuse the freed slots.
 //!
 //! End. With `time_based` a thread runs until `ramp_time + runtime`. Without it, it also stops
 //! submitting once it has submitted `io_size` (default `size`) bytes after the ramp, and ends
@@ -46,10 +54,19 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest buffer memory one job thread may ask for.
 pub const MAX_JOB_BUFFER_BYTES: u64 = 4 << 30;
 
-/// An empty completion-latency histogram in nanoseconds.
+/// An empty latency histogram in nanoseconds.
 pub fn latency_histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, HIST_MAX_NS, HIST_SIGFIG)
         .map_err(|e| Error::Histogram(e.to_string()))
+}
+
+/// One empty latency histogram per direction ([`Direction::index`]).
+pub fn latency_histograms() -> Result<[Histogram<u64>; 3]> {
+    Ok([
+        latency_histogram()?,
+        latency_histogram()?,
+        latency_histogram()?,
+    ])
 }
 
 /// A direction of I/O, as fio reports them.
@@ -110,8 +127,8 @@ impl VerifyStats {
 /// What one job thread (or all of them, merged) measured.
 #[derive(Clone, Debug)]
 pub struct JobStats {
-    /// Completion latency of successful reads in the measured window; its count is the
-    /// number of reads.
+    /// Completion latency (`clat`) of successful reads in the measured window; its count is
+    /// the number of reads.
     pub read: Histogram<u64>,
     /// The same for writes.
     pub write: Histogram<u64>,
@@ -119,9 +136,12 @@ pub struct JobStats {
     pub trim: Histogram<u64>,
     /// Bytes transferred by the counted I/Os, per direction ([`Direction::index`]).
     pub io_bytes: [u64; 3],
-    /// Total latency per direction ([`Direction::index`]), from the time each I/O was due,
-    /// for open-loop (`rate_iops`) jobs; `None` when it equals the completion latency.
-    pub lat: Option<[Histogram<u64>; 3]>,
+    /// Submission latency (`slat`) of the same I/Os, per direction ([`Direction::index`]):
+    /// from ready (slot freed, or due in an open loop) to the return of `submit`.
+    pub slat: [Histogram<u64>; 3],
+    /// Total latency (`lat`, `slat + clat`) of the same I/Os, per direction: from ready to the
+    /// poll that reaped the completion.
+    pub lat: [Histogram<u64>; 3],
     /// I/Os that completed with a non-success status, or never completed (`unfinished`).
     pub errors: u64,
     /// The status of the first failed I/O.
@@ -144,7 +164,8 @@ impl JobStats {
             write: latency_histogram()?,
             trim: latency_histogram()?,
             io_bytes: [0; 3],
-            lat: None,
+            slat: latency_histograms()?,
+            lat: latency_histograms()?,
             errors: 0,
             first_error: None,
             unfinished: 0,
@@ -163,12 +184,14 @@ impl JobStats {
         }
     }
 
-    /// The total-latency histogram of `dir` (the completion latency in a closed loop).
+    /// The submission-latency histogram of `dir`.
+    pub fn slat(&self, dir: Direction) -> &Histogram<u64> {
+        &self.slat[dir.index()]
+    }
+
+    /// The total-latency histogram of `dir`.
     pub fn total_lat(&self, dir: Direction) -> &Histogram<u64> {
-        match &self.lat {
-            Some(lat) => &lat[dir.index()],
-            None => self.clat(dir),
-        }
+        &self.lat[dir.index()]
     }
 
     /// Adds another thread's numbers, like fio's `group_reporting`.
@@ -182,19 +205,11 @@ impl JobStats {
         for (a, b) in self.io_bytes.iter_mut().zip(other.io_bytes) {
             *a += b;
         }
-        if let Some(theirs) = &other.lat {
-            if self.lat.is_none() {
-                self.lat = Some([
-                    latency_histogram()?,
-                    latency_histogram()?,
-                    latency_histogram()?,
-                ]);
-            }
-            if let Some(mine) = &mut self.lat {
-                for (a, b) in mine.iter_mut().zip(theirs) {
-                    add(a, b)?;
-                }
-            }
+        for (a, b) in self.slat.iter_mut().zip(&other.slat) {
+            add(a, b)?;
+        }
+        for (a, b) in self.lat.iter_mut().zip(&other.lat) {
+            add(a, b)?;
         }
         self.errors += other.errors;
         self.first_error = self.first_error.or(other.first_error);

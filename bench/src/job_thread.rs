@@ -2,8 +2,8 @@
 //! the verify read-back pass. See [`crate::engine`] for how time is measured.
 //!
 //! Everything the loop touches is allocated before the start gate opens; per I/O the loop does
-//! no allocation, takes no lock and makes no syscall beyond the queue pair's own and two clock
-//! reads per batch.
+//! no allocation, takes no lock and makes no syscall beyond the queue pair's own, and reads the
+//! clock once per I/O and once per poll.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,7 +12,7 @@ use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
-use crate::engine::{latency_histogram, Direction, JobStats, StartGate, DRAIN_TIMEOUT};
+use crate::engine::{latency_histograms, Direction, JobStats, StartGate, DRAIN_TIMEOUT};
 use crate::histlog::IntervalRecorder;
 use crate::job::{IoLayout, JobSpec, VerifyMode};
 use crate::pattern::IoPattern;
@@ -86,19 +86,20 @@ impl JobQueue {
 /// What a slot's command is, for its completion: the part every job needs.
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotState {
-    /// Clock at submission, ns since the thread's epoch.
+    /// When the command became ready to issue (its slot freed, or due in an open loop), ns
+    /// since the thread's epoch: where `slat` and `lat` start.
+    ready: u64,
+    /// When its `submit` returned: where `slat` ends and `clat` starts.
     submitted: u64,
     /// Length in units.
     units: u32,
     dir: u8,
 }
 
-/// The rest, kept (and written) only by open-loop and verify jobs, so a plain closed loop
-/// stores as little per I/O as it can.
+/// The rest, kept (and written) only by verify jobs, so a plain loop stores as little per I/O
+/// as it can.
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotExtra {
-    /// When the I/O was due.
-    intended: u64,
     /// First unit.
     unit: u64,
     /// Generation stamped into a verified write.
@@ -145,14 +146,6 @@ pub(crate) fn run_job(
     let active = Direction::ALL.map(|d| d.issued_by(spec.rw));
     // Everything the loop needs is allocated before the start.
     let setup = JobQueue::open(target, spec, layout, job).and_then(|q| {
-        let lat = match spec.rate_iops {
-            Some(_) => Some([
-                latency_histogram()?,
-                latency_histogram()?,
-                latency_histogram()?,
-            ]),
-            None => None,
-        };
         let intervals = match spec.log_interval {
             Some(iv) => Some(IntervalRecorder::new(iv, ramp_end, active)?),
             None => None,
@@ -160,19 +153,16 @@ pub(crate) fn run_job(
         Ok((
             q,
             JobStats::new()?,
-            [
-                latency_histogram()?,
-                latency_histogram()?,
-                latency_histogram()?,
-            ],
-            lat,
+            latency_histograms()?,
+            latency_histograms()?,
+            latency_histograms()?,
             intervals,
         ))
     });
     if !gate.arrive(setup.is_ok()) {
         return setup.map(|_| None);
     }
-    let (mut q, mut stats, mut clat, mut lat, mut intervals) = setup?;
+    let (mut q, mut stats, mut slat, mut clat, mut lat, mut intervals) = setup?;
     let lba_size = target.geometry().lba_size;
     let unit_bytes = layout.unit_bytes(lba_size);
     let mut verifier = (spec.verify != VerifyMode::None).then(|| {
@@ -210,23 +200,27 @@ pub(crate) fn run_job(
     };
     let mut exhausted = false;
     let fixed_size = layout.max_units <= 1;
-    let paced = pacer.is_some();
-    let tracked = paced || verifier.is_some();
+    let tracked = verifier.is_some();
 
-    // One TSC clock for every stamp of the thread: ns since `epoch`, about 8 ns a read.
+    // One TSC clock for every stamp of the thread: ns since `epoch`, about 8 ns a read. It is
+    // read once per I/O (after its submit returned) and once per poll (after it returned).
     let clock = quanta::Clock::new();
     let epoch = clock.raw();
     let ns = |clock: &quanta::Clock| clock.delta_as_nanos(epoch, clock.raw());
+    // The latest poll stamp (the loop's start, before the first poll).
+    let mut now = ns(&clock);
+    // Per slot: when it was last freed, where the `slat` of its next command starts in a
+    // closed loop.
+    let mut freed_at = vec![now; depth];
     let window_end = loop {
         if !free.is_empty() && !exhausted {
-            let stamp = ns(&clock);
-            let counted = stamp >= ramp_end;
+            let counted = now >= ramp_end;
             let mut tries = 0;
             while let Some(&slot) = free.last() {
-                let intended = match &pacer {
-                    Some(p) if p.next_due > stamp => break,
+                let ready = match &pacer {
+                    Some(p) if p.next_due > now => break,
                     Some(p) => p.next_due,
-                    None => stamp,
+                    None => freed_at[slot as usize],
                 };
                 let io = q.pattern.next_io();
                 if let Some(v) = &mut verifier {
@@ -275,9 +269,6 @@ pub(crate) fn run_job(
                     }
                     op => (IoCommand::new(op, slba, nlb, u64::from(slot)), TRIM),
                 };
-                // Each command's own submission time: its latency includes its own
-                // submission work, not that of the commands ahead of it in the batch.
-                let submitted = ns(&clock);
                 // SAFETY: the buffer belongs to `q.pool`, which outlives every command (it is
                 // leaked below if a command never completes); a slot has one command at a time,
                 // and nothing touches a slot's buffers until its completion is reaped.
@@ -290,18 +281,20 @@ pub(crate) fn run_job(
                     }
                     break;
                 }
+                // The one clock read per I/O: `slat` ends and `clat` starts here.
+                let submitted = ns(&clock);
                 free.pop();
                 if let Some(p) = &mut pacer {
                     p.advance();
                 }
                 slots[s] = SlotState {
+                    ready,
                     submitted,
                     units: io.units,
                     dir,
                 };
                 if tracked {
                     extra[s] = SlotExtra {
-                        intended,
                         unit: io.unit,
                         generation,
                     };
@@ -309,7 +302,9 @@ pub(crate) fn run_job(
             }
         }
         let n = q.qp.poll(&mut cpl);
-        let now = ns(&clock);
+        // The one clock read per poll: the `clat` of what it reaped ends here, and the `slat`
+        // of the commands that reuse the freed slots starts here.
+        now = ns(&clock);
         let counting = now >= ramp_end;
         for c in &cpl[..n] {
             // The tag is the slot index submitted above, returned unchanged by the back end.
@@ -319,17 +314,14 @@ pub(crate) fn run_job(
             if !ok {
                 stats.fail(c.status);
             } else if counting {
-                clat[st.dir as usize].saturating_record(now - st.submitted);
+                let d = st.dir as usize;
+                // An open-loop command may be sent after the stamp that found it due.
+                slat[d].saturating_record(st.submitted.saturating_sub(st.ready));
+                clat[d].saturating_record(now - st.submitted);
+                let total = now.saturating_sub(st.ready);
+                lat[d].saturating_record(total);
                 if !fixed_size {
-                    stats.io_bytes[st.dir as usize] += u64::from(st.units) * unit_bytes;
-                }
-                let total = if paced {
-                    now.saturating_sub(extra[slot].intended)
-                } else {
-                    now - st.submitted
-                };
-                if let Some(lat) = &mut lat {
-                    lat[st.dir as usize].saturating_record(total);
+                    stats.io_bytes[d] += u64::from(st.units) * unit_bytes;
                 }
                 if let Some(iv) = &mut intervals {
                     iv.record(st.dir as usize, total);
@@ -342,10 +334,15 @@ pub(crate) fn run_job(
                 lent += 1;
             } else {
                 free.push(slot as u32);
+                freed_at[slot] = now;
             }
         }
         if lent > 0 {
-            lent -= reclaim(&mut *q.qp, &mut released, &mut free);
+            let back = reclaim(&mut *q.qp, &mut released, &mut free);
+            for &t in &released[..back] {
+                freed_at[t as usize] = now;
+            }
+            lent -= back;
         }
         if counting {
             if let Some(iv) = &mut intervals {
@@ -367,6 +364,7 @@ pub(crate) fn run_job(
     stats.read = read;
     stats.write = write;
     stats.trim = trim;
+    stats.slat = slat;
     stats.lat = lat;
 
     // Drain: the buffers must outlive every command, so wait for the stragglers and for

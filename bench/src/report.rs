@@ -3,9 +3,10 @@
 //!
 //! Each job (the command line's, or each job-file section) is one entry of `jobs[]`, its
 //! threads merged like fio's `group_reporting`, named after its section (or the `rw` mode).
-//! Completion latency (`clat_ns`) runs from submission; total latency (`lat_ns`) runs from the
-//! time the I/O was due, which differs only for open-loop (`rate_iops`) jobs. Submission
-//! latency (`slat_ns`) is not measured separately and reads as zeros.
+//! The three latencies are fio's: submission latency (`slat_ns`) from the moment the I/O was
+//! ready to issue (its slot freed, or due in an open loop) to the return of its submit,
+//! completion latency (`clat_ns`) from there to the poll that reaped it, and total latency
+//! (`lat_ns`) the two together; see [`crate::engine`] for where each stamp is taken.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -196,7 +197,13 @@ impl FioLatency {
 }
 
 impl FioDirection {
-    fn new(clat: &Histogram<u64>, lat: &Histogram<u64>, io_bytes: u64, runtime_ns: u128) -> Self {
+    fn new(
+        slat: &Histogram<u64>,
+        clat: &Histogram<u64>,
+        lat: &Histogram<u64>,
+        io_bytes: u64,
+        runtime_ns: u128,
+    ) -> Self {
         let ios = clat.len();
         let (runtime, bw_bytes, iops) = if ios == 0 || runtime_ns == 0 {
             (0, 0, 0.0)
@@ -218,7 +225,7 @@ impl FioDirection {
             total_ios: ios,
             short_ios: 0,
             drop_ios: 0,
-            slat_ns: FioLatency::default(),
+            slat_ns: FioLatency::from_histogram(slat),
             clat_ns: FioLatency::from_histogram(clat),
             lat_ns: FioLatency::from_histogram(lat),
         }
@@ -270,6 +277,7 @@ impl FioJob {
         opt("randseed", spec.seed.to_string());
         let dir = |d: Direction| {
             FioDirection::new(
+                st.slat(d),
                 st.clat(d),
                 st.total_lat(d),
                 st.io_bytes[d.index()],
@@ -396,9 +404,12 @@ pub fn normal_text(run: &RunResult) -> String {
             binary_bytes(dir.io_bytes as f64),
             dir.runtime
         );
-        write_latency(&mut s, "clat", &dir.clat_ns);
-        if run.stats.lat.is_some() {
-            write_latency(&mut s, "lat", &dir.lat_ns);
+        write_latency_line(&mut s, "slat", &dir.slat_ns);
+        write_latency_line(&mut s, "clat", &dir.clat_ns);
+        write_latency_line(&mut s, " lat", &dir.lat_ns);
+        write_percentiles(&mut s, "clat", &dir.clat_ns);
+        if run.spec.rate_iops.is_some() {
+            write_percentiles(&mut s, "lat", &dir.lat_ns);
         }
     }
     let _ = writeln!(s, "\nRun status group 0 (all jobs):");
@@ -424,9 +435,9 @@ pub fn normal_text(run: &RunResult) -> String {
     s
 }
 
-/// The clat line and percentile table, each scaled to nsec, usec or msec by fio's rules
-/// (`display_lat` and `show_clat_percentiles` in fio's `stat.c`).
-fn write_latency(s: &mut String, what: &str, lat: &FioLatency) {
+/// A `slat`, `clat` or ` lat` summary line, scaled to nsec, usec or msec by fio's rules
+/// (`display_lat` in fio's `stat.c`).
+fn write_latency_line(s: &mut String, what: &str, lat: &FioLatency) {
     use fmt::Write as _;
     let (unit, div) = if lat.min > 2_000_000 && lat.max > 99_999_999 && lat.stddev > 1e6 {
         ("msec", 1e6)
@@ -443,6 +454,11 @@ fn write_latency(s: &mut String, what: &str, lat: &FioLatency) {
         lat.mean / div,
         lat.stddev / div
     );
+}
+
+/// A percentile table, scaled by fio's rules (`show_clat_percentiles` in fio's `stat.c`).
+fn write_percentiles(s: &mut String, what: &str, lat: &FioLatency) {
+    use fmt::Write as _;
     let Some(pct) = &lat.percentile else { return };
     let lo = pct.0.iter().map(|(_, v)| *v).min().unwrap_or(0);
     let hi = pct.0.iter().map(|(_, v)| *v).max().unwrap_or(0);

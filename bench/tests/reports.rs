@@ -20,14 +20,18 @@ fn run_cli(args: &[&str]) -> (Vec<RunResult>, String) {
     (runs, String::from_utf8(out).unwrap())
 }
 
-/// A run whose reads took exactly the given latencies (ns), `n` of each.
+/// A run whose reads took exactly the given completion latencies (ns), `n` of each, and no
+/// submission time (so `lat == clat`).
 fn synthetic(values: &[(u64, u64)]) -> RunResult {
     let mut stats = JobStats::new().unwrap();
     let mut h = latency_histogram().unwrap();
     for &(v, n) in values {
         h.record_n(v, n).unwrap();
     }
-    stats.io_bytes[Direction::Read.index()] = h.len() * 4096;
+    let read = Direction::Read.index();
+    stats.io_bytes[read] = h.len() * 4096;
+    stats.slat[read].record_n(0, h.len()).unwrap();
+    stats.lat[read] = h.clone();
     stats.read = h;
     stats.runtime = Duration::from_secs(2);
     RunResult {
@@ -79,7 +83,7 @@ fn json_has_every_field_fio_tools_read() {
             assert!(d[key].is_u64(), "{dir}.{key}: {}", d[key]);
         }
         assert!(d["iops"].is_f64(), "{dir}.iops");
-        for lat in ["clat_ns", "lat_ns"] {
+        for lat in ["slat_ns", "clat_ns", "lat_ns"] {
             let l = &d[lat];
             for key in ["min", "max", "N"] {
                 assert!(l[key].is_u64(), "{dir}.{lat}.{key}");
@@ -99,7 +103,6 @@ fn json_has_every_field_fio_tools_read() {
                 assert!(pct[key].is_u64(), "{dir}.{lat}.percentile[{key}]");
             }
         }
-        assert!(d["slat_ns"]["N"].is_u64());
     }
     let st = &runs[0].stats;
     assert_eq!(job["read"]["total_ios"].as_u64(), Some(st.read.len()));
@@ -145,11 +148,21 @@ fn percentiles_of_a_known_distribution_in_normal_and_json_output() {
     assert_eq!(v["jobs"][0]["read"]["iops"], 500.0);
     assert_eq!(
         clat, &v["jobs"][0]["read"]["lat_ns"],
-        "closed loop: lat == clat"
+        "no submission time: lat == clat"
     );
+    assert_eq!(v["jobs"][0]["read"]["slat_ns"]["N"], 1000);
+    assert_eq!(v["jobs"][0]["read"]["slat_ns"]["max"], 0);
 
     let text = normal_text(&run);
     assert!(text.contains("read: IOPS=500, "), "{text}");
+    // fio's three summary lines, in fio's order and layout, then clat's percentiles.
+    let slat = text.find("\n    slat (nsec): min=0, max=0, avg=0.00, stdev=0.00\n");
+    let clat = text.find("\n    clat (usec): min=20, max=");
+    let lat = text.find("\n     lat (usec): min=20, max=");
+    assert!(
+        slat.is_some() && slat < clat && clat < lat,
+        "{slat:?} {clat:?} {lat:?}: {text}"
+    );
     assert!(text.contains("clat percentiles (usec):"), "{text}");
     assert!(text.contains(" 1.00th=[   20]"), "{text}");
     assert!(text.contains("90.00th=[   20]"), "{text}");

@@ -1,6 +1,11 @@
 //! DMA-able I/O buffers: one contiguous, page-aligned region per core, carved into
 //! fixed-size buffers, so the I/O path never allocates.
 //!
+//! A region of 2 MiB or more is an anonymous mapping advised for transparent hugepages
+//! ([`crate::mmap`]), so a large pool costs a TLB entry per 2 MiB instead of per 4 KiB; where
+//! the kernel has none it is ordinary pages, which work the same. Smaller regions come from
+//! the heap.
+//!
 //! Soundness. A [`DmaBuf`] keeps its pool's region alive (the region is reference-counted:
 //! one count per buffer taken, bumped in [`DmaPool::get`] and dropped with the buffer), so a
 //! buffer outliving its pool still points at live memory. Its safe accessors
@@ -16,6 +21,8 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
+
+use crate::mmap::{AnonMapping, Hugepages, HUGEPAGE_SIZE};
 
 /// Alignment of every pool: a page, which satisfies O_DIRECT and NVMe PRP rules.
 pub const DMA_ALIGN: usize = 4096;
@@ -139,7 +146,16 @@ impl DmaBuf {
 #[derive(Debug)]
 struct Region {
     base: NonNull<u8>,
-    layout: Layout,
+    len: usize,
+    backing: Backing,
+}
+
+#[derive(Debug)]
+enum Backing {
+    /// From the global allocator with this layout.
+    Heap(Layout),
+    /// A mapping advised for hugepages, unmapped with it.
+    Mapped(AnonMapping),
 }
 
 // SAFETY: the region is plain memory owned by this value; which buffer of it a thread may touch
@@ -148,10 +164,36 @@ unsafe impl Send for Region {}
 // SAFETY: as above: the region itself is never read or written through `&Region`.
 unsafe impl Sync for Region {}
 
+impl Region {
+    /// `len` zeroed bytes, page-aligned; `None` where the memory cannot be had.
+    fn new(len: usize) -> Option<Self> {
+        if len >= HUGEPAGE_SIZE {
+            if let Ok(m) = AnonMapping::new(len, true) {
+                return Some(Self {
+                    base: NonNull::new(m.as_ptr())?,
+                    len,
+                    backing: Backing::Mapped(m),
+                });
+            }
+        }
+        let layout = Layout::from_size_align(len, DMA_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size (the caller's count and size are > 0).
+        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        Some(Self {
+            base,
+            len,
+            backing: Backing::Heap(layout),
+        })
+    }
+}
+
 impl Drop for Region {
     fn drop(&mut self) {
-        // SAFETY: allocated in `DmaPool::try_new` with this layout and freed only here.
-        unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) }
+        if let Backing::Heap(layout) = self.backing {
+            // SAFETY: allocated in `Region::new` with this layout and freed only here.
+            unsafe { alloc::dealloc(self.base.as_ptr(), layout) }
+        }
+        // A mapping unmaps itself.
     }
 }
 
@@ -191,10 +233,9 @@ impl DmaPool {
         }
         let buf_size = buf_size.checked_next_multiple_of(DMA_ALIGN)?;
         let total = buf_size.checked_mul(count as usize)?;
-        let layout = Layout::from_size_align(total, DMA_ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size (count > 0, buf_size > 0).
-        let base = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
-        let region = Arc::new(Region { base, layout });
+        // Refuse what no layout can describe, as the heap would.
+        Layout::from_size_align(total, DMA_ALIGN).ok()?;
+        let region = Arc::new(Region::new(total)?);
         let mut free = Vec::new();
         // On failure `region` frees the memory.
         free.try_reserve_exact(count as usize).ok()?;
@@ -253,7 +294,16 @@ impl DmaPool {
     /// Whether `ptr` points into this pool's region.
     pub fn contains(&self, ptr: *const u8) -> bool {
         let base = self.base() as usize;
-        (base..base + self.region.layout.size()).contains(&(ptr as usize))
+        (base..base + self.region.len).contains(&(ptr as usize))
+    }
+
+    /// Whether the region was advised for hugepages and what came of it: `Off` for a region
+    /// under 2 MiB (from the heap).
+    pub fn hugepages(&self) -> Hugepages {
+        match &self.region.backing {
+            Backing::Heap(_) => Hugepages::Off,
+            Backing::Mapped(m) => m.hugepages(),
+        }
     }
 }
 
@@ -304,6 +354,29 @@ mod tests {
         assert!(b.as_slice().iter().all(|&x| x == 0xa5));
         b.as_mut_slice()[4095] = 1;
         assert_eq!(b.as_slice()[4095], 1);
+    }
+
+    #[test]
+    fn a_large_pool_is_advised_for_hugepages_and_a_small_one_is_not() {
+        let small = DmaPool::new(32, 4096);
+        assert_eq!(small.hugepages(), Hugepages::Off);
+        let mut large = DmaPool::new(32, 128 << 10);
+        let thp = crate::mmap::ThpMode::current();
+        if thp.allows_advised() {
+            assert_eq!(large.hugepages(), Hugepages::Advised);
+            assert_eq!(large.base() as usize % HUGEPAGE_SIZE, 0);
+        } else {
+            assert_eq!(large.hugepages(), Hugepages::Unavailable(thp));
+        }
+        // Zeroed and usable like any pool.
+        let mut bufs: Vec<_> = std::iter::from_fn(|| large.get()).collect();
+        assert_eq!(bufs.len(), 32);
+        assert!(bufs.iter().all(|b| b.as_slice().iter().all(|&x| x == 0)));
+        bufs[31].as_mut_slice().fill(0x5a);
+        assert!(large.contains(bufs[31].io_buf().as_ptr()));
+        let last = bufs.pop().unwrap();
+        drop(large);
+        assert!(last.as_slice().iter().all(|&x| x == 0x5a));
     }
 
     #[test]

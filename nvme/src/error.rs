@@ -42,6 +42,9 @@ pub enum Error {
     /// Parameters that cannot describe a device.
     #[error("invalid geometry: {0}")]
     Geometry(String),
+    /// A `mem://…?prealloc=1` namespace larger than the memory the kernel says is available.
+    #[error("cannot preallocate {bytes} bytes: only {available} bytes of memory are available")]
+    Prealloc { bytes: u64, available: u64 },
     /// A queue pair could not be created.
     #[error("cannot create queue pair: {0}")]
     QueuePair(String),

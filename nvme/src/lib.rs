@@ -25,6 +25,7 @@ pub mod dma;
 mod error;
 pub mod fence;
 pub mod link;
+pub mod mmap;
 pub mod queue;
 pub mod replication;
 pub mod reservations;

@@ -2,7 +2,7 @@
 //!
 //! | URI | back end |
 //! | --- | --- |
-//! | `mem://1GiB?latency=20us&dist=lognormal&sigma=0.5&lba=4096` | [`MemDevice`] |
+//! | `mem://1GiB?latency=20us&dist=lognormal&sigma=0.5&lba=4096&hugepages=1&prealloc=1` | [`MemDevice`] |
 //! | `null://1TiB` | [`NullDevice`] |
 //! | `file:///abs/path.img?buffered=1&sqpoll=1&create=1GiB` | [`UringDevice`] |
 //! | `/dev/nvme0n1` (same query keys as `file://`) | [`UringDevice`] |
@@ -22,7 +22,7 @@ use crate::backend::nbd::{self, NbdDevice, NbdOptions};
 use crate::backend::pcie::{FakeConfig, FakeController, PcieDevice, PcieOptions};
 use crate::backend::tcp::{DhchapKeys, NvmeTcpDevice, NvmeTcpOptions, DEFAULT_PORT};
 use crate::backend::{
-    LatencyModel, MemDevice, NgDevice, NgOptions, NullDevice, UringDevice, UringOptions,
+    LatencyModel, MemDevice, MemOptions, NgDevice, NgOptions, NullDevice, UringDevice, UringOptions,
 };
 use crate::dhchap::Secret;
 use crate::queue::BlockDevice;
@@ -36,6 +36,8 @@ pub enum LegUri {
         bytes: u64,
         lba_size: u32,
         latency: LatencyModel,
+        /// `prealloc=1` asks for hugepages too unless `hugepages=0` says otherwise.
+        opts: MemOptions,
     },
     Null {
         bytes: u64,
@@ -197,10 +199,20 @@ impl LegUri {
                     }
                 }
             };
+            let prealloc = flag(&mut params, "prealloc")?;
+            let hugepages = if params.iter().any(|(k, _)| *k == "hugepages") {
+                flag(&mut params, "hugepages")?
+            } else {
+                prealloc
+            };
             Self::Mem {
                 bytes,
                 lba_size,
                 latency,
+                opts: MemOptions {
+                    hugepages,
+                    prealloc,
+                },
             }
         } else if let Some(size) = base.strip_prefix("null://") {
             let bytes = parse_size(size).map_err(|r| err(size, r))?;
@@ -443,7 +455,10 @@ impl LegUri {
                 bytes,
                 lba_size,
                 latency,
-            } => Arc::new(MemDevice::new(*bytes, *lba_size, *latency)?.with_name(uri)),
+                opts,
+            } => Arc::new(
+                MemDevice::with_options(*bytes, *lba_size, *latency, *opts)?.with_name(uri),
+            ),
             Self::Null { bytes, lba_size } => {
                 Arc::new(NullDevice::new(*bytes, *lba_size)?.with_name(uri))
             }
@@ -658,7 +673,8 @@ mod tests {
             LegUri::Mem {
                 bytes: 1 << 30,
                 lba_size: 512,
-                latency: LatencyModel::Fixed(Duration::from_micros(20))
+                latency: LatencyModel::Fixed(Duration::from_micros(20)),
+                opts: MemOptions::default(),
             }
         );
         assert_eq!(
@@ -687,6 +703,57 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn parses_mem_layout_options() {
+        let opts = |u: &str| match LegUri::parse(u).unwrap() {
+            LegUri::Mem { opts, .. } => opts,
+            other => panic!("{u}: {other:?}"),
+        };
+        let (hugepages, prealloc) = (true, true);
+        assert_eq!(
+            opts("mem://1GiB?hugepages=1"),
+            MemOptions {
+                hugepages,
+                prealloc: false
+            }
+        );
+        // prealloc asks for hugepages too, unless told not to.
+        assert_eq!(
+            opts("mem://1GiB?prealloc=1"),
+            MemOptions {
+                hugepages,
+                prealloc
+            }
+        );
+        assert_eq!(
+            opts("mem://1GiB?prealloc=true&hugepages=0"),
+            MemOptions {
+                hugepages: false,
+                prealloc
+            }
+        );
+        assert_eq!(
+            opts("mem://1GiB?latency=5us&hugepages=false&lba=4096"),
+            MemOptions::default()
+        );
+        for (bad, part) in [
+            ("mem://1GiB?hugepages=2", "hugepages=2"),
+            ("mem://1GiB?prealloc=yes", "prealloc=yes"),
+            ("mem://1GiB?prealloc=1&hugepages=on", "hugepages=on"),
+            ("mem://1GiB?hugepage=1", "hugepage=1"),
+        ] {
+            let e = LegUri::parse(bad).unwrap_err();
+            assert!(
+                matches!(&e, Error::Uri { part: p, .. } if p == part),
+                "{bad}: {e:?}"
+            );
+            assert!(e.to_string().contains(part), "{e}");
+        }
+        let dev = open_leg("mem://4MiB?prealloc=1&hugepages=0").unwrap();
+        assert_eq!(dev.name(), "mem://4MiB?prealloc=1&hugepages=0");
+        assert_eq!(dev.geometry().num_blocks, 8192);
     }
 
     #[test]

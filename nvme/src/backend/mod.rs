@@ -12,7 +12,7 @@ pub mod tcp;
 pub mod uring;
 
 pub use fault::{Fault, FaultInjector, FaultyDevice, OpFilter};
-pub use mem::{LatencyModel, MemDevice};
+pub use mem::{LatencyModel, MemDevice, MemOptions};
 pub use nbd::{NbdDevice, NbdOptions, NbdQueuePair};
 pub use ng::{NgDevice, NgOptions, NgQueuePair};
 pub use null::NullDevice;

@@ -1,8 +1,15 @@
-//! Sparse backing store: a two-level table of lazily allocated 64 KiB chunks.
+//! Backing store: a two-level table of 64 KiB chunks.
 //!
-//! Level 1 has one entry per GiB, level 2 one per chunk; both are installed with a
-//! compare-and-swap on first write, so cores share the store without locks. Untouched chunks
-//! read as zeroes and cost nothing, so a 1 TiB namespace is fine.
+//! Level 1 has one entry per GiB, level 2 one per chunk. In the default, sparse store both are
+//! allocated lazily and installed with a compare-and-swap on first write, so cores share the
+//! store without locks. Untouched chunks read as zeroes and cost nothing, so a 1 TiB namespace
+//! is fine.
+//!
+//! A mapped store ([`SparseStore::mapped`], `mem://…?hugepages=1` or `prealloc=1`) is one
+//! anonymous mapping of the whole namespace ([`AnonMapping`]), advised for transparent
+//! hugepages and optionally faulted in at open; every chunk entry is installed up front and
+//! points into it, so the access paths below are the same for both. Its memory is taken as it
+//! is touched (all of it at open with prealloc), in 2 MiB pages where the kernel gives them.
 //!
 //! Concurrent overlapping commands have the NVMe semantics: the result is one of the writers'
 //! data per block, in no defined order; the mirror engine never issues such commands. Cores
@@ -14,6 +21,9 @@
 use std::alloc::{self, Layout};
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+
+use crate::mmap::{AnonMapping, Hugepages};
+use crate::Result;
 
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -30,7 +40,19 @@ type L2Table = [AtomicPtr<u8>];
 pub(super) struct SparseStore {
     bytes: u64,
     l1: Box<[AtomicPtr<AtomicPtr<u8>>]>,
+    /// Bytes of chunks allocated (sparse), or the mapping's length (mapped).
     resident: AtomicU64,
+    /// The mapped store's memory, which every chunk entry points into; `None` for a sparse
+    /// store, whose chunks are separate allocations.
+    mapping: Option<Mapped>,
+}
+
+#[derive(Debug)]
+struct Mapped {
+    region: AnonMapping,
+    /// Faulted in at open: zeroing writes zeroes instead of handing pages back, so the memory
+    /// stays resident.
+    prealloc: bool,
 }
 
 impl SparseStore {
@@ -43,11 +65,56 @@ impl SparseStore {
             bytes,
             l1,
             resident: AtomicU64::new(0),
+            mapping: None,
         }
+    }
+
+    /// A store of `bytes` in one anonymous mapping, advised for transparent hugepages if
+    /// `hugepages` and faulted in now if `prealloc`.
+    pub(super) fn mapped(bytes: u64, hugepages: bool, prealloc: bool) -> Result<Self> {
+        let chunks = bytes.div_ceil(CHUNK as u64);
+        let len = usize::try_from(chunks << CHUNK_SHIFT).map_err(|_| crate::Error::Sys {
+            op: "mmap of the mem store: larger than the address space",
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        let mut region = AnonMapping::sparse(len, hugepages)?;
+        if prealloc {
+            region.populate()?;
+        }
+        let mut store = Self::new(bytes);
+        let base = region.as_ptr();
+        for ci in 0..chunks as usize {
+            let l1 = &store.l1[ci >> L2_SHIFT];
+            if l1.load(Ordering::Relaxed).is_null() {
+                l1.store(new_l2_table(), Ordering::Relaxed);
+            }
+            let table = l1.load(Ordering::Relaxed);
+            // SAFETY: the table has L2_ENTRIES entries; the chunk lies inside the mapping
+            // (`ci < chunks`, and the mapping holds `chunks` whole chunks).
+            unsafe {
+                (*table.add(ci & (L2_ENTRIES - 1)))
+                    .store(base.add(ci << CHUNK_SHIFT), Ordering::Relaxed);
+            }
+        }
+        store.resident = AtomicU64::new(len as u64);
+        store.mapping = Some(Mapped { region, prealloc });
+        Ok(store)
     }
 
     pub(super) fn resident_bytes(&self) -> u64 {
         self.resident.load(Ordering::Relaxed)
+    }
+
+    /// What came of a mapped store's hugepage request; `None` for a sparse store.
+    pub(super) fn hugepages(&self) -> Option<Hugepages> {
+        self.mapping.as_ref().map(|m| m.region.hugepages())
+    }
+
+    /// Bytes of a mapped store the kernel backs with transparent hugepages now.
+    pub(super) fn huge_bytes(&self) -> Option<u64> {
+        self.mapping
+            .as_ref()
+            .and_then(|m| m.region.huge_bytes().ok())
     }
 
     /// The chunk holding byte `off`, or null if never written and `create` is false.
@@ -129,8 +196,22 @@ impl SparseStore {
         });
     }
 
-    /// Zeroes `[off, off + len)`; chunks never written stay unallocated.
+    /// Zeroes `[off, off + len)`; chunks never written stay unallocated, and a mapped store
+    /// without prealloc hands the whole pages of the range back to the kernel.
     pub(super) fn zero(&self, off: u64, len: u64) {
+        if let Some(m) = self.mapping.as_ref().filter(|m| !m.prealloc) {
+            // Offsets fit: the mapping holds the whole store in the address space.
+            let dropped = m.region.discard(off as usize, len as usize);
+            if !dropped.is_empty() {
+                self.zero_words(off, dropped.start as u64 - off);
+                self.zero_words(dropped.end as u64, off + len - dropped.end as u64);
+                return;
+            }
+        }
+        self.zero_words(off, len);
+    }
+
+    fn zero_words(&self, off: u64, len: u64) {
         let mut done = 0u64;
         while done < len {
             let pos = off + done;
@@ -257,16 +338,21 @@ fn free_chunk(chunk: *mut u8) {
 
 impl Drop for SparseStore {
     fn drop(&mut self) {
+        // A mapped store's chunks are its mapping, unmapped with it.
+        let own_chunks = self.mapping.is_none();
         for l1 in self.l1.iter() {
             let table = l1.load(Ordering::Acquire);
             if table.is_null() {
                 continue;
             }
-            for i in 0..L2_ENTRIES {
-                // SAFETY: the table has L2_ENTRIES entries; `&mut self` means no other user.
-                let chunk = unsafe { &*table.add(i) }.load(Ordering::Acquire);
-                if !chunk.is_null() {
-                    free_chunk(chunk);
+            if own_chunks {
+                for i in 0..L2_ENTRIES {
+                    // SAFETY: the table has L2_ENTRIES entries; `&mut self` means no other
+                    // user.
+                    let chunk = unsafe { &*table.add(i) }.load(Ordering::Acquire);
+                    if !chunk.is_null() {
+                        free_chunk(chunk);
+                    }
                 }
             }
             free_l2_table(table);

@@ -350,6 +350,93 @@ fn queues_on_different_threads_share_the_namespace() {
     }
 }
 
+const PREALLOC: MemOptions = MemOptions {
+    hugepages: true,
+    prealloc: true,
+};
+
+#[test]
+fn a_preallocated_store_reads_writes_and_trims_like_a_sparse_one() {
+    for opts in [
+        PREALLOC,
+        MemOptions {
+            hugepages: false,
+            prealloc: true,
+        },
+        MemOptions {
+            hugepages: true,
+            prealloc: false,
+        },
+    ] {
+        let dev = MemDevice::with_options(8 << 20, 512, LatencyModel::None, opts).unwrap();
+        assert!(dev.hugepages().is_some(), "{opts:?}: one mapping");
+        assert_eq!(dev.resident_bytes(), 8 << 20, "{opts:?}");
+        let mut qp = dev.open_qpair(4).unwrap();
+        let mut fresh = vec![0xffu8; 65536];
+        assert!(io(&mut *qp, IoOp::Read, 1000, &mut fresh, 512).is_success());
+        assert!(
+            fresh.iter().all(|&b| b == 0),
+            "{opts:?}: reads zero at first"
+        );
+        // Straddles a 64 KiB chunk and a 2 MiB hugepage boundary.
+        let first = (2 << 20) / 512 - 9;
+        let mut data: Vec<u8> = (0..20 * 512).map(|i| (i % 253) as u8 + 1).collect();
+        assert!(io(&mut *qp, IoOp::Write, first, &mut data, 512).is_success());
+        let mut back = vec![0u8; data.len()];
+        assert!(io(&mut *qp, IoOp::Read, first, &mut back, 512).is_success());
+        assert_eq!(back, data, "{opts:?}");
+        // A trim over whole pages and partial ones zeroes exactly its blocks.
+        let cmd = IoCommand::new(IoOp::Deallocate, first + 1, 18, 7);
+        assert_eq!(
+            run(&mut *qp, cmd, Duration::from_secs(1)),
+            Some(Status::SUCCESS)
+        );
+        assert!(io(&mut *qp, IoOp::Read, first, &mut back, 512).is_success());
+        assert_eq!(back[..512], data[..512], "{opts:?}");
+        assert!(back[512..19 * 512].iter().all(|&b| b == 0), "{opts:?}");
+        assert_eq!(back[19 * 512..], data[19 * 512..], "{opts:?}");
+        // The last block, at the end of the mapping.
+        let last = dev.geometry().num_blocks - 1;
+        let mut one = vec![0x3cu8; 512];
+        assert!(io(&mut *qp, IoOp::Write, last, &mut one, 512).is_success());
+        let mut got = vec![0u8; 512];
+        assert!(io(&mut *qp, IoOp::Read, last, &mut got, 512).is_success());
+        assert_eq!(got, one);
+    }
+}
+
+#[test]
+fn a_preallocated_store_sits_on_hugepages_where_the_kernel_has_them() {
+    let thp = crate::mmap::ThpMode::current();
+    let dev = MemDevice::with_options(16 << 20, 512, LatencyModel::None, PREALLOC).unwrap();
+    if !thp.allows_advised() {
+        assert!(matches!(dev.hugepages(), Some(Hugepages::Unavailable(_))));
+        eprintln!("transparent hugepages are {thp:?} here: nothing more to check");
+        return;
+    }
+    assert_eq!(dev.hugepages(), Some(Hugepages::Advised));
+    // Faulted in at open, before any write: the kernel may fail to find contiguous memory
+    // for some of it, not for all.
+    let huge = dev.huge_bytes().unwrap();
+    assert!(huge >= 2 << 20, "AnonHugePages {huge} bytes of 16 MiB");
+    // The default store stays sparse and off hugepages.
+    assert_eq!(
+        MemDevice::new(16 << 20, 512, LatencyModel::None)
+            .unwrap()
+            .hugepages(),
+        None
+    );
+}
+
+#[test]
+fn prealloc_beyond_the_available_memory_is_refused() {
+    let err = MemDevice::with_options(1 << 50, 4096, LatencyModel::None, PREALLOC).unwrap_err();
+    assert!(
+        matches!(err, Error::Prealloc { bytes, .. } if bytes == 1 << 50),
+        "{err}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
@@ -361,6 +448,16 @@ proptest! {
     #[test]
     fn mem_4k_matches_a_model(ops in proptest::collection::vec(model_op(80), 1..40)) {
         let dev = MemDevice::new(80 * 4096, 4096, LatencyModel::None).unwrap();
+        check_against_model(&dev, &ops);
+    }
+
+    #[test]
+    fn mapped_stores_match_a_model(
+        ops in proptest::collection::vec(model_op(600), 1..40),
+        prealloc in any::<bool>(),
+    ) {
+        let opts = MemOptions { hugepages: true, prealloc };
+        let dev = MemDevice::with_options(600 * 512, 512, LatencyModel::None, opts).unwrap();
         check_against_model(&dev, &ops);
     }
 }
