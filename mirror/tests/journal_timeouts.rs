@@ -77,6 +77,16 @@ impl BlockDevice for FirstSilent {
     }
 }
 
+/// A volume of `local` and the journaled leg.
+fn volume(local: &Arc<dyn BlockDevice>, leg: &Arc<JournaledLeg>) -> Volume {
+    Volume::new(
+        "jt",
+        vec![Arc::clone(local), Arc::clone(leg) as Arc<dyn BlockDevice>],
+        VolumeConfig::default(),
+    )
+    .unwrap()
+}
+
 /// Writes `n` 4 KiB blocks at LBAs 0.. through `qp`, one at a time; every write must succeed.
 fn write_blocks(qp: &mut dyn QueuePair, n: u64, fill: u8) {
     let mut pool = DmaPool::new(1, BS);
@@ -106,12 +116,7 @@ fn a_far_connection_gone_silent_is_given_up_and_the_journal_ships_on_a_new_one()
     });
     let journal = open_leg("mem://64MiB?lba=4096").unwrap();
     let leg = Arc::new(JournaledLeg::open(far, journal, cfg()).unwrap());
-    let vol = Volume::new(
-        "jt",
-        vec![Arc::clone(&local), Arc::clone(&leg) as Arc<dyn BlockDevice>],
-        VolumeConfig::default(),
-    )
-    .unwrap();
+    let vol = volume(&local, &leg);
     let mut qp = vol.open_qpair(4).unwrap();
     write_blocks(&mut *qp, 64, 0x30);
     // The shipper's first queue pair never answers: without a timeout the journal would
@@ -173,12 +178,7 @@ fn a_journal_device_that_hangs_fails_its_writes_at_the_timeout_and_the_host_carr
     // would go): through a volume, the leg is faulted and the host carries on on its local
     // leg, the bitmap recording what the far leg misses.
     journal.injector().clear(hang);
-    let vol = Volume::new(
-        "jt",
-        vec![Arc::clone(&local), Arc::clone(&leg) as Arc<dyn BlockDevice>],
-        VolumeConfig::default(),
-    )
-    .unwrap();
+    let vol = volume(&local, &leg);
     let mut qp = vol.open_qpair(4).unwrap();
     write_blocks(&mut *qp, 32, 0x50);
     let states: Vec<_> = vol.leg_states().iter().map(|l| l.state).collect();

@@ -195,10 +195,7 @@ impl Shipper {
 
     fn apply_on_far(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
         let timeout = self.far.timeout;
-        let far = self
-            .far
-            .qp()
-            .map_err(|e| NotApplied::Unreachable(e.to_string()))?;
+        let far = self.far.qp()?;
         let hlen = h.header_blocks as usize * self.sh.lba_size as usize;
         let mut off = hlen;
         let mut failed = None;
@@ -242,12 +239,9 @@ impl Shipper {
         }
         if barrier {
             let flush = IoCommand::new(IoOp::Flush, 0, 0, 0);
-            match self.far.run(flush, None, &self.sh.stop) {
-                Ok(c) if c.status.is_success() => {}
-                Ok(c) => return Err(NotApplied::Refused(c.status)),
-                Err(IoError::Stopped) => return Err(NotApplied::Stopped),
-                Err(IoError::TimedOut(t)) => return Err(NotApplied::TimedOut(t)),
-                Err(IoError::Open(e)) => return Err(NotApplied::Unreachable(e)),
+            let c = self.far.run(flush, None, &self.sh.stop)?;
+            if !c.status.is_success() {
+                return Err(NotApplied::Refused(c.status));
             }
         }
         Ok(())
@@ -302,6 +296,16 @@ impl std::fmt::Display for NotApplied {
             Self::Refused(s) => write!(f, "refused: {s}"),
             Self::TimedOut(t) => write!(f, "no answer within {t:?}"),
             Self::Unreachable(e) => write!(f, "unreachable: {e}"),
+        }
+    }
+}
+
+impl From<IoError> for NotApplied {
+    fn from(e: IoError) -> Self {
+        match e {
+            IoError::Stopped => Self::Stopped,
+            IoError::TimedOut(t) => Self::TimedOut(t),
+            IoError::Open(e) => Self::Unreachable(e),
         }
     }
 }
