@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{RefusingDevice, Rig, LBA, VOLUME_BYTES};
+use common::{wait_for, RefusingDevice, Rig, LBA, VOLUME_BYTES};
 use nvmirror_mirror::{Error, JobState, LegState, ResyncConfig, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{Fault, FaultyDevice, LatencyModel, MemDevice, OpFilter};
 use nvmirror_nvme::{read_all, BlockDevice, Status};
@@ -48,14 +48,6 @@ fn fill(rig: &mut Rig, seed: u8) {
         assert!(rig
             .write(r * REGION_BLOCKS, 64, seed.wrapping_add(r as u8))
             .is_success());
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

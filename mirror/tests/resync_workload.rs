@@ -6,10 +6,13 @@
 //! never has two overlapping writes in flight (their order would be undefined), so the last
 //! write submitted to a block is the one every leg must hold.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::wait_for;
 use nvmirror_mirror::{JobState, LegState, ResyncConfig, Volume, VolumeConfig};
 use nvmirror_nvme::backend::{LatencyModel, MemDevice};
 use nvmirror_nvme::dma::IoBuf;
@@ -125,11 +128,9 @@ fn run(add_new_leg: bool) {
         vol.detach_leg(1).unwrap();
         // The cores go on writing while the leg is out; on a loaded machine the first
         // missed region may take a while.
-        let until = Instant::now() + Duration::from_secs(10);
-        while vol.missed_region_count(1).unwrap() == 0 {
-            assert!(Instant::now() < until, "no write missed the detached leg");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for("a write that misses the detached leg", || {
+            vol.missed_region_count(1).unwrap() > 0
+        });
         std::thread::sleep(Duration::from_millis(50));
         vol.attach_leg_with(1, job_cfg).unwrap()
     };

@@ -16,6 +16,15 @@ use nvmirror_nvme::{read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePai
 pub const LBA: usize = 512;
 pub const VOLUME_BYTES: u64 = 4 << 20;
 
+/// Waits up to 10 s for `f` to hold; fails the test with `what` if it never does.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 pub struct Rig {
     pub vol: Arc<Volume>,
     pub faults: Vec<Arc<FaultyDevice>>,
