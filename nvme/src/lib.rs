@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use fence::{Fence, FenceSignal};
 pub use link::LinkStatus;
 pub use queue::{read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
-pub use replication::ReplicationStatus;
+pub use replication::{CycleStatus, ReplicationStatus};
 pub use reservations::Reservations;
 pub use spec::{Geometry, Status};
 pub use uri::{open_leg, LegUri};

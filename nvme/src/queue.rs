@@ -253,6 +253,14 @@ pub trait BlockDevice: Send + Sync + Debug {
         let _ = (mode, limit);
         None
     }
+
+    /// Ends the open cycle of an `async-cycle` leg now and waits (up to `limit`) until the
+    /// far image holds every write acknowledged before the call; the cycle it is in. `None`
+    /// for devices that do not ship in cycles.
+    fn cycle_now(&self, limit: std::time::Duration) -> Option<std::result::Result<u64, String>> {
+        let _ = limit;
+        None
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

@@ -33,4 +33,25 @@ pub struct ReplicationStatus {
     pub journal_capacity: u64,
     /// Times the journal refused writes because of its bound.
     pub step_downs: u64,
+    /// Where the cycles of an `async-cycle` leg stand; `None` for `async-journal`.
+    pub cycle: Option<CycleStatus>,
+}
+
+/// The cycles of an `async-cycle` leg (`docs/cycles.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CycleStatus {
+    /// The last cycle the far image holds whole (0 before the first).
+    pub cycle: u64,
+    /// When its cut was taken (Unix ms; 0 before the first).
+    pub cycle_unix_ms: u64,
+    /// The cycle period.
+    pub interval_ms: u64,
+    /// Distinct bytes the last cycle changed, and all cycles since the leg was opened.
+    pub cycle_bytes: u64,
+    pub changed_bytes: u64,
+    /// Bytes sent to the staging area (data and run tables) since the leg was opened; the
+    /// image gets the data once more.
+    pub staged_bytes: u64,
+    /// How long the last cycle took to ship (freeze to applied), in µs.
+    pub ship_us: u64,
 }

@@ -171,6 +171,9 @@ pub(crate) struct Iocb {
     pub fua: bool,
     pub lba: u64,
     pub nlb: u32,
+    /// A piece of a write split across segments that is not its last: a cut of the journal
+    /// (`async-cycle`) never falls right after it.
+    pub more: bool,
     /// CRC32C of the payload (0 for records without one).
     pub crc: u32,
 }
@@ -182,6 +185,7 @@ impl Iocb {
         put32(out, 8, self.nlb);
         out[12] = self.op as u8;
         out[13] = u8::from(self.fua);
+        out[14] = u8::from(self.more);
         put32(out, 16, self.crc);
     }
 
@@ -191,6 +195,7 @@ impl Iocb {
             nlb: get32(b, 8),
             op: RecordOp::from_u8(b[12])?,
             fua: b[13] != 0,
+            more: b[14] != 0,
             crc: get32(b, 16),
         })
     }
@@ -299,7 +304,7 @@ pub(crate) fn segment_buffer_len(max_records: usize, max_payload: usize, lba_siz
     SegmentHeader::blocks_for(max_records, lba_size) as usize * lba_size as usize + max_payload
 }
 
-fn check_crc(b: &[u8], at: usize) -> Result<(), String> {
+pub(super) fn check_crc(b: &[u8], at: usize) -> Result<(), String> {
     let stored = get32(b, at);
     // CRC over the bytes with the CRC field zero, without copying the structure.
     let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..at]), &[0; 4]);
@@ -311,19 +316,19 @@ fn check_crc(b: &[u8], at: usize) -> Result<(), String> {
     }
 }
 
-fn put32(b: &mut [u8], at: usize, v: u32) {
+pub(super) fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
-fn put64(b: &mut [u8], at: usize, v: u64) {
+pub(super) fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-fn get32(b: &[u8], at: usize) -> u32 {
+pub(super) fn get32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
 }
 
-fn get64(b: &[u8], at: usize) -> u64 {
+pub(super) fn get64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
 }
 
@@ -377,6 +382,7 @@ mod tests {
                     RecordOp::Write
                 },
                 fua: i % 5 == 0,
+                more: i % 11 == 3,
                 lba: i * 8,
                 nlb: 8,
                 crc: i as u32 * 3,

@@ -15,12 +15,16 @@
 //! `max_lag`), writes fail instead of blocking: the volume faults the leg and tracks what it
 //! misses in its write-intent bitmap, as for any failed leg.
 
+mod cycle;
 mod dev_io;
 mod format;
 mod qpair;
 mod recover;
 mod shipper;
+mod staging;
 mod writer;
+
+pub use cycle::{recover_cycle, CycleRecovery};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,7 +32,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nvmirror_nvme::{
-    BlockDevice, Completion, FenceSignal, Geometry, IoCommand, QueuePair, ReplicationStatus, Uuid,
+    BlockDevice, Completion, CycleStatus, FenceSignal, Geometry, IoCommand, QueuePair,
+    ReplicationStatus, Uuid,
 };
 use nvmirror_poller::Ring;
 
@@ -139,6 +144,21 @@ impl Channel {
     }
 }
 
+/// The cycles of an `async-cycle` leg, as its shipper publishes them.
+#[derive(Debug, Default)]
+pub(crate) struct CycleShared {
+    /// The cycle period; `None`: the leg ships segment by segment (`async-journal`).
+    pub interval: Option<Duration>,
+    /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
+    pub asked: AtomicBool,
+    pub cycle: AtomicU64,
+    pub cut_unix_ms: AtomicU64,
+    pub cycle_bytes: AtomicU64,
+    pub changed_bytes: AtomicU64,
+    pub staged_bytes: AtomicU64,
+    pub ship_us: AtomicU64,
+}
+
 /// What the writer, the shipper and the queue pairs share.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -178,6 +198,7 @@ pub(crate) struct Shared {
     /// The far side refuses (or does not answer) a segment; the shipper sends it again.
     pub retrying: AtomicBool,
     pub stop: AtomicBool,
+    pub cycle: CycleShared,
 }
 
 impl Shared {
@@ -212,6 +233,7 @@ impl Shared {
         let applied = self.applied_seq.load(Ordering::Acquire);
         ReplicationStatus {
             mode: match self.mode.load(Ordering::Acquire) {
+                MODE_ASYNC if self.cycle.interval.is_some() => "async-cycle",
                 MODE_ASYNC => "async-journal",
                 MODE_SYNC => "sync",
                 _ => "draining",
@@ -233,6 +255,27 @@ impl Shared {
             journal_used: self.used_blocks() * u64::from(self.lba_size),
             journal_capacity: (self.ring_end - format::RING_START) * u64::from(self.lba_size),
             step_downs: self.step_downs.load(Ordering::Relaxed),
+            cycle: self.cycle.interval.map(|i| {
+                let c = &self.cycle;
+                CycleStatus {
+                    cycle: c.cycle.load(Ordering::Acquire),
+                    cycle_unix_ms: c.cut_unix_ms.load(Ordering::Acquire),
+                    interval_ms: i.as_millis() as u64,
+                    cycle_bytes: c.cycle_bytes.load(Ordering::Relaxed),
+                    changed_bytes: c.changed_bytes.load(Ordering::Relaxed),
+                    staged_bytes: c.staged_bytes.load(Ordering::Relaxed),
+                    ship_us: c.ship_us.load(Ordering::Relaxed),
+                }
+            }),
+        }
+    }
+
+    /// The name of the asynchronous mode this leg runs in.
+    fn async_mode(&self) -> &'static str {
+        if self.cycle.interval.is_some() {
+            "async-cycle"
+        } else {
+            "async-journal"
         }
     }
 }
@@ -261,6 +304,29 @@ impl JournaledLeg {
         journal: Arc<dyn BlockDevice>,
         cfg: JournalConfig,
     ) -> Result<Self> {
+        Self::open_with(inner, journal, None, cfg)
+    }
+
+    /// Opens an `async-cycle` leg (`docs/cycles.md`): as [`open`](Self::open), but the
+    /// journal is shipped in cycles of `interval` through the far site's `staging` area
+    /// (same block size as `inner`), so the far image moves from one cut to the next
+    /// atomically. A cycle a crash left committed is rolled forward when the shipper starts.
+    pub fn open_cycle(
+        inner: Arc<dyn BlockDevice>,
+        journal: Arc<dyn BlockDevice>,
+        staging: Arc<dyn BlockDevice>,
+        interval: Duration,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
+        Self::open_with(inner, journal, Some((staging, interval)), cfg)
+    }
+
+    fn open_with(
+        inner: Arc<dyn BlockDevice>,
+        journal: Arc<dyn BlockDevice>,
+        staging: Option<(Arc<dyn BlockDevice>, Duration)>,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
         let name = inner.name().to_string();
         let err = |reason: String| Error::Journal {
             leg: name.clone(),
@@ -272,6 +338,19 @@ impl JournaledLeg {
                 "max_records {} and max_segment_bytes {} must hold at least one block",
                 cfg.max_records, cfg.max_segment_bytes
             )));
+        }
+        if let Some((stg, interval)) = &staging {
+            if stg.geometry().lba_size != inner.geometry().lba_size {
+                return Err(err(format!(
+                    "the staging area {} has {}-byte blocks; the leg has {}-byte ones",
+                    stg.name(),
+                    stg.geometry().lba_size,
+                    inner.geometry().lba_size
+                )));
+            }
+            if interval.is_zero() {
+                return Err(err("the cycle period must be more than 0".into()));
+            }
         }
         let found = recover::recover(&journal, &cfg).map_err(err)?;
         let geo = inner.geometry();
@@ -303,6 +382,10 @@ impl JournaledLeg {
             journaled_inflight: AtomicU64::new(0),
             retrying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            cycle: CycleShared {
+                interval: staging.as_ref().map(|s| s.1),
+                ..CycleShared::default()
+            },
             cfg,
         });
         if found.next_seq - 1 > found.commit.seq {
@@ -315,20 +398,37 @@ impl JournaledLeg {
             found.tail,
         )
         .map_err(|e| err(e.to_string()))?;
-        let s = shipper::Shipper::new(
-            Arc::clone(&shared),
-            Arc::clone(&journal),
-            Arc::clone(&inner),
-            found.commit,
-        )
-        .map_err(|e| err(e.to_string()))?;
+        let ship: Box<dyn FnOnce() + Send> = match staging {
+            None => {
+                let s = shipper::Shipper::new(
+                    Arc::clone(&shared),
+                    Arc::clone(&journal),
+                    Arc::clone(&inner),
+                    found.commit,
+                )
+                .map_err(err)?;
+                Box::new(move || s.run())
+            }
+            Some((stg, interval)) => {
+                let s = cycle::CycleShipper::new(
+                    Arc::clone(&shared),
+                    interval,
+                    Arc::clone(&journal),
+                    Arc::clone(&inner),
+                    stg,
+                    found.commit,
+                )
+                .map_err(err)?;
+                Box::new(move || s.run())
+            }
+        };
         let spawn = |what: &str| std::thread::Builder::new().name(format!("nvm-{what}"));
         let threads = vec![
             spawn("journal")
                 .spawn(move || w.run())
                 .map_err(|e| err(e.to_string()))?,
             spawn("shipper")
-                .spawn(move || s.run())
+                .spawn(ship)
                 .map_err(|e| err(e.to_string()))?,
         ];
         Ok(Self {
@@ -363,9 +463,9 @@ impl JournaledLeg {
     pub fn set_mode(&self, mode: &str, limit: Duration) -> std::result::Result<(), String> {
         let sh = &self.shared;
         match mode {
-            "async-journal" => {
+            "async-journal" | "async-cycle" if mode == sh.async_mode() => {
                 sh.mode.store(MODE_ASYNC, Ordering::Release);
-                tracing::info!(leg = %sh.name, "leg mirrored asynchronously (async-journal)");
+                tracing::info!(leg = %sh.name, mode, "leg mirrored asynchronously");
                 Ok(())
             }
             "sync" => {
@@ -400,8 +500,27 @@ impl JournaledLeg {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            other => Err(format!("mode '{other}': sync or async-journal")),
+            other => Err(format!("mode '{other}': sync or {}", sh.async_mode())),
         }
+    }
+
+    /// Ends the open cycle now and waits (up to `limit`) until the far image holds every
+    /// write journaled before the call; the cycle that holds them. Refused on a leg that does
+    /// not ship in cycles.
+    pub fn cycle_now(&self, limit: Duration) -> std::result::Result<u64, String> {
+        let sh = &self.shared;
+        if sh.cycle.interval.is_none() {
+            return Err("the leg is not async-cycle".into());
+        }
+        sh.cycle.asked.store(true, Ordering::Release);
+        if !self.wait_applied(limit) {
+            let st = sh.status();
+            return Err(format!(
+                "the cycle did not reach the far image within {limit:?} (state {}, {} writes behind)",
+                st.state, st.lag_writes
+            ));
+        }
+        Ok(sh.cycle.cycle.load(Ordering::Acquire))
     }
 
     /// Stops the writer and the shipper (what is journaled stays in the journal and ships at
@@ -461,5 +580,9 @@ impl BlockDevice for JournaledLeg {
         limit: Duration,
     ) -> Option<std::result::Result<(), String>> {
         Some(self.set_mode(mode, limit))
+    }
+
+    fn cycle_now(&self, limit: Duration) -> Option<std::result::Result<u64, String>> {
+        Some(Self::cycle_now(self, limit))
     }
 }

@@ -92,6 +92,10 @@ impl JournalQueuePair {
         let applied = self.sh.applied_seq.load(Ordering::Acquire);
         while let Some(&(barrier, cmd)) = self.reads.front() {
             if barrier > applied {
+                // An async-cycle leg ships at once for a waiting read.
+                if self.sh.cycle.interval.is_some() {
+                    self.sh.cycle.asked.store(true, Ordering::Relaxed);
+                }
                 return;
             }
             let Some(far) = self.far.as_mut() else {

@@ -21,7 +21,7 @@ use super::{Shared, FAILED};
 use crate::wait::{poll_until, Backoff, Polled};
 
 /// Commands sent to the far device at once.
-const DEPTH: u32 = 64;
+pub(super) const DEPTH: u32 = 64;
 
 pub(crate) struct Shipper {
     sh: Arc<Shared>,
@@ -175,21 +175,7 @@ impl Shipper {
     /// Sends every record of the segment, then a Flush if it holds a barrier.
     fn apply(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
         let res = self.apply_on_far(h);
-        match &res {
-            // A path error may leave the queue pair dead: open a new one for the next try.
-            // Every command was reaped: nothing holds the buffer.
-            Err(NotApplied::Refused(s))
-                if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated =>
-            {
-                drop(self.far.give_up());
-            }
-            // Commands given up: the far device may still read the segment buffer.
-            Err(NotApplied::TimedOut(_) | NotApplied::Stopped) => {
-                let fence = self.far.give_up();
-                self.buf.park_on(fence);
-            }
-            _ => {}
-        }
+        after_failure(&mut self.far, &mut self.buf, &res);
         res
     }
 
@@ -247,30 +233,44 @@ impl Shipper {
         Ok(())
     }
 
-    /// Makes `c` durable in its commit block; false on stop.
     fn write_commit(&mut self, c: Commit) -> bool {
-        let bs = self.sh.lba_size as usize;
-        loop {
-            c.encode(self.sh.uuid, &mut self.cbuf.bytes()[..bs]);
-            self.cbuf.bytes()[Commit::LEN..bs].fill(0);
-            match write_blocks(
-                &mut self.journal,
-                c.block(),
-                &mut self.cbuf,
-                0,
-                bs,
-                self.sh.lba_size,
-                &self.sh.stop,
-            ) {
-                Ok(()) => return true,
-                Err(e) => {
-                    if self.sh.stop.load(Ordering::Acquire) {
-                        return false;
-                    }
-                    tracing::error!(leg = %self.sh.name, error = %e, "cannot write the journal's commit block; retrying");
-                    self.sh.state.store(FAILED, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(100));
+        write_commit(&self.sh, &mut self.journal, &mut self.cbuf, c)
+    }
+}
+
+/// After a failed try on `dev` whose commands lie in `buf`: a path error may leave the queue
+/// pair dead, so the next try opens a new one (every command was reaped: nothing holds the
+/// buffer); commands given up may still read the buffer, so it is parked on the close's fence.
+pub(super) fn after_failure(dev: &mut DevIo, buf: &mut SegBuf, res: &Result<(), NotApplied>) {
+    match res {
+        Err(NotApplied::Refused(s))
+            if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated =>
+        {
+            drop(dev.give_up());
+        }
+        Err(NotApplied::TimedOut(_) | NotApplied::Stopped) => {
+            let fence = dev.give_up();
+            buf.park_on(fence);
+        }
+        _ => {}
+    }
+}
+
+/// Makes `c` durable in its commit block of the journal (`cbuf`: one block); false on stop.
+pub(super) fn write_commit(sh: &Shared, journal: &mut DevIo, cbuf: &mut SegBuf, c: Commit) -> bool {
+    let bs = sh.lba_size as usize;
+    loop {
+        c.encode(sh.uuid, &mut cbuf.bytes()[..bs]);
+        cbuf.bytes()[Commit::LEN..bs].fill(0);
+        match write_blocks(journal, c.block(), cbuf, 0, bs, sh.lba_size, &sh.stop) {
+            Ok(()) => return true,
+            Err(e) => {
+                if sh.stop.load(Ordering::Acquire) {
+                    return false;
                 }
+                tracing::error!(leg = %sh.name, error = %e, "cannot write the journal's commit block; retrying");
+                sh.state.store(FAILED, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
@@ -278,7 +278,7 @@ impl Shipper {
 
 /// Why a segment was not applied.
 #[derive(Debug)]
-enum NotApplied {
+pub(super) enum NotApplied {
     /// The shipper is stopping.
     Stopped,
     /// The far device failed a command.
@@ -315,7 +315,7 @@ const SLOW: Duration = Duration::from_secs(1);
 
 /// Waits for completions from the far device, at most `timeout`; returns how many came and
 /// notes the first failure.
-fn reap(
+pub(super) fn reap(
     far: &mut dyn nvmirror_nvme::QueuePair,
     sh: &Shared,
     cpl: &mut [Completion],

@@ -141,6 +141,7 @@ impl Writer {
                 fua: req.cmd.wants_fua(),
                 lba,
                 nlb: take,
+                more: take < nlb,
                 crc: 0,
             };
             if take < nlb {

@@ -261,6 +261,10 @@ impl BlockDevice for FaultyDevice {
     ) -> Option<std::result::Result<(), String>> {
         self.inner.set_replication_mode(mode, limit)
     }
+
+    fn cycle_now(&self, limit: std::time::Duration) -> Option<std::result::Result<u64, String>> {
+        self.inner.cycle_now(limit)
+    }
 }
 
 #[derive(Debug)]

@@ -1,0 +1,762 @@
+//! The cycle shipper of an `async-cycle` leg (`docs/cycles.md`): instead of applying the
+//! journal segment by segment, it freezes it at a cut once a cycle, and moves the image from
+//! one cut to the next atomically, through a staging area at the far site.
+//!
+//! One cycle:
+//! 1. **Freeze**: the cut is the journal position of the last durable segment (never right
+//!    after a piece of a split write); one pass over the frozen segments builds the
+//!    changed-chunk table, a map from block to the last record that wrote it.
+//! 2. **Stage**: the winning runs go to the staging area, then their table, then a Flush.
+//! 3. **Commit**: the staging header says *committed*, with FUA.
+//! 4. **Apply**: the winning runs go to the image, then a Flush.
+//! 5. **Advance**: the journal's commit block moves to the cut; the header says *applied*.
+//!
+//! A block rewritten a hundred times in the cycle crosses the link once per copy. A crash
+//! before step 3 leaves the image at the previous cut (the next start ships the cycle again);
+//! after it, whoever opens the staging area rolls the cycle forward from the staging area
+//! alone ([`roll_forward`]), so the image is only ever seen at a cut.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
+use rangemap::RangeMap;
+
+use super::dev_io::DevIo;
+use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
+use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
+use super::shipper::{after_failure, reap, write_commit, NotApplied, DEPTH};
+use super::staging::{decode_table, CycleState, Run, RunOp, StagingHeader, DATA_START, RUN_LEN};
+use super::{unix_ms, Shared, FAILED, MODE_ASYNC};
+
+/// The record that last wrote a block in the frozen cycle: (segment, record, op).
+type Winner = (u32, u32, RecordOp);
+
+/// Where the winning runs go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Staging,
+    Image,
+}
+
+pub(crate) struct CycleShipper {
+    sh: Arc<Shared>,
+    interval: Duration,
+    journal: DevIo,
+    far: DevIo,
+    stg: DevIo,
+    stg_blocks: u64,
+    j: Journal,
+    buf: SegBuf,
+    /// One block: a commit block or a staging header.
+    cbuf: SegBuf,
+    /// The run table.
+    tbuf: SegBuf,
+    iocbs: Vec<Iocb>,
+    commit: Commit,
+    cpl: Vec<Completion>,
+    /// The last durable staging header (read when the shipper starts).
+    header: Option<StagingHeader>,
+    /// The frozen segments (start block, header), the changed-chunk table and the runs.
+    segs: Vec<(u64, SegmentHeader)>,
+    map: RangeMap<u64, Winner>,
+    runs: Vec<Run>,
+    /// When the cycle being shipped was frozen.
+    started: Instant,
+}
+
+/// How a cycle step ended short.
+enum Short {
+    Stopped,
+    /// Worth trying again (the far side refused or did not answer).
+    Retry(String),
+    /// The cut does not fit in the staging area.
+    TooLarge {
+        need: u64,
+    },
+    /// The journal cannot be read back.
+    Damaged(String),
+}
+
+impl From<NotApplied> for Short {
+    fn from(e: NotApplied) -> Self {
+        match e {
+            NotApplied::Stopped => Self::Stopped,
+            other => Self::Retry(other.to_string()),
+        }
+    }
+}
+
+impl CycleShipper {
+    pub(crate) fn new(
+        sh: Arc<Shared>,
+        interval: Duration,
+        journal: Arc<dyn BlockDevice>,
+        far: Arc<dyn BlockDevice>,
+        staging: Arc<dyn BlockDevice>,
+        commit: Commit,
+    ) -> Result<Self, String> {
+        let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
+        let stg_blocks = staging.geometry().num_blocks;
+        let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
+        journal.qp().map_err(|e| e.to_string())?;
+        Ok(Self {
+            interval,
+            journal,
+            far: DevIo::new(far, DEPTH, sh.cfg.io_timeout),
+            stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout),
+            stg_blocks,
+            j: Journal {
+                uuid: sh.uuid,
+                lba_size: sh.lba_size,
+                ring_end: sh.ring_end,
+            },
+            buf: SegBuf::new(len),
+            cbuf: SegBuf::new(sh.geo.lba_size.max(sh.lba_size) as usize),
+            tbuf: SegBuf::new(sh.geo.lba_size as usize),
+            iocbs: Vec::with_capacity(sh.cfg.max_records),
+            commit,
+            cpl: vec![Completion::default(); DEPTH as usize],
+            header: None,
+            segs: Vec::new(),
+            map: RangeMap::new(),
+            runs: Vec::new(),
+            started: Instant::now(),
+            sh,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        if !self.retry("open the staging area", Self::open_staging) {
+            return;
+        }
+        let mut last = Instant::now();
+        loop {
+            if self.sh.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let pending = self.sh.written_seq.load(Ordering::Acquire) > self.commit.seq;
+            let due = self.sh.cycle.asked.load(Ordering::Acquire)
+                || self.sh.mode.load(Ordering::Acquire) != MODE_ASYNC
+                || last.elapsed() >= self.interval;
+            if !pending || !due {
+                if !pending && due {
+                    // Nothing to ship: the cycle is empty, the image is at the cut already.
+                    self.sh.cycle.asked.store(false, Ordering::Release);
+                    last = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            self.sh.cycle.asked.store(false, Ordering::Release);
+            last = Instant::now();
+            if !self.retry("ship a cycle", Self::cycle) {
+                return;
+            }
+        }
+    }
+
+    /// Runs `step` until it succeeds, backing off between tries; false on stop.
+    fn retry(&mut self, what: &str, mut step: impl FnMut(&mut Self) -> Result<(), Short>) -> bool {
+        let mut backoff = Duration::from_millis(10);
+        let mut said = false;
+        loop {
+            let why = match step(self) {
+                Ok(()) => {
+                    if self.sh.retrying.swap(false, Ordering::Relaxed) {
+                        tracing::info!(leg = %self.sh.name, "the far side takes cycles again");
+                    }
+                    if said {
+                        let _ = self.sh.state.compare_exchange(
+                            FAILED,
+                            super::REPLICATING,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    return true;
+                }
+                Err(Short::Stopped) => return false,
+                Err(Short::Retry(why)) => {
+                    self.sh.retrying.store(true, Ordering::Relaxed);
+                    why
+                }
+                Err(Short::TooLarge { need }) => {
+                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    format!(
+                        "one segment of the journal needs {need} blocks of staging area; it has {}",
+                        self.stg_blocks
+                    )
+                }
+                Err(Short::Damaged(why)) => {
+                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    why
+                }
+            };
+            if !said {
+                tracing::warn!(leg = %self.sh.name, %why, "cannot {what}; trying again until it can");
+                said = true;
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until {
+                if self.sh.stop.load(Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Reads the staging header (formatting a blank area) and finishes a cycle a crash left
+    /// committed: the image is rolled forward from the staging area, the journal's commit
+    /// moves to its cut.
+    fn open_staging(&mut self) -> Result<(), Short> {
+        let geo = self.sh.geo;
+        let bs = geo.lba_size;
+        self.tbuf.ensure(2 * bs as usize);
+        read_blocks(&mut self.stg, 0, 2, &mut self.tbuf, 0, bs, &self.sh.stop)
+            .map_err(Short::Retry)?;
+        let b = self.tbuf.bytes();
+        let found = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])
+            .map_err(Short::Damaged)?;
+        let mut h = match found {
+            Some(h) => h,
+            None => {
+                let h = StagingHeader::blank(bs, self.stg_blocks, self.sh.uuid);
+                self.write_header(&h)?;
+                tracing::info!(leg = %self.sh.name, "formatted a blank staging area");
+                h
+            }
+        };
+        if h.lba_size != bs || h.blocks != self.stg_blocks {
+            return Err(Short::Damaged(format!(
+                "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
+                h.blocks, h.lba_size, self.stg_blocks
+            )));
+        }
+        if h.state == CycleState::Committed {
+            tracing::info!(leg = %self.sh.name, cycle = h.cycle, "a committed cycle is rolled forward onto the image");
+            roll_forward(
+                &mut self.stg,
+                &mut self.far,
+                &h,
+                &mut self.tbuf,
+                &self.sh.stop,
+            )?;
+            h.counter += 1;
+            h.state = CycleState::Applied;
+            self.advance_journal(&h)?;
+            self.write_header(&h)?;
+        } else {
+            self.advance_journal(&h)?;
+        }
+        self.sh.cycle.cycle.store(h.cycle, Ordering::Release);
+        self.sh
+            .cycle
+            .cut_unix_ms
+            .store(h.cut.unix_ms, Ordering::Release);
+        self.header = Some(h);
+        Ok(())
+    }
+
+    /// Moves the journal's commit to the cut of `h` when the image holds a cycle of this
+    /// journal that the commit block does not know of yet (a crash between steps 4 and 5).
+    fn advance_journal(&mut self, h: &StagingHeader) -> Result<(), Short> {
+        if h.journal != self.sh.uuid || h.cut.seq <= self.commit.seq {
+            return Ok(());
+        }
+        let cut = Commit {
+            counter: self.commit.counter + 1,
+            ..h.cut
+        };
+        self.publish(cut)
+    }
+
+    fn publish(&mut self, cut: Commit) -> Result<(), Short> {
+        if !write_commit(&self.sh, &mut self.journal, &mut self.cbuf, cut) {
+            return Err(Short::Stopped);
+        }
+        self.commit = cut;
+        let sh = &self.sh;
+        sh.commit_offset.store(cut.offset, Ordering::Release);
+        sh.applied_bytes.store(cut.bytes, Ordering::Release);
+        sh.applied_unix_ms.store(cut.unix_ms, Ordering::Release);
+        sh.applied_seq.store(cut.seq, Ordering::Release);
+        sh.next_unix_ms.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    fn write_header(&mut self, h: &StagingHeader) -> Result<(), Short> {
+        let bs = self.sh.geo.lba_size as usize;
+        let b = &mut self.cbuf.bytes()[..bs];
+        b.fill(0);
+        h.encode(b);
+        write_blocks(
+            &mut self.stg,
+            h.block(),
+            &mut self.cbuf,
+            0,
+            bs,
+            bs as u32,
+            &self.sh.stop,
+        )
+        .map_err(Short::Retry)
+    }
+
+    /// One whole cycle: freeze, stage, commit, apply, advance. A cycle whose commit is
+    /// durable is only ever finished, never frozen again: its staged data must stay as
+    /// committed until the image holds it.
+    fn cycle(&mut self) -> Result<(), Short> {
+        let prev = self.header.expect("read when the shipper started");
+        if prev.state == CycleState::Committed {
+            return self.finish(prev);
+        }
+        self.started = Instant::now();
+        let Some(cut) = self.freeze()? else {
+            return Ok(());
+        };
+        let number = prev.cycle + 1;
+        self.sh.next_unix_ms.store(
+            self.segs.first().map_or(0, |s| s.1.unix_ms),
+            Ordering::Release,
+        );
+        // Stage.
+        self.runs.clear();
+        let data_blocks = self.walk(Target::Staging)?;
+        let table_lba = DATA_START + data_blocks;
+        let table_len = self.runs.len() * RUN_LEN;
+        let bs = self.sh.geo.lba_size as usize;
+        let table_blocks = table_len.div_ceil(bs);
+        self.tbuf.ensure((table_blocks * bs).max(bs));
+        let t = self.tbuf.bytes();
+        t[..table_blocks * bs].fill(0);
+        for (i, r) in self.runs.iter().enumerate() {
+            r.encode(&mut t[i * RUN_LEN..]);
+        }
+        let table_crc = crc32c::crc32c(&t[..table_len]);
+        if table_blocks > 0 {
+            write_blocks(
+                &mut self.stg,
+                table_lba,
+                &mut self.tbuf,
+                0,
+                table_blocks * bs,
+                bs as u32,
+                &self.sh.stop,
+            )
+            .map_err(Short::Retry)?;
+        }
+        flush(&mut self.stg, &self.sh.stop)?;
+        // Commit.
+        let data_bytes = data_blocks * bs as u64;
+        let h = StagingHeader {
+            counter: 2 * number,
+            cycle: number,
+            state: CycleState::Committed,
+            journal: self.sh.uuid,
+            cut,
+            table_lba,
+            runs: self.runs.len() as u32,
+            table_crc,
+            data_bytes,
+            unix_ms: unix_ms(),
+            ..prev
+        };
+        self.write_header(&h)?;
+        self.header = Some(h);
+        self.sh
+            .cycle
+            .staged_bytes
+            .fetch_add(data_bytes + table_len as u64, Ordering::Relaxed);
+        self.finish(h)
+    }
+
+    /// Steps 4 and 5 of the committed cycle `h`, whose frozen segments and table are in
+    /// memory: apply, then advance.
+    fn finish(&mut self, mut h: StagingHeader) -> Result<(), Short> {
+        self.walk(Target::Image)?;
+        flush(&mut self.far, &self.sh.stop)?;
+        let cut = Commit {
+            counter: self.commit.counter + 1,
+            ..h.cut
+        };
+        self.publish(cut)?;
+        h.counter += 1;
+        h.state = CycleState::Applied;
+        self.write_header(&h)?;
+        self.header = Some(h);
+        let c = &self.sh.cycle;
+        c.cycle.store(h.cycle, Ordering::Release);
+        c.cut_unix_ms.store(cut.unix_ms, Ordering::Release);
+        c.cycle_bytes.store(h.data_bytes, Ordering::Release);
+        c.changed_bytes.fetch_add(h.data_bytes, Ordering::Relaxed);
+        c.ship_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::Release);
+        tracing::debug!(leg = %self.sh.name, cycle = h.cycle, seq = cut.seq, data_bytes = h.data_bytes, runs = h.runs, "cycle applied");
+        Ok(())
+    }
+
+    /// Reads the journal from the commit position up to the cut and builds the changed-chunk
+    /// table; returns the cut. The cut is the durable end of the journal when the cycle
+    /// starts, moved back to fit the staging area, and never right after a piece of a
+    /// split write.
+    fn freeze(&mut self) -> Result<Option<Commit>, Short> {
+        let target = self.sh.written_seq.load(Ordering::Acquire);
+        self.segs.clear();
+        // Segment counts at which a cut may fall.
+        let mut cuts = vec![0];
+        let (mut at, mut next) = (self.commit.offset, self.commit.seq + 1);
+        let mut waiting = None;
+        while next <= target || cuts.last() != Some(&self.segs.len()) {
+            if next > self.sh.written_seq.load(Ordering::Acquire) {
+                // The rest of a split write is on its way, unless the write failed (the
+                // journal refused its next piece): a failed write may be left torn.
+                if self.sh.stop.load(Ordering::Acquire) {
+                    return Err(Short::Stopped);
+                }
+                let since = *waiting.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.sh.cfg.io_timeout {
+                    cuts.push(self.segs.len());
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let (start, h) = self.read(at, next)?;
+            self.segs.push((start, h));
+            if !self.iocbs.last().is_some_and(|r| r.more) {
+                cuts.push(self.segs.len());
+            }
+            next = h.seq_first + u64::from(h.count);
+            at = start + u64::from(h.total_blocks);
+        }
+        // Fit the staging area: halve the cycle until its data and table fit.
+        let mut n = self.segs.len();
+        if n == 0 {
+            return Ok(None);
+        }
+        loop {
+            self.index(n)?;
+            let (data, runs) = self.map.iter().fold((0u64, 0u64), |(d, r), (range, w)| {
+                let blocks = if w.2 == RecordOp::Write {
+                    range.end - range.start
+                } else {
+                    0
+                };
+                (d + blocks, r + 1)
+            });
+            let table = (runs * RUN_LEN as u64).div_ceil(u64::from(self.sh.geo.lba_size));
+            let need = DATA_START + data + table;
+            if need <= self.stg_blocks {
+                break;
+            }
+            let half = cuts.iter().copied().filter(|&c| c <= n / 2).max();
+            match half {
+                Some(c) if c > 0 => n = c,
+                _ => return Err(Short::TooLarge { need }),
+            }
+        }
+        self.segs.truncate(n);
+        let (start, h) = self.segs[n - 1];
+        let payload: u64 = self.iocbs_payload(start, h)?;
+        Ok(Some(Commit {
+            counter: self.commit.counter + 1,
+            seq: h.seq_first + u64::from(h.count) - 1,
+            offset: start + u64::from(h.total_blocks),
+            bytes: h.bytes_before + payload,
+            unix_ms: h.unix_ms,
+        }))
+    }
+
+    /// Payload bytes of the segment at `start`.
+    fn iocbs_payload(&mut self, start: u64, h: SegmentHeader) -> Result<u64, Short> {
+        self.read(start, h.seq_first)?;
+        Ok(self
+            .iocbs
+            .iter()
+            .map(|r| r.payload_len(h.data_lba_size) as u64)
+            .sum())
+    }
+
+    /// Builds the changed-chunk table of the first `n` frozen segments.
+    fn index(&mut self, n: usize) -> Result<(), Short> {
+        self.map.clear();
+        for si in 0..n {
+            let (start, h) = self.segs[si];
+            self.read(start, h.seq_first)?;
+            for (ri, r) in self.iocbs.iter().enumerate() {
+                if r.op != RecordOp::Flush && r.nlb > 0 {
+                    self.map.insert(
+                        r.lba..r.lba + u64::from(r.nlb),
+                        (si as u32, ri as u32, r.op),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, at: u64, seq: u64) -> Result<(u64, SegmentHeader), Short> {
+        match read_segment(
+            &mut self.journal,
+            &self.j,
+            at,
+            seq,
+            &mut self.buf,
+            &mut self.iocbs,
+            &self.sh.stop,
+        ) {
+            Ok(Some(s)) => Ok(s),
+            _ if self.sh.stop.load(Ordering::Acquire) => Err(Short::Stopped),
+            Ok(None) => Err(Short::Damaged(format!(
+                "no valid journal segment with record {seq} at block {at}"
+            ))),
+            Err(e) => Err(Short::Damaged(e)),
+        }
+    }
+
+    /// Sends the winning runs of the frozen segments to `target`, segment by segment; returns
+    /// the data blocks sent. For the staging area the runs are laid out from `DATA_START`
+    /// in the order met, and recorded in `self.runs`.
+    fn walk(&mut self, target: Target) -> Result<u64, Short> {
+        let bs = self.sh.geo.lba_size as usize;
+        let mut staged = 0u64;
+        let mut mine: Vec<(Range<u64>, RecordOp)> = Vec::new();
+        for si in 0..self.segs.len() {
+            let (start, h) = self.segs[si];
+            self.read(start, h.seq_first)?;
+            let dev = match target {
+                Target::Staging => &mut self.stg,
+                Target::Image => &mut self.far,
+            };
+            let timeout = dev.timeout;
+            let res = (|| -> Result<(), NotApplied> {
+                let qp = dev.qp()?;
+                let mut off = h.header_blocks as usize * self.sh.lba_size as usize;
+                let mut outstanding = 0u32;
+                let mut failed = None;
+                for (ri, r) in self.iocbs.iter().enumerate() {
+                    let rec_off = off;
+                    off += r.payload_len(h.data_lba_size);
+                    if r.op == RecordOp::Flush || r.nlb == 0 {
+                        continue;
+                    }
+                    mine.clear();
+                    mine.extend(
+                        self.map
+                            .overlapping(r.lba..r.lba + u64::from(r.nlb))
+                            .filter(|(_, w)| w.0 == si as u32 && w.1 == ri as u32)
+                            .map(|(range, w)| (range.clone(), w.2)),
+                    );
+                    for (range, op) in mine.drain(..) {
+                        let nlb = (range.end - range.start) as u32;
+                        let cmd = if op == RecordOp::Write {
+                            let at = rec_off + (range.start - r.lba) as usize * bs;
+                            let n = nlb as usize * bs;
+                            let lba = match target {
+                                Target::Staging => {
+                                    let data = &self.buf.bytes()[at..at + n];
+                                    self.runs.push(Run {
+                                        lba: range.start,
+                                        nlb,
+                                        op: RunOp::Write,
+                                        staged_lba: DATA_START + staged,
+                                        crc: crc32c::crc32c(data),
+                                    });
+                                    DATA_START + staged
+                                }
+                                Target::Image => range.start,
+                            };
+                            staged += u64::from(nlb);
+                            IoCommand::with_buf(IoOp::Write, lba, nlb, self.buf.io(at, n), 0)
+                        } else if target == Target::Staging {
+                            self.runs.push(Run {
+                                lba: range.start,
+                                nlb,
+                                op: if op == RecordOp::WriteZeroes {
+                                    RunOp::WriteZeroes
+                                } else {
+                                    RunOp::Deallocate
+                                },
+                                staged_lba: 0,
+                                crc: 0,
+                            });
+                            continue;
+                        } else {
+                            IoCommand::new(op.io_op(), range.start, nlb, 0)
+                        };
+                        submit(
+                            qp,
+                            cmd,
+                            &mut outstanding,
+                            &self.sh,
+                            &mut self.cpl,
+                            &mut failed,
+                            timeout,
+                        )?;
+                    }
+                }
+                while outstanding > 0 {
+                    outstanding -= reap(qp, &self.sh, &mut self.cpl, &mut failed, timeout)?;
+                }
+                match failed {
+                    Some(s) => Err(NotApplied::Refused(s)),
+                    None => Ok(()),
+                }
+            })();
+            after_failure(dev, &mut self.buf, &res);
+            res?;
+        }
+        Ok(staged)
+    }
+}
+
+/// Sends `cmd` (its buffer in a segment buffer the caller keeps until every command is
+/// reaped or given up), reaping completions while the queue is full.
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    qp: &mut dyn QueuePair,
+    cmd: IoCommand,
+    outstanding: &mut u32,
+    sh: &Shared,
+    cpl: &mut [Completion],
+    failed: &mut Option<nvmirror_nvme::Status>,
+    timeout: Duration,
+) -> Result<(), NotApplied> {
+    loop {
+        // SAFETY: the buffer of `cmd` is the shipper's segment buffer, neither touched nor
+        // freed until every command on it is reaped, or, when they are given up, parked on
+        // the queue pair's fence (`after_failure`).
+        match unsafe { qp.submit(cmd) } {
+            Ok(()) => {
+                *outstanding += 1;
+                return Ok(());
+            }
+            Err(SubmitError::QueueFull) => {
+                *outstanding -= reap(qp, sh, cpl, failed, timeout)?;
+            }
+        }
+    }
+}
+
+fn flush(dev: &mut DevIo, stop: &AtomicBool) -> Result<(), Short> {
+    let c = dev.run(IoCommand::new(IoOp::Flush, 0, 0, 0), None, stop)?;
+    if c.status.is_success() {
+        Ok(())
+    } else {
+        Err(Short::Retry(format!("flush refused: {}", c.status)))
+    }
+}
+
+impl From<super::dev_io::IoError> for Short {
+    fn from(e: super::dev_io::IoError) -> Self {
+        NotApplied::from(e).into()
+    }
+}
+
+/// Rolls the committed cycle of `h` forward onto the image from the staging area alone:
+/// reads its run table, then each run (checking its CRC), and writes it to the image; then a
+/// Flush. Idempotent: a crash in the middle is finished by running it again.
+fn roll_forward(
+    stg: &mut DevIo,
+    image: &mut DevIo,
+    h: &StagingHeader,
+    buf: &mut SegBuf,
+    stop: &AtomicBool,
+) -> Result<(), Short> {
+    let bs = h.lba_size;
+    let tb = h.table_blocks();
+    let mut table = SegBuf::new((tb as usize * bs as usize).max(bs as usize));
+    if tb > 0 {
+        read_blocks(stg, h.table_lba, tb as u32, &mut table, 0, bs, stop).map_err(Short::Retry)?;
+    }
+    let runs = decode_table(table.bytes(), h.runs, h.table_crc).map_err(Short::Damaged)?;
+    for r in runs {
+        let cmd = match r.op {
+            RunOp::Write => {
+                let n = r.nlb as usize * bs as usize;
+                buf.ensure(n);
+                read_blocks(stg, r.staged_lba, r.nlb, buf, 0, bs, stop).map_err(Short::Retry)?;
+                if crc32c::crc32c(&buf.bytes()[..n]) != r.crc {
+                    return Err(Short::Damaged(format!(
+                        "staged run at block {} (image blocks {}+{}) fails its CRC",
+                        r.staged_lba, r.lba, r.nlb
+                    )));
+                }
+                IoCommand::with_buf(IoOp::Write, r.lba, r.nlb, buf.io(0, n), 0)
+            }
+            RunOp::WriteZeroes => IoCommand::new(IoOp::WriteZeroes, r.lba, r.nlb, 0),
+            RunOp::Deallocate => IoCommand::new(IoOp::Deallocate, r.lba, r.nlb, 0),
+        };
+        let c = image.run(cmd, Some(buf), stop)?;
+        if !c.status.is_success() {
+            return Err(Short::Retry(format!(
+                "the image refused blocks {}+{}: {}",
+                r.lba, r.nlb, c.status
+            )));
+        }
+    }
+    flush(image, stop)
+}
+
+/// What [`recover_cycle`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CycleRecovery {
+    /// The cycle the image holds now.
+    pub cycle: u64,
+    /// Whether a committed cycle was rolled forward.
+    pub rolled_forward: bool,
+    /// The journal position of its cut, and when it was taken (Unix ms).
+    pub cut_seq: u64,
+    pub cut_unix_ms: u64,
+}
+
+/// Brings the image of an `async-cycle` leg to its last committed cycle from the staging
+/// area alone, as the far site does after losing the local one (`nvmirror cycle-recover`).
+pub fn recover_cycle(
+    image: Arc<dyn BlockDevice>,
+    staging: Arc<dyn BlockDevice>,
+    io_timeout: Duration,
+) -> Result<CycleRecovery, String> {
+    let geo = staging.geometry();
+    if image.geometry().lba_size != geo.lba_size {
+        return Err(format!(
+            "the staging area has {}-byte blocks, the image {}-byte ones",
+            geo.lba_size,
+            image.geometry().lba_size
+        ));
+    }
+    let stop = AtomicBool::new(false);
+    let bs = geo.lba_size;
+    let mut stg = DevIo::new(staging, 1, io_timeout);
+    let mut img = DevIo::new(image, 1, io_timeout);
+    let mut buf = SegBuf::new(2 * bs as usize);
+    let why = |e: Short| match e {
+        Short::Retry(s) | Short::Damaged(s) => s,
+        Short::TooLarge { need } => format!("needs {need} blocks"),
+        Short::Stopped => "stopped".into(),
+    };
+    read_blocks(&mut stg, 0, 2, &mut buf, 0, bs, &stop)?;
+    let b = buf.bytes();
+    let mut h = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])?
+        .ok_or("the staging area is blank: no cycle was ever committed to it")?;
+    let rolled_forward = h.state == CycleState::Committed;
+    if rolled_forward {
+        roll_forward(&mut stg, &mut img, &h, &mut buf, &stop).map_err(why)?;
+        h.counter += 1;
+        h.state = CycleState::Applied;
+        let b = &mut buf.bytes()[..bs as usize];
+        b.fill(0);
+        h.encode(b);
+        write_blocks(&mut stg, h.block(), &mut buf, 0, bs as usize, bs, &stop)?;
+    }
+    Ok(CycleRecovery {
+        cycle: h.cycle,
+        rolled_forward,
+        cut_seq: h.cut.seq,
+        cut_unix_ms: h.cut.unix_ms,
+    })
+}

@@ -1,0 +1,431 @@
+//! `async-cycle` legs: the far image moves from one cut to the next atomically through the
+//! staging area, whatever the crash point and whoever recovers it (the local site with its
+//! journal, or the far site alone), and a block rewritten many times crosses the link once
+//! per cycle.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nvmirror_mirror::{recover_cycle, JournalConfig, JournaledLeg, Volume, VolumeConfig};
+use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
+use nvmirror_nvme::dma::{DmaBuf, DmaPool};
+use nvmirror_nvme::{
+    open_leg, read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair, Status,
+};
+use rand::{Rng, SeedableRng};
+
+mod common;
+use common::wait_for;
+
+const BS: usize = 4096;
+/// Blocks the writers touch.
+const AREA: u64 = 128;
+
+/// Every host write in order (QD1: write `i` was acknowledged before write `i + 1` was
+/// submitted, so the host image after write `k` is the replay of writes `1..=k`).
+#[derive(Default)]
+struct History {
+    writes: Vec<(u64, u32)>,
+}
+
+impl History {
+    /// The stamp each block of the area holds after writes `1..=k`.
+    fn replay(&self, k: u64) -> Vec<u64> {
+        let mut img = vec![0; AREA as usize];
+        for (i, &(slba, nlb)) in self.writes.iter().take(k as usize).enumerate() {
+            for b in slba..slba + u64::from(nlb) {
+                img[b as usize] = i as u64 + 1;
+            }
+        }
+        img
+    }
+}
+
+fn stamp(image: &[u8], b: u64) -> u64 {
+    let at = b as usize * BS;
+    u64::from_le_bytes(image[at..at + 8].try_into().unwrap())
+}
+
+/// Whether `image` is the host image as of some write `k`, block by block: `k` is its newest
+/// stamp, since at QD1 the last write of a prefix is never overwritten within it.
+fn point_in_time(image: &[u8], h: &History) -> Result<u64, String> {
+    let k = (0..AREA).map(|b| stamp(image, b)).max().unwrap_or(0);
+    if k as usize > h.writes.len() {
+        return Err(format!("write {k} never issued"));
+    }
+    let want = h.replay(k);
+    for b in 0..AREA {
+        let at = b as usize * BS;
+        let s = stamp(image, b);
+        if s != want[b as usize] {
+            return Err(format!(
+                "block {b} holds write {s}; the host image as of write {k} has write {}",
+                want[b as usize]
+            ));
+        }
+        if s != 0 && image[at + 8..at + BS].iter().any(|&x| x != s as u8) {
+            return Err(format!("block {b} is torn"));
+        }
+    }
+    Ok(k)
+}
+
+fn assert_point_in_time(image: &[u8], h: &History, when: &str) -> u64 {
+    point_in_time(image, h).unwrap_or_else(|e| panic!("{when}: {e}"))
+}
+
+/// One QD1 command through `qp`.
+fn io(qp: &mut dyn QueuePair, cmd: IoCommand) -> Status {
+    // SAFETY: the caller's buffer outlives this call, which waits for the completion.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut c = [Completion::default(); 1];
+    loop {
+        if qp.poll(&mut c) == 1 {
+            return c[0].status;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Writes the stamped write `h.writes.len() + 1` at `slba`.
+fn write(qp: &mut dyn QueuePair, buf: &mut DmaBuf, h: &mut History, slba: u64, nlb: u32) {
+    let id = h.writes.len() as u64 + 1;
+    for blk in buf.as_mut_slice()[..nlb as usize * BS].chunks_mut(BS) {
+        blk.fill(id as u8);
+        blk[..8].copy_from_slice(&id.to_le_bytes());
+    }
+    let st = io(
+        qp,
+        IoCommand::with_buf(IoOp::Write, slba, nlb, buf.io_buf(), id),
+    );
+    assert!(st.is_success(), "host write {id}: {st}");
+    h.writes.push((slba, nlb));
+}
+
+/// A fresh mem device holding `bytes`.
+fn mem_copy(bytes: &[u8]) -> Arc<dyn BlockDevice> {
+    let dev = open_leg(&format!("mem://{}?lba=4096", bytes.len())).unwrap();
+    let mut qp = dev.open_qpair(1).unwrap();
+    let mut pool = DmaPool::new(1, 64 * BS);
+    let mut buf = pool.get().unwrap();
+    for (i, chunk) in bytes.chunks(64 * BS).enumerate() {
+        if chunk.iter().all(|&b| b == 0) {
+            continue;
+        }
+        buf.as_mut_slice()[..chunk.len()].copy_from_slice(chunk);
+        let cmd = IoCommand::with_buf(
+            IoOp::Write,
+            (i * 64) as u64,
+            (chunk.len() / BS) as u32,
+            buf.io_buf(),
+            0,
+        );
+        assert!(io(&mut *qp, cmd).is_success());
+    }
+    dev
+}
+
+/// The devices of a volume with an async-cycle leg: they outlive a crash of the local site.
+struct Devices {
+    local: Arc<dyn BlockDevice>,
+    far: Arc<FaultyDevice>,
+    staging: Arc<FaultyDevice>,
+    journal: Arc<dyn BlockDevice>,
+    cfg: JournalConfig,
+    interval: Duration,
+}
+
+struct Rig {
+    d: Devices,
+    leg: Arc<JournaledLeg>,
+    vol: Volume,
+}
+
+fn faulty(uri: &str) -> Arc<FaultyDevice> {
+    Arc::new(FaultyDevice::wrap(open_leg(uri).unwrap()))
+}
+
+/// Opens the async-cycle leg on `d` (a start, or a restart after a crash).
+fn open(d: &Devices) -> JournaledLeg {
+    JournaledLeg::open_cycle(
+        Arc::clone(&d.far) as Arc<dyn BlockDevice>,
+        Arc::clone(&d.journal),
+        Arc::clone(&d.staging) as Arc<dyn BlockDevice>,
+        d.interval,
+        d.cfg.clone(),
+    )
+    .unwrap()
+}
+
+fn rig(interval: Duration, cfg: JournalConfig) -> Rig {
+    let d = Devices {
+        local: open_leg("mem://4MiB?lba=4096").unwrap(),
+        far: faulty("mem://4MiB?lba=4096&latency=20us"),
+        staging: faulty("mem://8MiB?lba=4096&latency=20us"),
+        journal: open_leg("mem://64MiB?lba=4096").unwrap(),
+        cfg,
+        interval,
+    };
+    let leg = Arc::new(open(&d));
+    let vol = Volume::new(
+        "cv",
+        vec![
+            Arc::clone(&d.local),
+            Arc::clone(&leg) as Arc<dyn BlockDevice>,
+        ],
+        VolumeConfig::default(),
+    )
+    .unwrap();
+    Rig { d, leg, vol }
+}
+
+/// Stops the rig's volume and leg where they are (a crash of the local site).
+fn crash(r: Rig) -> Devices {
+    drop(r.vol);
+    r.leg.stop();
+    r.d
+}
+
+/// What the far site would recover if both its devices stopped now: copies of the image
+/// and the staging area taken while their writes are held, rolled forward.
+fn far_site_crash_image(r: &Devices) -> (Vec<u8>, bool) {
+    let hs = r.staging.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    let hi = r.far.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    let staging = read_all(&**r.staging.inner()).unwrap();
+    let image = read_all(&**r.far.inner()).unwrap();
+    r.far.injector().clear(hi);
+    r.staging.injector().clear(hs);
+    let (image, staging) = (mem_copy(&image), mem_copy(&staging));
+    let rec = recover_cycle(Arc::clone(&image), staging, Duration::from_secs(5));
+    let rolled = match rec {
+        Ok(rec) => rec.rolled_forward,
+        // Not one cycle committed yet: the image was never written.
+        Err(e) if e.contains("blank") => false,
+        Err(e) => panic!("far-site recovery failed: {e}"),
+    };
+    (read_all(&*image).unwrap(), rolled)
+}
+
+#[test]
+fn every_crash_of_the_far_site_recovers_an_image_at_a_cut() {
+    // Segments of 4 blocks: writes of up to 8 are split, and a cut must not fall inside one.
+    let cfg = JournalConfig {
+        max_segment_bytes: 4 * BS,
+        ..JournalConfig::default()
+    };
+    let r = rig(Duration::from_millis(5), cfg);
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, 8 * BS).get().unwrap();
+    let mut h = History::default();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
+    let (mut samples, mut behind, mut seen) = (0, 0, std::collections::BTreeSet::new());
+    let mut rolled_forward = 0;
+    for i in 1..=1500 {
+        let nlb = rng.gen_range(1..=8u32);
+        let slba = rng.gen_range(0..=AREA - u64::from(nlb));
+        write(&mut *qp, &mut buf, &mut h, slba, nlb);
+        if i % 50 == 0 {
+            let (image, rolled) = far_site_crash_image(&r.d);
+            rolled_forward += usize::from(rolled);
+            let k = assert_point_in_time(&image, &h, &format!("sample after write {i}"));
+            samples += 1;
+            if (k as usize) < h.writes.len() {
+                behind += 1;
+            }
+            seen.insert(k);
+        }
+    }
+    assert_eq!(samples, 30);
+    eprintln!("{samples} samples, {rolled_forward} of a committed cycle rolled forward, {behind} behind the host, {} distinct cuts", seen.len());
+    assert!(seen.len() >= 5, "the image moved through only {seen:?}");
+    assert!(behind > 0, "the image was never behind the host");
+    let cycle = r.leg.cycle_now(Duration::from_secs(20)).unwrap();
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.mode, "async-cycle");
+    let cs = st.cycle.unwrap();
+    assert_eq!(cs.cycle, cycle);
+    assert!(cycle >= 5, "{cs:?}");
+    assert_eq!(st.lag_writes, 0, "{st:?}");
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.d.local).unwrap(),
+        read_all(&**r.d.far.inner()).unwrap()
+    );
+}
+
+#[test]
+fn a_block_rewritten_many_times_crosses_the_link_once_per_cycle() {
+    let r = rig(Duration::from_secs(3600), JournalConfig::default());
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, BS).get().unwrap();
+    let mut h = History::default();
+    // Four blocks (3 % of the area), 100 times each, in turns.
+    let hot = [3u64, 40, 41, 100];
+    for _ in 0..100 {
+        for &b in &hot {
+            write(&mut *qp, &mut buf, &mut h, b, 1);
+        }
+    }
+    assert_eq!(r.leg.cycle_now(Duration::from_secs(20)).unwrap(), 1);
+    let st = r.leg.replication().unwrap();
+    let cs = st.cycle.unwrap();
+    let distinct = (hot.len() * BS) as u64;
+    assert_eq!(cs.cycle_bytes, distinct, "{cs:?}");
+    assert_eq!(st.host_bytes, 100 * distinct, "{st:?}");
+    let ratio = cs.staged_bytes as f64 / distinct as f64;
+    assert!(
+        ratio <= 1.05,
+        "staged {} bytes for {distinct} distinct: {ratio}",
+        cs.staged_bytes
+    );
+    assert_point_in_time(
+        &read_all(&**r.d.far.inner()).unwrap(),
+        &h,
+        "after the cycle",
+    );
+    assert_eq!(
+        read_all(&*r.d.local).unwrap(),
+        read_all(&**r.d.far.inner()).unwrap()
+    );
+}
+
+#[test]
+fn a_crash_before_the_commit_leaves_the_previous_cut_and_the_cycle_ships_again() {
+    let cfg = JournalConfig {
+        io_timeout: Duration::from_millis(200),
+        ..JournalConfig::default()
+    };
+    let r = rig(Duration::from_secs(3600), cfg);
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, 4 * BS).get().unwrap();
+    let mut h = History::default();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+    let mut burst = |qp: &mut dyn QueuePair, h: &mut History| {
+        for _ in 0..60 {
+            let nlb = rng.gen_range(1..=4u32);
+            write(qp, &mut buf, h, rng.gen_range(0..=AREA - 4), nlb);
+        }
+    };
+    burst(&mut *qp, &mut h);
+    assert_eq!(r.leg.cycle_now(Duration::from_secs(10)).unwrap(), 1);
+    // The far site stops taking staged data: cycle 2 never commits.
+    let gone = r.d.staging.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    burst(&mut *qp, &mut h);
+    let e = r.leg.cycle_now(Duration::from_millis(500)).unwrap_err();
+    assert!(e.contains("did not reach"), "{e}");
+    drop(qp);
+    let d = crash(r);
+    d.staging.injector().clear(gone);
+    let image = read_all(&**d.far.inner()).unwrap();
+    assert_eq!(assert_point_in_time(&image, &h, "after the crash"), 60);
+    // Restart on the same journal and staging area: cycle 2 ships again.
+    let leg = open(&d);
+    assert_eq!(leg.cycle_now(Duration::from_secs(10)).unwrap(), 2);
+    let image = read_all(&**d.far.inner()).unwrap();
+    assert_eq!(assert_point_in_time(&image, &h, "after the restart"), 120);
+    assert_eq!(read_all(&*d.local).unwrap(), image);
+}
+
+#[test]
+fn a_crash_in_the_apply_is_rolled_forward_by_either_site() {
+    let cfg = JournalConfig {
+        io_timeout: Duration::from_millis(200),
+        ..JournalConfig::default()
+    };
+    let r = rig(Duration::from_secs(3600), cfg);
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, BS).get().unwrap();
+    let mut h = History::default();
+    write(&mut *qp, &mut buf, &mut h, 7, 1);
+    assert_eq!(r.leg.cycle_now(Duration::from_secs(10)).unwrap(), 1);
+    // Cycle 2: block 0, block 1, block 0 again. The image takes one command (block 1, the
+    // first winner in journal order) and fails the rest: block 0 stays as at cycle 1.
+    write(&mut *qp, &mut buf, &mut h, 0, 1);
+    write(&mut *qp, &mut buf, &mut h, 1, 1);
+    write(&mut *qp, &mut buf, &mut h, 0, 1);
+    let broken = r.d.far.injector().arm(Fault::FailAfter {
+        n: 1,
+        status: Status::WRITE_FAULT,
+    });
+    assert!(r.leg.cycle_now(Duration::from_millis(500)).is_err());
+    drop(qp);
+    let d = crash(r);
+    d.far.injector().clear(broken);
+    let torn = read_all(&**d.far.inner()).unwrap();
+    assert_eq!(
+        (stamp(&torn, 0), stamp(&torn, 1)),
+        (0, 3),
+        "the apply was cut short"
+    );
+    assert!(
+        point_in_time(&torn, &h).is_err(),
+        "the half-applied image is at no cut"
+    );
+
+    // The far site alone (the local site is lost): roll forward from the staging area.
+    let image = mem_copy(&torn);
+    let staging = mem_copy(&read_all(&**d.staging.inner()).unwrap());
+    let rec = recover_cycle(
+        Arc::clone(&image),
+        Arc::clone(&staging),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(rec.rolled_forward);
+    assert_eq!((rec.cycle, rec.cut_seq), (2, 4));
+    let img = read_all(&*image).unwrap();
+    assert_eq!(assert_point_in_time(&img, &h, "after cycle-recover"), 4);
+    // Recovering again changes nothing.
+    let again = recover_cycle(Arc::clone(&image), staging, Duration::from_secs(5)).unwrap();
+    assert!(!again.rolled_forward);
+    assert_eq!(read_all(&*image).unwrap(), img);
+
+    // The local site restarts: its shipper rolls the cycle forward and moves its journal on.
+    let leg = open(&d);
+    wait_for("the restarted leg at cycle 2", || {
+        let st = leg.replication().unwrap();
+        st.cycle.unwrap().cycle == 2 && st.consistent_seq == 4
+    });
+    assert_eq!(
+        read_all(&*d.local).unwrap(),
+        read_all(&**d.far.inner()).unwrap()
+    );
+}
+
+#[test]
+fn the_mode_of_a_cycle_leg_is_async_cycle_or_sync() {
+    let r = rig(Duration::from_secs(3600), JournalConfig::default());
+    let e = r
+        .leg
+        .set_mode("async-journal", Duration::from_secs(1))
+        .unwrap_err();
+    assert!(e.contains("sync or async-cycle"), "{e}");
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, BS).get().unwrap();
+    let mut h = History::default();
+    write(&mut *qp, &mut buf, &mut h, 5, 1);
+    // To sync: the open cycle ships at once, however long the period.
+    r.leg.set_mode("sync", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.leg.replication().unwrap().mode, "sync");
+    assert_eq!(r.leg.replication().unwrap().cycle.unwrap().cycle, 1);
+    r.leg
+        .set_mode("async-cycle", Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(r.leg.replication().unwrap().mode, "async-cycle");
+    // A staging area of another block size is refused.
+    let e = JournaledLeg::open_cycle(
+        open_leg("mem://4MiB?lba=4096").unwrap(),
+        open_leg("mem://8MiB?lba=4096").unwrap(),
+        open_leg("mem://8MiB?lba=512").unwrap(),
+        Duration::from_secs(1),
+        JournalConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("512-byte blocks"), "{e}");
+}
