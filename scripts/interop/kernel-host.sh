@@ -180,11 +180,12 @@ fi
 # ---- 4. the target --------------------------------------------------------------------------
 FEATURES=()
 if [ "$TEST" = pair ]; then
-    if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null; then
-        log "installing etcd-server protobuf-compiler"
+    if ! command -v etcd >/dev/null || ! command -v protoc >/dev/null \
+        || [ ! -f /usr/include/google/protobuf/descriptor.proto ]; then
+        log "installing etcd-server protobuf-compiler libprotobuf-dev"
         apt-get update -qq || fail "apt-get update"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server protobuf-compiler \
-            >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install etcd-server protobuf-compiler"; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server protobuf-compiler libprotobuf-dev \
+            >"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install etcd-server protobuf-compiler libprotobuf-dev"; }
     fi
     FEATURES=(--features cluster)
 fi
