@@ -373,10 +373,19 @@ pub struct VolumeConfig {
 pub struct AsyncLegConfig {
     /// Index of the leg in `legs` (not 0, the primary).
     pub leg: usize,
-    /// `async-journal`, or `sync`: the journal is ready but writes go straight to the leg
-    /// until `leg_set_mode` makes it asynchronous.
+    /// `async-journal`, `async-cycle` (`docs/cycles.md`; needs `staging`), or `sync`: the
+    /// journal is ready but writes go straight to the leg until `leg_set_mode` makes it
+    /// asynchronous.
     #[serde(default = "default_async_mode")]
     pub mode: String,
+    /// `async-cycle`: the far site's staging area, a leg URI of the same block size as the
+    /// leg, large enough for one cycle's distinct data. Setting it makes the leg ship in
+    /// cycles (in `sync` mode too, once switched to `async-cycle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<String>,
+    /// `async-cycle`: the cycle period (default 30 s); `cycle_now` ends a cycle early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cycle: Option<String>,
     /// The journal's device: a leg URI (`file:///var/lib/nvmirror/vol0.journal?create=1GiB`).
     /// Blank devices are formatted; anything else that is not this leg's journal is refused.
     pub journal: String,
@@ -384,16 +393,41 @@ pub struct AsyncLegConfig {
     /// whole journal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<String>,
-    /// Age of the oldest write not yet applied beyond which the leg steps down.
-    #[serde(default = "default_max_lag")]
-    pub max_lag: String,
+    /// Age of the oldest write not yet applied beyond which the leg steps down (default
+    /// 30 s; for `async-cycle`, 4 cycles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag: Option<String>,
 }
+
+impl AsyncLegConfig {
+    /// Whether the leg ships in cycles (it has a staging area).
+    pub fn is_cycle(&self) -> bool {
+        self.staging.is_some()
+    }
+
+    /// The cycle period (validated with the configuration).
+    pub fn cycle_period(&self) -> Duration {
+        self.cycle
+            .as_deref()
+            .and_then(|c| parse_duration(c).ok())
+            .unwrap_or(DEFAULT_CYCLE)
+    }
+
+    /// The step-down age (validated with the configuration).
+    pub fn max_lag(&self) -> Duration {
+        match self.max_lag.as_deref().and_then(|m| parse_duration(m).ok()) {
+            Some(d) => d,
+            None if self.is_cycle() => 4 * self.cycle_period(),
+            None => Duration::from_secs(30),
+        }
+    }
+}
+
+/// The cycle period of an `async-cycle` leg without `cycle`.
+pub const DEFAULT_CYCLE: Duration = Duration::from_secs(30);
 
 fn default_async_mode() -> String {
     "async-journal".into()
-}
-fn default_max_lag() -> String {
-    "30s".into()
 }
 
 /// The scheme of a standby volume's leg that is a local raw volume's leg.
@@ -697,29 +731,77 @@ impl Config {
                 if !async_seen.insert(a.leg) {
                     return Err(bad(at("leg"), format!("leg {} is listed twice", a.leg)));
                 }
-                if a.mode != "async-journal" && a.mode != "sync" {
+                if !["async-journal", "async-cycle", "sync"].contains(&a.mode.as_str()) {
                     return Err(bad(
                         at("mode"),
                         format!(
-                            "'{}': async-journal, or sync (journal ready, writes synchronous until leg_set_mode)",
+                            "'{}': async-journal, async-cycle (with staging), or sync (journal ready, writes synchronous until leg_set_mode)",
                             a.mode
                         ),
                     ));
                 }
+                if a.mode == "async-cycle" && a.staging.is_none() {
+                    return Err(bad(
+                        at("staging"),
+                        "async-cycle needs a staging area at the far site (a leg URI)".into(),
+                    ));
+                }
+                if a.mode == "async-journal" && a.staging.is_some() {
+                    return Err(bad(
+                        at("staging"),
+                        "a staging area is for async-cycle; async-journal ships without one".into(),
+                    ));
+                }
+                if a.staging.is_none() && a.cycle.is_some() {
+                    return Err(bad(at("cycle"), "a cycle period is for async-cycle".into()));
+                }
                 nvmirror_nvme::LegUri::parse(&a.journal)
                     .map_err(|e| bad(at("journal"), e.to_string()))?;
+                if let Some(st) = &a.staging {
+                    nvmirror_nvme::LegUri::parse(st)
+                        .map_err(|e| bad(at("staging"), e.to_string()))?;
+                    if st == &a.journal || st == &v.legs[a.leg] {
+                        return Err(bad(
+                            at("staging"),
+                            "the staging area must be a device of its own, neither the journal nor the leg".into(),
+                        ));
+                    }
+                }
+                if let Some(c) = &a.cycle {
+                    parse_duration(c)
+                        .ok()
+                        .filter(|d| *d >= Duration::from_millis(10))
+                        .ok_or_else(|| {
+                            bad(
+                                at("cycle"),
+                                format!("'{c}' is not a duration of at least 10ms"),
+                            )
+                        })?;
+                }
                 if let Some(m) = &a.max_bytes {
                     parse_size(m).map_err(|e| bad(at("max_bytes"), e))?;
                 }
-                parse_duration(&a.max_lag)
-                    .ok()
-                    .filter(|d| *d >= Duration::from_millis(1))
-                    .ok_or_else(|| {
-                        bad(
-                            at("max_lag"),
-                            format!("'{}' is not a duration of at least 1ms", a.max_lag),
-                        )
-                    })?;
+                if let Some(m) = &a.max_lag {
+                    parse_duration(m)
+                        .ok()
+                        .filter(|d| *d >= Duration::from_millis(1))
+                        .ok_or_else(|| {
+                            bad(
+                                at("max_lag"),
+                                format!("'{m}' is not a duration of at least 1ms"),
+                            )
+                        })?;
+                }
+                if a.is_cycle() && a.max_lag() < 2 * a.cycle_period() {
+                    return Err(bad(
+                        at("max_lag"),
+                        format!(
+                            "{:?} is less than two cycles ({:?}): a write may wait a whole cycle and its shipping before it is applied",
+                            a.max_lag(),
+                            a.cycle_period()
+                        ),
+                    ));
+                }
             }
         }
         if let Some(c) = &self.cluster {

@@ -329,6 +329,16 @@ impl Registry {
                         "journal_used": r.journal_used,
                         "journal_capacity": r.journal_capacity,
                         "step_downs": r.step_downs,
+                        "cycle": r.cycle.map(|c| json!({
+                            "cycle": c.cycle,
+                            "cycle_unix_ms": c.cycle_unix_ms,
+                            "interval_s": c.interval_ms as f64 / 1000.0,
+                            "cycle_bytes": c.cycle_bytes,
+                            "changed_bytes": c.changed_bytes,
+                            "staged_bytes": c.staged_bytes,
+                            "ship_seconds": c.ship_us as f64 / 1e6,
+                            "copy_rate_bytes_per_second": if c.ship_us > 0 { c.cycle_bytes as f64 * 1e6 / c.ship_us as f64 } else { 0.0 },
+                        })),
                     })),
                     "link": v.volume.leg_device(i).ok().and_then(|d| d.link()).map(|l| json!({
                         "connected": l.connected,

@@ -38,6 +38,19 @@ enum Command {
         #[command(subcommand)]
         what: Generate,
     },
+    /// Far-site recovery of an async-cycle leg: roll a committed cycle from the staging area
+    /// onto the image (docs/cycles.md). Run it before exporting the image elsewhere.
+    CycleRecover {
+        /// The image (the far leg), a leg URI.
+        #[arg(long)]
+        image: String,
+        /// Its staging area, a leg URI.
+        #[arg(long)]
+        staging: String,
+        /// The time one command may take.
+        #[arg(long, default_value = "10s", value_parser = parse_interval)]
+        io_timeout: Duration,
+    },
     /// Show volumes, legs, rates, latency and resync progress.
     Status {
         #[arg(long, default_value = "./nvmirror-data/nvmirror.sock")]
@@ -139,6 +152,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CycleRecover {
+            image,
+            staging,
+            io_timeout,
+        } => match cycle_recover(&image, &staging, io_timeout) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("nvmirror cycle-recover: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status {
             socket,
             watch,
@@ -151,6 +178,25 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Opens both devices and rolls the image forward; what it did, as one JSON line.
+fn cycle_recover(image: &str, staging: &str, io_timeout: Duration) -> Result<String, String> {
+    let open = |what: &str, uri: &str| {
+        nvmirror_nvme::open_leg(uri).map_err(|e| format!("{what} {uri}: {e}"))
+    };
+    let r = nvmirror_mirror::recover_cycle(
+        open("image", image)?,
+        open("staging area", staging)?,
+        io_timeout,
+    )?;
+    Ok(serde_json::json!({
+        "cycle": r.cycle,
+        "rolled_forward": r.rolled_forward,
+        "cut_seq": r.cut_seq,
+        "cut_unix_ms": r.cut_unix_ms,
+    })
+    .to_string())
 }
 
 /// Fetches every volume's status.

@@ -195,7 +195,7 @@ fn journal_config(
     nvmirror_mirror::JournalConfig {
         io_timeout: parse_duration(&v.io_timeout).unwrap_or(Duration::from_secs(5)),
         max_bytes: a.max_bytes.as_deref().and_then(|m| parse_size(m).ok()),
-        max_lag: parse_duration(&a.max_lag).unwrap_or(Duration::from_secs(30)),
+        max_lag: a.max_lag(),
         start_sync: a.mode == "sync",
         ..nvmirror_mirror::JournalConfig::default()
     }
@@ -365,13 +365,28 @@ pub(crate) fn open_entry(
         }
         let journal =
             open_leg_waiting(&a.journal, claim_wait, &what).map_err(|e| start_err(&what, e))?;
-        let leg = nvmirror_mirror::JournaledLeg::open(far, journal, journal_config(v, a))
-            .map_err(|e| start_err(&what, e))?;
+        let leg = match &a.staging {
+            None => nvmirror_mirror::JournaledLeg::open(far, journal, journal_config(v, a)),
+            Some(st) => {
+                let what = format!("volume {} leg {} staging area", v.name, a.leg);
+                let staging =
+                    open_leg_waiting(st, claim_wait, &what).map_err(|e| start_err(&what, e))?;
+                nvmirror_mirror::JournaledLeg::open_cycle(
+                    far,
+                    journal,
+                    staging,
+                    a.cycle_period(),
+                    journal_config(v, a),
+                )
+            }
+        }
+        .map_err(|e| start_err(&what, e))?;
         tracing::info!(
             volume = v.name,
             leg = a.leg,
             journal = a.journal,
-            "leg mirrored asynchronously (async-journal)"
+            mode = a.mode,
+            "leg mirrored asynchronously"
         );
         opened[a.leg] = Some(Arc::new(leg));
     }

@@ -165,6 +165,18 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
                 num(r, "journal_capacity"),
                 num(r, "step_downs"),
             );
+            if let Some(c) = r.get("cycle").filter(|c| !c.is_null()) {
+                let _ = writeln!(
+                    out,
+                    "      cycle #{} (every {} s), last {} bytes in {:.3} s, staged {} of {} changed bytes",
+                    num(c, "cycle"),
+                    num(c, "interval_s"),
+                    num(c, "cycle_bytes"),
+                    num(c, "ship_seconds"),
+                    num(c, "staged_bytes"),
+                    num(c, "changed_bytes"),
+                );
+            }
         }
         if let Some(link) = leg.get("link").filter(|l| !l.is_null()) {
             let connected = link.get("connected").and_then(Value::as_bool) == Some(true);

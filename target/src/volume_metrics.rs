@@ -192,6 +192,46 @@ impl Registry {
                 ] {
                     w.counter(metric, help, &l, value as f64);
                 }
+                if let Some(c) = r.cycle {
+                    for (metric, help, value) in [
+                        (
+                            "nvmirror_leg_cycle",
+                            "Async-cycle leg: the last cycle the far image holds whole.",
+                            c.cycle as f64,
+                        ),
+                        (
+                            "nvmirror_leg_cycle_timestamp_seconds",
+                            "Async-cycle leg: when the cut of that cycle was taken (Unix time).",
+                            c.cycle_unix_ms as f64 / 1000.0,
+                        ),
+                        (
+                            "nvmirror_leg_cycle_bytes",
+                            "Async-cycle leg: distinct bytes the last cycle changed.",
+                            c.cycle_bytes as f64,
+                        ),
+                        (
+                            "nvmirror_leg_cycle_ship_seconds",
+                            "Async-cycle leg: how long the last cycle took from freeze to applied.",
+                            c.ship_us as f64 / 1e6,
+                        ),
+                    ] {
+                        w.gauge(metric, help, &l, value);
+                    }
+                    for (metric, help, value) in [
+                        (
+                            "nvmirror_leg_cycle_changed_bytes_total",
+                            "Async-cycle leg: distinct bytes changed, summed over cycles.",
+                            c.changed_bytes,
+                        ),
+                        (
+                            "nvmirror_leg_cycle_staged_bytes_total",
+                            "Async-cycle leg: bytes sent to the staging area (data and run tables).",
+                            c.staged_bytes,
+                        ),
+                    ] {
+                        w.counter(metric, help, &l, value as f64);
+                    }
+                }
             }
             w.gauge(
                 "nvmirror_leg_missed_regions",

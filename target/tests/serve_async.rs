@@ -12,7 +12,7 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::open_leg;
 
 mod serve_rig;
-use serve_rig::{read, write, Server, NQN};
+use serve_rig::{assert_prefix, read, stamped_write, write, Server, NQN};
 
 fn config(da: &Path, a_bytes: u64, b_port: u16, extra: &str) -> String {
     format!(
@@ -225,7 +225,27 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
         ("leg = 5\njournal = \"mem://16MiB\"", "async_legs[0].leg"),
         (
             "leg = 1\nmode = \"async-cycle\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].staging",
+        ),
+        (
+            "leg = 1\nmode = \"async-mirror\"\njournal = \"mem://16MiB\"",
             "async_legs[0].mode",
+        ),
+        (
+            "leg = 1\nstaging = \"mem://16MiB?lba=512\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].staging",
+        ),
+        (
+            "leg = 1\ncycle = \"5s\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].cycle",
+        ),
+        (
+            "leg = 1\nmode = \"async-cycle\"\nstaging = \"mem://8MiB\"\ncycle = \"1ms\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].cycle",
+        ),
+        (
+            "leg = 1\nmode = \"async-cycle\"\nstaging = \"mem://8MiB\"\ncycle = \"30s\"\nmax_lag = \"40s\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].max_lag",
         ),
         ("leg = 1\njournal = \"bogus://x\"", "async_legs[0].journal"),
         (
@@ -330,64 +350,6 @@ fn leg_set_mode_switches_a_journaled_leg_and_a_restart_keeps_the_mode() {
     );
     a.stop();
     b.stop();
-}
-
-/// Blocks of 512 bytes stamped with the id of the write that wrote them.
-fn stamped_write(
-    qp: &mut dyn nvmirror_nvme::QueuePair,
-    pool: &mut DmaPool,
-    slba: u64,
-    nlb: u32,
-    id: u64,
-) {
-    let mut buf = pool.get().unwrap();
-    for blk in buf.as_mut_slice()[..nlb as usize * 512].chunks_mut(512) {
-        blk.fill(id as u8);
-        blk[..8].copy_from_slice(&id.to_le_bytes());
-    }
-    let cmd =
-        nvmirror_nvme::IoCommand::with_buf(nvmirror_nvme::IoOp::Write, slba, nlb, buf.io_buf(), id);
-    // SAFETY: `buf` is not touched until the completion is reaped below.
-    unsafe { qp.submit(cmd) }.unwrap();
-    let mut cpl = [nvmirror_nvme::Completion::default()];
-    let t = std::time::Instant::now();
-    while qp.poll(&mut cpl) == 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "write {id} timed out"
-        );
-    }
-    assert!(cpl[0].status.is_success(), "write {id}: {}", cpl[0].status);
-    pool.put(buf);
-}
-
-/// With writes issued one at a time (`writes[i]` is write `i + 1`), checks that the data area
-/// `image` holds exactly the state after writes `1..=k` for some `k`; returns `k`.
-fn assert_prefix(image: &[u8], writes: &[(u64, u32)]) -> u64 {
-    let stamp = |b: u64| u64::from_le_bytes(image[b as usize * 512..][..8].try_into().unwrap());
-    let k = writes
-        .iter()
-        .flat_map(|&(s, n)| s..s + u64::from(n))
-        .map(stamp)
-        .max()
-        .unwrap_or(0);
-    let mut expect = std::collections::HashMap::new();
-    for (i, &(s, n)) in writes.iter().enumerate().take(k as usize) {
-        for b in s..s + u64::from(n) {
-            expect.insert(b, i as u64 + 1);
-        }
-    }
-    for &(s, n) in writes {
-        for b in s..s + u64::from(n) {
-            let want = expect.get(&b).copied().unwrap_or(0);
-            assert_eq!(
-                stamp(b),
-                want,
-                "block {b}: the far image is not the state after writes 1..={k}"
-            );
-        }
-    }
-    k
 }
 
 #[test]

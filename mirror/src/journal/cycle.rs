@@ -379,6 +379,15 @@ impl CycleShipper {
     fn finish(&mut self, mut h: StagingHeader) -> Result<(), Short> {
         self.walk(Target::Image)?;
         flush(&mut self.far, &self.sh.stop)?;
+        // The image holds the cycle whole: say so before the writes it holds show as
+        // applied, so whoever waits for them sees this cycle's number.
+        let c = &self.sh.cycle;
+        c.cycle.store(h.cycle, Ordering::Release);
+        c.cut_unix_ms.store(h.cut.unix_ms, Ordering::Release);
+        c.cycle_bytes.store(h.data_bytes, Ordering::Release);
+        c.changed_bytes.fetch_add(h.data_bytes, Ordering::Relaxed);
+        c.ship_us
+            .store(self.started.elapsed().as_micros() as u64, Ordering::Release);
         let cut = Commit {
             counter: self.commit.counter + 1,
             ..h.cut
@@ -388,13 +397,6 @@ impl CycleShipper {
         h.state = CycleState::Applied;
         self.write_header(&h)?;
         self.header = Some(h);
-        let c = &self.sh.cycle;
-        c.cycle.store(h.cycle, Ordering::Release);
-        c.cut_unix_ms.store(cut.unix_ms, Ordering::Release);
-        c.cycle_bytes.store(h.data_bytes, Ordering::Release);
-        c.changed_bytes.fetch_add(h.data_bytes, Ordering::Relaxed);
-        c.ship_us
-            .store(self.started.elapsed().as_micros() as u64, Ordering::Release);
         tracing::debug!(leg = %self.sh.name, cycle = h.cycle, seq = cut.seq, data_bytes = h.data_bytes, runs = h.runs, "cycle applied");
         Ok(())
     }

@@ -393,3 +393,61 @@ pub fn site_b(dir: &Path, listen: &str) -> Server {
     .into();
     Server::spawn_at(&args, &[], listen).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Blocks of 512 bytes stamped with the id of the write that wrote them.
+pub fn stamped_write(
+    qp: &mut dyn nvmirror_nvme::QueuePair,
+    pool: &mut DmaPool,
+    slba: u64,
+    nlb: u32,
+    id: u64,
+) {
+    let mut buf = pool.get().unwrap();
+    for blk in buf.as_mut_slice()[..nlb as usize * 512].chunks_mut(512) {
+        blk.fill(id as u8);
+        blk[..8].copy_from_slice(&id.to_le_bytes());
+    }
+    let cmd =
+        nvmirror_nvme::IoCommand::with_buf(nvmirror_nvme::IoOp::Write, slba, nlb, buf.io_buf(), id);
+    // SAFETY: `buf` is not touched until the completion is reaped below.
+    unsafe { qp.submit(cmd) }.unwrap();
+    let mut cpl = [nvmirror_nvme::Completion::default()];
+    let t = std::time::Instant::now();
+    while qp.poll(&mut cpl) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "write {id} timed out"
+        );
+    }
+    assert!(cpl[0].status.is_success(), "write {id}: {}", cpl[0].status);
+    pool.put(buf);
+}
+
+/// With writes issued one at a time (`writes[i]` is write `i + 1`), checks that the data area
+/// `image` holds exactly the state after writes `1..=k` for some `k`; returns `k`.
+pub fn assert_prefix(image: &[u8], writes: &[(u64, u32)]) -> u64 {
+    let stamp = |b: u64| u64::from_le_bytes(image[b as usize * 512..][..8].try_into().unwrap());
+    let k = writes
+        .iter()
+        .flat_map(|&(s, n)| s..s + u64::from(n))
+        .map(stamp)
+        .max()
+        .unwrap_or(0);
+    let mut expect = std::collections::HashMap::new();
+    for (i, &(s, n)) in writes.iter().enumerate().take(k as usize) {
+        for b in s..s + u64::from(n) {
+            expect.insert(b, i as u64 + 1);
+        }
+    }
+    for &(s, n) in writes {
+        for b in s..s + u64::from(n) {
+            let want = expect.get(&b).copied().unwrap_or(0);
+            assert_eq!(
+                stamp(b),
+                want,
+                "block {b}: the far image is not the state after writes 1..={k}"
+            );
+        }
+    }
+    k
+}

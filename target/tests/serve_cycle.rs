@@ -1,0 +1,184 @@
+//! An `async-cycle` leg through `nvmirror serve`: site A mirrors synchronously to a local file
+//! and in cycles to site B, which exports the image (namespace 1) and the staging area
+//! (namespace 2) over NVMe/TCP. A host writes through A's NVMe/TCP listener; B's image moves
+//! only at cycle boundaries (`cycle_now`, or the period), `volume_status`, `nvmirror status`
+//! and `/metrics` show the cycles, a kill -9 of A leaves B at the last cut, and the restarted A
+//! ships the rest. `nvmirror cycle-recover` reads B's staging area as the far site would.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nvmirror_nvme::dma::DmaPool;
+use nvmirror_nvme::open_leg;
+
+mod serve_rig;
+use serve_rig::{assert_prefix, stamped_write, Server, NQN, NVMIRROR};
+
+/// Site B: the image `b.img` (a persistent volume) and the raw staging area `s.img`, two
+/// namespaces of one subsystem.
+fn site_b(db: &Path) -> Server {
+    let cfg = db.join("nvmirror.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+             [[volume]]\nname = \"vol0\"\nlegs = [\"file://{d}/b.img?create=64MiB\"]\n\n\
+             [[volume]]\nname = \"stg0\"\nbitmap = false\nlegs = [\"file://{d}/s.img?create=32MiB\"]\n\n\
+             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\", \"stg0\"]\n",
+            d = db.display()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--config".into(),
+        cfg.display().to_string(),
+        "--data-dir".into(),
+        db.display().to_string(),
+    ];
+    Server::spawn_at(&args, &[], "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn site_a_config(da: &Path, a_bytes: u64, b_port: u16, cycle: &str) -> String {
+    format!(
+        "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[volume]]\nname = \"vol0\"\nio_timeout = \"2s\"\n\
+         legs = [\"file://{d}/a.img?create={a_bytes}\", \"nvme-tcp://127.0.0.1:{b_port}/{NQN}\"]\n\n\
+         [[volume.async_legs]]\nleg = 1\nmode = \"async-cycle\"\ncycle = \"{cycle}\"\n\
+         journal = \"file://{d}/vol0.journal?create=32MiB\"\n\
+         staging = \"nvme-tcp://127.0.0.1:{b_port}/{NQN}?nsid=2\"\n\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
+        d = da.display()
+    )
+}
+
+/// Blocks of the volume the writers touch.
+const AREA: u64 = 512;
+
+#[test]
+fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let b = site_b(&db);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let cfg = site_a_config(&da, b_bytes, b.port(), "3600s");
+    let a = Server::with_config(&da, &cfg);
+    // Opening the volume wrote its metadata: one cycle ships it, so the image starts at a
+    // known cut.
+    let c0 = a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#)["legs"][0]["cycle"]
+        .as_u64()
+        .unwrap();
+    let st = a.status();
+    let r = &st["legs"][1]["replication"];
+    assert_eq!(r["mode"], "async-cycle", "{st}");
+    assert_eq!(r["cycle"]["cycle"], c0, "{st}");
+    assert_eq!(r["lag_writes"], 0, "{st}");
+    assert_eq!(r["cycle"]["interval_s"], 3600.0, "{st}");
+    let data_offset = st["bitmap"]["data_offset"].as_u64().unwrap();
+    let b_meta = 64 * 1024 * 1024 - b_bytes;
+    let far_data = || {
+        let img = std::fs::read(db.join("b.img")).unwrap();
+        let at = (b_meta + data_offset) as usize;
+        img[at..at + AREA as usize * 512].to_vec()
+    };
+
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(2, 64 << 10);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
+    let mut writes = Vec::new();
+    let mut issue =
+        |qp: &mut dyn nvmirror_nvme::QueuePair, n: usize, writes: &mut Vec<(u64, u32)>| {
+            for _ in 0..n {
+                let nlb = rng.gen_range(1..=16u32);
+                let slba = rng.gen_range(0..=AREA - u64::from(nlb));
+                writes.push((slba, nlb));
+                stamped_write(qp, &mut pool, slba, nlb, writes.len() as u64);
+            }
+        };
+    issue(&mut *qp, 200, &mut writes);
+    // Within the hour-long cycle nothing reaches the image.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(assert_prefix(&far_data(), &writes), 0);
+    let got = a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
+    assert_eq!(got["legs"][0]["leg"], 1, "{got}");
+    assert_eq!(got["legs"][0]["cycle"], c0 + 1, "{got}");
+    assert_eq!(assert_prefix(&far_data(), &writes), 200);
+    let st = a.status();
+    let c = &st["legs"][1]["replication"]["cycle"];
+    assert_eq!(c["cycle"], c0 + 1, "{st}");
+    let distinct: std::collections::BTreeSet<u64> = writes
+        .iter()
+        .flat_map(|&(s, n)| s..s + u64::from(n))
+        .collect();
+    // The cycle carries each block once: the distinct blocks written, plus the volume's
+    // own metadata blocks (its bitmap) on the leg.
+    let (cycle_bytes, distinct) = (
+        c["cycle_bytes"].as_u64().unwrap(),
+        distinct.len() as u64 * 512,
+    );
+    assert!(
+        (distinct..=distinct + 16 * 1024).contains(&cycle_bytes),
+        "{cycle_bytes} bytes in the cycle for {distinct} distinct bytes written: {st}"
+    );
+    let text = std::process::Command::new(NVMIRROR)
+        .args(["status", "--socket", &a.socket])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("cycle #{} (every 3600 s)", c0 + 1)),
+        "{text}"
+    );
+    let metrics = a.scrape();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("nvmirror_leg_cycle{volume=\"vol0\",leg=\"1\""))
+        .unwrap_or_else(|| panic!("no nvmirror_leg_cycle: {metrics}"));
+    assert!(line.ends_with(&format!("}} {}", c0 + 1)), "{line}");
+    // Refused: a cycle of a volume without such a leg, a switch to async-journal.
+    assert!(!a.rpc("cycle_now", r#"{"volume":"vol0","leg":0}"#).0);
+    let (ok, why) = a.rpc(
+        "leg_set_mode",
+        r#"{"volume":"vol0","leg":1,"mode":"async-journal"}"#,
+    );
+    assert!(!ok && why.contains("async-cycle"), "{why}");
+
+    // A dies mid-cycle: B stays at the cut of cycle 1.
+    issue(&mut *qp, 100, &mut writes);
+    drop(qp);
+    a.kill9();
+    assert_eq!(assert_prefix(&far_data(), &writes), 200);
+    // The far site reads its staging area: cycle 1, applied, nothing to roll forward.
+    let out = std::process::Command::new(NVMIRROR)
+        .args([
+            "cycle-recover",
+            "--image",
+            &format!("nvme-tcp://127.0.0.1:{}/{NQN}", b.port()),
+            "--staging",
+            &format!("nvme-tcp://127.0.0.1:{}/{NQN}?nsid=2", b.port()),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["cycle"], c0 + 1, "{rec}");
+    assert_eq!(rec["rolled_forward"], false, "{rec}");
+
+    // A restarts with a short period: the journal's rest ships in the next cycle.
+    let cfg = site_a_config(&da, b_bytes, b.port(), "100ms");
+    let a = Server::with_config(&da, &cfg);
+    a.wait_for(Duration::from_secs(30), "the next cycle applied", |st| {
+        st["legs"][1]["replication"]["lag_writes"] == 0
+            && st["legs"][1]["replication"]["cycle"]["cycle"].as_u64() > Some(c0 + 1)
+    });
+    a.stop();
+    b.stop();
+    assert_eq!(assert_prefix(&far_data(), &writes), 300);
+    let a_img = std::fs::read(da.join("a.img")).unwrap();
+    let at = data_offset as usize;
+    assert_eq!(far_data(), a_img[at..at + AREA as usize * 512].to_vec());
+}
