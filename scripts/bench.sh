@@ -14,6 +14,8 @@
 #   7. NBD: fio's nbd engine against serve vs nbdkit memory (fio-nbd.sh);
 #   8. a remote nvme-tcp:// leg inside serve vs the bare initiator on the same namespace
 #      (bench-remote-leg.sh);
+#   9. the host's cost of async-journal and async-cycle legs, and async-cycle's link bytes
+#      on a hot spot (bench-async.sh);
 # then prints one table of results with the goal next to each, and draws the latency curves.
 #
 # Everything goes to bench-results/<UTC time>-<commit>/ (git-ignored): machine.txt, one log
@@ -121,6 +123,7 @@ part 5 resync scripts/bench-resync.sh
 part 6 nvme-tcp env BENCH_DIR="$out/nvme-tcp" scripts/bench-target.sh "$secs"
 part 7 nbd scripts/fio-nbd.sh "$secs"
 part 8 remote-leg env BENCH_DIR="$out/remote-leg" scripts/bench-remote-leg.sh "$secs"
+part 9 async env BENCH_DIR="$out/async" scripts/bench-async.sh "$secs"
 
 # Latency percentile curves of the runs that have a fio-shaped JSON.
 plots=()

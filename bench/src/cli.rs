@@ -44,6 +44,15 @@ pub struct Cli {
     #[arg(long, value_name = "URI", conflicts_with = "target")]
     pub journal: Option<String>,
 
+    /// Ship the --journal leg in cycles through this staging area (`async-cycle`,
+    /// docs/cycles.md); the run's end prints the cycles
+    #[arg(long, value_name = "URI", requires = "journal")]
+    pub staging: Option<String>,
+
+    /// The cycle period of --staging
+    #[arg(long, default_value = "1s", value_parser = duration_arg, requires = "staging")]
+    pub cycle: Duration,
+
     /// A running target to drive instead of in-process legs
     /// (nvme-tcp://HOST:PORT/NQN, nbd://HOST:PORT/EXPORT); each job thread opens its own queue
     #[arg(long, value_name = "URI")]

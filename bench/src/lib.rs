@@ -52,8 +52,21 @@ pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
     open_target_with(uris, bitmap, None)
 }
 
-/// [`open_target`], the last leg mirrored asynchronously through a journal on `journal`.
-pub fn open_target_with(uris: &[String], bitmap: bool, journal: Option<&str>) -> Result<Target> {
+/// How the last leg is mirrored asynchronously: through a journal on `journal`, shipped in
+/// cycles of `cycle` through `staging` when it is given.
+#[derive(Clone, Copy, Debug)]
+pub struct AsyncLeg<'a> {
+    pub journal: &'a str,
+    pub staging: Option<&'a str>,
+    pub cycle: std::time::Duration,
+}
+
+/// [`open_target`], the last leg mirrored asynchronously as `async_leg` says.
+pub fn open_target_with(
+    uris: &[String],
+    bitmap: bool,
+    async_leg: Option<AsyncLeg<'_>>,
+) -> Result<Target> {
     let mut legs = uris
         .iter()
         .map(|uri| {
@@ -64,7 +77,7 @@ pub fn open_target_with(uris: &[String], bitmap: bool, journal: Option<&str>) ->
         })
         .collect::<Result<Vec<_>>>()?;
     let mut journaled = None;
-    if let Some(j) = journal {
+    if let Some(a) = async_leg {
         let flag = |reason: String| Error::Flag {
             flag: "--journal",
             reason,
@@ -75,11 +88,22 @@ pub fn open_target_with(uris: &[String], bitmap: bool, journal: Option<&str>) ->
             ));
         }
         let far = legs.pop().expect("two or more legs");
-        let dev = nvmirror_nvme::open_leg(j).map_err(|e| flag(e.to_string()))?;
-        let leg = Arc::new(
-            nvmirror_mirror::JournaledLeg::open(far, dev, Default::default())
-                .map_err(|e| flag(e.to_string()))?,
-        );
+        let dev = nvmirror_nvme::open_leg(a.journal).map_err(|e| flag(e.to_string()))?;
+        let leg = match a.staging {
+            None => nvmirror_mirror::JournaledLeg::open(far, dev, Default::default()),
+            Some(st) => {
+                let stg = nvmirror_nvme::open_leg(st).map_err(|e| Error::Flag {
+                    flag: "--staging",
+                    reason: e.to_string(),
+                })?;
+                let cfg = nvmirror_mirror::JournalConfig {
+                    max_lag: (4 * a.cycle).max(std::time::Duration::from_secs(30)),
+                    ..Default::default()
+                };
+                nvmirror_mirror::JournaledLeg::open_cycle(far, dev, stg, a.cycle, cfg)
+            }
+        };
+        let leg = Arc::new(leg.map_err(|e| flag(e.to_string()))?);
         legs.push(Arc::clone(&leg) as Arc<dyn BlockDevice>);
         journaled = Some(leg);
     }
@@ -143,7 +167,7 @@ pub fn open_job_target(
     target: Option<&str>,
     legs: &[String],
     bitmap: bool,
-    journal: Option<&str>,
+    async_leg: Option<AsyncLeg<'_>>,
 ) -> Result<Target> {
     match target {
         Some(_) if bitmap => Err(Error::Flag {
@@ -158,7 +182,7 @@ pub fn open_job_target(
             volume: None,
             journaled: None,
         }),
-        None => open_target_with(legs, bitmap, journal),
+        None => open_target_with(legs, bitmap, async_leg),
     }
 }
 
@@ -208,7 +232,11 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
                     cfg.target.as_deref(),
                     &cfg.legs,
                     bitmap,
-                    cli.journal.as_deref(),
+                    cli.journal.as_deref().map(|journal| AsyncLeg {
+                        journal,
+                        staging: cli.staging.as_deref(),
+                        cycle: cli.cycle,
+                    }),
                 )?;
                 opened.push((key, target));
                 opened.len() - 1
@@ -248,6 +276,19 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
                 r.journal_bytes as f64 / r.host_bytes.max(1) as f64,
                 r.step_downs
             );
+            if let Some(c) = r.cycle {
+                eprintln!(
+                    "cycles: {} applied (every {} ms), last {} bytes in {:.3} s, staged {} bytes for {} changed ({:.3} per changed byte), host bytes per changed byte {:.2}",
+                    c.cycle,
+                    c.interval_ms,
+                    c.cycle_bytes,
+                    c.ship_us as f64 / 1e6,
+                    c.staged_bytes,
+                    c.changed_bytes,
+                    c.staged_bytes as f64 / c.changed_bytes.max(1) as f64,
+                    r.host_bytes as f64 / c.changed_bytes.max(1) as f64,
+                );
+            }
         }
     }
     if bitmap {

@@ -26,7 +26,9 @@ use rangemap::RangeMap;
 
 use super::dev_io::DevIo;
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
-use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
+use super::recover::{
+    read_blocks, read_segment, read_segment_table, write_blocks, Journal, SegBuf,
+};
 use super::shipper::{after_failure, reap, write_commit, NotApplied, DEPTH};
 use super::staging::{decode_table, CycleState, Run, RunOp, StagingHeader, DATA_START, RUN_LEN};
 use super::{unix_ms, Shared, FAILED, MODE_ASYNC};
@@ -62,6 +64,8 @@ pub(crate) struct CycleShipper {
     /// The frozen segments (start block, header), the changed-chunk table and the runs.
     segs: Vec<(u64, SegmentHeader)>,
     map: RangeMap<u64, Winner>,
+    /// Whether each frozen segment holds a winning record (only those are read again).
+    wins: Vec<bool>,
     runs: Vec<Run>,
     /// When the cycle being shipped was frozen.
     started: Instant,
@@ -122,6 +126,7 @@ impl CycleShipper {
             header: None,
             segs: Vec::new(),
             map: RangeMap::new(),
+            wins: Vec::new(),
             runs: Vec::new(),
             started: Instant::now(),
             sh,
@@ -427,7 +432,7 @@ impl CycleShipper {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
-            let (start, h) = self.read(at, next)?;
+            let (start, h) = self.read_table(at, next)?;
             self.segs.push((start, h));
             if !self.iocbs.last().is_some_and(|r| r.more) {
                 cuts.push(self.segs.len());
@@ -475,7 +480,7 @@ impl CycleShipper {
 
     /// Payload bytes of the segment at `start`.
     fn iocbs_payload(&mut self, start: u64, h: SegmentHeader) -> Result<u64, Short> {
-        self.read(start, h.seq_first)?;
+        self.read_table(start, h.seq_first)?;
         Ok(self
             .iocbs
             .iter()
@@ -483,12 +488,13 @@ impl CycleShipper {
             .sum())
     }
 
-    /// Builds the changed-chunk table of the first `n` frozen segments.
+    /// Builds the changed-chunk table of the first `n` frozen segments from their tables
+    /// alone, and notes which segments hold a winner.
     fn index(&mut self, n: usize) -> Result<(), Short> {
         self.map.clear();
         for si in 0..n {
             let (start, h) = self.segs[si];
-            self.read(start, h.seq_first)?;
+            self.read_table(start, h.seq_first)?;
             for (ri, r) in self.iocbs.iter().enumerate() {
                 if r.op != RecordOp::Flush && r.nlb > 0 {
                     self.map.insert(
@@ -498,7 +504,31 @@ impl CycleShipper {
                 }
             }
         }
+        self.wins.clear();
+        self.wins.resize(n, false);
+        for (_, w) in self.map.iter() {
+            self.wins[w.0 as usize] = true;
+        }
         Ok(())
+    }
+
+    fn read_table(&mut self, at: u64, seq: u64) -> Result<(u64, SegmentHeader), Short> {
+        match read_segment_table(
+            &mut self.journal,
+            &self.j,
+            at,
+            seq,
+            &mut self.buf,
+            &mut self.iocbs,
+            &self.sh.stop,
+        ) {
+            Ok(Some(s)) => Ok(s),
+            _ if self.sh.stop.load(Ordering::Acquire) => Err(Short::Stopped),
+            Ok(None) => Err(Short::Damaged(format!(
+                "no valid journal segment with record {seq} at block {at}"
+            ))),
+            Err(e) => Err(Short::Damaged(e)),
+        }
     }
 
     fn read(&mut self, at: u64, seq: u64) -> Result<(u64, SegmentHeader), Short> {
@@ -528,6 +558,10 @@ impl CycleShipper {
         let mut staged = 0u64;
         let mut mine: Vec<(Range<u64>, RecordOp)> = Vec::new();
         for si in 0..self.segs.len() {
+            if !self.wins[si] {
+                // Every record of it was overwritten later in the cycle.
+                continue;
+            }
             let (start, h) = self.segs[si];
             self.read(start, h.seq_first)?;
             let dev = match target {

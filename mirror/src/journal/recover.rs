@@ -118,6 +118,34 @@ pub(crate) fn read_segment(
     iocbs: &mut Vec<Iocb>,
     stop: &AtomicBool,
 ) -> Result<Option<(u64, SegmentHeader)>, String> {
+    read_segment_part(qp, j, at, seq, buf, iocbs, stop, true)
+}
+
+/// As [`read_segment`], without the data: only the header and its table are read and
+/// checked (for a segment known durable, whose records are all that is wanted).
+pub(crate) fn read_segment_table(
+    qp: &mut DevIo,
+    j: &Journal,
+    at: u64,
+    seq: u64,
+    buf: &mut SegBuf,
+    iocbs: &mut Vec<Iocb>,
+    stop: &AtomicBool,
+) -> Result<Option<(u64, SegmentHeader)>, String> {
+    read_segment_part(qp, j, at, seq, buf, iocbs, stop, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_segment_part(
+    qp: &mut DevIo,
+    j: &Journal,
+    at: u64,
+    seq: u64,
+    buf: &mut SegBuf,
+    iocbs: &mut Vec<Iocb>,
+    stop: &AtomicBool,
+    data: bool,
+) -> Result<Option<(u64, SegmentHeader)>, String> {
     let bs = j.lba_size as usize;
     let mut found = None;
     for start in [at, RING_START] {
@@ -139,16 +167,24 @@ pub(crate) fn read_segment(
     if start + u64::from(h.total_blocks) > j.ring_end {
         return Ok(None);
     }
-    let len = h.total_blocks as usize * bs;
+    let blocks = if data {
+        h.total_blocks
+    } else {
+        h.header_blocks
+    };
+    let len = blocks as usize * bs;
     buf.ensure(len);
-    if h.total_blocks > 1 {
+    if blocks > 1 {
         // The first block is read again with the rest when the buffer had to grow.
-        read_blocks(qp, start, h.total_blocks, buf, 0, j.lba_size, stop)?;
+        read_blocks(qp, start, blocks, buf, 0, j.lba_size, stop)?;
     }
     let bytes = buf.bytes();
     let hlen = h.header_blocks as usize * bs;
     if h.iocbs(&bytes[..hlen], iocbs).is_none() {
         return Ok(None);
+    }
+    if !data {
+        return Ok(Some((start, h)));
     }
     let mut off = hlen;
     for r in iocbs.iter() {

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The host's cost of an asynchronous leg, and the link bytes of async-cycle, in one run of
+# nvmirror-bench each, SECONDS each (default 5):
+#
+#   scripts/bench-async.sh [SECONDS]
+#
+#   base:    4 KiB random writes at QD32 on two 20 us mem legs, both synchronous;
+#   journal: the same with the second leg async-journal (journal on a mem device);
+#   cycle:   the same with the second leg async-cycle (200 ms cycles, staging on a mem device);
+#   hot:     async-cycle with the writes confined to 1 % of the volume (10 MiB of 1 GiB), so
+#            each block is rewritten many times a cycle, against base-hot (the same writes,
+#            both legs synchronous).
+# Reports IOPS and p99 of each async mode against base (goals: IOPS >= 0.9, p99 <= 1.5),
+# and for the hot run the bytes sent to the staging area per distinct byte changed (goal
+# <= 1.05) next to the host bytes per changed byte (what async-journal would ship).
+# The journal's writer and shipper are threads of their own: with fewer than 3 CPUs they
+# share the host's, which the ratios then show. A run whose leg stepped down (its journal
+# full: the host outran the far side) is flagged, since the leg was then faulted.
+set -euo pipefail
+
+secs=${1:-5}
+case $secs in '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;; esac
+root=$(cd "$(dirname "$0")/.." && pwd)
+dir=${BENCH_DIR:-$root/build/bench-async}
+mkdir -p "$dir"
+for tool in jq python3 cargo; do
+    command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 2; }
+done
+# shellcheck source=scripts/lib/results.sh
+. "$root/scripts/lib/results.sh"
+(cd "$root" && cargo build --release -q -p nvmirror-bench)
+bench=${CARGO_TARGET_DIR:-$root/build}/release/nvmirror-bench
+# prealloc: a sparse mem device pays a page fault and a zeroed chunk on each first write,
+# which a journal (a ring written once per lap) would pay on nearly every write.
+legs=(--leg "mem://1GiB?latency=20us&prealloc=1" --leg "mem://1GiB?latency=20us&prealloc=1")
+job=(--rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" --time_based --ramp_time 1s)
+
+# run NAME EXTRA...: one run; its JSON in $dir/NAME.json, its stderr in $dir/NAME.err.
+run() {
+    local name=$1
+    shift
+    "$bench" "${legs[@]}" "$@" "${job[@]}" --output-format json >"$dir/$name.json" 2>"$dir/$name.err"
+    printf '  %-8s %9.0f IOPS  p99 %8.1f us\n' "$name" \
+        "$(jq '.jobs[0].write.iops' "$dir/$name.json")" \
+        "$(jq '.jobs[0].write.lat_ns.percentile["99.000000"] / 1000' "$dir/$name.json")"
+    sed 's/^/           /' "$dir/$name.err"
+}
+ratio() { # ratio NAME FIELD [BASE]: NAME's figure over BASE's (default base)
+    python3 -c 'import json, sys
+f = lambda n: json.load(open(sys.argv[1] + "/" + n + ".json"))["jobs"][0]["write"]
+g = {"iops": lambda w: w["iops"], "p99": lambda w: w["lat_ns"]["percentile"]["99.000000"]}[sys.argv[3]]
+print(round(g(f(sys.argv[2])) / g(f(sys.argv[4])), 3))' "$dir" "$1" "$2" "${3:-base}"
+}
+
+run base
+run base-hot --size 10MiB
+jr=mem://4GiB?prealloc=1 st=mem://2GiB?prealloc=1
+run journal --journal "$jr"
+run cycle --journal "$jr" --staging "$st" --cycle 200ms
+run hot --journal "$jr" --staging "$st" --cycle 200ms --size 10MiB
+
+# A leg that stepped down (its journal full) is faulted: its run measures no async leg.
+for name in journal cycle hot; do
+    downs=$(sed -n 's/.* \([0-9]*\) step-down(s).*/\1/p' "$dir/$name.err")
+    result "$name: step-downs during the run (0: the figures hold)" "${downs:-0}" "<=" 0
+done
+result "async-journal/sync: 4K randwrite IOPS" "$(ratio journal iops)" ">=" 0.9
+result "async-journal/sync: 4K randwrite p99" "$(ratio journal p99)" "<=" 1.5
+result "async-cycle/sync: 4K randwrite IOPS" "$(ratio cycle iops)" ">=" 0.9
+result "async-cycle/sync: 4K randwrite p99" "$(ratio cycle p99)" "<=" 1.5
+staged=$(sed -n 's/.*(\([0-9.]*\) per changed byte).*/\1/p' "$dir/hot.err")
+host=$(sed -n 's/.*host bytes per changed byte \([0-9.]*\).*/\1/p' "$dir/hot.err")
+result "async-cycle/sync hot 1%: 4K randwrite IOPS" "$(ratio hot iops base-hot)" ">=" 0.9
+result "async-cycle/sync hot 1%: 4K randwrite p99" "$(ratio hot p99 base-hot)" "<=" 1.5
+result "async-cycle hot 1%: staged bytes per changed byte" "${staged:-0}" "<=" 1.05
+result "async-cycle hot 1%: host bytes per changed byte" "${host:-0}" ">=" 1
