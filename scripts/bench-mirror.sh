@@ -37,7 +37,7 @@ run() {
     for l in "$@"; do args+=(--leg "$l"); done
     "$bench" "${args[@]}" --rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" --time_based \
         --ramp_time 2s --size "$size" --output-format json >"$dir/$name.json"
-    jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["50.000000"]) \(.clat_ns.percentile["99.000000"])"' \
+    jq -r '.jobs[0].write | "\(.iops) \(.lat_ns.percentile["50.000000"]) \(.lat_ns.percentile["99.000000"])"' \
         "$dir/$name.json"
 }
 calc() { python3 -c "print($1)"; }

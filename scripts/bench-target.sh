@@ -45,7 +45,7 @@ run() { # label rw qd
         --output-format json >"$dir/$1-$2-qd$3.json"
     local d=write
     [ "$2" = randread ] && d=read
-    jq -r --arg l "$1 $2 QD$3" ".jobs[0].$d | \"\(\$l): \(.iops | floor) IOPS  p50 \(.clat_ns.percentile[\"50.000000\"] / 1000) us  p99 \(.clat_ns.percentile[\"99.000000\"] / 1000) us  p99.9 \(.clat_ns.percentile[\"99.900000\"] / 1000) us\"" \
+    jq -r --arg l "$1 $2 QD$3" ".jobs[0].$d | \"\(\$l): \(.iops | floor) IOPS  p50 \(.lat_ns.percentile[\"50.000000\"] / 1000) us  p99 \(.lat_ns.percentile[\"99.000000\"] / 1000) us  p99.9 \(.lat_ns.percentile[\"99.900000\"] / 1000) us\"" \
         "$dir/$1-$2-qd$3.json"
 }
 
@@ -57,7 +57,7 @@ for setup in mirrored single; do
     stop
 done
 m=$(jq '.jobs[0].write.iops' "$dir/mirrored-randwrite-qd32.json")
-p99=$(jq '.jobs[0].write.clat_ns.percentile["99.000000"] / 1000' "$dir/mirrored-randwrite-qd32.json")
+p99=$(jq '.jobs[0].write.lat_ns.percentile["99.000000"] / 1000' "$dir/mirrored-randwrite-qd32.json")
 echo "goal: mirrored QD32 randwrite >= 250000 IOPS with p99 <= 230 us: got ${m%.*} IOPS, p99 ${p99} us"
 # shellcheck source=scripts/lib/results.sh
 . "$root/scripts/lib/results.sh"

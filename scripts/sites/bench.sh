@@ -57,7 +57,7 @@ run() {
     fi
     host_bench --rw randwrite --bs 4k --iodepth "$qd" --size 64MiB --runtime "${secs}s" \
         --time_based --ramp_time 2s --output-format json >"$dir/$name.json"
-    jq -r '.jobs[0].write | "\(.iops) \(.clat_ns.percentile["50.000000"]) \(.clat_ns.percentile["99.000000"])"' \
+    jq -r '.jobs[0].write | "\(.iops) \(.lat_ns.percentile["50.000000"]) \(.lat_ns.percentile["99.000000"])"' \
         "$dir/$name.json"
 }
 calc() { python3 -c "print($1)"; }

@@ -106,7 +106,7 @@ struct Node {
     client: Option<Client>,
     lease: Option<i64>,
     keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    said_no_copy: bool,
+    said_campaign_refused: bool,
     /// The key has been seen held by another node since this one started.
     seen_active: bool,
 }
@@ -122,7 +122,7 @@ impl Node {
             client: None,
             lease: None,
             keeper: None,
-            said_no_copy: false,
+            said_campaign_refused: false,
             seen_active: false,
         }
     }
@@ -318,7 +318,7 @@ impl Node {
     /// node hold the key since it started (it takes over from an active node, never races
     /// the primary at bring-up), or whose local copy holds no superblock of the volume yet.
     /// Said once per change.
-    fn no_copy(&mut self) -> Option<String> {
+    fn campaign_refused(&mut self) -> Option<String> {
         let slot = self
             .reg
             .standby
@@ -332,17 +332,17 @@ impl Node {
         } else if slot.device.copy_identity().is_none() {
             "this standby holds no copy of the volume yet"
         } else {
-            self.said_no_copy = false;
+            self.said_campaign_refused = false;
             return None;
         };
-        if !self.said_no_copy {
+        if !self.said_campaign_refused {
             tracing::warn!(
                 node = self.cfg.node,
                 volume = self.cfg.volume,
                 why,
                 "cluster: the key is free; not campaigning"
             );
-            self.said_no_copy = true;
+            self.said_campaign_refused = true;
         }
         Some(format!("nobody: {why}"))
     }
@@ -392,7 +392,7 @@ impl Node {
                     fence(&self.reg, &self.cfg.volume, &why);
                     None
                 }
-                Action::Campaign => match self.no_copy() {
+                Action::Campaign => match self.campaign_refused() {
                     Some(why) => Some(Event::Lost { holder: why }),
                     None => self.campaign().await,
                 },

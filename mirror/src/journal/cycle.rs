@@ -432,6 +432,7 @@ impl CycleShipper {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
+            waiting = None;
             let (start, h) = self.read_table(at, next)?;
             self.segs.push((start, h));
             if !self.iocbs.last().is_some_and(|r| r.more) {
