@@ -3,7 +3,8 @@
 //! (namespace 2) over NVMe/TCP. A host writes through A's NVMe/TCP listener; B's image moves
 //! only at cycle boundaries (`cycle_now`, or the period), `volume_status`, `nvmirror status`
 //! and `/metrics` show the cycles, a kill -9 of A leaves B at the last cut, and the restarted A
-//! ships the rest. `nvmirror cycle-recover` reads B's staging area as the far site would.
+//! ships the rest. `nvmirror cycle-recover` reads B's staging area as the far site would; a
+//! kill -9 of both sites in the middle of a cycle leaves B, once recovered, at a cut.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use serve_rig::{assert_prefix, stamped_write, Server, NQN, NVMIRROR};
 
 /// Site B: the image `b.img` (a persistent volume) and the raw staging area `s.img`, two
 /// namespaces of one subsystem.
-fn site_b(db: &Path) -> Server {
+fn site_b(db: &Path, port: u16) -> Server {
     let cfg = db.join("nvmirror.toml");
     std::fs::write(
         &cfg,
@@ -35,14 +36,14 @@ fn site_b(db: &Path) -> Server {
         "--data-dir".into(),
         db.display().to_string(),
     ];
-    Server::spawn_at(&args, &[], "127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"))
+    Server::spawn_at(&args, &[], &format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn site_a_config(da: &Path, a_bytes: u64, b_port: u16, cycle: &str) -> String {
     format!(
         "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
-         [[volume]]\nname = \"vol0\"\nio_timeout = \"2s\"\n\
+         [[volume]]\nname = \"vol0\"\nio_timeout = \"5s\"\n\
          legs = [\"file://{d}/a.img?create={a_bytes}\", \"nvme-tcp://127.0.0.1:{b_port}/{NQN}\"]\n\n\
          [[volume.async_legs]]\nleg = 1\nmode = \"async-cycle\"\ncycle = \"{cycle}\"\n\
          journal = \"file://{d}/vol0.journal?create=32MiB\"\n\
@@ -62,7 +63,7 @@ fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
     std::fs::create_dir_all(&db).unwrap();
-    let b = site_b(&db);
+    let b = site_b(&db, 0);
     let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
     let cfg = site_a_config(&da, b_bytes, b.port(), "3600s");
     let a = Server::with_config(&da, &cfg);
@@ -106,8 +107,8 @@ fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
     let got = a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
     assert_eq!(got["legs"][0]["leg"], 1, "{got}");
     assert_eq!(got["legs"][0]["cycle"], c0 + 1, "{got}");
-    assert_eq!(assert_prefix(&far_data(), &writes), 200);
     let st = a.status();
+    assert_eq!(assert_prefix(&far_data(), &writes), 200, "{got} {st}");
     let c = &st["legs"][1]["replication"]["cycle"];
     assert_eq!(c["cycle"], c0 + 1, "{st}");
     let distinct: std::collections::BTreeSet<u64> = writes
@@ -178,6 +179,97 @@ fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
     a.stop();
     b.stop();
     assert_eq!(assert_prefix(&far_data(), &writes), 300);
+    let a_img = std::fs::read(da.join("a.img")).unwrap();
+    let at = data_offset as usize;
+    assert_eq!(far_data(), a_img[at..at + AREA as usize * 512].to_vec());
+}
+
+/// `nvmirror cycle-recover` against site B's exports; its JSON line.
+fn cycle_recover(port: u16) -> serde_json::Value {
+    let out = std::process::Command::new(NVMIRROR)
+        .args([
+            "cycle-recover",
+            "--image",
+            &format!("nvme-tcp://127.0.0.1:{port}/{NQN}"),
+            "--staging",
+            &format!("nvme-tcp://127.0.0.1:{port}/{NQN}?nsid=2"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut b = site_b(&db, port);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let b_meta = 64 * 1024 * 1024 - b_bytes;
+    let cfg = site_a_config(&da, b_bytes, port, "3600s");
+    let mut a = Server::with_config(&da, &cfg);
+    a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
+    let data_offset = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
+    let far_data = || {
+        let img = std::fs::read(db.join("b.img")).unwrap();
+        let at = (b_meta + data_offset) as usize;
+        img[at..at + AREA as usize * 512].to_vec()
+    };
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+    let mut pool = DmaPool::new(2, 64 << 10);
+    let mut writes: Vec<(u64, u32)> = Vec::new();
+    let (mut rolled, mut cuts) = (0, std::collections::BTreeSet::new());
+    for round in 0..4u64 {
+        let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+        let mut qp = host.open_qpair(4).unwrap();
+        for _ in 0..200 {
+            let nlb = rng.gen_range(1..=16u32);
+            let slba = rng.gen_range(0..=AREA - u64::from(nlb));
+            writes.push((slba, nlb));
+            stamped_write(&mut *qp, &mut pool, slba, nlb, writes.len() as u64);
+        }
+        drop(qp);
+        // A cycle starts; both sites die somewhere in it (staging, commit or apply).
+        let socket = a.socket.clone();
+        let asked = std::thread::spawn(move || {
+            let _ = nvmirror_target::rpc::call(
+                Path::new(&socket),
+                "cycle_now",
+                serde_json::json!({"volume": "vol0"}),
+            );
+        });
+        std::thread::sleep(Duration::from_millis(round * 4));
+        b.kill9();
+        a.kill9();
+        let _ = asked.join();
+        // The far site alone: recover, then the image is the host's as of some write.
+        b = site_b(&db, port);
+        let rec = cycle_recover(port);
+        rolled += usize::from(rec["rolled_forward"] == true);
+        let k = assert_prefix(&far_data(), &writes);
+        cuts.insert(k);
+        // The local site comes back and ships what the far image lacks.
+        a = Server::with_config(&da, &cfg);
+        a.rpc_ok("cycle_now", r#"{"volume":"vol0","timeout_s":30}"#);
+        let st = a.status();
+        assert_eq!(
+            assert_prefix(&far_data(), &writes),
+            writes.len() as u64,
+            "round {round}: {st}"
+        );
+    }
+    eprintln!("far-site recoveries: {rolled} rolled a committed cycle forward; cuts {cuts:?}");
+    a.stop();
+    b.stop();
     let a_img = std::fs::read(da.join("a.img")).unwrap();
     let at = data_offset as usize;
     assert_eq!(far_data(), a_img[at..at + AREA as usize * 512].to_vec());
