@@ -45,6 +45,18 @@ impl Backoff {
     }
 }
 
+/// Sleeps `d` in short steps; false as soon as `stop` is set.
+pub(crate) fn pause(d: Duration, stop: &AtomicBool) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if stop.load(Ordering::Acquire) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5).min(d));
+    }
+    true
+}
+
 /// How a wait for completions ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Polled {

@@ -12,7 +12,7 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::open_leg;
 
 mod serve_rig;
-use serve_rig::{assert_prefix, read, stamped_write, write, Server, NQN};
+use serve_rig::{assert_prefix, read, stamped_writes, write, Server, NQN};
 
 fn config(da: &Path, a_bytes: u64, b_port: u16, extra: &str) -> String {
     format!(
@@ -354,7 +354,7 @@ fn leg_set_mode_switches_a_journaled_leg_and_a_restart_keeps_the_mode() {
 
 #[test]
 fn a_killed_receiver_leaves_a_consistent_prefix_and_catches_up_after_its_restart() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -376,19 +376,10 @@ fn a_killed_receiver_leaves_a_consistent_prefix_and_catches_up_after_its_restart
     let mut pool = DmaPool::new(2, 64 << 10);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(9);
     let mut writes = Vec::new();
-    let mut issue =
-        |qp: &mut dyn nvmirror_nvme::QueuePair, n: usize, writes: &mut Vec<(u64, u32)>| {
-            for _ in 0..n {
-                let nlb = rng.gen_range(1..=16u32);
-                let slba = rng.gen_range(0..=512 - u64::from(nlb));
-                writes.push((slba, nlb));
-                stamped_write(qp, &mut pool, slba, nlb, writes.len() as u64);
-            }
-        };
-    issue(&mut *qp, 150, &mut writes);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 150, 512, &mut writes);
     b.kill9();
     // A acknowledges from the journal while B is gone.
-    issue(&mut *qp, 150, &mut writes);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 150, 512, &mut writes);
     let st = a.status();
     assert_eq!(st["legs"][1]["state"], "in_sync", "{st}");
     assert!(
@@ -407,7 +398,7 @@ fn a_killed_receiver_leaves_a_consistent_prefix_and_catches_up_after_its_restart
     );
     // B comes back at the same address: A reconnects and the journal drains.
     let b = site_b_at(&db, port);
-    issue(&mut *qp, 50, &mut writes);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 50, 512, &mut writes);
     a.wait_for(
         Duration::from_secs(60),
         "journal drained after B's restart",

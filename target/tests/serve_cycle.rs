@@ -13,7 +13,7 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::open_leg;
 
 mod serve_rig;
-use serve_rig::{assert_prefix, stamped_write, Server, NQN, NVMIRROR};
+use serve_rig::{assert_prefix, stamped_writes, Server, NQN, NVMIRROR};
 
 /// Site B: the image `b.img` (a persistent volume) and the raw staging area `s.img`, two
 /// namespaces of one subsystem.
@@ -58,7 +58,7 @@ const AREA: u64 = 512;
 
 #[test]
 fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
@@ -91,16 +91,7 @@ fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
     let mut pool = DmaPool::new(2, 64 << 10);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
     let mut writes = Vec::new();
-    let mut issue =
-        |qp: &mut dyn nvmirror_nvme::QueuePair, n: usize, writes: &mut Vec<(u64, u32)>| {
-            for _ in 0..n {
-                let nlb = rng.gen_range(1..=16u32);
-                let slba = rng.gen_range(0..=AREA - u64::from(nlb));
-                writes.push((slba, nlb));
-                stamped_write(qp, &mut pool, slba, nlb, writes.len() as u64);
-            }
-        };
-    issue(&mut *qp, 200, &mut writes);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 200, AREA, &mut writes);
     // Within the hour-long cycle nothing reaches the image.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(assert_prefix(&far_data(), &writes), 0);
@@ -149,7 +140,7 @@ fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
     assert!(!ok && why.contains("async-cycle"), "{why}");
 
     // A dies mid-cycle: B stays at the cut of cycle 1.
-    issue(&mut *qp, 100, &mut writes);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 100, AREA, &mut writes);
     drop(qp);
     a.kill9();
     assert_eq!(assert_prefix(&far_data(), &writes), 200);
@@ -202,7 +193,7 @@ fn cycle_recover(port: u16) -> serde_json::Value {
 
 #[test]
 fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
@@ -231,12 +222,7 @@ fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
     for round in 0..4u64 {
         let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
         let mut qp = host.open_qpair(4).unwrap();
-        for _ in 0..200 {
-            let nlb = rng.gen_range(1..=16u32);
-            let slba = rng.gen_range(0..=AREA - u64::from(nlb));
-            writes.push((slba, nlb));
-            stamped_write(&mut *qp, &mut pool, slba, nlb, writes.len() as u64);
-        }
+        stamped_writes(&mut *qp, &mut pool, &mut rng, 200, AREA, &mut writes);
         drop(qp);
         // A cycle starts; both sites die somewhere in it (staging, commit or apply).
         let socket = a.socket.clone();

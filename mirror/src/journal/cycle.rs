@@ -26,12 +26,11 @@ use rangemap::RangeMap;
 
 use super::dev_io::DevIo;
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
-use super::recover::{
-    read_blocks, read_segment, read_segment_table, write_blocks, Journal, SegBuf,
-};
+use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
 use super::shipper::{after_failure, reap, write_commit, NotApplied, DEPTH};
 use super::staging::{decode_table, CycleState, Run, RunOp, StagingHeader, DATA_START, RUN_LEN};
 use super::{unix_ms, Shared, FAILED, MODE_ASYNC};
+use crate::wait::pause;
 
 /// The record that last wrote a block in the frozen cycle: (segment, record, op).
 type Winner = (u32, u32, RecordOp);
@@ -204,12 +203,8 @@ impl CycleShipper {
                 tracing::warn!(leg = %self.sh.name, %why, "cannot {what}; trying again until it can");
                 said = true;
             }
-            let until = Instant::now() + backoff;
-            while Instant::now() < until {
-                if self.sh.stop.load(Ordering::Acquire) {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+            if !pause(backoff, &self.sh.stop) {
+                return false;
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
@@ -433,7 +428,7 @@ impl CycleShipper {
                 continue;
             }
             waiting = None;
-            let (start, h) = self.read_table(at, next)?;
+            let (start, h) = self.read_seg(at, next, false)?;
             self.segs.push((start, h));
             if !self.iocbs.last().is_some_and(|r| r.more) {
                 cuts.push(self.segs.len());
@@ -481,7 +476,7 @@ impl CycleShipper {
 
     /// Payload bytes of the segment at `start`.
     fn iocbs_payload(&mut self, start: u64, h: SegmentHeader) -> Result<u64, Short> {
-        self.read_table(start, h.seq_first)?;
+        self.read_seg(start, h.seq_first, false)?;
         Ok(self
             .iocbs
             .iter()
@@ -495,7 +490,7 @@ impl CycleShipper {
         self.map.clear();
         for si in 0..n {
             let (start, h) = self.segs[si];
-            self.read_table(start, h.seq_first)?;
+            self.read_seg(start, h.seq_first, false)?;
             for (ri, r) in self.iocbs.iter().enumerate() {
                 if r.op != RecordOp::Flush && r.nlb > 0 {
                     self.map.insert(
@@ -513,26 +508,8 @@ impl CycleShipper {
         Ok(())
     }
 
-    fn read_table(&mut self, at: u64, seq: u64) -> Result<(u64, SegmentHeader), Short> {
-        match read_segment_table(
-            &mut self.journal,
-            &self.j,
-            at,
-            seq,
-            &mut self.buf,
-            &mut self.iocbs,
-            &self.sh.stop,
-        ) {
-            Ok(Some(s)) => Ok(s),
-            _ if self.sh.stop.load(Ordering::Acquire) => Err(Short::Stopped),
-            Ok(None) => Err(Short::Damaged(format!(
-                "no valid journal segment with record {seq} at block {at}"
-            ))),
-            Err(e) => Err(Short::Damaged(e)),
-        }
-    }
-
-    fn read(&mut self, at: u64, seq: u64) -> Result<(u64, SegmentHeader), Short> {
+    /// Reads the segment of record `seq` at `at`: its table, and its data when `data`.
+    fn read_seg(&mut self, at: u64, seq: u64, data: bool) -> Result<(u64, SegmentHeader), Short> {
         match read_segment(
             &mut self.journal,
             &self.j,
@@ -541,6 +518,7 @@ impl CycleShipper {
             &mut self.buf,
             &mut self.iocbs,
             &self.sh.stop,
+            data,
         ) {
             Ok(Some(s)) => Ok(s),
             _ if self.sh.stop.load(Ordering::Acquire) => Err(Short::Stopped),
@@ -564,7 +542,7 @@ impl CycleShipper {
                 continue;
             }
             let (start, h) = self.segs[si];
-            self.read(start, h.seq_first)?;
+            self.read_seg(start, h.seq_first, true)?;
             let dev = match target {
                 Target::Staging => &mut self.stg,
                 Target::Image => &mut self.far,

@@ -109,34 +109,10 @@ pub(crate) struct Journal {
 /// writer wrapped there. `Ok(None)` at the end of the chain: no segment `seq` there, or one
 /// whose table or payload is damaged (a torn last write, never acknowledged). On success the
 /// segment is in `buf` and its records in `iocbs`; returns its start block and header.
-pub(crate) fn read_segment(
-    qp: &mut DevIo,
-    j: &Journal,
-    at: u64,
-    seq: u64,
-    buf: &mut SegBuf,
-    iocbs: &mut Vec<Iocb>,
-    stop: &AtomicBool,
-) -> Result<Option<(u64, SegmentHeader)>, String> {
-    read_segment_part(qp, j, at, seq, buf, iocbs, stop, true)
-}
-
-/// As [`read_segment`], without the data: only the header and its table are read and
-/// checked (for a segment known durable, whose records are all that is wanted).
-pub(crate) fn read_segment_table(
-    qp: &mut DevIo,
-    j: &Journal,
-    at: u64,
-    seq: u64,
-    buf: &mut SegBuf,
-    iocbs: &mut Vec<Iocb>,
-    stop: &AtomicBool,
-) -> Result<Option<(u64, SegmentHeader)>, String> {
-    read_segment_part(qp, j, at, seq, buf, iocbs, stop, false)
-}
-
+/// Without `data` only the header and its table are read and checked (for a segment known
+/// durable, whose records are all that is wanted).
 #[allow(clippy::too_many_arguments)]
-fn read_segment_part(
+pub(crate) fn read_segment(
     qp: &mut DevIo,
     j: &Journal,
     at: u64,
@@ -288,7 +264,9 @@ pub(crate) fn recover(dev: &Arc<dyn BlockDevice>, cfg: &JournalConfig) -> Result
     let (mut seq, mut at, mut bytes, mut last_ms) =
         (commit.seq + 1, commit.offset, commit.bytes, commit.unix_ms);
     let mut iocbs = Vec::new();
-    while let Some((start, h)) = read_segment(&mut qp, &j, at, seq, &mut buf, &mut iocbs, &stop)? {
+    while let Some((start, h)) =
+        read_segment(&mut qp, &j, at, seq, &mut buf, &mut iocbs, &stop, true)?
+    {
         seq += u64::from(h.count);
         bytes = h.bytes_before
             + iocbs

@@ -18,7 +18,7 @@ use super::dev_io::{DevIo, IoError};
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_segment, write_blocks, Journal, SegBuf};
 use super::{Shared, FAILED};
-use crate::wait::{poll_until, Backoff, Polled};
+use crate::wait::{pause, poll_until, Backoff, Polled};
 
 /// Commands sent to the far device at once.
 pub(super) const DEPTH: u32 = 64;
@@ -88,6 +88,7 @@ impl Shipper {
                 &mut self.buf,
                 &mut self.iocbs,
                 &self.sh.stop,
+                true,
             );
             let (start, h) = match found {
                 Ok(Some(s)) => s,
@@ -159,12 +160,8 @@ impl Shipper {
                     if !self.sh.retrying.swap(true, Ordering::Relaxed) {
                         tracing::warn!(leg = %self.sh.name, %why, seq = h.seq_first, "the far side did not take a journal segment; it is sent again until taken");
                     }
-                    let until = Instant::now() + backoff;
-                    while Instant::now() < until {
-                        if self.sh.stop.load(Ordering::Acquire) {
-                            return false;
-                        }
-                        std::thread::sleep(Duration::from_millis(5));
+                    if !pause(backoff, &self.sh.stop) {
+                        return false;
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }

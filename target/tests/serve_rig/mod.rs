@@ -451,3 +451,22 @@ pub fn assert_prefix(image: &[u8], writes: &[(u64, u32)]) -> u64 {
     }
     k
 }
+
+/// Writes of 1 to 16 blocks at random places in the first `area` blocks, one at a time,
+/// stamped with their number (`writes[i]` is write `i + 1`; see [`assert_prefix`]).
+pub fn stamped_writes(
+    qp: &mut dyn QueuePair,
+    pool: &mut DmaPool,
+    rng: &mut rand::rngs::SmallRng,
+    n: usize,
+    area: u64,
+    writes: &mut Vec<(u64, u32)>,
+) {
+    use rand::Rng;
+    for _ in 0..n {
+        let nlb = rng.gen_range(1..=16u32);
+        let slba = rng.gen_range(0..=area - u64::from(nlb));
+        writes.push((slba, nlb));
+        stamped_write(qp, pool, slba, nlb, writes.len() as u64);
+    }
+}
