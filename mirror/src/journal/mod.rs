@@ -311,6 +311,8 @@ impl JournaledLeg {
     /// journal is shipped in cycles of `interval` through the far site's `staging` area
     /// (same block size as `inner`), so the far image moves from one cut to the next
     /// atomically. A cycle a crash left committed is rolled forward when the shipper starts.
+    /// `cfg.max_lag` should be at least two periods: a write waits up to a whole period and
+    /// its shipping before it is applied (`nvmirror serve` refuses less).
     pub fn open_cycle(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
