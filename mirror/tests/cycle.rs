@@ -370,7 +370,15 @@ fn a_crash_in_the_apply_is_rolled_forward_by_either_site() {
 
     // The far site alone (the local site is lost): roll forward from the staging area.
     let image = mem_copy(&torn);
-    let staging = mem_copy(&read_all(&**d.staging.inner()).unwrap());
+    let staged = read_all(&**d.staging.inner()).unwrap();
+    // A copy of the staging area on a device of another size is refused, and changes nothing.
+    let mut grown = staged.clone();
+    grown.resize(2 * staged.len(), 0);
+    let e =
+        recover_cycle(Arc::clone(&image), mem_copy(&grown), Duration::from_secs(5)).unwrap_err();
+    assert!(e.contains("made on a device of"), "{e}");
+    assert_eq!(read_all(&*image).unwrap(), torn);
+    let staging = mem_copy(&staged);
     let rec = recover_cycle(
         Arc::clone(&image),
         Arc::clone(&staging),

@@ -758,6 +758,12 @@ pub fn recover_cycle(
     let b = buf.bytes();
     let mut h = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])?
         .ok_or("the staging area is blank: no cycle was ever committed to it")?;
+    if h.lba_size != bs || h.blocks != geo.num_blocks {
+        return Err(format!(
+            "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
+            h.blocks, h.lba_size, geo.num_blocks
+        ));
+    }
     let rolled_forward = h.state == CycleState::Committed;
     if rolled_forward {
         roll_forward(&mut stg, &mut img, &h, &mut buf, &stop).map_err(why)?;
