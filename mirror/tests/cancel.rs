@@ -3,7 +3,7 @@
 //! back end still holds after its queue pair closed, or a resync window that timed out, stays
 //! busy — attaching it is refused — until the command is reaped or fenced.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,8 @@ fn spin(qp: &mut dyn QueuePair, d: Duration) {
 #[derive(Debug, Default)]
 struct Stall {
     stall: AtomicBool,
+    /// Writes held so far.
+    held: AtomicU32,
     reaper: Mutex<Vec<FenceSignal>>,
 }
 
@@ -116,6 +118,7 @@ impl QueuePair for StallQueuePair {
 
     unsafe fn submit(&mut self, cmd: IoCommand) -> Result<(), SubmitError> {
         if cmd.op == IoOp::Write && self.stall.stall.load(Ordering::Acquire) {
+            self.stall.held.fetch_add(1, Ordering::AcqRel);
             self.held.push(cmd);
             return Ok(());
         }
@@ -290,7 +293,11 @@ fn a_resync_whose_leg_faults_while_a_window_hangs_still_times_the_window_out() {
     // faults: the job stops, and must still give the window up at the I/O timeout instead of
     // waiting for it (holding its region's guard) until the device answers.
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(50) {
+    while stall.held.load(Ordering::Acquire) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the copy window never wrote"
+        );
         job.poll(Instant::now());
     }
     vol.fault_leg(1).unwrap();

@@ -6,7 +6,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvmirror_mirror::{recover_cycle, JournalConfig, JournaledLeg, Volume, VolumeConfig};
+use nvmirror_mirror::{
+    recover_cycle, JobState, JournalConfig, JournaledLeg, LegState, ResyncConfig, Volume,
+    VolumeConfig,
+};
 use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
 use nvmirror_nvme::{
@@ -158,6 +161,10 @@ fn open(d: &Devices) -> JournaledLeg {
 }
 
 fn rig(interval: Duration, cfg: JournalConfig) -> Rig {
+    rig_with(interval, cfg, VolumeConfig::default())
+}
+
+fn rig_with(interval: Duration, cfg: JournalConfig, vcfg: VolumeConfig) -> Rig {
     let d = Devices {
         local: open_leg("mem://4MiB?lba=4096").unwrap(),
         far: faulty("mem://4MiB?lba=4096&latency=20us"),
@@ -173,7 +180,7 @@ fn rig(interval: Duration, cfg: JournalConfig) -> Rig {
             Arc::clone(&d.local),
             Arc::clone(&leg) as Arc<dyn BlockDevice>,
         ],
-        VolumeConfig::default(),
+        vcfg,
     )
     .unwrap();
     Rig { d, leg, vol }
@@ -436,4 +443,74 @@ fn the_mode_of_a_cycle_leg_is_async_cycle_or_sync() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("512-byte blocks"), "{e}");
+}
+
+#[test]
+fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
+    // Regions of 64 KiB: the area is 8 of them, copied one at a time at 256 KiB/s, so the
+    // resync spans many 5 ms cycle periods.
+    let vcfg = VolumeConfig {
+        region_size: 64 << 10,
+        ..VolumeConfig::default()
+    };
+    let r = rig_with(Duration::from_millis(5), JournalConfig::default(), vcfg);
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, 4 * BS).get().unwrap();
+    let mut h = History::default();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+    let mut burst = |qp: &mut dyn QueuePair, h: &mut History, n: usize| {
+        for _ in 0..n {
+            let nlb = rng.gen_range(1..=4u32);
+            write(qp, &mut buf, h, rng.gen_range(0..=AREA - 4), nlb);
+        }
+    };
+    burst(&mut *qp, &mut h, 200);
+    r.leg.cycle_now(Duration::from_secs(10)).unwrap();
+    // The leg misses 200 writes, then is resynced through its journal.
+    r.vol.detach_leg(1).unwrap();
+    burst(&mut *qp, &mut h, 200);
+    let job = r
+        .vol
+        .attach_leg_with(
+            1,
+            ResyncConfig {
+                windows: 1,
+                max_rate: 256 << 10,
+                adaptive: false,
+                ..ResyncConfig::default()
+            },
+        )
+        .unwrap()
+        .run();
+    let (mut samples, mut during) = (0, 0);
+    while !job.is_finished() {
+        // The host writes on during the copy (the resyncing leg gets them too).
+        burst(&mut *qp, &mut h, 5);
+        let catching_up = r.leg.replication().unwrap().state == "catching-up";
+        let (image, _) = far_site_crash_image(&r.d);
+        let k = assert_point_in_time(&image, &h, &format!("sample {samples} of the resync"));
+        samples += 1;
+        if catching_up && !job.is_finished() {
+            during += 1;
+            assert_eq!(k, 200, "a cut was taken during the resync");
+            let e = r.leg.cycle_now(Duration::from_secs(1)).unwrap_err();
+            assert!(e.contains("resync"), "{e}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(job.join().unwrap().state, JobState::Done);
+    assert!(
+        during >= 5,
+        "{during} of {samples} samples during the resync"
+    );
+    assert_eq!(r.vol.leg_states()[1].state, LegState::InSync);
+    // The next cycle holds the whole copy and every write since.
+    r.leg.cycle_now(Duration::from_secs(10)).unwrap();
+    let image = read_all(&**r.d.far.inner()).unwrap();
+    assert_eq!(
+        assert_point_in_time(&image, &h, "after the resync"),
+        h.writes.len() as u64
+    );
+    drop(qp);
+    assert_eq!(read_all(&*r.d.local).unwrap(), image);
 }

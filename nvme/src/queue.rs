@@ -261,6 +261,13 @@ pub trait BlockDevice: Send + Sync + Debug {
         let _ = limit;
         None
     }
+
+    /// A resync of this leg starts (`true`) or ends (`false`). An `async-cycle` leg takes no
+    /// cut while one runs, so its far image stays at the last cycle until the copy is whole
+    /// (`docs/cycles.md`). Calls nest; other devices ignore them.
+    fn catch_up(&self, on: bool) {
+        let _ = on;
+    }
 }
 
 /// Reads the whole namespace of `dev` into a vector, through a fresh queue pair. For tests and

@@ -141,6 +141,12 @@ impl CycleShipper {
             if self.sh.stop.load(Ordering::Acquire) {
                 return;
             }
+            if self.sh.catching_up() {
+                // A resync is copying into the open cycle: a cut now would mix copied and
+                // uncopied regions.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             let pending = self.sh.written_seq.load(Ordering::Acquire) > self.commit.seq;
             let due = self.sh.cycle.asked.load(Ordering::Acquire)
                 || self.sh.mode.load(Ordering::Acquire) != MODE_ASYNC

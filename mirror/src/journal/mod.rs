@@ -151,6 +151,8 @@ pub(crate) struct CycleShared {
     pub interval: Option<Duration>,
     /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
     pub asked: AtomicBool,
+    /// Resyncs of the leg running (`catch_up`): no cut is taken while one runs.
+    pub catching_up: AtomicU32,
     pub cycle: AtomicU64,
     pub cut_unix_ms: AtomicU64,
     pub cycle_bytes: AtomicU64,
@@ -240,6 +242,7 @@ impl Shared {
             },
             state: match self.state.load(Ordering::Relaxed) {
                 REPLICATING if self.retrying.load(Ordering::Relaxed) => "retrying",
+                REPLICATING if self.catching_up() => "catching-up",
                 s => state_name(s),
             },
             rpo_seconds: self.rpo_seconds(),
@@ -268,6 +271,11 @@ impl Shared {
                 }
             }),
         }
+    }
+
+    /// Whether a resync of this async-cycle leg runs (its cuts are held).
+    pub(crate) fn catching_up(&self) -> bool {
+        self.cycle.interval.is_some() && self.cycle.catching_up.load(Ordering::Acquire) > 0
     }
 
     /// The name of the asynchronous mode this leg runs in.
@@ -514,6 +522,12 @@ impl JournaledLeg {
         if sh.cycle.interval.is_none() {
             return Err("the leg is not async-cycle".into());
         }
+        if sh.catching_up() {
+            return Err(format!(
+                "a resync of the leg is running: its far image stays at cycle {} until the copy is whole",
+                sh.cycle.cycle.load(Ordering::Acquire)
+            ));
+        }
         sh.cycle.asked.store(true, Ordering::Release);
         if !self.wait_applied(limit) {
             let st = sh.status();
@@ -586,5 +600,14 @@ impl BlockDevice for JournaledLeg {
 
     fn cycle_now(&self, limit: Duration) -> Option<std::result::Result<u64, String>> {
         Some(Self::cycle_now(self, limit))
+    }
+
+    fn catch_up(&self, on: bool) {
+        let c = &self.shared.cycle.catching_up;
+        if on {
+            c.fetch_add(1, Ordering::AcqRel);
+        } else {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
     }
 }

@@ -185,7 +185,13 @@ impl Writer {
     /// bound (both bounds), so it does not flap at the edge.
     fn over_bound(&self, n: u64) -> bool {
         let used = (self.sh.used_blocks() + n) * u64::from(self.sh.lba_size);
-        let rpo = self.sh.rpo_seconds();
+        // While a resync of an async-cycle leg runs its cuts are held: the age bound waits
+        // for the copy to end (the byte bound stays).
+        let rpo = if self.sh.catching_up() {
+            0.0
+        } else {
+            self.sh.rpo_seconds()
+        };
         let max_lag = self.sh.cfg.max_lag.as_secs_f64();
         if self.sh.state.load(Ordering::Relaxed) == STEPPED_DOWN {
             return self.sh.cfg.max_bytes.is_some_and(|max| used > max / 2) || rpo > max_lag / 2.0;

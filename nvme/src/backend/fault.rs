@@ -265,6 +265,10 @@ impl BlockDevice for FaultyDevice {
     fn cycle_now(&self, limit: std::time::Duration) -> Option<std::result::Result<u64, String>> {
         self.inner.cycle_now(limit)
     }
+
+    fn catch_up(&self, on: bool) {
+        self.inner.catch_up(on);
+    }
 }
 
 #[derive(Debug)]

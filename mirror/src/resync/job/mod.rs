@@ -84,6 +84,9 @@ pub struct ResyncJob {
     vol: Arc<VolumeShared>,
     shared: Arc<JobShared>,
     regions: Box<dyn RegionSource>,
+    /// The rebuilt leg's device, told that a catch-up runs until the job ends
+    /// ([`BlockDevice::catch_up`]).
+    catching_up: Option<Arc<dyn nvmirror_nvme::BlockDevice>>,
     leg: usize,
     /// The in-sync leg copied from; replaced when it leaves sync.
     source: usize,
@@ -137,7 +140,12 @@ impl ResyncJob {
             now,
         );
         shared.progress().baseline_p99 = pace.baseline();
+        let catching_up = vol.legs[leg].get().map(|l| Arc::clone(&l.dev));
+        if let Some(dev) = &catching_up {
+            dev.catch_up(true);
+        }
         Ok(Self {
+            catching_up,
             channels,
             windows,
             _pool: pool,
@@ -292,7 +300,15 @@ impl ResyncJob {
             left = self.regions.remaining(), "resync stopped"
         );
         self.shared.finish(state, error);
+        self.end_catch_up();
         self.phase = Phase::Finished;
+    }
+
+    /// The catch-up is over (the leg flipped in sync, or the job stopped).
+    fn end_catch_up(&mut self) {
+        if let Some(dev) = self.catching_up.take() {
+            dev.catch_up(false);
+        }
     }
 
     /// At the end of a pass: another pass if regions were marked behind the cursor, else the
@@ -380,6 +396,7 @@ impl ResyncJob {
                     "resync done: leg in sync"
                 );
                 self.shared.finish(JobState::Done, None);
+                self.end_catch_up();
                 self.phase = Phase::Finished;
             }
             Err(r) => self.stop(
@@ -409,6 +426,7 @@ impl ResyncJob {
 
 impl Drop for ResyncJob {
     fn drop(&mut self) {
+        self.end_catch_up();
         // Commands of lost windows, and of windows cut off in flight, may still be in a back
         // end: the legs they went to stay busy, and the windows' buffers alive, until the queue
         // pairs' close fence says they are over.
