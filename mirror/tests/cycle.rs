@@ -469,19 +469,24 @@ fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
     // The leg misses 200 writes, then is resynced through its journal.
     r.vol.detach_leg(1).unwrap();
     burst(&mut *qp, &mut h, 200);
-    let job = r
-        .vol
-        .attach_leg_with(
-            1,
-            ResyncConfig {
-                windows: 1,
-                max_rate: 256 << 10,
-                adaptive: false,
-                ..ResyncConfig::default()
-            },
-        )
-        .unwrap()
-        .run();
+    let slow = ResyncConfig {
+        windows: 1,
+        max_rate: 256 << 10,
+        adaptive: false,
+        ..ResyncConfig::default()
+    };
+    // A resync cancelled half-way leaves the hold: what it copied is part of a catch-up.
+    let first = r.vol.attach_leg_with(1, slow.clone()).unwrap().run();
+    wait_for("the first resync copying", || {
+        r.vol.resync_status().is_ok_and(|s| s.bytes_copied > 0)
+    });
+    r.vol.resync_cancel().unwrap();
+    assert_eq!(first.join().unwrap().state, JobState::Cancelled);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.leg.replication().unwrap().state, "catching-up");
+    let (image, _) = far_site_crash_image(&r.d);
+    assert_eq!(assert_point_in_time(&image, &h, "after the cancel"), 200);
+    let job = r.vol.attach_leg_with(1, slow).unwrap().run();
     let (mut samples, mut during) = (0, 0);
     while !job.is_finished() {
         // The host writes on during the copy (the resyncing leg gets them too).

@@ -262,9 +262,10 @@ pub trait BlockDevice: Send + Sync + Debug {
         None
     }
 
-    /// A resync of this leg starts (`true`) or ends (`false`). An `async-cycle` leg takes no
-    /// cut while one runs, so its far image stays at the last cycle until the copy is whole
-    /// (`docs/cycles.md`). Calls nest; other devices ignore them.
+    /// A resync of this leg starts (`true`), or one has made the leg whole (`false`; a
+    /// resync that stops short never says so). An `async-cycle` leg takes no cut in between,
+    /// so its far image stays at the last cycle until a copy is whole (`docs/cycles.md`);
+    /// other devices ignore it.
     fn catch_up(&self, on: bool) {
         let _ = on;
     }

@@ -151,8 +151,9 @@ pub(crate) struct CycleShared {
     pub interval: Option<Duration>,
     /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
     pub asked: AtomicBool,
-    /// Resyncs of the leg running (`catch_up`): no cut is taken while one runs.
-    pub catching_up: AtomicU32,
+    /// A resync of the leg started and has not made it whole yet (`catch_up`): no cut is
+    /// taken meanwhile.
+    pub catching_up: AtomicBool,
     pub cycle: AtomicU64,
     pub cut_unix_ms: AtomicU64,
     pub cycle_bytes: AtomicU64,
@@ -275,7 +276,7 @@ impl Shared {
 
     /// Whether a resync of this async-cycle leg runs (its cuts are held).
     pub(crate) fn catching_up(&self) -> bool {
-        self.cycle.interval.is_some() && self.cycle.catching_up.load(Ordering::Acquire) > 0
+        self.cycle.interval.is_some() && self.cycle.catching_up.load(Ordering::Acquire)
     }
 
     /// The name of the asynchronous mode this leg runs in.
@@ -603,11 +604,6 @@ impl BlockDevice for JournaledLeg {
     }
 
     fn catch_up(&self, on: bool) {
-        let c = &self.shared.cycle.catching_up;
-        if on {
-            c.fetch_add(1, Ordering::AcqRel);
-        } else {
-            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        }
+        self.shared.cycle.catching_up.store(on, Ordering::Release);
     }
 }

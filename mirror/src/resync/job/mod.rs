@@ -84,7 +84,7 @@ pub struct ResyncJob {
     vol: Arc<VolumeShared>,
     shared: Arc<JobShared>,
     regions: Box<dyn RegionSource>,
-    /// The rebuilt leg's device, told that a catch-up runs until the job ends
+    /// The rebuilt leg's device, told that a catch-up runs until the leg is in sync
     /// ([`BlockDevice::catch_up`]).
     catching_up: Option<Arc<dyn nvmirror_nvme::BlockDevice>>,
     leg: usize,
@@ -300,11 +300,11 @@ impl ResyncJob {
             left = self.regions.remaining(), "resync stopped"
         );
         self.shared.finish(state, error);
-        self.end_catch_up();
         self.phase = Phase::Finished;
     }
 
-    /// The catch-up is over (the leg flipped in sync, or the job stopped).
+    /// The catch-up is whole: the leg flipped in sync. (A job that stops short leaves the
+    /// leg's device told that a catch-up runs: what it copied is only part of one.)
     fn end_catch_up(&mut self) {
         if let Some(dev) = self.catching_up.take() {
             dev.catch_up(false);
@@ -426,7 +426,6 @@ impl ResyncJob {
 
 impl Drop for ResyncJob {
     fn drop(&mut self) {
-        self.end_catch_up();
         // Commands of lost windows, and of windows cut off in flight, may still be in a back
         // end: the legs they went to stay busy, and the windows' buffers alive, until the queue
         // pairs' close fence says they are over.
