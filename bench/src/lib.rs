@@ -100,7 +100,13 @@ pub fn open_target_with(
                     max_lag: (4 * a.cycle).max(std::time::Duration::from_secs(30)),
                     ..Default::default()
                 };
-                nvmirror_mirror::JournaledLeg::open_cycle(far, dev, stg, a.cycle, cfg)
+                nvmirror_mirror::JournaledLeg::open_cycle(
+                    far,
+                    dev,
+                    stg,
+                    nvmirror_mirror::CycleConfig::every(a.cycle),
+                    cfg,
+                )
             }
         };
         let leg = Arc::new(leg.map_err(|e| flag(e.to_string()))?);

@@ -73,7 +73,9 @@ pub use breakdown::{Breakdown, BreakdownConfig};
 pub use config::{BitmapConfig, ReadPolicy, VolumeConfig};
 pub use error::{Error, Result};
 pub use guard::GUARD_ENTRIES;
-pub use journal::{recover_cycle, CycleRecovery, JournalConfig, JournaledLeg};
+pub use journal::{
+    recover_cycle, CycleConfig, CycleRecovery, FarApplier, JournalConfig, JournaledLeg,
+};
 pub use legs::{LegInfo, LegRole, LegState, MAX_LEGS};
 pub use qpair::{VolumeQueuePair, MAX_QUEUE_DEPTH};
 pub use read_repair::READ_ERROR_BUDGET;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nvmirror_mirror::{
-    recover_cycle, JobState, JournalConfig, JournaledLeg, LegState, ResyncConfig, Volume,
-    VolumeConfig,
+    recover_cycle, CycleConfig, FarApplier, JobState, JournalConfig, JournaledLeg, LegState,
+    ResyncConfig, Volume, VolumeConfig,
 };
 use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
 use nvmirror_nvme::dma::{DmaBuf, DmaPool};
@@ -135,7 +135,7 @@ struct Devices {
     staging: Arc<FaultyDevice>,
     journal: Arc<dyn BlockDevice>,
     cfg: JournalConfig,
-    interval: Duration,
+    cycle: CycleConfig,
 }
 
 struct Rig {
@@ -154,24 +154,24 @@ fn open(d: &Devices) -> JournaledLeg {
         Arc::clone(&d.far) as Arc<dyn BlockDevice>,
         Arc::clone(&d.journal),
         Arc::clone(&d.staging) as Arc<dyn BlockDevice>,
-        d.interval,
+        d.cycle,
         d.cfg.clone(),
     )
     .unwrap()
 }
 
 fn rig(interval: Duration, cfg: JournalConfig) -> Rig {
-    rig_with(interval, cfg, VolumeConfig::default())
+    rig_with(CycleConfig::every(interval), cfg, VolumeConfig::default())
 }
 
-fn rig_with(interval: Duration, cfg: JournalConfig, vcfg: VolumeConfig) -> Rig {
+fn rig_with(cycle: CycleConfig, cfg: JournalConfig, vcfg: VolumeConfig) -> Rig {
     let d = Devices {
         local: open_leg("mem://4MiB?lba=4096").unwrap(),
         far: faulty("mem://4MiB?lba=4096&latency=20us"),
         staging: faulty("mem://8MiB?lba=4096&latency=20us"),
         journal: open_leg("mem://64MiB?lba=4096").unwrap(),
         cfg,
-        interval,
+        cycle,
     };
     let leg = Arc::new(open(&d));
     let vol = Volume::new(
@@ -438,7 +438,7 @@ fn the_mode_of_a_cycle_leg_is_async_cycle_or_sync() {
         open_leg("mem://4MiB?lba=4096").unwrap(),
         open_leg("mem://8MiB?lba=4096").unwrap(),
         open_leg("mem://8MiB?lba=512").unwrap(),
-        Duration::from_secs(1),
+        CycleConfig::every(Duration::from_secs(1)),
         JournalConfig::default(),
     )
     .unwrap_err();
@@ -453,7 +453,11 @@ fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
         region_size: 64 << 10,
         ..VolumeConfig::default()
     };
-    let r = rig_with(Duration::from_millis(5), JournalConfig::default(), vcfg);
+    let r = rig_with(
+        CycleConfig::every(Duration::from_millis(5)),
+        JournalConfig::default(),
+        vcfg,
+    );
     let mut qp = r.vol.open_qpair(1).unwrap();
     let mut buf = DmaPool::new(1, 4 * BS).get().unwrap();
     let mut h = History::default();
@@ -518,4 +522,65 @@ fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
     );
     drop(qp);
     assert_eq!(read_all(&*r.d.local).unwrap(), image);
+}
+
+#[test]
+fn a_far_applier_applies_each_cycle_so_the_link_carries_it_once() {
+    let cycle = CycleConfig {
+        interval: Duration::from_millis(5),
+        far_apply: true,
+    };
+    let r = rig_with(cycle, JournalConfig::default(), VolumeConfig::default());
+    // The far site: applies what is committed to its staging area, next to the image.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let applier = {
+        let mut far = FarApplier::new(
+            Arc::clone(&r.d.far) as Arc<dyn BlockDevice>,
+            Arc::clone(&r.d.staging) as Arc<dyn BlockDevice>,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut applied = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                if far.apply().unwrap().is_some_and(|a| a.rolled_forward) {
+                    applied += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            applied
+        })
+    };
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, BS).get().unwrap();
+    let mut h = History::default();
+    let hot = [3u64, 40, 41, 100];
+    for i in 0..400 {
+        write(&mut *qp, &mut buf, &mut h, hot[i % hot.len()], 1);
+        if i % 40 == 0 {
+            let (image, _) = far_site_crash_image(&r.d);
+            assert_point_in_time(&image, &h, &format!("sample after write {i}"));
+        }
+    }
+    let last = r.leg.cycle_now(Duration::from_secs(10)).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let applied = applier.join().unwrap();
+    let st = r.leg.replication().unwrap();
+    let c = st.cycle.unwrap();
+    assert!(c.far_apply, "{c:?}");
+    assert_eq!(c.image_bytes, 0, "this side wrote the image: {c:?}");
+    assert!(
+        applied >= 2 && applied as u64 <= last,
+        "{applied} applied of {last}"
+    );
+    assert!(
+        c.staged_bytes as f64 <= 1.05 * c.changed_bytes as f64,
+        "{c:?}"
+    );
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.d.local).unwrap(),
+        read_all(&**r.d.far.inner()).unwrap()
+    );
 }

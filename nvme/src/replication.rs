@@ -52,6 +52,10 @@ pub struct CycleStatus {
     /// Bytes sent to the staging area (data and run tables) since the leg was opened; the
     /// image gets the data once more.
     pub staged_bytes: u64,
+    /// Bytes this side wrote to the image (the apply); 0 when the far site applies.
+    pub image_bytes: u64,
+    /// Whether the far site applies the cycles (the link carries each block once).
+    pub far_apply: bool,
     /// How long the last cycle took to ship (freeze to applied), in µs.
     pub ship_us: u64,
 }

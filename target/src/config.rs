@@ -97,6 +97,27 @@ pub struct Config {
     /// (`docs/pair.md`; needs the `cluster` build feature).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// The far site of `async-cycle` legs shipped with `far_apply`: apply the cycles
+    /// committed to a staging volume onto an image volume here (`docs/cycles.md`).
+    #[serde(default, rename = "cycle_apply", skip_serializing_if = "Vec::is_empty")]
+    pub cycle_appliers: Vec<CycleApplyConfig>,
+}
+
+/// `[[cycle_apply]]`: one image volume and its staging volume, both served by this node.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CycleApplyConfig {
+    /// The volume that is the far image of the leg.
+    pub image: String,
+    /// The volume the leg stages its cycles in (exported to the shipping site).
+    pub staging: String,
+    /// How often the staging header is read.
+    #[serde(default = "default_apply_poll")]
+    pub poll: String,
+}
+
+fn default_apply_poll() -> String {
+    "2ms".into()
 }
 
 /// `[cluster]`.
@@ -386,6 +407,10 @@ pub struct AsyncLegConfig {
     /// `async-cycle`: the cycle period (default 30 s); `cycle_now` ends a cycle early.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<String>,
+    /// `async-cycle`: the far site applies the cycles (its `[[cycle_apply]]`); this node
+    /// only stages them, so the link carries each changed block once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub far_apply: bool,
     /// The journal's device: a leg URI (`file:///var/lib/nvmirror/vol0.journal?create=1GiB`).
     /// Blank devices are formatted; anything else that is not this leg's journal is refused.
     pub journal: String,
@@ -755,6 +780,12 @@ impl Config {
                 if a.staging.is_none() && a.cycle.is_some() {
                     return Err(bad(at("cycle"), "a cycle period is for async-cycle".into()));
                 }
+                if a.staging.is_none() && a.far_apply {
+                    return Err(bad(
+                        at("far_apply"),
+                        "far_apply is for async-cycle (with staging)".into(),
+                    ));
+                }
                 nvmirror_nvme::LegUri::parse(&a.journal)
                     .map_err(|e| bad(at("journal"), e.to_string()))?;
                 if let Some(st) = &a.staging {
@@ -803,6 +834,29 @@ impl Config {
                     ));
                 }
             }
+        }
+        for (i, c) in self.cycle_appliers.iter().enumerate() {
+            let at = |k: &str| format!("cycle_apply[{i}].{k}");
+            for (k, name) in [("image", &c.image), ("staging", &c.staging)] {
+                if !self.volumes.iter().any(|v| &v.name == name) {
+                    return Err(bad(at(k), format!("no [[volume]] named '{name}'")));
+                }
+            }
+            if c.image == c.staging {
+                return Err(bad(
+                    at("staging"),
+                    "the staging volume must not be the image".into(),
+                ));
+            }
+            parse_duration(&c.poll)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(1))
+                .ok_or_else(|| {
+                    bad(
+                        at("poll"),
+                        format!("'{}' is not a duration of at least 1ms", c.poll),
+                    )
+                })?;
         }
         if let Some(c) = &self.cluster {
             let at = |k: &str| format!("cluster.{k}");
@@ -1015,6 +1069,10 @@ legs = ["mem://64MiB", "mem://64MiB"]
             ("[limits]\nhandshake_timeout = \"soon\"\n", "limits.handshake_timeout"),
             ("[limits]\nconnection_buffer_budget = \"4KiB\"\n", "limits.connection_buffer_budget"),
             ("[limits]\nconnection_buffer_budget = \"lots\"\n", "limits.connection_buffer_budget"),
+            ("[[volume]]\nname = \"i\"\nlegs = [\"mem://1GiB\"]\n[[volume]]\nname = \"s\"\nlegs = [\"mem://1GiB\"]\n[[cycle_apply]]\nimage = \"i\"\nstaging = \"nope\"\n", "cycle_apply[0].staging: no [[volume]] named 'nope'"),
+            ("[[volume]]\nname = \"i\"\nlegs = [\"mem://1GiB\"]\n[[volume]]\nname = \"s\"\nlegs = [\"mem://1GiB\"]\n[[cycle_apply]]\nimage = \"i\"\nstaging = \"i\"\n", "cycle_apply[0].staging: the staging volume"),
+            ("[[volume]]\nname = \"i\"\nlegs = [\"mem://1GiB\"]\n[[volume]]\nname = \"s\"\nlegs = [\"mem://1GiB\"]\n[[cycle_apply]]\nimage = \"nope\"\nstaging = \"s\"\n", "cycle_apply[0].image"),
+            ("[[volume]]\nname = \"i\"\nlegs = [\"mem://1GiB\"]\n[[volume]]\nname = \"s\"\nlegs = [\"mem://1GiB\"]\n[[cycle_apply]]\nimage = \"i\"\nstaging = \"s\"\npoll = \"0s\"\n", "cycle_apply[0].poll"),
         ];
         for (text, want) in cases {
             let e = err(text);

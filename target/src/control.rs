@@ -336,6 +336,8 @@ impl Registry {
                             "cycle_bytes": c.cycle_bytes,
                             "changed_bytes": c.changed_bytes,
                             "staged_bytes": c.staged_bytes,
+                            "image_bytes": c.image_bytes,
+                            "far_apply": c.far_apply,
                             "ship_seconds": c.ship_us as f64 / 1e6,
                             "copy_rate_bytes_per_second": if c.ship_us > 0 { c.cycle_bytes as f64 * 1e6 / c.ship_us as f64 } else { 0.0 },
                         })),

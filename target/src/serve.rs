@@ -375,7 +375,10 @@ pub(crate) fn open_entry(
                     far,
                     journal,
                     staging,
-                    a.cycle_period(),
+                    nvmirror_mirror::CycleConfig {
+                        interval: a.cycle_period(),
+                        far_apply: a.far_apply,
+                    },
                     journal_config(v, a),
                 )
             }
@@ -469,6 +472,9 @@ fn addr(what: &str, s: &str) -> Result<SocketAddr, ServeError> {
         .map_err(|e| start_err(what, format!("'{s}': {e}")))
 }
 
+/// A background thread of the service and the flag that stops it.
+type Worker = (Arc<AtomicBool>, std::thread::JoinHandle<()>);
+
 /// The running service.
 #[derive(Debug)]
 pub struct Service {
@@ -478,8 +484,10 @@ pub struct Service {
     pub rpc: Option<RpcServer>,
     pub metrics: Option<MetricsServer>,
     pool: Option<ReactorPool>,
-    clearer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
-    legs_watch: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    clearer: Option<Worker>,
+    legs_watch: Option<Worker>,
+    /// The far-site appliers of `[[cycle_apply]]`.
+    appliers: Option<Worker>,
     /// The pair controller (`[cluster]`).
     #[cfg(feature = "cluster")]
     cluster: Option<crate::cluster::Cluster>,
@@ -673,6 +681,7 @@ impl Service {
         };
         let clearer = Some(start_clearer(Arc::clone(&registry)));
         let legs_watch = Some(start_leg_watcher(Arc::clone(&registry)));
+        let appliers = start_appliers(&registry, cfg)?;
         #[cfg(feature = "cluster")]
         let cluster = match &cfg.cluster {
             None => None,
@@ -697,6 +706,7 @@ impl Service {
             pool: Some(pool),
             clearer,
             legs_watch,
+            appliers,
             #[cfg(feature = "cluster")]
             cluster,
         })
@@ -771,9 +781,13 @@ impl Service {
         if let Some(mut c) = self.cluster.take() {
             c.stop();
         }
-        for (stop, t) in [self.legs_watch.take(), self.clearer.take()]
-            .into_iter()
-            .flatten()
+        for (stop, t) in [
+            self.appliers.take(),
+            self.legs_watch.take(),
+            self.clearer.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             stop.store(true, Ordering::Release);
             let _ = t.join();
@@ -844,9 +858,65 @@ impl Drop for Service {
     }
 }
 
+/// The far site of `async-cycle` legs with `far_apply` (`[[cycle_apply]]`): one thread
+/// reads each staging volume's header every `poll` and applies a committed cycle onto its
+/// image volume (`docs/cycles.md`). A failure is logged once per change and tried again.
+fn start_appliers(
+    reg: &Arc<Registry>,
+    cfg: &Config,
+) -> Result<Option<Worker>, ServeError> {
+    if cfg.cycle_appliers.is_empty() {
+        return Ok(None);
+    }
+    let mut appliers = Vec::new();
+    for c in &cfg.cycle_appliers {
+        let what = format!("cycle_apply {} -> {}", c.staging, c.image);
+        let dev = |name: &str| -> Result<Arc<dyn BlockDevice>, ServeError> {
+            reg.find_volume(name)
+                .map(|e| Arc::clone(&e.volume) as Arc<dyn BlockDevice>)
+                .ok_or_else(|| start_err(&what, format!("no volume '{name}'")))
+        };
+        let applier = nvmirror_mirror::FarApplier::new(
+            dev(&c.image)?,
+            dev(&c.staging)?,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| start_err(&what, e))?;
+        let poll = parse_duration(&c.poll).unwrap_or(Duration::from_millis(2));
+        appliers.push((c.clone(), applier, poll, None::<String>));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    let t = std::thread::Builder::new()
+        .name("nvmirror-apply".into())
+        .spawn(move || {
+            let poll = appliers.iter().map(|a| a.2).min().unwrap_or(Duration::from_millis(2));
+            while !stop2.load(Ordering::Acquire) {
+                for (c, applier, _, said) in &mut appliers {
+                    match applier.apply() {
+                        Ok(Some(r)) if r.rolled_forward => {
+                            tracing::debug!(image = c.image, staging = c.staging, cycle = r.cycle, bytes = r.data_bytes, "cycle applied");
+                            *said = None;
+                        }
+                        Ok(_) => *said = None,
+                        Err(e) => {
+                            if said.as_deref() != Some(e.as_str()) {
+                                tracing::warn!(image = c.image, staging = c.staging, error = %e, "cannot apply the staged cycle; trying again");
+                                *said = Some(e);
+                            }
+                        }
+                    }
+                }
+                std::thread::sleep(poll);
+            }
+        })
+        .map_err(|e| start_err("the cycle applier thread", e))?;
+    Ok(Some((stop, t)))
+}
+
 /// Once a second: rewrites ranges that failed to read (read-repair) and clears idle regions
 /// of the persistent volumes' write-intent bitmaps.
-fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+fn start_clearer(reg: Arc<Registry>) -> Worker {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let t = std::thread::Builder::new()
@@ -884,7 +954,7 @@ fn start_clearer(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandl
 /// configuration says, so volumes created at run time are watched too). A leg faulted
 /// without losing its connection (an I/O error the remote reported, an operator's
 /// `leg_detach`) is left to the operator.
-fn start_leg_watcher(reg: Arc<Registry>) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+fn start_leg_watcher(reg: Arc<Registry>) -> Worker {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let t = std::thread::Builder::new()

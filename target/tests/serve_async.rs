@@ -240,6 +240,10 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
             "async_legs[0].cycle",
         ),
         (
+            "leg = 1\nfar_apply = true\njournal = \"mem://16MiB\"",
+            "async_legs[0].far_apply",
+        ),
+        (
             "leg = 1\nmode = \"async-cycle\"\nstaging = \"mem://8MiB\"\ncycle = \"1ms\"\njournal = \"mem://16MiB\"",
             "async_legs[0].cycle",
         ),

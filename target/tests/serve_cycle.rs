@@ -18,6 +18,11 @@ use serve_rig::{assert_prefix, stamped_writes, Server, NQN, NVMIRROR};
 /// Site B: the image `b.img` (a persistent volume) and the raw staging area `s.img`, two
 /// namespaces of one subsystem.
 fn site_b(db: &Path, port: u16) -> Server {
+    site_b_with(db, port, "")
+}
+
+/// [`site_b`] with `extra` appended to its configuration.
+fn site_b_with(db: &Path, port: u16, extra: &str) -> Server {
     let cfg = db.join("nvmirror.toml");
     std::fs::write(
         &cfg,
@@ -25,7 +30,7 @@ fn site_b(db: &Path, port: u16) -> Server {
             "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
              [[volume]]\nname = \"vol0\"\nlegs = [\"file://{d}/b.img?create=64MiB\"]\n\n\
              [[volume]]\nname = \"stg0\"\nbitmap = false\nlegs = [\"file://{d}/s.img?create=32MiB\"]\n\n\
-             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\", \"stg0\"]\n",
+             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\", \"stg0\"]\n{extra}",
             d = db.display()
         ),
     )
@@ -40,6 +45,11 @@ fn site_b(db: &Path, port: u16) -> Server {
 }
 
 fn site_a_config(da: &Path, a_bytes: u64, b_port: u16, cycle: &str) -> String {
+    site_a_config_with(da, a_bytes, b_port, cycle, "")
+}
+
+/// [`site_a_config`] with `extra` in the async leg's entry.
+fn site_a_config_with(da: &Path, a_bytes: u64, b_port: u16, cycle: &str, extra: &str) -> String {
     format!(
         "[nvme_tcp]\nlisten = \"127.0.0.1:0\"\n\n[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
@@ -47,7 +57,7 @@ fn site_a_config(da: &Path, a_bytes: u64, b_port: u16, cycle: &str) -> String {
          legs = [\"file://{d}/a.img?create={a_bytes}\", \"nvme-tcp://127.0.0.1:{b_port}/{NQN}\"]\n\n\
          [[volume.async_legs]]\nleg = 1\nmode = \"async-cycle\"\ncycle = \"{cycle}\"\n\
          journal = \"file://{d}/vol0.journal?create=32MiB\"\n\
-         staging = \"nvme-tcp://127.0.0.1:{b_port}/{NQN}?nsid=2\"\n\n\
+         staging = \"nvme-tcp://127.0.0.1:{b_port}/{NQN}?nsid=2\"\n{extra}\n\
          [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
         d = da.display()
     )
@@ -259,4 +269,66 @@ fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
     let a_img = std::fs::read(da.join("a.img")).unwrap();
     let at = data_offset as usize;
     assert_eq!(far_data(), a_img[at..at + AREA as usize * 512].to_vec());
+}
+
+#[test]
+fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let b = site_b_with(
+        &db,
+        0,
+        "\n[[cycle_apply]]\nimage = \"vol0\"\nstaging = \"stg0\"\n",
+    );
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let cfg = site_a_config_with(&da, b_bytes, b.port(), "3600s", "far_apply = true\n");
+    let a = Server::with_config(&da, &cfg);
+    a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
+    let data_offset = a.status()["bitmap"]["data_offset"].as_u64().unwrap();
+    let image_ops = |b: &Server| b.status()["legs"][0]["bytes"].as_u64().unwrap();
+    let before = image_ops(&b);
+    // A hot spot: 8 blocks of 4 KiB, each rewritten 50 times.
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(2, 64 << 10);
+    for round in 0..50u8 {
+        for i in 0..8u64 {
+            serve_rig::write(
+                &mut *qp,
+                &mut pool,
+                i * 64,
+                8,
+                round.wrapping_mul(8) + i as u8 + 1,
+            );
+        }
+    }
+    drop(qp);
+    let got = a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
+    let st = a.status();
+    let c = &st["legs"][1]["replication"]["cycle"];
+    assert_eq!(c["far_apply"], true, "{st}");
+    assert_eq!(c["image_bytes"], 0, "A wrote B's image itself: {st}");
+    let distinct = 8 * 4096u64;
+    let cycle_bytes = c["cycle_bytes"].as_u64().unwrap();
+    assert!(
+        (distinct..=distinct + 16 * 1024).contains(&cycle_bytes),
+        "{cycle_bytes} bytes in the cycle for {distinct} distinct: {got} {st}"
+    );
+    // B's image leg got the cycle's blocks once, from B's own applier.
+    let applied = image_ops(&b) - before;
+    assert_eq!(applied, cycle_bytes, "{}", b.status());
+    a.stop();
+    b.stop();
+    let b_img = std::fs::read(db.join("b.img")).unwrap();
+    let a_img = std::fs::read(da.join("a.img")).unwrap();
+    let b_meta = 64 * 1024 * 1024 - b_bytes;
+    let at = data_offset as usize;
+    let n = 8 * 64 * 512;
+    assert_eq!(
+        &b_img[(b_meta + data_offset) as usize..][..n],
+        &a_img[at..at + n],
+        "B's image holds the last round"
+    );
 }

@@ -45,6 +45,8 @@ enum Target {
 pub(crate) struct CycleShipper {
     sh: Arc<Shared>,
     interval: Duration,
+    /// A far-site applier applies committed cycles (`FarApplier`); this side only stages.
+    far_apply: bool,
     journal: DevIo,
     far: DevIo,
     stg: DevIo,
@@ -95,7 +97,7 @@ impl From<NotApplied> for Short {
 impl CycleShipper {
     pub(crate) fn new(
         sh: Arc<Shared>,
-        interval: Duration,
+        cycle: super::CycleConfig,
         journal: Arc<dyn BlockDevice>,
         far: Arc<dyn BlockDevice>,
         staging: Arc<dyn BlockDevice>,
@@ -106,7 +108,8 @@ impl CycleShipper {
         let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
         journal.qp().map_err(|e| e.to_string())?;
         Ok(Self {
-            interval,
+            interval: cycle.interval,
+            far_apply: cycle.far_apply,
             journal,
             far: DevIo::new(far, DEPTH, sh.cfg.io_timeout),
             stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout),
@@ -383,8 +386,16 @@ impl CycleShipper {
     /// Steps 4 and 5 of the committed cycle `h`, whose frozen segments and table are in
     /// memory: apply, then advance.
     fn finish(&mut self, mut h: StagingHeader) -> Result<(), Short> {
-        self.walk(Target::Image)?;
-        flush(&mut self.far, &self.sh.stop)?;
+        if self.far_apply {
+            self.wait_far_applied(&h)?;
+        } else {
+            self.walk(Target::Image)?;
+            flush(&mut self.far, &self.sh.stop)?;
+            self.sh
+                .cycle
+                .image_bytes
+                .fetch_add(h.data_bytes, Ordering::Relaxed);
+        }
         // The image holds the cycle whole: say so before the writes it holds show as
         // applied, so whoever waits for them sees this cycle's number.
         let c = &self.sh.cycle;
@@ -401,10 +412,40 @@ impl CycleShipper {
         self.publish(cut)?;
         h.counter += 1;
         h.state = CycleState::Applied;
-        self.write_header(&h)?;
+        if !self.far_apply {
+            self.write_header(&h)?;
+        }
         self.header = Some(h);
         tracing::debug!(leg = %self.sh.name, cycle = h.cycle, seq = cut.seq, data_bytes = h.data_bytes, runs = h.runs, "cycle applied");
         Ok(())
+    }
+
+    /// Waits until the far applier has marked the committed cycle `h` applied (it polls the
+    /// staging header as this side does here); past `io_timeout` the try ends and is made
+    /// again (the leg shows `retrying`).
+    fn wait_far_applied(&mut self, h: &StagingHeader) -> Result<(), Short> {
+        let bs = self.sh.geo.lba_size;
+        let deadline = Instant::now() + self.sh.cfg.io_timeout;
+        loop {
+            self.tbuf.ensure(2 * bs as usize);
+            read_blocks(&mut self.stg, 0, 2, &mut self.tbuf, 0, bs, &self.sh.stop)
+                .map_err(Short::Retry)?;
+            let b = self.tbuf.bytes();
+            let newest = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])
+                .map_err(Short::Damaged)?;
+            if newest.is_some_and(|n| n.counter > h.counter) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Short::Retry(format!(
+                    "the far site has not applied cycle {} within {:?}",
+                    h.cycle, self.sh.cfg.io_timeout
+                )));
+            }
+            if !pause(Duration::from_millis(1), &self.sh.stop) {
+                return Err(Short::Stopped);
+            }
+        }
     }
 
     /// Reads the journal from the commit position up to the cut and builds the changed-chunk
@@ -733,6 +774,8 @@ pub struct CycleRecovery {
     /// The journal position of its cut, and when it was taken (Unix ms).
     pub cut_seq: u64,
     pub cut_unix_ms: u64,
+    /// Distinct bytes the cycle changes.
+    pub data_bytes: u64,
 }
 
 /// Brings the image of an `async-cycle` leg to its last committed cycle from the staging
@@ -742,48 +785,105 @@ pub fn recover_cycle(
     staging: Arc<dyn BlockDevice>,
     io_timeout: Duration,
 ) -> Result<CycleRecovery, String> {
-    let geo = staging.geometry();
-    if image.geometry().lba_size != geo.lba_size {
-        return Err(format!(
-            "the staging area has {}-byte blocks, the image {}-byte ones",
-            geo.lba_size,
-            image.geometry().lba_size
-        ));
+    FarApplier::new(image, staging, io_timeout)?
+        .apply()?
+        .ok_or_else(|| "the staging area is blank: no cycle was ever committed to it".into())
+}
+
+/// The far site's side of an `async-cycle` leg shipped with `far_apply`: applies each cycle
+/// committed to the staging area onto the image next to it, so the link carries the data
+/// once (`docs/cycles.md`, "Link bytes"). [`apply`](Self::apply) is one look at the staging
+/// header; call it in a loop.
+pub struct FarApplier {
+    stg: DevIo,
+    img: DevIo,
+    buf: SegBuf,
+    blocks: u64,
+    lba_size: u32,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for FarApplier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FarApplier")
+            .field("blocks", &self.blocks)
+            .field("lba_size", &self.lba_size)
+            .finish()
     }
-    let stop = AtomicBool::new(false);
-    let bs = geo.lba_size;
-    let mut stg = DevIo::new(staging, 1, io_timeout);
-    let mut img = DevIo::new(image, 1, io_timeout);
-    let mut buf = SegBuf::new(2 * bs as usize);
-    let why = |e: Short| match e {
-        Short::Retry(s) | Short::Damaged(s) => s,
-        Short::TooLarge { need } => format!("needs {need} blocks"),
-        Short::Stopped => "stopped".into(),
-    };
-    read_blocks(&mut stg, 0, 2, &mut buf, 0, bs, &stop)?;
-    let b = buf.bytes();
-    let mut h = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])?
-        .ok_or("the staging area is blank: no cycle was ever committed to it")?;
-    if h.lba_size != bs || h.blocks != geo.num_blocks {
-        return Err(format!(
-            "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
-            h.blocks, h.lba_size, geo.num_blocks
-        ));
+}
+
+impl FarApplier {
+    /// Refuses a staging area and an image of different block sizes.
+    pub fn new(
+        image: Arc<dyn BlockDevice>,
+        staging: Arc<dyn BlockDevice>,
+        io_timeout: Duration,
+    ) -> Result<Self, String> {
+        let geo = staging.geometry();
+        if image.geometry().lba_size != geo.lba_size {
+            return Err(format!(
+                "the staging area has {}-byte blocks, the image {}-byte ones",
+                geo.lba_size,
+                image.geometry().lba_size
+            ));
+        }
+        Ok(Self {
+            stg: DevIo::new(staging, 1, io_timeout),
+            img: DevIo::new(image, 1, io_timeout),
+            buf: SegBuf::new(2 * geo.lba_size as usize),
+            blocks: geo.num_blocks,
+            lba_size: geo.lba_size,
+            stop: AtomicBool::new(false),
+        })
     }
-    let rolled_forward = h.state == CycleState::Committed;
-    if rolled_forward {
-        roll_forward(&mut stg, &mut img, &h, &mut buf, &stop).map_err(why)?;
-        h.counter += 1;
-        h.state = CycleState::Applied;
-        let b = &mut buf.bytes()[..bs as usize];
-        b.fill(0);
-        h.encode(b);
-        write_blocks(&mut stg, h.block(), &mut buf, 0, bs as usize, bs, &stop)?;
+
+    /// Reads the staging header and, when it says *committed*, rolls the cycle onto the
+    /// image and marks it *applied*. `None` for a blank staging area.
+    pub fn apply(&mut self) -> Result<Option<CycleRecovery>, String> {
+        let bs = self.lba_size;
+        let why = |e: Short| match e {
+            Short::Retry(s) | Short::Damaged(s) => s,
+            Short::TooLarge { need } => format!("needs {need} blocks"),
+            Short::Stopped => "stopped".into(),
+        };
+        read_blocks(&mut self.stg, 0, 2, &mut self.buf, 0, bs, &self.stop)?;
+        let b = self.buf.bytes();
+        let Some(mut h) =
+            StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])?
+        else {
+            return Ok(None);
+        };
+        if h.lba_size != bs || h.blocks != self.blocks {
+            return Err(format!(
+                "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
+                h.blocks, h.lba_size, self.blocks
+            ));
+        }
+        let rolled_forward = h.state == CycleState::Committed;
+        if rolled_forward {
+            roll_forward(&mut self.stg, &mut self.img, &h, &mut self.buf, &self.stop)
+                .map_err(why)?;
+            h.counter += 1;
+            h.state = CycleState::Applied;
+            let b = &mut self.buf.bytes()[..bs as usize];
+            b.fill(0);
+            h.encode(b);
+            write_blocks(
+                &mut self.stg,
+                h.block(),
+                &mut self.buf,
+                0,
+                bs as usize,
+                bs,
+                &self.stop,
+            )?;
+        }
+        Ok(Some(CycleRecovery {
+            cycle: h.cycle,
+            rolled_forward,
+            cut_seq: h.cut.seq,
+            cut_unix_ms: h.cut.unix_ms,
+            data_bytes: h.data_bytes,
+        }))
     }
-    Ok(CycleRecovery {
-        cycle: h.cycle,
-        rolled_forward,
-        cut_seq: h.cut.seq,
-        cut_unix_ms: h.cut.unix_ms,
-    })
 }

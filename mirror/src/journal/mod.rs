@@ -24,7 +24,7 @@ mod shipper;
 mod staging;
 mod writer;
 
-pub use cycle::{recover_cycle, CycleRecovery};
+pub use cycle::{recover_cycle, CycleRecovery, FarApplier};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -144,6 +144,27 @@ impl Channel {
     }
 }
 
+/// How an `async-cycle` leg ships (`docs/cycles.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CycleConfig {
+    /// The cycle period.
+    pub interval: Duration,
+    /// Leave the apply to a [`FarApplier`](cycle::FarApplier) at the far site: this side
+    /// stages each cycle and waits for the far side to mark it applied, so the link carries
+    /// each changed block once instead of twice.
+    pub far_apply: bool,
+}
+
+impl CycleConfig {
+    /// Cycles of `interval`, applied from this side.
+    pub fn every(interval: Duration) -> Self {
+        Self {
+            interval,
+            far_apply: false,
+        }
+    }
+}
+
 /// The cycles of an `async-cycle` leg, as its shipper publishes them.
 #[derive(Debug, Default)]
 pub(crate) struct CycleShared {
@@ -159,6 +180,9 @@ pub(crate) struct CycleShared {
     pub cycle_bytes: AtomicU64,
     pub changed_bytes: AtomicU64,
     pub staged_bytes: AtomicU64,
+    /// Bytes this side wrote to the image (0 with `far_apply`).
+    pub image_bytes: AtomicU64,
+    pub far_apply: bool,
     pub ship_us: AtomicU64,
 }
 
@@ -268,6 +292,8 @@ impl Shared {
                     cycle_bytes: c.cycle_bytes.load(Ordering::Relaxed),
                     changed_bytes: c.changed_bytes.load(Ordering::Relaxed),
                     staged_bytes: c.staged_bytes.load(Ordering::Relaxed),
+                    image_bytes: c.image_bytes.load(Ordering::Relaxed),
+                    far_apply: c.far_apply,
                     ship_us: c.ship_us.load(Ordering::Relaxed),
                 }
             }),
@@ -326,16 +352,16 @@ impl JournaledLeg {
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
         staging: Arc<dyn BlockDevice>,
-        interval: Duration,
+        cycle: CycleConfig,
         cfg: JournalConfig,
     ) -> Result<Self> {
-        Self::open_with(inner, journal, Some((staging, interval)), cfg)
+        Self::open_with(inner, journal, Some((staging, cycle)), cfg)
     }
 
     fn open_with(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
-        staging: Option<(Arc<dyn BlockDevice>, Duration)>,
+        staging: Option<(Arc<dyn BlockDevice>, CycleConfig)>,
         cfg: JournalConfig,
     ) -> Result<Self> {
         let name = inner.name().to_string();
@@ -350,7 +376,7 @@ impl JournaledLeg {
                 cfg.max_records, cfg.max_segment_bytes
             )));
         }
-        if let Some((stg, interval)) = &staging {
+        if let Some((stg, cycle)) = &staging {
             if stg.geometry().lba_size != inner.geometry().lba_size {
                 return Err(err(format!(
                     "the staging area {} has {}-byte blocks; the leg has {}-byte ones",
@@ -359,7 +385,7 @@ impl JournaledLeg {
                     inner.geometry().lba_size
                 )));
             }
-            if interval.is_zero() {
+            if cycle.interval.is_zero() {
                 return Err(err("the cycle period must be more than 0".into()));
             }
         }
@@ -394,7 +420,8 @@ impl JournaledLeg {
             retrying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cycle: CycleShared {
-                interval: staging.as_ref().map(|s| s.1),
+                interval: staging.as_ref().map(|s| s.1.interval),
+                far_apply: staging.as_ref().is_some_and(|s| s.1.far_apply),
                 ..CycleShared::default()
             },
             cfg,
@@ -420,10 +447,10 @@ impl JournaledLeg {
                 .map_err(err)?;
                 Box::new(move || s.run())
             }
-            Some((stg, interval)) => {
+            Some((stg, cycle)) => {
                 let s = cycle::CycleShipper::new(
                     Arc::clone(&shared),
-                    interval,
+                    cycle,
                     Arc::clone(&journal),
                     Arc::clone(&inner),
                     stg,
