@@ -861,10 +861,7 @@ impl Drop for Service {
 /// The far site of `async-cycle` legs with `far_apply` (`[[cycle_apply]]`): one thread
 /// reads each staging volume's header every `poll` and applies a committed cycle onto its
 /// image volume (`docs/cycles.md`). A failure is logged once per change and tried again.
-fn start_appliers(
-    reg: &Arc<Registry>,
-    cfg: &Config,
-) -> Result<Option<Worker>, ServeError> {
+fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, ServeError> {
     if cfg.cycle_appliers.is_empty() {
         return Ok(None);
     }

@@ -29,24 +29,13 @@ fn config(da: &Path, a_bytes: u64, b_port: u16, extra: &str) -> String {
 /// Site B with its NVMe/TCP listener on `port` (0: a free one); a restart at the same port
 /// is the same site to A.
 fn site_b_at(db: &Path, port: u16) -> Server {
-    let cfg = db.join("nvmirror.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
-             [[volume]]\nname = \"vol0\"\nlegs = [\"file://{}/b.img?create=64MiB\"]\n\n\
-             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
-            db.display()
-        ),
-    )
-    .unwrap();
-    let args = [
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        db.display().to_string(),
-    ];
-    Server::spawn_at(&args, &[], &format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"))
+    let toml = format!(
+        "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+         [[volume]]\nname = \"vol0\"\nlegs = [\"file://{}/b.img?create=64MiB\"]\n\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\"]\n",
+        db.display()
+    );
+    Server::with_config_at(db, &toml, &format!("127.0.0.1:{port}"))
 }
 
 /// The two sites of a test: B started (on `b_port`, 0 for a free one) in `dir/b`, and A's

@@ -23,25 +23,14 @@ fn site_b(db: &Path, port: u16) -> Server {
 
 /// [`site_b`] with `extra` appended to its configuration.
 fn site_b_with(db: &Path, port: u16, extra: &str) -> Server {
-    let cfg = db.join("nvmirror.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
-             [[volume]]\nname = \"vol0\"\nlegs = [\"file://{d}/b.img?create=64MiB\"]\n\n\
-             [[volume]]\nname = \"stg0\"\nbitmap = false\nlegs = [\"file://{d}/s.img?create=32MiB\"]\n\n\
-             [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\", \"stg0\"]\n{extra}",
-            d = db.display()
-        ),
-    )
-    .unwrap();
-    let args = [
-        "--config".into(),
-        cfg.display().to_string(),
-        "--data-dir".into(),
-        db.display().to_string(),
-    ];
-    Server::spawn_at(&args, &[], &format!("127.0.0.1:{port}")).unwrap_or_else(|e| panic!("{e}"))
+    let toml = format!(
+        "[rpc]\nsocket = \"@DATA_DIR@/nvmirror.sock\"\n\n\
+         [[volume]]\nname = \"vol0\"\nlegs = [\"file://{d}/b.img?create=64MiB\"]\n\n\
+         [[volume]]\nname = \"stg0\"\nbitmap = false\nlegs = [\"file://{d}/s.img?create=32MiB\"]\n\n\
+         [[subsystem]]\nnqn = \"{NQN}\"\nnamespaces = [\"vol0\", \"stg0\"]\n{extra}",
+        d = db.display()
+    );
+    Server::with_config_at(db, &toml, &format!("127.0.0.1:{port}"))
 }
 
 fn site_a_config(da: &Path, a_bytes: u64, b_port: u16, cycle: &str) -> String {

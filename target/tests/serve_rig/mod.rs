@@ -49,15 +49,25 @@ impl Server {
     /// `serve --config DIR/nvmirror.toml --data-dir DIR` on free ports, `toml` written as that
     /// file; what serve printed when it did not start.
     pub fn try_with_config(dir: &Path, toml: &str) -> Result<Self, String> {
+        Self::spawn(&Self::config_args(dir, toml), &[])
+    }
+
+    /// [`with_config`](Self::with_config) with the NVMe/TCP listener on `listen` (a restart
+    /// at the same address is the same site to its peers).
+    pub fn with_config_at(dir: &Path, toml: &str, listen: &str) -> Self {
+        Self::spawn_at(&Self::config_args(dir, toml), &[], listen).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `toml` written as `DIR/nvmirror.toml`; the arguments that serve it from `dir`.
+    fn config_args(dir: &Path, toml: &str) -> Vec<String> {
         let cfg = dir.join("nvmirror.toml");
         std::fs::write(&cfg, toml).unwrap();
-        let args = vec![
+        vec![
             "--config".into(),
             cfg.display().to_string(),
             "--data-dir".into(),
             dir.display().to_string(),
-        ];
-        Self::spawn(&args, &[])
+        ]
     }
 
     /// [`try_with_config`](Self::try_with_config), panicking with serve's output.
