@@ -122,6 +122,9 @@ pub struct Registry {
     /// the volume to its peer (`cluster_resign`), read by the pair controller.
     pub cluster_volume: Option<String>,
     pub resign: std::sync::atomic::AtomicBool,
+    /// Per image volume of a `[[cycle_apply]]`: what its far-site applier did last (shown
+    /// in `volume_status` as `cycle_apply`).
+    pub cycle_apply: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
 }
 
 impl Registry {
@@ -143,6 +146,7 @@ impl Registry {
             leg_dirs: Vec::new(),
             cluster_volume: None,
             resign: std::sync::atomic::AtomicBool::new(false),
+            cycle_apply: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
     }
 
@@ -383,6 +387,12 @@ impl Registry {
                     "event_counter": v.volume.event_counter(),
                 }),
             },
+            "cycle_apply": self
+                .cycle_apply
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(v.volume.name())
+                .cloned(),
             "resync": match v.volume.resync_status() {
                 Ok(r) => json!({
                     "leg": r.leg,

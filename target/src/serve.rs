@@ -880,28 +880,41 @@ fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, S
         )
         .map_err(|e| start_err(&what, e))?;
         let poll = parse_duration(&c.poll).unwrap_or(Duration::from_millis(2));
-        appliers.push((c.clone(), applier, poll, None::<String>));
+        appliers.push((c.clone(), applier, poll, AppliedSoFar::default()));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
+    let reg = Arc::clone(reg);
     let t = std::thread::Builder::new()
         .name("nvmirror-apply".into())
         .spawn(move || {
             let poll = appliers.iter().map(|a| a.2).min().unwrap_or(Duration::from_millis(2));
             while !stop2.load(Ordering::Acquire) {
-                for (c, applier, _, said) in &mut appliers {
+                for (c, applier, _, so_far) in &mut appliers {
+                    let before = (so_far.cycle, so_far.error.clone());
                     match applier.apply() {
-                        Ok(Some(r)) if r.rolled_forward => {
-                            tracing::debug!(image = c.image, staging = c.staging, cycle = r.cycle, bytes = r.data_bytes, "cycle applied");
-                            *said = None;
+                        Ok(Some(r)) => {
+                            if r.rolled_forward {
+                                tracing::debug!(image = c.image, staging = c.staging, cycle = r.cycle, bytes = r.data_bytes, "cycle applied");
+                                so_far.applied += 1;
+                                so_far.bytes += r.data_bytes;
+                            }
+                            (so_far.cycle, so_far.cut_unix_ms) = (r.cycle, r.cut_unix_ms);
+                            so_far.error = None;
                         }
-                        Ok(_) => *said = None,
+                        Ok(None) => so_far.error = None,
                         Err(e) => {
-                            if said.as_deref() != Some(e.as_str()) {
+                            if so_far.error.as_deref() != Some(e.as_str()) {
                                 tracing::warn!(image = c.image, staging = c.staging, error = %e, "cannot apply the staged cycle; trying again");
-                                *said = Some(e);
+                                so_far.error = Some(e);
                             }
                         }
+                    }
+                    if before != (so_far.cycle, so_far.error.clone()) {
+                        reg.cycle_apply
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(c.image.clone(), so_far.json(&c.staging));
                     }
                 }
                 std::thread::sleep(poll);
@@ -909,6 +922,31 @@ fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, S
         })
         .map_err(|e| start_err("the cycle applier thread", e))?;
     Ok(Some((stop, t)))
+}
+
+/// What one `[[cycle_apply]]` applier has done since the start.
+#[derive(Debug, Default)]
+struct AppliedSoFar {
+    /// The cycle the image holds, and when its cut was taken.
+    cycle: u64,
+    cut_unix_ms: u64,
+    /// Cycles rolled onto the image here, and their distinct bytes.
+    applied: u64,
+    bytes: u64,
+    error: Option<String>,
+}
+
+impl AppliedSoFar {
+    fn json(&self, staging: &str) -> serde_json::Value {
+        serde_json::json!({
+            "staging": staging,
+            "cycle": self.cycle,
+            "cycle_unix_ms": self.cut_unix_ms,
+            "applied_cycles": self.applied,
+            "applied_bytes": self.bytes,
+            "last_error": self.error,
+        })
+    }
 }
 
 /// Once a second: rewrites ranges that failed to read (read-repair) and clears idle regions

@@ -216,6 +216,19 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
             num(bm, "metadata_writes")
         );
     }
+    if let Some(ca) = vol.get("cycle_apply").filter(|c| !c.is_null()) {
+        let mut line = format!(
+            "  cycle apply from {}: image at cycle #{}, {} cycle(s) / {} applied here",
+            text(ca, "staging"),
+            num(ca, "cycle"),
+            num(ca, "applied_cycles"),
+            human_bytes(num(ca, "applied_bytes")),
+        );
+        if let Some(e) = ca.get("last_error").and_then(Value::as_str) {
+            line += &format!(", last error: {e}");
+        }
+        let _ = writeln!(out, "{line}");
+    }
     out
 }
 

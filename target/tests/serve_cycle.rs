@@ -305,9 +305,28 @@ fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
         (distinct..=distinct + 16 * 1024).contains(&cycle_bytes),
         "{cycle_bytes} bytes in the cycle for {distinct} distinct: {got} {st}"
     );
-    // B's image leg got the cycle's blocks once, from B's own applier.
+    // B's image leg got the cycle's blocks once, from B's own applier, which says so.
+    let bst = b.wait_for(Duration::from_secs(5), "the applier's status", |st| {
+        st["cycle_apply"]["cycle"] == got["legs"][0]["cycle"]
+    });
     let applied = image_ops(&b) - before;
-    assert_eq!(applied, cycle_bytes, "{}", b.status());
+    assert_eq!(applied, cycle_bytes, "{bst}");
+    let ca = &bst["cycle_apply"];
+    assert_eq!(ca["staging"], "stg0", "{bst}");
+    assert!(ca["applied_bytes"].as_u64() >= Some(cycle_bytes), "{bst}");
+    assert!(ca["last_error"].is_null(), "{bst}");
+    let text = std::process::Command::new(NVMIRROR)
+        .args(["status", "--socket", &b.socket])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "cycle apply from stg0: image at cycle #{}",
+            got["legs"][0]["cycle"]
+        )),
+        "{text}"
+    );
     a.stop();
     b.stop();
     let b_img = std::fs::read(db.join("b.img")).unwrap();
