@@ -223,45 +223,36 @@ impl CycleShipper {
     /// committed: the image is rolled forward from the staging area, the journal's commit
     /// moves to its cut.
     fn open_staging(&mut self) -> Result<(), Short> {
-        let geo = self.sh.geo;
-        let bs = geo.lba_size;
-        self.tbuf.ensure(2 * bs as usize);
-        read_blocks(&mut self.stg, 0, 2, &mut self.tbuf, 0, bs, &self.sh.stop)
-            .map_err(Short::Retry)?;
-        let b = self.tbuf.bytes();
-        let found = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])
-            .map_err(Short::Damaged)?;
+        let bs = self.sh.geo.lba_size;
+        let found = read_header(
+            &mut self.stg,
+            &mut self.tbuf,
+            bs,
+            self.stg_blocks,
+            &self.sh.stop,
+        )?;
         let mut h = match found {
             Some(h) => h,
             None => {
                 let h = StagingHeader::blank(bs, self.stg_blocks, self.sh.uuid);
-                self.write_header(&h)?;
+                write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
                 tracing::info!(leg = %self.sh.name, "formatted a blank staging area");
                 h
             }
         };
-        if h.lba_size != bs || h.blocks != self.stg_blocks {
-            return Err(Short::Damaged(format!(
-                "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
-                h.blocks, h.lba_size, self.stg_blocks
-            )));
-        }
         if h.state == CycleState::Committed {
             tracing::info!(leg = %self.sh.name, cycle = h.cycle, "a committed cycle is rolled forward onto the image");
-            roll_forward(
+            h = apply_committed(
                 &mut self.stg,
                 &mut self.far,
-                &h,
                 &mut self.tbuf,
+                h,
                 &self.sh.stop,
             )?;
-            h.counter += 1;
-            h.state = CycleState::Applied;
-            self.advance_journal(&h)?;
-            self.write_header(&h)?;
-        } else {
-            self.advance_journal(&h)?;
         }
+        // A cycle of this journal the commit block does not know of yet (rolled forward just
+        // now, or applied before a crash ahead of the commit block's write).
+        self.advance_journal(&h)?;
         self.sh.cycle.cycle.store(h.cycle, Ordering::Release);
         self.sh
             .cycle
@@ -296,23 +287,6 @@ impl CycleShipper {
         sh.applied_seq.store(cut.seq, Ordering::Release);
         sh.next_unix_ms.store(0, Ordering::Release);
         Ok(())
-    }
-
-    fn write_header(&mut self, h: &StagingHeader) -> Result<(), Short> {
-        let bs = self.sh.geo.lba_size as usize;
-        let b = &mut self.cbuf.bytes()[..bs];
-        b.fill(0);
-        h.encode(b);
-        write_blocks(
-            &mut self.stg,
-            h.block(),
-            &mut self.cbuf,
-            0,
-            bs,
-            bs as u32,
-            &self.sh.stop,
-        )
-        .map_err(Short::Retry)
     }
 
     /// One whole cycle: freeze, stage, commit, apply, advance. A cycle whose commit is
@@ -374,7 +348,7 @@ impl CycleShipper {
             unix_ms: unix_ms(),
             ..prev
         };
-        self.write_header(&h)?;
+        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
         self.header = Some(h);
         self.sh
             .cycle
@@ -413,7 +387,7 @@ impl CycleShipper {
         h.counter += 1;
         h.state = CycleState::Applied;
         if !self.far_apply {
-            self.write_header(&h)?;
+            write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
         }
         self.header = Some(h);
         tracing::debug!(leg = %self.sh.name, cycle = h.cycle, seq = cut.seq, data_bytes = h.data_bytes, runs = h.runs, "cycle applied");
@@ -427,12 +401,13 @@ impl CycleShipper {
         let bs = self.sh.geo.lba_size;
         let deadline = Instant::now() + self.sh.cfg.io_timeout;
         loop {
-            self.tbuf.ensure(2 * bs as usize);
-            read_blocks(&mut self.stg, 0, 2, &mut self.tbuf, 0, bs, &self.sh.stop)
-                .map_err(Short::Retry)?;
-            let b = self.tbuf.bytes();
-            let newest = StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])
-                .map_err(Short::Damaged)?;
+            let newest = read_header(
+                &mut self.stg,
+                &mut self.tbuf,
+                bs,
+                self.stg_blocks,
+                &self.sh.stop,
+            )?;
             if newest.is_some_and(|n| n.counter > h.counter) {
                 return Ok(());
             }
@@ -764,6 +739,71 @@ fn roll_forward(
     flush(image, stop)
 }
 
+/// The newer of the staging area's two headers; `None` for a blank area. A header made on
+/// a device of another size or block size is refused.
+fn read_header(
+    stg: &mut DevIo,
+    buf: &mut SegBuf,
+    lba_size: u32,
+    blocks: u64,
+    stop: &AtomicBool,
+) -> Result<Option<StagingHeader>, Short> {
+    let bs = lba_size as usize;
+    buf.ensure(2 * bs);
+    read_blocks(stg, 0, 2, buf, 0, lba_size, stop).map_err(Short::Retry)?;
+    let b = buf.bytes();
+    let found = StagingHeader::newest(&b[..bs], &b[bs..2 * bs]).map_err(Short::Damaged)?;
+    if let Some(h) = &found {
+        if h.lba_size != lba_size || h.blocks != blocks {
+            return Err(Short::Damaged(format!(
+                "the staging area was made on a device of {} blocks of {} bytes; this one has {blocks} of {lba_size}",
+                h.blocks, h.lba_size
+            )));
+        }
+    }
+    Ok(found)
+}
+
+/// Writes `h` to its header block with FUA (`buf`: at least one block).
+fn write_header(
+    stg: &mut DevIo,
+    buf: &mut SegBuf,
+    h: &StagingHeader,
+    stop: &AtomicBool,
+) -> Result<(), Short> {
+    let bs = h.lba_size as usize;
+    let b = &mut buf.bytes()[..bs];
+    b.fill(0);
+    h.encode(b);
+    write_blocks(stg, h.block(), buf, 0, bs, h.lba_size, stop).map_err(Short::Retry)
+}
+
+/// Rolls the committed cycle `h` onto the image and marks it applied; the applied header.
+fn apply_committed(
+    stg: &mut DevIo,
+    image: &mut DevIo,
+    buf: &mut SegBuf,
+    mut h: StagingHeader,
+    stop: &AtomicBool,
+) -> Result<StagingHeader, Short> {
+    roll_forward(stg, image, &h, buf, stop)?;
+    h.counter += 1;
+    h.state = CycleState::Applied;
+    write_header(stg, buf, &h, stop)?;
+    Ok(h)
+}
+
+impl Short {
+    /// What went wrong, for a caller that reports it as text.
+    fn message(self) -> String {
+        match self {
+            Self::Retry(s) | Self::Damaged(s) => s,
+            Self::TooLarge { need } => format!("needs {need} blocks"),
+            Self::Stopped => "stopped".into(),
+        }
+    }
+}
+
 /// What [`recover_cycle`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CycleRecovery {
@@ -840,43 +880,21 @@ impl FarApplier {
     /// Reads the staging header and, when it says *committed*, rolls the cycle onto the
     /// image and marks it *applied*. `None` for a blank staging area.
     pub fn apply(&mut self) -> Result<Option<CycleRecovery>, String> {
-        let bs = self.lba_size;
-        let why = |e: Short| match e {
-            Short::Retry(s) | Short::Damaged(s) => s,
-            Short::TooLarge { need } => format!("needs {need} blocks"),
-            Short::Stopped => "stopped".into(),
-        };
-        read_blocks(&mut self.stg, 0, 2, &mut self.buf, 0, bs, &self.stop)?;
-        let b = self.buf.bytes();
-        let Some(mut h) =
-            StagingHeader::newest(&b[..bs as usize], &b[bs as usize..2 * bs as usize])?
-        else {
+        let found = read_header(
+            &mut self.stg,
+            &mut self.buf,
+            self.lba_size,
+            self.blocks,
+            &self.stop,
+        )
+        .map_err(Short::message)?;
+        let Some(mut h) = found else {
             return Ok(None);
         };
-        if h.lba_size != bs || h.blocks != self.blocks {
-            return Err(format!(
-                "the staging area was made on a device of {} blocks of {} bytes; this one has {} of {bs}",
-                h.blocks, h.lba_size, self.blocks
-            ));
-        }
         let rolled_forward = h.state == CycleState::Committed;
         if rolled_forward {
-            roll_forward(&mut self.stg, &mut self.img, &h, &mut self.buf, &self.stop)
-                .map_err(why)?;
-            h.counter += 1;
-            h.state = CycleState::Applied;
-            let b = &mut self.buf.bytes()[..bs as usize];
-            b.fill(0);
-            h.encode(b);
-            write_blocks(
-                &mut self.stg,
-                h.block(),
-                &mut self.buf,
-                0,
-                bs as usize,
-                bs,
-                &self.stop,
-            )?;
+            h = apply_committed(&mut self.stg, &mut self.img, &mut self.buf, h, &self.stop)
+                .map_err(Short::message)?;
         }
         Ok(Some(CycleRecovery {
             cycle: h.cycle,
