@@ -448,6 +448,14 @@ impl AsyncLegConfig {
     }
 }
 
+/// `s` as a duration of at least `min_ms` ms; else what is wrong with it.
+fn duration_at_least(s: &str, min_ms: u64) -> Result<Duration, String> {
+    parse_duration(s)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(min_ms))
+        .ok_or_else(|| format!("'{s}' is not a duration of at least {min_ms}ms"))
+}
+
 /// The cycle period of an `async-cycle` leg without `cycle`.
 pub const DEFAULT_CYCLE: Duration = Duration::from_secs(30);
 
@@ -722,15 +730,7 @@ impl Config {
                     format!("'{}': primary, round-robin or least-latency", v.read_policy),
                 ));
             }
-            parse_duration(&v.io_timeout)
-                .ok()
-                .filter(|d| *d >= Duration::from_millis(1))
-                .ok_or_else(|| {
-                    bad(
-                        at("io_timeout"),
-                        format!("'{}' is not a duration of at least 1ms", v.io_timeout),
-                    )
-                })?;
+            duration_at_least(&v.io_timeout, 1).map_err(|e| bad(at("io_timeout"), e))?;
             if v.mode != "sync" {
                 return Err(bad(
                     at("mode"),
@@ -799,29 +799,13 @@ impl Config {
                     }
                 }
                 if let Some(c) = &a.cycle {
-                    parse_duration(c)
-                        .ok()
-                        .filter(|d| *d >= Duration::from_millis(10))
-                        .ok_or_else(|| {
-                            bad(
-                                at("cycle"),
-                                format!("'{c}' is not a duration of at least 10ms"),
-                            )
-                        })?;
+                    duration_at_least(c, 10).map_err(|e| bad(at("cycle"), e))?;
                 }
                 if let Some(m) = &a.max_bytes {
                     parse_size(m).map_err(|e| bad(at("max_bytes"), e))?;
                 }
                 if let Some(m) = &a.max_lag {
-                    parse_duration(m)
-                        .ok()
-                        .filter(|d| *d >= Duration::from_millis(1))
-                        .ok_or_else(|| {
-                            bad(
-                                at("max_lag"),
-                                format!("'{m}' is not a duration of at least 1ms"),
-                            )
-                        })?;
+                    duration_at_least(m, 1).map_err(|e| bad(at("max_lag"), e))?;
                 }
                 if a.is_cycle() && a.max_lag() < 2 * a.cycle_period() {
                     return Err(bad(
@@ -848,15 +832,7 @@ impl Config {
                     "the staging volume must not be the image".into(),
                 ));
             }
-            parse_duration(&c.poll)
-                .ok()
-                .filter(|d| *d >= Duration::from_millis(1))
-                .ok_or_else(|| {
-                    bad(
-                        at("poll"),
-                        format!("'{}' is not a duration of at least 1ms", c.poll),
-                    )
-                })?;
+            duration_at_least(&c.poll, 1).map_err(|e| bad(at("poll"), e))?;
         }
         if let Some(c) = &self.cluster {
             let at = |k: &str| format!("cluster.{k}");
