@@ -90,6 +90,9 @@ fn an_async_leg_lags_behind_the_host_and_catches_up_to_an_identical_image() {
         "{st}"
     );
     let data_offset = st["bitmap"]["data_offset"].as_u64().unwrap();
+    // An async-journal leg ships no cycles: the volume has none to end.
+    let (ok, why) = a.rpc("cycle_now", r#"{"volume":"vol0"}"#);
+    assert!(!ok && why.contains("has no async-cycle leg"), "{why}");
 
     let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
     let mut qp = host.open_qpair(8).unwrap();

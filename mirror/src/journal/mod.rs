@@ -627,7 +627,12 @@ impl BlockDevice for JournaledLeg {
     }
 
     fn cycle_now(&self, limit: Duration) -> Option<std::result::Result<u64, String>> {
-        Some(Self::cycle_now(self, limit))
+        // An async-journal leg does not ship in cycles: no answer, as for any device.
+        self.shared
+            .cycle
+            .interval
+            .is_some()
+            .then(|| Self::cycle_now(self, limit))
     }
 
     fn catch_up(&self, on: bool) {
