@@ -261,6 +261,43 @@ fn listener_state_change_fires_the_ana_event_and_fences_io_on_that_port() {
     assert_eq!(ana[1]["listener"], ports[1].to_string());
 }
 
+/// Linux reads the ANA log while it sets a controller up and enables ANA notices only after
+/// its I/O queues are connected. A change in between must still reach it once it enables
+/// them, or the path keeps the state it read (the failback of the pair drill: the returning
+/// node promotes itself while the host is connecting to it, and the host never uses it).
+#[test]
+fn an_ana_change_before_the_host_enables_notices_is_reported_once_it_does() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let server = serve(dir.path(), legs(dir.path()), (1, 0xffef));
+    let ports = listeners(&server);
+    let (mut admin, mut io, _) = Host::bring_up_as(ports[1], NQN, HOSTNQN, HOSTID);
+    let (_, g, _) = ana_log(&mut admin);
+    assert_eq!(g.state, 0x02, "read while setting up: non-optimized");
+    set_state(&server, ports[1], "optimized");
+    let (c, _) = admin.admin(0x09, 0, 0x0b, AEC_ANA, 0);
+    assert!(c.status().is_success());
+    let aer = send_aer(&mut admin);
+    let c = next_completion(&mut admin);
+    assert_eq!(
+        (c.cid, c.dw0),
+        (aer, 0x000c_0302),
+        "the change the host has not read is reported when it enables the notice"
+    );
+    let (_, g, _) = ana_log(&mut admin);
+    assert_eq!(g.state, 0x01);
+    assert!(io.write(1, 8, &pattern(4096, 1), 512, true).is_success());
+
+    // A host that read the page after the change has it: nothing more is sent.
+    let (mut admin, _io, _) = Host::bring_up_as(ports[0], NQN, HOSTNQN, HOSTID);
+    set_state(&server, ports[0], "non-optimized");
+    let (_, g, _) = ana_log(&mut admin);
+    assert_eq!(g.state, 0x02);
+    let (c, _) = admin.admin(0x09, 0, 0x0b, AEC_ANA, 0);
+    assert!(c.status().is_success());
+    let aer = send_aer(&mut admin);
+    assert_aer_still_held(&mut admin, aer);
+}
+
 #[test]
 fn bad_ana_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -492,10 +492,14 @@ fn set_features(
             Ok(0)
         }
         feature::ASYNC_EVENT_CONFIG => {
-            ctrl.events
+            let raised = ctrl
+                .events
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .set_config(sqe.cdw11);
+            if raised {
+                ctrl.event_pending.store(true, Ordering::Release);
+            }
             Ok(0)
         }
         feature::VOLATILE_WRITE_CACHE if ctrl.subsys != SubsystemRef::Discovery => {

@@ -5,7 +5,12 @@
 //!
 //! Rules kept here:
 //! - a notice the configuration does not enable is not raised (reservation notices have no
-//!   configuration bit: the Reservation Notification Mask governs them);
+//!   configuration bit: the Reservation Notification Mask governs them), but it is
+//!   remembered until the host reads its log page: a host that enables the notice before
+//!   it has read the page since the change gets the notice then. Linux reads the ANA log
+//!   while it sets a controller up and enables notices only once the I/O queues are
+//!   connected; an ANA change between the two would otherwise leave that path with a
+//!   stale state for good (the host sends it no I/O, so nothing else corrects it);
 //! - an event raised while no request is outstanding waits, in a bounded queue, for the
 //!   next one;
 //! - once an event for a log page was delivered, no event for that page is sent again
@@ -81,6 +86,8 @@ pub(crate) struct AsyncEvents {
     queue: VecDeque<AsyncEvent>,
     /// Delivered; their log page has not been read since.
     awaiting_read: Vec<u8>,
+    /// Refused by the configuration; their log page has not been read since.
+    missed: Vec<AsyncEvent>,
     /// Namespaces changed since log 04h was last read, ascending.
     changed_ns: Vec<u32>,
     changed_ns_overflow: bool,
@@ -91,14 +98,25 @@ impl AsyncEvents {
         self.config
     }
 
-    pub fn set_config(&mut self, v: u32) {
+    /// Sets the configuration; raises the notices it now enables that were refused since
+    /// their page was last read. True when an event now waits for a request.
+    pub fn set_config(&mut self, v: u32) -> bool {
         self.config = v;
+        let missed = std::mem::take(&mut self.missed);
+        let mut raised = false;
+        for ev in missed {
+            raised |= self.raise(ev);
+        }
+        raised
     }
 
     /// Raises `ev`; true when it now waits for a request (false: not enabled, or coalesced
     /// into one that is waiting or whose log page the host has yet to read).
     pub fn raise(&mut self, ev: AsyncEvent) -> bool {
         if ev.config_bit().is_some_and(|b| self.config & b == 0) {
+            if !self.missed.contains(&ev) {
+                self.missed.push(ev);
+            }
             return false;
         }
         if self.queue.contains(&ev) || self.awaiting_read.contains(&ev.lid) {
@@ -113,9 +131,6 @@ impl AsyncEvents {
 
     /// Records that namespace `nsid` changed and raises the Namespace Attribute notice.
     pub fn namespace_changed(&mut self, nsid: u32) -> bool {
-        if self.config & aen::NAMESPACE_ATTRIBUTE == 0 {
-            return false;
-        }
         if let Err(at) = self.changed_ns.binary_search(&nsid) {
             if self.changed_ns.len() >= CHANGED_NS_LIMIT {
                 self.changed_ns_overflow = true;
@@ -141,6 +156,8 @@ impl AsyncEvents {
     /// The host read log page `lid`; without Retain Asynchronous Event that re-arms its
     /// event (and, for log 04h, empties the Changed Namespace List).
     pub fn log_read(&mut self, lid: u8, retain: bool) {
+        // The host has the page's current content: a refused notice for it is moot.
+        self.missed.retain(|ev| ev.lid != lid);
         if retain {
             return;
         }
@@ -174,11 +191,38 @@ mod tests {
         assert!(!e.raise(AsyncEvent::ANA_CHANGE));
         assert!(!e.namespace_changed(1));
         assert!(e.raise(AsyncEvent::RESERVATION), "no configuration bit");
-        e.set_config(SUPPORTED_NOTICES);
+        e.log_read(LOG_ANA, false);
+        e.log_read(log_page::CHANGED_NAMESPACES, false);
+        assert!(
+            !e.set_config(SUPPORTED_NOTICES),
+            "both pages were read since"
+        );
         assert!(e.raise(AsyncEvent::ANA_CHANGE));
         assert_eq!(e.take(), Some(AsyncEvent::RESERVATION));
         assert_eq!(e.take().map(AsyncEvent::dw0), Some(0x000c_0302));
         assert_eq!(e.take(), None);
+    }
+
+    #[test]
+    fn a_refused_notice_is_raised_when_enabled_unless_its_page_was_read_since() {
+        let mut e = AsyncEvents::default();
+        assert!(!e.raise(AsyncEvent::ANA_CHANGE));
+        assert!(!e.raise(AsyncEvent::ANA_CHANGE), "remembered once");
+        assert!(!e.set_config(aen::NAMESPACE_ATTRIBUTE), "another bit");
+        assert!(e.set_config(SUPPORTED_NOTICES));
+        assert_eq!(e.take(), Some(AsyncEvent::ANA_CHANGE));
+        assert_eq!(e.take(), None, "raised once");
+
+        let mut e = AsyncEvents::default();
+        assert!(!e.raise(AsyncEvent::ANA_CHANGE));
+        assert!(!e.namespace_changed(7));
+        e.log_read(LOG_ANA, true);
+        assert!(e.set_config(SUPPORTED_NOTICES), "the namespace notice only");
+        assert_eq!(e.take(), Some(AsyncEvent::NAMESPACE_ATTRIBUTE));
+        assert_eq!(e.take(), None, "the ANA page was read after the change");
+        let mut page = [0u8; 4096];
+        e.changed_namespaces(&mut page);
+        assert_eq!(&page[..8], &[7, 0, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]
