@@ -442,6 +442,7 @@ impl Volume {
             marked = marked.len(),
             "persistent volume opened"
         );
+        vol.shared().tell_catch_up();
         Ok(vol)
     }
 

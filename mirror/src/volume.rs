@@ -79,6 +79,22 @@ pub(crate) struct VolumeShared {
 }
 
 impl VolumeShared {
+    /// Tells each leg's device whether the leg is whole ([`BlockDevice::catch_up`]): an
+    /// in-sync leg is, any other awaits a resync. Done once the legs' states are known.
+    pub(crate) fn tell_catch_up(&self) {
+        let snap = self.states.snapshot();
+        for (i, leg) in self
+            .legs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| Some((i, l.get()?)))
+        {
+            if snap.state(i) != LegState::Removed {
+                leg.dev.catch_up(snap.state(i) != LegState::InSync);
+            }
+        }
+    }
+
     /// Persistent volumes: waits (control plane only) until the metadata thread has written
     /// the current member states to the in-sync legs' superblocks. When no in-sync leg took
     /// them, the error names a leg whose superblock failed and `change` (what the superblock
@@ -232,7 +248,7 @@ impl Volume {
     /// size; the volume exports the smallest leg's capacity.
     pub fn new(name: &str, legs: Vec<Arc<dyn BlockDevice>>, cfg: VolumeConfig) -> Result<Self> {
         let (lba_size, num_blocks) = Self::check_legs(name, &legs, &cfg)?;
-        Ok(Self::assemble(
+        let vol = Self::assemble(
             name,
             legs,
             cfg,
@@ -241,7 +257,9 @@ impl Volume {
                 num_blocks,
             },
             None,
-        ))
+        );
+        vol.shared.tell_catch_up();
+        Ok(vol)
     }
 
     /// Validates legs and configuration; returns the block size and the smallest leg's

@@ -331,8 +331,12 @@ fn a_crash_before_the_commit_leaves_the_previous_cut_and_the_cycle_ships_again()
     d.staging.injector().clear(gone);
     let image = read_all(&**d.far.inner()).unwrap();
     assert_eq!(assert_point_in_time(&image, &h, "after the crash"), 60);
-    // Restart on the same journal and staging area: cycle 2 ships again.
+    // Restart on the same journal and staging area: cycle 2 ships again once the leg is
+    // said to be whole (a volume says so for an in-sync leg).
     let leg = open(&d);
+    let e = leg.cycle_now(Duration::from_millis(300)).unwrap_err();
+    assert!(e.contains("resync"), "held until told: {e}");
+    leg.catch_up(false);
     assert_eq!(leg.cycle_now(Duration::from_secs(10)).unwrap(), 2);
     let image = read_all(&**d.far.inner()).unwrap();
     assert_eq!(assert_point_in_time(&image, &h, "after the restart"), 120);
@@ -522,6 +526,153 @@ fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
     );
     drop(qp);
     assert_eq!(read_all(&*r.d.local).unwrap(), image);
+}
+
+/// A rig whose journal is bounded at 2 MiB, its leg detached after 200 writes (the cycle
+/// on the image is returned) while the host rewrites the area and marks every other region of the 4 MiB
+/// volume: the catch-up (about 4 MiB of copy) outgrows the journal.
+fn rig_with_a_large_catch_up(
+    h: &mut History,
+    seed: u64,
+) -> (Rig, u64, impl FnMut(&Rig, &mut History, usize)) {
+    let vcfg = VolumeConfig {
+        region_size: 64 << 10,
+        ..VolumeConfig::default()
+    };
+    let cfg = JournalConfig {
+        max_bytes: Some(2 << 20),
+        ..JournalConfig::default()
+    };
+    let r = rig_with(CycleConfig::every(Duration::from_millis(5)), cfg, vcfg);
+    let mut buf = DmaPool::new(1, 4 * BS).get().unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut burst = move |r: &Rig, h: &mut History, n: usize| {
+        let mut qp = r.vol.open_qpair(1).unwrap();
+        for _ in 0..n {
+            let nlb = rng.gen_range(1..=4u32);
+            write(&mut *qp, &mut buf, h, rng.gen_range(0..=AREA - 4), nlb);
+        }
+    };
+    burst(&r, h, 200);
+    let cycle = r.leg.cycle_now(Duration::from_secs(10)).unwrap();
+    r.vol.detach_leg(1).unwrap();
+    burst(&r, h, 200);
+    // Outside the checked area (the stamps there are not host writes of the history).
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut fill = DmaPool::new(1, BS).get().unwrap();
+    fill.as_mut_slice().fill(0xee);
+    for region in (AREA * BS as u64 >> 16)..(4 << 4) {
+        let lba = region * 16;
+        let st = io(
+            &mut *qp,
+            IoCommand::with_buf(IoOp::Write, lba, 1, fill.io_buf(), 0),
+        );
+        assert!(st.is_success());
+    }
+    (r, cycle, burst)
+}
+
+fn catch_up_resync() -> ResyncConfig {
+    ResyncConfig {
+        windows: 1,
+        max_rate: 2 << 20,
+        adaptive: false,
+        ..ResyncConfig::default()
+    }
+}
+
+#[test]
+fn a_catch_up_larger_than_the_journal_is_staged_in_pieces_and_lands_in_one_cycle() {
+    let mut h = History::default();
+    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 31);
+    let job = r.vol.attach_leg_with(1, catch_up_resync()).unwrap().run();
+    let before = r.leg.replication().unwrap().cycle.unwrap().staged_bytes;
+    let (mut samples, mut pieces_seen) = (0, 0);
+    while !job.is_finished() {
+        burst(&r, &mut h, 5);
+        let st = r.leg.replication().unwrap();
+        let (image, _) = far_site_crash_image(&r.d);
+        let k = assert_point_in_time(&image, &h, &format!("sample {samples} of the catch-up"));
+        samples += 1;
+        if st.state == "catching-up" && !job.is_finished() {
+            assert_eq!(k, 200, "the image moved during the catch-up");
+            assert_eq!(st.cycle.unwrap().cycle, c0);
+            assert!(
+                st.journal_used <= 2 << 20,
+                "journal over its bound: {}",
+                st.journal_used
+            );
+            if st.cycle.unwrap().staged_bytes > before {
+                pieces_seen += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let end = job.join().unwrap();
+    assert_eq!(end.state, JobState::Done, "{:?}", end.error);
+    assert!(
+        pieces_seen >= 2,
+        "{pieces_seen} of {samples} samples saw staged pieces"
+    );
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.step_downs, 0, "the journal never filled");
+    assert_eq!(r.vol.leg_states()[1].state, LegState::InSync);
+    // The next cycle holds every piece, the rest of the copy and every write since.
+    assert_eq!(r.leg.cycle_now(Duration::from_secs(10)).unwrap(), c0 + 1);
+    let image = read_all(&**r.d.far.inner()).unwrap();
+    assert_eq!(
+        assert_point_in_time(&image, &h, "after the catch-up"),
+        h.writes.len() as u64
+    );
+    assert!(read_all(&*r.d.local).unwrap() == image, "the legs differ");
+    // And the cycles go on as before.
+    burst(&r, &mut h, 20);
+    assert!(r.leg.cycle_now(Duration::from_secs(10)).unwrap() > c0 + 1);
+    let image = read_all(&**r.d.far.inner()).unwrap();
+    assert_eq!(
+        assert_point_in_time(&image, &h, "the cycle after"),
+        h.writes.len() as u64
+    );
+}
+
+#[test]
+fn a_crash_in_a_catch_up_staged_in_pieces_leaves_the_previous_cycle_and_holds_on_restart() {
+    let mut h = History::default();
+    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 37);
+    let staged = |leg: &JournaledLeg| leg.replication().unwrap().cycle.unwrap().staged_bytes;
+    let before = staged(&r.leg);
+    let job = r.vol.attach_leg_with(1, catch_up_resync()).unwrap().run();
+    while staged(&r.leg) < before + (1 << 20) {
+        assert!(
+            !job.is_finished(),
+            "the resync ended before a piece was staged"
+        );
+        burst(&r, &mut h, 5);
+    }
+    let d = crash(r);
+    let _ = job.join();
+    // The far site alone: the pieces are not a cycle, the image stays at cycle `c0`.
+    let (image, rolled) = far_site_crash_image(&d);
+    assert!(!rolled);
+    assert_eq!(assert_point_in_time(&image, &h, "after the crash"), 200);
+    // The local site restarts: the journal is free up to the pieces, the leg holds until a
+    // resync makes it whole.
+    let leg = open(&d);
+    wait_for("the restarted leg at cycle c0", || {
+        leg.replication().unwrap().cycle.unwrap().cycle == c0
+    });
+    let st = leg.replication().unwrap();
+    assert_eq!(st.state, "catching-up");
+    assert!(st.journal_used < 2 << 20, "{}", st.journal_used);
+    assert_eq!(
+        st.consistent_seq, 200,
+        "the consistent point is the image's, not the pieces': {st:?}"
+    );
+    assert!(st.lag_writes > 0, "{st:?}");
+    let e = leg.cycle_now(Duration::from_millis(200)).unwrap_err();
+    assert!(e.contains("resync"), "{e}");
+    let image = read_all(&**d.far.inner()).unwrap();
+    assert_eq!(assert_point_in_time(&image, &h, "after the restart"), 200);
 }
 
 #[test]

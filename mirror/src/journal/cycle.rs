@@ -11,6 +11,11 @@
 //! 4. **Apply**: the winning runs go to the image, then a Flush.
 //! 5. **Advance**: the journal's commit block moves to the cut; the header says *applied*.
 //!
+//! While a resync of the leg runs (a catch-up) no cut is committed; when the journal fills
+//! meanwhile, its frozen part is staged as a *piece* of the catch-up (the header says
+//! *open*, the image is untouched) and the journal is freed up to there. The catch-up's
+//! cycle then holds every piece and is applied from the staging area.
+//!
 //! A block rewritten a hundred times in the cycle crosses the link once per copy. A crash
 //! before step 3 leaves the image at the previous cut (the next start ships the cycle again);
 //! after it, whoever opens the staging area rolls the cycle forward from the staging area
@@ -68,6 +73,11 @@ pub(crate) struct CycleShipper {
     /// Whether each frozen segment holds a winning record (only those are read again).
     wins: Vec<bool>,
     runs: Vec<Run>,
+    /// Where the next staged run goes (after an open catch-up's pieces and their table).
+    stage_at: u64,
+    /// The committed cycle holds pieces no longer in the journal: it is applied from the
+    /// staging area.
+    from_staging: bool,
     /// When the cycle being shipped was frozen.
     started: Instant,
 }
@@ -130,6 +140,8 @@ impl CycleShipper {
             map: RangeMap::new(),
             wins: Vec::new(),
             runs: Vec::new(),
+            stage_at: DATA_START,
+            from_staging: false,
             started: Instant::now(),
             sh,
         })
@@ -144,13 +156,19 @@ impl CycleShipper {
             if self.sh.stop.load(Ordering::Acquire) {
                 return;
             }
+            let pending = self.sh.written_seq.load(Ordering::Acquire) > self.commit.seq;
             if self.sh.catching_up() {
                 // A resync is copying into the open cycle: a cut now would mix copied and
-                // uncopied regions.
+                // uncopied regions. A journal filling meanwhile is staged as a piece.
+                if pending && self.piece_due() && !self.retry("stage a catch-up piece", Self::piece)
+                {
+                    return;
+                }
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            let pending = self.sh.written_seq.load(Ordering::Acquire) > self.commit.seq;
+            let open = self.header.is_some_and(|h| h.state == CycleState::Open);
+            let pending = pending || open;
             let due = self.sh.cycle.asked.load(Ordering::Acquire)
                 || self.sh.mode.load(Ordering::Acquire) != MODE_ASYNC
                 || last.elapsed() >= self.interval;
@@ -253,6 +271,18 @@ impl CycleShipper {
         // A cycle of this journal the commit block does not know of yet (rolled forward just
         // now, or applied before a crash ahead of the commit block's write).
         self.advance_journal(&h)?;
+        if h.state == CycleState::Open && h.journal == self.sh.uuid {
+            // Pieces of a catch-up: the journal is free up to them, the image is at `cycle`.
+            if h.staged.seq > self.commit.seq {
+                self.free_journal(h.staged)?;
+            }
+            let sh = &self.sh;
+            sh.applied_seq.store(h.cut.seq, Ordering::Release);
+            sh.applied_bytes.store(h.cut.bytes, Ordering::Release);
+            sh.applied_unix_ms.store(h.cut.unix_ms, Ordering::Release);
+            sh.next_unix_ms.store(h.cut.unix_ms, Ordering::Release);
+            tracing::info!(leg = %sh.name, cycle = h.cycle, runs = h.runs, bytes = h.data_bytes, "a catch-up staged in pieces goes on");
+        }
         self.sh.cycle.cycle.store(h.cycle, Ordering::Release);
         self.sh
             .cycle
@@ -275,13 +305,20 @@ impl CycleShipper {
         self.publish(cut)
     }
 
-    fn publish(&mut self, cut: Commit) -> Result<(), Short> {
+    /// Moves the journal's commit block to `cut`: the segments before it are free.
+    fn free_journal(&mut self, cut: Commit) -> Result<(), Short> {
         if !write_commit(&self.sh, &mut self.journal, &mut self.cbuf, cut) {
             return Err(Short::Stopped);
         }
         self.commit = cut;
+        self.sh.commit_offset.store(cut.offset, Ordering::Release);
+        Ok(())
+    }
+
+    /// Frees the journal up to `cut`, which the image now holds.
+    fn publish(&mut self, cut: Commit) -> Result<(), Short> {
+        self.free_journal(cut)?;
         let sh = &self.sh;
-        sh.commit_offset.store(cut.offset, Ordering::Release);
         sh.applied_bytes.store(cut.bytes, Ordering::Release);
         sh.applied_unix_ms.store(cut.unix_ms, Ordering::Release);
         sh.applied_seq.store(cut.seq, Ordering::Release);
@@ -298,18 +335,145 @@ impl CycleShipper {
             return self.finish(prev);
         }
         self.started = Instant::now();
+        let open = prev.state == CycleState::Open;
+        self.load_pieces(&prev)?;
+        let cut = match self.freeze()? {
+            Some(cut) => cut,
+            // The catch-up's pieces hold every record: commit them as they are.
+            None if open => prev.staged,
+            None => return Ok(()),
+        };
+        let number = prev.cycle + 1;
+        if !open {
+            self.sh.next_unix_ms.store(
+                self.segs.first().map_or(0, |s| s.1.unix_ms),
+                Ordering::Release,
+            );
+        }
+        // Stage.
+        let data_blocks = self.walk(Target::Staging)?;
+        let (table_lba, table_crc, table_len) = self.write_table(data_blocks)?;
+        flush(&mut self.stg, &self.sh.stop)?;
+        // Commit.
+        let bs = self.sh.geo.lba_size as usize;
+        let data_bytes = data_blocks * bs as u64 + if open { prev.data_bytes } else { 0 };
+        self.from_staging = open;
+        let h = StagingHeader {
+            counter: prev.counter + 1,
+            cycle: number,
+            state: CycleState::Committed,
+            journal: self.sh.uuid,
+            cut,
+            table_lba,
+            runs: self.runs.len() as u32,
+            table_crc,
+            data_bytes,
+            unix_ms: unix_ms(),
+            staged: Commit::ZERO,
+            ..prev
+        };
+        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
+        self.header = Some(h);
+        self.sh.cycle.staged_bytes.fetch_add(
+            data_blocks * bs as u64 + table_len as u64,
+            Ordering::Relaxed,
+        );
+        self.finish(h)
+    }
+
+    /// Whether the journal has filled enough during a catch-up to stage a piece of it: a
+    /// quarter of its bound, so the writes keep room while the piece ships.
+    fn piece_due(&self) -> bool {
+        let cap = (self.sh.ring_end - super::format::RING_START) * u64::from(self.sh.lba_size);
+        let bound = self.sh.cfg.max_bytes.map_or(cap, |m| m.min(cap));
+        self.sh.used_blocks() * u64::from(self.sh.lba_size) >= bound / 4
+    }
+
+    /// Stages the journal up to a cut as one more piece of the running catch-up: the winning
+    /// runs after the pieces staged before, the table of them all, a Flush, the header
+    /// *open* with FUA (the image and its cycle are untouched), then the journal is freed up
+    /// to the cut. Nothing is applied until the catch-up is whole.
+    fn piece(&mut self) -> Result<(), Short> {
+        let prev = self.header.expect("read when the shipper started");
+        if prev.state == CycleState::Committed {
+            return self.finish(prev);
+        }
+        self.load_pieces(&prev)?;
         let Some(cut) = self.freeze()? else {
             return Ok(());
         };
-        let number = prev.cycle + 1;
-        self.sh.next_unix_ms.store(
-            self.segs.first().map_or(0, |s| s.1.unix_ms),
-            Ordering::Release,
-        );
-        // Stage.
-        self.runs.clear();
+        if self.sh.next_unix_ms.load(Ordering::Acquire) == 0 {
+            self.sh.next_unix_ms.store(
+                self.segs.first().map_or(0, |s| s.1.unix_ms),
+                Ordering::Release,
+            );
+        }
         let data_blocks = self.walk(Target::Staging)?;
-        let table_lba = DATA_START + data_blocks;
+        let (table_lba, table_crc, table_len) = self.write_table(data_blocks)?;
+        flush(&mut self.stg, &self.sh.stop)?;
+        let bs = u64::from(self.sh.geo.lba_size);
+        let before = if prev.state == CycleState::Open {
+            prev.data_bytes
+        } else {
+            0
+        };
+        let h = StagingHeader {
+            counter: prev.counter + 1,
+            state: CycleState::Open,
+            staged: cut,
+            table_lba,
+            runs: self.runs.len() as u32,
+            table_crc,
+            data_bytes: before + data_blocks * bs,
+            unix_ms: unix_ms(),
+            ..prev
+        };
+        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
+        self.header = Some(h);
+        self.sh
+            .cycle
+            .staged_bytes
+            .fetch_add(data_blocks * bs + table_len as u64, Ordering::Relaxed);
+        self.free_journal(cut)?;
+        tracing::info!(leg = %self.sh.name, seq = cut.seq, runs = h.runs, staged_bytes = h.data_bytes, "catch-up piece staged; the journal is free up to it");
+        Ok(())
+    }
+
+    /// Loads the runs of an open catch-up's pieces (none for another header) and places the
+    /// next staged run after them and their table, which stays valid until a new header
+    /// replaces it.
+    fn load_pieces(&mut self, prev: &StagingHeader) -> Result<(), Short> {
+        self.runs.clear();
+        self.stage_at = DATA_START;
+        if prev.state != CycleState::Open {
+            return Ok(());
+        }
+        let bs = self.sh.geo.lba_size;
+        let tb = prev.table_blocks();
+        self.tbuf
+            .ensure((tb as usize * bs as usize).max(bs as usize));
+        if tb > 0 {
+            read_blocks(
+                &mut self.stg,
+                prev.table_lba,
+                tb as u32,
+                &mut self.tbuf,
+                0,
+                bs,
+                &self.sh.stop,
+            )
+            .map_err(Short::Retry)?;
+        }
+        self.runs =
+            decode_table(self.tbuf.bytes(), prev.runs, prev.table_crc).map_err(Short::Damaged)?;
+        self.stage_at = prev.table_lba + tb;
+        Ok(())
+    }
+
+    /// Writes the run table (`self.runs`) after the `data_blocks` just staged; its block,
+    /// CRC and length in bytes.
+    fn write_table(&mut self, data_blocks: u64) -> Result<(u64, u32, usize), Short> {
+        let table_lba = self.stage_at + data_blocks;
         let table_len = self.runs.len() * RUN_LEN;
         let bs = self.sh.geo.lba_size as usize;
         let table_blocks = table_len.div_ceil(bs);
@@ -332,29 +496,7 @@ impl CycleShipper {
             )
             .map_err(Short::Retry)?;
         }
-        flush(&mut self.stg, &self.sh.stop)?;
-        // Commit.
-        let data_bytes = data_blocks * bs as u64;
-        let h = StagingHeader {
-            counter: 2 * number,
-            cycle: number,
-            state: CycleState::Committed,
-            journal: self.sh.uuid,
-            cut,
-            table_lba,
-            runs: self.runs.len() as u32,
-            table_crc,
-            data_bytes,
-            unix_ms: unix_ms(),
-            ..prev
-        };
-        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
-        self.header = Some(h);
-        self.sh
-            .cycle
-            .staged_bytes
-            .fetch_add(data_bytes + table_len as u64, Ordering::Relaxed);
-        self.finish(h)
+        Ok((table_lba, table_crc, table_len))
     }
 
     /// Steps 4 and 5 of the committed cycle `h`, whose frozen segments and table are in
@@ -363,8 +505,18 @@ impl CycleShipper {
         if self.far_apply {
             self.wait_far_applied(&h)?;
         } else {
-            self.walk(Target::Image)?;
-            flush(&mut self.far, &self.sh.stop)?;
+            if self.from_staging {
+                roll_forward(
+                    &mut self.stg,
+                    &mut self.far,
+                    &h,
+                    &mut self.buf,
+                    &self.sh.stop,
+                )?;
+            } else {
+                self.walk(Target::Image)?;
+                flush(&mut self.far, &self.sh.stop)?;
+            }
             self.sh
                 .cycle
                 .image_bytes
@@ -473,8 +625,9 @@ impl CycleShipper {
                 };
                 (d + blocks, r + 1)
             });
+            let runs = runs + self.runs.len() as u64;
             let table = (runs * RUN_LEN as u64).div_ceil(u64::from(self.sh.geo.lba_size));
-            let need = DATA_START + data + table;
+            let need = self.stage_at + data + table;
             if need <= self.stg_blocks {
                 break;
             }
@@ -552,8 +705,8 @@ impl CycleShipper {
     }
 
     /// Sends the winning runs of the frozen segments to `target`, segment by segment; returns
-    /// the data blocks sent. For the staging area the runs are laid out from `DATA_START`
-    /// in the order met, and recorded in `self.runs`.
+    /// the data blocks sent. For the staging area the runs are laid out from `stage_at` in
+    /// the order met, and added to `self.runs`.
     fn walk(&mut self, target: Target) -> Result<u64, Short> {
         let bs = self.sh.geo.lba_size as usize;
         let mut staged = 0u64;
@@ -600,10 +753,10 @@ impl CycleShipper {
                                         lba: range.start,
                                         nlb,
                                         op: RunOp::Write,
-                                        staged_lba: DATA_START + staged,
+                                        staged_lba: self.stage_at + staged,
                                         crc: crc32c::crc32c(data),
                                     });
-                                    DATA_START + staged
+                                    self.stage_at + staged
                                 }
                                 Target::Image => range.start,
                             };

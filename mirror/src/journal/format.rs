@@ -68,8 +68,9 @@ impl Header {
     }
 }
 
-/// A commit block: the far side holds every record up to `seq`, and the segment with the
-/// next record starts at block `offset`. Two blocks take turns (by the parity of `counter`)
+/// A commit block: the far side holds every record up to `seq` (on the image, or, for an
+/// `async-cycle` leg's catch-up staged in pieces, in its staging area), and the segment with
+/// the next record starts at block `offset`. Two blocks take turns (by the parity of `counter`)
 /// so a torn write loses at most the newer one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Commit {
@@ -87,6 +88,13 @@ pub(crate) struct Commit {
 
 impl Commit {
     pub(crate) const LEN: usize = 72;
+    pub(crate) const ZERO: Self = Self {
+        counter: 0,
+        seq: 0,
+        offset: 0,
+        bytes: 0,
+        unix_ms: 0,
+    };
 
     /// The block (index) this commit is written to.
     pub(crate) fn block(&self) -> u64 {

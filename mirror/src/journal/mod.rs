@@ -172,8 +172,8 @@ pub(crate) struct CycleShared {
     pub interval: Option<Duration>,
     /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
     pub asked: AtomicBool,
-    /// A resync of the leg started and has not made it whole yet (`catch_up`): no cut is
-    /// taken meanwhile.
+    /// A resync of the leg started and has not made it whole yet (`catch_up`), or the volume
+    /// has not said yet that the leg is whole: no cut is committed meanwhile.
     pub catching_up: AtomicBool,
     pub cycle: AtomicU64,
     pub cut_unix_ms: AtomicU64,
@@ -348,6 +348,10 @@ impl JournaledLeg {
     /// atomically. A cycle a crash left committed is rolled forward when the shipper starts.
     /// `cfg.max_lag` should be at least two periods: a write waits up to a whole period and
     /// its shipping before it is applied (`nvmirror serve` refuses less).
+    ///
+    /// The leg takes no cut until it is told the leg is whole (`catch_up(false)`): a
+    /// [`Volume`](crate::Volume) does so for each in-sync leg when it is built, and a
+    /// resync when it ends.
     pub fn open_cycle(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
@@ -421,6 +425,9 @@ impl JournaledLeg {
             stop: AtomicBool::new(false),
             cycle: CycleShared {
                 interval: staging.as_ref().map(|s| s.1.interval),
+                // Until the volume says the leg is whole: the journal may hold part of a
+                // catch-up a crash cut short (`catch_up`).
+                catching_up: AtomicBool::new(true),
                 far_apply: staging.as_ref().is_some_and(|s| s.1.far_apply),
                 ..CycleShared::default()
             },

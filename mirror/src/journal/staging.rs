@@ -2,14 +2,17 @@
 //! header blocks written in turn (the higher valid counter wins), then the staged data of one
 //! cycle, then its run table. A cycle whose header says *committed* is whole in the staging
 //! area and can be rolled forward onto the image by whoever reads it, with or without the
-//! journal; *applied* means the image holds it.
+//! journal; *applied* means the image holds it; *open* means a catch-up is being staged in
+//! pieces (the image still holds `cycle`, whose cut the header keeps).
 
 use nvmirror_nvme::Uuid;
 
 use super::format::{check_crc, get32, get64, put32, put64, Commit};
 
 pub(crate) const STAGING_MAGIC: &[u8; 8] = b"NVMSTG01";
-pub(crate) const STAGING_VERSION: u32 = 1;
+/// Version 2 adds the open state and the staged cut (bytes 128..160); version 1 headers
+/// (128 bytes) are still read.
+pub(crate) const STAGING_VERSION: u32 = 2;
 /// The first block of staged data (blocks 0 and 1 hold the headers).
 pub(crate) const DATA_START: u64 = 2;
 /// Bytes of one run in the run table.
@@ -22,13 +25,16 @@ pub(crate) enum CycleState {
     Committed = 1,
     /// On the image.
     Applied = 2,
+    /// A catch-up staged in pieces, not whole yet: the image holds `cycle`; the pieces are
+    /// committed with the rest of the catch-up as cycle `cycle + 1`.
+    Open = 3,
 }
 
 /// A staging header (block 0 or 1, by the parity of `counter`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct StagingHeader {
-    /// `2 × cycle + 1` once applied, `2 × cycle` while committed: each write goes to the
-    /// other block, so a torn one leaves the previous header whole.
+    /// One more at each header write: each write goes to the other block, so a torn one
+    /// leaves the previous header whole.
     pub counter: u64,
     pub cycle: u64,
     pub state: CycleState,
@@ -39,6 +45,9 @@ pub(crate) struct StagingHeader {
     pub journal: Uuid,
     /// The journal position of the cut: the cycle holds every record up to `cut.seq`.
     pub cut: Commit,
+    /// *Open*: the journal position up to which the pieces staged so far hold the records
+    /// (the journal is free up to there). Zero otherwise.
+    pub staged: Commit,
     /// Where the run table starts, its runs and their CRC32C.
     pub table_lba: u64,
     pub runs: u32,
@@ -50,7 +59,8 @@ pub(crate) struct StagingHeader {
 }
 
 impl StagingHeader {
-    pub(crate) const LEN: usize = 128;
+    pub(crate) const LEN: usize = 160;
+    const LEN_V1: usize = 128;
 
     /// The header of a blank staging area: cycle 0, applied, no runs.
     pub(crate) fn blank(lba_size: u32, blocks: u64, journal: Uuid) -> Self {
@@ -61,13 +71,8 @@ impl StagingHeader {
             lba_size,
             blocks,
             journal,
-            cut: Commit {
-                counter: 0,
-                seq: 0,
-                offset: 0,
-                bytes: 0,
-                unix_ms: 0,
-            },
+            cut: Commit::ZERO,
+            staged: Commit::ZERO,
             table_lba: DATA_START,
             runs: 0,
             table_crc: crc32c::crc32c(&[]),
@@ -105,6 +110,10 @@ impl StagingHeader {
         put32(out, 108, self.table_crc);
         put64(out, 112, self.data_bytes);
         put64(out, 120, self.unix_ms);
+        put64(out, 128, self.staged.seq);
+        put64(out, 136, self.staged.offset);
+        put64(out, 144, self.staged.bytes);
+        put64(out, 152, self.staged.unix_ms);
         let crc = crc32c::crc32c(&out[..Self::LEN]);
         put32(out, 60, crc);
     }
@@ -114,14 +123,29 @@ impl StagingHeader {
         if b.len() < Self::LEN || &b[0..8] != STAGING_MAGIC {
             return None;
         }
-        check_crc(&b[..Self::LEN], 60).ok()?;
-        if get32(b, 8) != STAGING_VERSION {
-            return None;
-        }
+        let version = get32(b, 8);
+        let len = match version {
+            1 => Self::LEN_V1,
+            STAGING_VERSION => Self::LEN,
+            _ => return None,
+        };
+        check_crc(&b[..len], 60).ok()?;
         let state = match b[56] {
             1 => CycleState::Committed,
             2 => CycleState::Applied,
+            3 if version >= 2 => CycleState::Open,
             _ => return None,
+        };
+        let staged = if version >= 2 {
+            Commit {
+                counter: 0,
+                seq: get64(b, 128),
+                offset: get64(b, 136),
+                bytes: get64(b, 144),
+                unix_ms: get64(b, 152),
+            }
+        } else {
+            Commit::ZERO
         };
         let mut journal = [0; 16];
         journal.copy_from_slice(&b[24..40]);
@@ -144,6 +168,7 @@ impl StagingHeader {
             table_crc: get32(b, 108),
             data_bytes: get64(b, 112),
             unix_ms: get64(b, 120),
+            staged,
         })
     }
 
@@ -256,6 +281,13 @@ mod tests {
                 bytes: 1 << 30,
                 unix_ms: 5,
             },
+            staged: Commit {
+                counter: 0,
+                seq: 99,
+                offset: 1000,
+                bytes: 1 << 31,
+                unix_ms: 8,
+            },
             table_lba: 1234,
             runs: 9,
             table_crc: 0xdead_beef,
@@ -279,6 +311,35 @@ mod tests {
         assert_eq!(StagingHeader::newest(&b0, &b1), Ok(Some(h6)));
         b0[3] = b'X';
         assert!(StagingHeader::newest(&b0, &b1).is_err());
+    }
+
+    #[test]
+    fn an_open_header_round_trips_and_a_version_1_header_is_still_read() {
+        let mut b = vec![0u8; 512];
+        let open = StagingHeader {
+            state: CycleState::Open,
+            ..header(9)
+        };
+        open.encode(&mut b);
+        assert_eq!(StagingHeader::decode(&b), Some(open));
+        // Version 1: 128 bytes, CRC over them, no staged cut.
+        let v1 = StagingHeader {
+            staged: Commit::ZERO,
+            ..header(7)
+        };
+        v1.encode(&mut b);
+        b[128..160].fill(0);
+        put32(&mut b, 8, 1);
+        put32(&mut b, 60, 0);
+        let crc = crc32c::crc32c(&b[..128]);
+        put32(&mut b, 60, crc);
+        assert_eq!(StagingHeader::decode(&b), Some(v1));
+        // ... and an open state in a version 1 header is not one.
+        b[56] = 3;
+        put32(&mut b, 60, 0);
+        let crc = crc32c::crc32c(&b[..128]);
+        put32(&mut b, 60, crc);
+        assert_eq!(StagingHeader::decode(&b), None);
     }
 
     #[test]
