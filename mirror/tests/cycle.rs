@@ -561,7 +561,7 @@ fn rig_with_a_large_catch_up(
     let mut qp = r.vol.open_qpair(1).unwrap();
     let mut fill = DmaPool::new(1, BS).get().unwrap();
     fill.as_mut_slice().fill(0xee);
-    for region in (AREA * BS as u64 >> 16)..(4 << 4) {
+    for region in ((AREA * BS as u64) >> 16)..(4 << 4) {
         let lba = region * 16;
         let st = io(
             &mut *qp,
