@@ -340,6 +340,20 @@ fn four() -> u32 {
     4
 }
 
+impl ResyncConfig {
+    /// The engine's resync configuration (checked by `validate`: a bad rate reads as no
+    /// bound here).
+    pub fn engine(&self) -> nvmirror_mirror::ResyncConfig {
+        nvmirror_mirror::ResyncConfig {
+            windows: self.parallel_regions.max(1),
+            max_rate: parse_size(&self.max_rate).unwrap_or(0),
+            adaptive: self.adaptive,
+            latency_factor: self.latency_factor,
+            ..nvmirror_mirror::ResyncConfig::default()
+        }
+    }
+}
+
 impl Default for ResyncConfig {
     fn default() -> Self {
         Self {
@@ -963,6 +977,26 @@ mod tests {
 name = "v"
 legs = ["mem://64MiB", "mem://64MiB"]
 "#;
+
+    #[test]
+    fn the_resync_section_is_what_the_resyncs_get() {
+        let cfg = Config::parse_str(
+            &format!("{MINIMAL}\n[resync]\nmax_rate = \"4MiB\"\nadaptive = false\nlatency_factor = 3.0\nparallel_regions = 2\n"),
+            "test.toml",
+        )
+        .unwrap();
+        let e = cfg.resync.engine();
+        assert_eq!(
+            (e.max_rate, e.adaptive, e.latency_factor, e.windows),
+            (4 << 20, false, 3.0, 2)
+        );
+        let d = Config::parse_str(MINIMAL, "test.toml")
+            .unwrap()
+            .resync
+            .engine();
+        let want = nvmirror_mirror::ResyncConfig::default();
+        assert_eq!((d.max_rate, d.adaptive, d.windows), (0, true, want.windows));
+    }
 
     #[test]
     fn embedded_default_is_two_file_legs_on_the_usual_ports() {

@@ -125,6 +125,8 @@ pub struct Registry {
     /// Per image volume of a `[[cycle_apply]]`: what its far-site applier did last (shown
     /// in `volume_status` as `cycle_apply`).
     pub cycle_apply: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
+    /// How the resyncs this node starts copy (`[resync]`).
+    pub resync: nvmirror_mirror::ResyncConfig,
 }
 
 impl Registry {
@@ -147,6 +149,7 @@ impl Registry {
             cluster_volume: None,
             resign: std::sync::atomic::AtomicBool::new(false),
             cycle_apply: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            resync: nvmirror_mirror::ResyncConfig::default(),
         }
     }
 
@@ -570,7 +573,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         let (v, leg) = r.leg(p)?;
         let job = v
             .volume
-            .attach_leg(leg)
+            .attach_leg_with(leg, r.resync.clone())
             .map_err(|e| RpcError::failed(e.to_string()))?;
         r.run_job(Box::new(job))?;
         Ok(r.volume_status(&v))
@@ -591,7 +594,7 @@ pub fn methods(reg: Arc<Registry>) -> Methods {
         let mut legs = lock(&v.legs);
         let job = v
             .volume
-            .add_leg(Arc::new(faulty))
+            .add_leg_with(Arc::new(faulty), r.resync.clone())
             .map_err(|e| RpcError::failed(e.to_string()))?;
         legs.push(LegEntry {
             uri: uri.to_string(),

@@ -637,6 +637,7 @@ impl Service {
         registry.data_dir = cfg.data_dir.clone();
         registry.leg_dirs = crate::leg_dirs::allowed(cfg);
         registry.cluster_volume = cfg.cluster.as_ref().map(|c| c.volume.clone());
+        registry.resync = cfg.resync.engine();
         let registry = Arc::new(registry);
         // Legs that came up out of sync (stale after a crash or an outage) are rebuilt from
         // the write-intent bitmap at once, one per volume at a time.
@@ -645,7 +646,7 @@ impl Service {
                 if info.state.as_str() != "faulted" {
                     continue;
                 }
-                match e.volume.attach_leg(i) {
+                match e.volume.attach_leg_with(i, registry.resync.clone()) {
                     Ok(job) => {
                         tracing::info!(volume = e.volume.name(), leg = i, "resyncing a stale leg");
                         registry
@@ -1064,7 +1065,7 @@ fn watch_volume(reg: &Registry, e: &VolumeEntry, auto: bool, seen: &mut Vec<u64>
                         return;
                     }
                 }
-                match e.volume.attach_leg(i) {
+                match e.volume.attach_leg_with(i, reg.resync.clone()) {
                     Ok(job) => {
                         tracing::info!(
                             volume = e.volume.name(),

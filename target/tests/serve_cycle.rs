@@ -289,7 +289,7 @@ fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
                 &mut pool,
                 i * 64,
                 8,
-                round.wrapping_mul(8) + i as u8 + 1,
+                round.wrapping_mul(8).wrapping_add(i as u8 + 1),
             );
         }
     }
@@ -338,5 +338,118 @@ fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
         &b_img[(b_meta + data_offset) as usize..][..n],
         &a_img[at..at + n],
         "B's image holds the last round"
+    );
+}
+
+/// A catch-up larger than the journal, through serve: leg 1 is detached while the host
+/// writes the area and marks 16 more regions (about 17 MiB to copy against a 4 MiB journal
+/// bound). `leg_attach` resyncs it through the journal, which is staged in pieces at site B
+/// while B's image stays at the last cycle; site A is killed -9 in the middle, restarted,
+/// resynced again, and the next cycle brings B's image to every write, with no step-down.
+#[test]
+fn a_catch_up_larger_than_the_journal_survives_a_kill_and_lands_in_one_cycle() {
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let b = site_b(&db, 0);
+    let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
+    let b_meta = 64 * 1024 * 1024 - b_bytes;
+    let cfg = site_a_config_with(
+        &da,
+        b_bytes,
+        b.port(),
+        "100ms",
+        "max_bytes = \"4MiB\"\nmax_lag = \"30s\"\n\n[resync]\nmax_rate = \"4MiB\"\nadaptive = false\n",
+    );
+    let a = Server::with_config(&da, &cfg);
+    a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#);
+    let st = a.status();
+    let data_offset = st["bitmap"]["data_offset"].as_u64().unwrap();
+    let region = st["bitmap"]["region_size"].as_u64().unwrap();
+    let far = |from: u64, len: u64| {
+        let img = std::fs::read(db.join("b.img")).unwrap();
+        let at = (b_meta + data_offset + from) as usize;
+        img[at..at + len as usize].to_vec()
+    };
+    let far_data = || far(0, AREA * 512);
+    let host = open_leg(&format!("nvme-tcp://{}/{NQN}", a.nvme_tcp)).unwrap();
+    let mut qp = host.open_qpair(4).unwrap();
+    let mut pool = DmaPool::new(2, 64 << 10);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(18);
+    let mut writes = Vec::new();
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 200, AREA, &mut writes);
+    let c = a.rpc_ok("cycle_now", r#"{"volume":"vol0"}"#)["legs"][0]["cycle"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(assert_prefix(&far_data(), &writes), 200, "{}", a.status());
+
+    a.rpc_ok("leg_detach", r#"{"volume":"vol0","leg":1}"#);
+    stamped_writes(&mut *qp, &mut pool, &mut rng, 200, AREA, &mut writes);
+    for r in 1..=16u64 {
+        serve_rig::write(&mut *qp, &mut pool, r * region / 512, 8, r as u8);
+    }
+    let staged = |st: &serde_json::Value| {
+        st["legs"][1]["replication"]["cycle"]["staged_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = staged(&a.status());
+    a.rpc_ok("leg_attach", r#"{"volume":"vol0","leg":1}"#);
+    // The host writes on; B's image stays at cycle `c` while pieces are staged.
+    let mut samples = 0;
+    loop {
+        stamped_writes(&mut *qp, &mut pool, &mut rng, 5, AREA, &mut writes);
+        let st = a.status();
+        let r = &st["legs"][1]["replication"];
+        assert_eq!(r["state"], "catching-up", "the copy ended early: {st}");
+        assert_eq!(r["cycle"]["cycle"], c, "{st}");
+        assert_eq!(r["step_downs"], 0, "{st}");
+        assert_eq!(assert_prefix(&far_data(), &writes), 200, "{st}");
+        samples += 1;
+        if staged(&st) >= before + (2 << 20) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(qp);
+    a.kill9();
+    assert_eq!(assert_prefix(&far_data(), &writes), 200);
+    let rec = cycle_recover(b.port());
+    assert_eq!(
+        (rec["cycle"].as_u64(), rec["rolled_forward"].as_bool()),
+        (Some(c), Some(false)),
+        "the pieces are not a cycle: {rec}"
+    );
+
+    // A restarts: its leg is still out of sync, its cuts held; a resync makes it whole and
+    // the next cycle holds it all.
+    let a = Server::with_config(&da, &cfg);
+    let st = a.status();
+    assert_eq!(st["legs"][1]["replication"]["state"], "catching-up", "{st}");
+    if st["resync"]["state"] != "running" {
+        a.rpc_ok("leg_attach", r#"{"volume":"vol0","leg":1}"#);
+    }
+    a.wait_for(Duration::from_secs(60), "leg 1 in sync", |st| {
+        st["legs"][1]["state"] == "in_sync" && st["resync"]["state"] != "running"
+    });
+    let got = a.rpc_ok("cycle_now", r#"{"volume":"vol0","timeout_s":30}"#);
+    assert!(got["legs"][0]["cycle"].as_u64() > Some(c), "{got}");
+    let st = a.status();
+    assert_eq!(st["legs"][1]["replication"]["step_downs"], 0, "{st}");
+    a.stop();
+    b.stop();
+    assert_eq!(
+        assert_prefix(&far_data(), &writes),
+        writes.len() as u64,
+        "after {samples} samples: {st}"
+    );
+    let a_img = std::fs::read(da.join("a.img")).unwrap();
+    let len = 17 * region;
+    let at = data_offset as usize;
+    assert!(
+        far(0, len) == a_img[at..at + len as usize],
+        "B's image differs from A's"
     );
 }

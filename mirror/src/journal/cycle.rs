@@ -272,7 +272,9 @@ impl CycleShipper {
         // now, or applied before a crash ahead of the commit block's write).
         self.advance_journal(&h)?;
         if h.state == CycleState::Open && h.journal == self.sh.uuid {
-            // Pieces of a catch-up: the journal is free up to them, the image is at `cycle`.
+            // Pieces of a catch-up: the journal is free up to them, the image is at `cycle`;
+            // held until the volume says whether the leg is whole.
+            self.sh.cycle.restored.store(true, Ordering::Release);
             if h.staged.seq > self.commit.seq {
                 self.free_journal(h.staged)?;
             }
@@ -337,7 +339,7 @@ impl CycleShipper {
         self.started = Instant::now();
         let open = prev.state == CycleState::Open;
         self.load_pieces(&prev)?;
-        let cut = match self.freeze()? {
+        let cut = match self.freeze(false)? {
             Some(cut) => cut,
             // The catch-up's pieces hold every record: commit them as they are.
             None if open => prev.staged,
@@ -399,7 +401,7 @@ impl CycleShipper {
             return self.finish(prev);
         }
         self.load_pieces(&prev)?;
-        let Some(cut) = self.freeze()? else {
+        let Some(cut) = self.freeze(true)? else {
             return Ok(());
         };
         if self.sh.next_unix_ms.load(Ordering::Acquire) == 0 {
@@ -578,8 +580,8 @@ impl CycleShipper {
     /// Reads the journal from the commit position up to the cut and builds the changed-chunk
     /// table; returns the cut. The cut is the durable end of the journal when the cycle
     /// starts, moved back to fit the staging area, and never right after a piece of a
-    /// split write.
-    fn freeze(&mut self) -> Result<Option<Commit>, Short> {
+    /// split write (unless it ends a `piece` of a catch-up).
+    fn freeze(&mut self, piece: bool) -> Result<Option<Commit>, Short> {
         let target = self.sh.written_seq.load(Ordering::Acquire);
         self.segs.clear();
         // Segment counts at which a cut may fall.
@@ -604,7 +606,9 @@ impl CycleShipper {
             waiting = None;
             let (start, h) = self.read_seg(at, next, false)?;
             self.segs.push((start, h));
-            if !self.iocbs.last().is_some_and(|r| r.more) {
+            // A piece of a catch-up is no point in time: it may end inside a split write
+            // (whose rest may wait for the journal room this piece frees).
+            if piece || !self.iocbs.last().is_some_and(|r| r.more) {
                 cuts.push(self.segs.len());
             }
             next = h.seq_first + u64::from(h.count);

@@ -182,6 +182,10 @@ pub(crate) struct Iocb {
     /// A piece of a write split across segments that is not its last: a cut of the journal
     /// (`async-cycle`) never falls right after it.
     pub more: bool,
+    /// Journaled while a catch-up of an `async-cycle` leg was held (byte 15; old journals
+    /// read 0): a restart finding one past the commit holds the leg's cuts until its volume
+    /// says whether the leg is whole (`docs/cycles.md`).
+    pub catch_up: bool,
     /// CRC32C of the payload (0 for records without one).
     pub crc: u32,
 }
@@ -194,6 +198,7 @@ impl Iocb {
         out[12] = self.op as u8;
         out[13] = u8::from(self.fua);
         out[14] = u8::from(self.more);
+        out[15] = u8::from(self.catch_up);
         put32(out, 16, self.crc);
     }
 
@@ -204,6 +209,7 @@ impl Iocb {
             op: RecordOp::from_u8(b[12])?,
             fua: b[13] != 0,
             more: b[14] != 0,
+            catch_up: b[15] != 0,
             crc: get32(b, 16),
         })
     }
@@ -391,6 +397,7 @@ mod tests {
                 },
                 fua: i % 5 == 0,
                 more: i % 11 == 3,
+                catch_up: i % 13 == 4,
                 lba: i * 8,
                 nlb: 8,
                 crc: i as u32 * 3,

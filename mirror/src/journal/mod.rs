@@ -82,6 +82,11 @@ pub(crate) const MODE_DRAINING: u8 = 2;
 /// Replication states (`ReplicationStatus::state`).
 pub(crate) const REPLICATING: u8 = 0;
 pub(crate) const STEPPED_DOWN: u8 = 2;
+
+/// What the volume last told an `async-cycle` leg through `catch_up`.
+pub(crate) const TOLD_NOTHING: u8 = 0;
+pub(crate) const TOLD_HELD: u8 = 1;
+pub(crate) const TOLD_WHOLE: u8 = 2;
 pub(crate) const FAILED: u8 = 3;
 
 fn state_name(s: u8) -> &'static str {
@@ -172,9 +177,12 @@ pub(crate) struct CycleShared {
     pub interval: Option<Duration>,
     /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
     pub asked: AtomicBool,
-    /// A resync of the leg started and has not made it whole yet (`catch_up`), or the volume
-    /// has not said yet that the leg is whole: no cut is committed meanwhile.
-    pub catching_up: AtomicBool,
+    /// What the volume last said (`catch_up`): `TOLD_NOTHING`, `TOLD_HELD` (a resync of the
+    /// leg started and has not made it whole yet) or `TOLD_WHOLE`.
+    pub told: AtomicU8,
+    /// The leg opened in the middle of a catch-up (a record journaled during one lies past
+    /// the commit, or the staging area holds pieces of one): held until the volume tells.
+    pub restored: AtomicBool,
     pub cycle: AtomicU64,
     pub cut_unix_ms: AtomicU64,
     pub cycle_bytes: AtomicU64,
@@ -300,9 +308,17 @@ impl Shared {
         }
     }
 
-    /// Whether a resync of this async-cycle leg runs (its cuts are held).
+    /// Whether this async-cycle leg's cuts are held: a resync of it runs, or it opened in
+    /// the middle of a catch-up and its volume has not said yet that it is whole.
     pub(crate) fn catching_up(&self) -> bool {
-        self.cycle.interval.is_some() && self.cycle.catching_up.load(Ordering::Acquire)
+        if self.cycle.interval.is_none() {
+            return false;
+        }
+        match self.cycle.told.load(Ordering::Acquire) {
+            TOLD_HELD => true,
+            TOLD_WHOLE => false,
+            _ => self.cycle.restored.load(Ordering::Acquire),
+        }
     }
 
     /// The name of the asynchronous mode this leg runs in.
@@ -349,9 +365,10 @@ impl JournaledLeg {
     /// `cfg.max_lag` should be at least two periods: a write waits up to a whole period and
     /// its shipping before it is applied (`nvmirror serve` refuses less).
     ///
-    /// The leg takes no cut until it is told the leg is whole (`catch_up(false)`): a
-    /// [`Volume`](crate::Volume) does so for each in-sync leg when it is built, and a
-    /// resync when it ends.
+    /// A leg opened in the middle of a catch-up (a crash cut one short) takes no cut until
+    /// it is told whether the leg is whole (`catch_up`): a [`Volume`](crate::Volume) tells
+    /// each leg when it is built, and a resync when it ends. Meanwhile, reads see the far
+    /// image as it is (the last cycle).
     pub fn open_cycle(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
@@ -425,9 +442,8 @@ impl JournaledLeg {
             stop: AtomicBool::new(false),
             cycle: CycleShared {
                 interval: staging.as_ref().map(|s| s.1.interval),
-                // Until the volume says the leg is whole: the journal may hold part of a
-                // catch-up a crash cut short (`catch_up`).
-                catching_up: AtomicBool::new(true),
+                told: AtomicU8::new(TOLD_NOTHING),
+                restored: AtomicBool::new(found.catch_up),
                 far_apply: staging.as_ref().is_some_and(|s| s.1.far_apply),
                 ..CycleShared::default()
             },
@@ -643,6 +659,7 @@ impl BlockDevice for JournaledLeg {
     }
 
     fn catch_up(&self, on: bool) {
-        self.shared.cycle.catching_up.store(on, Ordering::Release);
+        let told = if on { TOLD_HELD } else { TOLD_WHOLE };
+        self.shared.cycle.told.store(told, Ordering::Release);
     }
 }

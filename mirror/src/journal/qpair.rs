@@ -90,8 +90,10 @@ impl JournalQueuePair {
 
     fn start_reads(&mut self) {
         let applied = self.sh.applied_seq.load(Ordering::Acquire);
+        // While the cuts are held the leg is not whole: a read sees the far image as it is.
+        let held = self.sh.catching_up();
         while let Some(&(barrier, cmd)) = self.reads.front() {
-            if barrier > applied {
+            if barrier > applied && !held {
                 // An async-cycle leg ships at once for a waiting read.
                 if self.sh.cycle.interval.is_some() {
                     self.sh.cycle.asked.store(true, Ordering::Relaxed);

@@ -187,6 +187,8 @@ pub(crate) struct Found {
     /// Payload bytes of records `1..next_seq`.
     pub bytes: u64,
     pub last_unix_ms: u64,
+    /// A record past the commit was journaled during a catch-up (`Iocb::catch_up`).
+    pub catch_up: bool,
 }
 
 /// Opens (or formats, when blank) the journal on `dev` and walks its chain of segments.
@@ -264,9 +266,11 @@ pub(crate) fn recover(dev: &Arc<dyn BlockDevice>, cfg: &JournalConfig) -> Result
     let (mut seq, mut at, mut bytes, mut last_ms) =
         (commit.seq + 1, commit.offset, commit.bytes, commit.unix_ms);
     let mut iocbs = Vec::new();
+    let mut catch_up = false;
     while let Some((start, h)) =
         read_segment(&mut qp, &j, at, seq, &mut buf, &mut iocbs, &stop, true)?
     {
+        catch_up |= iocbs.iter().any(|r| r.catch_up);
         seq += u64::from(h.count);
         bytes = h.bytes_before
             + iocbs
@@ -285,5 +289,6 @@ pub(crate) fn recover(dev: &Arc<dyn BlockDevice>, cfg: &JournalConfig) -> Result
         tail: at,
         bytes,
         last_unix_ms: last_ms,
+        catch_up,
     })
 }

@@ -142,6 +142,7 @@ impl Writer {
                 lba,
                 nlb: take,
                 more: take < nlb,
+                catch_up: self.sh.catching_up(),
                 crc: 0,
             };
             if take < nlb {
@@ -175,6 +176,16 @@ impl Writer {
             (RING_START + n < commit).then_some(RING_START)
         } else {
             (self.tail + n < commit).then_some(self.tail)
+        }
+    }
+
+    /// Where `n` more blocks go, unless the journal's bound refuses them or the ring has no
+    /// room.
+    fn fit(&self, n: u64) -> Option<u64> {
+        if self.over_bound(n) {
+            None
+        } else {
+            self.place(n)
         }
     }
 
@@ -215,11 +226,23 @@ impl Writer {
         if self.sh.state.load(Ordering::Relaxed) == FAILED {
             return self.complete(Status::WRITE_FAULT);
         }
-        let place = if self.over_bound(total) {
-            None
-        } else {
-            self.place(total)
-        };
+        let mut place = self.fit(total);
+        if place.is_none()
+            && self.sh.catching_up()
+            && self.sh.state.load(Ordering::Relaxed) != STEPPED_DOWN
+        {
+            // A catch-up (a resync of an async-cycle leg) fills the journal faster than its
+            // pieces reach the staging area: hold the writes (up to half the I/O timeout)
+            // while the shipper frees the journal, rather than fail the copy.
+            let deadline = std::time::Instant::now() + self.sh.cfg.io_timeout / 2;
+            while place.is_none()
+                && std::time::Instant::now() < deadline
+                && !self.sh.stop.load(Ordering::Acquire)
+            {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                place = self.fit(total);
+            }
+        }
         let Some(start) = place else {
             if self.sh.state.swap(STEPPED_DOWN, Ordering::Relaxed) != STEPPED_DOWN {
                 self.sh.step_downs.fetch_add(1, Ordering::Relaxed);

@@ -128,6 +128,10 @@ impl Slot {
     #[inline]
     pub unsafe fn h2c_bytes(&self, off: u32, len: u32) -> &[u8] {
         let (off, len) = (off as usize, len as usize);
+        if len == 0 {
+            // A command without data (Flush) may carry a null buffer.
+            return &[];
+        }
         match &self.dsm {
             Some(range) => &range[off..off + len],
             // SAFETY: `len <= buf.len()` was checked at submit and `off + len <= self.len`
