@@ -165,10 +165,15 @@ fn rig(interval: Duration, cfg: JournalConfig) -> Rig {
 }
 
 fn rig_with(cycle: CycleConfig, cfg: JournalConfig, vcfg: VolumeConfig) -> Rig {
+    rig_staging(cycle, cfg, vcfg, "8MiB")
+}
+
+/// A rig whose staging area has `staging` bytes.
+fn rig_staging(cycle: CycleConfig, cfg: JournalConfig, vcfg: VolumeConfig, staging: &str) -> Rig {
     let d = Devices {
         local: open_leg("mem://4MiB?lba=4096").unwrap(),
         far: faulty("mem://4MiB?lba=4096&latency=20us"),
-        staging: faulty("mem://8MiB?lba=4096&latency=20us"),
+        staging: faulty(&format!("mem://{staging}?lba=4096&latency=20us")),
         journal: open_leg("mem://64MiB?lba=4096").unwrap(),
         cfg,
         cycle,
@@ -530,6 +535,7 @@ fn a_resync_of_the_leg_reaches_the_far_image_in_one_cycle() {
 fn rig_with_a_large_catch_up(
     h: &mut History,
     seed: u64,
+    staging: &str,
 ) -> (Rig, u64, impl FnMut(&Rig, &mut History, usize)) {
     let vcfg = VolumeConfig {
         region_size: 64 << 10,
@@ -539,7 +545,12 @@ fn rig_with_a_large_catch_up(
         max_bytes: Some(2 << 20),
         ..JournalConfig::default()
     };
-    let r = rig_with(CycleConfig::every(Duration::from_millis(5)), cfg, vcfg);
+    let r = rig_staging(
+        CycleConfig::every(Duration::from_millis(5)),
+        cfg,
+        vcfg,
+        staging,
+    );
     let mut buf = DmaPool::new(1, 4 * BS).get().unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut burst = move |r: &Rig, h: &mut History, n: usize| {
@@ -585,7 +596,7 @@ fn catch_up_resync() -> ResyncConfig {
 #[test]
 fn a_catch_up_larger_than_the_journal_is_staged_in_pieces_and_lands_in_one_cycle() {
     let mut h = History::default();
-    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 31);
+    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 31, "16MiB");
     let job = r.vol.attach_leg_with(1, catch_up_resync()).unwrap().run();
     let before = r.leg.replication().unwrap().cycle.unwrap().staged_bytes;
     let (mut samples, mut pieces_seen) = (0, 0);
@@ -639,9 +650,35 @@ fn a_catch_up_larger_than_the_journal_is_staged_in_pieces_and_lands_in_one_cycle
 }
 
 #[test]
+fn a_catch_up_that_outgrows_the_staging_area_faults_the_leg_and_keeps_the_far_image() {
+    let mut h = History::default();
+    // The catch-up copies the whole 4 MiB volume: its pieces cannot all fit in 3 MiB.
+    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 41, "3MiB");
+    let job = r.vol.attach_leg_with(1, catch_up_resync()).unwrap().run();
+    while !job.is_finished() {
+        burst(&r, &mut h, 5);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let end = job.join().unwrap();
+    assert_eq!(end.state, JobState::Failed, "{end:?}");
+    assert_eq!(r.vol.leg_states()[1].state, LegState::Faulted);
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.state, "failed", "{st:?}");
+    let why = st.error.unwrap_or_default();
+    assert!(why.contains("outgrew the staging area"), "{why}");
+    // The far site still holds the cycle before the catch-up, whole.
+    assert_eq!(st.cycle.unwrap().cycle, c0);
+    let (image, _) = far_site_crash_image(&r.d);
+    assert_eq!(assert_point_in_time(&image, &h, "after the overflow"), 200);
+    // The host goes on writing to the local leg.
+    burst(&r, &mut h, 20);
+    assert_eq!(r.vol.leg_states()[0].state, LegState::InSync);
+}
+
+#[test]
 fn a_crash_in_a_catch_up_staged_in_pieces_leaves_the_previous_cycle_and_holds_on_restart() {
     let mut h = History::default();
-    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 37);
+    let (r, c0, mut burst) = rig_with_a_large_catch_up(&mut h, 37, "8MiB");
     let staged = |leg: &JournaledLeg| leg.replication().unwrap().cycle.unwrap().staged_bytes;
     let before = staged(&r.leg);
     let job = r.vol.attach_leg_with(1, catch_up_resync()).unwrap().run();

@@ -35,6 +35,9 @@ pub struct ReplicationStatus {
     pub step_downs: u64,
     /// Where the cycles of an `async-cycle` leg stand; `None` for `async-journal`.
     pub cycle: Option<CycleStatus>,
+    /// Why shipping is stuck (the far side refuses, the journal cannot be read, a cycle
+    /// does not fit the staging area); `None` while it works.
+    pub error: Option<String>,
 }
 
 /// The cycles of an `async-cycle` leg (`docs/cycles.md`).

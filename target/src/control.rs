@@ -324,31 +324,7 @@ impl Registry {
                             LegFence::Local => String::new(),
                         },
                     })),
-                    "replication": v.volume.leg_device(i).ok().and_then(|d| d.replication()).map(|r| json!({
-                        "mode": r.mode,
-                        "state": r.state,
-                        "rpo_seconds": r.rpo_seconds,
-                        "lag_bytes": r.lag_bytes,
-                        "lag_writes": r.lag_writes,
-                        "consistent_point": { "seq": r.consistent_seq, "unix_ms": r.consistent_unix_ms },
-                        "host_bytes": r.host_bytes,
-                        "journal_bytes": r.journal_bytes,
-                        "journal_used": r.journal_used,
-                        "journal_capacity": r.journal_capacity,
-                        "step_downs": r.step_downs,
-                        "cycle": r.cycle.map(|c| json!({
-                            "cycle": c.cycle,
-                            "cycle_unix_ms": c.cycle_unix_ms,
-                            "interval_s": c.interval_ms as f64 / 1000.0,
-                            "cycle_bytes": c.cycle_bytes,
-                            "changed_bytes": c.changed_bytes,
-                            "staged_bytes": c.staged_bytes,
-                            "image_bytes": c.image_bytes,
-                            "far_apply": c.far_apply,
-                            "ship_seconds": c.ship_us as f64 / 1e6,
-                            "copy_rate_bytes_per_second": if c.ship_us > 0 { c.cycle_bytes as f64 * 1e6 / c.ship_us as f64 } else { 0.0 },
-                        })),
-                    })),
+                    "replication": v.volume.leg_device(i).ok().and_then(|d| d.replication()).map(|r| replication_json(&r)),
                     "link": v.volume.leg_device(i).ok().and_then(|d| d.link()).map(|l| json!({
                         "connected": l.connected,
                         "last_error": l.last_error,
@@ -780,6 +756,36 @@ fn add_test_hooks(m: &mut Methods, reg: &Arc<Registry>) {
             .map_err(|e| RpcError::failed(e.to_string()))?;
         Ok(json!({"reactor": n}))
     });
+}
+
+/// An asynchronous leg's replication state, as `volume_status` shows it.
+fn replication_json(r: &nvmirror_nvme::ReplicationStatus) -> Value {
+    json!({
+        "mode": r.mode,
+        "state": r.state,
+        "rpo_seconds": r.rpo_seconds,
+        "lag_bytes": r.lag_bytes,
+        "lag_writes": r.lag_writes,
+        "consistent_point": { "seq": r.consistent_seq, "unix_ms": r.consistent_unix_ms },
+        "host_bytes": r.host_bytes,
+        "journal_bytes": r.journal_bytes,
+        "journal_used": r.journal_used,
+        "journal_capacity": r.journal_capacity,
+        "step_downs": r.step_downs,
+        "error": r.error,
+        "cycle": r.cycle.map(|c| json!({
+            "cycle": c.cycle,
+            "cycle_unix_ms": c.cycle_unix_ms,
+            "interval_s": c.interval_ms as f64 / 1000.0,
+            "cycle_bytes": c.cycle_bytes,
+            "changed_bytes": c.changed_bytes,
+            "staged_bytes": c.staged_bytes,
+            "image_bytes": c.image_bytes,
+            "far_apply": c.far_apply,
+            "ship_seconds": c.ship_us as f64 / 1e6,
+            "copy_rate_bytes_per_second": if c.ship_us > 0 { c.cycle_bytes as f64 * 1e6 / c.ship_us as f64 } else { 0.0 },
+        })),
+    })
 }
 
 #[cfg(test)]

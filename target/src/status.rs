@@ -177,6 +177,9 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
                     num(c, "changed_bytes"),
                 );
             }
+            if let Some(e) = r.get("error").and_then(Value::as_str) {
+                let _ = writeln!(out, "      ERROR: {e}");
+            }
         }
         if let Some(link) = leg.get("link").filter(|l| !l.is_null()) {
             let connected = link.get("connected").and_then(Value::as_bool) == Some(true);

@@ -55,13 +55,19 @@ fn site_a_config_with(da: &Path, a_bytes: u64, b_port: u16, cycle: &str, extra: 
 /// Blocks of the volume the writers touch.
 const AREA: u64 = 512;
 
-#[test]
-fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
-    use rand::SeedableRng;
+/// A test directory with the data directories of site A and site B.
+fn two_sites() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     std::fs::create_dir_all(&da).unwrap();
     std::fs::create_dir_all(&db).unwrap();
+    (dir, da, db)
+}
+
+#[test]
+fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {
+    use rand::SeedableRng;
+    let (_dir, da, db) = two_sites();
     let b = site_b(&db, 0);
     let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
     let cfg = site_a_config(&da, b_bytes, b.port(), "3600s");
@@ -193,10 +199,7 @@ fn cycle_recover(port: u16) -> serde_json::Value {
 #[test]
 fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
     use rand::SeedableRng;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
+    let (_dir, da, db) = two_sites();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -262,10 +265,7 @@ fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
 
 #[test]
 fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
+    let (_dir, da, db) = two_sites();
     let b = site_b_with(
         &db,
         0,
@@ -349,10 +349,7 @@ fn a_far_site_applier_takes_the_apply_so_the_link_carries_each_block_once() {
 #[test]
 fn a_catch_up_larger_than_the_journal_survives_a_kill_and_lands_in_one_cycle() {
     use rand::SeedableRng;
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
+    let (_dir, da, db) = two_sites();
     let b = site_b(&db, 0);
     let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
     let b_meta = 64 * 1024 * 1024 - b_bytes;
@@ -438,6 +435,7 @@ fn a_catch_up_larger_than_the_journal_survives_a_kill_and_lands_in_one_cycle() {
     assert!(got["legs"][0]["cycle"].as_u64() > Some(c), "{got}");
     let st = a.status();
     assert_eq!(st["legs"][1]["replication"]["step_downs"], 0, "{st}");
+    assert!(st["legs"][1]["replication"]["error"].is_null(), "{st}");
     a.stop();
     b.stop();
     assert_eq!(

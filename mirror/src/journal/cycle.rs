@@ -87,9 +87,11 @@ enum Short {
     Stopped,
     /// Worth trying again (the far side refused or did not answer).
     Retry(String),
-    /// The cut does not fit in the staging area.
+    /// The cut does not fit in the staging area (`need` blocks, of which `pieces` hold the
+    /// pieces an open catch-up staged before).
     TooLarge {
         need: u64,
+        pieces: u64,
     },
     /// The journal cannot be read back.
     Damaged(String),
@@ -196,6 +198,9 @@ impl CycleShipper {
         loop {
             let why = match step(self) {
                 Ok(()) => {
+                    if said {
+                        self.sh.report(None);
+                    }
                     if self.sh.retrying.swap(false, Ordering::Relaxed) {
                         tracing::info!(leg = %self.sh.name, "the far side takes cycles again");
                     }
@@ -214,10 +219,18 @@ impl CycleShipper {
                     self.sh.retrying.store(true, Ordering::Relaxed);
                     why
                 }
-                Err(Short::TooLarge { need }) => {
+                Err(Short::TooLarge { need, pieces: 0 }) => {
                     self.sh.state.store(FAILED, Ordering::Relaxed);
                     format!(
                         "one segment of the journal needs {need} blocks of staging area; it has {}",
+                        self.stg_blocks
+                    )
+                }
+                Err(Short::TooLarge { need, pieces }) => {
+                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    format!(
+                        "the catch-up outgrew the staging area: its pieces hold {pieces} blocks and the next needs {} more, of {} in all; a catch-up is staged whole (the copy and every write during it) before it is applied, so the staging area must hold it",
+                        need - pieces,
                         self.stg_blocks
                     )
                 }
@@ -228,6 +241,7 @@ impl CycleShipper {
             };
             if !said {
                 tracing::warn!(leg = %self.sh.name, %why, "cannot {what}; trying again until it can");
+                self.sh.report(Some(format!("cannot {what}: {why}")));
                 said = true;
             }
             if !pause(backoff, &self.sh.stop) {
@@ -345,42 +359,59 @@ impl CycleShipper {
             None if open => prev.staged,
             None => return Ok(()),
         };
-        let number = prev.cycle + 1;
         if !open {
+            self.sh.next_unix_ms.store(0, Ordering::Release);
+        }
+        let (staged, sent) = self.stage(&prev)?;
+        // Commit.
+        self.from_staging = open;
+        let h = StagingHeader {
+            cycle: prev.cycle + 1,
+            state: CycleState::Committed,
+            journal: self.sh.uuid,
+            cut,
+            staged: Commit::ZERO,
+            ..staged
+        };
+        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
+        self.header = Some(h);
+        self.sh
+            .cycle
+            .staged_bytes
+            .fetch_add(sent, Ordering::Relaxed);
+        self.finish(h)
+    }
+
+    /// Stages the frozen segments' winning runs after `prev`'s pieces (if it is *open*),
+    /// then the table of all runs, then a Flush; the header that describes them (to be given
+    /// its state and cut) and the bytes sent. The open cycle's age counts from its first
+    /// frozen write unless an earlier one is still unapplied.
+    fn stage(&mut self, prev: &StagingHeader) -> Result<(StagingHeader, u64), Short> {
+        if self.sh.next_unix_ms.load(Ordering::Acquire) == 0 {
             self.sh.next_unix_ms.store(
                 self.segs.first().map_or(0, |s| s.1.unix_ms),
                 Ordering::Release,
             );
         }
-        // Stage.
         let data_blocks = self.walk(Target::Staging)?;
         let (table_lba, table_crc, table_len) = self.write_table(data_blocks)?;
         flush(&mut self.stg, &self.sh.stop)?;
-        // Commit.
-        let bs = self.sh.geo.lba_size as usize;
-        let data_bytes = data_blocks * bs as u64 + if open { prev.data_bytes } else { 0 };
-        self.from_staging = open;
+        let data = data_blocks * u64::from(self.sh.geo.lba_size);
+        let before = if prev.state == CycleState::Open {
+            prev.data_bytes
+        } else {
+            0
+        };
         let h = StagingHeader {
             counter: prev.counter + 1,
-            cycle: number,
-            state: CycleState::Committed,
-            journal: self.sh.uuid,
-            cut,
             table_lba,
             runs: self.runs.len() as u32,
             table_crc,
-            data_bytes,
+            data_bytes: before + data,
             unix_ms: unix_ms(),
-            staged: Commit::ZERO,
-            ..prev
+            ..*prev
         };
-        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
-        self.header = Some(h);
-        self.sh.cycle.staged_bytes.fetch_add(
-            data_blocks * bs as u64 + table_len as u64,
-            Ordering::Relaxed,
-        );
-        self.finish(h)
+        Ok((h, data + table_len as u64))
     }
 
     /// Whether the journal has filled enough during a catch-up to stage a piece of it: a
@@ -404,38 +435,18 @@ impl CycleShipper {
         let Some(cut) = self.freeze(true)? else {
             return Ok(());
         };
-        if self.sh.next_unix_ms.load(Ordering::Acquire) == 0 {
-            self.sh.next_unix_ms.store(
-                self.segs.first().map_or(0, |s| s.1.unix_ms),
-                Ordering::Release,
-            );
-        }
-        let data_blocks = self.walk(Target::Staging)?;
-        let (table_lba, table_crc, table_len) = self.write_table(data_blocks)?;
-        flush(&mut self.stg, &self.sh.stop)?;
-        let bs = u64::from(self.sh.geo.lba_size);
-        let before = if prev.state == CycleState::Open {
-            prev.data_bytes
-        } else {
-            0
-        };
+        let (staged, sent) = self.stage(&prev)?;
         let h = StagingHeader {
-            counter: prev.counter + 1,
             state: CycleState::Open,
             staged: cut,
-            table_lba,
-            runs: self.runs.len() as u32,
-            table_crc,
-            data_bytes: before + data_blocks * bs,
-            unix_ms: unix_ms(),
-            ..prev
+            ..staged
         };
         write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
         self.header = Some(h);
         self.sh
             .cycle
             .staged_bytes
-            .fetch_add(data_blocks * bs + table_len as u64, Ordering::Relaxed);
+            .fetch_add(sent, Ordering::Relaxed);
         self.free_journal(cut)?;
         tracing::info!(leg = %self.sh.name, seq = cut.seq, runs = h.runs, staged_bytes = h.data_bytes, "catch-up piece staged; the journal is free up to it");
         Ok(())
@@ -638,7 +649,12 @@ impl CycleShipper {
             let half = cuts.iter().copied().filter(|&c| c <= n / 2).max();
             match half {
                 Some(c) if c > 0 => n = c,
-                _ => return Err(Short::TooLarge { need }),
+                _ => {
+                    return Err(Short::TooLarge {
+                        need,
+                        pieces: self.stage_at - DATA_START,
+                    })
+                }
             }
         }
         self.segs.truncate(n);
@@ -955,7 +971,7 @@ impl Short {
     fn message(self) -> String {
         match self {
             Self::Retry(s) | Self::Damaged(s) => s,
-            Self::TooLarge { need } => format!("needs {need} blocks"),
+            Self::TooLarge { need, .. } => format!("needs {need} blocks"),
             Self::Stopped => "stopped".into(),
         }
     }

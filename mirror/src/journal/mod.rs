@@ -234,9 +234,20 @@ pub(crate) struct Shared {
     pub retrying: AtomicBool,
     pub stop: AtomicBool,
     pub cycle: CycleShared,
+    /// Why the shipper last failed or had to retry; cleared once a step works again (status
+    /// only, never the data path).
+    pub error: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// Records why the shipper is stuck (`None`: it is not) for the status page.
+    pub(crate) fn report(&self, why: Option<String>) {
+        *self
+            .error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
     /// Journal blocks in use between the commit position and the writer's tail.
     pub(crate) fn used_blocks(&self) -> u64 {
         let tail = self.tail_offset.load(Ordering::Acquire);
@@ -305,6 +316,11 @@ impl Shared {
                     ship_us: c.ship_us.load(Ordering::Relaxed),
                 }
             }),
+            error: self
+                .error
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
     }
 
@@ -447,6 +463,7 @@ impl JournaledLeg {
                 far_apply: staging.as_ref().is_some_and(|s| s.1.far_apply),
                 ..CycleShared::default()
             },
+            error: std::sync::Mutex::new(None),
             cfg,
         });
         if found.next_seq - 1 > found.commit.seq {

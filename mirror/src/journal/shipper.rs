@@ -105,6 +105,8 @@ impl Shipper {
                             ),
                         };
                         tracing::error!(leg = %self.sh.name, error = %why, "cannot read the journal back: shipping stops");
+                        self.sh
+                            .report(Some(format!("cannot read the journal back: {why}")));
                         said_damage = true;
                     }
                     self.sh.state.store(FAILED, Ordering::Relaxed);
@@ -152,6 +154,7 @@ impl Shipper {
                 Ok(()) => {
                     if self.sh.retrying.swap(false, Ordering::Relaxed) {
                         tracing::info!(leg = %self.sh.name, "the far side takes the journal again");
+                        self.sh.report(None);
                     }
                     return true;
                 }
@@ -159,6 +162,10 @@ impl Shipper {
                 Err(why) => {
                     if !self.sh.retrying.swap(true, Ordering::Relaxed) {
                         tracing::warn!(leg = %self.sh.name, %why, seq = h.seq_first, "the far side did not take a journal segment; it is sent again until taken");
+                        self.sh.report(Some(format!(
+                            "the far side did not take journal segment #{}: {why}",
+                            h.seq_first
+                        )));
                     }
                     if !pause(backoff, &self.sh.stop) {
                         return false;
@@ -256,16 +263,26 @@ pub(super) fn after_failure(dev: &mut DevIo, buf: &mut SegBuf, res: &Result<(), 
 /// Makes `c` durable in its commit block of the journal (`cbuf`: one block); false on stop.
 pub(super) fn write_commit(sh: &Shared, journal: &mut DevIo, cbuf: &mut SegBuf, c: Commit) -> bool {
     let bs = sh.lba_size as usize;
+    let mut failed = false;
     loop {
         c.encode(sh.uuid, &mut cbuf.bytes()[..bs]);
         cbuf.bytes()[Commit::LEN..bs].fill(0);
         match write_blocks(journal, c.block(), cbuf, 0, bs, sh.lba_size, &sh.stop) {
-            Ok(()) => return true,
+            Ok(()) => {
+                if failed {
+                    sh.report(None);
+                }
+                return true;
+            }
             Err(e) => {
                 if sh.stop.load(Ordering::Acquire) {
                     return false;
                 }
                 tracing::error!(leg = %sh.name, error = %e, "cannot write the journal's commit block; retrying");
+                sh.report(Some(format!(
+                    "cannot write the journal's commit block: {e}"
+                )));
+                failed = true;
                 sh.state.store(FAILED, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
