@@ -18,6 +18,7 @@ use nvmirror_nvme::{
 use rand::{Rng, SeedableRng};
 
 mod common;
+use common::cached_disk::CachedDisk;
 use common::wait_for;
 
 const BS: usize = 4096;
@@ -170,10 +171,23 @@ fn rig_with(cycle: CycleConfig, cfg: JournalConfig, vcfg: VolumeConfig) -> Rig {
 
 /// A rig whose staging area has `staging` bytes.
 fn rig_staging(cycle: CycleConfig, cfg: JournalConfig, vcfg: VolumeConfig, staging: &str) -> Rig {
+    let far = faulty("mem://4MiB?lba=4096&latency=20us");
+    let staging = faulty(&format!("mem://{staging}?lba=4096&latency=20us"));
+    rig_on(cycle, cfg, vcfg, far, staging)
+}
+
+/// A rig on these far devices (4 MiB of image, and a staging area).
+fn rig_on(
+    cycle: CycleConfig,
+    cfg: JournalConfig,
+    vcfg: VolumeConfig,
+    far: Arc<FaultyDevice>,
+    staging: Arc<FaultyDevice>,
+) -> Rig {
     let d = Devices {
         local: open_leg("mem://4MiB?lba=4096").unwrap(),
-        far: faulty("mem://4MiB?lba=4096&latency=20us"),
-        staging: faulty(&format!("mem://{staging}?lba=4096&latency=20us")),
+        far,
+        staging,
         journal: open_leg("mem://64MiB?lba=4096").unwrap(),
         cfg,
         cycle,
@@ -267,6 +281,81 @@ fn every_crash_of_the_far_site_recovers_an_image_at_a_cut() {
         read_all(&*r.d.local).unwrap(),
         read_all(&**r.d.far.inner()).unwrap()
     );
+}
+
+/// What the far site recovers from what its media kept through a power cut, rolled
+/// forward; the media power on again.
+fn far_site_power_cut_image(disks: &[Arc<CachedDisk>; 2]) -> (Vec<u8>, bool) {
+    for d in disks {
+        d.cut_power();
+    }
+    let (image, staging) = (mem_copy(&disks[0].durable()), mem_copy(&disks[1].durable()));
+    for d in disks {
+        d.power_on();
+    }
+    let rolled = match recover_cycle(Arc::clone(&image), staging, Duration::from_secs(5)) {
+        Ok(rec) => rec.rolled_forward,
+        Err(e) if e.contains("blank") => false,
+        Err(e) => panic!("far-site recovery failed: {e}"),
+    };
+    (read_all(&*image).unwrap(), rolled)
+}
+
+#[test]
+fn a_power_cut_at_the_far_site_recovers_an_image_at_a_cut() {
+    // The image and the staging area acknowledge writes from volatile caches.
+    let disks = [
+        Arc::new(CachedDisk::new("cache://image".into(), 3, BS as u32, 4 << 20).remote()),
+        Arc::new(CachedDisk::new("cache://staging".into(), 4, BS as u32, 8 << 20).remote()),
+    ];
+    let wrap =
+        |d: &Arc<CachedDisk>| Arc::new(FaultyDevice::wrap(Arc::clone(d) as Arc<dyn BlockDevice>));
+    let cfg = JournalConfig {
+        max_segment_bytes: 4 * BS,
+        ..JournalConfig::default()
+    };
+    let r = rig_on(
+        CycleConfig::every(Duration::from_millis(5)),
+        cfg,
+        VolumeConfig::default(),
+        wrap(&disks[0]),
+        wrap(&disks[1]),
+    );
+    let mut qp = r.vol.open_qpair(1).unwrap();
+    let mut buf = DmaPool::new(1, 8 * BS).get().unwrap();
+    let mut h = History::default();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(23);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 1..=1500 {
+        let nlb = rng.gen_range(1..=8u32);
+        let slba = rng.gen_range(0..=AREA - u64::from(nlb));
+        write(&mut *qp, &mut buf, &mut h, slba, nlb);
+        if i % 50 == 0 {
+            let c = r.leg.replication().unwrap().cycle.unwrap().cycle;
+            let (image, _) = far_site_power_cut_image(&disks);
+            seen.insert(assert_point_in_time(
+                &image,
+                &h,
+                &format!("power cut after write {i}"),
+            ));
+            // Shipping goes on past the cut.
+            wait_for("a cycle after the power cut", || {
+                let st = r.leg.replication().unwrap();
+                st.lag_writes == 0 || st.cycle.unwrap().cycle > c
+            });
+        }
+    }
+    assert!(seen.len() >= 5, "the image moved through only {seen:?}");
+    // The cycles go on after the cuts, and the last one reaches the media whole.
+    if let Err(e) = r.leg.cycle_now(Duration::from_secs(20)) {
+        panic!("{e}: {:?}", r.leg.replication());
+    }
+    let (image, _) = far_site_power_cut_image(&disks);
+    assert_eq!(
+        assert_point_in_time(&image, &h, "the last cycle"),
+        h.writes.len() as u64
+    );
+    assert_eq!(r.vol.leg_states()[1].state, LegState::InSync);
 }
 
 #[test]

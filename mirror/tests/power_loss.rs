@@ -1,24 +1,23 @@
 //! Power loss with volatile write caches on the legs (docs/bitmap.md, "Ordering on the
 //! legs").
 //!
-//! Each leg is a [`CachedDisk`]: a write is acknowledged once it is in the disk's cache and
-//! becomes durable only through a Flush, a FUA write or a random eviction; a power cut keeps a
-//! random subset of the cached blocks (a torn cache, at block granularity) and drops the rest.
+//! Each leg is a [`CachedDisk`] (`common/cached_disk.rs`).
 //! A persistent volume on two such legs takes stamped writes the way a file system issues them
 //! (some with FUA, some followed by a Flush, bitmap clears in between), power is cut on every
 //! leg at a random point, and the volume is reopened with crash recovery. Then every write
 //! acknowledged with FUA, or acknowledged before a Flush that completed, must be there (its
 //! stamp or a newer one for that block), and the legs must be byte-identical.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cached_disk::{CachedDisk, Rng};
 use nvmirror_mirror::{BitmapConfig, Volume, VolumeConfig};
 use nvmirror_nvme::dma::IoBuf;
-use nvmirror_nvme::{
-    read_all, BlockDevice, Completion, Geometry, IoCommand, IoOp, QueuePair, Status, SubmitError,
-};
+use nvmirror_nvme::{read_all, BlockDevice, Completion, IoCommand, IoOp};
 
 const LBA: u32 = 512;
 const LEG_BYTES: u64 = 2 << 20;
@@ -26,218 +25,6 @@ const REGION: u64 = 64 << 10;
 /// Blocks of the exported namespace the workload writes (8 regions).
 const SPAN: u64 = 8 * REGION / LBA as u64;
 const CUTS: u64 = 100;
-
-/// A small deterministic generator (xorshift64*), so a failing cut can be replayed by seed.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
-/// The medium and the volatile cache of one disk.
-#[derive(Debug)]
-struct Media {
-    durable: Vec<u8>,
-    /// Latest cached contents per block, not yet on the medium.
-    cache: BTreeMap<u64, Vec<u8>>,
-    powered: bool,
-    rng: Rng,
-}
-
-impl Media {
-    fn block(&self, lba: u64) -> &[u8] {
-        let at = (lba * u64::from(LBA)) as usize;
-        self.cache
-            .get(&lba)
-            .map_or(&self.durable[at..at + LBA as usize], |b| &b[..])
-    }
-
-    fn persist(&mut self, lba: u64, data: &[u8]) {
-        let at = (lba * u64::from(LBA)) as usize;
-        self.durable[at..at + LBA as usize].copy_from_slice(data);
-    }
-
-    fn flush(&mut self) {
-        for (lba, data) in std::mem::take(&mut self.cache) {
-            self.persist(lba, &data);
-        }
-    }
-
-    /// The cache writes one block back on its own.
-    fn maybe_evict(&mut self) {
-        if self.cache.is_empty() || !self.rng.chance(30) {
-            return;
-        }
-        let nth = self.rng.below(self.cache.len() as u64) as usize;
-        let lba = *self.cache.keys().nth(nth).expect("nth < len");
-        let data = self.cache.remove(&lba).expect("present");
-        self.persist(lba, &data);
-    }
-}
-
-/// A disk with a volatile write cache.
-#[derive(Debug)]
-struct CachedDisk {
-    name: String,
-    geo: Geometry,
-    media: Arc<Mutex<Media>>,
-}
-
-impl CachedDisk {
-    fn new(name: String, seed: u64) -> Self {
-        Self {
-            name,
-            geo: Geometry {
-                lba_size: LBA,
-                num_blocks: LEG_BYTES / u64::from(LBA),
-            },
-            media: Arc::new(Mutex::new(Media {
-                durable: vec![0; LEG_BYTES as usize],
-                cache: BTreeMap::new(),
-                powered: true,
-                rng: Rng::new(seed),
-            })),
-        }
-    }
-
-    /// Power fails: each cached block reaches the medium or not (torn), the rest is lost,
-    /// and every command from now on fails until [`power_on`](Self::power_on).
-    fn cut_power(&self) {
-        let mut m = self.media.lock().unwrap();
-        for (lba, data) in std::mem::take(&mut m.cache) {
-            if m.rng.chance(50) {
-                m.persist(lba, &data);
-            }
-        }
-        m.powered = false;
-    }
-
-    fn power_on(&self) {
-        self.media.lock().unwrap().powered = true;
-    }
-}
-
-impl BlockDevice for CachedDisk {
-    fn geometry(&self) -> Geometry {
-        self.geo
-    }
-
-    fn open_qpair(&self, depth: u32) -> nvmirror_nvme::Result<Box<dyn QueuePair>> {
-        Ok(Box::new(CachedQueuePair {
-            geo: self.geo,
-            media: Arc::clone(&self.media),
-            depth,
-            done: VecDeque::new(),
-        }))
-    }
-
-    fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-#[derive(Debug)]
-struct CachedQueuePair {
-    geo: Geometry,
-    media: Arc<Mutex<Media>>,
-    depth: u32,
-    done: VecDeque<Completion>,
-}
-
-impl CachedQueuePair {
-    /// # Safety
-    /// `cmd.buf` as the submit contract promises it.
-    unsafe fn execute(&self, cmd: &IoCommand) -> Status {
-        if let Err(s) = cmd.check(&self.geo) {
-            return s;
-        }
-        let mut m = self.media.lock().unwrap();
-        if !m.powered {
-            return Status::HOST_PATHING_ERROR;
-        }
-        let bs = LBA as usize;
-        match cmd.op {
-            IoOp::Flush => m.flush(),
-            IoOp::Read => {
-                for i in 0..cmd.nlb as usize {
-                    let src = m.block(cmd.slba + i as u64).as_ptr();
-                    // SAFETY: `check` proved the buffer holds `nlb` blocks; the caller keeps
-                    // it valid and untouched until the completion is reaped.
-                    unsafe { std::ptr::copy_nonoverlapping(src, cmd.buf.as_ptr().add(i * bs), bs) };
-                }
-            }
-            IoOp::Write | IoOp::WriteZeroes | IoOp::Deallocate => {
-                for i in 0..cmd.nlb as usize {
-                    let lba = cmd.slba + i as u64;
-                    let data = if cmd.op == IoOp::Write {
-                        // SAFETY: as for reads; a write's buffer is only read.
-                        unsafe { std::slice::from_raw_parts(cmd.buf.as_ptr().add(i * bs), bs) }
-                            .to_vec()
-                    } else {
-                        vec![0; bs]
-                    };
-                    if cmd.wants_fua() {
-                        m.cache.remove(&lba);
-                        m.persist(lba, &data);
-                    } else {
-                        m.cache.insert(lba, data);
-                    }
-                }
-                m.maybe_evict();
-            }
-        }
-        Status::SUCCESS
-    }
-}
-
-impl QueuePair for CachedQueuePair {
-    fn depth(&self) -> u32 {
-        self.depth
-    }
-
-    fn outstanding(&self) -> u32 {
-        self.done.len() as u32
-    }
-
-    unsafe fn submit(&mut self, cmd: IoCommand) -> Result<(), SubmitError> {
-        if self.outstanding() >= self.depth {
-            return Err(SubmitError::QueueFull);
-        }
-        // SAFETY: forwarded from our caller's promise.
-        let status = unsafe { self.execute(&cmd) };
-        self.done.push_back(Completion {
-            tag: cmd.tag,
-            status,
-        });
-        Ok(())
-    }
-
-    fn poll(&mut self, out: &mut [Completion]) -> usize {
-        let n = out.len().min(self.done.len());
-        for (o, c) in out.iter_mut().zip(self.done.drain(..n)) {
-            *o = c;
-        }
-        n
-    }
-}
 
 /// Block `lba` of write number `seq`: the LBA and the sequence number, then a fill byte.
 fn stamp(lba: u64, seq: u64, out: &mut [u8]) {
@@ -275,7 +62,14 @@ struct InFlight {
 fn one_cut(seed: u64) {
     let mut rng = Rng::new(seed ^ 0x5eed);
     let disks: Vec<Arc<CachedDisk>> = (0..2)
-        .map(|i| Arc::new(CachedDisk::new(format!("cache://leg{i}"), seed * 8 + i)))
+        .map(|i| {
+            Arc::new(CachedDisk::new(
+                format!("cache://leg{i}"),
+                seed * 8 + i,
+                LBA,
+                LEG_BYTES,
+            ))
+        })
         .collect();
     let devs: Vec<Arc<dyn BlockDevice>> = disks
         .iter()

@@ -853,7 +853,7 @@ fn submit(
 }
 
 fn flush(dev: &mut DevIo, stop: &AtomicBool) -> Result<(), Short> {
-    let c = dev.run(IoCommand::new(IoOp::Flush, 0, 0, 0), None, stop)?;
+    let c = dev.flush(stop)?;
     if c.status.is_success() {
         Ok(())
     } else {

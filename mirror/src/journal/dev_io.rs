@@ -2,13 +2,21 @@
 //! first needed, every command waited for with a timeout (`wait.rs`). A command given up at
 //! the timeout closes the queue pair (the next command opens a new one), and the buffer it
 //! was given is parked on the close's fence, never reused while the device may still read or
-//! fill it, as `ControlIo` does for the control plane.
+//! fill it, as `ControlIo` does for the control plane. A command that completes with a
+//! path error closes it too.
+//!
+//! **Flushes across a reconnection.** A Flush covers the writes completed before it on the
+//! same controller. When a remote device's association is new since the first write after
+//! the last Flush (the far side lost its connection, perhaps its power and its volatile
+//! cache with it), a Flush on the new one proves nothing about them: [`DevIo::flush`] then
+//! fails with [`IoError::Reconnected`] and the caller sends them again.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, QueuePair};
+use nvmirror_nvme::spec::status::StatusCodeType;
+use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair};
 
 use super::recover::SegBuf;
 use crate::wait::{run_one, Waited};
@@ -19,6 +27,9 @@ pub(crate) struct DevIo {
     depth: u32,
     /// The time one command may take.
     pub(crate) timeout: Duration,
+    /// The device's association generation when a command first went out after the last
+    /// Flush that completed (0 for a device without a link).
+    unflushed: Option<u64>,
 }
 
 /// Why a command gave no completion.
@@ -28,6 +39,8 @@ pub(crate) enum IoError {
     Open(String),
     /// No completion within the timeout; the queue pair was closed.
     TimedOut(Duration),
+    /// A Flush completed on an association newer than the writes it was to cover.
+    Reconnected,
     /// The thread is stopping.
     Stopped,
 }
@@ -37,6 +50,9 @@ impl std::fmt::Display for IoError {
         match self {
             Self::Open(e) => f.write_str(e),
             Self::TimedOut(t) => write!(f, "no answer within {t:?}"),
+            Self::Reconnected => f.write_str(
+                "the device reconnected after writes its Flush had to cover: they may be lost and are sent again",
+            ),
             Self::Stopped => f.write_str("stopped"),
         }
     }
@@ -49,11 +65,19 @@ impl DevIo {
             qp: None,
             depth,
             timeout,
+            unflushed: None,
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.dev.link().map_or(0, |l| l.generation)
     }
 
     /// The queue pair, opened if there is none.
     pub(crate) fn qp(&mut self) -> Result<&mut dyn QueuePair, IoError> {
+        if self.unflushed.is_none() {
+            self.unflushed = Some(self.generation());
+        }
         if self.qp.is_none() {
             let qp = self
                 .dev
@@ -85,7 +109,12 @@ impl DevIo {
         // untouched until the completion is reaped, or, when the command is given up, parked
         // on the queue pair's fence below and replaced.
         let err = match unsafe { run_one(qp, cmd, timeout, Some(stop)) } {
-            Waited::Done(c) => return Ok(c),
+            Waited::Done(c) => {
+                if c.status.sct() == StatusCodeType::PathRelated {
+                    drop(self.give_up());
+                }
+                return Ok(c);
+            }
             Waited::Refused(e) => return Err(IoError::Open(format!("{e:?}"))),
             Waited::TimedOut => IoError::TimedOut(timeout),
             Waited::Stopped => IoError::Stopped,
@@ -95,5 +124,108 @@ impl DevIo {
             b.park_on(fence);
         }
         Err(err)
+    }
+
+    /// Flushes the device: the writes completed before it are on its medium. Fails with
+    /// [`IoError::Reconnected`] when the association changed since the first of them went
+    /// out (the module's doc).
+    pub(crate) fn flush(&mut self, stop: &AtomicBool) -> Result<Completion, IoError> {
+        let since = self.unflushed;
+        let c = self.run(IoCommand::new(IoOp::Flush, 0, 0, 0), None, stop)?;
+        if c.status.is_success() {
+            self.unflushed = None;
+            if since.is_some_and(|g| g != self.generation()) {
+                return Err(IoError::Reconnected);
+            }
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use nvmirror_nvme::backend::{Fault, FaultyDevice};
+    use nvmirror_nvme::{open_leg, Geometry, LinkStatus, Result};
+
+    use super::*;
+
+    /// A mem device reached "over a link" whose association generation the test moves.
+    #[derive(Debug)]
+    struct Linked {
+        inner: Arc<dyn BlockDevice>,
+        generation: AtomicU64,
+    }
+
+    impl BlockDevice for Linked {
+        fn geometry(&self) -> Geometry {
+            self.inner.geometry()
+        }
+        fn open_qpair(&self, depth: u32) -> Result<Box<dyn QueuePair>> {
+            self.inner.open_qpair(depth)
+        }
+        fn name(&self) -> &str {
+            "linked"
+        }
+        fn link(&self) -> Option<LinkStatus> {
+            Some(LinkStatus {
+                connected: true,
+                generation: self.generation.load(Ordering::Relaxed),
+                ..LinkStatus::default()
+            })
+        }
+    }
+
+    fn write(io: &mut DevIo, buf: &mut SegBuf, stop: &AtomicBool) -> Completion {
+        let cmd = IoCommand::with_buf(IoOp::Write, 0, 1, buf.io(0, 4096), 0);
+        io.run(cmd, Some(buf), stop).unwrap()
+    }
+
+    #[test]
+    fn a_flush_on_a_newer_association_than_the_writes_fails_until_they_are_sent_again() {
+        let dev = Arc::new(Linked {
+            inner: open_leg("mem://1MiB?lba=4096").unwrap(),
+            generation: AtomicU64::new(1),
+        });
+        let stop = AtomicBool::new(false);
+        let mut io = DevIo::new(
+            Arc::clone(&dev) as Arc<dyn BlockDevice>,
+            4,
+            Duration::from_secs(5),
+        );
+        let mut buf = SegBuf::new(4096);
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
+        assert!(io.flush(&stop).unwrap().status.is_success());
+        // The device reconnects between a write and its Flush.
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
+        dev.generation.store(2, Ordering::Relaxed);
+        assert!(matches!(io.flush(&stop), Err(IoError::Reconnected)));
+        // Written again on the new association, the Flush covers it.
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
+        assert!(io.flush(&stop).unwrap().status.is_success());
+        // A reconnect with nothing written since the last Flush changes nothing.
+        dev.generation.store(3, Ordering::Relaxed);
+        assert!(io.flush(&stop).unwrap().status.is_success());
+    }
+
+    #[test]
+    fn a_path_error_closes_the_queue_pair() {
+        let dev = Arc::new(FaultyDevice::wrap(open_leg("mem://1MiB?lba=4096").unwrap()));
+        let stop = AtomicBool::new(false);
+        let mut io = DevIo::new(
+            Arc::clone(&dev) as Arc<dyn BlockDevice>,
+            4,
+            Duration::from_secs(5),
+        );
+        let mut buf = SegBuf::new(4096);
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
+        assert!(io.qp.is_some());
+        let id = dev.injector().arm(Fault::Gone);
+        let c = write(&mut io, &mut buf, &stop);
+        assert_eq!(c.status.sct(), StatusCodeType::PathRelated, "{}", c.status);
+        assert!(io.qp.is_none(), "the next command opens a new queue pair");
+        dev.injector().clear(id);
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
     }
 }

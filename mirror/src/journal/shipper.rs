@@ -2,11 +2,12 @@
 //! "Shipping").
 //!
 //! Segment by segment: read it back from the journal, send all its records to the far device
-//! at once (they never overlap and were all in flight together at the host), then a Flush
-//! when the segment holds a barrier (a host Flush or FUA write), then the commit block with
-//! FUA. Only then does the next segment go out, so at every instant the far device holds the
-//! writes up to one segment boundary plus some of the next segment's: a crash-consistent
-//! image. A segment the far side refuses is sent again (idempotent) until it takes it.
+//! at once (they never overlap and were all in flight together at the host), then a Flush,
+//! then the commit block with FUA. Only then does the next segment go out, so at every instant
+//! the far device's medium holds the writes up to one segment boundary plus some of the next
+//! segment's (a crash-consistent image, through a power loss of its volatile write cache
+//! too), and the journal is freed only of segments the medium holds. A segment the far side
+//! refuses is sent again (idempotent) until it takes it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -176,7 +177,9 @@ impl Shipper {
         }
     }
 
-    /// Sends every record of the segment, then a Flush if it holds a barrier.
+    /// Sends every record of the segment, then a Flush: the segment is on the far medium
+    /// before the commit moves past it and before the next segment's writes go out (a
+    /// volatile write cache may write back in any order, and lose what it holds).
     fn apply(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
         let res = self.apply_on_far(h);
         after_failure(&mut self.far, &mut self.buf, &res);
@@ -190,12 +193,8 @@ impl Shipper {
         let mut off = hlen;
         let mut failed = None;
         let mut outstanding = 0u32;
-        let mut barrier = false;
         for i in 0..self.iocbs.len() {
             let r = self.iocbs[i];
-            if r.op == RecordOp::Flush || r.fua {
-                barrier = true;
-            }
             if r.op == RecordOp::Flush {
                 continue;
             }
@@ -227,12 +226,9 @@ impl Shipper {
         if let Some(s) = failed {
             return Err(NotApplied::Refused(s));
         }
-        if barrier {
-            let flush = IoCommand::new(IoOp::Flush, 0, 0, 0);
-            let c = self.far.run(flush, None, &self.sh.stop)?;
-            if !c.status.is_success() {
-                return Err(NotApplied::Refused(c.status));
-            }
+        let c = self.far.flush(&self.sh.stop)?;
+        if !c.status.is_success() {
+            return Err(NotApplied::Refused(c.status));
         }
         Ok(())
     }
@@ -320,6 +316,7 @@ impl From<IoError> for NotApplied {
             IoError::Stopped => Self::Stopped,
             IoError::TimedOut(t) => Self::TimedOut(t),
             IoError::Open(e) => Self::Unreachable(e),
+            e @ IoError::Reconnected => Self::Unreachable(e.to_string()),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! every acknowledged write.
 #![allow(dead_code)]
 
+pub mod cached_disk;
 pub mod delayed;
 
 use std::collections::HashMap;
