@@ -116,7 +116,17 @@ impl CycleShipper {
         commit: Commit,
     ) -> Result<Self, String> {
         let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
-        let stg_blocks = staging.geometry().num_blocks;
+        let stg = staging.geometry();
+        let stg_blocks = stg.num_blocks;
+        let image = sh.geo.num_blocks * u64::from(sh.geo.lba_size);
+        if stg.num_blocks * u64::from(stg.lba_size) < image {
+            tracing::warn!(
+                leg = %sh.name,
+                staging_bytes = stg.num_blocks * u64::from(stg.lba_size),
+                image_bytes = image,
+                "the staging area is smaller than the image: a catch-up of the whole leg (a new or replaced far side) cannot be staged and will fail the leg (docs/cycles.md, Sizing)"
+            );
+        }
         let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
         journal.qp().map_err(|e| e.to_string())?;
         Ok(Self {
