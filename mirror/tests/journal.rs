@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cached_disk::CachedDisk;
-use nvmirror_mirror::{JournalConfig, JournaledLeg, LegState, Volume, VolumeConfig};
+use nvmirror_mirror::{
+    JobState, JournalConfig, JournaledLeg, LegState, ResyncConfig, Volume, VolumeConfig,
+};
 use nvmirror_nvme::backend::{Fault, FaultyDevice, OpFilter};
 use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::{open_leg, read_all, BlockDevice, Completion, IoCommand, IoOp, QueuePair};
@@ -286,6 +288,51 @@ fn a_power_cut_at_the_far_device_keeps_a_prefix_and_loses_nothing_shipped() {
         .leg_states()
         .iter()
         .all(|l| l.state == LegState::InSync));
+}
+
+#[test]
+fn the_far_image_is_not_called_consistent_while_a_catch_up_is_applied() {
+    let r = rig(JournalConfig::default());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    write_stamped(&mut *qp, &mut recs, &mut clock, 200, 11, |_| {}, 1000);
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    let st = r.leg.replication().unwrap();
+    assert!(st.consistent && st.state == "replicating", "{st:?}");
+    // Out of the volume, the leg keeps its old prefix: still a consistent point.
+    r.vol.detach_leg(1).unwrap();
+    write_stamped(&mut *qp, &mut recs, &mut clock, 200, 12, |_| {}, 1000);
+    assert!(r.leg.replication().unwrap().consistent);
+    // The catch-up copies in region order: from its start the image is no point in time.
+    let slow = ResyncConfig {
+        windows: 1,
+        max_rate: 1 << 20,
+        adaptive: false,
+        ..ResyncConfig::default()
+    };
+    let job = r.vol.attach_leg_with(1, slow).unwrap().run();
+    let mut samples = 0;
+    while !job.is_finished() {
+        let st = r.leg.replication().unwrap();
+        // Read before the leg's state: still out of sync after it, the copy was not whole.
+        if r.vol.leg_states()[1].state != LegState::InSync {
+            assert!(!st.consistent, "consistent during the copy: {st:?}");
+            assert_eq!(st.state, "catching-up");
+            samples += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(job.join().unwrap().state, JobState::Done);
+    assert!(samples > 0, "the copy ended before a sample");
+    // Consistent again once every record of the copy is applied.
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    let st = r.leg.replication().unwrap();
+    assert!(st.consistent && st.state == "replicating", "{st:?}");
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap()
+    );
 }
 
 #[test]

@@ -18,8 +18,12 @@ pub struct ReplicationStatus {
     pub lag_bytes: u64,
     /// Writes (journal records) acknowledged and not yet applied.
     pub lag_writes: u64,
+    /// Whether the far image is known to be a crash-consistent point in time: false for an
+    /// `async-journal` leg from the start of a resync (or a volume start that found the leg
+    /// out of sync) until the copy's records are all applied.
+    pub consistent: bool,
     /// The far side holds exactly the writes up to this sequence number (a crash-consistent
-    /// point in time).
+    /// point in time, when `consistent`).
     pub consistent_seq: u64,
     /// When the record at `consistent_seq` was made durable in the journal (Unix time, ms);
     /// 0 before the first record.

@@ -766,6 +766,7 @@ fn replication_json(r: &nvmirror_nvme::ReplicationStatus) -> Value {
         "rpo_seconds": r.rpo_seconds,
         "lag_bytes": r.lag_bytes,
         "lag_writes": r.lag_writes,
+        "consistent": r.consistent,
         "consistent_point": { "seq": r.consistent_seq, "unix_ms": r.consistent_unix_ms },
         "host_bytes": r.host_bytes,
         "journal_bytes": r.journal_bytes,

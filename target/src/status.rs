@@ -154,13 +154,20 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
         if let Some(r) = leg.get("replication").filter(|r| !r.is_null()) {
             let _ = writeln!(
                 out,
-                "      {}: {}, rpo {:.3} s, lag {} write(s) / {} bytes, consistent at #{}, journal {} of {} bytes, {} step-down(s)",
+                "      {}: {}, rpo {:.3} s, lag {} write(s) / {} bytes, {}, journal {} of {} bytes, {} step-down(s)",
                 text(r, "mode"),
                 text(r, "state"),
                 num(r, "rpo_seconds"),
                 num(r, "lag_writes"),
                 num(r, "lag_bytes"),
-                r.get("consistent_point").map_or(0.0, |c| num(c, "seq")),
+                if r.get("consistent").and_then(Value::as_bool) == Some(false) {
+                    "far image NOT CONSISTENT until the catch-up is applied".to_string()
+                } else {
+                    format!(
+                        "consistent at #{}",
+                        r.get("consistent_point").map_or(0.0, |c| num(c, "seq"))
+                    )
+                },
                 num(r, "journal_used"),
                 num(r, "journal_capacity"),
                 num(r, "step_downs"),

@@ -166,6 +166,11 @@ impl Registry {
                         r.consistent_seq as f64,
                     ),
                     (
+                        "nvmirror_leg_consistent",
+                        "Async leg: 1 while the far image is known to be a crash-consistent point in time, 0 while a catch-up is being applied.",
+                        f64::from(u8::from(r.consistent)),
+                    ),
+                    (
                         "nvmirror_leg_journal_used_bytes",
                         "Async leg: journal bytes written and not yet trimmed.",
                         r.journal_used as f64,

@@ -103,6 +103,8 @@ fn an_async_leg_lags_behind_the_host_and_catches_up_to_an_identical_image() {
     let st = wait_drained(&a);
     let r = &st["legs"][1]["replication"];
     assert_eq!(r["state"], "replicating", "{st}");
+    assert_eq!(r["consistent"], true, "{st}");
+    assert!(r["error"].is_null(), "{st}");
     assert!(r["consistent_point"]["seq"].as_u64().unwrap() >= 64, "{st}");
     assert_eq!(r["rpo_seconds"], 0.0);
 
@@ -118,6 +120,12 @@ fn an_async_leg_lags_behind_the_host_and_catches_up_to_an_identical_image() {
         st["legs"][1]["replication"]["state"] == "retrying"
     });
     let r = &st["legs"][1]["replication"];
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not take journal segment")),
+        "{st}"
+    );
     assert!(r["lag_writes"].as_u64().unwrap() > 0, "{st}");
     assert!(r["lag_bytes"].as_u64().unwrap() > 0, "{st}");
     assert_eq!(st["legs"][1]["state"], "in_sync", "{st}");

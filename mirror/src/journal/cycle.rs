@@ -206,7 +206,8 @@ impl CycleShipper {
         let mut backoff = Duration::from_millis(10);
         let mut said = false;
         loop {
-            let why = match step(self) {
+            // Why it failed, and whether that fails the leg (else the far side is retried).
+            let (why, failed) = match step(self) {
                 Ok(()) => {
                     if said {
                         self.sh.report(None);
@@ -225,34 +226,34 @@ impl CycleShipper {
                     return true;
                 }
                 Err(Short::Stopped) => return false,
-                Err(Short::Retry(why)) => {
-                    self.sh.retrying.store(true, Ordering::Relaxed);
-                    why
-                }
-                Err(Short::TooLarge { need, pieces: 0 }) => {
-                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                Err(Short::Retry(why)) => (why, false),
+                Err(Short::TooLarge { need, pieces: 0 }) => (
                     format!(
                         "one segment of the journal needs {need} blocks of staging area; it has {}",
                         self.stg_blocks
-                    )
-                }
-                Err(Short::TooLarge { need, pieces }) => {
-                    self.sh.state.store(FAILED, Ordering::Relaxed);
+                    ),
+                    true,
+                ),
+                Err(Short::TooLarge { need, pieces }) => (
                     format!(
                         "the catch-up outgrew the staging area: its pieces hold {pieces} blocks and the next needs {} more, of {} in all; a catch-up is staged whole (the copy and every write during it) before it is applied, so the staging area must hold it",
                         need - pieces,
                         self.stg_blocks
-                    )
-                }
-                Err(Short::Damaged(why)) => {
-                    self.sh.state.store(FAILED, Ordering::Relaxed);
-                    why
-                }
+                    ),
+                    true,
+                ),
+                Err(Short::Damaged(why)) => (why, true),
             };
+            // The reason first, so a status that shows the state shows why.
             if !said {
                 tracing::warn!(leg = %self.sh.name, %why, "cannot {what}; trying again until it can");
                 self.sh.report(Some(format!("cannot {what}: {why}")));
                 said = true;
+            }
+            if failed {
+                self.sh.state.store(FAILED, Ordering::Relaxed);
+            } else {
+                self.sh.retrying.store(true, Ordering::Relaxed);
             }
             if !pause(backoff, &self.sh.stop) {
                 return false;

@@ -234,6 +234,10 @@ pub(crate) struct Shared {
     pub retrying: AtomicBool,
     pub stop: AtomicBool,
     pub cycle: CycleShared,
+    /// An `async-journal` leg's far image is a consistent point once `applied_seq` reaches
+    /// this: `u64::MAX` while a resync copies to the leg (the copy goes in region order), then
+    /// the last record journaled when the copy was whole.
+    pub consistent_from: AtomicU64,
     /// Why the shipper last failed or had to retry; cleared once a step works again (status
     /// only, never the data path).
     pub error: std::sync::Mutex<Option<String>>,
@@ -277,6 +281,7 @@ impl Shared {
     fn status(&self) -> ReplicationStatus {
         let written = self.written_seq.load(Ordering::Acquire);
         let applied = self.applied_seq.load(Ordering::Acquire);
+        let consistent = applied >= self.consistent_from.load(Ordering::Acquire);
         ReplicationStatus {
             mode: match self.mode.load(Ordering::Acquire) {
                 MODE_ASYNC if self.cycle.interval.is_some() => "async-cycle",
@@ -286,7 +291,7 @@ impl Shared {
             },
             state: match self.state.load(Ordering::Relaxed) {
                 REPLICATING if self.retrying.load(Ordering::Relaxed) => "retrying",
-                REPLICATING if self.catching_up() => "catching-up",
+                REPLICATING if self.catching_up() || !consistent => "catching-up",
                 s => state_name(s),
             },
             rpo_seconds: self.rpo_seconds(),
@@ -295,6 +300,7 @@ impl Shared {
                 .load(Ordering::Acquire)
                 .saturating_sub(self.applied_bytes.load(Ordering::Acquire)),
             lag_writes: written.saturating_sub(applied),
+            consistent,
             consistent_seq: applied,
             consistent_unix_ms: self.applied_unix_ms.load(Ordering::Acquire),
             host_bytes: self.host_bytes.load(Ordering::Relaxed),
@@ -464,6 +470,7 @@ impl JournaledLeg {
                 ..CycleShared::default()
             },
             error: std::sync::Mutex::new(None),
+            consistent_from: AtomicU64::new(0),
             cfg,
         });
         if found.next_seq - 1 > found.commit.seq {
@@ -676,7 +683,23 @@ impl BlockDevice for JournaledLeg {
     }
 
     fn catch_up(&self, on: bool) {
+        let sh = &self.shared;
         let told = if on { TOLD_HELD } else { TOLD_WHOLE };
-        self.shared.cycle.told.store(told, Ordering::Release);
+        sh.cycle.told.store(told, Ordering::Release);
+        if sh.cycle.interval.is_none() {
+            // async-journal ships the copy as it comes: the far image is no consistent point
+            // until every record of the copy is applied.
+            if on {
+                sh.consistent_from.store(u64::MAX, Ordering::Release);
+            } else {
+                let end = sh.written_seq.load(Ordering::Acquire);
+                let _ = sh.consistent_from.compare_exchange(
+                    u64::MAX,
+                    end,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
     }
 }

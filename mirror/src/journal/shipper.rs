@@ -161,12 +161,14 @@ impl Shipper {
                 }
                 Err(NotApplied::Stopped) => return false,
                 Err(why) => {
-                    if !self.sh.retrying.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(leg = %self.sh.name, %why, seq = h.seq_first, "the far side did not take a journal segment; it is sent again until taken");
+                    // The reason first, so a status that shows `retrying` shows why.
+                    if !self.sh.retrying.load(Ordering::Relaxed) {
                         self.sh.report(Some(format!(
                             "the far side did not take journal segment #{}: {why}",
                             h.seq_first
                         )));
+                        self.sh.retrying.store(true, Ordering::Relaxed);
+                        tracing::warn!(leg = %self.sh.name, %why, seq = h.seq_first, "the far side did not take a journal segment; it is sent again until taken");
                     }
                     if !pause(backoff, &self.sh.stop) {
                         return false;
