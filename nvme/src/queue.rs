@@ -262,6 +262,13 @@ pub trait BlockDevice: Send + Sync + Debug {
         None
     }
 
+    /// Whether completed writes may sit in a volatile write cache until a Flush (Identify
+    /// Controller VWC). `true` unless the back end knows better: a Flush is then needed to
+    /// make them durable. Memory and null devices have no cache apart from their medium.
+    fn volatile_write_cache(&self) -> bool {
+        true
+    }
+
     /// A resync of this leg starts (`true`), or one has made the leg whole (`false`; a
     /// resync that stops short never says so). An `async-cycle` leg takes no cut in between,
     /// so its far image stays at the last cycle until a copy is whole (`docs/cycles.md`);

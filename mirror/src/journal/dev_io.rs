@@ -126,10 +126,19 @@ impl DevIo {
         Err(err)
     }
 
-    /// Flushes the device: the writes completed before it are on its medium. Fails with
+    /// Flushes the device: the writes completed before it are on its medium (nothing to send
+    /// for a device without a volatile write cache). Fails with
     /// [`IoError::Reconnected`] when the association changed since the first of them went
     /// out (the module's doc).
     pub(crate) fn flush(&mut self, stop: &AtomicBool) -> Result<Completion, IoError> {
+        if !self.dev.volatile_write_cache() {
+            // What completed is on the medium already.
+            self.unflushed = None;
+            return Ok(Completion {
+                tag: 0,
+                status: nvmirror_nvme::Status::SUCCESS,
+            });
+        }
         let since = self.unflushed;
         let c = self.run(IoCommand::new(IoOp::Flush, 0, 0, 0), None, stop)?;
         if c.status.is_success() {
@@ -207,6 +216,27 @@ mod tests {
         // A reconnect with nothing written since the last Flush changes nothing.
         dev.generation.store(3, Ordering::Relaxed);
         assert!(io.flush(&stop).unwrap().status.is_success());
+    }
+
+    #[test]
+    fn a_device_without_a_volatile_cache_is_not_sent_flushes() {
+        // Memory has no cache apart from its medium; the injector fails any command sent.
+        let dev = Arc::new(FaultyDevice::wrap(open_leg("mem://1MiB?lba=4096").unwrap()));
+        assert!(!dev.volatile_write_cache());
+        let stop = AtomicBool::new(false);
+        let mut io = DevIo::new(
+            Arc::clone(&dev) as Arc<dyn BlockDevice>,
+            4,
+            Duration::from_secs(5),
+        );
+        let mut buf = SegBuf::new(4096);
+        assert!(write(&mut io, &mut buf, &stop).status.is_success());
+        dev.injector().arm(Fault::FailAfter {
+            n: 0,
+            status: nvmirror_nvme::Status::INTERNAL_ERROR,
+        });
+        assert!(io.flush(&stop).unwrap().status.is_success());
+        assert!(!write(&mut io, &mut buf, &stop).status.is_success());
     }
 
     #[test]

@@ -657,6 +657,10 @@ impl BlockDevice for JournaledLeg {
         self.inner.link()
     }
 
+    fn volatile_write_cache(&self) -> bool {
+        self.inner.volatile_write_cache()
+    }
+
     fn reservations(&self) -> Option<&dyn nvmirror_nvme::Reservations> {
         self.inner.reservations()
     }

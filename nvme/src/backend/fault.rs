@@ -246,6 +246,10 @@ impl BlockDevice for FaultyDevice {
         self.inner.link()
     }
 
+    fn volatile_write_cache(&self) -> bool {
+        self.inner.volatile_write_cache()
+    }
+
     fn reservations(&self) -> Option<&dyn crate::Reservations> {
         self.inner.reservations()
     }

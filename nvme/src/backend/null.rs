@@ -47,6 +47,10 @@ impl BlockDevice for NullDevice {
         }))
     }
 
+    fn volatile_write_cache(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

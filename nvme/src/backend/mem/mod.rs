@@ -132,6 +132,10 @@ impl BlockDevice for MemDevice {
         }))
     }
 
+    fn volatile_write_cache(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -61,6 +61,8 @@ pub(crate) struct Controller {
     pub queue_entries: u16,
     pub model: String,
     pub serial: String,
+    /// Identify Controller VWC bit 0: the controller has a volatile write cache.
+    pub volatile_cache: bool,
     health: AtomicU8,
     admin: Mutex<AdminQueue>,
     free_qids: Mutex<Vec<u16>>,
@@ -138,6 +140,7 @@ impl Controller {
             queue_entries: (cap.mqes.min(u32::from(opts.queue_size))) as u16,
             model: String::new(),
             serial: String::new(),
+            volatile_cache: true,
             health: AtomicU8::new(LIVE),
             admin: Mutex::new(AdminQueue {
                 sq,
@@ -159,6 +162,7 @@ impl Controller {
         }
         ctrl.model = String::from_utf8_lossy(&idc.mn).trim().to_string();
         ctrl.serial = String::from_utf8_lossy(&idc.sn).trim().to_string();
+        ctrl.volatile_cache = idc.vwc & 1 != 0;
         let step = format!("Identify Namespace {}", opts.nsid);
         let idn = IdentifyNamespace::read_from(&ctrl.identify(cns::NAMESPACE, opts.nsid, &step)?);
         let fmt = idn.lbaf[usize::from(idn.flbas & 0xf)];

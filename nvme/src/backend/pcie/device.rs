@@ -73,4 +73,8 @@ impl BlockDevice for PcieDevice {
     fn name(&self) -> &str {
         &self.name
     }
+
+    fn volatile_write_cache(&self) -> bool {
+        self.ctrl.volatile_cache
+    }
 }

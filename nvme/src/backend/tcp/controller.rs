@@ -53,6 +53,8 @@ pub struct ControllerInfo {
     /// Model and serial number (trimmed).
     pub model: String,
     pub serial: String,
+    /// Identify Controller VWC bit 0: the controller has a volatile write cache.
+    pub volatile_cache: bool,
     /// CC as written to enable the controller (for the shutdown notification).
     pub(super) cc: u32,
 }
@@ -253,6 +255,7 @@ pub(super) fn bring_up(
         io_queues,
         model: String::from_utf8_lossy(&id.mn).trim().to_string(),
         serial: String::from_utf8_lossy(&id.sn).trim().to_string(),
+        volatile_cache: id.vwc & 1 != 0,
         cc,
     };
     Ok((conn, info, geo))

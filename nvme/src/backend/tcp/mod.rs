@@ -353,6 +353,11 @@ impl BlockDevice for NvmeTcpDevice {
         Some(self.sup.status())
     }
 
+    fn volatile_write_cache(&self) -> bool {
+        // Not connected yet: assume a cache.
+        self.sup.link().map_or(true, |l| l.info.volatile_cache)
+    }
+
     fn reservations(&self) -> Option<&dyn crate::Reservations> {
         Some(self)
     }

@@ -173,6 +173,7 @@ impl Supervisor {
                     io_queues: 0,
                     model: String::new(),
                     serial: String::new(),
+                    volatile_cache: true,
                     cc: 0,
                 },
             }),
