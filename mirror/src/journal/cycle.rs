@@ -384,13 +384,19 @@ impl CycleShipper {
             staged: Commit::ZERO,
             ..staged
         };
+        self.write_staged_header(h, sent)?;
+        self.finish(h)
+    }
+
+    /// Writes header `h` of what was just staged (`sent` bytes) with FUA and counts it.
+    fn write_staged_header(&mut self, h: StagingHeader, sent: u64) -> Result<(), Short> {
         write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
         self.header = Some(h);
         self.sh
             .cycle
             .staged_bytes
             .fetch_add(sent, Ordering::Relaxed);
-        self.finish(h)
+        Ok(())
     }
 
     /// Stages the frozen segments' winning runs after `prev`'s pieces (if it is *open*),
@@ -452,12 +458,7 @@ impl CycleShipper {
             staged: cut,
             ..staged
         };
-        write_header(&mut self.stg, &mut self.cbuf, &h, &self.sh.stop)?;
-        self.header = Some(h);
-        self.sh
-            .cycle
-            .staged_bytes
-            .fetch_add(sent, Ordering::Relaxed);
+        self.write_staged_header(h, sent)?;
         self.free_journal(cut)?;
         tracing::info!(leg = %self.sh.name, seq = cut.seq, runs = h.runs, staged_bytes = h.data_bytes, "catch-up piece staged; the journal is free up to it");
         Ok(())

@@ -186,6 +186,12 @@ mod tests {
         }
     }
 
+    /// A stop flag, a `DevIo` on `dev` and a one-block buffer.
+    fn rig(dev: Arc<dyn BlockDevice>) -> (AtomicBool, DevIo, SegBuf) {
+        let io = DevIo::new(dev, 4, Duration::from_secs(5));
+        (AtomicBool::new(false), io, SegBuf::new(4096))
+    }
+
     fn write(io: &mut DevIo, buf: &mut SegBuf, stop: &AtomicBool) -> Completion {
         let cmd = IoCommand::with_buf(IoOp::Write, 0, 1, buf.io(0, 4096), 0);
         io.run(cmd, Some(buf), stop).unwrap()
@@ -197,13 +203,7 @@ mod tests {
             inner: open_leg("mem://1MiB?lba=4096").unwrap(),
             generation: AtomicU64::new(1),
         });
-        let stop = AtomicBool::new(false);
-        let mut io = DevIo::new(
-            Arc::clone(&dev) as Arc<dyn BlockDevice>,
-            4,
-            Duration::from_secs(5),
-        );
-        let mut buf = SegBuf::new(4096);
+        let (stop, mut io, mut buf) = rig(Arc::clone(&dev) as Arc<dyn BlockDevice>);
         assert!(write(&mut io, &mut buf, &stop).status.is_success());
         assert!(io.flush(&stop).unwrap().status.is_success());
         // The device reconnects between a write and its Flush.
@@ -223,13 +223,7 @@ mod tests {
         // Memory has no cache apart from its medium; the injector fails any command sent.
         let dev = Arc::new(FaultyDevice::wrap(open_leg("mem://1MiB?lba=4096").unwrap()));
         assert!(!dev.volatile_write_cache());
-        let stop = AtomicBool::new(false);
-        let mut io = DevIo::new(
-            Arc::clone(&dev) as Arc<dyn BlockDevice>,
-            4,
-            Duration::from_secs(5),
-        );
-        let mut buf = SegBuf::new(4096);
+        let (stop, mut io, mut buf) = rig(Arc::clone(&dev) as Arc<dyn BlockDevice>);
         assert!(write(&mut io, &mut buf, &stop).status.is_success());
         dev.injector().arm(Fault::FailAfter {
             n: 0,
@@ -242,13 +236,7 @@ mod tests {
     #[test]
     fn a_path_error_closes_the_queue_pair() {
         let dev = Arc::new(FaultyDevice::wrap(open_leg("mem://1MiB?lba=4096").unwrap()));
-        let stop = AtomicBool::new(false);
-        let mut io = DevIo::new(
-            Arc::clone(&dev) as Arc<dyn BlockDevice>,
-            4,
-            Duration::from_secs(5),
-        );
-        let mut buf = SegBuf::new(4096);
+        let (stop, mut io, mut buf) = rig(Arc::clone(&dev) as Arc<dyn BlockDevice>);
         assert!(write(&mut io, &mut buf, &stop).status.is_success());
         assert!(io.qp.is_some());
         let id = dev.injector().arm(Fault::Gone);
