@@ -9,7 +9,10 @@
 #   cycle:   the same with the second leg async-cycle (200 ms cycles, staging on a mem device);
 #   hot:     async-cycle with the writes confined to 1 % of the volume (10 MiB of 1 GiB), so
 #            each block is rewritten many times a cycle, against base-hot (the same writes,
-#            both legs synchronous).
+#            both legs synchronous);
+#   ship:    async-journal with a 100 us far leg and the host held at 20 k IOPS: the writes
+#            shipped per second (host writes less the lag at the end, over the run), against
+#            the host's rate (goal: keep up). Shipping is one far round trip per segment.
 # Reports IOPS and p99 of each async mode against base (goals: IOPS >= 0.9, p99 <= 1.5),
 # and for the hot run the bytes sent to the staging area per distinct byte changed (goal
 # <= 1.05) next to the host bytes per changed byte (what async-journal would ship).
@@ -58,6 +61,10 @@ jr=mem://4GiB?prealloc=1 st=mem://2GiB?prealloc=1
 run journal --journal "$jr"
 run cycle --journal "$jr" --staging "$st" --cycle 200ms
 run hot --journal "$jr" --staging "$st" --cycle 200ms --size 10MiB
+# No ramp here: every host write of the run counts against the lag at its end.
+legs=(--leg "mem://1GiB?latency=20us&prealloc=1" --leg "mem://1GiB?latency=100us&prealloc=1")
+job=(--rw randwrite --bs 4k --iodepth 32 --runtime "${secs}s" --time_based --rate_iops 20000)
+run ship --journal "$jr"
 
 # A leg that stepped down (its journal full) is faulted: its run measures no async leg.
 for name in journal cycle hot; do
@@ -74,3 +81,7 @@ result "async-cycle/sync hot 1%: 4K randwrite IOPS" "$(ratio hot iops base-hot)"
 result "async-cycle/sync hot 1%: 4K randwrite p99" "$(ratio hot p99 base-hot)" "<=" 1.5
 result "async-cycle hot 1%: staged bytes per changed byte" "${staged:-0}" "<=" 1.05
 result "async-cycle hot 1%: host bytes per changed byte" "${host:-0}" ">=" 1
+ios=$(jq '.jobs[0].write.total_ios' "$dir/ship.json")
+lag=$(sed -n 's/.*, lag \([0-9]*\) writes.*/\1/p' "$dir/ship.err")
+result "async-journal, 100 us far leg: writes shipped per second at 20k host IOPS" \
+    "$(( (ios - ${lag:-$ios}) / secs ))" ">=" 20000

@@ -14,8 +14,8 @@
 #   7. NBD: fio's nbd engine against serve vs nbdkit memory (fio-nbd.sh);
 #   8. a remote nvme-tcp:// leg inside serve vs the bare initiator on the same namespace
 #      (bench-remote-leg.sh);
-#   9. the host's cost of async-journal and async-cycle legs, and async-cycle's link bytes
-#      on a hot spot (bench-async.sh);
+#   9. the host's cost of async-journal and async-cycle legs, async-cycle's link bytes
+#      on a hot spot, and async-journal's shipping rate to a 100 us far leg (bench-async.sh);
 # then prints one table of results with the goal next to each, and draws the latency curves.
 #
 # Everything goes to bench-results/<UTC time>-<commit>/ (git-ignored): machine.txt, one log
