@@ -101,6 +101,55 @@ fn load(addr: String, stop: Arc<AtomicBool>, wrong: Arc<AtomicU64>) -> (u64, u64
     (checked, failed)
 }
 
+/// `leg_attach` of `leg`, asked again until taken (up to 20 s).
+fn attach(server: &Server, leg: usize, round: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, text) = server.rpc("leg_attach", &format!(r#"{{"volume":"vol0","leg":{leg}}}"#));
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "round {round}: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for `leg`'s resync to make it whole. With a 300 ms I/O timeout a copy command on a
+/// loaded machine may time out, which ends the resync failed (the leg stays faulted, as it
+/// must): the operator's answer, another `leg_attach`, is given up to five times.
+fn resync_until_in_sync(server: &Server, leg: usize, round: usize) {
+    for _ in 0..5 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let st = loop {
+            let st = server.status();
+            if st["resync"]["state"] != "running" && st["legs"][leg]["state"] != "resyncing" {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: resync still running: {st}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if st["legs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["state"] == "in_sync")
+        {
+            return;
+        }
+        let why = st["resync"]["error"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("timed out"),
+            "round {round}: resync failed: {st}"
+        );
+        eprintln!("round {round}: {why}; attaching leg {leg} again");
+        attach(server, leg, round);
+    }
+    panic!("round {round}: leg {leg} not in sync after five resyncs");
+}
+
 /// `serve` on `legs` with a 300 ms I/O timeout; the drills on each leg in turn under the
 /// load; then a scrub of the legs.
 fn drill(legs: [String; 2]) {
@@ -144,17 +193,8 @@ fn drill(legs: [String; 2]) {
             &format!(r#"{{"volume":"vol0","leg":{leg},"id":{}}}"#, armed["id"]),
         );
         std::thread::sleep(Duration::from_millis(200));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (ok, text) =
-                server.rpc("leg_attach", &format!(r#"{{"volume":"vol0","leg":{leg}}}"#));
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "round {round}: {text}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        server.wait_in_sync();
+        attach(&server, leg, round);
+        resync_until_in_sync(&server, leg, round);
     }
     stop.store(true, Ordering::Relaxed);
     let (checked, failed) = loader.join().unwrap();
