@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 
 mod common;
 use common::cached_disk::CachedDisk;
+use common::far_site::mem_copy;
 use common::wait_for;
 
 const BS: usize = 4096;
@@ -106,29 +107,6 @@ fn write(qp: &mut dyn QueuePair, buf: &mut DmaBuf, h: &mut History, slba: u64, n
     h.writes.push((slba, nlb));
 }
 
-/// A fresh mem device holding `bytes`.
-fn mem_copy(bytes: &[u8]) -> Arc<dyn BlockDevice> {
-    let dev = open_leg(&format!("mem://{}?lba=4096", bytes.len())).unwrap();
-    let mut qp = dev.open_qpair(1).unwrap();
-    let mut pool = DmaPool::new(1, 64 * BS);
-    let mut buf = pool.get().unwrap();
-    for (i, chunk) in bytes.chunks(64 * BS).enumerate() {
-        if chunk.iter().all(|&b| b == 0) {
-            continue;
-        }
-        buf.as_mut_slice()[..chunk.len()].copy_from_slice(chunk);
-        let cmd = IoCommand::with_buf(
-            IoOp::Write,
-            (i * 64) as u64,
-            (chunk.len() / BS) as u32,
-            buf.io_buf(),
-            0,
-        );
-        assert!(io(&mut *qp, cmd).is_success());
-    }
-    dev
-}
-
 /// The devices of a volume with an async-cycle leg: they outlive a crash of the local site.
 struct Devices {
     local: Arc<dyn BlockDevice>,
@@ -212,28 +190,9 @@ fn crash(r: Rig) -> Devices {
     r.d
 }
 
-/// What the far site would recover if both its devices stopped now: copies of the image
-/// and the staging area taken while their writes are held, rolled forward.
+/// What the far site would recover if both its devices stopped now.
 fn far_site_crash_image(r: &Devices) -> (Vec<u8>, bool) {
-    let hs = r.staging.injector().arm(Fault::Hang {
-        ops: OpFilter::Writes,
-    });
-    let hi = r.far.injector().arm(Fault::Hang {
-        ops: OpFilter::Writes,
-    });
-    let staging = read_all(&**r.staging.inner()).unwrap();
-    let image = read_all(&**r.far.inner()).unwrap();
-    r.far.injector().clear(hi);
-    r.staging.injector().clear(hs);
-    let (image, staging) = (mem_copy(&image), mem_copy(&staging));
-    let rec = recover_cycle(Arc::clone(&image), staging, Duration::from_secs(5));
-    let rolled = match rec {
-        Ok(rec) => rec.rolled_forward,
-        // Not one cycle committed yet: the image was never written.
-        Err(e) if e.contains("blank") => false,
-        Err(e) => panic!("far-site recovery failed: {e}"),
-    };
-    (read_all(&*image).unwrap(), rolled)
+    common::far_site::crash_image(&r.far, &r.staging)
 }
 
 #[test]

@@ -81,6 +81,8 @@ struct Rig {
     local: Arc<dyn BlockDevice>,
     far: Arc<FaultyDevice>,
     journal: Arc<dyn BlockDevice>,
+    /// The far site's staging area, for a leg opened with one.
+    staging: Option<Arc<FaultyDevice>>,
     leg: Arc<JournaledLeg>,
     vol: Volume,
 }
@@ -96,15 +98,32 @@ fn rig(cfg: JournalConfig) -> Rig {
 }
 
 fn rig_on(far: Arc<FaultyDevice>, cfg: JournalConfig) -> Rig {
+    rig_with(far, None, cfg)
+}
+
+/// A rig whose leg has a staging area at the far site (`JournaledLeg::open_staged`).
+fn rig_staged(cfg: JournalConfig) -> Rig {
+    let staging = Arc::new(FaultyDevice::wrap(
+        open_leg("mem://8MiB?lba=4096&latency=50us").unwrap(),
+    ));
+    rig_with(far_mem(), Some(staging), cfg)
+}
+
+fn rig_with(far: Arc<FaultyDevice>, staging: Option<Arc<FaultyDevice>>, cfg: JournalConfig) -> Rig {
     let local = open_leg("mem://4MiB?lba=4096&latency=100us").unwrap();
     // Sparse: room for every write the tests make, however far the far leg lags.
     let journal = open_leg("mem://256MiB?lba=4096").unwrap();
+    let far_dev = Arc::clone(&far) as Arc<dyn BlockDevice>;
     let leg = Arc::new(
-        JournaledLeg::open(
-            Arc::clone(&far) as Arc<dyn BlockDevice>,
-            Arc::clone(&journal),
-            cfg,
-        )
+        match &staging {
+            None => JournaledLeg::open(far_dev, Arc::clone(&journal), cfg),
+            Some(stg) => JournaledLeg::open_staged(
+                far_dev,
+                Arc::clone(&journal),
+                Arc::clone(stg) as Arc<dyn BlockDevice>,
+                cfg,
+            ),
+        }
         .unwrap(),
     );
     let vol = Volume::new(
@@ -117,6 +136,7 @@ fn rig_on(far: Arc<FaultyDevice>, cfg: JournalConfig) -> Rig {
         local,
         far,
         journal,
+        staging,
         leg,
         vol,
     }
@@ -247,6 +267,106 @@ fn the_far_leg_always_holds_a_crash_consistent_prefix_and_ends_identical() {
 }
 
 #[test]
+fn a_staged_leg_ships_its_backlog_in_batches_and_every_far_crash_leaves_a_prefix() {
+    let r = rig_staged(JournalConfig::default());
+    let staging = Arc::clone(r.staging.as_ref().unwrap());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    let (mut samples, mut rolled) = (0, 0);
+    let far = Arc::clone(&r.far);
+    write_stamped(
+        &mut *qp,
+        &mut recs,
+        &mut clock,
+        4000,
+        21,
+        |recs| {
+            // A batch is applied to the image through the staging area: what the far site
+            // recovers at any instant is a crash state of the host's writes.
+            let (image, forward) = common::far_site::crash_image(&far, &staging);
+            assert_crash_consistent(&image, recs, &format!("far crash {samples}"));
+            samples += 1;
+            rolled += usize::from(forward);
+        },
+        97,
+    );
+    assert!(samples >= 40);
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.mode, "async-journal");
+    assert!(st.consistent && st.lag_writes == 0, "{st:?}");
+    // The samples hold the far writes for a while: the journal backs up behind them and
+    // ships as batches.
+    let batches = st.cycle.as_ref().map_or(0, |c| c.cycle);
+    assert!(batches > 0, "no backlog was shipped as a batch: {st:?}");
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap(),
+        "after the journal drained the legs are identical"
+    );
+    eprintln!("{samples} far crashes, {rolled} rolled forward, {batches} batches");
+}
+
+#[test]
+fn a_staged_leg_keeps_its_far_image_a_prefix_through_a_catch_up() {
+    let r = rig_staged(JournalConfig::default());
+    let staging = Arc::clone(r.staging.as_ref().unwrap());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    write_stamped(&mut *qp, &mut recs, &mut clock, 300, 31, |_| {}, 1000);
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    r.vol.detach_leg(1).unwrap();
+    write_stamped(&mut *qp, &mut recs, &mut clock, 300, 32, |_| {}, 1000);
+    // A slow copy, and host writes all through it.
+    let slow = ResyncConfig {
+        windows: 1,
+        max_rate: 1 << 20,
+        adaptive: false,
+        ..ResyncConfig::default()
+    };
+    let job = r.vol.attach_leg_with(1, slow).unwrap().run();
+    let far = Arc::clone(&r.far);
+    let mut samples = 0;
+    let mut seed = 33;
+    while !job.is_finished() {
+        let leg = Arc::clone(&r.leg);
+        let vol = &r.vol;
+        write_stamped(
+            &mut *qp,
+            &mut recs,
+            &mut clock,
+            64,
+            seed,
+            |recs| {
+                let st = leg.replication().unwrap();
+                let (image, _) = common::far_site::crash_image(&far, &staging);
+                if vol.leg_states()[1].state != LegState::InSync {
+                    // The copy goes to the staging area: the image stays at its last
+                    // prefix, and says so.
+                    assert!(st.consistent, "{st:?}");
+                    assert_eq!(st.state, "catching-up", "{st:?}");
+                    samples += 1;
+                }
+                assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
+            },
+            16,
+        );
+        seed += 1;
+    }
+    assert_eq!(job.join().unwrap().state, JobState::Done);
+    assert!(samples > 0, "the copy ended before a sample");
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    let st = r.leg.replication().unwrap();
+    assert!(st.consistent && st.state == "replicating", "{st:?}");
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap()
+    );
+}
+
+#[test]
 fn a_power_cut_at_the_far_device_keeps_a_prefix_and_loses_nothing_shipped() {
     // The far disk acknowledges writes from a volatile cache; the host sends no barrier.
     let disk = Arc::new(CachedDisk::new("cache://far".into(), 7, BS as u32, 4 << 20).remote());
@@ -365,6 +485,7 @@ fn a_crash_of_the_sender_resumes_shipping_from_the_commit_position() {
         journal,
         leg,
         vol,
+        ..
     } = r;
     drop(vol);
     // The crash: the writer and shipper stop where they are.

@@ -49,7 +49,9 @@ enum Target {
 
 pub(crate) struct CycleShipper {
     sh: Arc<Shared>,
-    interval: Duration,
+    /// The cycle period; `None` for an `async-journal` leg with a staging area, which ships
+    /// segment by segment while it keeps up and a backlog as one batch ([`Self::run`]).
+    interval: Option<Duration>,
     /// A far-site applier applies committed cycles (`FarApplier`); this side only stages.
     far_apply: bool,
     journal: DevIo,
@@ -109,7 +111,7 @@ impl From<NotApplied> for Short {
 impl CycleShipper {
     pub(crate) fn new(
         sh: Arc<Shared>,
-        cycle: super::CycleConfig,
+        cycle: Option<super::CycleConfig>,
         journal: Arc<dyn BlockDevice>,
         far: Arc<dyn BlockDevice>,
         staging: Arc<dyn BlockDevice>,
@@ -130,8 +132,8 @@ impl CycleShipper {
         let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
         journal.qp().map_err(|e| e.to_string())?;
         Ok(Self {
-            interval: cycle.interval,
-            far_apply: cycle.far_apply,
+            interval: cycle.map(|c| c.interval),
+            far_apply: cycle.is_some_and(|c| c.far_apply),
             journal,
             far: DevIo::new(far, DEPTH, sh.cfg.io_timeout),
             stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout),
@@ -164,6 +166,7 @@ impl CycleShipper {
             return;
         }
         let mut last = Instant::now();
+        let mut idle = crate::wait::Backoff::new();
         loop {
             if self.sh.stop.load(Ordering::Acquire) {
                 return;
@@ -181,9 +184,21 @@ impl CycleShipper {
             }
             let open = self.header.is_some_and(|h| h.state == CycleState::Open);
             let pending = pending || open;
+            let Some(interval) = self.interval else {
+                // async-journal: a segment as soon as it is durable; a backlog as one batch.
+                if !pending {
+                    idle.wait();
+                    continue;
+                }
+                idle.worked();
+                if !self.retry("ship the journal", Self::ship_journal) {
+                    return;
+                }
+                continue;
+            };
             let due = self.sh.cycle.asked.load(Ordering::Acquire)
                 || self.sh.mode.load(Ordering::Acquire) != MODE_ASYNC
-                || last.elapsed() >= self.interval;
+                || last.elapsed() >= interval;
             if !pending || !due {
                 if !pending && due {
                     // Nothing to ship: the cycle is empty, the image is at the cut already.
@@ -351,6 +366,58 @@ impl CycleShipper {
         sh.applied_seq.store(cut.seq, Ordering::Release);
         sh.next_unix_ms.store(0, Ordering::Release);
         Ok(())
+    }
+
+    /// `async-journal`: the next segment straight to the image when it is the last durable
+    /// one, else every durable segment as one batch (a cycle). A cycle committed or a
+    /// catch-up staged in pieces is finished first. A staging area too small for even one
+    /// segment is passed by: that segment goes straight to the image.
+    fn ship_journal(&mut self) -> Result<(), Short> {
+        let prev = self.header.expect("read when the shipper started");
+        if prev.state != CycleState::Applied || !self.segment(false)? {
+            return match self.cycle() {
+                Err(Short::TooLarge { pieces: 0, .. }) if prev.state == CycleState::Applied => {
+                    self.segment(true).map(drop)
+                }
+                r => r,
+            };
+        }
+        Ok(())
+    }
+
+    /// Applies the next segment to the image directly, as a leg without a staging area does
+    /// (`shipper::send_segment`), and frees the journal of it, when it is the last durable
+    /// one or when `force`d; whether it did.
+    fn segment(&mut self, force: bool) -> Result<bool, Short> {
+        let next = self.commit.seq + 1;
+        let (start, h) = self.read_seg(self.commit.offset, next, false)?;
+        let last = h.seq_first + u64::from(h.count) - 1;
+        if !force && last < self.sh.written_seq.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.read_seg(start, next, true)?;
+        self.sh.next_unix_ms.store(h.unix_ms, Ordering::Release);
+        super::shipper::send_segment(
+            &mut self.far,
+            &self.sh,
+            &mut self.buf,
+            &self.iocbs,
+            &mut self.cpl,
+            &h,
+        )?;
+        let payload: u64 = self
+            .iocbs
+            .iter()
+            .map(|r| r.payload_len(h.data_lba_size) as u64)
+            .sum();
+        self.publish(Commit {
+            counter: self.commit.counter + 1,
+            seq: last,
+            offset: start + u64::from(h.total_blocks),
+            bytes: h.bytes_before + payload,
+            unix_ms: h.unix_ms,
+        })?;
+        Ok(true)
     }
 
     /// One whole cycle: freeze, stage, commit, apply, advance. A cycle whose commit is

@@ -175,6 +175,9 @@ impl CycleConfig {
 pub(crate) struct CycleShared {
     /// The cycle period; `None`: the leg ships segment by segment (`async-journal`).
     pub interval: Option<Duration>,
+    /// The leg has a staging area: `async-cycle`, or `async-journal` that ships a backlog in
+    /// batches and stages a catch-up (`docs/journal.md`, "With a staging area").
+    pub staged: bool,
     /// A cycle is wanted now (`cycle_now`, or a read waiting for the far image).
     pub asked: AtomicBool,
     /// What the volume last said (`catch_up`): `TOLD_NOTHING`, `TOLD_HELD` (a resync of the
@@ -308,12 +311,12 @@ impl Shared {
             journal_used: self.used_blocks() * u64::from(self.lba_size),
             journal_capacity: (self.ring_end - format::RING_START) * u64::from(self.lba_size),
             step_downs: self.step_downs.load(Ordering::Relaxed),
-            cycle: self.cycle.interval.map(|i| {
+            cycle: self.cycle.staged.then(|| {
                 let c = &self.cycle;
                 CycleStatus {
                     cycle: c.cycle.load(Ordering::Acquire),
                     cycle_unix_ms: c.cut_unix_ms.load(Ordering::Acquire),
-                    interval_ms: i.as_millis() as u64,
+                    interval_ms: c.interval.map_or(0, |i| i.as_millis() as u64),
                     cycle_bytes: c.cycle_bytes.load(Ordering::Relaxed),
                     changed_bytes: c.changed_bytes.load(Ordering::Relaxed),
                     staged_bytes: c.staged_bytes.load(Ordering::Relaxed),
@@ -330,10 +333,10 @@ impl Shared {
         }
     }
 
-    /// Whether this async-cycle leg's cuts are held: a resync of it runs, or it opened in
-    /// the middle of a catch-up and its volume has not said yet that it is whole.
+    /// Whether this staged leg's cuts are held: a resync of it runs, or it opened in the
+    /// middle of a catch-up and its volume has not said yet that it is whole.
     pub(crate) fn catching_up(&self) -> bool {
-        if self.cycle.interval.is_none() {
+        if !self.cycle.staged {
             return false;
         }
         match self.cycle.told.load(Ordering::Acquire) {
@@ -398,13 +401,28 @@ impl JournaledLeg {
         cycle: CycleConfig,
         cfg: JournalConfig,
     ) -> Result<Self> {
-        Self::open_with(inner, journal, Some((staging, cycle)), cfg)
+        Self::open_with(inner, journal, Some((staging, Some(cycle))), cfg)
+    }
+
+    /// Opens an `async-journal` leg with a staging area at the far site
+    /// (`docs/journal.md`, "With a staging area"): as [`open`](Self::open) while the shipper
+    /// keeps up (segment by segment), but a backlog of more than one segment ships as one
+    /// batch through the staging area (each changed block once, the image moved from one
+    /// segment boundary to a later one atomically), and a resync's catch-up is staged whole
+    /// before it is applied, so the far image stays a consistent prefix through it.
+    pub fn open_staged(
+        inner: Arc<dyn BlockDevice>,
+        journal: Arc<dyn BlockDevice>,
+        staging: Arc<dyn BlockDevice>,
+        cfg: JournalConfig,
+    ) -> Result<Self> {
+        Self::open_with(inner, journal, Some((staging, None)), cfg)
     }
 
     fn open_with(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
-        staging: Option<(Arc<dyn BlockDevice>, CycleConfig)>,
+        staging: Option<(Arc<dyn BlockDevice>, Option<CycleConfig>)>,
         cfg: JournalConfig,
     ) -> Result<Self> {
         let name = inner.name().to_string();
@@ -428,7 +446,7 @@ impl JournaledLeg {
                     inner.geometry().lba_size
                 )));
             }
-            if cycle.interval.is_zero() {
+            if cycle.is_some_and(|c| c.interval.is_zero()) {
                 return Err(err("the cycle period must be more than 0".into()));
             }
         }
@@ -463,10 +481,14 @@ impl JournaledLeg {
             retrying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cycle: CycleShared {
-                interval: staging.as_ref().map(|s| s.1.interval),
+                interval: staging.as_ref().and_then(|s| s.1).map(|c| c.interval),
+                staged: staging.is_some(),
                 told: AtomicU8::new(TOLD_NOTHING),
                 restored: AtomicBool::new(found.catch_up),
-                far_apply: staging.as_ref().is_some_and(|s| s.1.far_apply),
+                far_apply: staging
+                    .as_ref()
+                    .and_then(|s| s.1)
+                    .is_some_and(|c| c.far_apply),
                 ..CycleShared::default()
             },
             error: std::sync::Mutex::new(None),
@@ -690,7 +712,7 @@ impl BlockDevice for JournaledLeg {
         let sh = &self.shared;
         let told = if on { TOLD_HELD } else { TOLD_WHOLE };
         sh.cycle.told.store(told, Ordering::Release);
-        if sh.cycle.interval.is_none() {
+        if !sh.cycle.staged {
             // async-journal ships the copy as it comes: the far image is no consistent point
             // until every record of the copy is applied.
             if on {

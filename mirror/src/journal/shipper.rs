@@ -179,65 +179,92 @@ impl Shipper {
         }
     }
 
-    /// Sends every record of the segment, then a Flush: the segment is on the far medium
-    /// before the commit moves past it and before the next segment's writes go out (a
-    /// volatile write cache may write back in any order, and lose what it holds).
+    /// Sends the segment in the buffer to the far device ([`send_segment`]).
     fn apply(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
-        let res = self.apply_on_far(h);
-        after_failure(&mut self.far, &mut self.buf, &res);
-        res
-    }
-
-    fn apply_on_far(&mut self, h: &SegmentHeader) -> Result<(), NotApplied> {
-        let timeout = self.far.timeout;
-        let far = self.far.qp()?;
-        let hlen = h.header_blocks as usize * self.sh.lba_size as usize;
-        let mut off = hlen;
-        let mut failed = None;
-        let mut outstanding = 0u32;
-        for i in 0..self.iocbs.len() {
-            let r = self.iocbs[i];
-            if r.op == RecordOp::Flush {
-                continue;
-            }
-            let n = r.payload_len(h.data_lba_size);
-            let cmd = if n > 0 {
-                IoCommand::with_buf(IoOp::Write, r.lba, r.nlb, self.buf.io(off, n), i as u64)
-            } else {
-                IoCommand::new(r.op.io_op(), r.lba, r.nlb, i as u64)
-            };
-            off += n;
-            loop {
-                // SAFETY: the segment buffer is this thread's and is neither touched nor freed
-                // until every command on it is reaped below, or, when they are given up,
-                // parked on the queue pair's fence (`apply`).
-                match unsafe { far.submit(cmd) } {
-                    Ok(()) => {
-                        outstanding += 1;
-                        break;
-                    }
-                    Err(SubmitError::QueueFull) => {
-                        outstanding -= reap(far, &self.sh, &mut self.cpl, &mut failed, timeout)?;
-                    }
-                }
-            }
-        }
-        while outstanding > 0 {
-            outstanding -= reap(far, &self.sh, &mut self.cpl, &mut failed, timeout)?;
-        }
-        if let Some(s) = failed {
-            return Err(NotApplied::Refused(s));
-        }
-        let c = self.far.flush(&self.sh.stop)?;
-        if !c.status.is_success() {
-            return Err(NotApplied::Refused(c.status));
-        }
-        Ok(())
+        send_segment(
+            &mut self.far,
+            &self.sh,
+            &mut self.buf,
+            &self.iocbs,
+            &mut self.cpl,
+            h,
+        )
     }
 
     fn write_commit(&mut self, c: Commit) -> bool {
         write_commit(&self.sh, &mut self.journal, &mut self.cbuf, c)
     }
+}
+
+/// Sends every record of segment `h` (in `buf`, its records in `iocbs`) to the far device,
+/// then a Flush: the segment is on the far medium before the commit moves past it and before
+/// the next segment's writes go out (a volatile write cache may write back in any order, and
+/// lose what it holds). After a failure the queue pair and the buffer are left safe for the
+/// next try ([`after_failure`]).
+pub(super) fn send_segment(
+    far: &mut DevIo,
+    sh: &Shared,
+    buf: &mut SegBuf,
+    iocbs: &[Iocb],
+    cpl: &mut [Completion],
+    h: &SegmentHeader,
+) -> Result<(), NotApplied> {
+    let res = send_records(far, sh, buf, iocbs, cpl, h);
+    after_failure(far, buf, &res);
+    res
+}
+
+fn send_records(
+    dev: &mut DevIo,
+    sh: &Shared,
+    buf: &mut SegBuf,
+    iocbs: &[Iocb],
+    cpl: &mut [Completion],
+    h: &SegmentHeader,
+) -> Result<(), NotApplied> {
+    let timeout = dev.timeout;
+    let far = dev.qp()?;
+    let hlen = h.header_blocks as usize * sh.lba_size as usize;
+    let mut off = hlen;
+    let mut failed = None;
+    let mut outstanding = 0u32;
+    for (i, r) in iocbs.iter().enumerate() {
+        if r.op == RecordOp::Flush {
+            continue;
+        }
+        let n = r.payload_len(h.data_lba_size);
+        let cmd = if n > 0 {
+            IoCommand::with_buf(IoOp::Write, r.lba, r.nlb, buf.io(off, n), i as u64)
+        } else {
+            IoCommand::new(r.op.io_op(), r.lba, r.nlb, i as u64)
+        };
+        off += n;
+        loop {
+            // SAFETY: the segment buffer is the caller's and is neither touched nor freed
+            // until every command on it is reaped below, or, when they are given up, parked
+            // on the queue pair's fence (`send_segment`).
+            match unsafe { far.submit(cmd) } {
+                Ok(()) => {
+                    outstanding += 1;
+                    break;
+                }
+                Err(SubmitError::QueueFull) => {
+                    outstanding -= reap(far, sh, cpl, &mut failed, timeout)?;
+                }
+            }
+        }
+    }
+    while outstanding > 0 {
+        outstanding -= reap(far, sh, cpl, &mut failed, timeout)?;
+    }
+    if let Some(s) = failed {
+        return Err(NotApplied::Refused(s));
+    }
+    let c = dev.flush(&sh.stop)?;
+    if !c.status.is_success() {
+        return Err(NotApplied::Refused(c.status));
+    }
+    Ok(())
 }
 
 /// After a failed try on `dev` whose commands lie in `buf`: a path error may leave the queue

@@ -4,6 +4,7 @@
 
 pub mod cached_disk;
 pub mod delayed;
+pub mod far_site;
 
 use std::collections::HashMap;
 use std::sync::Arc;
