@@ -44,14 +44,15 @@ pub struct Cli {
     #[arg(long, value_name = "URI", conflicts_with = "target")]
     pub journal: Option<String>,
 
-    /// Ship the --journal leg in cycles through this staging area (`async-cycle`,
-    /// docs/cycles.md); the run's end prints the cycles
+    /// A staging area at the far site for the --journal leg: with --cycle the leg ships in
+    /// cycles (`async-cycle`, docs/cycles.md), else it stays `async-journal` and ships a
+    /// backlog in batches through it (docs/journal.md); the run's end prints the cycles
     #[arg(long, value_name = "URI", requires = "journal")]
     pub staging: Option<String>,
 
-    /// The cycle period of --staging
-    #[arg(long, default_value = "1s", value_parser = duration_arg, requires = "staging")]
-    pub cycle: Duration,
+    /// Ship the --staging leg in cycles of this period (`async-cycle`)
+    #[arg(long, value_parser = duration_arg, requires = "staging")]
+    pub cycle: Option<Duration>,
 
     /// A running target to drive instead of in-process legs
     /// (nvme-tcp://HOST:PORT/NQN, nbd://HOST:PORT/EXPORT); each job thread opens its own queue

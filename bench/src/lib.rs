@@ -52,13 +52,14 @@ pub fn open_target(uris: &[String], bitmap: bool) -> Result<Target> {
     open_target_with(uris, bitmap, None)
 }
 
-/// How the last leg is mirrored asynchronously: through a journal on `journal`, shipped in
-/// cycles of `cycle` through `staging` when it is given.
+/// How the last leg is mirrored asynchronously: through a journal on `journal`, with a
+/// staging area `staging` when it is given: in cycles of `cycle` when that is given too, else
+/// as `async-journal` that ships a backlog in batches through it.
 #[derive(Clone, Copy, Debug)]
 pub struct AsyncLeg<'a> {
     pub journal: &'a str,
     pub staging: Option<&'a str>,
-    pub cycle: std::time::Duration,
+    pub cycle: Option<std::time::Duration>,
 }
 
 /// [`open_target`], the last leg mirrored asynchronously as `async_leg` says.
@@ -96,17 +97,24 @@ pub fn open_target_with(
                     flag: "--staging",
                     reason: e.to_string(),
                 })?;
-                let cfg = nvmirror_mirror::JournalConfig {
-                    max_lag: (4 * a.cycle).max(std::time::Duration::from_secs(30)),
-                    ..Default::default()
-                };
-                nvmirror_mirror::JournaledLeg::open_cycle(
-                    far,
-                    dev,
-                    stg,
-                    nvmirror_mirror::CycleConfig::every(a.cycle),
-                    cfg,
-                )
+                match a.cycle {
+                    None => nvmirror_mirror::JournaledLeg::open_staged(
+                        far,
+                        dev,
+                        stg,
+                        Default::default(),
+                    ),
+                    Some(cycle) => nvmirror_mirror::JournaledLeg::open_cycle(
+                        far,
+                        dev,
+                        stg,
+                        nvmirror_mirror::CycleConfig::every(cycle),
+                        nvmirror_mirror::JournalConfig {
+                            max_lag: (4 * cycle).max(std::time::Duration::from_secs(30)),
+                            ..Default::default()
+                        },
+                    ),
+                }
             }
         };
         let leg = Arc::new(leg.map_err(|e| flag(e.to_string()))?);
@@ -284,9 +292,12 @@ pub fn run_cli(cli: &Cli, out: &mut dyn Write) -> Result<Vec<RunResult>> {
             );
             if let Some(c) = r.cycle {
                 eprintln!(
-                    "cycles: {} applied (every {} ms), last {} bytes in {:.3} s, staged {} bytes for {} changed ({:.3} per changed byte), host bytes per changed byte {:.2}",
+                    "cycles: {} applied ({}), last {} bytes in {:.3} s, staged {} bytes for {} changed ({:.3} per changed byte), host bytes per changed byte {:.2}",
                     c.cycle,
-                    c.interval_ms,
+                    match c.interval_ms {
+                        0 => "batches of a backlog".to_string(),
+                        ms => format!("every {ms} ms"),
+                    },
                     c.cycle_bytes,
                     c.ship_us as f64 / 1e6,
                     c.staged_bytes,

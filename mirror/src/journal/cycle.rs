@@ -32,7 +32,7 @@ use rangemap::RangeMap;
 use super::dev_io::DevIo;
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
-use super::shipper::{after_failure, reap, write_commit, NotApplied, DEPTH};
+use super::shipper::{reap, write_commit, NotApplied, DEPTH};
 use super::staging::{decode_table, CycleState, Run, RunOp, StagingHeader, DATA_START, RUN_LEN};
 use super::{unix_ms, Shared, FAILED, MODE_ASYNC};
 use crate::wait::pause;
@@ -60,6 +60,8 @@ pub(crate) struct CycleShipper {
     stg_blocks: u64,
     j: Journal,
     buf: SegBuf,
+    /// The buffers a walk reads segments into, in turn.
+    walk_bufs: Vec<SegBuf>,
     /// One block: a commit block or a staging header.
     cbuf: SegBuf,
     /// The run table.
@@ -144,6 +146,7 @@ impl CycleShipper {
                 ring_end: sh.ring_end,
             },
             buf: SegBuf::new(len),
+            walk_bufs: (0..WALK_BUFS).map(|_| SegBuf::new(WALK_START)).collect(),
             cbuf: SegBuf::new(sh.geo.lba_size.max(sh.lba_size) as usize),
             tbuf: SegBuf::new(sh.geo.lba_size as usize),
             iocbs: Vec::with_capacity(sh.cfg.max_records),
@@ -784,150 +787,228 @@ impl CycleShipper {
 
     /// Reads the segment of record `seq` at `at`: its table, and its data when `data`.
     fn read_seg(&mut self, at: u64, seq: u64, data: bool) -> Result<(u64, SegmentHeader), Short> {
-        match read_segment(
+        read_seg_into(
             &mut self.journal,
             &self.j,
-            at,
-            seq,
+            &self.sh.stop,
+            (at, seq, data),
             &mut self.buf,
             &mut self.iocbs,
-            &self.sh.stop,
-            data,
-        ) {
-            Ok(Some(s)) => Ok(s),
-            _ if self.sh.stop.load(Ordering::Acquire) => Err(Short::Stopped),
-            Ok(None) => Err(Short::Damaged(format!(
-                "no valid journal segment with record {seq} at block {at}"
-            ))),
-            Err(e) => Err(Short::Damaged(e)),
-        }
+        )
     }
 
-    /// Sends the winning runs of the frozen segments to `target`, segment by segment; returns
-    /// the data blocks sent. For the staging area the runs are laid out from `stage_at` in
-    /// the order met, and added to `self.runs`.
+    /// Sends the winning runs of the frozen segments to `target`; returns the data blocks
+    /// sent. For the staging area the runs are laid out from `stage_at` in the order met, and
+    /// added to `self.runs`. The runs never overlap (the image's are a partition of the
+    /// changed blocks, the staging area's lie one after another), so they go out in any
+    /// order: segments are read into the buffers of `self.walk_bufs` in turn while the
+    /// commands of the ones before are still out, one far round trip for many segments.
     fn walk(&mut self, target: Target) -> Result<u64, Short> {
-        let bs = self.sh.geo.lba_size as usize;
+        let mut busy = [0u32; WALK_BUFS];
+        let mut failed = None;
         let mut staged = 0u64;
+        let res = self.walk_on(target, &mut busy, &mut failed, &mut staged);
+        for (b, &n) in self.walk_bufs.iter_mut().zip(&busy) {
+            if n == 0 && b.len() > WALK_KEEP {
+                *b = SegBuf::new(WALK_START);
+            }
+        }
+        let dev = match target {
+            Target::Staging => &mut self.stg,
+            Target::Image => &mut self.far,
+        };
+        match &res {
+            Ok(()) => {}
+            // Commands still out may read their buffers: each is parked on the close's fence.
+            Err(_) if busy.iter().any(|&n| n > 0) => {
+                let fence = dev.give_up();
+                for (b, &n) in self.walk_bufs.iter_mut().zip(&busy) {
+                    if n > 0 {
+                        b.park_on(fence.clone());
+                    }
+                }
+            }
+            // A path error may leave the queue pair dead: the next try opens a new one.
+            Err(_)
+                if failed.is_some_and(|s: nvmirror_nvme::Status| {
+                    s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated
+                }) =>
+            {
+                drop(dev.give_up());
+            }
+            Err(_) => {}
+        }
+        res.map(|()| staged)
+    }
+
+    fn walk_on(
+        &mut self,
+        target: Target,
+        busy: &mut [u32; WALK_BUFS],
+        failed: &mut Option<nvmirror_nvme::Status>,
+        staged: &mut u64,
+    ) -> Result<(), Short> {
+        let bs = self.sh.geo.lba_size as usize;
+        let dev = match target {
+            Target::Staging => &mut self.stg,
+            Target::Image => &mut self.far,
+        };
+        let timeout = dev.timeout;
+        let qp = dev.qp().map_err(NotApplied::from)?;
+        let (sh, cpl) = (&*self.sh, &mut self.cpl[..]);
         let mut mine: Vec<(Range<u64>, RecordOp)> = Vec::new();
+        let mut slot = 0;
         for si in 0..self.segs.len() {
             if !self.wins[si] {
                 // Every record of it was overwritten later in the cycle.
                 continue;
             }
             let (start, h) = self.segs[si];
-            self.read_seg(start, h.seq_first, true)?;
-            let dev = match target {
-                Target::Staging => &mut self.stg,
-                Target::Image => &mut self.far,
-            };
-            let timeout = dev.timeout;
-            let res = (|| -> Result<(), NotApplied> {
-                let qp = dev.qp()?;
-                let mut off = h.header_blocks as usize * self.sh.lba_size as usize;
-                let mut outstanding = 0u32;
-                let mut failed = None;
-                for (ri, r) in self.iocbs.iter().enumerate() {
-                    let rec_off = off;
-                    off += r.payload_len(h.data_lba_size);
-                    if r.op == RecordOp::Flush || r.nlb == 0 {
-                        continue;
-                    }
-                    mine.clear();
-                    mine.extend(
-                        self.map
-                            .overlapping(r.lba..r.lba + u64::from(r.nlb))
-                            .filter(|(_, w)| w.0 == si as u32 && w.1 == ri as u32)
-                            .map(|(range, w)| (range.clone(), w.2)),
-                    );
-                    for (range, op) in mine.drain(..) {
-                        let nlb = (range.end - range.start) as u32;
-                        let cmd = if op == RecordOp::Write {
-                            let at = rec_off + (range.start - r.lba) as usize * bs;
-                            let n = nlb as usize * bs;
-                            let lba = match target {
-                                Target::Staging => {
-                                    let data = &self.buf.bytes()[at..at + n];
-                                    self.runs.push(Run {
-                                        lba: range.start,
-                                        nlb,
-                                        op: RunOp::Write,
-                                        staged_lba: self.stage_at + staged,
-                                        crc: crc32c::crc32c(data),
-                                    });
-                                    self.stage_at + staged
-                                }
-                                Target::Image => range.start,
-                            };
-                            staged += u64::from(nlb);
-                            IoCommand::with_buf(IoOp::Write, lba, nlb, self.buf.io(at, n), 0)
-                        } else if target == Target::Staging {
-                            self.runs.push(Run {
-                                lba: range.start,
-                                nlb,
-                                op: if op == RecordOp::WriteZeroes {
-                                    RunOp::WriteZeroes
-                                } else {
-                                    RunOp::Deallocate
-                                },
-                                staged_lba: 0,
-                                crc: 0,
-                            });
-                            continue;
-                        } else {
-                            IoCommand::new(op.io_op(), range.start, nlb, 0)
+            let len = h.total_blocks as usize * sh.lba_size as usize;
+            // The slot's buffer is free, and the bytes out stay within the budget.
+            loop {
+                let out: usize = (0..WALK_BUFS)
+                    .filter(|&b| busy[b] > 0)
+                    .map(|b| self.walk_bufs[b].len())
+                    .sum();
+                if busy[slot] == 0 && (out == 0 || out + len <= WALK_BYTES) {
+                    break;
+                }
+                reap_tagged(qp, sh, cpl, failed, timeout, busy)?;
+            }
+            let buf = &mut self.walk_bufs[slot];
+            read_seg_into(
+                &mut self.journal,
+                &self.j,
+                &sh.stop,
+                (start, h.seq_first, true),
+                buf,
+                &mut self.iocbs,
+            )?;
+            let mut off = h.header_blocks as usize * sh.lba_size as usize;
+            for (ri, r) in self.iocbs.iter().enumerate() {
+                let rec_off = off;
+                off += r.payload_len(h.data_lba_size);
+                if r.op == RecordOp::Flush || r.nlb == 0 {
+                    continue;
+                }
+                mine.clear();
+                mine.extend(
+                    self.map
+                        .overlapping(r.lba..r.lba + u64::from(r.nlb))
+                        .filter(|(_, w)| w.0 == si as u32 && w.1 == ri as u32)
+                        .map(|(range, w)| (range.clone(), w.2)),
+                );
+                for (range, op) in mine.drain(..) {
+                    let nlb = (range.end - range.start) as u32;
+                    let cmd = if op == RecordOp::Write {
+                        let at = rec_off + (range.start - r.lba) as usize * bs;
+                        let n = nlb as usize * bs;
+                        let lba = match target {
+                            Target::Staging => {
+                                let data = &buf.bytes()[at..at + n];
+                                self.runs.push(Run {
+                                    lba: range.start,
+                                    nlb,
+                                    op: RunOp::Write,
+                                    staged_lba: self.stage_at + *staged,
+                                    crc: crc32c::crc32c(data),
+                                });
+                                self.stage_at + *staged
+                            }
+                            Target::Image => range.start,
                         };
-                        submit(
-                            qp,
-                            cmd,
-                            &mut outstanding,
-                            &self.sh,
-                            &mut self.cpl,
-                            &mut failed,
-                            timeout,
-                        )?;
+                        *staged += u64::from(nlb);
+                        IoCommand::with_buf(IoOp::Write, lba, nlb, buf.io(at, n), slot as u64)
+                    } else if target == Target::Staging {
+                        self.runs.push(Run {
+                            lba: range.start,
+                            nlb,
+                            op: if op == RecordOp::WriteZeroes {
+                                RunOp::WriteZeroes
+                            } else {
+                                RunOp::Deallocate
+                            },
+                            staged_lba: 0,
+                            crc: 0,
+                        });
+                        continue;
+                    } else {
+                        IoCommand::new(op.io_op(), range.start, nlb, slot as u64)
+                    };
+                    loop {
+                        // SAFETY: the buffer of `cmd` is `walk_bufs[slot]`, neither touched
+                        // nor freed until every command on it is reaped (`busy[slot]` back at
+                        // 0), or, when they are given up, parked on the queue pair's fence
+                        // (`walk`).
+                        match unsafe { qp.submit(cmd) } {
+                            Ok(()) => {
+                                busy[slot] += 1;
+                                break;
+                            }
+                            Err(SubmitError::QueueFull) => {
+                                reap_tagged(qp, sh, cpl, failed, timeout, busy)?;
+                            }
+                        }
                     }
                 }
-                while outstanding > 0 {
-                    outstanding -= reap(qp, &self.sh, &mut self.cpl, &mut failed, timeout)?;
-                }
-                match failed {
-                    Some(s) => Err(NotApplied::Refused(s)),
-                    None => Ok(()),
-                }
-            })();
-            after_failure(dev, &mut self.buf, &res);
-            res?;
+            }
+            slot = (slot + 1) % WALK_BUFS;
         }
-        Ok(staged)
+        while busy.iter().any(|&n| n > 0) {
+            reap_tagged(qp, sh, cpl, failed, timeout, busy)?;
+        }
+        match failed {
+            Some(s) => Err(NotApplied::Refused(*s).into()),
+            None => Ok(()),
+        }
     }
 }
 
-/// Sends `cmd` (its buffer in a segment buffer the caller keeps until every command is
-/// reaped or given up), reaping completions while the queue is full.
-#[allow(clippy::too_many_arguments)]
-fn submit(
+/// Segment buffers a walk reads ahead into while the commands of the ones before are out
+/// (a segment under a light load holds a few writes: many are read ahead)...
+const WALK_BUFS: usize = 32;
+/// ...as long as the buffers of the segments out hold at most this many bytes.
+const WALK_BYTES: usize = 8 << 20;
+/// A walk buffer's size to start with; one grown past `WALK_KEEP` for a large segment is
+/// made small again after the walk.
+const WALK_START: usize = 64 << 10;
+const WALK_KEEP: usize = 1 << 20;
+
+/// Reaps what completes (waiting at most `timeout`), counting each completion off the
+/// buffer its tag names.
+fn reap_tagged(
     qp: &mut dyn QueuePair,
-    cmd: IoCommand,
-    outstanding: &mut u32,
     sh: &Shared,
     cpl: &mut [Completion],
     failed: &mut Option<nvmirror_nvme::Status>,
     timeout: Duration,
+    busy: &mut [u32; WALK_BUFS],
 ) -> Result<(), NotApplied> {
-    loop {
-        // SAFETY: the buffer of `cmd` is the shipper's segment buffer, neither touched nor
-        // freed until every command on it is reaped, or, when they are given up, parked on
-        // the queue pair's fence (`after_failure`).
-        match unsafe { qp.submit(cmd) } {
-            Ok(()) => {
-                *outstanding += 1;
-                return Ok(());
-            }
-            Err(SubmitError::QueueFull) => {
-                *outstanding -= reap(qp, sh, cpl, failed, timeout)?;
-            }
-        }
+    let n = reap(qp, sh, cpl, failed, timeout)? as usize;
+    for c in &cpl[..n] {
+        busy[c.tag as usize] -= 1;
+    }
+    Ok(())
+}
+
+/// Reads the segment of record `seq` at `at` (`what`: at, seq, and whether its data too) into
+/// `buf` and its records into `iocbs`; its start block and header.
+fn read_seg_into(
+    journal: &mut DevIo,
+    j: &Journal,
+    stop: &AtomicBool,
+    (at, seq, data): (u64, u64, bool),
+    buf: &mut SegBuf,
+    iocbs: &mut Vec<Iocb>,
+) -> Result<(u64, SegmentHeader), Short> {
+    match read_segment(journal, j, at, seq, buf, iocbs, stop, data) {
+        Ok(Some(s)) => Ok(s),
+        _ if stop.load(Ordering::Acquire) => Err(Short::Stopped),
+        Ok(None) => Err(Short::Damaged(format!(
+            "no valid journal segment with record {seq} at block {at}"
+        ))),
+        Err(e) => Err(Short::Damaged(e)),
     }
 }
 

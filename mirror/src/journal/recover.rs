@@ -38,6 +38,10 @@ impl SegBuf {
         }
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
     pub(crate) fn bytes(&mut self) -> &mut [u8] {
         self.buf.as_mut_slice()
     }

@@ -270,7 +270,7 @@ fn send_records(
 /// After a failed try on `dev` whose commands lie in `buf`: a path error may leave the queue
 /// pair dead, so the next try opens a new one (every command was reaped: nothing holds the
 /// buffer); commands given up may still read the buffer, so it is parked on the close's fence.
-pub(super) fn after_failure(dev: &mut DevIo, buf: &mut SegBuf, res: &Result<(), NotApplied>) {
+fn after_failure(dev: &mut DevIo, buf: &mut SegBuf, res: &Result<(), NotApplied>) {
     match res {
         Err(NotApplied::Refused(s))
             if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated =>
