@@ -413,12 +413,15 @@ pub struct AsyncLegConfig {
     /// asynchronous.
     #[serde(default = "default_async_mode")]
     pub mode: String,
-    /// `async-cycle`: the far site's staging area, a leg URI of the same block size as the
-    /// leg, large enough for one cycle's distinct data. Setting it makes the leg ship in
-    /// cycles (in `sync` mode too, once switched to `async-cycle`).
+    /// The far site's staging area, a leg URI of the same block size as the leg. With
+    /// `mode = "async-cycle"` or a `cycle` period the leg ships in cycles through it (large
+    /// enough for one cycle's distinct data); an `async-journal` leg (or a `sync` one without
+    /// `cycle`) ships a backlog in batches through it and stages a resync's catch-up, so its
+    /// far image stays a consistent prefix (docs/journal.md, "With a staging area").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staging: Option<String>,
-    /// `async-cycle`: the cycle period (default 30 s); `cycle_now` ends a cycle early.
+    /// `async-cycle`: the cycle period (default 30 s); `cycle_now` ends a cycle early. Given
+    /// with `staging`, the leg ships in cycles whatever its `mode` says now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<String>,
     /// `async-cycle`: the far site applies the cycles (its `[[cycle_apply]]`); this node
@@ -439,9 +442,10 @@ pub struct AsyncLegConfig {
 }
 
 impl AsyncLegConfig {
-    /// Whether the leg ships in cycles (it has a staging area).
+    /// Whether the leg ships in cycles: it has a staging area, and `mode = "async-cycle"` or
+    /// a `cycle` period (a `sync` leg keeps its period when switched: `leg_set_mode`).
     pub fn is_cycle(&self) -> bool {
-        self.staging.is_some()
+        self.staging.is_some() && (self.mode == "async-cycle" || self.cycle.is_some())
     }
 
     /// The cycle period (validated with the configuration).
@@ -785,19 +789,19 @@ impl Config {
                         "async-cycle needs a staging area at the far site (a leg URI)".into(),
                     ));
                 }
-                if a.mode == "async-journal" && a.staging.is_some() {
+                if a.mode == "async-journal" && a.cycle.is_some() {
                     return Err(bad(
-                        at("staging"),
-                        "a staging area is for async-cycle; async-journal ships without one".into(),
+                        at("cycle"),
+                        "a cycle period is for async-cycle (an async-journal leg with a staging area ships a backlog in batches, with no period)".into(),
                     ));
                 }
                 if a.staging.is_none() && a.cycle.is_some() {
                     return Err(bad(at("cycle"), "a cycle period is for async-cycle".into()));
                 }
-                if a.staging.is_none() && a.far_apply {
+                if a.far_apply && !a.is_cycle() {
                     return Err(bad(
                         at("far_apply"),
-                        "far_apply is for async-cycle (with staging)".into(),
+                        "far_apply is for async-cycle (with staging, and mode async-cycle or a cycle period)".into(),
                     ));
                 }
                 nvmirror_nvme::LegUri::parse(&a.journal)

@@ -135,9 +135,19 @@ fn leg_set_mode(reg: &Registry, p: &Value) -> Result<Value, RpcError> {
             if mode != "sync" && (mode == "async-cycle") != a.is_cycle() {
                 return Err(format!(
                     "leg {leg} of volume '{name}' is {}: its asynchronous mode is {}",
-                    if a.is_cycle() { "shipped in cycles (it has a staging area)" } else { "journaled without a staging area" },
+                    if a.is_cycle() {
+                        "shipped in cycles (it has a staging area and a cycle period)"
+                    } else if a.staging.is_some() {
+                        "journaled, its staging area for batches and catch-ups"
+                    } else {
+                        "journaled without a staging area"
+                    },
                     if a.is_cycle() { "async-cycle" } else { "async-journal" },
                 ));
+            }
+            if a.is_cycle() && a.cycle.is_none() {
+                // In `sync` mode the period says the leg ships in cycles: keep the one it runs.
+                a.cycle = Some(format!("{}s", crate::config::DEFAULT_CYCLE.as_secs()));
             }
             a.mode = mode.clone();
             Ok(())

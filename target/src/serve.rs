@@ -371,16 +371,25 @@ pub(crate) fn open_entry(
                 let what = format!("volume {} leg {} staging area", v.name, a.leg);
                 let staging =
                     open_leg_waiting(st, claim_wait, &what).map_err(|e| start_err(&what, e))?;
-                nvmirror_mirror::JournaledLeg::open_cycle(
-                    far,
-                    journal,
-                    staging,
-                    nvmirror_mirror::CycleConfig {
-                        interval: a.cycle_period(),
-                        far_apply: a.far_apply,
-                    },
-                    journal_config(v, a),
-                )
+                if !a.is_cycle() {
+                    nvmirror_mirror::JournaledLeg::open_staged(
+                        far,
+                        journal,
+                        staging,
+                        journal_config(v, a),
+                    )
+                } else {
+                    nvmirror_mirror::JournaledLeg::open_cycle(
+                        far,
+                        journal,
+                        staging,
+                        nvmirror_mirror::CycleConfig {
+                            interval: a.cycle_period(),
+                            far_apply: a.far_apply,
+                        },
+                        journal_config(v, a),
+                    )
+                }
             }
         }
         .map_err(|e| start_err(&what, e))?;

@@ -175,9 +175,12 @@ pub fn volume_table(vol: &Value, prev: Option<&[Value]>, interval: Duration) -> 
             if let Some(c) = r.get("cycle").filter(|c| !c.is_null()) {
                 let _ = writeln!(
                     out,
-                    "      cycle #{} (every {} s), last {} bytes in {:.3} s, staged {} of {} changed bytes",
+                    "      cycle #{} ({}), last {} bytes in {:.3} s, staged {} of {} changed bytes",
                     num(c, "cycle"),
-                    num(c, "interval_s"),
+                    match num(c, "interval_s") {
+                        i if i > 0.0 => format!("every {i} s"),
+                        _ => "batches of a backlog".to_string(),
+                    },
                     num(c, "cycle_bytes"),
                     num(c, "ship_seconds"),
                     num(c, "staged_bytes"),

@@ -232,8 +232,16 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
             "async_legs[0].mode",
         ),
         (
-            "leg = 1\nstaging = \"mem://16MiB?lba=512\"\njournal = \"mem://16MiB\"",
+            "leg = 1\nstaging = \"mem://16MiB\"\njournal = \"mem://16MiB\"",
             "async_legs[0].staging",
+        ),
+        (
+            "leg = 1\nmode = \"async-journal\"\nstaging = \"mem://8MiB\"\ncycle = \"5s\"\njournal = \"mem://16MiB\"",
+            "async_legs[0].cycle",
+        ),
+        (
+            "leg = 1\nstaging = \"mem://8MiB\"\nfar_apply = true\njournal = \"mem://16MiB\"",
+            "async_legs[0].far_apply",
         ),
         (
             "leg = 1\ncycle = \"5s\"\njournal = \"mem://16MiB\"",
