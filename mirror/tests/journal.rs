@@ -515,6 +515,65 @@ fn a_crash_of_the_sender_resumes_shipping_from_the_commit_position() {
 }
 
 #[test]
+fn a_crash_of_a_staged_sender_in_the_middle_of_a_batch_is_rolled_forward_and_ships_the_rest() {
+    let cfg = JournalConfig::default();
+    let r = rig_staged(cfg.clone());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    // The image takes no writes: a batch is staged and committed, and its apply hangs.
+    let gone = r.far.injector().arm(Fault::Hang {
+        ops: OpFilter::Writes,
+    });
+    write_stamped(&mut *qp, &mut recs, &mut clock, 1000, 41, |_| {}, 500);
+    let t = Instant::now();
+    loop {
+        let st = r.leg.replication().unwrap();
+        let committed = st.cycle.as_ref().is_some_and(|c| c.staged_bytes > 0);
+        if committed && st.state == "retrying" {
+            break;
+        }
+        // A segment sent straight to the hung image waits out the I/O timeout (5 s) first.
+        assert!(t.elapsed() < Duration::from_secs(20), "{st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(qp);
+    let Rig {
+        local,
+        far,
+        journal,
+        staging,
+        leg,
+        vol,
+    } = r;
+    let staging = staging.unwrap();
+    drop(vol);
+    // The crash: the writer and shipper stop where they are; what the far site would
+    // recover now is a crash state.
+    leg.stop();
+    drop(leg);
+    far.injector().clear(gone);
+    let (image, rolled) = common::far_site::crash_image(&far, &staging);
+    assert!(rolled, "no committed batch to roll forward");
+    assert_crash_consistent(&image, &recs, "after the crash");
+    // Restart on the same devices: a committed batch is rolled forward, the rest ships.
+    let leg = JournaledLeg::open_staged(
+        Arc::clone(&far) as Arc<dyn BlockDevice>,
+        Arc::clone(&journal),
+        Arc::clone(&staging) as Arc<dyn BlockDevice>,
+        cfg,
+    )
+    .unwrap();
+    assert!(leg.wait_applied(Duration::from_secs(20)));
+    let st = leg.replication().unwrap();
+    assert_eq!(st.consistent_seq, 1000, "{st:?}");
+    assert!(st.error.is_none(), "{st:?}");
+    assert_eq!(
+        read_all(&*local).unwrap(),
+        read_all(&**far.inner()).unwrap()
+    );
+}
+
+#[test]
 fn a_lost_link_is_retried_and_every_sample_stays_consistent() {
     let r = rig(JournalConfig::default());
     let mut qp = r.vol.open_qpair(DEPTH).unwrap();
