@@ -19,7 +19,7 @@
 //! A block rewritten a hundred times in the cycle crosses the link once per copy. A crash
 //! before step 3 leaves the image at the previous cut (the next start ships the cycle again);
 //! after it, whoever opens the staging area rolls the cycle forward from the staging area
-//! alone ([`roll_forward`]), so the image is only ever seen at a cut.
+//! alone (`roll::roll_forward`), so the image is only ever seen at a cut.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +32,7 @@ use rangemap::RangeMap;
 use super::dev_io::DevIo;
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
+use super::roll::roll_forward;
 use super::shipper::{reap, write_commit, NotApplied, DEPTH};
 use super::staging::{decode_table, CycleState, Run, RunOp, StagingHeader, DATA_START, RUN_LEN};
 use super::{unix_ms, Shared, FAILED, MODE_ASYNC};
@@ -87,7 +88,7 @@ pub(crate) struct CycleShipper {
 }
 
 /// How a cycle step ended short.
-enum Short {
+pub(super) enum Short {
     Stopped,
     /// Worth trying again (the far side refused or did not answer).
     Retry(String),
@@ -306,7 +307,7 @@ impl CycleShipper {
             h = apply_committed(
                 &mut self.stg,
                 &mut self.far,
-                &mut self.tbuf,
+                &mut self.walk_bufs,
                 h,
                 &self.sh.stop,
             )?;
@@ -605,7 +606,7 @@ impl CycleShipper {
                     &mut self.stg,
                     &mut self.far,
                     &h,
-                    &mut self.buf,
+                    &mut self.walk_bufs,
                     &self.sh.stop,
                 )?;
             } else {
@@ -808,11 +809,7 @@ impl CycleShipper {
         let mut failed = None;
         let mut staged = 0u64;
         let res = self.walk_on(target, &mut busy, &mut failed, &mut staged);
-        for (b, &n) in self.walk_bufs.iter_mut().zip(&busy) {
-            if n == 0 && b.len() > WALK_KEEP {
-                *b = SegBuf::new(WALK_START);
-            }
-        }
+        shrink(&mut self.walk_bufs, |i| busy[i] == 0);
         let dev = match target {
             Target::Staging => &mut self.stg,
             Target::Image => &mut self.far,
@@ -972,8 +969,17 @@ const WALK_BUFS: usize = 32;
 const WALK_BYTES: usize = 8 << 20;
 /// A walk buffer's size to start with; one grown past `WALK_KEEP` for a large segment is
 /// made small again after the walk.
-const WALK_START: usize = 64 << 10;
+pub(super) const WALK_START: usize = 64 << 10;
 const WALK_KEEP: usize = 1 << 20;
+
+/// Makes the buffers grown past `WALK_KEEP` small again, those `idle` says no command holds.
+pub(super) fn shrink(bufs: &mut [SegBuf], idle: impl Fn(usize) -> bool) {
+    for (i, b) in bufs.iter_mut().enumerate() {
+        if idle(i) && b.len() > WALK_KEEP {
+            *b = SegBuf::new(WALK_START);
+        }
+    }
+}
 
 /// Reaps what completes (waiting at most `timeout`), counting each completion off the
 /// buffer its tag names.
@@ -1027,51 +1033,6 @@ impl From<super::dev_io::IoError> for Short {
     }
 }
 
-/// Rolls the committed cycle of `h` forward onto the image from the staging area alone:
-/// reads its run table, then each run (checking its CRC), and writes it to the image; then a
-/// Flush. Idempotent: a crash in the middle is finished by running it again.
-fn roll_forward(
-    stg: &mut DevIo,
-    image: &mut DevIo,
-    h: &StagingHeader,
-    buf: &mut SegBuf,
-    stop: &AtomicBool,
-) -> Result<(), Short> {
-    let bs = h.lba_size;
-    let tb = h.table_blocks();
-    let mut table = SegBuf::new((tb as usize * bs as usize).max(bs as usize));
-    if tb > 0 {
-        read_blocks(stg, h.table_lba, tb as u32, &mut table, 0, bs, stop).map_err(Short::Retry)?;
-    }
-    let runs = decode_table(table.bytes(), h.runs, h.table_crc).map_err(Short::Damaged)?;
-    for r in runs {
-        let cmd = match r.op {
-            RunOp::Write => {
-                let n = r.nlb as usize * bs as usize;
-                buf.ensure(n);
-                read_blocks(stg, r.staged_lba, r.nlb, buf, 0, bs, stop).map_err(Short::Retry)?;
-                if crc32c::crc32c(&buf.bytes()[..n]) != r.crc {
-                    return Err(Short::Damaged(format!(
-                        "staged run at block {} (image blocks {}+{}) fails its CRC",
-                        r.staged_lba, r.lba, r.nlb
-                    )));
-                }
-                IoCommand::with_buf(IoOp::Write, r.lba, r.nlb, buf.io(0, n), 0)
-            }
-            RunOp::WriteZeroes => IoCommand::new(IoOp::WriteZeroes, r.lba, r.nlb, 0),
-            RunOp::Deallocate => IoCommand::new(IoOp::Deallocate, r.lba, r.nlb, 0),
-        };
-        let c = image.run(cmd, Some(buf), stop)?;
-        if !c.status.is_success() {
-            return Err(Short::Retry(format!(
-                "the image refused blocks {}+{}: {}",
-                r.lba, r.nlb, c.status
-            )));
-        }
-    }
-    flush(image, stop)
-}
-
 /// The newer of the staging area's two headers; `None` for a blank area. A header made on
 /// a device of another size or block size is refused.
 fn read_header(
@@ -1111,18 +1072,19 @@ fn write_header(
     write_blocks(stg, h.block(), buf, 0, bs, h.lba_size, stop).map_err(Short::Retry)
 }
 
-/// Rolls the committed cycle `h` onto the image and marks it applied; the applied header.
+/// Rolls the committed cycle `h` onto the image (through `bufs`, at least one) and marks it
+/// applied; the applied header.
 fn apply_committed(
     stg: &mut DevIo,
     image: &mut DevIo,
-    buf: &mut SegBuf,
+    bufs: &mut [SegBuf],
     mut h: StagingHeader,
     stop: &AtomicBool,
 ) -> Result<StagingHeader, Short> {
-    roll_forward(stg, image, &h, buf, stop)?;
+    roll_forward(stg, image, &h, bufs, stop)?;
     h.counter += 1;
     h.state = CycleState::Applied;
-    write_header(stg, buf, &h, stop)?;
+    write_header(stg, &mut bufs[0], &h, stop)?;
     Ok(h)
 }
 
@@ -1171,6 +1133,8 @@ pub struct FarApplier {
     stg: DevIo,
     img: DevIo,
     buf: SegBuf,
+    /// The buffers of a roll-forward.
+    bufs: Vec<SegBuf>,
     blocks: u64,
     lba_size: u32,
     stop: AtomicBool,
@@ -1201,9 +1165,10 @@ impl FarApplier {
             ));
         }
         Ok(Self {
-            stg: DevIo::new(staging, 1, io_timeout),
-            img: DevIo::new(image, 1, io_timeout),
+            stg: DevIo::new(staging, DEPTH, io_timeout),
+            img: DevIo::new(image, DEPTH, io_timeout),
             buf: SegBuf::new(2 * geo.lba_size as usize),
+            bufs: (0..WALK_BUFS).map(|_| SegBuf::new(WALK_START)).collect(),
             blocks: geo.num_blocks,
             lba_size: geo.lba_size,
             stop: AtomicBool::new(false),
@@ -1226,7 +1191,7 @@ impl FarApplier {
         };
         let rolled_forward = h.state == CycleState::Committed;
         if rolled_forward {
-            h = apply_committed(&mut self.stg, &mut self.img, &mut self.buf, h, &self.stop)
+            h = apply_committed(&mut self.stg, &mut self.img, &mut self.bufs, h, &self.stop)
                 .map_err(Short::message)?;
         }
         Ok(Some(CycleRecovery {

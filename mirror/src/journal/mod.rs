@@ -20,6 +20,7 @@ mod dev_io;
 mod format;
 mod qpair;
 mod recover;
+mod roll;
 mod shipper;
 mod staging;
 mod writer;
