@@ -854,6 +854,8 @@ impl CycleShipper {
         let qp = dev.qp().map_err(NotApplied::from)?;
         let (sh, cpl) = (&*self.sh, &mut self.cpl[..]);
         let mut mine: Vec<(Range<u64>, RecordOp)> = Vec::new();
+        // Staged runs not sent yet, to go as one command: staged LBA, blocks, buffer offset.
+        let mut merge: Option<(u64, u32, usize)> = None;
         let mut slot = 0;
         for si in 0..self.segs.len() {
             if !self.wins[si] {
@@ -904,18 +906,44 @@ impl CycleShipper {
                         let lba = match target {
                             Target::Staging => {
                                 let data = &buf.bytes()[at..at + n];
+                                let lba = self.stage_at + *staged;
                                 self.runs.push(Run {
                                     lba: range.start,
                                     nlb,
                                     op: RunOp::Write,
-                                    staged_lba: self.stage_at + *staged,
+                                    staged_lba: lba,
                                     crc: crc32c::crc32c(data),
                                 });
-                                self.stage_at + *staged
+                                *staged += u64::from(nlb);
+                                // Staged runs lie one after another, and so do the records
+                                // of a segment in its buffer: one command carries as many
+                                // as follow each other in both.
+                                match &mut merge {
+                                    Some((mlba, mnlb, mat))
+                                        if *mlba + u64::from(*mnlb) == lba
+                                            && *mat + *mnlb as usize * bs == at
+                                            && (*mnlb + nlb) as usize * bs <= MERGE_BYTES =>
+                                    {
+                                        *mnlb += nlb;
+                                    }
+                                    _ => {
+                                        if let Some((l, n, a)) = merge.replace((lba, nlb, at)) {
+                                            let len = n as usize * bs;
+                                            let cmd = IoCommand::with_buf(
+                                                IoOp::Write,
+                                                l,
+                                                n,
+                                                buf.io(a, len),
+                                                slot as u64,
+                                            );
+                                            send(qp, cmd, slot, busy, (sh, cpl, failed, timeout))?;
+                                        }
+                                    }
+                                }
+                                continue;
                             }
                             Target::Image => range.start,
                         };
-                        *staged += u64::from(nlb);
                         IoCommand::with_buf(IoOp::Write, lba, nlb, buf.io(at, n), slot as u64)
                     } else if target == Target::Staging {
                         self.runs.push(Run {
@@ -933,22 +961,13 @@ impl CycleShipper {
                     } else {
                         IoCommand::new(op.io_op(), range.start, nlb, slot as u64)
                     };
-                    loop {
-                        // SAFETY: the buffer of `cmd` is `walk_bufs[slot]`, neither touched
-                        // nor freed until every command on it is reaped (`busy[slot]` back at
-                        // 0), or, when they are given up, parked on the queue pair's fence
-                        // (`walk`).
-                        match unsafe { qp.submit(cmd) } {
-                            Ok(()) => {
-                                busy[slot] += 1;
-                                break;
-                            }
-                            Err(SubmitError::QueueFull) => {
-                                reap_tagged(qp, sh, cpl, failed, timeout, busy)?;
-                            }
-                        }
-                    }
+                    send(qp, cmd, slot, busy, (sh, cpl, failed, timeout))?;
                 }
+            }
+            if let Some((l, n, a)) = merge.take() {
+                let len = n as usize * bs;
+                let cmd = IoCommand::with_buf(IoOp::Write, l, n, buf.io(a, len), slot as u64);
+                send(qp, cmd, slot, busy, (sh, cpl, failed, timeout))?;
             }
             slot = (slot + 1) % WALK_BUFS;
         }
@@ -977,6 +996,42 @@ pub(super) fn shrink(bufs: &mut [SegBuf], idle: impl Fn(usize) -> bool) {
     for (i, b) in bufs.iter_mut().enumerate() {
         if idle(i) && b.len() > WALK_KEEP {
             *b = SegBuf::new(WALK_START);
+        }
+    }
+}
+
+/// The most one staging write carries (runs that follow each other in a segment).
+const MERGE_BYTES: usize = 1 << 20;
+
+/// What waiting for the far device needs: the leg, room for completions, the first failure
+/// seen, and how long to wait.
+type Reaping<'a> = (
+    &'a Shared,
+    &'a mut [Completion],
+    &'a mut Option<nvmirror_nvme::Status>,
+    Duration,
+);
+
+/// Submits `cmd`, whose buffer is `walk_bufs[slot]`, reaping while the queue is full.
+fn send(
+    qp: &mut dyn QueuePair,
+    cmd: IoCommand,
+    slot: usize,
+    busy: &mut [u32; WALK_BUFS],
+    (sh, cpl, failed, timeout): Reaping<'_>,
+) -> Result<(), NotApplied> {
+    loop {
+        // SAFETY: the buffer of `cmd` is `walk_bufs[slot]`, neither touched nor freed until
+        // every command on it is reaped (`busy[slot]` back at 0), or, when they are given up,
+        // parked on the queue pair's fence (`walk`).
+        match unsafe { qp.submit(cmd) } {
+            Ok(()) => {
+                busy[slot] += 1;
+                return Ok(());
+            }
+            Err(SubmitError::QueueFull) => {
+                reap_tagged(qp, sh, cpl, failed, timeout, busy)?;
+            }
         }
     }
 }
