@@ -102,6 +102,7 @@ pub fn open_target_with(
                         far,
                         dev,
                         stg,
+                        false,
                         Default::default(),
                     ),
                     Some(cycle) => nvmirror_mirror::JournaledLeg::open_cycle(

@@ -121,6 +121,7 @@ fn rig_with(far: Arc<FaultyDevice>, staging: Option<Arc<FaultyDevice>>, cfg: Jou
                 far_dev,
                 Arc::clone(&journal),
                 Arc::clone(stg) as Arc<dyn BlockDevice>,
+                false,
                 cfg,
             ),
         }
@@ -560,6 +561,7 @@ fn a_crash_of_a_staged_sender_in_the_middle_of_a_batch_is_rolled_forward_and_shi
         Arc::clone(&far) as Arc<dyn BlockDevice>,
         Arc::clone(&journal),
         Arc::clone(&staging) as Arc<dyn BlockDevice>,
+        false,
         cfg,
     )
     .unwrap();

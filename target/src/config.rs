@@ -424,8 +424,9 @@ pub struct AsyncLegConfig {
     /// with `staging`, the leg ships in cycles whatever its `mode` says now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cycle: Option<String>,
-    /// `async-cycle`: the far site applies the cycles (its `[[cycle_apply]]`); this node
-    /// only stages them, so the link carries each changed block once.
+    /// With `staging`: the far site applies the cycles, or an `async-journal` leg's batches
+    /// (its `[[cycle_apply]]`); this node only stages them, so the link carries each changed
+    /// block once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub far_apply: bool,
     /// The journal's device: a leg URI (`file:///var/lib/nvmirror/vol0.journal?create=1GiB`).
@@ -798,10 +799,10 @@ impl Config {
                 if a.staging.is_none() && a.cycle.is_some() {
                     return Err(bad(at("cycle"), "a cycle period is for async-cycle".into()));
                 }
-                if a.far_apply && !a.is_cycle() {
+                if a.far_apply && a.staging.is_none() {
                     return Err(bad(
                         at("far_apply"),
-                        "far_apply is for async-cycle (with staging, and mode async-cycle or a cycle period)".into(),
+                        "far_apply needs a staging area at the far site (staging)".into(),
                     ));
                 }
                 nvmirror_nvme::LegUri::parse(&a.journal)

@@ -376,6 +376,7 @@ pub(crate) fn open_entry(
                         far,
                         journal,
                         staging,
+                        a.far_apply,
                         journal_config(v, a),
                     )
                 } else {

@@ -240,10 +240,6 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
             "async_legs[0].cycle",
         ),
         (
-            "leg = 1\nstaging = \"mem://8MiB\"\nfar_apply = true\njournal = \"mem://16MiB\"",
-            "async_legs[0].far_apply",
-        ),
-        (
             "leg = 1\ncycle = \"5s\"\njournal = \"mem://16MiB\"",
             "async_legs[0].cycle",
         ),

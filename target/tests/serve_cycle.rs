@@ -459,9 +459,27 @@ fn a_catch_up_larger_than_the_journal_survives_a_kill_and_lands_in_one_cycle() {
 /// B, in pieces, while B's image stays the prefix it held; then it lands whole.
 #[test]
 fn a_served_journal_leg_with_a_staging_area_keeps_its_far_image_a_prefix_through_a_catch_up() {
+    staged_journal_catch_up(false);
+}
+
+/// As above, with site B applying the batches (`far_apply`, its `[[cycle_apply]]`).
+#[test]
+fn a_served_journal_leg_whose_far_site_applies_the_batches_keeps_a_prefix_through_a_catch_up() {
+    staged_journal_catch_up(true);
+}
+
+fn staged_journal_catch_up(far_apply: bool) {
     use rand::SeedableRng;
     let (_dir, da, db) = two_sites();
-    let b = site_b(&db, 0);
+    let b = if far_apply {
+        site_b_with(
+            &db,
+            0,
+            "\n[[cycle_apply]]\nimage = \"vol0\"\nstaging = \"stg0\"\n",
+        )
+    } else {
+        site_b(&db, 0)
+    };
     let b_bytes = b.status()["capacity_bytes"].as_u64().unwrap();
     let b_meta = 64 * 1024 * 1024 - b_bytes;
     let cfg = site_a_config_with(
@@ -469,7 +487,9 @@ fn a_served_journal_leg_with_a_staging_area_keeps_its_far_image_a_prefix_through
         b_bytes,
         b.port(),
         "1s",
-        "max_bytes = \"8MiB\"\n\n[resync]\nmax_rate = \"4MiB\"\nadaptive = false\n",
+        &format!(
+            "far_apply = {far_apply}\nmax_bytes = \"8MiB\"\n\n[resync]\nmax_rate = \"4MiB\"\nadaptive = false\n"
+        ),
     )
     .replace(
         "mode = \"async-cycle\"\ncycle = \"1s\"\n",
@@ -543,6 +563,16 @@ fn a_served_journal_leg_with_a_staging_area_keeps_its_far_image_a_prefix_through
     let r = &st["legs"][1]["replication"];
     assert!(r["cycle"]["cycle"].as_u64().unwrap() > batches, "{st}");
     assert!(r["error"].is_null(), "{st}");
+    assert_eq!(r["cycle"]["far_apply"], far_apply, "{st}");
+    if far_apply {
+        // A staged the batches; B rolled them onto its image.
+        assert_eq!(r["cycle"]["image_bytes"], 0, "{st}");
+        let bst = b.status();
+        assert!(
+            bst["cycle_apply"]["applied_cycles"].as_u64() > Some(0),
+            "{bst}"
+        );
+    }
     let text = std::process::Command::new(NVMIRROR)
         .args(["status", "--socket", &a.socket])
         .output()

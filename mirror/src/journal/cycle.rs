@@ -114,7 +114,7 @@ impl From<NotApplied> for Short {
 impl CycleShipper {
     pub(crate) fn new(
         sh: Arc<Shared>,
-        cycle: Option<super::CycleConfig>,
+        (interval, far_apply): (Option<Duration>, bool),
         journal: Arc<dyn BlockDevice>,
         far: Arc<dyn BlockDevice>,
         staging: Arc<dyn BlockDevice>,
@@ -135,8 +135,8 @@ impl CycleShipper {
         let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
         journal.qp().map_err(|e| e.to_string())?;
         Ok(Self {
-            interval: cycle.map(|c| c.interval),
-            far_apply: cycle.is_some_and(|c| c.far_apply),
+            interval,
+            far_apply,
             journal,
             far: DevIo::new(far, DEPTH, sh.cfg.io_timeout),
             stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout),

@@ -402,7 +402,12 @@ impl JournaledLeg {
         cycle: CycleConfig,
         cfg: JournalConfig,
     ) -> Result<Self> {
-        Self::open_with(inner, journal, Some((staging, Some(cycle))), cfg)
+        Self::open_with(
+            inner,
+            journal,
+            Some((staging, Some(cycle.interval), cycle.far_apply)),
+            cfg,
+        )
     }
 
     /// Opens an `async-journal` leg with a staging area at the far site
@@ -410,20 +415,23 @@ impl JournaledLeg {
     /// keeps up (segment by segment), but a backlog of more than one segment ships as one
     /// batch through the staging area (each changed block once, the image moved from one
     /// segment boundary to a later one atomically), and a resync's catch-up is staged whole
-    /// before it is applied, so the far image stays a consistent prefix through it.
+    /// before it is applied, so the far image stays a consistent prefix through it. With
+    /// `far_apply` a [`FarApplier`](cycle::FarApplier) at the far site applies the batches
+    /// (the link carries their blocks once); segments still go straight to the image.
     pub fn open_staged(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
         staging: Arc<dyn BlockDevice>,
+        far_apply: bool,
         cfg: JournalConfig,
     ) -> Result<Self> {
-        Self::open_with(inner, journal, Some((staging, None)), cfg)
+        Self::open_with(inner, journal, Some((staging, None, far_apply)), cfg)
     }
 
     fn open_with(
         inner: Arc<dyn BlockDevice>,
         journal: Arc<dyn BlockDevice>,
-        staging: Option<(Arc<dyn BlockDevice>, Option<CycleConfig>)>,
+        staging: Option<(Arc<dyn BlockDevice>, Option<Duration>, bool)>,
         cfg: JournalConfig,
     ) -> Result<Self> {
         let name = inner.name().to_string();
@@ -438,7 +446,7 @@ impl JournaledLeg {
                 cfg.max_records, cfg.max_segment_bytes
             )));
         }
-        if let Some((stg, cycle)) = &staging {
+        if let Some((stg, interval, _)) = &staging {
             if stg.geometry().lba_size != inner.geometry().lba_size {
                 return Err(err(format!(
                     "the staging area {} has {}-byte blocks; the leg has {}-byte ones",
@@ -447,7 +455,7 @@ impl JournaledLeg {
                     inner.geometry().lba_size
                 )));
             }
-            if cycle.is_some_and(|c| c.interval.is_zero()) {
+            if interval.is_some_and(|i| i.is_zero()) {
                 return Err(err("the cycle period must be more than 0".into()));
             }
         }
@@ -482,14 +490,11 @@ impl JournaledLeg {
             retrying: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             cycle: CycleShared {
-                interval: staging.as_ref().and_then(|s| s.1).map(|c| c.interval),
+                interval: staging.as_ref().and_then(|s| s.1),
                 staged: staging.is_some(),
                 told: AtomicU8::new(TOLD_NOTHING),
                 restored: AtomicBool::new(found.catch_up),
-                far_apply: staging
-                    .as_ref()
-                    .and_then(|s| s.1)
-                    .is_some_and(|c| c.far_apply),
+                far_apply: staging.as_ref().is_some_and(|s| s.2),
                 ..CycleShared::default()
             },
             error: std::sync::Mutex::new(None),
@@ -517,10 +522,10 @@ impl JournaledLeg {
                 .map_err(err)?;
                 Box::new(move || s.run())
             }
-            Some((stg, cycle)) => {
+            Some((stg, interval, far_apply)) => {
                 let s = cycle::CycleShipper::new(
                     Arc::clone(&shared),
-                    cycle,
+                    (interval, far_apply),
                     Arc::clone(&journal),
                     Arc::clone(&inner),
                     stg,
