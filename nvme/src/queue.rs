@@ -230,6 +230,12 @@ pub trait BlockDevice: Send + Sync + Debug {
         None
     }
 
+    /// [`LinkStatus::generation`](crate::LinkStatus) alone (one more at each reconnect),
+    /// cheaply: the journal threads read it once a segment.
+    fn link_generation(&self) -> Option<u64> {
+        self.link().map(|l| l.generation)
+    }
+
     /// The reservation commands of this namespace, where the back end can send them (a
     /// volume fences such a leg, `docs/promotion.md`); `None` for devices without them.
     fn reservations(&self) -> Option<&dyn crate::Reservations> {

@@ -70,7 +70,7 @@ impl DevIo {
     }
 
     fn generation(&self) -> u64 {
-        self.dev.link().map_or(0, |l| l.generation)
+        self.dev.link_generation().unwrap_or(0)
     }
 
     /// The queue pair, opened if there is none.

@@ -250,10 +250,18 @@ pub(crate) struct Shared {
 impl Shared {
     /// Records why the shipper is stuck (`None`: it is not) for the status page.
     pub(crate) fn report(&self, why: Option<String>) {
-        *self
-            .error
+        *self.error_slot() = why;
+    }
+
+    /// Why shipping is stuck, as last reported.
+    fn error(&self) -> Option<String> {
+        self.error_slot().clone()
+    }
+
+    fn error_slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.error
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Journal blocks in use between the commit position and the writer's tail.
@@ -326,11 +334,7 @@ impl Shared {
                     ship_us: c.ship_us.load(Ordering::Relaxed),
                 }
             }),
-            error: self
-                .error
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
+            error: self.error(),
         }
     }
 
@@ -683,6 +687,10 @@ impl BlockDevice for JournaledLeg {
 
     fn link(&self) -> Option<nvmirror_nvme::LinkStatus> {
         self.inner.link()
+    }
+
+    fn link_generation(&self) -> Option<u64> {
+        self.inner.link_generation()
     }
 
     fn volatile_write_cache(&self) -> bool {

@@ -246,6 +246,10 @@ impl BlockDevice for FaultyDevice {
         self.inner.link()
     }
 
+    fn link_generation(&self) -> Option<u64> {
+        self.inner.link_generation()
+    }
+
     fn volatile_write_cache(&self) -> bool {
         self.inner.volatile_write_cache()
     }

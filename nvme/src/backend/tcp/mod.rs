@@ -353,6 +353,10 @@ impl BlockDevice for NvmeTcpDevice {
         Some(self.sup.status())
     }
 
+    fn link_generation(&self) -> Option<u64> {
+        Some(self.sup.generation())
+    }
+
     fn volatile_write_cache(&self) -> bool {
         // Not connected yet: assume a cache.
         self.sup.link().map_or(true, |l| l.info.volatile_cache)

@@ -248,6 +248,11 @@ impl Supervisor {
         list.iter().filter_map(Weak::upgrade).collect()
     }
 
+    /// The association's generation (one more at each reconnect), as `status` gives it.
+    pub fn generation(&self) -> u64 {
+        lock(&self.life).generation
+    }
+
     /// The status the control plane shows.
     pub fn status(&self) -> LinkStatus {
         let revivals = self.revivals();
