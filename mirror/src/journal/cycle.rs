@@ -435,7 +435,10 @@ impl CycleShipper {
         self.started = Instant::now();
         let open = prev.state == CycleState::Open;
         self.load_pieces(&prev)?;
-        let cut = match self.freeze(false)? {
+        // A batch of an async-journal leg is bounded; a catch-up's cycle takes it all (its
+        // cut must lie past the whole copy).
+        let cap = self.interval.is_none() && !open;
+        let cut = match self.freeze(false, cap)? {
             Some(cut) => cut,
             // The catch-up's pieces hold every record: commit them as they are.
             None if open => prev.staged,
@@ -520,7 +523,7 @@ impl CycleShipper {
             return self.finish(prev);
         }
         self.load_pieces(&prev)?;
-        let Some(cut) = self.freeze(true)? else {
+        let Some(cut) = self.freeze(true, false)? else {
             return Ok(());
         };
         let (staged, sent) = self.stage(&prev)?;
@@ -673,9 +676,9 @@ impl CycleShipper {
 
     /// Reads the journal from the commit position up to the cut and builds the changed-chunk
     /// table; returns the cut. The cut is the durable end of the journal when the cycle
-    /// starts, moved back to fit the staging area, and never right after a piece of a
-    /// split write (unless it ends a `piece` of a catch-up).
-    fn freeze(&mut self, piece: bool) -> Result<Option<Commit>, Short> {
+    /// starts, moved back to fit the staging area (and, when `cap`, to `BATCH_SEGMENTS`), and
+    /// never right after a piece of a split write (unless it ends a `piece` of a catch-up).
+    fn freeze(&mut self, piece: bool, cap: bool) -> Result<Option<Commit>, Short> {
         let target = self.sh.written_seq.load(Ordering::Acquire);
         self.segs.clear();
         // Segment counts at which a cut may fall.
@@ -683,6 +686,9 @@ impl CycleShipper {
         let (mut at, mut next) = (self.commit.offset, self.commit.seq + 1);
         let mut waiting = None;
         while next <= target || cuts.last() != Some(&self.segs.len()) {
+            if cap && self.segs.len() >= BATCH_SEGMENTS && cuts.last() == Some(&self.segs.len()) {
+                break;
+            }
             if next > self.sh.written_seq.load(Ordering::Acquire) {
                 // The rest of a split write is on its way, unless the write failed (the
                 // journal refused its next piece): a failed write may be left torn.
@@ -983,7 +989,7 @@ impl CycleShipper {
 
 /// Segment buffers a walk reads ahead into while the commands of the ones before are out
 /// (a segment under a light load holds a few writes: many are read ahead)...
-const WALK_BUFS: usize = 32;
+const WALK_BUFS: usize = DEPTH as usize;
 /// ...as long as the buffers of the segments out hold at most this many bytes.
 const WALK_BYTES: usize = 8 << 20;
 /// A walk buffer's size to start with; one grown past `WALK_KEEP` for a large segment is
@@ -999,6 +1005,11 @@ pub(super) fn shrink(bufs: &mut [SegBuf], idle: impl Fn(usize) -> bool) {
         }
     }
 }
+
+/// The most segments one batch of an `async-journal` leg takes (the rest go in the next):
+/// a backlog of many small segments is frozen, staged and applied in steps of bounded time
+/// and memory, and the far image moves at each.
+const BATCH_SEGMENTS: usize = 8192;
 
 /// The most one staging write carries (runs that follow each other in a segment).
 const MERGE_BYTES: usize = 1 << 20;
