@@ -368,6 +368,84 @@ fn a_staged_leg_keeps_its_far_image_a_prefix_through_a_catch_up() {
 }
 
 #[test]
+fn a_staged_leg_stepped_down_by_a_stalled_far_site_catches_up_with_every_crash_image_a_prefix() {
+    // Room for a few of the resync's copy commands (a region each) and the host's writes.
+    let r = rig_staged(JournalConfig {
+        max_bytes: Some(4 << 20),
+        ..JournalConfig::default()
+    });
+    let staging = Arc::clone(r.staging.as_ref().unwrap());
+    let mut qp = r.vol.open_qpair(DEPTH).unwrap();
+    let (mut recs, mut clock) = (Vec::new(), 0);
+    write_stamped(&mut *qp, &mut recs, &mut clock, 100, 51, |_| {}, 1000);
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    // The far site stalls: the journal fills past its bound and the leg steps down; the
+    // host carries on.
+    let stall = [&r.far, &staging].map(|d| {
+        d.injector().arm(Fault::Hang {
+            ops: OpFilter::Writes,
+        })
+    });
+    write_stamped(&mut *qp, &mut recs, &mut clock, 600, 52, |_| {}, 1000);
+    let st = r.leg.replication().unwrap();
+    assert_eq!(st.state, "stepped-down", "{st:?}");
+    assert_eq!(r.vol.leg_states()[1].state, LegState::Faulted);
+    // The far site is back: the journal drains, then a resync brings the leg back, its
+    // catch-up staged while the host writes on.
+    for (d, id) in [&r.far, &staging].into_iter().zip(stall) {
+        d.injector().clear(id);
+    }
+    common::wait_for("the journal drained", || {
+        r.leg.replication().unwrap().lag_writes == 0
+    });
+    let slow = ResyncConfig {
+        windows: 1,
+        max_rate: 1 << 20,
+        adaptive: false,
+        ..ResyncConfig::default()
+    };
+    let job = r.vol.attach_leg_with(1, slow).unwrap().run();
+    let far = Arc::clone(&r.far);
+    let (mut samples, mut seed) = (0, 53);
+    while !job.is_finished() {
+        let vol = &r.vol;
+        write_stamped(
+            &mut *qp,
+            &mut recs,
+            &mut clock,
+            32,
+            seed,
+            |recs| {
+                let (image, _) = common::far_site::crash_image(&far, &staging);
+                assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
+                if vol.leg_states()[1].state != LegState::InSync {
+                    samples += 1;
+                }
+            },
+            8,
+        );
+        seed += 1;
+    }
+    let end = job.join().unwrap();
+    assert_eq!(
+        end.state,
+        JobState::Done,
+        "{end:?} {:?}",
+        r.leg.replication()
+    );
+    assert!(samples > 0, "the copy ended before a sample");
+    assert!(r.leg.wait_applied(Duration::from_secs(20)));
+    let st = r.leg.replication().unwrap();
+    assert!(st.consistent && st.state == "replicating", "{st:?}");
+    assert_eq!(st.step_downs, 1, "{st:?}");
+    drop(qp);
+    assert_eq!(
+        read_all(&*r.local).unwrap(),
+        read_all(&**r.far.inner()).unwrap()
+    );
+}
+
+#[test]
 fn a_power_cut_at_the_far_device_keeps_a_prefix_and_loses_nothing_shipped() {
     // The far disk acknowledges writes from a volatile cache; the host sends no barrier.
     let disk = Arc::new(CachedDisk::new("cache://far".into(), 7, BS as u32, 4 << 20).remote());

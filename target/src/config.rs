@@ -476,6 +476,9 @@ fn duration_at_least(s: &str, min_ms: u64) -> Result<Duration, String> {
 }
 
 /// The cycle period of an `async-cycle` leg without `cycle`.
+/// The least `max_bytes` of an async leg's journal.
+const MIN_JOURNAL_BOUND: u64 = 4 << 20;
+
 pub const DEFAULT_CYCLE: Duration = Duration::from_secs(30);
 
 fn default_async_mode() -> String {
@@ -821,7 +824,15 @@ impl Config {
                     duration_at_least(c, 10).map_err(|e| bad(at("cycle"), e))?;
                 }
                 if let Some(m) = &a.max_bytes {
-                    parse_size(m).map_err(|e| bad(at("max_bytes"), e))?;
+                    let max = parse_size(m).map_err(|e| bad(at("max_bytes"), e))?;
+                    if max < MIN_JOURNAL_BOUND {
+                        return Err(bad(
+                            at("max_bytes"),
+                            format!(
+                                "{m}: at least 4MiB (a journal segment carries up to 1 MiB, a resync's copy command as much, and both must fit beside the host's writes or a catch-up never ends)"
+                            ),
+                        ));
+                    }
                 }
                 if let Some(m) = &a.max_lag {
                     duration_at_least(m, 1).map_err(|e| bad(at("max_lag"), e))?;

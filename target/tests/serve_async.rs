@@ -257,6 +257,10 @@ fn bad_async_leg_entries_are_refused_with_the_field() {
         ),
         ("leg = 1\njournal = \"bogus://x\"", "async_legs[0].journal"),
         (
+            "leg = 1\njournal = \"mem://16MiB\"\nmax_bytes = \"1MiB\"",
+            "async_legs[0].max_bytes",
+        ),
+        (
             "leg = 1\njournal = \"mem://16MiB\"\nmax_lag = \"soon\"",
             "async_legs[0].max_lag",
         ),
