@@ -792,6 +792,11 @@ impl Service {
         if let Some(mut c) = self.cluster.take() {
             c.stop();
         }
+        // Then the front ends: from here a host's connect is refused (it sees the target
+        // gone at once, and tries its other paths) instead of reaching a target that is
+        // going away.
+        self.nvme_tcp.take();
+        self.nbd.take();
         for (stop, t) in [
             self.appliers.take(),
             self.legs_watch.take(),
@@ -805,8 +810,6 @@ impl Service {
         }
         self.metrics.take();
         self.rpc.take();
-        self.nvme_tcp.take();
-        self.nbd.take();
         if let Some(pool) = self.pool.take() {
             pool.shutdown();
         }
