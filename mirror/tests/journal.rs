@@ -199,6 +199,37 @@ fn write_stamped(
     drop(bufs);
 }
 
+/// Host writes the staging area of `rig_staged` can hold during a catch-up, beside the copy
+/// of the whole area: at most 8 blocks each, with the copy's 256 under its 2048.
+const CATCH_UP_WRITES: usize = 192;
+
+/// Drives stamped writes (at most [`CATCH_UP_WRITES`], `batch` at a time, from `seed` on)
+/// while `job` runs, calling `sample` every `every` acknowledgements, and every few
+/// milliseconds once the budget is spent; the job's end.
+#[allow(clippy::too_many_arguments)]
+fn writes_through_catch_up(
+    job: std::thread::JoinHandle<nvmirror_mirror::ResyncStatus>,
+    qp: &mut dyn QueuePair,
+    recs: &mut Vec<Rec>,
+    clock: &mut u64,
+    (batch, every): (usize, usize),
+    mut seed: u64,
+    mut sample: impl FnMut(&[Rec]),
+) -> nvmirror_mirror::ResyncStatus {
+    let mut written = 0;
+    while !job.is_finished() {
+        if written < CATCH_UP_WRITES {
+            write_stamped(qp, recs, clock, batch, seed, &mut sample, every);
+            written += batch;
+            seed += 1;
+        } else {
+            sample(recs);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    job.join().unwrap()
+}
+
 /// Reads the far device's image while its writes are held (the moment a crash would
 /// freeze), then lets them go on.
 fn sample_far(far: &FaultyDevice) -> Vec<u8> {
@@ -327,35 +358,26 @@ fn a_staged_leg_keeps_its_far_image_a_prefix_through_a_catch_up() {
         ..ResyncConfig::default()
     };
     let job = r.vol.attach_leg_with(1, slow).unwrap().run();
-    let far = Arc::clone(&r.far);
+    let (far, leg, vol) = (Arc::clone(&r.far), Arc::clone(&r.leg), &r.vol);
     let mut samples = 0;
-    let mut seed = 33;
-    while !job.is_finished() {
-        let leg = Arc::clone(&r.leg);
-        let vol = &r.vol;
-        write_stamped(
-            &mut *qp,
-            &mut recs,
-            &mut clock,
-            64,
-            seed,
-            |recs| {
-                let st = leg.replication().unwrap();
-                let (image, _) = common::far_site::crash_image(&far, &staging);
-                if vol.leg_states()[1].state != LegState::InSync {
-                    // The copy goes to the staging area: the image stays at its last
-                    // prefix, and says so.
-                    assert!(st.consistent, "{st:?}");
-                    assert_eq!(st.state, "catching-up", "{st:?}");
-                    samples += 1;
-                }
-                assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
-            },
-            16,
-        );
-        seed += 1;
-    }
-    assert_eq!(job.join().unwrap().state, JobState::Done);
+    let end = writes_through_catch_up(job, &mut *qp, &mut recs, &mut clock, (64, 16), 33, |recs| {
+        let st = leg.replication().unwrap();
+        let (image, _) = common::far_site::crash_image(&far, &staging);
+        if vol.leg_states()[1].state != LegState::InSync {
+            // The copy goes to the staging area: the image stays at its last prefix,
+            // and says so.
+            assert!(st.consistent, "{st:?}");
+            assert_eq!(st.state, "catching-up", "{st:?}");
+            samples += 1;
+        }
+        assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
+    });
+    assert_eq!(
+        end.state,
+        JobState::Done,
+        "{end:?} {:?}",
+        r.leg.replication()
+    );
     assert!(samples > 0, "the copy ended before a sample");
     assert!(r.leg.wait_applied(Duration::from_secs(20)));
     let st = r.leg.replication().unwrap();
@@ -405,28 +427,15 @@ fn a_staged_leg_stepped_down_by_a_stalled_far_site_catches_up_with_every_crash_i
         ..ResyncConfig::default()
     };
     let job = r.vol.attach_leg_with(1, slow).unwrap().run();
-    let far = Arc::clone(&r.far);
-    let (mut samples, mut seed) = (0, 53);
-    while !job.is_finished() {
-        let vol = &r.vol;
-        write_stamped(
-            &mut *qp,
-            &mut recs,
-            &mut clock,
-            32,
-            seed,
-            |recs| {
-                let (image, _) = common::far_site::crash_image(&far, &staging);
-                assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
-                if vol.leg_states()[1].state != LegState::InSync {
-                    samples += 1;
-                }
-            },
-            8,
-        );
-        seed += 1;
-    }
-    let end = job.join().unwrap();
+    let (far, vol) = (Arc::clone(&r.far), &r.vol);
+    let mut samples = 0;
+    let end = writes_through_catch_up(job, &mut *qp, &mut recs, &mut clock, (32, 8), 53, |recs| {
+        let (image, _) = common::far_site::crash_image(&far, &staging);
+        assert_crash_consistent(&image, recs, &format!("catch-up sample {samples}"));
+        if vol.leg_states()[1].state != LegState::InSync {
+            samples += 1;
+        }
+    });
     assert_eq!(
         end.state,
         JobState::Done,
