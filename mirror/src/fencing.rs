@@ -225,6 +225,19 @@ impl crate::Volume {
                 },
                 (None, None) => LegFence::Local,
             };
+            // An asynchronous leg's staging area at the far site is fenced with its image: a
+            // promotion there takes both over.
+            let f = match (f, leg.dev.staging_reservations()) {
+                (f @ (LegFence::Held { .. } | LegFence::Unfenced { .. }), Some(res)) => {
+                    match fence_leg(res, volume, epoch, takeover) {
+                        LegFence::Lost { why } => LegFence::Lost {
+                            why: format!("of its staging area {why}"),
+                        },
+                        _ => f,
+                    }
+                }
+                (f, _) => f,
+            };
             match &f {
                 LegFence::Unfenced { why } => tracing::warn!(
                     volume = %sh.name, leg = i, name, "remote leg is UNFENCED: {why}; a promotion elsewhere cannot stop this node writing it"

@@ -545,6 +545,13 @@ impl Volume {
                 reason: "queue pairs are still open".into(),
             });
         }
+        if let Some(why) = shared.fence.reason() {
+            // Another node holds the remote legs now: nothing is written to them, and the
+            // local legs keep their bitmap, the record of what this node wrote alone (a
+            // rejoin folds it into the new primary's resync). The next start is fenced again.
+            tracing::warn!(volume = %shared.name, "fenced ({why}): stopped as it is, not marked clean");
+            return Ok(());
+        }
         // Writes that failed on every leg, or were cut off in flight at teardown, may have
         // left the in-sync legs different: make them agree before calling them clean.
         if !shared.diverged.regions().is_empty() {

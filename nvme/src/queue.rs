@@ -242,6 +242,12 @@ pub trait BlockDevice: Send + Sync + Debug {
         None
     }
 
+    /// The reservation commands of a second namespace this leg writes, where it has one (an
+    /// asynchronous leg's staging area at the far site): a volume fences it with the leg.
+    fn staging_reservations(&self) -> Option<&dyn crate::Reservations> {
+        None
+    }
+
     /// Where an asynchronously mirrored leg stands (`async-journal`); `None` for devices
     /// written synchronously.
     fn replication(&self) -> Option<crate::ReplicationStatus> {

@@ -354,7 +354,7 @@ impl Node {
         if let Some(slot) = self.reg.standby.iter().find(|s| s.cfg.name == *name) {
             if slot.entry.get().is_none() {
                 return match crate::promote::promote(&self.reg, slot) {
-                    Ok(()) => Event::PromoteDone,
+                    Ok(_) => Event::PromoteDone,
                     Err(e) => Event::PromoteFailed { why: e.message },
                 };
             }

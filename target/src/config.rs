@@ -114,10 +114,19 @@ pub struct CycleApplyConfig {
     /// How often the staging header is read.
     #[serde(default = "default_apply_poll")]
     pub poll: String,
+    /// Whether this node applies the staged cycles (the shipping leg has `far_apply`).
+    /// `false` only pairs the two: the shipping site applies, and a promotion here fences
+    /// the staging area with the image and rolls a committed cycle forward before it serves.
+    #[serde(default = "default_true")]
+    pub apply: bool,
 }
 
 fn default_apply_poll() -> String {
     "2ms".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[cluster]`.

@@ -125,6 +125,10 @@ pub struct Registry {
     /// Per image volume of a `[[cycle_apply]]`: what its far-site applier did last (shown
     /// in `volume_status` as `cycle_apply`).
     pub cycle_apply: std::sync::Mutex<std::collections::BTreeMap<String, Value>>,
+    /// Image volumes whose applier has stopped for good: a promotion made them a leg of a
+    /// volume this node serves. The applier holds the lock through each apply, so a
+    /// promotion that has inserted an image knows no apply of it is under way.
+    pub retired_appliers: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// How the resyncs this node starts copy (`[resync]`).
     pub resync: nvmirror_mirror::ResyncConfig,
 }
@@ -149,6 +153,7 @@ impl Registry {
             cluster_volume: None,
             resign: std::sync::atomic::AtomicBool::new(false),
             cycle_apply: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            retired_appliers: std::sync::Mutex::new(std::collections::BTreeSet::new()),
             resync: nvmirror_mirror::ResyncConfig::default(),
         }
     }

@@ -193,13 +193,36 @@ pub struct StandbySlot {
     pub entry: OnceLock<Arc<VolumeEntry>>,
     /// Its `volume://` legs: leg index and the local raw volume's leg.
     local: Vec<(usize, Arc<dyn BlockDevice>)>,
-    /// NQNs of the subsystems exporting those local raw volumes: where the old primary
-    /// holds its reservation.
-    fence_at: Vec<String>,
+    /// The namespaces (subsystem NQN, NSID) exporting those local raw volumes and their
+    /// staging areas: where the old primary holds its reservation.
+    fence_at: Vec<(String, u32)>,
+    /// The staging areas paired with those raw volumes (`[[cycle_apply]]`).
+    staged: Vec<StagedCopy>,
     data_dir: std::path::PathBuf,
     claim_wait: Duration,
     /// Serialises promotions; keeps the connections the reservations were taken over with.
     promoter: Mutex<Vec<NvmeTcpDevice>>,
+}
+
+/// A local raw volume that is the far image of an asynchronous leg with a staging area, and
+/// that area: a committed cycle there is rolled onto the image before it is promoted.
+#[derive(Debug)]
+struct StagedCopy {
+    image: String,
+    staging: String,
+    image_dev: Arc<dyn BlockDevice>,
+    staging_dev: Arc<dyn BlockDevice>,
+}
+
+/// The namespaces of `cfg`'s subsystems that export the volume `name`.
+fn exports_of(cfg: &Config, name: &str) -> Vec<(String, u32)> {
+    cfg.subsystems
+        .iter()
+        .filter_map(|s| {
+            let at = s.namespaces.iter().position(|n| n == name)?;
+            Some((s.nqn.clone(), at as u32 + 1))
+        })
+        .collect()
 }
 
 /// The standby volumes `cfg` declares, over the raw volumes opened already.
@@ -215,22 +238,31 @@ pub(crate) fn standby_slots(
         };
         let mut local = Vec::new();
         let mut fence_at = Vec::new();
+        let mut staged = Vec::new();
         for (i, uri) in v.legs.iter().enumerate() {
             let Some(raw) = uri.strip_prefix(LOCAL_VOLUME_SCHEME) else {
                 continue;
             };
-            let e = volumes
-                .iter()
-                .find(|e| e.volume.name() == raw)
-                .ok_or_else(|| err(format!("no raw volume '{raw}'")))?;
+            let entry = |name: &str| {
+                volumes
+                    .iter()
+                    .find(|e| e.volume.name() == name)
+                    .ok_or_else(|| err(format!("no raw volume '{name}'")))
+            };
+            let e = entry(raw)?;
             let dev = e.volume.leg_device(0).map_err(|e| err(e.to_string()))?;
             local.push((i, dev));
-            fence_at.extend(
-                cfg.subsystems
-                    .iter()
-                    .filter(|s| s.namespaces.iter().any(|n| n == raw))
-                    .map(|s| s.nqn.clone()),
-            );
+            fence_at.extend(exports_of(cfg, raw));
+            for c in cfg.cycle_appliers.iter().filter(|c| c.image == raw) {
+                let as_dev = |e: &VolumeEntry| Arc::clone(&e.volume) as Arc<dyn BlockDevice>;
+                staged.push(StagedCopy {
+                    image: c.image.clone(),
+                    staging: c.staging.clone(),
+                    image_dev: as_dev(e),
+                    staging_dev: as_dev(entry(&c.staging)?),
+                });
+                fence_at.extend(exports_of(cfg, &c.staging));
+            }
         }
         let Some((_, first)) = local.first() else {
             return Err(err(format!(
@@ -258,6 +290,7 @@ pub(crate) fn standby_slots(
             entry: OnceLock::new(),
             local,
             fence_at,
+            staged,
             data_dir: cfg.data_dir.clone(),
             claim_wait: cfg.service.claim_timeout(),
             promoter: Mutex::new(Vec::new()),
@@ -279,11 +312,11 @@ fn promoter_hostnqn(volume: &nvmirror_mirror::superblock::Uuid, epoch: u64) -> S
     )
 }
 
-/// Takes the reservation of `nqn` (an export of this node) over for `volume` at `epoch`,
-/// through this node's own NVMe/TCP listener.
+/// Takes the reservation of namespace `nsid` of `nqn` (an export of this node) over for
+/// `volume` at `epoch`, through this node's own NVMe/TCP listener.
 fn preempt_at_own_export(
     reg: &Registry,
-    nqn: &str,
+    (nqn, nsid): (&str, u32),
     volume: nvmirror_mirror::superblock::Uuid,
     epoch: u64,
 ) -> Result<NvmeTcpDevice, RpcError> {
@@ -302,6 +335,7 @@ fn preempt_at_own_export(
         });
     }
     let mut opts = NvmeTcpOptions::new(nqn);
+    opts.nsid = nsid;
     opts.hostnqn = Some(promoter_hostnqn(&volume, epoch));
     let dev = NvmeTcpDevice::connect(&addr.to_string(), &opts)
         .map_err(|e| RpcError::failed(format!("cannot reach this node's export {nqn}: {e}")))?;
@@ -309,6 +343,7 @@ fn preempt_at_own_export(
         LegFence::Held { key } => {
             tracing::warn!(
                 nqn,
+                nsid,
                 key = format!("{key:#018x}"),
                 epoch,
                 "the old primary is preempted on this node's export"
@@ -316,13 +351,14 @@ fn preempt_at_own_export(
             Ok(dev)
         }
         other => Err(RpcError::failed(format!(
-            "cannot take the reservation of {nqn} over at epoch {epoch}: {other:?}"
+            "cannot take the reservation of {nqn} namespace {nsid} over at epoch {epoch}: {other:?}"
         ))),
     }
 }
 
-/// `volume_promote {"name": VOLUME}`: see the module documentation.
-pub(crate) fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError> {
+/// `volume_promote {"name": VOLUME}`: see the module documentation. What was found in each
+/// staging area (step 2b).
+pub(crate) fn promote(reg: &Registry, slot: &StandbySlot) -> Result<Vec<Value>, RpcError> {
     let mut promoter = slot.promoter.lock().unwrap_or_else(|e| e.into_inner());
     let name = &slot.cfg.name;
     if slot.entry.get().is_some() {
@@ -359,10 +395,18 @@ pub(crate) fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError
     }
     let (uuid, old) = found.expect("a standby volume has a local leg");
     let epoch = old + 1;
-    // 2. The old primary writes the local copy no more.
-    for nqn in &slot.fence_at {
-        promoter.push(preempt_at_own_export(reg, nqn, uuid, epoch)?);
+    // 2. The old primary writes the local copy (and its staging areas) no more.
+    for (nqn, nsid) in &slot.fence_at {
+        promoter.push(preempt_at_own_export(reg, (nqn, *nsid), uuid, epoch)?);
     }
+    // 2b. A cycle committed to a staging area is rolled onto its image, as
+    // `nvmirror cycle-recover` would: the image is then the cut of that cycle, a crash
+    // state of the old primary's writes, and no applier writes it again.
+    let staged = slot
+        .staged
+        .iter()
+        .map(|s| roll_forward_staged(reg, s))
+        .collect::<Result<Vec<_>, _>>()?;
     // 3. Open the volume from its legs.
     let locals = |n: &str| -> Option<Arc<dyn BlockDevice>> {
         let at = slot.cfg.legs.iter().position(|l| {
@@ -427,7 +471,54 @@ pub(crate) fn promote(reg: &Registry, slot: &StandbySlot) -> Result<(), RpcError
     let _ = slot.device.volume.set(vol);
     let _ = slot.entry.set(Arc::new(entry));
     tracing::warn!(volume = %name, epoch, "promoted: serving");
-    Ok(())
+    Ok(staged)
+}
+
+/// Step 2b of a promotion for one staging area: its applier stops for good, then a
+/// committed cycle is rolled forward.
+fn roll_forward_staged(reg: &Registry, s: &StagedCopy) -> Result<Value, RpcError> {
+    // Once inserted, no apply of the image is under way (the applier holds the lock through
+    // each one) and none starts.
+    reg.retired_appliers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(s.image.clone());
+    let timeout = Duration::from_secs(10);
+    match nvmirror_mirror::recover_cycle(
+        Arc::clone(&s.image_dev),
+        Arc::clone(&s.staging_dev),
+        timeout,
+    ) {
+        Ok(r) => {
+            tracing::warn!(
+                image = s.image,
+                staging = s.staging,
+                cycle = r.cycle,
+                rolled_forward = r.rolled_forward,
+                cut_seq = r.cut_seq,
+                "the image is at the staged cycle's cut"
+            );
+            Ok(json!({
+                "image": s.image,
+                "staging": s.staging,
+                "cycle": r.cycle,
+                "rolled_forward": r.rolled_forward,
+                "cut_seq": r.cut_seq,
+                "cut_unix_ms": r.cut_unix_ms,
+            }))
+        }
+        // Not one cycle was committed there: the image is what was written to it directly.
+        Err(e) if e.contains("blank") => Ok(json!({
+            "image": s.image,
+            "staging": s.staging,
+            "cycle": 0,
+            "rolled_forward": false,
+        })),
+        Err(e) => Err(RpcError::failed(format!(
+            "cannot roll the cycle staged in '{}' onto '{}': {e}; the image may hold part of a cycle (run `nvmirror cycle-recover`, or remove the [[cycle_apply]] pairing to promote it as it is)",
+            s.staging, s.image
+        ))),
+    }
 }
 
 pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {
@@ -443,8 +534,8 @@ pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {
             .iter()
             .find(|s| s.cfg.name == name)
             .ok_or_else(|| RpcError::invalid_params(format!("no standby volume named '{name}'")))?;
-        promote(&r, slot)?;
+        let staging = promote(&r, slot)?;
         let v = slot.entry.get().expect("promoted");
-        Ok(json!({"promoted": name, "status": r.volume_status(v)}))
+        Ok(json!({"promoted": name, "staging": staging, "status": r.volume_status(v)}))
     });
 }

@@ -352,15 +352,16 @@ pub(crate) fn open_entry(
             .enumerate()
             .filter(|(i, _)| !v.async_legs.iter().any(|x| x.leg == *i))
             .find_map(|(_, d)| d.clone());
-        if let (Some(res), Some(local)) = (far.reservations(), sync_leg) {
-            if let Ok(Some(sb)) =
-                nvmirror_mirror::promotion::read_superblock(&*local, Duration::from_secs(5))
-            {
-                let f = nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
-                if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
-                    tracing::error!(volume = v.name, leg = a.leg, why, "the far side of the asynchronous leg is reserved by a newer epoch: its journal is not shipped");
-                    continue;
-                }
+        let sb = sync_leg.and_then(|local| {
+            nvmirror_mirror::promotion::read_superblock(&*local, Duration::from_secs(5))
+                .ok()
+                .flatten()
+        });
+        if let (Some(res), Some(sb)) = (far.reservations(), &sb) {
+            let f = nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
+            if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
+                tracing::error!(volume = v.name, leg = a.leg, why, "the far side of the asynchronous leg is reserved by a newer epoch: its journal is not shipped");
+                continue;
             }
         }
         let journal =
@@ -371,6 +372,18 @@ pub(crate) fn open_entry(
                 let what = format!("volume {} leg {} staging area", v.name, a.leg);
                 let staging =
                     open_leg_waiting(st, claim_wait, &what).map_err(|e| start_err(&what, e))?;
+                // The staging area too is reserved by the process before this one: take it
+                // back before anything is staged (its shipper stops at a conflict for good).
+                if let (Some(res), Some(sb)) = (staging.reservations(), &sb) {
+                    let f =
+                        nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
+                    if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
+                        return Err(start_err(
+                            &what,
+                            format!("reserved by another host ({why}), though the leg's image is not: fence or free it where it is exported"),
+                        ));
+                    }
+                }
                 if !a.is_cycle() {
                     nvmirror_mirror::JournaledLeg::open_staged(
                         far,
@@ -876,11 +889,8 @@ impl Drop for Service {
 /// reads each staging volume's header every `poll` and applies a committed cycle onto its
 /// image volume (`docs/cycles.md`). A failure is logged once per change and tried again.
 fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, ServeError> {
-    if cfg.cycle_appliers.is_empty() {
-        return Ok(None);
-    }
     let mut appliers = Vec::new();
-    for c in &cfg.cycle_appliers {
+    for c in cfg.cycle_appliers.iter().filter(|c| c.apply) {
         let what = format!("cycle_apply {} -> {}", c.staging, c.image);
         let dev = |name: &str| -> Result<Arc<dyn BlockDevice>, ServeError> {
             reg.find_volume(name)
@@ -896,6 +906,9 @@ fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, S
         let poll = parse_duration(&c.poll).unwrap_or(Duration::from_millis(2));
         appliers.push((c.clone(), applier, poll, AppliedSoFar::default()));
     }
+    if appliers.is_empty() {
+        return Ok(None);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let reg = Arc::clone(reg);
@@ -905,6 +918,13 @@ fn start_appliers(reg: &Arc<Registry>, cfg: &Config) -> Result<Option<Worker>, S
             let poll = appliers.iter().map(|a| a.2).min().unwrap_or(Duration::from_millis(2));
             while !stop2.load(Ordering::Acquire) {
                 for (c, applier, _, so_far) in &mut appliers {
+                    let retired = reg
+                        .retired_appliers
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if retired.contains(&c.image) {
+                        continue;
+                    }
                     let before = (so_far.cycle, so_far.error.clone());
                     match applier.apply() {
                         Ok(Some(r)) => {

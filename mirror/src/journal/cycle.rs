@@ -138,8 +138,10 @@ impl CycleShipper {
             interval,
             far_apply,
             journal,
-            far: DevIo::new(far, DEPTH, sh.cfg.io_timeout),
-            stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout),
+            far: DevIo::new(far, DEPTH, sh.cfg.io_timeout)
+                .watching_conflicts(Arc::clone(&sh.fenced)),
+            stg: DevIo::new(staging, DEPTH, sh.cfg.io_timeout)
+                .watching_conflicts(Arc::clone(&sh.fenced)),
             stg_blocks,
             j: Journal {
                 uuid: sh.uuid,
@@ -223,18 +225,19 @@ impl CycleShipper {
     /// Runs `step` until it succeeds, backing off between tries; false on stop.
     fn retry(&mut self, what: &str, mut step: impl FnMut(&mut Self) -> Result<(), Short>) -> bool {
         let mut backoff = Duration::from_millis(10);
-        let mut said = false;
+        // The reason last reported: a new one is reported (and logged) in its place.
+        let mut said: Option<String> = None;
         loop {
             // Why it failed, and whether that fails the leg (else the far side is retried).
             let (why, failed) = match step(self) {
                 Ok(()) => {
-                    if said {
+                    if said.is_some() {
                         self.sh.report(None);
                     }
                     if self.sh.retrying.swap(false, Ordering::Relaxed) {
                         tracing::info!(leg = %self.sh.name, "the far side takes cycles again");
                     }
-                    if said {
+                    if said.is_some() {
                         let _ = self.sh.state.compare_exchange(
                             FAILED,
                             super::REPLICATING,
@@ -263,11 +266,14 @@ impl CycleShipper {
                 ),
                 Err(Short::Damaged(why)) => (why, true),
             };
+            if self.sh.is_fenced() {
+                return self.sh.park_fenced(&format!("{what}: {why}"));
+            }
             // The reason first, so a status that shows the state shows why.
-            if !said {
+            if said.as_deref() != Some(why.as_str()) {
                 tracing::warn!(leg = %self.sh.name, %why, "cannot {what}; trying again until it can");
                 self.sh.report(Some(format!("cannot {what}: {why}")));
-                said = true;
+                said = Some(why);
             }
             if failed {
                 self.sh.state.store(FAILED, Ordering::Relaxed);

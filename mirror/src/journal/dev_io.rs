@@ -11,12 +11,12 @@
 //! cache with it), a Flush on the new one proves nothing about them: [`DevIo::flush`] then
 //! fails with [`IoError::Reconnected`] and the caller sends them again.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nvmirror_nvme::spec::status::StatusCodeType;
-use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair};
+use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair, Status};
 
 use super::recover::SegBuf;
 use crate::wait::{run_one, Waited};
@@ -30,6 +30,25 @@ pub(crate) struct DevIo {
     /// The device's association generation when a command first went out after the last
     /// Flush that completed (0 for a device without a link).
     unflushed: Option<u64>,
+    /// Set when the device answers Reservation Conflict ([`DevIo::watching_conflicts`]).
+    conflict: ConflictWatch,
+}
+
+/// A flag set at the first Reservation Conflict a device answers: another host holds its
+/// reservation (the far site was promoted), and nothing sent there will be taken.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConflictWatch(Option<Arc<AtomicBool>>);
+
+impl ConflictWatch {
+    /// Notes the status of a command the device completed.
+    #[inline]
+    pub(crate) fn saw(&self, s: Status) {
+        if let Some(flag) = &self.0 {
+            if crate::fencing::is_conflict(s) {
+                flag.store(true, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// Why a command gave no completion.
@@ -66,7 +85,19 @@ impl DevIo {
             depth,
             timeout,
             unflushed: None,
+            conflict: ConflictWatch::default(),
         }
+    }
+
+    /// Sets `flag` at the first Reservation Conflict the device answers ([`ConflictWatch`]).
+    pub(crate) fn watching_conflicts(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.conflict = ConflictWatch(Some(flag));
+        self
+    }
+
+    /// The device's watch, for completions reaped from its queue pair directly.
+    pub(crate) fn watch(&self) -> ConflictWatch {
+        self.conflict.clone()
     }
 
     fn generation(&self) -> u64 {
@@ -110,6 +141,7 @@ impl DevIo {
         // on the queue pair's fence below and replaced.
         let err = match unsafe { run_one(qp, cmd, timeout, Some(stop)) } {
             Waited::Done(c) => {
+                self.conflict.saw(c.status);
                 if c.status.sct() == StatusCodeType::PathRelated {
                     drop(self.give_up());
                 }

@@ -236,6 +236,10 @@ pub(crate) struct Shared {
     pub journaled_inflight: AtomicU64,
     /// The far side refuses (or does not answer) a segment; the shipper sends it again.
     pub retrying: AtomicBool,
+    /// The far image or the staging area answered Reservation Conflict: another host (the
+    /// far site, promoted) holds its reservation. Nothing is shipped again, and every write
+    /// to the leg fails with Reservation Conflict, which fences the volume (`fencing.rs`).
+    pub fenced: Arc<AtomicBool>,
     pub stop: AtomicBool,
     pub cycle: CycleShared,
     /// An `async-journal` leg's far image is a consistent point once `applied_seq` reaches
@@ -248,6 +252,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the far site was taken over ([`Shared::fenced`]).
+    #[inline]
+    pub(crate) fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// A shipper's end once the far site was taken over (`failed`: the step that met the
+    /// conflict): says so once, then waits for the stop; false, as a stopped step returns.
+    pub(crate) fn park_fenced(&self, failed: &str) -> bool {
+        let why = format!(
+            "the far site answered Reservation Conflict ({failed}): another host holds its reservation (a promotion there); nothing more is shipped, and writes to the leg fail with Reservation Conflict, which fences the volume"
+        );
+        tracing::error!(leg = %self.name, "{why}");
+        self.report(Some(why));
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Records why the shipper is stuck (`None`: it is not) for the status page.
     pub(crate) fn report(&self, why: Option<String>) {
         *self.error_slot() = why;
@@ -302,6 +326,7 @@ impl Shared {
                 _ => "draining",
             },
             state: match self.state.load(Ordering::Relaxed) {
+                _ if self.is_fenced() => "fenced",
                 REPLICATING if self.retrying.load(Ordering::Relaxed) => "retrying",
                 REPLICATING if self.catching_up() || !consistent => "catching-up",
                 s => state_name(s),
@@ -364,6 +389,8 @@ impl Shared {
 /// The far leg of an `async-journal` mirror: see the module documentation.
 pub struct JournaledLeg {
     inner: Arc<dyn BlockDevice>,
+    /// The staging area at the far site, if the leg has one: fenced with the image.
+    staging: Option<Arc<dyn BlockDevice>>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -492,6 +519,7 @@ impl JournaledLeg {
             }),
             journaled_inflight: AtomicU64::new(0),
             retrying: AtomicBool::new(false),
+            fenced: Arc::new(AtomicBool::new(false)),
             stop: AtomicBool::new(false),
             cycle: CycleShared {
                 interval: staging.as_ref().and_then(|s| s.1),
@@ -515,6 +543,7 @@ impl JournaledLeg {
             found.tail,
         )
         .map_err(|e| err(e.to_string()))?;
+        let staging_dev = staging.as_ref().map(|s| Arc::clone(&s.0));
         let ship: Box<dyn FnOnce() + Send> = match staging {
             None => {
                 let s = shipper::Shipper::new(
@@ -550,6 +579,7 @@ impl JournaledLeg {
         ];
         Ok(Self {
             inner,
+            staging: staging_dev,
             shared,
             threads: Mutex::new(threads),
         })
@@ -588,6 +618,9 @@ impl JournaledLeg {
             "sync" => {
                 if sh.mode.load(Ordering::Acquire) == MODE_SYNC {
                     return Ok(());
+                }
+                if sh.is_fenced() {
+                    return Err("the far site is reserved by another host (a promotion there): the leg ships no more".into());
                 }
                 if sh.state.load(Ordering::Relaxed) != REPLICATING {
                     return Err(format!(
@@ -699,6 +732,10 @@ impl BlockDevice for JournaledLeg {
 
     fn reservations(&self) -> Option<&dyn nvmirror_nvme::Reservations> {
         self.inner.reservations()
+    }
+
+    fn staging_reservations(&self) -> Option<&dyn nvmirror_nvme::Reservations> {
+        self.staging.as_ref()?.reservations()
     }
 
     fn replication(&self) -> Option<ReplicationStatus> {

@@ -117,6 +117,7 @@ fn roll(
     stop: &AtomicBool,
 ) -> Result<(), Short> {
     let timeout = stg.timeout.max(image.timeout);
+    let (stg_watch, image_watch) = (stg.watch(), image.watch());
     let sq = stg.qp()?;
     let iq = image.qp()?;
     let mut cpl = [Completion::default(); DEPTH as usize];
@@ -182,6 +183,7 @@ fn roll(
             };
             if !c.status.is_success() {
                 slots[s] = Slot::Free;
+                stg_watch.saw(c.status);
                 return Err(refused(
                     "reading the staged run at block",
                     runs[i].staged_lba,
@@ -221,6 +223,7 @@ fn roll(
             };
             slots[s] = Slot::Free;
             if !c.status.is_success() {
+                image_watch.saw(c.status);
                 let r = runs[i];
                 return Err(Short::Retry(format!(
                     "the image refused blocks {}+{}: {}",

@@ -48,7 +48,8 @@ impl Shipper {
         let len = segment_buffer_len(sh.cfg.max_records, sh.cfg.max_segment_bytes, sh.lba_size);
         let mut journal = DevIo::new(journal, 2, sh.cfg.io_timeout);
         journal.qp().map_err(|e| e.to_string())?;
-        let mut far = DevIo::new(far, DEPTH, sh.cfg.io_timeout);
+        let mut far =
+            DevIo::new(far, DEPTH, sh.cfg.io_timeout).watching_conflicts(Arc::clone(&sh.fenced));
         // Unreachable now is retried like lost later.
         let _ = far.qp();
         Ok(Self {
@@ -160,6 +161,11 @@ impl Shipper {
                     return true;
                 }
                 Err(NotApplied::Stopped) => return false,
+                Err(why) if self.sh.is_fenced() => {
+                    return self
+                        .sh
+                        .park_fenced(&format!("journal segment #{}: {why}", h.seq_first))
+                }
                 Err(why) => {
                     // The reason first, so a status that shows `retrying` shows why.
                     if !self.sh.retrying.load(Ordering::Relaxed) {
@@ -375,6 +381,9 @@ pub(super) fn reap(
                 for c in &cpl[..n] {
                     if !c.status.is_success() && failed.is_none() {
                         *failed = Some(c.status);
+                        if crate::fencing::is_conflict(c.status) {
+                            sh.fenced.store(true, Ordering::Release);
+                        }
                     }
                 }
                 return Ok(n as u32);

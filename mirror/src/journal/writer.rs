@@ -223,6 +223,9 @@ impl Writer {
             .sum();
         let data_blocks = payload.div_ceil(bs);
         let total = header_blocks as u64 + data_blocks as u64;
+        if self.sh.is_fenced() {
+            return self.complete(crate::fencing::FENCED_STATUS);
+        }
         if self.sh.state.load(Ordering::Relaxed) == FAILED {
             return self.complete(Status::WRITE_FAULT);
         }

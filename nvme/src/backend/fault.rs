@@ -258,6 +258,10 @@ impl BlockDevice for FaultyDevice {
         self.inner.reservations()
     }
 
+    fn staging_reservations(&self) -> Option<&dyn crate::Reservations> {
+        self.inner.staging_reservations()
+    }
+
     fn replication(&self) -> Option<crate::ReplicationStatus> {
         self.inner.replication()
     }
