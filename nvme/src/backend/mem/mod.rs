@@ -11,6 +11,7 @@
 //! per 2 MiB instead of per 4 KiB.
 
 mod latency;
+mod shared_copy;
 mod store;
 
 use std::collections::VecDeque;

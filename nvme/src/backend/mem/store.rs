@@ -14,14 +14,14 @@
 //! Concurrent overlapping commands have the NVMe semantics: the result is one of the writers'
 //! data per block, in no defined order; the mirror engine never issues such commands. Cores
 //! may still touch the same chunk at once (other blocks of it, or a test that overlaps on
-//! purpose), so chunk memory is only ever accessed through relaxed atomics, a word at a time
-//! (`copy_out`, `copy_in`, `fill_zero`): no data race by the language's rules, and on x86-64
-//! and AArch64 the same plain loads and stores a copy would make.
+//! purpose), so chunk memory is only ever accessed as relaxed atomics (`shared_copy.rs`): no data
+//! race by the language's rules, at the speed of a plain copy.
 
 use std::alloc::{self, Layout};
 use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+use super::shared_copy::{copy_in, copy_out, fill_zero};
 use crate::mmap::{AnonMapping, Hugepages};
 use crate::Result;
 
@@ -223,86 +223,6 @@ impl SparseStore {
                 unsafe { fill_zero(chunk.add(in_chunk), n) };
             }
             done += n as u64;
-        }
-    }
-}
-
-/// Bytes of `[p, p + n)` before the first 8-byte boundary, capped at `n`.
-#[inline]
-fn head_bytes(p: *const u8, n: usize) -> usize {
-    (p.align_offset(8)).min(n)
-}
-
-/// Copies `n` bytes from chunk memory at `src` (shared with other cores) to `dst` (the caller's).
-///
-/// # Safety
-/// `src` lies in a live chunk and is valid for `n` bytes; `dst` is valid for `n` bytes of writes
-/// and does not overlap chunk memory.
-#[inline]
-unsafe fn copy_out(src: *const u8, dst: *mut u8, n: usize) {
-    let head = head_bytes(src, n);
-    let words = (n - head) / 8;
-    // SAFETY: every address read is inside `[src, src + n)`, chunk memory that is only ever
-    // accessed atomically; the word loads are 8-byte aligned (after `head`). `dst` is the
-    // caller's, written with plain (possibly unaligned) stores.
-    unsafe {
-        for i in 0..head {
-            *dst.add(i) = AtomicU8::from_ptr(src.add(i).cast_mut()).load(Ordering::Relaxed);
-        }
-        for w in 0..words {
-            let at = head + w * 8;
-            let v = AtomicU64::from_ptr(src.add(at).cast_mut().cast()).load(Ordering::Relaxed);
-            dst.add(at).cast::<u64>().write_unaligned(v);
-        }
-        for i in head + words * 8..n {
-            *dst.add(i) = AtomicU8::from_ptr(src.add(i).cast_mut()).load(Ordering::Relaxed);
-        }
-    }
-}
-
-/// Copies `n` bytes from `src` (the caller's) into chunk memory at `dst`.
-///
-/// # Safety
-/// `dst` lies in a live chunk and is valid for `n` bytes; `src` is valid for `n` bytes of reads
-/// and does not overlap chunk memory.
-#[inline]
-unsafe fn copy_in(src: *const u8, dst: *mut u8, n: usize) {
-    let head = head_bytes(dst, n);
-    let words = (n - head) / 8;
-    // SAFETY: as in `copy_out`, with the roles swapped: chunk memory is written atomically.
-    unsafe {
-        for i in 0..head {
-            AtomicU8::from_ptr(dst.add(i)).store(*src.add(i), Ordering::Relaxed);
-        }
-        for w in 0..words {
-            let at = head + w * 8;
-            let v = src.add(at).cast::<u64>().read_unaligned();
-            AtomicU64::from_ptr(dst.add(at).cast()).store(v, Ordering::Relaxed);
-        }
-        for i in head + words * 8..n {
-            AtomicU8::from_ptr(dst.add(i)).store(*src.add(i), Ordering::Relaxed);
-        }
-    }
-}
-
-/// Zeroes `n` bytes of chunk memory at `dst`.
-///
-/// # Safety
-/// `dst` lies in a live chunk and is valid for `n` bytes.
-#[inline]
-unsafe fn fill_zero(dst: *mut u8, n: usize) {
-    let head = head_bytes(dst, n);
-    let words = (n - head) / 8;
-    // SAFETY: as in `copy_in`.
-    unsafe {
-        for i in 0..head {
-            AtomicU8::from_ptr(dst.add(i)).store(0, Ordering::Relaxed);
-        }
-        for w in 0..words {
-            AtomicU64::from_ptr(dst.add(head + w * 8).cast()).store(0, Ordering::Relaxed);
-        }
-        for i in head + words * 8..n {
-            AtomicU8::from_ptr(dst.add(i)).store(0, Ordering::Relaxed);
         }
     }
 }
