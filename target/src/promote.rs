@@ -484,6 +484,14 @@ fn roll_forward_staged(reg: &Registry, s: &StagedCopy) -> Result<Value, RpcError
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(s.image.clone());
     let timeout = Duration::from_secs(10);
+    // Not one cycle committed there (a blank staging area): the image is what was written to
+    // it directly.
+    let mut out = json!({
+        "image": s.image,
+        "staging": s.staging,
+        "cycle": 0,
+        "rolled_forward": false,
+    });
     match nvmirror_mirror::recover_cycle(
         Arc::clone(&s.image_dev),
         Arc::clone(&s.staging_dev),
@@ -498,27 +506,20 @@ fn roll_forward_staged(reg: &Registry, s: &StagedCopy) -> Result<Value, RpcError
                 cut_seq = r.cut_seq,
                 "the image is at the staged cycle's cut"
             );
-            Ok(json!({
-                "image": s.image,
-                "staging": s.staging,
-                "cycle": r.cycle,
-                "rolled_forward": r.rolled_forward,
-                "cut_seq": r.cut_seq,
-                "cut_unix_ms": r.cut_unix_ms,
-            }))
+            out["cycle"] = r.cycle.into();
+            out["rolled_forward"] = r.rolled_forward.into();
+            out["cut_seq"] = r.cut_seq.into();
+            out["cut_unix_ms"] = r.cut_unix_ms.into();
         }
-        // Not one cycle was committed there: the image is what was written to it directly.
-        Err(e) if e.contains("blank") => Ok(json!({
-            "image": s.image,
-            "staging": s.staging,
-            "cycle": 0,
-            "rolled_forward": false,
-        })),
-        Err(e) => Err(RpcError::failed(format!(
-            "cannot roll the cycle staged in '{}' onto '{}': {e}; the image may hold part of a cycle (run `nvmirror cycle-recover`, or remove the [[cycle_apply]] pairing to promote it as it is)",
-            s.staging, s.image
-        ))),
+        Err(e) if e.contains("blank") => {}
+        Err(e) => {
+            return Err(RpcError::failed(format!(
+                "cannot roll the cycle staged in '{}' onto '{}': {e}; the image may hold part of a cycle (run `nvmirror cycle-recover`, or remove the [[cycle_apply]] pairing to promote it as it is)",
+                s.staging, s.image
+            )))
+        }
     }
+    Ok(out)
 }
 
 pub(crate) fn add_methods(m: &mut Methods, reg: &Arc<Registry>) {

@@ -357,12 +357,17 @@ pub(crate) fn open_entry(
                 .ok()
                 .flatten()
         });
-        if let (Some(res), Some(sb)) = (far.reservations(), &sb) {
-            let f = nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
-            if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
-                tracing::error!(volume = v.name, leg = a.leg, why, "the far side of the asynchronous leg is reserved by a newer epoch: its journal is not shipped");
-                continue;
+        // Why `dev` is held by another epoch, when the volume's key could not take it back.
+        let taken_over = |dev: &dyn nvmirror_nvme::BlockDevice| {
+            let (res, sb) = (dev.reservations()?, sb.as_ref()?);
+            match nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false) {
+                nvmirror_mirror::fencing::LegFence::Lost { why } => Some(why),
+                _ => None,
             }
+        };
+        if let Some(why) = taken_over(&*far) {
+            tracing::error!(volume = v.name, leg = a.leg, why, "the far side of the asynchronous leg is reserved by a newer epoch: its journal is not shipped");
+            continue;
         }
         let journal =
             open_leg_waiting(&a.journal, claim_wait, &what).map_err(|e| start_err(&what, e))?;
@@ -374,15 +379,11 @@ pub(crate) fn open_entry(
                     open_leg_waiting(st, claim_wait, &what).map_err(|e| start_err(&what, e))?;
                 // The staging area too is reserved by the process before this one: take it
                 // back before anything is staged (its shipper stops at a conflict for good).
-                if let (Some(res), Some(sb)) = (staging.reservations(), &sb) {
-                    let f =
-                        nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false);
-                    if let nvmirror_mirror::fencing::LegFence::Lost { why } = f {
-                        return Err(start_err(
-                            &what,
-                            format!("reserved by another host ({why}), though the leg's image is not: fence or free it where it is exported"),
-                        ));
-                    }
+                if let Some(why) = taken_over(&*staging) {
+                    return Err(start_err(
+                        &what,
+                        format!("reserved by another host ({why}), though the leg's image is not: fence or free it where it is exported"),
+                    ));
                 }
                 if !a.is_cycle() {
                     nvmirror_mirror::JournaledLeg::open_staged(

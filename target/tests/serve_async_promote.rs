@@ -21,7 +21,7 @@ use nvmirror_nvme::{open_leg, Reservations};
 use rand::SeedableRng;
 
 mod serve_rig;
-use serve_rig::{assert_prefix, read, stamped_writes, try_write, Server, NQN};
+use serve_rig::{assert_prefix, free_port, read, stamped_writes, try_write, Server, NQN};
 
 /// B's raw exports: its copy of A's leg (nsid 1) and the staging area (nsid 2).
 const NQN_B: &str = "nqn.2026-11.io.nvmirror:siteb";
@@ -44,14 +44,6 @@ fn site_b(dir: &Path, apply: bool, port: u16) -> Server {
         d = dir.display()
     );
     Server::with_config_at(dir, &toml, &format!("127.0.0.1:{port}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Site A: `vol0` over a local file and B's raw copy, the latter asynchronous (`leg`: the
@@ -206,15 +198,11 @@ fn a_promotion_rolls_a_cycle_committed_to_the_staging_area_onto_the_image_first(
     let mut writes = Vec::new();
     stamped_writes(&mut *qp, &mut pool, &mut rng, 400, AREA, &mut writes);
     drop(qp);
-    let socket = a.socket.clone();
-    let asked = std::thread::spawn(move || {
-        // It never returns: A is killed while it waits.
-        let _ = nvmirror_target::rpc::call(
-            Path::new(&socket),
-            "cycle_now",
-            serde_json::json!({"volume": "vol0", "timeout_s": 30}),
-        );
-    });
+    // It never returns: A is killed while it waits.
+    let asked = a.rpc_in_background(
+        "cycle_now",
+        serde_json::json!({"volume": "vol0", "timeout_s": 30}),
+    );
     let st = a.wait_for(
         Duration::from_secs(30),
         "a cycle waiting to be applied",

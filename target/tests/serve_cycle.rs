@@ -227,14 +227,7 @@ fn both_sites_killed_mid_cycle_leave_the_far_image_at_a_cut() {
         stamped_writes(&mut *qp, &mut pool, &mut rng, 200, AREA, &mut writes);
         drop(qp);
         // A cycle starts; both sites die somewhere in it (staging, commit or apply).
-        let socket = a.socket.clone();
-        let asked = std::thread::spawn(move || {
-            let _ = nvmirror_target::rpc::call(
-                Path::new(&socket),
-                "cycle_now",
-                serde_json::json!({"volume": "vol0"}),
-            );
-        });
+        let asked = a.rpc_in_background("cycle_now", serde_json::json!({"volume": "vol0"}));
         std::thread::sleep(Duration::from_millis(round * 4));
         b.kill9();
         a.kill9();

@@ -21,19 +21,11 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::{open_leg, QueuePair};
 
 mod serve_rig;
-use serve_rig::{read, try_write, Server, NQN};
+use serve_rig::{free_port, read, try_write, Server, NQN};
 
 const NQN_B: &str = "nqn.2026-11.io.nvmirror:siteb";
 const NQN_A_MIRROR: &str = "nqn.2026-11.io.nvmirror:sitea";
 const NLB: u32 = 8;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// etcd on free loopback ports, in its own data directory; killed when dropped.
 struct Etcd {

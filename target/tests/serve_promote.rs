@@ -17,7 +17,7 @@ use nvmirror_nvme::spec::reservation::ReservationType;
 use nvmirror_nvme::{open_leg, Reservations, Status};
 
 mod serve_rig;
-use serve_rig::{blocks, site_b, try_write, write, Server, NQN};
+use serve_rig::{blocks, free_port, site_b, try_write, write, Server, NQN};
 
 const NLB: u32 = 16;
 /// The host ID of the "new primary" this test plays.
@@ -153,15 +153,6 @@ fn a_preempted_node_fences_itself_and_stays_fenced_after_a_restart() {
 
 const SITEA_NQN: &str = "nqn.2026-11.io.nvmirror:sitea";
 const SITEB_NQN: &str = "nqn.2026-11.io.nvmirror:siteb";
-
-/// A free loopback port (where the old primary will later export its leg).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `serve --config` with `toml` written to `dir/nvmirror.toml`, NVMe/TCP on `listen`.
 fn serve_config(dir: &Path, toml: &str, listen: &str) -> Server {

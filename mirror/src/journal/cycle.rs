@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, QueuePair, SubmitError};
 use rangemap::RangeMap;
 
-use super::dev_io::DevIo;
+use super::dev_io::{kills_queue, DevIo};
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_blocks, read_segment, write_blocks, Journal, SegBuf};
 use super::roll::roll_forward;
@@ -838,11 +838,7 @@ impl CycleShipper {
                 }
             }
             // A path error may leave the queue pair dead: the next try opens a new one.
-            Err(_)
-                if failed.is_some_and(|s: nvmirror_nvme::Status| {
-                    s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated
-                }) =>
-            {
+            Err(_) if failed.is_some_and(kills_queue) => {
                 drop(dev.give_up());
             }
             Err(_) => {}

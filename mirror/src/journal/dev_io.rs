@@ -21,6 +21,13 @@ use nvmirror_nvme::{BlockDevice, Completion, Fence, IoCommand, IoOp, QueuePair, 
 use super::recover::SegBuf;
 use crate::wait::{run_one, Waited};
 
+/// A status after which the queue pair may be dead (a path error: the link or the controller
+/// went away): the next command opens a new one instead of waiting on it.
+#[inline]
+pub(crate) fn kills_queue(status: Status) -> bool {
+    status.sct() == StatusCodeType::PathRelated
+}
+
 pub(crate) struct DevIo {
     dev: Arc<dyn BlockDevice>,
     qp: Option<Box<dyn QueuePair>>,
@@ -44,10 +51,16 @@ impl ConflictWatch {
     #[inline]
     pub(crate) fn saw(&self, s: Status) {
         if let Some(flag) = &self.0 {
-            if crate::fencing::is_conflict(s) {
-                flag.store(true, Ordering::Release);
-            }
+            note_conflict(flag, s);
         }
+    }
+}
+
+/// Sets `fenced` when `s` is a Reservation Conflict: another host holds the device now.
+#[inline]
+pub(crate) fn note_conflict(fenced: &AtomicBool, s: Status) {
+    if crate::fencing::is_conflict(s) {
+        fenced.store(true, Ordering::Release);
     }
 }
 
@@ -142,7 +155,7 @@ impl DevIo {
         let err = match unsafe { run_one(qp, cmd, timeout, Some(stop)) } {
             Waited::Done(c) => {
                 self.conflict.saw(c.status);
-                if c.status.sct() == StatusCodeType::PathRelated {
+                if kills_queue(c.status) {
                     drop(self.give_up());
                 }
                 return Ok(c);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nvmirror_nvme::{BlockDevice, Completion, IoCommand, IoOp, Status, SubmitError};
 
-use super::dev_io::{DevIo, IoError};
+use super::dev_io::{kills_queue, note_conflict, DevIo, IoError};
 use super::format::{segment_buffer_len, Commit, Iocb, RecordOp, SegmentHeader};
 use super::recover::{read_segment, write_blocks, Journal, SegBuf};
 use super::{Shared, FAILED};
@@ -278,9 +278,7 @@ fn send_records(
 /// buffer); commands given up may still read the buffer, so it is parked on the close's fence.
 fn after_failure(dev: &mut DevIo, buf: &mut SegBuf, res: &Result<(), NotApplied>) {
     match res {
-        Err(NotApplied::Refused(s))
-            if s.sct() == nvmirror_nvme::spec::status::StatusCodeType::PathRelated =>
-        {
+        Err(NotApplied::Refused(s)) if kills_queue(*s) => {
             drop(dev.give_up());
         }
         Err(NotApplied::TimedOut(_) | NotApplied::Stopped) => {
@@ -379,11 +377,9 @@ pub(super) fn reap(
         match poll_until(far, cpl, until, Some(&sh.stop)) {
             Polled::Got(n) => {
                 for c in &cpl[..n] {
-                    if !c.status.is_success() && failed.is_none() {
-                        *failed = Some(c.status);
-                        if crate::fencing::is_conflict(c.status) {
-                            sh.fenced.store(true, Ordering::Release);
-                        }
+                    if !c.status.is_success() {
+                        note_conflict(&sh.fenced, c.status);
+                        failed.get_or_insert(c.status);
                     }
                 }
                 return Ok(n as u32);

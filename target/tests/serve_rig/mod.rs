@@ -31,6 +31,15 @@ impl Drop for Server {
     }
 }
 
+/// A loopback TCP port free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `file://DIR/NAME.img?create=SIZE`.
 pub fn file_leg(dir: &Path, name: &str, size: &str) -> String {
     format!("file://{}/{name}.img?create={size}", dir.display())
@@ -218,6 +227,20 @@ impl Server {
     pub fn call(&self, method: &str, params: Value) -> Result<Value, String> {
         nvmirror_target::rpc::call(Path::new(&self.socket), method, params)
             .map_err(|e| e.to_string())
+    }
+
+    /// Calls `method` on a thread of its own, for a call that waits (`cycle_now`) while the
+    /// test acts; join it for the result, or leave it to a kill of the server.
+    pub fn rpc_in_background(
+        &self,
+        method: &'static str,
+        params: Value,
+    ) -> std::thread::JoinHandle<Result<Value, String>> {
+        let socket = self.socket.clone();
+        std::thread::spawn(move || {
+            nvmirror_target::rpc::call(Path::new(&socket), method, params)
+                .map_err(|e| e.to_string())
+        })
     }
 
     /// [`rpc`](Self::rpc) that must succeed; its result.
