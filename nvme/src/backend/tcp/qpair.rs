@@ -1,7 +1,8 @@
 //! One I/O queue: a TCP connection of its own, driven without blocking.
 //!
 //! [`submit`](QueuePair::submit) encodes the command capsule straight into the send buffer
-//! (write data up to the IOCCSZ limit in the capsule, else none and the data follows on R2T).
+//! (write data up to the IOCCSZ limit in the capsule, else none and the data follows on R2T;
+//! in-capsule data of 2 KiB or more is sent from the caller's buffer, not copied).
 //! [`poll`](QueuePair::poll) does at most one `recv` — parsing every complete PDU it brings:
 //! C2HData is copied into the command's buffer, R2Ts queue H2CData, responses complete
 //! commands — then encodes queued capsules and H2CData and does at most one `send`. Command
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 use super::control::ControlConn;
 use super::reconnect::{Revival, Supervisor};
 use super::slot::{Direction, SlotState, SlotTable};
-use super::stream::{RxBuf, TxBuf};
+use super::stream::{RxBuf, TxBuf, GATHER_MIN};
 use super::Link;
 use crate::dma::IoBuf;
 use crate::queue::{Completion, IoCommand, IoOp, QueuePair, SubmitError};
@@ -53,6 +54,8 @@ const H2C_CHUNK_CAP: u32 = 128 * 1024;
 const RX_SLACK: usize = 256 * 1024;
 /// Room for a C2HData header, its digest and CPDA padding.
 const PDU_OVERHEAD: usize = 256;
+/// Room for a command capsule's header and header digest.
+const CAPSULE_HEADER_ROOM: usize = 128;
 
 /// How an I/O queue is set up.
 #[derive(Clone, Copy, Debug)]
@@ -350,14 +353,37 @@ impl TcpQueuePair {
     fn encode_capsule(&mut self, i: u16) -> bool {
         let slot = &self.table.slots[usize::from(i)];
         let icd = if slot.in_capsule { slot.len } else { 0 };
-        let Some(out) = self.tx.space(tcp::capsule_cmd_len(icd as usize, self.dg)) else {
-            return false;
-        };
         // SAFETY: the command is outstanding (not reaped) and `icd <= slot.len`.
         let data = unsafe { slot.h2c_bytes(0, icd) };
-        let n = tcp::write_capsule_cmd(out, &slot.sqe, data, self.dg);
-        self.tx.commit(n);
-        self.table.slots[usize::from(i)].state = SlotState::Sent;
+        if data.len() >= GATHER_MIN && slot.dsm.is_none() && self.tx.can_gather() {
+            // The data goes from the caller's buffer: only the header (and the digest) here.
+            let dd = self.dg.dd();
+            let Some(out) = self.tx.space(CAPSULE_HEADER_ROOM + dd) else {
+                return false;
+            };
+            let n = tcp::write_capsule_cmd_header(out, &slot.sqe, data.len(), self.dg);
+            self.tx.commit(n);
+            // SAFETY: the buffer is the command's, valid and unmodified until it completes
+            // (the submit contract); a response before `sent_total` passed the data is a
+            // protocol violation that kills the queue (`on_resp`), which clears the send
+            // buffer before the command completes.
+            unsafe { self.tx.gather(data.as_ptr(), data.len()) };
+            if dd > 0 {
+                let out = self.tx.space(dd).expect("room for the digest was checked");
+                let w = tcp::write_data_digest(out, data);
+                self.tx.commit(w);
+            }
+        } else {
+            let Some(out) = self.tx.space(tcp::capsule_cmd_len(icd as usize, self.dg)) else {
+                return false;
+            };
+            let n = tcp::write_capsule_cmd(out, &slot.sqe, data, self.dg);
+            self.tx.commit(n);
+        }
+        let until = self.tx.queued_total();
+        let slot = &mut self.table.slots[usize::from(i)];
+        slot.tx_until = until;
+        slot.state = SlotState::Sent;
         self.in_flight += 1;
         true
     }

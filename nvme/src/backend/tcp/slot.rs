@@ -62,6 +62,9 @@ pub(super) struct Slot {
     pub len: u32,
     /// The write data travels in the command capsule.
     pub in_capsule: bool,
+    /// Stream position (`TxBuf::queued_total`) after the piece's capsule and data: the
+    /// controller cannot answer before it has them.
+    pub tx_until: u64,
     /// C2HData bytes received so far (they must arrive in order).
     pub c2h_received: u32,
     /// Lowest offset the next R2T may ask for.
@@ -110,6 +113,7 @@ impl Slot {
         dsm: None,
         len: 0,
         in_capsule: false,
+        tx_until: 0,
         c2h_received: 0,
         r2t_next: 0,
         ttag: 0,

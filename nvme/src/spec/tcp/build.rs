@@ -130,8 +130,24 @@ pub fn write_capsule_cmd(
     data: &[u8],
     dg: Digests,
 ) -> usize {
-    let has_data = !data.is_empty();
-    let plen = capsule_cmd_len(data.len(), dg);
+    let mut n = write_capsule_cmd_header(out, sqe, data.len(), dg);
+    if !data.is_empty() {
+        n += put_data(&mut out[n..], data, dg);
+    }
+    debug_assert_eq!(n, capsule_cmd_len(data.len(), dg));
+    n
+}
+
+/// The header (and header digest) of a command capsule that carries `data_len` bytes of
+/// in-capsule data; returns its length, which is also where the data goes. The caller sends
+/// the data and, with data digests, its [`write_data_digest`] right after.
+pub fn write_capsule_cmd_header(
+    out: &mut [u8],
+    sqe: &SubmissionQueueEntry,
+    data_len: usize,
+    dg: Digests,
+) -> usize {
+    let has_data = data_len > 0;
     let pdo = if has_data {
         CapsuleCmdHeader::SIZE + dg.hd()
     } else {
@@ -142,16 +158,11 @@ pub fn write_capsule_cmd(
         flags: dg.flags(has_data),
         hlen: CapsuleCmdHeader::SIZE as u8,
         pdo: pdo as u8,
-        plen: plen as u32,
+        plen: capsule_cmd_len(data_len, dg) as u32,
     }
     .write(out);
     out[8..72].copy_from_slice(&sqe.to_bytes());
-    let mut n = put_hdgst(out, CapsuleCmdHeader::SIZE, dg);
-    if has_data {
-        n += put_data(&mut out[n..], data, dg);
-    }
-    debug_assert_eq!(n, plen);
-    n
+    put_hdgst(out, CapsuleCmdHeader::SIZE, dg)
 }
 
 fn put_data(out: &mut [u8], data: &[u8], dg: Digests) -> usize {

@@ -93,6 +93,7 @@ impl TcpQueuePair {
     #[inline]
     fn on_response(&mut self, cqe: &CompletionQueueEntry) -> std::result::Result<(), Violation> {
         let i = cqe.cid;
+        let sent = self.tx.sent_total();
         let Some(slot) = self
             .table
             .get_mut(i)
@@ -104,6 +105,15 @@ impl TcpQueuePair {
                 "response for a command that is not outstanding",
             ));
         };
+        if slot.tx_until > sent {
+            // Its capsule is not all on the wire yet (its data may still be sent from the
+            // caller's buffer): no controller can have seen it.
+            return Err(violation(
+                Fes::InvalidHeaderField,
+                RESP_OFF_CID,
+                "response for a command whose capsule was not sent yet",
+            ));
+        }
         let mut status = cqe.status();
         if status.is_success() {
             if !slot.status.is_success() {
