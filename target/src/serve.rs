@@ -352,14 +352,19 @@ pub(crate) fn open_entry(
             .enumerate()
             .filter(|(i, _)| !v.async_legs.iter().any(|x| x.leg == *i))
             .find_map(|(_, d)| d.clone());
-        let sb = sync_leg.and_then(|local| {
-            nvmirror_mirror::promotion::read_superblock(&*local, Duration::from_secs(5))
-                .ok()
-                .flatten()
-        });
+        // Read once, and only for a device that has reservations to take back.
+        let sb = std::cell::OnceCell::new();
         // Why `dev` is held by another epoch, when the volume's key could not take it back.
         let taken_over = |dev: &dyn nvmirror_nvme::BlockDevice| {
-            let (res, sb) = (dev.reservations()?, sb.as_ref()?);
+            let res = dev.reservations()?;
+            let sb = sb
+                .get_or_init(|| {
+                    let local = sync_leg.as_ref()?;
+                    nvmirror_mirror::promotion::read_superblock(&**local, Duration::from_secs(5))
+                        .ok()
+                        .flatten()
+                })
+                .as_ref()?;
             match nvmirror_mirror::fencing::fence_leg(res, sb.volume_uuid, sb.epoch, false) {
                 nvmirror_mirror::fencing::LegFence::Lost { why } => Some(why),
                 _ => None,

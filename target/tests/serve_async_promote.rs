@@ -21,7 +21,9 @@ use nvmirror_nvme::{open_leg, Reservations};
 use rand::SeedableRng;
 
 mod serve_rig;
-use serve_rig::{assert_prefix, free_port, read, stamped_writes, try_write, Server, NQN};
+use serve_rig::{
+    assert_prefix, free_port, read, stamped_writes, try_write, two_sites, Server, NQN,
+};
 
 /// B's raw exports: its copy of A's leg (nsid 1) and the staging area (nsid 2).
 const NQN_B: &str = "nqn.2026-11.io.nvmirror:siteb";
@@ -60,14 +62,6 @@ fn site_a(dir: &Path, b_port: u16, leg: &str) -> Server {
         d = dir.display()
     );
     Server::with_config(dir, &toml)
-}
-
-fn two_sites() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    (dir, da, db)
 }
 
 /// The key holding the reservation of namespace `nsid` of B's raw subsystem.

@@ -13,7 +13,7 @@ use nvmirror_nvme::dma::DmaPool;
 use nvmirror_nvme::open_leg;
 
 mod serve_rig;
-use serve_rig::{assert_prefix, stamped_writes, Server, NQN, NVMIRROR};
+use serve_rig::{assert_prefix, stamped_writes, two_sites, Server, NQN, NVMIRROR};
 
 /// Site B: the image `b.img` (a persistent volume) and the raw staging area `s.img`, two
 /// namespaces of one subsystem.
@@ -54,15 +54,6 @@ fn site_a_config_with(da: &Path, a_bytes: u64, b_port: u16, cycle: &str, extra: 
 
 /// Blocks of the volume the writers touch.
 const AREA: u64 = 512;
-
-/// A test directory with the data directories of site A and site B.
-fn two_sites() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    std::fs::create_dir_all(&da).unwrap();
-    std::fs::create_dir_all(&db).unwrap();
-    (dir, da, db)
-}
 
 #[test]
 fn a_served_cycle_leg_moves_the_far_image_from_cut_to_cut() {

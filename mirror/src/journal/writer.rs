@@ -212,6 +212,9 @@ impl Writer {
 
     /// Writes the gathered records as one segment and completes their commands.
     fn commit(&mut self) {
+        if self.sh.is_fenced() {
+            return self.complete(crate::fencing::FENCED_STATUS);
+        }
         let bs = self.sh.lba_size as usize;
         let geo_bs = self.sh.geo.lba_size as usize;
         let header_blocks =
@@ -223,9 +226,6 @@ impl Writer {
             .sum();
         let data_blocks = payload.div_ceil(bs);
         let total = header_blocks as u64 + data_blocks as u64;
-        if self.sh.is_fenced() {
-            return self.complete(crate::fencing::FENCED_STATUS);
-        }
         if self.sh.state.load(Ordering::Relaxed) == FAILED {
             return self.complete(Status::WRITE_FAULT);
         }

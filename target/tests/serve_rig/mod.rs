@@ -40,6 +40,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A test directory with the data directories of site A and site B.
+pub fn two_sites() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    (dir, da, db)
+}
+
 /// `file://DIR/NAME.img?create=SIZE`.
 pub fn file_leg(dir: &Path, name: &str, size: &str) -> String {
     format!("file://{}/{name}.img?create={size}", dir.display())

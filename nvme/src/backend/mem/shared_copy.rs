@@ -8,8 +8,7 @@
 //! `rep stosb`: every byte it moves is a single-copy-atomic byte access in the processor's
 //! memory model, so the instruction does what the loop specifies, and on processors with
 //! fast string operations (ERMS/FSRM) it runs at memcpy speed instead of one word per
-//! cycle (4 KiB random writes on a mem leg: 1.07–1.16 M IOPS with the word loop, 1.46–1.58 M
-//! with `rep movsb`; docs/mirror.md, "The cost of a mirrored write").
+//! cycle (docs/mirror.md, "The cost of a mirrored write").
 
 #[cfg(not(target_arch = "x86_64"))]
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -23,18 +22,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 #[inline]
 pub(super) unsafe fn copy_out(src: *const u8, dst: *mut u8, n: usize) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the caller's contract makes `[src, src + n)` readable and `[dst, dst + n)`
-    // writable; `rep movsb` reads each source byte once with an atomic byte load, which is
-    // what a relaxed `AtomicU8` load is on x86-64, and writes only `dst`. The direction flag
-    // is clear on entry to an asm block (Rust's inline-asm rules), so it copies upwards.
+    // SAFETY: the caller's contract is `rep_movsb`'s; the source bytes are the shared ones.
     unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            inout("rcx") n => _,
-            inout("rsi") src => _,
-            inout("rdi") dst => _,
-            options(nostack, preserves_flags)
-        );
+        rep_movsb(src, dst, n)
     }
     #[cfg(not(target_arch = "x86_64"))]
     // SAFETY: every address read is inside `[src, src + n)`, read atomically; the word loads
@@ -66,16 +56,10 @@ pub(super) unsafe fn copy_out(src: *const u8, dst: *mut u8, n: usize) {
 #[inline]
 pub(super) unsafe fn copy_in(src: *const u8, dst: *mut u8, n: usize) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: as in `copy_out`, with the roles swapped: each destination byte is written once
-    // with an atomic byte store, a relaxed `AtomicU8` store on x86-64.
+    // SAFETY: the caller's contract is `rep_movsb`'s; the destination bytes are the shared
+    // ones.
     unsafe {
-        std::arch::asm!(
-            "rep movsb",
-            inout("rcx") n => _,
-            inout("rsi") src => _,
-            inout("rdi") dst => _,
-            options(nostack, preserves_flags)
-        );
+        rep_movsb(src, dst, n)
     }
     #[cfg(not(target_arch = "x86_64"))]
     // SAFETY: as in `copy_out`, with the roles swapped: shared memory is written atomically.
@@ -129,6 +113,29 @@ pub(super) unsafe fn fill_zero(dst: *mut u8, n: usize) {
         for i in head + words * 8..n {
             AtomicU8::from_ptr(dst.add(i)).store(0, Ordering::Relaxed);
         }
+    }
+}
+
+/// Copies `n` bytes from `src` to `dst` with one `rep movsb`: each byte is read once with an
+/// atomic byte load and written once with an atomic byte store, which is what relaxed
+/// `AtomicU8` accesses are on x86-64, so either side may be memory other cores access.
+///
+/// # Safety
+/// `src` is valid for `n` bytes of reads, `dst` for `n` bytes of writes, and they do not
+/// overlap; whichever side is shared is only ever accessed atomically (or by these functions).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn rep_movsb(src: *const u8, dst: *mut u8, n: usize) {
+    // SAFETY: the ranges are valid and disjoint (caller). The direction flag is clear on
+    // entry to an asm block (Rust's inline-asm rules), so it copies upwards.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") n => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags)
+        );
     }
 }
 

@@ -357,22 +357,23 @@ impl TcpQueuePair {
         let data = unsafe { slot.h2c_bytes(0, icd) };
         if data.len() >= GATHER_MIN && slot.dsm.is_none() && self.tx.can_gather() {
             // The data goes from the caller's buffer: only the header (and the digest) here.
-            let dd = self.dg.dd();
-            let Some(out) = self.tx.space(CAPSULE_HEADER_ROOM + dd) else {
+            let Some(out) = self.tx.space(CAPSULE_HEADER_ROOM + self.dg.dd()) else {
                 return false;
             };
+            // The header, then (after the gathered data in the stream) the data digest.
             let n = tcp::write_capsule_cmd_header(out, &slot.sqe, data.len(), self.dg);
+            let dd = if self.dg.ddgst {
+                tcp::write_data_digest(&mut out[n..], data)
+            } else {
+                0
+            };
             self.tx.commit(n);
             // SAFETY: the buffer is the command's, valid and unmodified until it completes
             // (the submit contract); a response before `sent_total` passed the data is a
-            // protocol violation that kills the queue (`on_resp`), which clears the send
+            // protocol violation that kills the queue (`on_response`), which clears the send
             // buffer before the command completes.
             unsafe { self.tx.gather(data.as_ptr(), data.len()) };
-            if dd > 0 {
-                let out = self.tx.space(dd).expect("room for the digest was checked");
-                let w = tcp::write_data_digest(out, data);
-                self.tx.commit(w);
-            }
+            self.tx.commit(dd);
         } else {
             let Some(out) = self.tx.space(tcp::capsule_cmd_len(icd as usize, self.dg)) else {
                 return false;
